@@ -1,0 +1,47 @@
+"""The one command: `mambadeploy <subcommand>`. Each subcommand lives in mambadeploy/commands/<name>.py with
+`add_arguments(parser)` and `run(args) -> int`, imported only when chosen, so a missing optional backend never breaks the
+CLI. Errors a user can act on (MambaDeployError) print one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import MambaDeployError
+
+# name -> one-line help; the module mambadeploy.commands.<name> implements it
+COMMANDS = {
+    "inspect": "describe a model (preset, checkpoint) or an export directory",
+    "generate": "generate tokens from a model, an export directory (ORT) or an engine directory",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mambadeploy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mambadeploy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(f"mambadeploy.commands.{name.replace('-', '_')}")
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except MambaDeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

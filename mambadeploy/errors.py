@@ -1,0 +1,36 @@
+"""Errors a user can act on. Every one names the cause; the CLI prints them without a traceback."""
+
+
+class MambaDeployError(Exception):
+    """Base class: the CLI catches this and prints `error: <message>` with exit code 2."""
+
+
+class ConfigError(MambaDeployError):
+    """A model config that cannot describe a supported model."""
+
+
+class CheckpointError(MambaDeployError):
+    """A checkpoint that cannot be loaded: unknown format, missing/unexpected/mis-shaped keys, corrupt files."""
+
+
+class InputError(MambaDeployError):
+    """Bad runtime input: empty prompt, token id outside the vocabulary, prompt longer than a KV cache."""
+
+
+class MissingDependencyError(MambaDeployError):
+    """An optional dependency is not installed; the message names the pip command."""
+
+    def __init__(self, package: str, extra: str | None = None, why: str = ""):
+        hint = f"pip install 'mambadeploy[{extra}]'" if extra else f"pip install {package}"
+        super().__init__(f"{package} is required{(' for ' + why) if why else ''}; install it with: {hint}")
+        self.package = package
+
+
+def lazy_import(module: str, package: str | None = None, extra: str | None = None, why: str = ""):
+    """Import an optional dependency, or raise MissingDependencyError naming the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(package or module.split(".")[0], extra, why) from exc

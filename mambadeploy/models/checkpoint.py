@@ -1,0 +1,101 @@
+"""`load_model(path_or_preset, dtype, device)` and `save_model(model, dir)`: the entry points for every checkpoint format.
+
+Formats (one loader module each under loaders/):
+  preset name          -> seeded random weights built in memory (presets.py)
+  our own directory    -> mambadeploy.json + model.safetensors (loaders/native.py), bit-exact round trip
+  BlackMamba native    -> config.json + pytorch_model.bin holding {"model": state_dict} (loaders/blackmamba.py)
+  Hugging Face         -> config.json with model_type "mamba" or "jamba" + (sharded) safetensors (loaders/hf.py)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .model import MambaMoELM, init_random_
+from .presets import PRESETS, preset_config
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
+    return DTYPES[dtype]
+
+
+def empty_model(config, dtype=torch.float32, device="cpu") -> MambaMoELM:
+    """A model with uninitialised parameters allocated once, directly in `dtype` on `device` (no fp32 copy first)."""
+    with torch.device("meta"):
+        model = MambaMoELM(config)
+    return model._apply(lambda t: torch.empty_like(t, device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+
+
+def build_preset(name: str, dtype=torch.float32, device="cpu", seed: int = 0) -> MambaMoELM:
+    config = preset_config(name)
+    model = init_random_(empty_model(config, dtype, device), seed=seed)
+    model.source = {"kind": "preset", "name": name, "seed": seed}
+    return model.eval()
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such preset or directory (presets: {', '.join(PRESETS)})")
+    if path.is_file():
+        raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
+    if (path / "mambadeploy.json").exists():
+        return "native"
+    if (path / "manifest.json").exists():
+        return "export"
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise CheckpointError(f"{path}: no config.json, mambadeploy.json or manifest.json: not a checkpoint directory")
+    try:
+        data = json.loads(cfg.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc
+    if "model_type" in data:
+        if data["model_type"] in ("mamba", "jamba"):
+            return "hf-" + data["model_type"]
+        raise CheckpointError(
+            f"{cfg}: unknown model_type {data['model_type']!r} (supported: 'mamba', 'jamba', or a BlackMamba directory)"
+        )
+    if (path / "pytorch_model.bin").exists() or "mamba_moe_layers" in data:
+        return "blackmamba"
+    raise CheckpointError(f"{cfg}: cannot tell the checkpoint format (no model_type, no mamba_moe_layers)")
+
+
+def load_model(path_or_preset, dtype="fp32", device="cpu") -> MambaMoELM:
+    """Load a preset name or a checkpoint directory of any supported format, in eval mode."""
+    dtype = parse_dtype(dtype)
+    if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
+        return build_preset(path_or_preset, dtype, device)
+    path = Path(path_or_preset)
+    fmt = detect_format(path)
+    if fmt == "native":
+        from .loaders.native import load_native
+
+        model = load_native(path, dtype, device)
+    elif fmt == "blackmamba":
+        from .loaders.blackmamba import load_blackmamba
+
+        model = load_blackmamba(path, dtype, device)
+    elif fmt in ("hf-mamba", "hf-jamba"):
+        from .loaders.hf import load_hf
+
+        model = load_hf(path, dtype, device)
+    else:
+        raise CheckpointError(f"{path} is an export directory (manifest.json), not a checkpoint: use --backend ort")
+    return model.eval()
+
+
+def save_model(model: MambaMoELM, directory) -> Path:
+    from .loaders.native import save_native
+
+    return save_native(model, Path(directory))

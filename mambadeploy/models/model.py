@@ -1,0 +1,186 @@
+"""The one model definition for BlackMamba, MoE-Mamba, Jamba (and plain Mamba): a stack of pre-norm blocks, each with an
+optional mixer (Mamba-1 or attention) and an optional feed-forward (dense gated MLP or MoE), fp32 residual stream.
+
+`forward` runs a (left-padded) batch of prompts and returns every position's logits and the state after the prompt;
+`step` advances the state by one token. State is plain tensors (see state.py), so both map one-to-one onto graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+from ..errors import InputError
+from .config import ModelConfig
+from .layers import Attention, GatedMLP, LayerNorm, MambaMixer, MoE, RMSNorm
+from .state import state_specs
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        spec = config.layers[index]
+        self.kind = spec
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps) if spec.mixer != "none" else None
+        self.mixer = {"mamba": MambaMixer, "attention": Attention}.get(spec.mixer, lambda c: None)(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps) if spec.ffn != "none" else None
+        self.ffn = {"mlp": GatedMLP, "moe": MoE}.get(spec.ffn, lambda c: None)(config)
+
+    def _ffn(self, h, dtype):
+        if self.ffn is None:
+            return h
+        return h + self.ffn(self.ffn_norm(h).to(dtype)).float()
+
+
+class MambaMoELM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        norm_cls = LayerNorm if config.final_norm == "layernorm" else RMSNorm
+        self.final_norm = norm_cls(config.d_model, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def _head(self, h):
+        x = self.final_norm(h.to(self.dtype))
+        w = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(x, w).float()
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.config.vocab_size)].unique().tolist()[:5]
+            raise InputError(f"token id(s) {bad} outside the vocabulary [0, {self.config.vocab_size})")
+
+    # ------------------------------------------------------------------ sequence
+    def forward(self, input_ids, lengths=None, check: bool = True):
+        """input_ids: (B, L) int64, left-padded when `lengths` (B,) gives each row's real length.
+        Returns (logits (B, L, V) fp32, state after the prompt). Logits at pad positions are meaningless."""
+        B, L = input_ids.shape
+        valid = None
+        if lengths is not None:
+            lengths = lengths.to(input_ids.device)
+            valid = torch.arange(L, device=input_ids.device)[None, :] >= (L - lengths)[:, None]
+        if check:
+            self._check_prompt(input_ids, lengths)
+        dtype = self.dtype
+        h = self.embedding(input_ids).float()
+        state = OrderedDict()
+        pos = None
+        for i, block in enumerate(self.layers):
+            if block.kind.mixer == "mamba":
+                out, conv, ssm = block.mixer(block.mixer_norm(h).to(dtype), valid)
+                h = h + out.float()
+                state[f"L{i}.conv"], state[f"L{i}.ssm"] = conv, ssm
+            elif block.kind.mixer == "attention":
+                out, k, v, pos = block.mixer(block.mixer_norm(h).to(dtype), valid)
+                h = h + out.float()
+                state[f"L{i}.key"], state[f"L{i}.value"] = k, v
+            h = block._ffn(h, dtype)
+        if pos is not None:
+            state["pos"] = pos.to(torch.int64)
+        return self._head(h), state
+
+    def _check_prompt(self, input_ids, lengths):
+        B, L = input_ids.shape
+        if L == 0 or B == 0:
+            raise InputError("empty prompt: give at least one token")
+        if lengths is not None and (int(lengths.min()) < 1 or int(lengths.max()) > L):
+            raise InputError(f"prompt lengths must be in [1, {L}], got {lengths.tolist()}")
+        self.check_ids(input_ids if lengths is None else input_ids[torch.arange(L)[None, :] >= (L - lengths)[:, None]])
+        if self.config.has_attention and L > self.config.max_seq_len:
+            raise InputError(
+                f"prompt of {L} tokens is longer than the attention KV cache ({self.config.max_seq_len} slots)"
+            )
+
+    def prefill(self, input_ids, lengths=None):
+        """Returns (last-position logits (B, V) fp32, state)."""
+        logits, state = self.forward(input_ids, lengths)
+        return logits[:, -1], state
+
+    # ------------------------------------------------------------------ step
+    def step(self, token_ids, state, check: bool = True):
+        """token_ids: (B,) or (B, 1) int64. Returns (logits (B, V) fp32, new state). `state` is not modified."""
+        token_ids = token_ids.reshape(-1)
+        if check:
+            self.check_ids(token_ids)
+            if "pos" in state and int(state["pos"].max()) >= self.config.max_seq_len:
+                raise InputError(f"sequence reached the attention KV cache length ({self.config.max_seq_len})")
+        dtype = self.dtype
+        h = self.embedding(token_ids).float()
+        new = OrderedDict()
+        for i, block in enumerate(self.layers):
+            if block.kind.mixer == "mamba":
+                out, conv, ssm = block.mixer.step(block.mixer_norm(h).to(dtype), state[f"L{i}.conv"], state[f"L{i}.ssm"])
+                h = h + out.float()
+                new[f"L{i}.conv"], new[f"L{i}.ssm"] = conv, ssm
+            elif block.kind.mixer == "attention":
+                out, k, v = block.mixer.step(
+                    block.mixer_norm(h).to(dtype), state[f"L{i}.key"], state[f"L{i}.value"], state["pos"]
+                )
+                h = h + out.float()
+                new[f"L{i}.key"], new[f"L{i}.value"] = k, v
+            h = block._ffn(h, dtype)
+        if "pos" in state:
+            new["pos"] = state["pos"] + 1
+        return self._head(h), new
+
+    def state_specs(self):
+        return state_specs(self.config, self.dtype)
+
+    # ------------------------------------------------------------------ counting
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per token): MoE layers count top_k of n_experts experts as active."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for block in self.layers:
+            if isinstance(block.ffn, MoE):
+                per_expert = block.ffn.w1[0].numel() + block.ffn.w2[0].numel()
+                inactive += per_expert * (block.ffn.w1.shape[0] - block.ffn.top_k)
+        return total, total - inactive
+
+
+@torch.no_grad()
+def init_random_(model: MambaMoELM, seed: int = 0) -> MambaMoELM:
+    """Seeded random weights with the usual Mamba initialisation, scaled so activations keep unit-ish size
+    (logits spread out, so greedy decoding is not a sequence of near-ties)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def normal_(t, std):
+        t.copy_(torch.randn(t.shape, generator=g) * std)
+
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("norm.weight") or name.endswith("final_norm.weight"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        elif name.endswith("final_norm.bias"):
+            normal_(p, 0.1)
+        elif leaf == "A_log":
+            n = p.shape[1]
+            p.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(p))
+        elif leaf == "D":
+            p.fill_(1.0)
+        elif name.endswith("dt_proj.bias"):
+            dt = torch.exp(torch.rand(p.shape, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        elif name.endswith("embedding.weight"):
+            # small next to the blocks' outputs: with a tied head, a large embedding makes the model echo its input
+            normal_(p, 0.1)
+        elif leaf == "bias":
+            normal_(p, 0.02)
+        else:
+            fan_in = p.shape[-1]
+            normal_(p, 1.0 / math.sqrt(fan_in))
+    return model

@@ -1,0 +1,127 @@
+"""The custom-op registry: one entry per op, the join key for every piece that implements it.
+
+An entry ties together: the op's ONNX identity (domain `mambadeploy`, op type, version), its inputs/outputs and attributes,
+the shape/dtype rule, the pure-PyTorch reference, and — as lazily resolved "module:attr" paths, so this module imports
+nothing above its floor — the Triton kernel, the ONNX node emitter and its portable (standard-op) expansion, the ORT kernel
+name and the TensorRT plugin. Export, plugins, kernels and tests all look ops up here; nothing else hard-codes an op name.
+Registering a name twice fails at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import MambaDeployError
+
+DOMAIN = "mambadeploy"
+OPSET_VERSION = 1
+
+# Activation codes carried as int attributes (TensorRT plugin fields and ORT attributes stay numeric).
+ACTIVATION_CODES = {"gelu": 0, "silu": 1, "gelu_tanh": 2}
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    name: str  # ONNX op_type == TensorRT plugin name
+    version: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attributes: dict  # name -> (type, default)
+    shape_rule: Callable  # (input shapes as tuples of ints/str, attrs) -> output shapes
+    dtype_rule: Callable  # (input dtypes, attrs) -> output dtypes
+    reference: str  # "module:function" of the torch reference (fp32 math)
+    doc: str = ""
+    links: dict = field(default_factory=dict)  # piece -> "module:attr" (triton, onnx_emitter, portable, ort, trt)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{DOMAIN}::{self.name}"
+
+    def resolve(self, piece: str):
+        """Import one linked piece ('reference', 'triton', 'onnx_emitter', 'portable', 'ort', 'trt')."""
+        path = self.reference if piece == "reference" else self.links.get(piece)
+        if path is None:
+            raise MambaDeployError(f"op {self.qualified_name} has no {piece!r} implementation registered")
+        module, _, attr = path.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def check_attributes(self, attrs: dict) -> dict:
+        unknown = set(attrs) - set(self.attributes)
+        if unknown:
+            raise MambaDeployError(f"op {self.qualified_name}: unknown attributes {sorted(unknown)}")
+        return {k: attrs.get(k, default) for k, (_, default) in self.attributes.items()}
+
+
+REGISTRY: dict[str, OpEntry] = {}
+
+
+def register(entry: OpEntry) -> OpEntry:
+    if entry.name in REGISTRY:
+        raise MambaDeployError(f"op {entry.qualified_name} registered twice")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def get_op(name: str, version: int | None = None) -> OpEntry:
+    if name not in REGISTRY:
+        raise MambaDeployError(f"unknown op {DOMAIN}::{name}; known: {', '.join(sorted(REGISTRY))}")
+    entry = REGISTRY[name]
+    if version is not None and version != entry.version:
+        raise MambaDeployError(
+            f"op {entry.qualified_name} version {version} is not supported (this mambadeploy implements version "
+            f"{entry.version}); re-export the model with this mambadeploy version"
+        )
+    return entry
+
+
+def link(name: str, piece: str, path: str) -> None:
+    """Attach an implementation path to an op (used by the lower-floor modules' registration lines below)."""
+    get_op(name).links[piece] = path
+
+
+# --------------------------------------------------------------------------- the ops
+def _same(*idx):
+    return lambda shapes, attrs: tuple(shapes[i] for i in idx)
+
+
+def _first_dtype_and_fp32(dtypes, attrs):
+    return (dtypes[0], "float32")
+
+
+register(OpEntry(
+    name="SelectiveScan", version=1,
+    inputs=("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"),
+    outputs=("y", "last_state"),
+    attributes={"delta_softplus": ("int", 1)},
+    # u (b, d, L), initial_state (b, d, N) -> y (b, d, L), last_state (b, d, N) fp32
+    shape_rule=_same(0, 8),
+    dtype_rule=_first_dtype_and_fp32,
+    reference="mambadeploy.models.ref_ops:selective_scan_ref",
+    doc="Mamba-1 selective scan over a sequence; softplus(delta + delta_bias), D skip, silu(z) gate, fp32 state.",
+))
+
+register(OpEntry(
+    name="CausalConv1d", version=1,
+    inputs=("x", "weight", "bias", "initial_state"),
+    outputs=("y", "final_state"),
+    attributes={"activation": ("int", 1)},  # 1 = SiLU, 0 = none
+    # x (b, d, L), initial_state (b, d, K) -> y (b, d, L), final_state (b, d, K) fp32
+    shape_rule=_same(0, 3),
+    dtype_rule=_first_dtype_and_fp32,
+    reference="mambadeploy.models.ref_ops:causal_conv1d_ref",
+    doc="Causal depthwise conv over time with a (b, d, K) state of the last K inputs, optional fused SiLU.",
+))
+
+register(OpEntry(
+    name="TopKExpertGather", version=1,
+    inputs=("x", "w1", "w2", "experts", "weights"),
+    outputs=("y",),
+    attributes={"activation": ("int", ACTIVATION_CODES["gelu"]), "top_k": ("int", 1)},
+    # x (T, d), experts/weights (T, k) -> y (T, d)
+    shape_rule=_same(0),
+    dtype_rule=lambda dtypes, attrs: (dtypes[0],),
+    reference="mambadeploy.models.ref_ops:expert_gather_ref",
+    doc="Gated-MLP MoE over stacked expert weights w1 (E, 2F, d) = [gate; up], w2 (E, d, F); sum of k weighted experts.",
+))
