@@ -1,0 +1,66 @@
+"""Tolerances are data: every comparison in tests and in `validate` takes its bounds from here.
+
+Errors on logits are measured relative to the logit scale: max|a - b| / max(max|b|, 1). How each number was chosen:
+- fp32, same math (torch eager vs torch eager step, ORT CPU fp32): reassociation only; seen up to ~3e-7 relative on the
+  tiny presets over 256 steps (CPU here); 1e-4 is the bound issue 3/4 ask for, kept with margin for long generations.
+- op parity (kernels vs _ref): mamba_ssm's own test tolerances per dtype (rtol, atol): fp32 (3e-4, 1e-3),
+  fp16 (5e-3, 1e-2), bf16 (1e-2, 5e-2).
+- low-precision whole models: logits drift, so they are judged by teacher-forced top-1 agreement (>= 99 %) and a looser
+  relative-to-scale bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+# op-level parity (kernel / plugin vs _ref), per dtype of the inputs
+OP = {
+    torch.float32: Tolerance(3e-4, 1e-3),
+    torch.float16: Tolerance(5e-3, 1e-2),
+    torch.bfloat16: Tolerance(1e-2, 5e-2),
+}
+
+# whole-model logits, max abs error relative to the logit scale, per compute dtype
+LOGITS_REL = {
+    torch.float32: 1e-4,
+    torch.float16: 5e-2,
+    torch.bfloat16: 1e-1,
+}
+
+# teacher-forced top-1 agreement with the fp32 reference, per compute dtype
+TOP1_AGREEMENT = {
+    torch.float32: 1.0,
+    torch.float16: 0.99,
+    torch.bfloat16: 0.99,
+}
+
+
+def rel_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max abs error / logit scale, mean abs error) — scale = max(max|expected|, 1)."""
+    diff = (actual.float() - expected.float()).abs()
+    scale = max(expected.float().abs().max().item(), 1.0)
+    return diff.max().item() / scale, diff.mean().item()
+
+
+def assert_close_op(actual, expected, dtype=None, what="output"):
+    """Print max/mean error, then assert within the per-dtype OP tolerance."""
+    tol = OP[dtype or actual.dtype]
+    diff = (actual.float() - expected.float()).abs()
+    print(f"{what}: max abs err {diff.max().item():.3e}, mean abs err {diff.mean().item():.3e} (rtol {tol.rtol}, atol {tol.atol})")
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol.rtol, atol=tol.atol)
+
+
+def assert_logits_close(actual, expected, dtype=torch.float32, what="logits"):
+    rel, mean = rel_to_scale(actual, expected)
+    bound = LOGITS_REL[dtype]
+    print(f"{what}: max err / scale {rel:.3e}, mean abs err {mean:.3e} (bound {bound:.0e})")
+    assert rel <= bound, f"{what}: max error {rel:.3e} of the logit scale exceeds {bound:.0e}"
