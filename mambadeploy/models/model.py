@@ -156,24 +156,29 @@ class MambaMoELM(nn.Module):
 def init_random_(model: MambaMoELM, seed: int = 0) -> MambaMoELM:
     """Seeded random weights with the usual Mamba initialisation, scaled so activations keep unit-ish size
     (logits spread out, so greedy decoding is not a sequence of near-ties)."""
-    g = torch.Generator().manual_seed(seed)
+    device = model.embedding.weight.device
+    # generate on the parameters' device: full-size presets on a GPU would take minutes through the CPU
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, device=device)
 
     def normal_(t, std):
-        t.copy_(torch.randn(t.shape, generator=g) * std)
+        t.copy_(randn(t.shape) * std)
 
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("norm.weight") or name.endswith("final_norm.weight"):
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            p.copy_(1.0 + 0.1 * randn(p.shape))
         elif name.endswith("final_norm.bias"):
             normal_(p, 0.1)
         elif leaf == "A_log":
             n = p.shape[1]
-            p.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(p))
+            p.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32, device=device)).expand_as(p))
         elif leaf == "D":
             p.fill_(1.0)
         elif name.endswith("dt_proj.bias"):
-            dt = torch.exp(torch.rand(p.shape, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            dt = torch.exp(torch.rand(p.shape, generator=g, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
             p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         elif name.endswith("embedding.weight"):
             # small next to the blocks' outputs: with a tied head, a large embedding makes the model echo its input
