@@ -1,0 +1,29 @@
+"""Build a Runner from what the user points at: a preset / checkpoint directory (torch backends), an export directory
+(ORT) or an engine directory (TensorRT). Backends import lazily: a missing optional dependency raises
+MissingDependencyError naming the install command, never an ImportError at CLI start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import MambaDeployError
+from .base import Runner
+
+# backend name -> one-line description (validate and the CLI list these)
+BACKENDS = {
+    "torch": "PyTorch eager reference (CPU or CUDA)",
+}
+
+
+def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **options) -> Runner:
+    """target: preset name, checkpoint directory, export directory or engine directory (per backend)."""
+    if backend not in BACKENDS:
+        raise MambaDeployError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        from ..models.checkpoint import load_model
+        from .torch_eager import TorchEagerRunner
+
+        if isinstance(target, (str, Path)) and (Path(target) / "manifest.json").exists():
+            raise MambaDeployError(f"{target} is an export directory: use --backend ort")
+        return TorchEagerRunner(load_model(target, dtype=dtype, device=device))
+    raise MambaDeployError(f"backend {backend!r} is registered but not wired into make_runner")
