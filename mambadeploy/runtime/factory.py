@@ -25,5 +25,9 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
 
         if isinstance(target, (str, Path)) and (Path(target) / "manifest.json").exists():
             raise MambaDeployError(f"{target} is an export directory: use --backend ort")
+        import torch
+
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise MambaDeployError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
         return TorchEagerRunner(load_model(target, dtype=dtype, device=device))
     raise MambaDeployError(f"backend {backend!r} is registered but not wired into make_runner")

@@ -1,10 +1,35 @@
-"""Shared by the loaders: put a {our_name: tensor} mapping into a model, checking every key and shape first."""
+"""Shared by the loaders: put a {our_name: tensor} mapping into a model, checking every key and shape first.
+
+Two ways in:
+- `assign_weights(model, weights)`: the checkpoint already uses our parameter names (native format).
+- `load_pieces(model, pieces, available, read)`: foreign formats. Each of our parameters is a `Piece` built from one or
+  more source tensors (e.g. 8 experts' fc1 stacked into one (E, 2F, d) tensor). Keys and shapes are checked in the
+  *source* names first, from the file headers alone, so the error names what the user sees in their checkpoint; then
+  tensors are read one parameter at a time (peak memory: the model plus one parameter, not a second full copy).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ...errors import CheckpointError
+
+
+def raise_key_problems(source: str, missing, extra, shapes) -> None:
+    """One CheckpointError listing every missing, unexpected and mis-shaped key (nothing if all lists are empty)."""
+    if not (missing or extra or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if extra:
+        parts.append(f"unexpected keys ({len(extra)}): {', '.join(extra)}")
+    if shapes:
+        parts.append(f"mis-shaped keys ({len(shapes)}): {'; '.join(shapes)}")
+    raise CheckpointError(f"{source}: " + " | ".join(parts))
 
 
 def assign_weights(model, weights: dict, source: str, unexpected: list[str] | None = None) -> None:
@@ -17,15 +42,52 @@ def assign_weights(model, weights: dict, source: str, unexpected: list[str] | No
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
         for k, v in weights.items() if k in params and tuple(v.shape) != tuple(params[k].shape)
     ]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-        if extra:
-            parts.append(f"unexpected keys ({len(extra)}): {', '.join(extra)}")
-        if shapes:
-            parts.append(f"mis-shaped keys ({len(shapes)}): {'; '.join(shapes)}")
-        raise CheckpointError(f"{source}: " + " | ".join(parts))
+    raise_key_problems(source, missing, extra, shapes)
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v)
+
+
+def _single(tensors):
+    return tensors[0]
+
+
+@dataclass
+class Piece:
+    """One of our parameters, built from `sources` (checkpoint keys, each expected to have the matching entry of
+    `shapes`) by `combine(list of tensors) -> tensor` (default: the one source as it is)."""
+
+    sources: list[str]
+    shapes: list[tuple]
+    combine: Callable = _single
+
+
+def load_pieces(model, pieces: dict[str, Piece], available: dict[str, tuple], read: Callable[[str], torch.Tensor],
+                source: str, ignored=()) -> None:
+    """Fill every parameter of `model` from a checkpoint.
+
+    pieces: our parameter name -> Piece; available: checkpoint key -> shape (from the header, nothing read);
+    read: checkpoint key -> tensor; ignored: checkpoint keys that may be present and are deliberately unused.
+    All problems are listed at once, in checkpoint key names, before anything is copied.
+    """
+    params = dict(model.named_parameters())
+    unplanned = sorted(set(params) - set(pieces))
+    if unplanned:  # a loader bug, not a checkpoint problem: say so plainly
+        raise CheckpointError(f"{source}: internal error, no source planned for parameters {unplanned}")
+    missing, shapes, used = [], [], set()
+    for piece in pieces.values():
+        for key, shape in zip(piece.sources, piece.shapes):
+            used.add(key)
+            if key not in available:
+                missing.append(key)
+            elif tuple(available[key]) != tuple(shape):
+                shapes.append(f"{key}: checkpoint {tuple(available[key])} vs expected {tuple(shape)}")
+    extra = sorted(set(available) - used - set(ignored))
+    raise_key_problems(source, sorted(missing), extra, shapes)
+    with torch.no_grad():
+        for name, piece in pieces.items():
+            tensor = piece.combine([read(k) for k in piece.sources])
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise CheckpointError(f"{source}: internal error, {name} built as {tuple(tensor.shape)}, "
+                                      f"model has {tuple(params[name].shape)}")
+            params[name].copy_(tensor)

@@ -1,0 +1,149 @@
+"""`mambadeploy inspect MODEL`: what a model is — family, layer pattern, parameters (total and active per token), decode
+state per sequence — read from its config alone (no weights are loaded, so full-size models inspect instantly).
+
+MODEL is a preset name or a checkpoint directory; an export directory (with manifest.json) is described from its
+manifest by `describe_export`, the place to extend for export/engine artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="preset name, checkpoint directory, or export directory (manifest.json)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                        help="weight dtype for the byte counts (state: SSM/conv fp32, KV cache in this dtype)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+# --------------------------------------------------------------------------- model configs
+def read_model_config(target: str):
+    """(ModelConfig, source description) for a preset or any checkpoint directory, without reading weights."""
+    from ..errors import CheckpointError
+    from ..models.checkpoint import detect_format
+    from ..models.config import ModelConfig
+    from ..models.presets import PRESETS, preset_config
+
+    if target in PRESETS:
+        return preset_config(target), {"kind": "preset", "name": target}
+    path = Path(target)
+    fmt = detect_format(path)
+    if fmt == "native":
+        try:
+            meta = json.loads((path / "mambadeploy.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path / 'mambadeploy.json'}: not valid JSON ({exc})") from exc
+        config = ModelConfig.from_dict(meta["config"])
+    elif fmt == "blackmamba":
+        from ..models.loaders.blackmamba import read_config
+
+        config = read_config(path)
+    else:
+        from ..models.loaders.hf import read_config
+
+        config = read_config(path)
+    return config, {"kind": fmt, "path": str(path)}
+
+
+def describe_model(target: str, dtype) -> dict:
+    import torch
+
+    from ..models.checkpoint import empty_model
+    from ..models.state import state_bytes_per_sequence
+
+    config, source = read_model_config(target)
+    model = empty_model(config, dtype, device="meta")  # shapes only: counting costs no memory
+    total, active = model.parameter_counts()
+    elem = torch.empty((), dtype=dtype).element_size()
+    info = {
+        "name": config.name or Path(target).name, "source": source, "family": config.family,
+        "n_layers": config.n_layers, "layer_pattern": config.layer_pattern(), "d_model": config.d_model,
+        "vocab_size": config.vocab_size, "dtype": str(dtype).replace("torch.", ""),
+        "params_total": total, "params_active": active, "weight_bytes": total * elem,
+        "state_bytes_per_sequence": state_bytes_per_sequence(config, dtype),
+        "final_norm": config.final_norm, "tie_embeddings": config.tie_embeddings,
+    }
+    for part in ("mamba", "attention", "moe", "mlp"):
+        sub = getattr(config, part)
+        if sub is not None:
+            info[part] = dict(vars(sub))
+    if config.has_attention:
+        info["kv_cache_len"] = config.max_seq_len
+    return info
+
+
+# --------------------------------------------------------------------------- export directories
+def describe_export(path: Path) -> dict:
+    """An export/engine directory, from its manifest.json. Extend here as the manifest grows (issue 4 / 7)."""
+    from ..errors import CheckpointError
+
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path / 'manifest.json'}: not valid JSON ({exc})") from exc
+    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    return {"kind": "export", "path": str(path), "files": files, "manifest": manifest}
+
+
+# --------------------------------------------------------------------------- output
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit} ({n:,})"
+    return f"{n:,}"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit} ({n:,} B)"
+    return f"{n:,} B"
+
+
+def _rows(info: dict) -> list[tuple[str, str]]:
+    if info.get("kind") == "export":
+        rows = [("kind", "export directory"), ("path", info["path"]), ("files", ", ".join(info["files"]))]
+        return rows + [(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in info["manifest"].items()]
+    src = info["source"]
+    rows = [
+        ("name", info["name"]), ("source", f"{src['kind']}: {src.get('name') or src.get('path')}"),
+        ("family", info["family"]), ("layers", str(info["n_layers"])), ("layer pattern", info["layer_pattern"]),
+        ("d_model / vocab", f"{info['d_model']} / {info['vocab_size']}"),
+        ("parameters (total)", _count(info["params_total"])),
+        ("parameters (active per token)", _count(info["params_active"])),
+        (f"weights ({info['dtype']})", _bytes(info["weight_bytes"])),
+        ("decode state per sequence", _bytes(info["state_bytes_per_sequence"])),
+    ]
+    for part in ("mamba", "attention", "moe", "mlp"):
+        if part in info:
+            rows.append((part, ", ".join(f"{k}={v}" for k, v in info[part].items())))
+    if "kv_cache_len" in info:
+        rows.append(("KV cache length (tokens)", str(info["kv_cache_len"])))
+    rows.append(("final norm / tied head", f"{info['final_norm']} / {info['tie_embeddings']}"))
+    return rows
+
+
+def run(args) -> int:
+    from ..models.checkpoint import parse_dtype
+    from ..models.presets import PRESETS
+
+    path = Path(args.model)
+    if args.model not in PRESETS and (path / "manifest.json").exists():
+        info = describe_export(path)
+    else:
+        info = describe_model(args.model, parse_dtype(args.dtype))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mambadeploy inspect {args.model}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in _rows(info):
+        table.add_row(key, value)
+    Console().print(table)
+    return 0
