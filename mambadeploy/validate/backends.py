@@ -1,0 +1,111 @@
+"""Which backends validate can run here, and why the others cannot.
+
+A backend request is `name[:dtype]` (e.g. `torch:bf16`); without a dtype it takes --dtype. Each one is probed before
+anything heavy runs: a backend that cannot run on this machine is either skipped with the reason (when validate chose
+it by default) or refused with the reason and the install command (when the user named it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from ..models.checkpoint import DTYPES, parse_dtype
+
+# every backend validate knows, in report order
+ALL_BACKENDS = ("torch", "torch-fast", "ort-cpu", "ort-cuda", "trt")
+ONNX_BACKENDS = ("ort-cpu", "ort-cuda")  # run the graphs of an export directory
+GPU_BACKENDS = ("torch-fast", "ort-cuda", "trt")
+
+
+@dataclass(frozen=True)
+class BackendRequest:
+    name: str
+    dtype: torch.dtype
+    dtype_given: bool  # named in the request (name:dtype) rather than taken from --dtype
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{dtype_name(self.dtype)}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def parse_backends(text: str | None, default_dtype: str) -> tuple[list[BackendRequest], bool]:
+    """`torch,ort-cpu:fp16` -> requests, and whether the user chose them (False: every known backend, by default)."""
+    base = parse_dtype(default_dtype)
+    if not text:
+        return [BackendRequest(n, base, False) for n in ALL_BACKENDS], False
+    requests = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        name, _, dt = item.partition(":")
+        if name not in ALL_BACKENDS:
+            raise InputError(f"unknown backend {name!r}; backends: {', '.join(ALL_BACKENDS)}")
+        if dt and dt not in DTYPES:
+            raise InputError(f"unknown dtype {dt!r} in backend {item!r}; use one of fp32, fp16, bf16")
+        req = BackendRequest(name, parse_dtype(dt) if dt else base, bool(dt))
+        if req not in requests:
+            requests.append(req)
+    if not requests:
+        raise InputError("--backends names no backend")
+    return requests, True
+
+
+def _registered(name: str) -> bool:
+    from ..runtime.factory import BACKENDS
+
+    return name in BACKENDS
+
+
+def _has_module(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu wheels find the CUDA libraries of the pip packages this way
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - a failed preload only means the CUDA provider will be missing below
+            pass
+    return ort.get_available_providers()
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when `name` can run here; otherwise one line saying why and what to install."""
+    gpu = torch.cuda.is_available()
+    if name == "torch":
+        return None
+    if not _registered(name):
+        return f"backend {name!r} is not part of this mambadeploy build yet (runtime/factory.py does not register it)"
+    if name in GPU_BACKENDS and not gpu:
+        return f"{name} needs a CUDA GPU and none is visible to torch here"
+    if name == "torch-fast" and not _has_module("triton"):
+        return "torch-fast needs triton; install it with: pip install 'mambadeploy[gpu]'"
+    if name in ONNX_BACKENDS:
+        if not _has_module("onnxruntime"):
+            pkg = "onnx" if name == "ort-cpu" else "gpu"
+            return f"{name} needs onnxruntime; install it with: pip install 'mambadeploy[{pkg}]'"
+        if name == "ort-cuda" and "CUDAExecutionProvider" not in _ort_providers():
+            return ("ort-cuda needs onnxruntime-gpu (the installed onnxruntime has no CUDAExecutionProvider); "
+                    "install it with: pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+    if name == "trt" and not (_has_module("tensorrt") or _has_module("tensorrt_rtx_bindings")):
+        return ("trt needs TensorRT (module tensorrt), which is not installed; install it with: "
+                "pip install 'mambadeploy[trt]' (TensorRT wheels download from NVIDIA's index)")
+    return None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
