@@ -21,6 +21,15 @@ OPSET_VERSION = 1
 # Activation codes carried as int attributes (TensorRT plugin fields and ORT attributes stay numeric).
 ACTIVATION_CODES = {"gelu": 0, "silu": 1, "gelu_tanh": 2}
 
+# Input type classes: "T" = the op's activation dtype (every "T" input of one node has the same one), "float" = any float
+# dtype on its own (parameters), "float32" = fp32 only (recurrent states), "index" = int32 or int64.
+INPUT_TYPE_CLASSES = {
+    "T": ("float32", "float16", "bfloat16"),
+    "float": ("float32", "float16", "bfloat16"),
+    "float32": ("float32",),
+    "index": ("int32", "int64"),
+}
+
 
 @dataclass(frozen=True)
 class OpEntry:
@@ -34,6 +43,9 @@ class OpEntry:
     reference: str  # "module:function" of the torch reference (fp32 math)
     doc: str = ""
     links: dict = field(default_factory=dict)  # piece -> "module:attr" (triton, onnx_emitter, portable, ort, trt)
+    # input name -> type class (see INPUT_TYPE_CLASSES); the TensorRT plugins' format checks and the ORT kernels use it
+    input_types: dict = field(default_factory=dict)
+    optional_inputs: tuple = ()  # inputs a node may leave empty (""): the reference's None defaults
 
     @property
     def qualified_name(self) -> str:
@@ -95,10 +107,13 @@ register(OpEntry(
     inputs=("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"),
     outputs=("y", "last_state"),
     attributes={"delta_softplus": ("int", 1)},
-    # u (b, d, L), initial_state (b, d, N) -> y (b, d, L), last_state (b, d, N) fp32
-    shape_rule=_same(0, 8),
+    # u (b, d, L), A (d, N) -> y (b, d, L), last_state (b, d, N) fp32 (initial_state may be absent: zeros)
+    shape_rule=lambda s, a: (s[0], (s[0][0], s[0][1], s[2][1])),
+    optional_inputs=("D", "z", "delta_bias", "initial_state"),
     dtype_rule=_first_dtype_and_fp32,
     reference="mambadeploy.models.ref_ops:selective_scan_ref",
+    input_types={"u": "T", "delta": "T", "A": "float", "B": "T", "C": "T", "D": "float", "z": "T",
+                 "delta_bias": "float", "initial_state": "float32"},
     doc="Mamba-1 selective scan over a sequence; softplus(delta + delta_bias), D skip, silu(z) gate, fp32 state.",
 ))
 
@@ -107,10 +122,12 @@ register(OpEntry(
     inputs=("x", "weight", "bias", "initial_state"),
     outputs=("y", "final_state"),
     attributes={"activation": ("int", 1)},  # 1 = SiLU, 0 = none
-    # x (b, d, L), initial_state (b, d, K) -> y (b, d, L), final_state (b, d, K) fp32
-    shape_rule=_same(0, 3),
+    # x (b, d, L), weight (d, K) -> y (b, d, L), final_state (b, d, K) fp32 (initial_state may be absent: zeros)
+    shape_rule=lambda s, a: (s[0], (s[0][0], s[0][1], s[1][1])),
+    optional_inputs=("bias", "initial_state"),
     dtype_rule=_first_dtype_and_fp32,
     reference="mambadeploy.models.ref_ops:causal_conv1d_ref",
+    input_types={"x": "T", "weight": "float", "bias": "float", "initial_state": "float32"},
     doc="Causal depthwise conv over time with a (b, d, K) state of the last K inputs, optional fused SiLU.",
 ))
 
@@ -123,5 +140,14 @@ register(OpEntry(
     shape_rule=_same(0),
     dtype_rule=lambda dtypes, attrs: (dtypes[0],),
     reference="mambadeploy.models.ref_ops:expert_gather_ref",
+    input_types={"x": "T", "w1": "float", "w2": "float", "experts": "index", "weights": "float"},
     doc="Gated-MLP MoE over stacked expert weights w1 (E, 2F, d) = [gate; up], w2 (E, d, F); sum of k weighted experts.",
 ))
+
+
+# --------------------------------------------------------------------------- links: export (ONNX emitter, portable expansion)
+for _name, _emit, _portable in (("SelectiveScan", "emit_selective_scan", "expand_selective_scan"),
+                                ("CausalConv1d", "emit_causal_conv1d", "expand_causal_conv1d"),
+                                ("TopKExpertGather", "emit_expert_gather", "expand_expert_gather")):
+    link(_name, "onnx_emitter", f"mambadeploy.export.onnx_ops:{_emit}")
+    link(_name, "portable", f"mambadeploy.export.portable:{_portable}")

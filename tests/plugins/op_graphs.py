@@ -1,0 +1,79 @@
+"""Small ONNX graphs holding one of our custom-op nodes each (domain `mambadeploy`), made with onnx.helper, for the
+TensorRT-RTX parse/build tests and the ORT custom-op tests. Shapes follow the op docstrings in models/ref_ops.py; batch
+and length are symbolic so a build needs an optimization profile, as the real export does."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from mambadeploy.opset import DOMAIN, get_op
+
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+               "int64": TensorProto.INT64, "int32": TensorProto.INT32}
+
+
+def op_input_specs(name: str, dim=6, n=4, k=4, d=8, f=5, experts=3, top_k=1, dtype="float32", param_dtype=None):
+    """{input: (shape with 'batch'/'length'/'tokens' symbols, dtype)} for one op, in the op's input order."""
+    p = param_dtype or dtype
+    if name == "SelectiveScan":
+        return {"u": (("batch", dim, "length"), dtype), "delta": (("batch", dim, "length"), dtype),
+                "A": ((dim, n), "float32"), "B": (("batch", n, "length"), dtype), "C": (("batch", n, "length"), dtype),
+                "D": ((dim,), p), "z": (("batch", dim, "length"), dtype), "delta_bias": ((dim,), p),
+                "initial_state": (("batch", dim, n), "float32")}
+    if name == "CausalConv1d":
+        return {"x": (("batch", dim, "length"), dtype), "weight": ((dim, k), p), "bias": ((dim,), p),
+                "initial_state": (("batch", dim, k), "float32")}
+    if name == "TopKExpertGather":
+        return {"x": (("tokens", d), dtype), "w1": ((experts, 2 * f, d), p), "w2": ((experts, d, f), p),
+                "experts": (("tokens", top_k), "int64"), "weights": (("tokens", top_k), "float32")}
+    raise KeyError(name)
+
+
+def single_op_model(name: str, attrs: dict | None = None, weights_as_initializers=True, seed=0, omit=(), **spec_kw):
+    """A model whose graph is one `name` node. Parameters (inputs without a symbolic dim) become initializers;
+    inputs named in `omit` are passed as empty names (ONNX optional input left out)."""
+    entry = get_op(name)
+    specs = op_input_specs(name, **spec_kw)
+    rng = np.random.default_rng(seed)
+    graph_inputs, inits, node_inputs = [], [], []
+    for inp in entry.inputs:
+        if inp in omit:
+            node_inputs.append("")
+            continue
+        shape, dtype = specs[inp]
+        node_inputs.append(inp)
+        if weights_as_initializers and all(isinstance(s, int) for s in shape):
+            arr = rng.standard_normal(shape).astype(np.float32)
+            if name == "SelectiveScan" and inp == "A":
+                arr = -np.exp(arr * 0.5)
+            tensor = numpy_helper.from_array(arr, inp)
+            if dtype != "float32":
+                tensor = helper.make_tensor(inp, ONNX_DTYPES[dtype], shape,
+                                            vals=_cast_bits(arr, dtype), raw=True)
+            inits.append(tensor)
+        else:
+            graph_inputs.append(helper.make_tensor_value_info(inp, ONNX_DTYPES[dtype], list(shape)))
+    in_dtypes = tuple(specs[i][1] for i in entry.inputs)
+    out_dtypes = entry.dtype_rule(in_dtypes, {})
+    outputs = [helper.make_tensor_value_info(o, ONNX_DTYPES[t], None) for o, t in zip(entry.outputs, out_dtypes)]
+    node = helper.make_node(name, node_inputs, list(entry.outputs), domain=DOMAIN, name=f"{name}_0",
+                            plugin_version=str(entry.version), **entry.check_attributes(attrs or {}))
+    graph = helper.make_graph([node], f"{name}_graph", graph_inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 8
+    return model
+
+
+def _cast_bits(arr, dtype):
+    if dtype == "float16":
+        return arr.astype(np.float16).tobytes()
+    import torch
+
+    return torch.from_numpy(arr).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
