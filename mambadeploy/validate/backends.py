@@ -88,8 +88,6 @@ def unavailable_reason(name: str) -> str | None:
     gpu = torch.cuda.is_available()
     if name == "torch":
         return None
-    if not _registered(name):
-        return f"backend {name!r} is not part of this mambadeploy build yet (runtime/factory.py does not register it)"
     if name in GPU_BACKENDS and not gpu:
         return f"{name} needs a CUDA GPU and none is visible to torch here"
     if name == "torch-fast" and not _has_module("triton"):
@@ -104,6 +102,8 @@ def unavailable_reason(name: str) -> str | None:
     if name == "trt" and not (_has_module("tensorrt") or _has_module("tensorrt_rtx_bindings")):
         return ("trt needs TensorRT (module tensorrt), which is not installed; install it with: "
                 "pip install 'mambadeploy[trt]' (TensorRT wheels download from NVIDIA's index)")
+    if not _registered(name):
+        return f"backend {name!r} is not part of this mambadeploy build yet (runtime/factory.py does not register it)"
     return None
 
 
