@@ -99,9 +99,10 @@ def unavailable_reason(name: str) -> str | None:
         if name == "ort-cuda" and "CUDAExecutionProvider" not in _ort_providers():
             return ("ort-cuda needs onnxruntime-gpu (the installed onnxruntime has no CUDAExecutionProvider); "
                     "install it with: pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
-    if name == "trt" and not (_has_module("tensorrt") or _has_module("tensorrt_rtx_bindings")):
-        return ("trt needs TensorRT (module tensorrt), which is not installed; install it with: "
-                "pip install 'mambadeploy[trt]' (TensorRT wheels download from NVIDIA's index)")
+    if name == "trt" and not _has_module("tensorrt"):
+        return ("trt needs TensorRT >= 10.6 (module tensorrt), which is not installed; install it with: "
+                "pip install 'mambadeploy[trt]' (the wheels download from NVIDIA's index; TensorRT-RTX plans do not "
+                "run on compute capability 9.0 GPUs such as the H100)")
     if not _registered(name):
         return f"backend {name!r} is not part of this mambadeploy build yet (runtime/factory.py does not register it)"
     return None

@@ -20,6 +20,10 @@ from .metrics import tensor_drift
 
 
 def layer_kind(config: ModelConfig, i: int) -> str:
+    if i < 0:
+        return "embedding"
+    if i >= config.n_layers:
+        return "head"
     spec = config.layers[i]
     return "+".join(p for p in ((spec.mixer if spec.mixer != "none" else ""), (spec.ffn if spec.ffn != "none" else "")) if p)
 
@@ -81,7 +85,7 @@ def summarise(rows: list[dict], config: ModelConfig, dtype: torch.dtype, methods
     """Per-layer worst figures and the first layer (in model order) with a tensor out of tolerance."""
     bound = tolerances.PER_LAYER_REL[dtype]
     layers = []
-    for i in range(config.n_layers):
+    for i in range(-1, config.n_layers + 1):  # -1: embedding (and masks), n_layers: final norm + LM head
         mine = [r for r in rows if r["layer"] == i]
         if not mine:
             continue
