@@ -1,0 +1,116 @@
+"""Shared pieces of the Triton kernels: launch arithmetic (plain functions of shapes, so an ahead-of-time compile can
+reproduce every launch) and the small device functions (softplus, activations, reductions).
+
+The kernels use Triton *builtins* only (tl.reduce, tl.associative_scan, tl.full, tl.exp, ...) plus the helpers below,
+never the standard library's own @jit helpers (tl.sum, tl.max, tl.argmax, tl.sigmoid, tl.zeros, tl.cumsum, ...): those are
+decorated when triton is imported, so in a process that imported triton without TRITON_INTERPRET=1 they cannot run in the
+interpreted twin of these kernels (see interpret.py). On a GPU the helpers compile to exactly what tl.sum etc. compile to.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation codes; the same numbers as mambadeploy.opset.ACTIVATION_CODES (a test checks they agree).
+ACTIVATION_CODES = {"gelu": 0, "silu": 1, "gelu_tanh": 2}
+
+# Launch sizing assumes a GPU of about this many SMs (H100: 132). Only used to pick block sizes that give at least a
+# couple of programs per SM; the results are correct for any value.
+TARGET_PROGRAMS = 264
+
+LOG2E = 1.4426950408889634
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def block_for_programs(total: int, batch: int, choices=(64, 32, 16, 8), target: int = TARGET_PROGRAMS) -> int:
+    """The largest block (of `choices`, descending) that still gives batch * cdiv(total, block) >= target programs;
+    the smallest choice when none does."""
+    for block in choices:
+        if batch * cdiv(total, block) >= target:
+            return block
+    return choices[-1]
+
+
+def dot_upcast(dtype: torch.dtype, interpreted: bool) -> bool:
+    """Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly (seen here: errors of 1e10); upcasting bf16 operands to
+    fp32 is exact (a bf16 product fits in fp32), so the interpreter path does that. Never on a GPU."""
+    return interpreted and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs must not silently use TF32 (the fp32 runner has to match the fp32 reference token for token)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def softplus(x):
+    # log(1 + e^x), with the two tails taken exactly enough for fp32: x for x > 20, e^x for x < -15 (also maps -inf to 0).
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+
+@triton.jit
+def activate(x, ACTIVATION: tl.constexpr):
+    """x in fp32. ACTIVATION: 0 exact (erf) GELU, 1 SiLU, 2 tanh-GELU."""
+    if ACTIVATION == 0:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 1:
+        y = x * sigmoid(x)
+    else:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = x * sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(u)) == sigmoid(2u)
+    return y
+
+
+try:  # the standard library's combine functions: the interpreter recognises them and reduces with numpy
+    from triton.language.standard import _argmax_combine_tie_break_left as _argmax_combine
+    from triton.language.standard import _elementwise_max as _maximum
+    from triton.language.standard import _sum_combine as _add
+except ImportError:  # another triton: the same maths, only the interpreter's fast paths are lost
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _maximum(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _argmax_combine(v1, i1, v2, i2):
+        take1 = (v1 > v2) | ((v1 == v2) & (i1 < i2))  # ties go to the smaller index, as torch.argmax does
+        return tl.where(take1, v1, v2), tl.where(take1, i1, i2)
+
+
+@triton.jit
+def fsum(x, AXIS: tl.constexpr):
+    return tl.reduce(x, AXIS, _add)
+
+
+@triton.jit
+def fmax(x, AXIS: tl.constexpr):
+    return tl.reduce(x, AXIS, _maximum)
+
+
+@triton.jit
+def cumsum(x, AXIS: tl.constexpr):
+    return tl.associative_scan(x, AXIS, _add)
+
+
+@triton.jit
+def argmax(x, index, AXIS: tl.constexpr):
+    """(max value, its index) along AXIS; `index` holds each element's index (broadcast to x's shape)."""
+    return tl.reduce((x, index), AXIS, _argmax_combine)
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))

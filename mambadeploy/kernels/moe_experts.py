@@ -1,0 +1,241 @@
+"""The MoE expert feed-forward (gated MLP per expert, top-k combine) in Triton, beside its reference.
+
+w1 (E, 2F, d) = per expert [gate; up], w2 (E, d, F). A "pair" p = token * k + slot is one (token, chosen expert).
+Two launches per MoE layer cover all experts, and only the chosen experts' weights are read:
+  fc1: h[p] = act(x[tok] @ w1[e, :F].T) * (x[tok] @ w1[e, F:].T)        (P, F) in x.dtype
+  fc2: y[tok] (+)= weight[p] * (h[p] @ w2[e].T)                          top-1: straight into (T, d); top-k: (P, d) fp32,
+                                                                          then summed over the k slots
+Two shapes of launch, chosen from shapes alone (`launch_config`):
+- GEMV (few pairs, decode): grid (P, N blocks), the pair index fastest so that programs reading the same expert rows
+  run together (duplicates hit L2). Each program reads its pair's expert rows; at batch 1 exactly one expert is read.
+- grouped GEMM (prefill, large batches): moe_align groups the pairs by expert into BLOCK_M-row blocks; grid
+  (blocks, N blocks), each block gathers its tokens' rows and multiplies by its one expert's weights with tl.dot.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mambadeploy.models.ref_ops import expert_gather_ref  # noqa: F401  (the reference, re-exported)
+
+from .common import ACTIVATION_CODES, activate, dot_precision, dot_upcast, fsum, next_pow2
+from .interpret import is_interpreted, kernel_for
+from .moe_routing import moe_align
+
+# Pairs (tokens * k) up to this many use the GEMV launch; above, the grouped GEMM (a 16-row tile at P <= 8 wastes
+# little, but the GEMV streams the weights with no tl.dot tile constraints and no grouping launch).
+GEMV_MAX_PAIRS = 8
+
+
+# --------------------------------------------------------------------------- GEMV (decode)
+@triton.jit
+def moe_gemv_fc1_kernel(
+    x_ptr, w1_ptr, experts_ptr, h_ptr,
+    F, d,
+    s_x_t, s_w_e, s_w_f, s_w_d, s_h_p,
+    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < F
+    e = tl.load(experts_ptr + pair).to(tl.int64)
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * s_x_t
+    gate_rows = w1_ptr + e * s_w_e + offs_n[:, None] * s_w_f
+    up_rows = gate_rows + F * s_w_f
+    acc_g = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    acc_u = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mk = kk < d
+        xv = tl.load(x_row + kk, mask=mk, other=0.0).to(tl.float32)
+        m = mask_n[:, None] & mk[None, :]
+        acc_g += tl.load(gate_rows + kk[None, :] * s_w_d, mask=m, other=0.0).to(tl.float32) * xv[None, :]
+        acc_u += tl.load(up_rows + kk[None, :] * s_w_d, mask=m, other=0.0).to(tl.float32) * xv[None, :]
+    h = activate(fsum(acc_g, 1), ACTIVATION) * fsum(acc_u, 1)
+    tl.store(h_ptr + pair.to(tl.int64) * s_h_p + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def moe_gemv_fc2_kernel(
+    h_ptr, w2_ptr, experts_ptr, weights_ptr, y_ptr,
+    d, F,
+    s_h_p, s_w_e, s_w_d, s_w_f, s_y_r,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < d
+    e = tl.load(experts_ptr + pair).to(tl.int64)
+    h_row = h_ptr + pair.to(tl.int64) * s_h_p
+    w_rows = w2_ptr + e * s_w_e + offs_n[:, None] * s_w_d
+    acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mk = kk < F
+        hv = tl.load(h_row + kk, mask=mk, other=0.0).to(tl.float32)
+        acc += tl.load(w_rows + kk[None, :] * s_w_f, mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32) \
+            * hv[None, :]
+    out = fsum(acc, 1) * tl.load(weights_ptr + pair)
+    # row = pair: with top-1 that is the token's row of y (T, d); with top-k the pair's row of the fp32 (P, d) buffer
+    tl.store(y_ptr + pair.to(tl.int64) * s_y_r + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+# --------------------------------------------------------------------------- grouped GEMM (prefill, large batch)
+@triton.jit
+def moe_gemm_fc1_kernel(
+    x_ptr, w1_ptr, sorted_ptr, block_expert_ptr, h_ptr,
+    P, F, d, E,
+    s_x_t, s_w_e, s_w_f, s_w_d, s_h_p,
+    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < E:  # blocks past the last expert's segment do nothing
+        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < P
+        tok = (pairs // TOP_K).to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < F
+        w_base = w1_ptr + e.to(tl.int64) * s_w_e
+        acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mk = kk < d
+            a = tl.load(x_ptr + tok[:, None] * s_x_t + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
+            m = mk[:, None] & mask_n[None, :]
+            wg = tl.load(w_base + offs_n[None, :] * s_w_f + kk[:, None] * s_w_d, mask=m, other=0.0)  # (BLOCK_K, BLOCK_N)
+            wu = tl.load(w_base + (offs_n + F)[None, :] * s_w_f + kk[:, None] * s_w_d, mask=m, other=0.0)
+            if UPCAST:
+                a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+            acc_g = tl.dot(a, wg, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, wu, acc_u, input_precision=PRECISION)
+        h = activate(acc_g, ACTIVATION) * acc_u
+        tl.store(h_ptr + pairs.to(tl.int64)[:, None] * s_h_p + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def moe_gemm_fc2_kernel(
+    h_ptr, w2_ptr, sorted_ptr, block_expert_ptr, weights_ptr, y_ptr,
+    P, d, F, E,
+    s_h_p, s_w_e, s_w_d, s_w_f, s_y_r,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < E:
+        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < P
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < d
+        w_base = w2_ptr + e.to(tl.int64) * s_w_e
+        h_rows = h_ptr + pairs.to(tl.int64)[:, None] * s_h_p
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mk = kk < F
+            a = tl.load(h_rows + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
+            w = tl.load(w_base + offs_n[None, :] * s_w_d + kk[:, None] * s_w_f, mask=mk[:, None] & mask_n[None, :],
+                        other=0.0)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        scale = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+        out = acc * scale[:, None]
+        # row = pair: the token's row of y with top-1, the pair's row of the fp32 (P, d) buffer with top-k
+        tl.store(y_ptr + pairs.to(tl.int64)[:, None] * s_y_r + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=valid[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------- launch configs
+def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
+    """shapes: (x (T, d), w1 (E, 2F, d), w2 (E, d, F), experts (T, k), weights (T, k)) — the TopKExpertGather order.
+    Returns {"path": "gemv" | "gemm", "fc1": {...}, "fc2": {...}} (+ "align" for gemm); each launch has grid,
+    num_warps, num_stages and constexprs; workspaces: h (P, F) in x.dtype, and for top-k > 1 a (P, d) fp32 output."""
+    T, d = shapes[0]
+    E, two_f, _ = shapes[1]
+    F = two_f // 2
+    k = shapes[3][1]
+    P = T * k
+    if P <= GEMV_MAX_PAIRS:
+        if interpret:
+            n1, k1, n2, k2 = min(next_pow2(F), 128), min(next_pow2(d), 256), min(next_pow2(d), 128), min(next_pow2(F), 256)
+        else:
+            n1, k1, n2, k2 = 16, 256, 8, 512
+        return {
+            "path": "gemv",
+            "fc1": {"kernel": "moe_gemv_fc1_kernel", "grid": (P, triton.cdiv(F, n1)), "num_warps": 4, "num_stages": 3,
+                    "constexprs": {"BLOCK_N": n1, "BLOCK_K": k1}},
+            "fc2": {"kernel": "moe_gemv_fc2_kernel", "grid": (P, triton.cdiv(d, n2)), "num_warps": 4, "num_stages": 3,
+                    "constexprs": {"BLOCK_N": n2, "BLOCK_K": k2}},
+        }
+    block_m = 16 if (interpret or P <= 16 * E) else 64
+    n_blocks = triton.cdiv(P, block_m) + E
+    if interpret:
+        n1, n2, bk = min(next_pow2(F), 64), min(next_pow2(d), 64), 32
+        warps, stages = 4, 1
+    else:
+        n1, n2, bk = 64, 128 if block_m == 64 else 64, 64
+        warps, stages = 4, 3
+    return {
+        "path": "gemm",
+        "align": {"kernel": "moe_align_kernel", "block_m": block_m, "n_blocks": n_blocks},
+        "fc1": {"kernel": "moe_gemm_fc1_kernel", "grid": (n_blocks, triton.cdiv(F, n1)), "num_warps": warps,
+                "num_stages": stages, "constexprs": {"BLOCK_M": block_m, "BLOCK_N": n1, "BLOCK_K": bk}},
+        "fc2": {"kernel": "moe_gemm_fc2_kernel", "grid": (n_blocks, triton.cdiv(d, n2)), "num_warps": warps,
+                "num_stages": stages, "constexprs": {"BLOCK_M": block_m, "BLOCK_N": n2, "BLOCK_K": bk}},
+    }
+
+
+def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | None = None):
+    """Same contract as expert_gather_ref: x (T, d); w1 (E, 2F, d); w2 (E, d, F); experts (T, k) int; weights (T, k).
+    Returns sum_j weights[:, j] * ffn_{experts[:, j]}(x) as (T, d) in x.dtype (fp32 accumulation)."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"unknown activation {activation!r} (supported: {', '.join(ACTIVATION_CODES)})")
+    T, d = x.shape
+    E, two_f, d_w = w1.shape
+    F = two_f // 2
+    k = experts.shape[1]
+    if d_w != d or w2.shape != (E, d, F) or experts.shape != (T, k) or weights.shape != (T, k):
+        raise ValueError(f"expert_gather: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, experts "
+                         f"{tuple(experts.shape)}, weights {tuple(weights.shape)} do not fit together")
+    P = T * k
+    y = torch.empty(T, d, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return y
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    experts = experts.contiguous()
+    weights = weights.float().contiguous()
+    kernel1 = kernel_for(moe_gemv_fc1_kernel, x)
+    interpreted = is_interpreted(kernel1)
+    cfg = config or launch_config((x.shape, w1.shape, w2.shape, experts.shape, weights.shape), interpret=interpreted)
+    h = torch.empty(P, F, dtype=x.dtype, device=x.device)
+    out = y if k == 1 else torch.empty(P, d, dtype=torch.float32, device=x.device)
+    act = ACTIVATION_CODES[activation]
+    c1, c2 = cfg["fc1"], cfg["fc2"]
+    if cfg["path"] == "gemv":
+        kernel1[c1["grid"]](x, w1, experts, h, F, d, x.stride(0), *w1.stride(), h.stride(0),
+                            TOP_K=k, ACTIVATION=act, num_warps=c1["num_warps"], num_stages=c1["num_stages"],
+                            **c1["constexprs"])
+        kernel_for(moe_gemv_fc2_kernel, x)[c2["grid"]](
+            h, w2, experts, weights, out, d, F, h.stride(0), *w2.stride(), out.stride(0),
+            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"])
+    else:
+        sorted_pairs, block_expert = moe_align(experts, E, cfg["align"]["block_m"])
+        common = {"UPCAST": dot_upcast(x.dtype, interpreted), "PRECISION": dot_precision(x.dtype)}
+        kernel_for(moe_gemm_fc1_kernel, x)[c1["grid"]](
+            x, w1, sorted_pairs, block_expert, h, P, F, d, E, x.stride(0), *w1.stride(), h.stride(0),
+            TOP_K=k, ACTIVATION=act, num_warps=c1["num_warps"], num_stages=c1["num_stages"], **c1["constexprs"],
+            **common)
+        kernel_for(moe_gemm_fc2_kernel, x)[c2["grid"]](
+            h, w2, sorted_pairs, block_expert, weights, out, P, d, F, E, h.stride(0), *w2.stride(), out.stride(0),
+            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **common)
+    if k > 1:
+        y.copy_(out.view(T, k, d).sum(1))
+    return y

@@ -1,0 +1,104 @@
+"""One decode step of the selective scan, in Triton, beside its reference. The state is updated IN PLACE.
+
+Grid: (batch, channel blocks of BLOCK_D). A program loads its (BLOCK_D, N) fp32 state, applies
+h = exp(dt * A) * h + dt * x * B with dt = softplus(dt + dt_bias), writes h back, and stores y = <h, C> + D x, gated by
+silu(z). Each state element is read and written by the same thread, so in-place is safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mambadeploy.models.ref_ops import selective_state_update_ref  # noqa: F401  (the reference, re-exported)
+
+from .common import LOG2E, block_for_programs, fsum, next_pow2, sigmoid, softplus
+from .interpret import is_interpreted, kernel_for
+
+
+@triton.jit
+def selective_state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr,
+    dim, d_state,
+    s_st_b, s_st_d, s_st_n,
+    s_x_b, s_x_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_y_b, s_y_d,
+    s_B_b, s_B_n, s_C_b, s_C_n, s_A_d, s_A_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+
+    state_ptrs = state_ptr + pid_b * s_st_b + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
+    h = tl.load(state_ptrs, mask=mask_dn, other=0.0)
+    x = tl.load(x_ptr + pid_b * s_x_b + offs_d * s_x_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * s_dt_b + offs_d * s_dt_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if DT_SOFTPLUS:
+        dt = softplus(dt)
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
+    B = tl.load(B_ptr + pid_b * s_B_b + offs_n * s_B_n, mask=mask_n, other=0.0).to(tl.float32)
+    C = tl.load(C_ptr + pid_b * s_C_b + offs_n * s_C_n, mask=mask_n, other=0.0).to(tl.float32)
+
+    h = tl.exp2(dt[:, None] * A * LOG2E) * h + (dt * x)[:, None] * B[None, :]
+    tl.store(state_ptrs, h, mask=mask_dn)
+
+    y = fsum(h * C[None, :], 1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * s_z_b + offs_d * s_z_d, mask=mask_d, other=0.0).to(tl.float32)
+        y *= z * sigmoid(z)
+    tl.store(y_ptr + pid_b * s_y_b + offs_d * s_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
+    """shapes: (state (batch, dim, N), x (batch, dim), ...) in the reference's argument order; only state matters."""
+    batch, dim, d_state = shapes[0]
+    block_n = next_pow2(d_state)
+    if interpret:
+        block_d = min(next_pow2(dim), 128)
+    else:
+        block_d = block_for_programs(dim, batch, choices=(64, 32, 16))
+    return {
+        "kernel": "selective_state_update_kernel",
+        "grid": (batch, triton.cdiv(dim, block_d)),
+        "num_warps": 4 if block_d * block_n >= 1024 else 2,
+        "num_stages": 1,
+        "constexprs": {"BLOCK_D": block_d, "BLOCK_N": block_n},
+    }
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True,
+                           *, config: dict | None = None):
+    """Same contract as selective_state_update_ref, except that `state` (batch, dim, N) fp32 is updated in place and
+    returned: x, dt, z: (batch, dim); A: (dim, N); B, C: (batch, N); D, dt_bias: (dim,). Returns (y (batch, dim) in
+    x.dtype, state)."""
+    batch, dim, d_state = state.shape
+    if state.dtype != torch.float32:
+        raise ValueError(f"selective_state_update: the state must be fp32, got {state.dtype}")
+    if x.shape != (batch, dim) or dt.shape != (batch, dim) or A.shape != (dim, d_state):
+        raise ValueError(f"selective_state_update: x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)} do not "
+                         f"fit state {tuple(state.shape)}")
+    if B.shape != (batch, d_state) or C.shape != (batch, d_state):
+        raise ValueError(f"selective_state_update: B {tuple(B.shape)} / C {tuple(C.shape)} must be ({batch}, {d_state})")
+    y = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
+    kernel = kernel_for(selective_state_update_kernel, x)
+    cfg = config or launch_config((state.shape,), interpret=is_interpreted(kernel))
+    zs = z.stride() if z is not None else (0, 0)
+    kernel[cfg["grid"]](
+        state, x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
+        dt_bias if dt_bias is not None else x, y,
+        dim, d_state, *state.stride(), *x.stride(), *dt.stride(), *zs, *y.stride(), *B.stride(), *C.stride(),
+        *A.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
+    )
+    return y, state
