@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny presets, built once per session (tests must not modify them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambadeploy.models.checkpoint import load_model
+from mambadeploy.models.presets import TINY_PRESETS
+
+_CACHE: dict = {}
+
+# The tiny models' ops are far too small to gain from intra-op threads, and on a shared 2-core runner OpenMP threads
+# spinning against other processes made decode steps ~10x slower (measured here): run torch single-threaded in tests.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny(name, dtype="fp32") -> the preset model in eval mode, cached for the session (read-only)."""
+
+    def get(name: str, dtype: str = "fp32"):
+        key = (name, dtype)
+        if key not in _CACHE:
+            _CACHE[key] = load_model(name, dtype=dtype)
+        return _CACHE[key]
+
+    return get
+
+
+@pytest.fixture(params=TINY_PRESETS)
+def preset(request) -> str:
+    """Each tiny preset name in turn."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield

@@ -1,0 +1,155 @@
+"""Bad checkpoints and bad input end in one MambaDeployError naming the cause (never a deep traceback)."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mambadeploy import load_model, save_model
+from mambadeploy.errors import CheckpointError, InputError
+from mambadeploy.models.loaders.blackmamba import save_blackmamba
+from mambadeploy.runtime.generate import generate
+from mambadeploy.runtime.torch_eager import TorchEagerRunner
+
+
+@pytest.fixture
+def blackmamba_dir(tiny, tmp_path):
+    save_blackmamba(tiny("blackmamba-tiny"), tmp_path)
+    return tmp_path
+
+
+def _assert_all_named(message, *names):
+    for name in names:
+        assert name in message, f"{name!r} not named in: {message}"
+
+
+def test_blackmamba_key_problems_listed_at_once(blackmamba_dir):
+    path = blackmamba_dir / "pytorch_model.bin"
+    sd = torch.load(path, weights_only=True)["model"]
+    del sd["decoder.layers.0.mixer.D"]
+    del sd["decoder.layers.3.mixer.local_experts.2.linear_fc2.weight"]
+    sd["decoder.layers.0.mixer.extra_thing"] = torch.zeros(3)
+    sd["decoder.layers.2.mixer.x_proj.weight"] = torch.zeros(5, 5)
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_model(blackmamba_dir)
+    msg = str(info.value)
+    _assert_all_named(msg, "missing keys (2)", "decoder.layers.0.mixer.D",
+                      "decoder.layers.3.mixer.local_experts.2.linear_fc2.weight",
+                      "unexpected keys (1)", "decoder.layers.0.mixer.extra_thing",
+                      "mis-shaped keys (1)", "decoder.layers.2.mixer.x_proj.weight: checkpoint (5, 5)")
+
+
+def test_hf_key_problems_listed_at_once(tmp_path):
+    """A tiny HF Jamba file written by transformers, then damaged."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    cfg = transformers.JambaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, attn_layer_period=2,
+                                   attn_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_dt_rank=2)
+    transformers.JambaForCausalLM(cfg).save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["model.layers.1.feed_forward.experts.1.up_proj.weight"]
+    sd["model.layers.0.mamba.mystery"] = torch.zeros(2)
+    sd["model.final_layernorm.weight"] = torch.zeros(17)
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path)
+    _assert_all_named(str(info.value), "model.layers.1.feed_forward.experts.1.up_proj.weight",
+                      "model.layers.0.mamba.mystery", "model.final_layernorm.weight: checkpoint (17,) vs expected (16,)")
+
+
+def test_native_key_problems_listed_at_once(tiny, tmp_path):
+    save_model(tiny("moe-mamba-tiny"), tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["final_norm.weight"]
+    sd["bogus"] = torch.zeros(1)
+    sd["embedding.weight"] = sd["embedding.weight"][:10]
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path)
+    _assert_all_named(str(info.value), "final_norm.weight", "bogus", "embedding.weight: checkpoint (10, 64)")
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="unknown model_type 'llama'"):
+        load_model(tmp_path)
+
+
+def test_unknown_preset_or_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such preset or directory"):
+        load_model(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_blackmamba_bin(blackmamba_dir, damage):
+    path = blackmamba_dir / "pytorch_model.bin"
+    raw = path.read_bytes()
+    path.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="truncated or corrupt weight file"):
+        load_model(blackmamba_dir)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_safetensors(tiny, tmp_path, damage):
+    save_model(tiny("blackmamba-tiny"), tmp_path)
+    path = tmp_path / "model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 1000] if damage == "truncated" else os.urandom(4096))
+    with pytest.raises(CheckpointError, match="truncated or corrupt safetensors"):
+        load_model(tmp_path)
+
+
+def test_corrupt_hf_safetensors(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "vocab_size": 16, "hidden_size": 8,
+                                                      "num_hidden_layers": 1}))
+    (tmp_path / "model.safetensors").write_bytes(os.urandom(2048))
+    with pytest.raises(CheckpointError, match="truncated or corrupt safetensors"):
+        load_model(tmp_path)
+
+
+def test_missing_weight_file(blackmamba_dir):
+    (blackmamba_dir / "pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is missing"):
+        load_model(blackmamba_dir)
+
+
+def test_bin_with_pickled_objects_is_refused(blackmamba_dir):
+    path = blackmamba_dir / "pytorch_model.bin"
+    sd = torch.load(path, weights_only=True)["model"]
+    torch.save({"model": sd, "args": object()}, path)
+    with pytest.raises(CheckpointError, match="objects other than tensors"):
+        load_model(blackmamba_dir)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_token_outside_vocabulary(tiny):
+    model = tiny("blackmamba-tiny")
+    with pytest.raises(InputError, match=r"\[512\] outside the vocabulary \[0, 512\)"):
+        model(torch.tensor([[1, 512]]))
+    _, state = model.prefill(torch.tensor([[1, 2]]))
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        model.step(torch.tensor([-1]), state)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        generate(TorchEagerRunner(model), [[1, 2, 9999]], 4)
+
+
+def test_empty_prompt(tiny):
+    model = tiny("moe-mamba-tiny")
+    with pytest.raises(InputError, match="empty prompt"):
+        model(torch.zeros(1, 0, dtype=torch.int64))
+    with pytest.raises(InputError, match="prompt 1 is empty"):
+        generate(TorchEagerRunner(model), [[1], []], 4)
+
+
+def test_prompt_longer_than_attention_cache(tiny):
+    model = tiny("jamba-tiny")
+    n = model.config.max_seq_len
+    with pytest.raises(InputError, match=f"longer than the attention KV cache \\({n} slots\\)"):
+        model(torch.ones(1, n + 1, dtype=torch.int64))
+    with pytest.raises(InputError, match="exceed the attention KV cache"):
+        generate(TorchEagerRunner(model), [[1] * (n - 3)], 8)
