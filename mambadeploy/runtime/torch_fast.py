@@ -1,0 +1,322 @@
+"""torch-fast backend: the reference model's own weights run on the Triton kernels (mambadeploy/kernels), with dense
+projections through torch (cuBLAS), and the decode step captured in a CUDA graph.
+
+- prefill: sequence kernels (causal_conv1d, selective_scan, add_rms_norm, route_hidden + expert_gather), the LM head
+  on the last position only.
+- step: one token per row on the step kernels (causal_conv1d_update, selective_state_update update the state IN PLACE).
+  On a GPU the whole step is captured once per state object into a CUDA graph over that state's own buffers (static
+  token, residual and logits buffers beside them) and replayed afterwards; each state owns its buffers, so two
+  sequences never alias.
+- State: a FastState holding the tensors under the names of models/state.py. step() ADVANCES THE STATE IT IS GIVEN
+  (in place) and returns that same object; a state from another runner (a plain {name: tensor} mapping) is copied in.
+- Attention layers (Jamba) run the reference attention math in torch, with the KV cache written in place.
+- On CPU the kernels run in Triton's interpreter (kernels/interpret.py), without CUDA graphs: slow, for tests on the
+  tiny presets only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..errors import InputError, MambaDeployError, lazy_import
+from ..models import ref_ops
+from ..models.model import MambaMoELM
+from ..models.state import state_specs
+from .base import Runner
+
+
+@dataclass
+class _Layer:
+    """One block's weights, prepared once (views of the model's parameters, plus fp32 copies of the small vectors)."""
+    index: int
+    mixer: str
+    ffn: str
+    mixer_norm: torch.Tensor | None = None
+    ffn_norm: torch.Tensor | None = None
+    mamba: object = None  # the reference MambaMixer (for its Linear weights)
+    A: torch.Tensor | None = None  # -exp(A_log), fp32
+    D: torch.Tensor | None = None  # fp32
+    dt_bias: torch.Tensor | None = None  # fp32
+    conv_weight: torch.Tensor | None = None  # (d_inner, d_conv)
+    attention: object = None  # the reference Attention
+    moe: object = None  # the reference MoE
+    mlp: object = None  # the reference GatedMLP
+
+
+class FastState:
+    """Decode state of one batch of sequences: `tensors` under the names of models/state.py (updated in place by
+    step), the static buffers and CUDA graph of its decode step, and the host-side count of filled KV slots."""
+
+    def __init__(self, tensors: "OrderedDict[str, torch.Tensor]", batch: int, filled: int = 0):
+        self.tensors = tensors
+        self.batch = batch
+        self.filled = filled  # most KV-cache slots used by any row (attention models), known without a device sync
+        self.tokens: torch.Tensor | None = None  # (B,) int64
+        self.residual: torch.Tensor | None = None  # (B, d) fp32
+        self.logits: torch.Tensor | None = None  # (B, V) fp32
+        self.graph = None
+
+    def clone(self) -> "FastState":
+        twin = FastState(OrderedDict((k, v.clone()) for k, v in self.tensors.items()), self.batch, self.filled)
+        for name in ("tokens", "residual", "logits"):
+            setattr(twin, name, getattr(self, name).clone())
+        return twin
+
+
+class TorchFastRunner(Runner):
+    backend = "torch-fast"
+
+    def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True):
+        lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
+        from ..kernels import causal_conv1d, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update
+
+        self._k_conv, self._k_moe, self._k_route, self._k_norm = causal_conv1d, moe_experts, moe_routing, rms_norm
+        self._k_scan, self._k_ssu = selective_scan, selective_state_update
+        self.model = model.eval()
+        self.config = model.config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self.check_inputs = check_inputs
+        self.routing_trace: list | None = None  # set to a list to record each MoE layer's experts (eager calls only)
+        self.layers = [self._prepare(i, block) for i, block in enumerate(model.layers)]
+        self.eps = self.config.norm_eps
+
+    # ------------------------------------------------------------------ setup
+    @torch.no_grad()
+    def _prepare(self, index, block) -> _Layer:
+        layer = _Layer(index, block.kind.mixer, block.kind.ffn)
+        if block.mixer_norm is not None:
+            layer.mixer_norm = block.mixer_norm.weight
+        if block.ffn_norm is not None:
+            layer.ffn_norm = block.ffn_norm.weight
+        if layer.mixer == "mamba":
+            m = block.mixer
+            layer.mamba = m
+            layer.A = (-torch.exp(m.A_log.float())).contiguous()
+            layer.D = m.D.float().contiguous()
+            layer.dt_bias = m.dt_proj.bias.float().contiguous()
+            layer.conv_weight = m.conv_weight
+        elif layer.mixer == "attention":
+            layer.attention = block.mixer
+        if layer.ffn == "moe":
+            layer.moe = block.ffn
+        elif layer.ffn == "mlp":
+            layer.mlp = block.ffn
+        return layer
+
+    # ------------------------------------------------------------------ shared pieces
+    def _norm(self, pending, residual, weight):
+        """residual += pending (in place, fp32), then RMSNorm -> model dtype. pending None: norm of residual alone."""
+        if pending is None:
+            return self._k_norm.rms_norm(residual, weight, self.eps, out_dtype=self.dtype)
+        out, _ = self._k_norm.add_rms_norm(pending, residual, weight, self.eps, residual_out=residual)
+        return out
+
+    def _ssm_params(self, m, xc):
+        """xc (..., d_inner) -> dt (..., d_inner) without bias, B, C (..., N) (views of one x_proj output)."""
+        xdbl = F.linear(xc, m.x_proj.weight)
+        dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
+        if m.dt_norm is not None:  # Jamba
+            dt = self._k_norm.rms_norm(dt, m.dt_norm.weight, m.dt_norm.eps)
+            B = self._k_norm.rms_norm(B, m.B_norm.weight, m.B_norm.eps)
+            C = self._k_norm.rms_norm(C, m.C_norm.weight, m.C_norm.eps)
+        return F.linear(dt, m.dt_proj.weight), B, C
+
+    def _ffn(self, layer, x):
+        """x (T, d) in model dtype -> (T, d)."""
+        if layer.moe is not None:
+            moe = layer.moe
+            weights, experts = self._k_route.route_hidden(x, moe.router.weight, moe.router.bias, moe.router_kind,
+                                                          moe.top_k)
+            if self.routing_trace is not None:
+                self.routing_trace.append((layer.index, experts.clone()))
+            return self._k_moe.expert_gather(x, moe.w1, moe.w2, experts, weights, moe.activation)
+        return ref_ops.gated_ffn_ref(x, layer.mlp.w1, layer.mlp.w2, layer.mlp.activation)
+
+    def _head(self, h):
+        """h (B, d) fp32 residual stream -> logits (B, V) fp32 (the reference's final norm and tied/untied head)."""
+        x = self.model.final_norm(h.to(self.dtype))
+        w = self.model.embedding.weight if self.model.lm_head is None else self.model.lm_head.weight
+        return F.linear(x, w).float()
+
+    # ------------------------------------------------------------------ prefill
+    def _mamba_prefill(self, layer, x, valid):
+        """x (B, L, d) -> (out (B, L, d), conv_state (B, d_inner, K) fp32, ssm_state (B, d_inner, N) fp32)."""
+        m = layer.mamba
+        di = m.d_inner
+        xz = F.linear(x, m.in_proj.weight, m.in_proj.bias)  # (B, L, 2 di), token-major
+        xs, z = xz[..., :di], xz[..., di:]
+        if valid is not None:
+            xs = torch.where(valid[..., None], xs, torch.zeros_like(xs))
+        xc, conv_state = self._k_conv.causal_conv1d(xs.transpose(1, 2), layer.conv_weight, m.conv1d.bias, None, "silu")
+        dt, B, C = self._ssm_params(m, xc.transpose(1, 2))
+        if valid is not None:  # softplus(-inf) = 0: pad steps leave the state untouched
+            dt = torch.where(valid[..., None], dt, torch.full_like(dt, float("-inf")))
+        y, ssm_state = self._k_scan.selective_scan(
+            xc, dt.transpose(1, 2), layer.A, B.transpose(1, 2), C.transpose(1, 2), layer.D, z.transpose(1, 2),
+            delta_bias=layer.dt_bias, delta_softplus=True,
+        )
+        return F.linear(y.transpose(1, 2), m.out_proj.weight, m.out_proj.bias), conv_state, ssm_state
+
+    @torch.no_grad()
+    def prefill(self, input_ids, lengths=None):
+        ids = input_ids.to(self.device)
+        if lengths is not None:
+            lengths = lengths.to(self.device)
+        self.model._check_prompt(ids, lengths)
+        Bsz, L = ids.shape
+        valid = None
+        if lengths is not None and int(lengths.min()) < L:
+            valid = torch.arange(L, device=self.device)[None, :] >= (L - lengths)[:, None]
+        d = self.config.d_model
+        residual = F.embedding(ids, self.model.embedding.weight).float().reshape(Bsz * L, d)
+        tensors = OrderedDict()
+        pending, pos = None, None
+        for layer in self.layers:
+            i = layer.index
+            if layer.mixer == "mamba":
+                x = self._norm(pending, residual, layer.mixer_norm).view(Bsz, L, d)
+                out, tensors[f"L{i}.conv"], tensors[f"L{i}.ssm"] = self._mamba_prefill(layer, x, valid)
+                pending = out.reshape(Bsz * L, d)
+            elif layer.mixer == "attention":
+                x = self._norm(pending, residual, layer.mixer_norm).view(Bsz, L, d)
+                out, tensors[f"L{i}.key"], tensors[f"L{i}.value"], pos = layer.attention(x, valid)
+                pending = out.reshape(Bsz * L, d)
+            if layer.ffn != "none":
+                pending = self._ffn(layer, self._norm(pending, residual, layer.ffn_norm))
+        filled = 0
+        if pos is not None:
+            tensors["pos"] = pos.to(torch.int64)
+            filled = L if lengths is None else int(lengths.max())
+        last = residual.view(Bsz, L, d)[:, -1] + pending.view(Bsz, L, d)[:, -1].float()
+        return self._head(last), FastState(tensors, Bsz, filled)
+
+    # ------------------------------------------------------------------ step
+    def _mamba_step(self, layer, x, conv_state, ssm_state):
+        m = layer.mamba
+        di = m.d_inner
+        xz = F.linear(x, m.in_proj.weight, m.in_proj.bias)
+        xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias, "silu")
+        dt, B, C = self._ssm_params(m, xc)
+        y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt, layer.A, B, C, layer.D, xz[:, di:],
+                                                  dt_bias=layer.dt_bias, dt_softplus=True)
+        return F.linear(y, m.out_proj.weight, m.out_proj.bias)
+
+    @staticmethod
+    def _attention_step(attn, x, key, value, pos):
+        """The reference Attention.step with the KV cache written in place (slot pos of each row)."""
+        Bsz = x.shape[0]
+        q = attn.q_proj(x).unflatten(-1, (attn.n_heads, attn.head_dim)).unsqueeze(2)
+        k = attn.k_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim))
+        v = attn.v_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim))
+        rows = torch.arange(Bsz, device=x.device)
+        key[rows, :, pos] = k.to(key.dtype)
+        value[rows, :, pos] = v.to(value.dtype)
+        slots = torch.arange(attn.max_len, device=x.device)
+        mask = (slots[None, :] <= pos[:, None])[:, None, None, :]
+        out = attn._attend(q, key, value, mask).squeeze(2).flatten(1)
+        return attn.o_proj(out)
+
+    def _step_body(self, st: FastState):
+        """One decode step on st's static buffers: reads st.tokens, updates st.tensors and st.residual in place,
+        writes st.logits. Everything here is capturable (no host syncs, no allocations that depend on values)."""
+        t = st.tensors
+        st.residual.copy_(F.embedding(st.tokens, self.model.embedding.weight))
+        pending = None
+        for layer in self.layers:
+            i = layer.index
+            if layer.mixer == "mamba":
+                x = self._norm(pending, st.residual, layer.mixer_norm)
+                pending = self._mamba_step(layer, x, t[f"L{i}.conv"], t[f"L{i}.ssm"])
+            elif layer.mixer == "attention":
+                x = self._norm(pending, st.residual, layer.mixer_norm)
+                pending = self._attention_step(layer.attention, x, t[f"L{i}.key"], t[f"L{i}.value"], t["pos"])
+            if layer.ffn != "none":
+                pending = self._ffn(layer, self._norm(pending, st.residual, layer.ffn_norm))
+        if "pos" in t:
+            t["pos"].add_(1)
+        st.logits.copy_(self._head(st.residual + pending.float()))
+
+    def _ensure_buffers(self, st: FastState):
+        if st.tokens is None:
+            st.tokens = torch.zeros(st.batch, dtype=torch.int64, device=self.device)
+            st.residual = torch.zeros(st.batch, self.config.d_model, dtype=torch.float32, device=self.device)
+            st.logits = torch.zeros(st.batch, self.config.vocab_size, dtype=torch.float32, device=self.device)
+
+    def _capture(self, st: FastState):
+        """Warm up (compiles every kernel) on a throwaway copy of the state, then capture the step over st's buffers.
+        Capturing runs nothing, so st is not advanced."""
+        scratch = st.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._step_body(scratch)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step_body(st)
+        st.graph = graph
+
+    def adopt(self, state) -> FastState:
+        """A FastState holding copies of another runner's state ({name: tensor})."""
+        tensors = OrderedDict()
+        batch = None
+        for spec in state_specs(self.config, self.dtype):
+            if spec.name not in state:
+                raise InputError(f"state is missing {spec.name!r}")
+            value = torch.as_tensor(state[spec.name])
+            tensors[spec.name] = value.to(device=self.device, dtype=spec.dtype).contiguous().clone()
+            batch = value.shape[0]
+        filled = int(tensors["pos"].max()) if "pos" in tensors else 0
+        return FastState(tensors, batch, filled)
+
+    @torch.no_grad()
+    def step(self, token_ids, state):
+        st = state if isinstance(state, FastState) else self.adopt(state)
+        tokens = token_ids.reshape(-1)
+        if tokens.numel() != st.batch:
+            raise InputError(f"step got {tokens.numel()} token ids for a state of batch {st.batch}")
+        if self.check_inputs:  # a device sync when the ids are on the GPU; benchmarks turn it off
+            self.model.check_ids(tokens)
+        if "pos" in st.tensors:
+            if st.filled >= self.config.max_seq_len:
+                raise InputError(f"sequence reached the attention KV cache length ({self.config.max_seq_len})")
+            st.filled += 1
+        self._ensure_buffers(st)
+        st.tokens.copy_(tokens, non_blocking=True)
+        if self.use_cuda_graph:
+            if st.graph is None:
+                self._capture(st)
+            st.graph.replay()
+        else:
+            self._step_body(st)
+        return st.logits.clone(), st
+
+    # ------------------------------------------------------------------ runner interface
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def state_to_torch(self, state) -> dict:
+        return dict(state.tensors) if isinstance(state, FastState) else dict(state)
+
+    def describe(self):
+        import triton
+
+        d = self.device
+        return {"backend": self.backend, "device": str(d), "dtype": str(self.dtype).replace("torch.", ""),
+                "torch": torch.__version__, "triton": triton.__version__, "mambadeploy": __version__,
+                "cuda_graph": self.use_cuda_graph,
+                "kernels": "Triton" if d.type == "cuda" else "Triton (CPU interpreter)",
+                "gpu": torch.cuda.get_device_name(d) if d.type == "cuda" else None}
+
+
+def check_device(device) -> None:
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MambaDeployError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
