@@ -99,7 +99,10 @@ class MambaMoELM(nn.Module):
             raise InputError("empty prompt: give at least one token")
         if lengths is not None and (int(lengths.min()) < 1 or int(lengths.max()) > L):
             raise InputError(f"prompt lengths must be in [1, {L}], got {lengths.tolist()}")
-        self.check_ids(input_ids if lengths is None else input_ids[torch.arange(L)[None, :] >= (L - lengths)[:, None]])
+        if lengths is None:
+            self.check_ids(input_ids)
+        else:  # only the real tokens: pads may be any id (arange on the ids' device, lengths already moved there)
+            self.check_ids(input_ids[torch.arange(L, device=input_ids.device)[None, :] >= (L - lengths)[:, None]])
         if self.config.has_attention and L > self.config.max_seq_len:
             raise InputError(
                 f"prompt of {L} tokens is longer than the attention KV cache ({self.config.max_seq_len} slots)"
