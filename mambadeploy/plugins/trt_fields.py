@@ -32,11 +32,12 @@ def pack(entry: OpEntry, attrs: dict) -> list[tuple[str, np.ndarray]]:
         if kind not in KINDS:
             raise MambaDeployError(f"op {entry.qualified_name}: attribute {name!r} has type {kind!r}, not packable")
         value = full[name]
-        array = np.atleast_1d(np.asarray(value, dtype=KINDS[kind][0]))
-        if kind in ("int", "float") and array.size != 1:
+        wide = np.atleast_1d(np.asarray(value, dtype=np.float64 if kind.startswith("float") else np.int64))
+        if kind in ("int", "float") and wide.size != 1:
             raise MambaDeployError(f"op {entry.qualified_name}: attribute {name!r} must be one {kind}, got {value!r}")
-        if kind == "int" and int(array[0]) != value:
+        if kind.startswith("int") and (np.abs(wide) > np.iinfo(np.int32).max).any():
             raise MambaDeployError(f"op {entry.qualified_name}: attribute {name!r}={value!r} does not fit int32")
+        array = wide.astype(KINDS[kind][0])
         fields.append((name, array))
     return fields
 

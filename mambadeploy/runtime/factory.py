@@ -12,6 +12,7 @@ from .base import Runner
 # backend name -> one-line description (validate and the CLI list these)
 BACKENDS = {
     "torch": "PyTorch eager reference (CPU or CUDA)",
+    "trt": "TensorRT / TensorRT-RTX engines from `mambadeploy build` (CUDA GPU; not run on these machines)",
 }
 
 
@@ -30,4 +31,10 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise MambaDeployError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
         return TorchEagerRunner(load_model(target, dtype=dtype, device=device))
+    if backend == "trt":
+        from .trt_runner import TrtRunner
+
+        if not str(device).startswith("cuda"):
+            raise MambaDeployError("backend trt runs on a CUDA GPU: use --device cuda")
+        return TrtRunner(target, device=device, use_cuda_graph=options.get("cuda_graph", True))
     raise MambaDeployError(f"backend {backend!r} is registered but not wired into make_runner")

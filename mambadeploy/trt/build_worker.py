@@ -51,6 +51,17 @@ def _progress_monitor(trt):
     return Progress()
 
 
+def prepared_graph(onnx_path: str) -> tuple[bytes, list[str]]:
+    """The graph with our nodes' omitted optional inputs made explicit (plugins/trt_graph.py), weights left on disk."""
+    import onnx
+
+    from mambadeploy.plugins.trt_graph import fill_optional_inputs
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    filled = fill_optional_inputs(model)
+    return model.SerializeToString(), filled
+
+
 def _dtype_counts(network) -> dict:
     counts = {}
     for i in range(network.num_layers):
@@ -76,9 +87,13 @@ def build(job: dict) -> dict:
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     print(f"progress: parsing {job['onnx_path']}", file=sys.stderr, flush=True)
-    ok = parser.parse_from_file(job["onnx_path"])
+    model_bytes, filled = prepared_graph(job["onnx_path"])
+    for line in filled:
+        print(f"progress: prepared: {line}", file=sys.stderr, flush=True)
+    ok = parser.parse(model_bytes, job["onnx_path"])  # the path lets the parser find external weight files
     errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    result = {"ok": False, "parse_errors": errors, "plugins": plugins, "plan_bytes": 0, "layers": {}}
+    result = {"ok": False, "parse_errors": errors, "plugins": plugins, "plan_bytes": 0, "layers": {},
+              "filled_inputs": filled}
     if not ok:
         result["message"] = "the ONNX parser refused the graph"
         return result

@@ -1,0 +1,246 @@
+"""Ahead-of-time compile of each plugin's Triton kernel: exactly what a TensorRT `aot_impl` returns.
+
+`compile_for(op, shapes, dtypes, attrs)` runs `triton.compile` on the op's adapter kernel (aot_kernels.py) with the
+constexprs, num_warps and num_stages the kernels' own `launch_config` picks, and returns an `AotKernel`: kernel name,
+PTX, grid, block, dynamic shared memory, the parameter order (inputs, int32 scalars, outputs, then any implicit pointer
+parameters Triton appends, which are passed as null) and the scalar values. The grid and scalars come from formulas that
+work on ints and on TensorRT's symbolic shape expressions alike, so the full-TensorRT description (trt_qdp.py) and the
+GPU test (tests/plugins/test_aot_gpu.py, which loads the PTX with CuPy and launches it with these very numbers) share them.
+
+Compiling needs no GPU (a target is named); the PTX must be loaded by a driver at least as new as the compiling Triton's
+PTX ISA (Triton 3.9 here writes PTX 9.4, newer than the H100 machine's driver: compile where you run).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from ..errors import MambaDeployError, lazy_import
+from ..opset import get_op
+
+TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
+
+
+def cdiv(a, b):
+    """Ceil division on ints or symbolic expressions (anything with + and //)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return -(-a // b)
+    return (a + (b - 1)) // b
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    op: str
+    adapter: str  # attribute of plugins.aot_kernels
+    kernel_module: str  # module of mambadeploy.kernels that has launch_config
+    scalars: tuple  # names, in parameter order
+    scalar_values: object  # (shapes) -> tuple of ints or exprs
+    grid: object  # (shapes, constexprs) -> (gx, gy, gz)
+    attr_constexprs: object = lambda attrs: {}
+
+
+SPECS = {
+    "SelectiveScan": AotSpec(
+        op="SelectiveScan", adapter="selective_scan_trt", kernel_module="mambadeploy.kernels.selective_scan",
+        scalars=("dim", "seqlen", "d_state"),
+        scalar_values=lambda s: (s[0][1], s[0][2], s[2][1]),
+        grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_D"]), 1),
+        attr_constexprs=lambda attrs: {"DELTA_SOFTPLUS": bool(attrs["delta_softplus"])},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    op: str
+    kernel_name: str
+    ptx: str
+    arch: int
+    grid: tuple
+    block: tuple
+    shared_mem: int
+    params: tuple  # ("input:u", ..., "scalar:dim", ..., "output:y", ..., "implicit:null")
+    scalars: tuple  # values of the scalar params, in order
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 1
+    triton_version: str = ""
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["ptx_bytes"] = len(self.ptx)
+        del d["ptx"]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def spec_for(op: str) -> AotSpec:
+    get_op(op)
+    if op not in SPECS:
+        raise MambaDeployError(
+            f"op {op} has no ahead-of-time kernel yet (no Triton adapter in plugins/aot_kernels.py); it can be parsed "
+            "and built into a plan, but not run"
+        )
+    return SPECS[op]
+
+
+def launch_choice(op: str, shapes, dtypes, attrs: dict) -> dict:
+    """The kernels' own launch_config at these concrete shapes, plus the constexprs the op's attributes fix."""
+    import importlib
+
+    spec = spec_for(op)
+    cfg = importlib.import_module(spec.kernel_module).launch_config(shapes, dtypes)
+    constexprs = dict(cfg["constexprs"])
+    constexprs.update(spec.attr_constexprs(get_op(op).check_attributes(attrs)))
+    return {"constexprs": constexprs, "num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)}
+
+
+def signature(op: str, dtypes, constexprs: dict) -> dict:
+    """Triton signature of the adapter: pointer types from the dtypes TensorRT negotiated, i32 scalars, constexprs."""
+    from . import aot_kernels
+
+    spec, entry = spec_for(op), get_op(op)
+    adapter = getattr(aot_kernels, spec.adapter)
+    in_dtypes = list(dtypes)
+    out_dtypes = entry.dtype_rule(tuple(in_dtypes), {})
+    types = {}
+    for name, dt in zip(entry.inputs, in_dtypes):
+        types[name] = "*" + TRITON_TYPES[dt]
+    for name in spec.scalars:
+        types[name] = "i32"
+    for name, dt in zip(entry.outputs, out_dtypes):
+        types[name] = "*" + TRITON_TYPES[dt]
+    for name in constexprs:
+        types[name] = "constexpr"
+    missing = [a for a in adapter.arg_names if a not in types]
+    if missing:
+        raise MambaDeployError(f"adapter {spec.adapter} takes parameters {missing} that the {op} spec does not fill")
+    return {a: types[a] for a in adapter.arg_names}
+
+
+def compile_kernel(op: str, dtypes, attrs: dict, choice_shapes, arch: int | None = None):
+    """triton.compile the op's adapter for `dtypes`, with the launch_config picked at `choice_shapes` (concrete ints).
+    Returns (compiled kernel, launch choice, parameter order, PTX with only those parameters)."""
+    triton = lazy_import("triton", "triton", "gpu", "compiling the plugin kernels ahead of time")
+    from triton.backends.compiler import GPUTarget
+
+    from . import aot_kernels
+
+    spec, entry = spec_for(op), get_op(op)
+    attrs = entry.check_attributes(attrs or {})
+    choice = launch_choice(op, choice_shapes, dtypes, attrs)
+    adapter = getattr(aot_kernels, spec.adapter)
+    src = triton.compiler.ASTSource(fn=adapter, signature=signature(op, dtypes, choice["constexprs"]),
+                                    constexprs=choice["constexprs"])
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch or _current_arch(), 32),
+                              options={"num_warps": choice["num_warps"], "num_stages": choice["num_stages"]})
+    md = compiled.metadata
+    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+        raise MambaDeployError(f"{op}: the compiled kernel needs global scratch memory, which a TensorRT AOT plugin "
+                               "cannot provide")
+    params = tuple([f"input:{n}" for n in entry.inputs] + [f"scalar:{n}" for n in spec.scalars]
+                   + [f"output:{n}" for n in entry.outputs])
+    ptx = strip_unused_trailing_params(compiled.asm["ptx"], md.name, keep=len(params))
+    n_params = len(ptx_params(ptx, md.name))
+    if n_params < len(params):
+        raise MambaDeployError(f"{op}: PTX kernel {md.name} has {n_params} parameters, fewer than {len(params)}")
+    params += ("implicit:null",) * (n_params - len(params))  # implicit pointers still referenced: passed as null
+    return compiled, choice, params, ptx
+
+
+def strip_unused_trailing_params(ptx: str, name: str, keep: int) -> str:
+    """Drop the parameters Triton appends after ours (global/profile scratch pointers) when the kernel body never reads
+    them: TensorRT launches an AOT kernel with exactly inputs + extra args + outputs, so the PTX entry must declare
+    exactly those. A trailing parameter that is referenced stays (and is reported as implicit)."""
+    m = re.search(r"(\.entry\s+" + re.escape(name) + r"\s*\()(.*?)(\))", ptx, re.S)
+    decls = [p for p in m.group(2).split(",") if p.strip()]
+    while len(decls) > keep:
+        pname = decls[-1].split()[-1]
+        if len(re.findall(re.escape(pname) + r"\b", ptx)) > 1:  # used beyond its declaration
+            break
+        decls.pop()
+    return ptx[:m.start(2)] + ",".join(decls) + "\n" + ptx[m.end(2):]
+
+
+def compile_for(op: str, shapes, dtypes, attrs: dict | None = None, arch: int | None = None,
+                choice_shapes=None) -> AotKernel:
+    """Compile the op's adapter for `dtypes`; launch numbers for `shapes`. `choice_shapes` (default `shapes`) are the
+    shapes whose launch_config fixes the constexprs — an engine compiles once, at its profile's opt shapes, and then
+    launches the same binary for every shape in the profile."""
+    import triton
+
+    spec = spec_for(op)
+    arch = arch or _current_arch()
+    compiled, choice, params, ptx = compile_kernel(op, dtypes, attrs or {}, choice_shapes or shapes, arch)
+    md = compiled.metadata
+    grid = tuple(int(g) for g in spec.grid(shapes, choice["constexprs"]))
+    return AotKernel(op=op, kernel_name=md.name, ptx=ptx, arch=arch, grid=grid,
+                     block=(md.num_warps * 32, 1, 1), shared_mem=int(md.shared), params=params,
+                     scalars=tuple(int(v) for v in spec.scalar_values(shapes)), constexprs=choice["constexprs"],
+                     num_warps=md.num_warps, num_stages=choice["num_stages"], triton_version=triton.__version__)
+
+
+def ptx_params(ptx: str, name: str) -> list[str]:
+    """The .param declarations of entry `name`, in order."""
+    m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, re.S)
+    if not m:
+        raise MambaDeployError(f"PTX has no entry {name}")
+    return [p.strip() for p in m.group(1).split(",") if p.strip()]
+
+
+def _current_arch() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MambaDeployError("no CUDA GPU: name the target architecture (arch=90 for an H100)")
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def launch_on_stream(kernel: AotKernel, inputs, outputs, shapes, stream) -> None:
+    """Launch an AotKernel on raw device pointers (TensorRT's enqueue) through CuPy's driver bindings. Written for the
+    IPluginV3 enqueue; exercised only through tests/plugins/test_aot_gpu.py's CuPy launch, never inside TensorRT here."""
+    cupy = lazy_import("cupy", "cupy-cuda13x", None, "launching plugin kernels")
+    fn = load_function(cupy, kernel)
+    args = pack_args(kernel, [int(p) for p in inputs], [int(p) for p in outputs])
+    with cupy.cuda.ExternalStream(int(stream)):
+        fn(kernel.grid, kernel.block, tuple(args), shared_mem=kernel.shared_mem)
+
+
+_FUNCTIONS: dict = {}
+
+
+def load_function(cupy, kernel: AotKernel):
+    """The PTX loaded through the driver (cuModuleLoadData: JIT to the current GPU), cached per PTX text."""
+    key = (kernel.kernel_name, hash(kernel.ptx))
+    if key not in _FUNCTIONS:
+        module = cupy.cuda.function.Module()
+        module.load(kernel.ptx.encode())
+        fn = module.get_function(kernel.kernel_name)
+        if kernel.shared_mem > 48 * 1024:  # above the default limit the function must opt in
+            fn.max_dynamic_shared_size_bytes = kernel.shared_mem
+        _FUNCTIONS[key] = (module, fn)  # keep the module alive with its function
+    return _FUNCTIONS[key][1]
+
+
+def pack_args(kernel: AotKernel, input_ptrs, output_ptrs) -> list:
+    """Kernel arguments in the kernel's parameter order: pointers as uint64, scalars as int32, implicit params null."""
+    import numpy as np
+
+    ins, outs, scal = list(input_ptrs), list(output_ptrs), list(kernel.scalars)
+    args = []
+    for p in kernel.params:
+        kind = p.split(":")[0]
+        if kind == "input":
+            args.append(np.uint64(ins.pop(0)))
+        elif kind == "output":
+            args.append(np.uint64(outs.pop(0)))
+        elif kind == "scalar":
+            args.append(np.int32(scal.pop(0)))
+        else:
+            args.append(np.uint64(0))
+    return args

@@ -1,0 +1,119 @@
+"""(b) ONNX -> network -> plan through TensorRT-RTX with our IPluginV3 plugins registered, on this CPU machine (no GPU
+needed to build). Every build runs in a child process (mambadeploy.trt.build_worker): TensorRT-RTX aborts the process on
+some faults, and it must find its unversioned library name at process start (plugins/trt_lib.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mambadeploy.errors import MambaDeployError
+from mambadeploy.plugins import trt_lib
+
+if not trt_lib.is_available("rtx"):
+    pytest.skip("TensorRT-RTX is not installed (pip install 'mambadeploy[rtx]'); the plan-build tests need it",
+                allow_module_level=True)
+
+from op_graphs import save, single_op_model  # noqa: E402  (tests/plugins is on sys.path)
+
+from mambadeploy.trt import build as tb  # noqa: E402
+from mambadeploy.trt import engine_dir as ed  # noqa: E402
+
+
+def _build(tmp_path, model, name="g"):
+    onnx_path = save(model, tmp_path / f"{name}.onnx")
+    summary = tb.graph_summary(onnx_path)
+    from mambadeploy.trt import profiles as pr
+
+    profile = pr.input_profile(summary["inputs"], pr.make_limits(3, 40))
+    job = {"target": "rtx", "onnx_path": onnx_path, "plan_path": str(tmp_path / f"{name}.plan"),
+           "profiles": {k: [list(s) for s in v] for k, v in profile.items()}, "log_path": str(tmp_path / "log.txt")}
+    return tb.run_worker(job, progress=lambda m: None)
+
+
+CASES = [  # (op, graph kwargs): every op in each activation dtype, parameters in fp32 and in the model dtype
+    ("SelectiveScan", {"dtype": "float32"}), ("SelectiveScan", {"dtype": "float16"}),
+    ("SelectiveScan", {"dtype": "bfloat16", "param_dtype": "float32"}),
+    ("SelectiveScan", {"dtype": "float16", "omit": ("D", "delta_bias", "initial_state")}),
+    ("CausalConv1d", {"dtype": "float32"}), ("CausalConv1d", {"dtype": "bfloat16", "omit": ("bias", "initial_state")}),
+    ("TopKExpertGather", {"dtype": "float32"}), ("TopKExpertGather", {"dtype": "float16", "top_k": 2}),
+]
+
+
+@pytest.mark.parametrize("op,kw", CASES, ids=[f"{o}-{'-'.join(map(str, k.values()))}" for o, k in CASES])
+def test_plan_builds_with_plugin(tmp_path, op, kw):
+    attrs = {"top_k": kw["top_k"]} if "top_k" in kw else None
+    result = _build(tmp_path, single_op_model(op, attrs=attrs, **kw))
+    print(json.dumps(result))
+    assert result["ok"], result
+    assert result["layers"].get("PLUGIN_V3") == 1
+    assert result["plan_bytes"] > 1000 and (tmp_path / "g.plan").stat().st_size == result["plan_bytes"]
+
+
+@pytest.mark.parametrize("op,kw,why", [
+    ("SelectiveScan", {"omit": ("z",)}, "omits input 'z'"),
+])
+def test_refused_graphs_say_why(tmp_path, op, kw, why):
+    result = _build(tmp_path, single_op_model(op, **kw))
+    assert not result["ok"] and why in result["message"]
+
+
+def test_state_in_fp16_is_refused_by_the_format_check(tmp_path):
+    """An fp16 recurrent state breaks the op's type classes: TensorRT finds no supported format and says so."""
+    import onnx
+
+    model = single_op_model("CausalConv1d")
+    for vi in model.graph.input:
+        if vi.name == "initial_state":
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    result = _build(tmp_path, model)
+    assert not result["ok"]
+    assert "could not build" in result["message"] or result["parse_errors"], result
+    assert "CausalConv1d" in (tmp_path / "log.txt").read_text()
+
+
+def _fake_export(tmp_path):
+    import json as j
+
+    export = tmp_path / "export"
+    export.mkdir()
+    save(single_op_model("SelectiveScan", omit=("initial_state",)), export / "prefill.onnx")
+    save(single_op_model("CausalConv1d"), export / "decode.onnx")
+    (export / "manifest.json").write_text(j.dumps({"config": {}}))
+    return export
+
+
+def test_build_command_caches_detects_corruption_and_refuses_bad_versions(tmp_path):
+    export, out = _fake_export(tmp_path), tmp_path / "engines"
+    lines = []
+    m1 = tb.build_engines(export, out, target="rtx", max_batch=2, max_prompt=32, progress=lines.append)
+    assert set(m1["engines"]) == {"prefill", "decode"} and (out / "build.log").stat().st_size > 0
+    assert any("building" in line for line in lines)
+    lines.clear()
+    m2 = tb.build_engines(export, out, target="rtx", max_batch=2, max_prompt=32, progress=lines.append)
+    assert all("unchanged" in line for line in lines) and m2["engines"] == m1["engines"]
+    # other flags -> rebuilt (new fingerprint)
+    m3 = tb.build_engines(export, out, target="rtx", max_batch=4, max_prompt=32, progress=lambda m: None)
+    assert m3["engines"]["prefill"]["fingerprint"] != m1["engines"]["prefill"]["fingerprint"]
+    # a corrupt engine file is refused on load, and rebuilt by the next build
+    path = ed.engine_path(out, "decode")
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(MambaDeployError, match="is corrupt .* rebuild with: mambadeploy build"):
+        ed.load_engine_bytes(out, ed.read_manifest(out), "decode")
+    lines.clear()
+    tb.build_engines(export, out, target="rtx", max_batch=4, max_prompt=32, progress=lines.append)
+    assert any(line.startswith("decode: building") for line in lines)
+    ed.load_engine_bytes(out, ed.read_manifest(out), "decode")
+    # an op version this mambadeploy does not implement
+    model = single_op_model("CausalConv1d")
+    for a in model.graph.node[0].attribute:
+        if a.name == "plugin_version":
+            a.s = b"7"
+    save(model, export / "decode.onnx")
+    with pytest.raises(MambaDeployError, match="version 7 is not supported"):
+        tb.build_engines(export, out, target="rtx", max_batch=4, max_prompt=32, progress=lambda m: None)
+    with pytest.raises(MambaDeployError, match="TensorRT-RTX builds the graph's own types"):
+        tb.build_engines(export, out, target="rtx", precision="fp16", progress=lambda m: None)
+    with pytest.raises(MambaDeployError, match="not an export directory"):
+        tb.build_engines(tmp_path / "nowhere", out, target="rtx")
