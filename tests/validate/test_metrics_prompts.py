@@ -100,3 +100,16 @@ def test_roofline_table_and_bytes():
     assert roofline(b1, 0.5, None)["percent"] is None
     r = roofline(b1, 0.5, "NVIDIA H100 80GB HBM3")
     assert r["percent"] == pytest.approx(100 * b1 / 3.35e12 * 1e3 / 0.5)
+
+
+def test_logits_gate_low_precision_follows_the_baseline():
+    from mambadeploy.validate import tolerances as tol
+
+    assert tol.logits_gate(torch.float32, {"max_rel": 0.5, "top1_agreement": 0.5})["source"] == "fixed"
+    tight = tol.logits_gate(torch.bfloat16, {"max_rel": 1e-3, "top1_agreement": 1.0})
+    assert tight == {"logits_max_rel": tol.LOGITS_REL[torch.bfloat16],
+                     "top1_agreement": tol.TOP1_AGREEMENT[torch.bfloat16], "source": "fixed"}
+    loose = tol.logits_gate(torch.bfloat16, {"max_rel": 0.3, "top1_agreement": 0.96})
+    assert loose["source"] == "precision baseline"
+    assert loose["logits_max_rel"] == pytest.approx(0.3 * tol.BASELINE_ERR_FACTOR)
+    assert loose["top1_agreement"] == pytest.approx(0.96 - tol.BASELINE_TOP1_SLACK)
