@@ -83,8 +83,9 @@ PER_LAYER_REL = {
 # (the "precision baseline"), already flips near-tie MoE routes and argmaxes; no backend in that dtype can avoid that.
 # Measured on the tiny presets (CPU, 4 prompts x 64 tokens): torch bf16 vs the fp32 reference reaches max err/scale
 # 0.17-0.44 and top-1 agreement 95.7-99.2 %; fp16 6e-3-8e-3 and 98.8-100 %. So a low-precision backend passes when it is
-# within the fixed bounds above OR as close to fp32 as the baseline is, with this margin (the looser of the two):
-# error up to BASELINE_ERR_FACTOR x the baseline's, top-1 agreement down to the baseline's minus BASELINE_TOP1_SLACK.
+# within the fixed bounds above, or, where the baseline itself misses a fixed bound, as close to fp32 as the baseline
+# is with this margin: error up to BASELINE_ERR_FACTOR x the baseline's, top-1 agreement down to the baseline's minus
+# BASELINE_TOP1_SLACK.
 # fp32 backends are judged by the fixed bounds alone (a perturbed weight moves fp32 logits by >= 1e-2 of the scale,
 # two decades above LOGITS_REL; in low precision only gross faults stand out, which is why CI validates in fp32).
 BASELINE_ERR_FACTOR = 2.0
@@ -96,9 +97,12 @@ def logits_gate(dtype: torch.dtype, baseline: dict | None = None) -> dict:
     baseline: the precision baseline's {"max_rel", "top1_agreement"} (low precision only)."""
     gate = {"logits_max_rel": LOGITS_REL[dtype], "top1_agreement": TOP1_AGREEMENT[dtype], "source": "fixed"}
     if baseline is not None and dtype != torch.float32:
-        err = BASELINE_ERR_FACTOR * baseline["max_rel"]
-        top1 = baseline["top1_agreement"] - BASELINE_TOP1_SLACK
-        if err > gate["logits_max_rel"] or top1 < gate["top1_agreement"]:
-            gate = {"logits_max_rel": max(err, gate["logits_max_rel"]),
-                    "top1_agreement": min(top1, gate["top1_agreement"]), "source": "precision baseline"}
+        # loosen a bound only where the baseline itself misses it: then the dtype, not the backend, is the limit
+        err, top1 = gate["logits_max_rel"], gate["top1_agreement"]
+        if baseline["max_rel"] > err:
+            err = BASELINE_ERR_FACTOR * baseline["max_rel"]
+        if baseline["top1_agreement"] < top1:
+            top1 = baseline["top1_agreement"] - BASELINE_TOP1_SLACK
+        if (err, top1) != (gate["logits_max_rel"], gate["top1_agreement"]):
+            gate = {"logits_max_rel": err, "top1_agreement": top1, "source": "precision baseline"}
     return gate
