@@ -85,7 +85,8 @@ def test_generate_json_matches_api(capsys, tiny):
 
 
 def test_generate_text_output(capsys):
-    code, out, _ = _run(capsys, "generate", "blackmamba-tiny", "--prompt-ids", "5,6", "--max-new-tokens", "4")
+    code, out, _ = _run(capsys, "generate", "blackmamba-tiny", "--prompt-ids", "5,6", "--max-new-tokens", "4",
+                        "--threads", "1")
     assert code == 0 and "[0] prompt 2 tokens -> 4 new:" in out and "tokens/s" in out
 
 
@@ -109,8 +110,8 @@ def test_generate_sampling_is_seeded(capsys):
 
 def test_generate_stop_ids(capsys, tiny):
     free = generate(TorchEagerRunner(tiny("blackmamba-tiny")), [[1, 2]], 10).tokens[0]
-    code, out, _ = _run(capsys, "generate", "blackmamba-tiny", "--prompt-ids", "1,2", "--max-new-tokens", "10",
-                        "--stop-ids", str(free[3]), "--json")
+    _, out, _ = _run(capsys, "generate", "blackmamba-tiny", "--prompt-ids", "1,2", "--max-new-tokens", "10",
+                     "--stop-ids", str(free[3]), "--json")
     assert json.loads(out)["prompts"][0]["tokens"] == free[: free.index(free[3]) + 1]
 
 
@@ -125,10 +126,11 @@ def test_generate_stop_ids(capsys, tiny):
     (["generate", "blackmamba-tiny", "--prompt-ids", "1", "--max-new-tokens", "0"], "max_new_tokens"),
     (["generate", "blackmamba-tiny", "--prompt-ids", "1", "--top-p", "0"], "top_p"),
     (["generate", "blackmamba-tiny", "--prompt-ids", "1", "--backend", "nope"], "unknown backend 'nope'"),
+    (["generate", "blackmamba-tiny", "--prompt-ids", "1", "--threads", "0"], "--threads must be >= 1"),
     (["inspect", "no-such-model"], "no such preset or directory"),
 ])
 def test_bad_input_is_one_error_line(capsys, argv, fragment):
-    code, out, err = _run(capsys, *argv)
+    code, _, err = _run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err

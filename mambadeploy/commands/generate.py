@@ -27,6 +27,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: torch's choice); 1 is often fastest for tiny models on a "
+                             "busy machine")
     parser.add_argument("--stop-ids", metavar="IDS", help="comma-separated token ids that end a sequence")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -67,6 +70,12 @@ def run(args) -> int:
     stop = parse_ids(args.stop_ids, "--stop-ids") if args.stop_ids else []
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     runner = make_runner(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - t0
@@ -84,8 +93,8 @@ def run(args) -> int:
         rows.append(row)
     if args.json:
         print(json.dumps({"model": args.model, "runner": runner.describe(), "batch": len(prompts),
-                          "max_new_tokens": args.max_new_tokens, "sampling": vars(sampling), "stop_ids": stop,
-                          "prompts": rows, "timings": timings}))
+                          "max_new_tokens": args.max_new_tokens, "threads": args.threads, "sampling": vars(sampling),
+                          "stop_ids": stop, "prompts": rows, "timings": timings}))
         return 0
     d = runner.describe()
     print(f"model {args.model} | backend {d.get('backend')} | device {d.get('device')} | dtype {d.get('dtype')}")

@@ -64,11 +64,12 @@ def hf_mamba(tmp_path_factory):
 def _jamba_config(**kw):
     # mirrors transformers' own tests (vocab 99, hidden 32, 2 experts); periods chosen so the 5 layers cover
     # Mamba+MLP, attention+MoE, Mamba+MoE and attention+MLP
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
-                num_key_value_heads=2, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2,
-                expert_layer_offset=1, num_experts=2, num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4,
-                mamba_expand=2, mamba_dt_rank=4, tie_word_embeddings=False,
-                experts_implementation="eager", attn_implementation="eager")
+    base = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "attn_layer_period": 3, "attn_layer_offset": 1,
+            "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 2, "num_experts_per_tok": 2,
+            "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 4, "tie_word_embeddings": False,
+            # eager: transformers' grouped-mm experts need 16-byte strides (intermediate 37 has not); same math
+            "experts_implementation": "eager", "attn_implementation": "eager"}
     base.update(kw)
     return transformers.JambaConfig(**base)
 

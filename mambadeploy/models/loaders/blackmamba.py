@@ -33,12 +33,16 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...errors import CheckpointError, ConfigError
 from ..config import ACTIVATIONS, LayerSpec, MambaConfig, MLPConfig, ModelConfig, MoEConfig
 from .common import Piece, load_pieces
+
+if TYPE_CHECKING:
+    from ..model import MambaMoELM
 
 WEIGHTS_NAME = "pytorch_model.bin"
 REQUIRED_KEYS = ("num_layers", "hidden_size", "vocab_size", "state_size", "conv_dimension")
@@ -230,7 +234,7 @@ def _load_state_dict(path: Path) -> dict:
     return sd
 
 
-def load_blackmamba(directory, dtype: torch.dtype, device) -> "MambaMoELM":
+def load_blackmamba(directory, dtype: torch.dtype, device) -> MambaMoELM:
     from ..checkpoint import empty_model
 
     directory = Path(directory)

@@ -33,12 +33,16 @@ import json
 import math
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...errors import CheckpointError, ConfigError
 from ..config import AttentionConfig, LayerSpec, MambaConfig, MLPConfig, ModelConfig, MoEConfig
 from .common import Piece, load_pieces
+
+if TYPE_CHECKING:
+    from ..model import MambaMoELM
 
 # Jamba allows 256K tokens; our attention cache is preallocated per sequence, so cap it (tokens per sequence).
 JAMBA_KV_CACHE_LEN = 4096
@@ -278,7 +282,7 @@ def _reader(where: dict):
     return read
 
 
-def load_hf(directory, dtype: torch.dtype, device) -> "MambaMoELM":
+def load_hf(directory, dtype: torch.dtype, device) -> MambaMoELM:
     from ..checkpoint import empty_model
 
     directory = Path(directory)
