@@ -1,0 +1,95 @@
+"""Trace the reference model's own prefill and decode into ONNX with torch.onnx.export(dynamo=True).
+
+Why the dynamo exporter: it traces with fake tensors (no compute, no weight copies: initializers stay views of the
+parameters until they are written), takes `dynamic_shapes` for batch and length, and lets a torch custom op become one
+ONNX node through `custom_translation_table` (the registry ops) — the legacy TorchScript exporter would unroll the scan's
+Python loop at the dummy length. The patches that steer the trace are context managers that restore the originals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import torch
+
+from ..models.model import MambaMoELM
+from ..models.state import PAST, PRESENT, state_specs
+from . import onnx_ops, torch_ops
+from .descriptions import ExportDescription
+
+
+class PrefillGraph(torch.nn.Module):
+    """(input_ids (B, L), lengths (B,)) -> (logits of the last position (B, V), *present states)."""
+
+    def __init__(self, model: MambaMoELM):
+        super().__init__()
+        self.model = model
+        self.names = [s.name for s in state_specs(model.config, model.dtype)]
+
+    def forward(self, input_ids, lengths):
+        logits, state = self.model.forward(input_ids, lengths, check=False)
+        return (logits, *(state[n] for n in self.names))
+
+
+class DecodeGraph(torch.nn.Module):
+    """(input_ids (B, 1), *past states) -> (logits (B, V), *present states)."""
+
+    def __init__(self, model: MambaMoELM):
+        super().__init__()
+        self.model = model
+        self.names = [s.name for s in state_specs(model.config, model.dtype)]
+
+    def forward(self, input_ids, *past):
+        logits, state = self.model.step(input_ids, OrderedDict(zip(self.names, past)), check=False)
+        return (logits, *(state[n] for n in self.names))
+
+
+def last_position_head(model: MambaMoELM):
+    """Prefill only needs the last position's logits: run the head on h[:, -1] instead of every position (left padding
+    puts every row's last real token there)."""
+    head = model._head
+    return torch_ops.patched(model, _head=lambda h: head(h[:, -1]))
+
+
+def io_names(model: MambaMoELM, graph: str) -> tuple[list[str], list[str]]:
+    names = [s.name for s in state_specs(model.config, model.dtype)]
+    inputs = ["input_ids", "lengths"] if graph == "prefill" else ["input_ids"] + [PAST + n for n in names]
+    return inputs, ["logits"] + [PRESENT + n for n in names]
+
+
+def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: ExportDescription,
+          max_length: int | None):
+    """Return the ONNXProgram of one graph; its `mambadeploy` nodes are expanded later for portable/contrib modes."""
+    from . import contrib
+
+    onnx_ops.register_schemas()
+    specs = state_specs(model.config, model.dtype)
+    B, L = desc.dummy_batch, desc.dummy_length
+    batch = torch.export.Dim("batch", min=1, max=desc.max_batch)
+    table = onnx_ops.translation_table()
+    with contextlib.ExitStack() as patches:
+        if ops == "contrib":
+            contrib.register_schemas()
+            table.update(contrib.translation_table())
+            patches.enter_context(contrib.contrib_patches(model.config, graph))
+        if graph == "prefill":
+            length = torch.export.Dim("length", min=1, max=max_length or 1 << 24)
+            patches.enter_context(torch_ops.custom_op_patches())
+            patches.enter_context(last_position_head(model))
+            wrapper = PrefillGraph(model)
+            args = (torch.zeros(B, L, dtype=torch.int64), torch.tensor(desc.dummy_lengths, dtype=torch.int64))
+            dynamic = ({0: batch, 1: length}, {0: batch})
+        else:
+            patches.enter_context(torch_ops.decode_patches())
+            wrapper = DecodeGraph(model)
+            args = (torch.zeros(B, 1, dtype=torch.int64),
+                    *(torch.zeros(s.concrete_shape(B), dtype=s.dtype) for s in specs))
+            dynamic = ({0: batch}, tuple({0: batch} for _ in specs))
+        input_names, output_names = io_names(model, graph)
+        with torch.no_grad():
+            return torch.onnx.export(
+                wrapper.eval(), args, dynamo=True, dynamic_shapes=dynamic, custom_translation_table=table,
+                opset_version=opset_version, input_names=input_names, output_names=output_names, verbose=False,
+                optimize=True,
+            )

@@ -1,0 +1,297 @@
+"""ONNX Runtime backend: drives an export directory (manifest.json + prefill.onnx + decode.onnx) behind the Runner
+interface. The recurrent state lives in OrtValues bound through IO binding: on CUDA the states stay on the GPU from
+prefill through every decode step; only token ids go up and logits come down.
+
+CUDA-graph mode (opt-in, `cuda_graph=True`, CUDA only): the decode step is captured once per batch size and replayed.
+Capture needs fixed buffers, so states ping-pong between two preallocated sets and a state object is valid until the
+step after next (a stale state is refused, never silently read).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import InputError, MambaDeployError, lazy_import
+from ..export.manifest import Manifest, ManifestError
+from ..models.state import PAST, PRESENT
+from .base import Runner
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+             "int64": "tensor(int64)", "int32": "tensor(int32)"}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+
+
+def _ort():
+    return lazy_import("onnxruntime", "onnxruntime", extra="onnx", why="the ONNX Runtime backend (--backend ort)")
+
+
+@dataclass
+class OrtState:
+    """The recurrent state of one batch as OrtValues (by state name, manifest order), plus host-side bookkeeping."""
+
+    values: dict
+    batch: int
+    tokens: int  # longest row's token count so far (prompt + generated): checked against the KV-cache length
+    owner: int  # id of the runner that made it
+    slot: tuple | None = None  # CUDA-graph mode: (batch, buffer set, write epoch)
+
+
+class OrtRunner(Runner):
+    backend = "ort"
+    _instances = itertools.count()
+
+    def __init__(self, directory, provider: str = "cpu", device_id: int = 0, cuda_graph: bool = False,
+                 threads: int | None = None, check_hashes: bool = True):
+        ort = _ort()
+        self.directory = Path(directory)
+        if provider not in PROVIDERS:
+            raise MambaDeployError(f"unknown ONNX Runtime provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+        if cuda_graph and provider != "cuda":
+            raise MambaDeployError("CUDA-graph mode needs --provider cuda")
+        self.manifest = Manifest.read(self.directory)
+        self.manifest.check_files(self.directory, hash_graphs=check_hashes)
+        self.config = self.manifest.model_config
+        self.provider, self.device_id, self.cuda_graph = provider, device_id, cuda_graph
+        self.id = next(self._instances)
+        self.state_names = [s.name for s in self.manifest.state]
+        self.limits = self.manifest.limits
+        if provider == "cuda":
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # onnxruntime-gpu finds the CUDA / cuDNN libraries of the installed wheels
+            if PROVIDERS["cuda"] not in ort.get_available_providers():
+                raise MambaDeployError("the CUDA provider is not available in this onnxruntime "
+                                       f"({ort.__version__}: {', '.join(ort.get_available_providers())}); install "
+                                       "onnxruntime-gpu: pip install 'mambadeploy[gpu]'")
+        self.sessions = {name: self._session(ort, name, threads) for name in ("prefill", "decode")}
+        for name, sess in self.sessions.items():
+            self._check_io(name, sess)
+        self._device = "cuda" if provider == "cuda" else "cpu"
+        self._graph_sets: dict = {}  # CUDA-graph buffers per batch size
+        self._epochs: dict = {}
+
+    @classmethod
+    def from_dir(cls, directory, provider: str = "cpu", **options) -> "OrtRunner":
+        return cls(directory, provider, **options)
+
+    # ------------------------------------------------------------------ sessions
+    def _session(self, ort, graph: str, threads):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = [PROVIDERS["cpu"]]
+        if self.provider == "cuda":
+            cuda = {"device_id": str(self.device_id), "cudnn_conv_algo_search": "HEURISTIC",
+                    # fp32 exports are compared with the fp32 reference: no TF32 rounding in MatMul / Conv
+                    "use_tf32": "0" if self.manifest.dtype == "float32" else "1"}
+            if self.cuda_graph and graph == "decode":
+                cuda["enable_cuda_graph"] = "1"
+            providers = [(PROVIDERS["cuda"], cuda), PROVIDERS["cpu"]]
+        path = self.directory / self.manifest.graphs[graph].file
+        try:
+            return ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise MambaDeployError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+
+    def _check_io(self, graph: str, sess) -> None:
+        """The session's inputs and outputs must be what the manifest says, in order."""
+        entry = self.manifest.graphs[graph]
+        for kind, actual, expected in (("input", sess.get_inputs(), entry.inputs),
+                                       ("output", sess.get_outputs(), entry.outputs)):
+            got = [(a.name, a.type) for a in actual]
+            want = [(e.name, ORT_TYPES.get(e.dtype, e.dtype)) for e in expected]
+            if got != want:
+                raise ManifestError(f"{entry.file}: {kind}s {got} do not match the manifest {want}; "
+                                    "the graph was replaced or the manifest edited: re-export")
+            for a, e in zip(actual, expected):
+                static = [(i, d) for i, d in enumerate(e.shape) if isinstance(d, int)]
+                if len(a.shape) != len(e.shape) or any(a.shape[i] != d for i, d in static):
+                    raise ManifestError(f"{entry.file}: {kind} {a.name} has shape {a.shape}, manifest says {e.shape}")
+        want_state = [PRESENT + n for n in self.state_names]
+        if [o.name for o in entry.outputs[1:]] != want_state:
+            raise ManifestError(f"{entry.file}: state outputs do not follow the manifest's state list")
+
+    # ------------------------------------------------------------------ input checks
+    def _ids(self, ids, what: str, ndim: int) -> np.ndarray:
+        t = torch.as_tensor(ids)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise InputError(f"{what} must be integer token ids, got dtype {t.dtype}")
+        if t.dim() != ndim:
+            raise InputError(f"{what} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+        t = t.to(torch.int64).cpu()
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.config.vocab_size):
+            bad = t[(t < 0) | (t >= self.config.vocab_size)].unique().tolist()[:5]
+            raise InputError(f"token id(s) {bad} outside the vocabulary [0, {self.config.vocab_size})")
+        return t.numpy()
+
+    def _check_batch(self, batch: int) -> None:
+        if batch < 1:
+            raise InputError("empty batch")
+        if batch > self.limits["max_batch"]:
+            raise InputError(f"batch of {batch} exceeds the export's max batch {self.limits['max_batch']} "
+                             "(re-export with a larger --max-batch)")
+
+    @property
+    def max_length(self):
+        return self.limits.get("max_length")
+
+    # ------------------------------------------------------------------ prefill / step
+    def prefill(self, input_ids, lengths=None):
+        ids = self._ids(input_ids, "input_ids", 2)
+        B, L = ids.shape
+        if L == 0:
+            raise InputError("empty prompt: give at least one token")
+        self._check_batch(B)
+        if self.max_length is not None and L > self.max_length:
+            raise InputError(f"prompt of {L} tokens is longer than the attention KV cache ({self.max_length} slots)")
+        if lengths is None:
+            lens = np.full((B,), L, dtype=np.int64)
+        else:
+            lt = torch.as_tensor(lengths)
+            if lt.is_floating_point() or tuple(lt.shape) != (B,):
+                raise InputError(f"lengths must be {B} integers (one per row), got {tuple(lt.shape)} {lt.dtype}")
+            lens = lt.to(torch.int64).cpu().numpy()
+            if lens.min() < 1 or lens.max() > L:
+                raise InputError(f"prompt lengths must be in [1, {L}], got {lens.tolist()}")
+        sess = self.sessions["prefill"]
+        io = sess.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        io.bind_cpu_input("lengths", lens)
+        io.bind_output("logits", "cpu")
+        targets = self._graph_buffers(B, 0) if self.cuda_graph else None
+        for n in self.state_names:
+            if targets is not None:
+                io.bind_ortvalue_output(PRESENT + n, targets[n])
+            else:
+                io.bind_output(PRESENT + n, self._device, self.device_id)
+        self._run(sess, io)
+        outs = io.get_outputs()
+        logits = torch.from_numpy(outs[0].numpy())
+        values = dict(zip(self.state_names, outs[1:]))
+        slot = self._advance_epoch(B, 0) if self.cuda_graph else None
+        return logits, OrtState(values, B, int(L), self.id, slot)
+
+    def step(self, token_ids, state: OrtState):
+        self._check_state(state)
+        t = torch.as_tensor(token_ids)
+        tok = self._ids(t.reshape(-1) if t.dim() == 2 and t.shape[1] == 1 else t, "token_ids", 1)
+        if tok.shape[0] != state.batch:
+            raise InputError(f"token_ids has {tok.shape[0]} rows but the state holds a batch of {state.batch}")
+        if self.max_length is not None and state.tokens >= self.max_length:
+            raise InputError(f"sequence reached the attention KV cache length ({self.max_length})")
+        if self.cuda_graph:
+            return self._step_graph(tok, state)
+        sess = self.sessions["decode"]
+        io = sess.io_binding()
+        io.bind_cpu_input("input_ids", tok.reshape(-1, 1))
+        for n in self.state_names:
+            io.bind_ortvalue_input(PAST + n, state.values[n])
+        io.bind_output("logits", "cpu")
+        for n in self.state_names:
+            io.bind_output(PRESENT + n, self._device, self.device_id)
+        self._run(sess, io)
+        outs = io.get_outputs()
+        return (torch.from_numpy(outs[0].numpy()),
+                OrtState(dict(zip(self.state_names, outs[1:])), state.batch, state.tokens + 1, self.id))
+
+    def _run(self, sess, io, run_options=None) -> None:
+        try:
+            sess.run_with_iobinding(io, run_options)
+        except Exception as exc:  # ORT's own exception types; surface as one line naming the graph
+            graph = "prefill" if sess is self.sessions["prefill"] else "decode"
+            raise MambaDeployError(f"ONNX Runtime failed running {graph} ({self.directory}): {exc}") from exc
+
+    def _check_state(self, state) -> None:
+        if not isinstance(state, OrtState) or state.owner != self.id:
+            raise InputError("state must come from this runner's prefill/step")
+        if state.slot is not None:
+            batch, which, epoch = state.slot
+            if self._epochs.get((batch, which)) != epoch:
+                raise InputError("stale state: in CUDA-graph mode a state is valid only until the step after next")
+
+    # ------------------------------------------------------------------ CUDA graph mode
+    def _graph_buffers(self, batch: int, which: int) -> dict:
+        """Preallocated device buffers for (batch, buffer set 0/1): input ids, logits and both state sets."""
+        if batch not in self._graph_sets:
+            ort = _ort()
+
+            def alloc(shape, dtype):
+                return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self.device_id)
+
+            sets = []
+            for _ in range(2):
+                sets.append({s.name: alloc([batch if d == "batch" else d for d in s.shape], _np_dtype(s.dtype))
+                             for s in self.manifest.state})
+            self._graph_sets[batch] = {
+                "states": sets,
+                "ids": alloc([batch, 1], np.int64),
+                "logits": alloc([batch, self.config.vocab_size], np.float32),
+            }
+        return self._graph_sets[batch]["states"][which]
+
+    def _advance_epoch(self, batch, which):
+        key = (batch, which)
+        self._epochs[key] = self._epochs.get(key, 0) + 1
+        return (batch, which, self._epochs[key])
+
+    def _step_graph(self, tok: np.ndarray, state: OrtState):
+        ort = _ort()
+        B = state.batch
+        src = state.slot[1]
+        dst = 1 - src
+        bufs = self._graph_sets[B]
+        bufs["ids"].update_inplace(tok.reshape(B, 1))
+        sess = self.sessions["decode"]
+        io = sess.io_binding()
+        io.bind_ortvalue_input("input_ids", bufs["ids"])
+        for n in self.state_names:
+            io.bind_ortvalue_input(PAST + n, bufs["states"][src][n])
+        io.bind_ortvalue_output("logits", bufs["logits"])
+        for n in self.state_names:
+            io.bind_ortvalue_output(PRESENT + n, bufs["states"][dst][n])
+        opts = ort.RunOptions()
+        # one captured graph per (batch size, direction of the ping-pong): ids must be positive
+        opts.add_run_config_entry("gpu_graph_id", str(1 + 2 * (B - 1) + dst))
+        self._run(sess, io, opts)
+        logits = torch.from_numpy(bufs["logits"].numpy())
+        return logits, OrtState(dict(bufs["states"][dst]), B, state.tokens + 1, self.id, self._advance_epoch(B, dst))
+
+    # ------------------------------------------------------------------ the rest of the Runner interface
+    def state_to_torch(self, state: OrtState) -> dict:
+        self._check_state(state)
+        return {n: _to_torch(v) for n, v in state.values.items()}
+
+    def synchronize(self) -> None:
+        """IO-bound runs return when their outputs are ready (logits come back to the host every step)."""
+
+    def describe(self) -> dict:
+        ort = _ort()
+        m = self.manifest
+        gpu = None
+        if self.provider == "cuda" and torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(self.device_id)
+        return {"backend": f"ort-{self.provider}", "provider": PROVIDERS[self.provider],
+                "device": f"cuda:{self.device_id}" if self.provider == "cuda" else "cpu", "dtype": m.dtype,
+                "ops": m.ops, "opset": m.opset, "cuda_graph": self.cuda_graph, "export_dir": str(self.directory),
+                "onnxruntime": ort.__version__, "mambadeploy": __version__, "gpu": gpu}
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        raise MambaDeployError("CUDA-graph buffers for bf16 states are not supported (numpy has no bfloat16)")
+    return {"float32": np.float32, "float16": np.float16, "int64": np.int64}[name]
+
+
+def _to_torch(value) -> torch.Tensor:
+    if value.data_type() == "tensor(bfloat16)":
+        # numpy has no bf16: reinterpret the raw 16-bit words
+        raw = value.numpy()
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(value.numpy())
