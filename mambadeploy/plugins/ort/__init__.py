@@ -1,0 +1,1 @@
+"""ONNX Runtime custom-op library (C++ sources + build helper) for the mambadeploy ops."""

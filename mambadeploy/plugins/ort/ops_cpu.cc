@@ -1,0 +1,238 @@
+// ONNX Runtime CPU kernels for the mambadeploy custom ops (domain "mambadeploy"): SelectiveScan, CausalConv1d,
+// TopKExpertGather — the same math as mambadeploy/models/ref_ops.py (fp32 inputs, fp32 accumulation). Loaded with
+// SessionOptions.register_custom_ops_library; built by mambadeploy/plugins/ort/build.py against ORT's C API headers
+// (API version 21, accepted by onnxruntime 1.21 and later).
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr const char* kDomain = "mambadeploy";
+
+// --- small helpers ------------------------------------------------------------------------------------------------
+struct In {
+  const float* data = nullptr;  // nullptr: optional input left out
+  std::vector<int64_t> shape;
+};
+
+In input(Ort::KernelContext& ctx, size_t i) {
+  In in;
+  if (i >= ctx.GetInputCount()) return in;
+  Ort::ConstValue v = ctx.GetInput(i);
+  if (!static_cast<const OrtValue*>(v)) return in;
+  in.shape = v.GetTensorTypeAndShapeInfo().GetShape();
+  in.data = v.GetTensorData<float>();
+  return in;
+}
+
+const int64_t* input_i64(Ort::KernelContext& ctx, size_t i, std::vector<int64_t>& shape) {
+  Ort::ConstValue v = ctx.GetInput(i);
+  shape = v.GetTensorTypeAndShapeInfo().GetShape();
+  return v.GetTensorData<int64_t>();
+}
+
+int64_t attr_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;  // attribute omitted in the node: the registry default
+  }
+}
+
+void require(bool ok, const std::string& what) {
+  if (!ok) ORT_CXX_API_THROW(std::string(what), ORT_INVALID_ARGUMENT);
+}
+
+inline float softplus(float x) { return x > 20.f ? x : (x < -15.f ? std::exp(x) : std::log1p(std::exp(x))); }
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+inline float activate(float x, int64_t code) {
+  if (code == 0) return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));  // exact GELU
+  if (code == 1) return silu(x);
+  const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);        // tanh GELU
+  return 0.5f * x * (1.f + std::tanh(inner));
+}
+
+// --- SelectiveScan -------------------------------------------------------------------------------------------------
+// u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L); D, delta_bias: (d); initial_state: (b, d, N) -> y, last_state
+struct ScanKernel {
+  int64_t softplus_;
+  explicit ScanKernel(const OrtKernelInfo* info) : softplus_(attr_or(info, "delta_softplus", 1)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
+    In D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7), h0 = input(ctx, 8);
+    require(u.shape.size() == 3 && A.shape.size() == 2, "SelectiveScan: u must be (b, d, L), A (d, N)");
+    const int64_t b = u.shape[0], d = u.shape[1], L = u.shape[2], N = A.shape[1];
+    require(dt.shape == u.shape && A.shape[0] == d, "SelectiveScan: delta/A do not match u");
+    require(B.shape == std::vector<int64_t>{b, N, L} && C.shape == B.shape, "SelectiveScan: B/C must be (b, N, L)");
+    require(!z.data || z.shape == u.shape, "SelectiveScan: z must match u");
+    require(!h0.data || h0.shape == std::vector<int64_t>{b, d, N}, "SelectiveScan: initial_state must be (b, d, N)");
+    float* y = ctx.GetOutput(0, u.shape).GetTensorMutableData<float>();
+    float* hl = ctx.GetOutput(1, std::vector<int64_t>{b, d, N}).GetTensorMutableData<float>();
+    std::vector<float> h(N);
+    for (int64_t bi = 0; bi < b; ++bi) {
+      for (int64_t di = 0; di < d; ++di) {
+        for (int64_t n = 0; n < N; ++n) h[n] = h0.data ? h0.data[(bi * d + di) * N + n] : 0.f;
+        const int64_t row = (bi * d + di) * L;
+        for (int64_t t = 0; t < L; ++t) {
+          float delta = dt.data[row + t] + (bias.data ? bias.data[di] : 0.f);
+          if (softplus_) delta = softplus(delta);
+          const float ut = u.data[row + t];
+          float acc = 0.f;
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t bn = (bi * N + n) * L + t;
+            h[n] = std::exp(delta * A.data[di * N + n]) * h[n] + delta * ut * B.data[bn];
+            acc += h[n] * C.data[bn];
+          }
+          if (D.data) acc += ut * D.data[di];
+          if (z.data) acc *= silu(z.data[row + t]);
+          y[row + t] = acc;
+        }
+        std::memcpy(hl + (bi * d + di) * N, h.data(), N * sizeof(float));
+      }
+    }
+  }
+};
+
+struct ScanOp : Ort::CustomOpBase<ScanOp, ScanKernel> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ScanKernel(info); }
+  const char* GetName() const { return "SelectiveScan"; }
+  size_t GetInputTypeCount() const { return 9; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return (i == 5 || i == 6 || i == 7 || i == 8) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// --- CausalConv1d ---------------------------------------------------------------------------------------------------
+// x: (b, d, L); weight: (d, K); bias: (d); initial_state: (b, d, K) = last K inputs -> y (b, d, L), final_state (b, d, K)
+struct ConvKernel {
+  int64_t activation_;
+  explicit ConvKernel(const OrtKernelInfo* info) : activation_(attr_or(info, "activation", 1)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
+    require(x.shape.size() == 3 && w.shape.size() == 2 && w.shape[0] == x.shape[1],
+            "CausalConv1d: x must be (b, d, L) and weight (d, K)");
+    const int64_t b = x.shape[0], d = x.shape[1], L = x.shape[2], K = w.shape[1];
+    require(!s0.data || s0.shape == std::vector<int64_t>{b, d, K}, "CausalConv1d: initial_state must be (b, d, K)");
+    float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
+    float* sf = ctx.GetOutput(1, std::vector<int64_t>{b, d, K}).GetTensorMutableData<float>();
+    std::vector<float> full(K + L);
+    for (int64_t bi = 0; bi < b; ++bi) {
+      for (int64_t di = 0; di < d; ++di) {
+        const int64_t row = (bi * d + di);
+        for (int64_t k = 0; k < K; ++k) full[k] = s0.data ? s0.data[row * K + k] : 0.f;
+        std::memcpy(full.data() + K, x.data + row * L, L * sizeof(float));
+        for (int64_t t = 0; t < L; ++t) {
+          float acc = bias.data ? bias.data[di] : 0.f;
+          for (int64_t k = 0; k < K; ++k) acc += w.data[di * K + k] * full[t + 1 + k];
+          y[row * L + t] = activation_ == 1 ? silu(acc) : acc;
+        }
+        std::memcpy(sf + row * K, full.data() + L, K * sizeof(float));
+      }
+    }
+  }
+};
+
+struct ConvOp : Ort::CustomOpBase<ConvOp, ConvKernel> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ConvKernel(info); }
+  const char* GetName() const { return "CausalConv1d"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// --- TopKExpertGather -----------------------------------------------------------------------------------------------
+// x: (T, d); w1: (E, 2F, d) = [gate; up]; w2: (E, d, F); experts: (T, k) int64; weights: (T, k) -> y (T, d)
+struct GatherKernel {
+  int64_t activation_;
+  explicit GatherKernel(const OrtKernelInfo* info) : activation_(attr_or(info, "activation", 0)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), w1 = input(ctx, 1), w2 = input(ctx, 2), wt = input(ctx, 4);
+    std::vector<int64_t> eshape;
+    const int64_t* experts = input_i64(ctx, 3, eshape);
+    require(x.shape.size() == 2 && w1.shape.size() == 3 && w2.shape.size() == 3, "TopKExpertGather: bad ranks");
+    const int64_t T = x.shape[0], d = x.shape[1], E = w1.shape[0], F2 = w1.shape[1], F = F2 / 2;
+    require(w1.shape[2] == d && w2.shape == std::vector<int64_t>{E, d, F} && F2 == 2 * F,
+            "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
+    require(eshape.size() == 2 && eshape[0] == T && wt.shape == eshape, "TopKExpertGather: experts/weights (T, k)");
+    const int64_t k = eshape[1];
+    float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
+    std::vector<float> h(F2), a(F);
+    for (int64_t t = 0; t < T; ++t) {
+      float* yt = y + t * d;
+      std::fill(yt, yt + d, 0.f);
+      const float* xt = x.data + t * d;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t e = experts[t * k + j];
+        require(e >= 0 && e < E, "TopKExpertGather: expert index out of range");
+        const float* W1 = w1.data + e * F2 * d;
+        const float* W2 = w2.data + e * d * F;
+        for (int64_t f = 0; f < F2; ++f) {
+          float acc = 0.f;
+          for (int64_t i = 0; i < d; ++i) acc += W1[f * d + i] * xt[i];
+          h[f] = acc;
+        }
+        for (int64_t f = 0; f < F; ++f) a[f] = activate(h[f], activation_) * h[F + f];
+        const float g = wt.data[t * k + j];
+        for (int64_t i = 0; i < d; ++i) {
+          float acc = 0.f;
+          for (int64_t f = 0; f < F; ++f) acc += W2[i * F + f] * a[f];
+          yt[i] += g * acc;
+        }
+      }
+    }
+  }
+};
+
+struct GatherOp : Ort::CustomOpBase<GatherOp, GatherKernel> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new GatherKernel(info); }
+  const char* GetName() const { return "TopKExpertGather"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+ScanOp g_scan;
+ConvOp g_conv;
+GatherOp g_gather;
+std::mutex g_mutex;
+std::vector<Ort::CustomOpDomain> g_domains;  // kept alive for the life of the process (sessions hold raw pointers)
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                         const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  try {
+    Ort::CustomOpDomain domain{kDomain};
+    domain.Add(&g_scan);
+    domain.Add(&g_conv);
+    domain.Add(&g_gather);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    std::lock_guard<std::mutex> lock(g_mutex);
+    g_domains.push_back(std::move(domain));
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}

@@ -1,0 +1,100 @@
+"""(d) The ORT custom-op library (our C++ sources, built against ORT's C API headers from Debian's libonnxruntime-dev)
+loaded with SessionOptions.register_custom_ops_library: parity with the `_ref` on CPU, awkward shapes, omitted optional
+inputs. Builds the library on first use (a few seconds; cached by source hash)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mambadeploy.errors import MambaDeployError
+from mambadeploy.opset import get_op
+from mambadeploy.validate.tolerances import assert_close_op
+
+ort = pytest.importorskip("onnxruntime")
+
+from op_graphs import single_op_model  # noqa: E402  (tests/plugins is on sys.path)
+
+
+@pytest.fixture(scope="module")
+def library():
+    from mambadeploy.plugins.ort import build
+
+    try:
+        return build.build_library()
+    except MambaDeployError as exc:  # no network to Debian and no MAMBADEPLOY_ORT_INCLUDE: say so
+        pytest.skip(f"ORT custom-op library could not be built here: {exc}")
+
+
+def _session(model, library):
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _feeds(model, dims, seed):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in model.graph.input:
+        shape = [dims[d.dim_param] if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if vi.type.tensor_type.elem_type == 7:
+            feeds[vi.name] = rng.integers(0, dims["experts"], size=shape).astype(np.int64)
+        else:
+            feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _inits(model):
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.mark.parametrize("batch,L", [(1, 1), (3, 7), (1, 33), (3, 154)])
+@pytest.mark.parametrize("omit", [(), ("D", "delta_bias", "initial_state")])
+def test_selective_scan_cpu(library, batch, L, omit):
+    model = single_op_model("SelectiveScan", dim=6, n=16, omit=omit, attrs={"delta_softplus": 1})
+    feeds = _feeds(model, {"batch": batch, "length": L}, seed=L)
+    y, h = _session(model, library).run(None, feeds)
+    t = {k: torch.from_numpy(v) for k, v in {**_inits(model), **feeds}.items()}
+    ry, rh = get_op("SelectiveScan").resolve("reference")(
+        t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t["z"], t.get("delta_bias"), True,
+        t.get("initial_state"))
+    assert_close_op(torch.from_numpy(y), ry, torch.float32, "y")
+    assert_close_op(torch.from_numpy(h), rh, torch.float32, "last_state")
+
+
+@pytest.mark.parametrize("batch,L", [(1, 1), (3, 7), (3, 154)])
+@pytest.mark.parametrize("omit", [(), ("bias", "initial_state")])
+@pytest.mark.parametrize("activation", [0, 1])
+def test_causal_conv1d_cpu(library, batch, L, omit, activation):
+    model = single_op_model("CausalConv1d", dim=33, k=4, omit=omit, attrs={"activation": activation})
+    feeds = _feeds(model, {"batch": batch, "length": L}, seed=L)
+    y, s = _session(model, library).run(None, feeds)
+    t = {k: torch.from_numpy(v) for k, v in {**_inits(model), **feeds}.items()}
+    ry, rs = get_op("CausalConv1d").resolve("reference")(t["x"], t["weight"], t.get("bias"), t.get("initial_state"),
+                                                         "silu" if activation else None)
+    assert_close_op(torch.from_numpy(y), ry, torch.float32, "y")
+    assert_close_op(torch.from_numpy(s), rs, torch.float32, "final_state")
+
+
+@pytest.mark.parametrize("tokens,top_k,activation", [(1, 1, 0), (7, 1, 1), (33, 2, 0), (5, 2, 2)])
+def test_expert_gather_cpu(library, tokens, top_k, activation):
+    model = single_op_model("TopKExpertGather", d=24, f=10, experts=3, top_k=top_k,
+                            attrs={"top_k": top_k, "activation": activation})
+    feeds = _feeds(model, {"tokens": tokens, "experts": 3}, seed=tokens)
+    (y,) = _session(model, library).run(None, feeds)
+    t = {k: torch.from_numpy(v) for k, v in {**_inits(model), **feeds}.items()}
+    names = {0: "gelu", 1: "silu", 2: "gelu_tanh"}
+    ry = get_op("TopKExpertGather").resolve("reference")(t["x"], t["w1"], t["w2"], t["experts"], t["weights"],
+                                                         names[activation])
+    assert_close_op(torch.from_numpy(y), ry, torch.float32, "y")
+
+
+def test_bad_expert_index_fails_with_a_message(library):
+    model = single_op_model("TopKExpertGather", d=8, f=5, experts=3)
+    feeds = _feeds(model, {"tokens": 4, "experts": 3}, seed=0)
+    feeds["experts"][2, 0] = 7
+    with pytest.raises(Exception, match="expert index out of range"):
+        _session(model, library).run(None, feeds)
