@@ -151,3 +151,8 @@ for _name, _emit, _portable in (("SelectiveScan", "emit_selective_scan", "expand
                                 ("TopKExpertGather", "emit_expert_gather", "expand_expert_gather")):
     link(_name, "onnx_emitter", f"mambadeploy.export.onnx_ops:{_emit}")
     link(_name, "portable", f"mambadeploy.export.portable:{_portable}")
+
+# --------------------------------------------------------------------------- links: Triton kernels (kernels/, same signature as the reference)
+link("SelectiveScan", "triton", "mambadeploy.kernels.selective_scan:selective_scan")
+link("CausalConv1d", "triton", "mambadeploy.kernels.causal_conv1d:causal_conv1d")
+link("TopKExpertGather", "triton", "mambadeploy.kernels.moe_experts:expert_gather")

@@ -12,6 +12,7 @@ from .base import Runner
 # backend name -> one-line description (validate and the CLI list these)
 BACKENDS = {
     "torch": "PyTorch eager reference (CPU or CUDA)",
+    "torch-fast": "Triton kernels, decode step in a CUDA graph (CUDA; on CPU Triton's interpreter: tiny models only)",
     "trt": "TensorRT / TensorRT-RTX engines from `mambadeploy build` (CUDA GPU; not run on these machines)",
 }
 
@@ -31,6 +32,13 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise MambaDeployError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
         return TorchEagerRunner(load_model(target, dtype=dtype, device=device))
+    if backend == "torch-fast":
+        from ..models.checkpoint import load_model
+        from .torch_fast import TorchFastRunner, check_device
+
+        check_device(device)
+        return TorchFastRunner(load_model(target, dtype=dtype, device=device),
+                               use_cuda_graph=options.get("cuda_graph", True))
     if backend == "trt":
         from .trt_runner import TrtRunner
 
