@@ -27,7 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--new-tokens", type=int, default=32, metavar="T", help="tokens generated per prompt (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--per-layer", action="store_true", help="hidden-state and state-tensor drift layer by layer")
-    p.add_argument("--ops", choices=("portable", "custom"), help="op set of the export validate makes itself")
+    p.add_argument("--ops", choices=("portable", "custom", "contrib"), help="op set of the export validate makes itself")
+    p.add_argument("--no-cache", action="store_true", help="export to a temporary directory instead of reusing / "
+                   "filling the export cache ($MAMBADEPLOY_CACHE or ~/.cache/mambadeploy)")
     p.add_argument("--prefill-repeats", type=int, default=3, metavar="R", help="prefill timings taken (median reported)")
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write the result (schema: "
                    "mambadeploy/validate/result.schema.json)")
@@ -48,7 +50,7 @@ def run(args) -> int:
         prompts_file=args.prompts_file, num_prompts=2 if args.num_prompts is None else args.num_prompts,
         prompt_len=16 if args.prompt_len is None else args.prompt_len,
         new_tokens=args.new_tokens, seed=args.seed, per_layer=args.per_layer, prefill_repeats=args.prefill_repeats,
-        ops=args.ops, progress=not args.quiet and sys.stderr.isatty(),
+        ops=args.ops, use_cache=not args.no_cache, progress=not args.quiet and sys.stderr.isatty(),
     )
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_validation(opts, log=log)

@@ -1,5 +1,6 @@
 """The export directories the ONNX backends run: the one the user gave (--export DIR, checked against MODEL before any
-work), or ones validate makes itself, one per dtype, in a temporary directory."""
+work), or ones validate makes itself, one per dtype: in the export cache (export_cache.py), or with --no-cache in a
+temporary directory."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from ..errors import InputError
 from ..models.config import ModelConfig
 from .backends import dtype_name
 
+EXPORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # manifest spelling -> validate's
+
 
 class Exports:
-    def __init__(self, target: str, model, given: str | None, ops: str | None):
-        self.target, self.model, self.ops = target, model, ops
+    def __init__(self, target: str, model, given: str | None, ops: str | None, use_cache: bool = True):
+        self.target, self.model, self.ops, self.use_cache = target, model, ops, use_cache
         self.given = Path(given) if given else None
         self.temp_root: Path | None = None
-        self.made: dict[str, Path] = {}  # dtype name -> directory validate exported into
+        self.made: dict[tuple, Path] = {}  # (dtype name, op set) -> directory validate exported into
         self.export_s: dict[str, float] = {}
+        self.reused: list[str] = []  # cache entries used as they were
 
     # ------------------------------------------------------------------ the user's directory
     def manifest(self, directory: Path) -> dict:
@@ -33,8 +37,8 @@ class Exports:
             raise InputError(f"{path}: not valid JSON ({exc})") from exc
 
     def check_given(self) -> None:
-        """Refuse an export of another model: its manifest's config must equal MODEL's, and where both sides have a
-        weight fingerprint, those must be equal too."""
+        """Refuse an export of another model: its manifest's config must equal MODEL's, and its weights must come from
+        the same place (see _check_same_weights)."""
         manifest = self.manifest(self.given)
         check_same_model(manifest, self.model, self.given, self.target)
 
@@ -46,36 +50,61 @@ class Exports:
             if not self.given.exists():
                 self._export(self.given, req.dtype)
             manifest = self.manifest(self.given)
-            have = manifest.get("dtype")
+            have = EXPORT_DTYPES.get(manifest.get("dtype"), manifest.get("dtype"))
             if req.dtype_given and have and have != dtype_name(req.dtype):
                 raise InputError(f"export {self.given} holds {have} graphs but {req.label} asks for "
                                  f"{dtype_name(req.dtype)}; export again with --dtype {dtype_name(req.dtype)}")
             return self.given
         name = dtype_name(req.dtype)
-        if name not in self.made:
-            self.made[name] = self._export(self.temp_root / name, req.dtype)
-        return self.made[name]
+        made = [path for (dt, _), path in self.made.items() if dt == name]
+        return made[0] if made else self._export(self.temp_root / name, req.dtype)
 
-    def reference_export(self) -> Path:
-        """An fp32 export of MODEL (per-layer ONNX comparisons run against it)."""
-        if "fp32" not in self.made:
-            self.made["fp32"] = self._export(self.temp_root / "fp32", torch.float32)
-        return self.made["fp32"]
+    def dtype_of(self, directory: Path) -> str:
+        """The export's dtype as fp32 / fp16 / bf16."""
+        have = self.manifest(directory).get("dtype")
+        return EXPORT_DTYPES.get(have, have)
 
-    def _export(self, out: Path, dtype: torch.dtype) -> Path:
+    def reference_export(self, ops: str | None) -> Path:
+        """An fp32 export of MODEL with the given op set (per-layer ONNX comparisons run against it): one made here
+        already, or a new one."""
+        for (dt, made_ops), path in self.made.items():
+            if dt == "fp32" and (ops is None or made_ops == ops):
+                return path
+        return self._export(self.temp_root / f"fp32-reference-{ops or 'default'}", torch.float32, ops)
+
+    def _export(self, out: Path, dtype: torch.dtype, ops: str | None = None) -> Path:
+        """Export MODEL in `dtype`, or reuse the cached export of exactly this (outside an explicit --export DIR).
+        The exporter traces a CPU model of that dtype (built again from the target, so a reference held on a GPU stays
+        where it is)."""
         import time
 
-        from ..export import export_model
+        from ..export.exporter import export_model
+        from ..models.checkpoint import load_model
+        from .export_cache import entry_for
 
+        ops = ops or self.ops
+        if self.use_cache and out != self.given:
+            cached = entry_for(self.model, dtype_name(dtype), ops)
+            if cached is not None:
+                out = cached
+                if (out / "manifest.json").is_file():
+                    self.made[(dtype_name(dtype), self.manifest(out).get("ops"))] = out
+                    self.reused.append(str(out))
+                    return out
         t0 = time.perf_counter()
-        kwargs = {"ops": self.ops} if self.ops else {}
-        export_model(self.model, out, dtype=dtype_name(dtype), **kwargs)
-        self.export_s[dtype_name(dtype)] = time.perf_counter() - t0
+        model = self.model if (self.model.device.type == "cpu" and self.model.dtype == dtype) else \
+            load_model(self.target, dtype=dtype_name(dtype), device="cpu")
+        # force: replaces only a half-made cache entry (export_model refuses to touch anything but an export)
+        manifest = export_model(model, out, force=out != self.given, **({"ops": ops} if ops else {}))
+        del model
+        self.made[(dtype_name(dtype), manifest.ops)] = out
+        self.export_s[out.name] = round(time.perf_counter() - t0, 2)
         return out
 
     def describe(self) -> dict:
         return {"given": str(self.given) if self.given else None,
-                "made_by_validate": sorted(self.made), "export_s": self.export_s}
+                "made_by_validate": sorted(f"{dt}/{ops}" for dt, ops in self.made), "export_s": self.export_s,
+                "reused_from_cache": self.reused}
 
 
 def check_same_model(manifest: dict, model, directory, target) -> None:
@@ -91,20 +120,48 @@ def check_same_model(manifest: dict, model, directory, target) -> None:
     if keys:
         diffs = ", ".join(f"{k} ({_short(theirs_cfg.get(k))} there, {_short(ours[k])} in {target})" for k in keys[:4])
         raise InputError(f"export directory {directory} was made from another model than {target}: {diffs}")
-    fingerprint = manifest.get("fingerprint") or manifest.get("checkpoint_fingerprint")
-    mine = model_fingerprint(model)
-    if fingerprint and mine and fingerprint != mine:
-        raise InputError(f"export directory {directory} was made from other weights than {target} (manifest "
-                         f"fingerprint {str(fingerprint)[:16]}..., {target} has {mine[:16]}...)")
+    _check_same_weights(manifest, model, Path(directory), target)
 
 
-def model_fingerprint(model) -> str | None:
-    """The exporter's weight fingerprint of MODEL, when the exporter defines one."""
-    try:
-        from ..export import fingerprint
-    except ImportError:
+def _check_same_weights(manifest: dict, model, directory: Path, target) -> None:
+    """Same config is not same model: compare where the weights came from (two presets: name and seed) and the
+    embedding matrix itself (its first rows, in the export's dtype) with the prefill graph's initializer. One weight
+    deep inside differing is a corrupted export, not another model: that is for the numerics to find."""
+    theirs = (manifest.get("checkpoint") or {}).get("source") or {}
+    ours = getattr(model, "source", None) or {}
+    if theirs.get("kind") == ours.get("kind") == "preset" and \
+            (theirs.get("name"), theirs.get("seed")) != (ours.get("name"), ours.get("seed")):
+        raise InputError(f"export directory {directory} was made from preset {theirs.get('name')} (seed "
+                         f"{theirs.get('seed')}), not from {target} (seed {ours.get('seed')})")
+    emb = _initializer(manifest, directory, "model.embedding.weight")
+    if emb is None:
+        return
+    mine = model.embedding.weight.detach()[: emb.shape[0]].float().cpu()
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(manifest.get("dtype"), torch.float32)
+    mine = mine.to(dtype).float()
+    if emb.shape != mine.shape or not torch.allclose(emb, mine, rtol=1e-2, atol=1e-3):
+        raise InputError(f"export directory {directory} was made from other weights than {target}: the embedding "
+                         "matrices differ")
+
+
+def _initializer(manifest: dict, directory: Path, name: str, rows: int = 64) -> torch.Tensor | None:
+    """The first `rows` rows of one initializer of the prefill graph as an fp32 tensor, or None when absent (read
+    without loading the other weights)."""
+    import onnx
+    from onnx import external_data_helper, numpy_helper
+
+    entry = (manifest.get("graphs") or {}).get("prefill") or {}
+    path = directory / entry.get("file", "prefill.onnx")
+    if not path.is_file():
         return None
-    return fingerprint(model)
+    proto = onnx.load(str(path), load_external_data=False)
+    for init in proto.graph.initializer:
+        if init.name == name:
+            if external_data_helper.uses_external_data(init):
+                external_data_helper.load_external_data_for_tensor(init, str(directory))
+            array = numpy_helper.to_array(init)
+            return torch.from_numpy(array[:rows].astype("float32"))
+    return None
 
 
 def _short(value) -> str:

@@ -19,7 +19,7 @@ from ..errors import InputError, MambaDeployError
 from ..models.checkpoint import load_model
 from ..runtime.torch_eager import TorchEagerRunner
 from . import artifacts, per_layer, tolerances
-from .backends import BackendRequest, default_device, dtype_name, parse_backends, unavailable_reason
+from .backends import ONNX_BACKENDS, BackendRequest, default_device, dtype_name, parse_backends, unavailable_reason
 from .latency import DeviceMemory, decode_bytes_per_step, latency_summary, roofline
 from .parity import ReferenceTrace, free_greedy, teacher_forced, trace_reference
 from .prompts import load_prompts, random_prompts
@@ -42,6 +42,7 @@ class ValidateOptions:
     per_layer: bool = False
     prefill_repeats: int = 3
     ops: str | None = None  # export op set for the export validate makes itself (None = the exporter's default)
+    use_cache: bool = True  # reuse validate's own earlier exports of the same model (export_cache.py)
     progress: bool = False
 
 
@@ -62,9 +63,15 @@ def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
     log(f"loading {opts.model} (fp32 reference on {device})")
     model = load_model(opts.model, dtype="fp32", device=device)
     config = model.config
-    exports = artifacts.Exports(opts.model, model, opts.export_dir, opts.ops)
+    exports = artifacts.Exports(opts.model, model, opts.export_dir, opts.ops, opts.use_cache)
     if opts.export_dir and Path(opts.export_dir).exists():
         exports.check_given()  # an export of another model fails here, before any work
+        # ONNX backends named without a dtype run the given export in its own dtype
+        have = _parse(exports.dtype_of(Path(opts.export_dir)))
+        runnable = [(BackendRequest(r.name, have, False) if r.name in ONNX_BACKENDS and not r.dtype_given else r, why)
+                    for r, why in runnable]
+        requests = [BackendRequest(r.name, have, False) if r.name in ONNX_BACKENDS and not r.dtype_given else r
+                    for r in requests]
     prompts = (load_prompts(opts.prompts_file, config.vocab_size) if opts.prompts_file
                else random_prompts(config.vocab_size, opts.num_prompts, opts.prompt_len, opts.seed))
     longest = max(len(p) for p in prompts)
@@ -217,17 +224,36 @@ def _per_layer(req, runner, model, trace, tf, ref_stream, exports) -> dict:
         rows += per_layer.drift_rows(stream, ref_stream, "prefill", "hidden", bound)
         methods.append("torch forward hooks (residual stream at every norm input)")
     elif req.name in ("ort-cpu", "ort-cuda"):
-        from .onnx_layers import onnx_layer_drift
-
-        onnx_rows, note = onnx_layer_drift(exports, req, trace, bound)
+        onnx_rows, note = _onnx_per_layer(req, model, trace, exports, bound)
         rows += onnx_rows
-        methods.append("polygraphy: every intermediate ONNX tensor against a fresh fp32 export run by ONNX Runtime CPU")
+        if onnx_rows:
+            methods.append("polygraphy: every intermediate tensor of prefill.onnx against an fp32 export of MODEL "
+                           "run by ONNX Runtime CPU")
         if note:
             notes.append(note)
     for phase in ("prefill", "final"):
         rows += per_layer.drift_rows(tf["states"].get(phase, {}), trace.states.get(phase, {}), phase, "state", bound)
     methods.append("state tensors after prefill and after the last decode step")
     return per_layer.summarise(rows, model.config, req.dtype, methods, notes)
+
+
+def _onnx_per_layer(req, model, trace, exports, bound) -> tuple[list, str | None]:
+    from . import onnx_layers
+
+    cand_dir = exports.get(req)
+    ops = exports.manifest(cand_dir).get("ops")
+    ref_dir = exports.reference_export(ops)
+    cand_path, ref_path = cand_dir / "prefill.onnx", ref_dir / "prefill.onnx"
+    if onnx_layers.uses_custom_domain(cand_path):
+        return [], ("per-layer ONNX comparison runs graphs in standard ops only; this export uses custom ops "
+                    f"({ops}): only the state tensors are compared")
+    provider = "cuda" if req.name == "ort-cuda" else "cpu"
+    if cand_dir == ref_dir and provider == "cpu":
+        return [], ("the export under test is the fp32 reference export run on the same provider: intermediate "
+                    "tensors are identical by construction; only the state tensors are compared")
+    feed = {"input_ids": trace.ids.numpy(), "lengths": trace.lengths.numpy()}
+    return onnx_layers.compare_graphs(ref_path, cand_path, feed, model.config.n_layers, bound,
+                                      onnx_layers.ort_session_factory(provider), onnx_layers.ort_session_factory("cpu"))
 
 
 def _entry(req: BackendRequest, status: str) -> dict:

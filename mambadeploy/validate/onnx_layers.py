@@ -122,3 +122,27 @@ def _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, CompareFunc, ref_pat
                      "max_rel": min(max_abs / scale, 1e30), "mean_abs": float(np.nan_to_num(diff.mean(), nan=1e30)),
                      "ok": bool(verdicts[name]), "op": op})
     return rows, None
+
+
+def ort_session_factory(provider: str):
+    """path -> onnxruntime.InferenceSession on 'cpu' or 'cuda' (fp32 MatMuls without TF32, so an fp32 comparison
+    measures the graph, not TF32 rounding), with ONNX Runtime's own warnings silenced."""
+    ort = lazy_import("onnxruntime", extra="onnx", why="per-layer drift of ONNX graphs")
+
+    def make(path):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        if provider == "cuda":
+            providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+        return ort.InferenceSession(str(path), so, providers=providers)
+
+    return make
+
+
+def uses_custom_domain(path: Path) -> bool:
+    import onnx
+
+    from .. import opset
+
+    return any(o.domain == opset.DOMAIN for o in onnx.load(str(path), load_external_data=False).opset_import)
