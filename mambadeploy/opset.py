@@ -152,6 +152,12 @@ for _name, _emit, _portable in (("SelectiveScan", "emit_selective_scan", "expand
     link(_name, "onnx_emitter", f"mambadeploy.export.onnx_ops:{_emit}")
     link(_name, "portable", f"mambadeploy.export.portable:{_portable}")
 
+# --------------------------------------------------------------------------- links: plugins (ORT library, TensorRT plugin)
+for _name in ("SelectiveScan", "CausalConv1d", "TopKExpertGather"):
+    link(_name, "ort", "mambadeploy.plugins.ort.build:register")  # one library holds all three CPU kernels
+    link(_name, "trt", "mambadeploy.plugins.trt_v3:plugin_classes")  # IPluginV3 (TensorRT-RTX and TensorRT 10)
+    link(_name, "trt_qdp", "mambadeploy.plugins.trt_qdp:register_qdp")  # tensorrt.plugin + aot_impl (full TensorRT)
+
 # --------------------------------------------------------------------------- links: Triton kernels (kernels/, same signature as the reference)
 link("SelectiveScan", "triton", "mambadeploy.kernels.selective_scan:selective_scan")
 link("CausalConv1d", "triton", "mambadeploy.kernels.causal_conv1d:causal_conv1d")

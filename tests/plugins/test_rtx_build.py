@@ -117,3 +117,15 @@ def test_build_command_caches_detects_corruption_and_refuses_bad_versions(tmp_pa
         tb.build_engines(export, out, target="rtx", precision="fp16", progress=lambda m: None)
     with pytest.raises(MambaDeployError, match="not an export directory"):
         tb.build_engines(tmp_path / "nowhere", out, target="rtx")
+
+
+@pytest.mark.slow
+def test_real_custom_op_export_builds(tmp_path, tiny):
+    """spine2's exporter, --ops custom, blackmamba-tiny: prefill (with our plugin nodes) and decode plans build."""
+    export_model = pytest.importorskip("mambadeploy.export.exporter").export_model
+    export_model(tiny("blackmamba-tiny"), tmp_path / "export", ops="custom")
+    manifest = tb.build_engines(tmp_path / "export", tmp_path / "engines", target="rtx", max_batch=2, max_prompt=32,
+                                progress=print)
+    prefill = manifest["engines"]["prefill"]
+    assert set(prefill["custom_ops"]) == {"SelectiveScan", "CausalConv1d", "TopKExpertGather"}
+    assert prefill["layers"]["PLUGIN_V3"] >= 3 and manifest["engines"]["decode"]["bytes"] > 0
