@@ -34,7 +34,8 @@ def preset(request) -> str:
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
+@pytest.fixture
+def no_grad():
+    """Inference tests: `pytestmark = pytest.mark.usefixtures("no_grad")` (not autouse: other tests may need grad)."""
     with torch.no_grad():
         yield

@@ -11,6 +11,8 @@ from mambadeploy.models.loaders.blackmamba import save_blackmamba
 from mambadeploy.runtime.generate import generate
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 
 def _run(capsys, *argv):
     code = main(list(argv))

@@ -12,6 +12,8 @@ from mambadeploy.models.checkpoint import empty_model
 from mambadeploy.models.loaders.blackmamba import config_from_json, save_blackmamba
 from mambadeploy.models.model import init_random_
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 RELEASED_LAYER_KEYS = {  # FACTS.md, for a Mamba layer (0) and an MoE layer (1) of blackmamba-tiny (4 experts)
     *(f"decoder.layers.0.mixer.{k}" for k in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight",
                                               "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight")),

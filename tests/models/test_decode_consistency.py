@@ -1,9 +1,12 @@
 """Stateful consistency (state-spaces/mamba#683 is this bug elsewhere): prefill + step-by-step decode must reproduce the
 full-sequence logits for hundreds of tokens, and end in the same state."""
 
+import pytest
 import torch
 
 from mambadeploy.validate.tolerances import assert_close_op, assert_logits_close
+
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 PROMPT, STEPS = 8, 260
 

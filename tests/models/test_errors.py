@@ -13,6 +13,8 @@ from mambadeploy.models.loaders.blackmamba import save_blackmamba
 from mambadeploy.runtime.generate import generate
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 
 @pytest.fixture
 def blackmamba_dir(tiny, tmp_path):

@@ -14,6 +14,8 @@ from mambadeploy.runtime.generate import generate
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
 from mambadeploy.validate.tolerances import assert_logits_close
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 99

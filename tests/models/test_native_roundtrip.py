@@ -5,6 +5,8 @@ import torch
 
 from mambadeploy import load_model, save_model
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_round_trip_is_bit_exact(tiny, preset, dtype, tmp_path):

@@ -8,6 +8,8 @@ from mambadeploy.models.layers import MoE
 from mambadeploy.models.oracle import model_oracle, moe_oracle
 from mambadeploy.validate.tolerances import assert_close_op, assert_logits_close
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 # preset -> its router kind: sigmoid top-1 (BlackMamba), softmax top-1 (MoE-Mamba), softmax top-2 (Jamba)
 ROUTERS = {"blackmamba-tiny": ("sigmoid_top1", 1), "moe-mamba-tiny": ("softmax_topk", 1), "jamba-tiny": ("softmax_topk", 2)}
 

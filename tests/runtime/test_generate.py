@@ -8,6 +8,8 @@ from mambadeploy.errors import InputError
 from mambadeploy.runtime.generate import generate, pad_prompts
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 NEW = 24
 
 

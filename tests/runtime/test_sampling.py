@@ -8,6 +8,8 @@ from mambadeploy.runtime.generate import generate
 from mambadeploy.runtime.sampling import Sampler, SamplingConfig
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
 
+pytestmark = pytest.mark.usefixtures("no_grad")
+
 DRAWS = 4000
 
 
