@@ -1,10 +1,11 @@
 """Shared pieces of the Triton kernels: launch arithmetic (plain functions of shapes, so an ahead-of-time compile can
 reproduce every launch) and the small device functions (softplus, activations, reductions).
 
-The kernels use Triton *builtins* only (tl.reduce, tl.associative_scan, tl.full, tl.exp, ...) plus the helpers below,
-never the standard library's own @jit helpers (tl.sum, tl.max, tl.argmax, tl.sigmoid, tl.zeros, tl.cumsum, ...): those are
-decorated when triton is imported, so in a process that imported triton without TRITON_INTERPRET=1 they cannot run in the
-interpreted twin of these kernels (see interpret.py). On a GPU the helpers compile to exactly what tl.sum etc. compile to.
+The kernels use Triton *builtins* only (tl.reduce, tl.associative_scan, tl.full, tl.exp, ...) plus the helpers
+below, never the standard library's own @jit helpers (tl.sum, tl.max, tl.argmax, tl.sigmoid, tl.zeros, tl.cumsum, ...):
+those are decorated when triton is imported, so in a process that imported triton without TRITON_INTERPRET=1 they
+cannot run in the interpreted twin of these kernels (see interpret.py). On a GPU the helpers compile to what tl.sum etc.
+compile to.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def softplus(x):
-    # log(1 + e^x), with the two tails taken exactly enough for fp32: x for x > 20, e^x for x < -15 (also maps -inf to 0).
+    # log(1 + e^x), its two tails taken exactly enough for fp32: x for x > 20, e^x for x < -15 (which maps -inf to 0)
     return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
 
 

@@ -1,9 +1,10 @@
 """Run the Triton kernels on CPU tensors through Triton's interpreter, without changing them for anyone else.
 
-Triton (3.6 .. 3.9) reads TRITON_INTERPRET when `@triton.jit` *decorates* a function, i.e. when a kernel module is imported:
-with it set, the module-level kernels become interpreter objects for the whole process, and the ahead-of-time compile of
-the same kernels for the TensorRT plugins (issue 7) would break if it ran in the same process. So the module-level kernels
-stay JITFunctions, and CPU tensors are run through a *twin* of this package: the same source files executed once more,
+Triton (3.6 .. 3.9) reads TRITON_INTERPRET when `@triton.jit` *decorates* a function, i.e. when a kernel module is
+imported: with it set, the module-level kernels become interpreter objects for the whole process, and the ahead-of-time
+compile of the same kernels for the TensorRT plugins (issue 7) would break if it ran in the same process. So the
+module-level kernels stay JITFunctions, and CPU tensors run through a *twin* of this package: the same source files
+executed once more,
 under the name `mambadeploy.kernels._interpreted.<module>`, with TRITON_INTERPRET=1 set while they are imported (their
 relative imports resolve inside the twin, so helper @triton.jit functions are interpreted too).
 

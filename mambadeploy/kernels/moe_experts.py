@@ -2,9 +2,9 @@
 
 w1 (E, 2F, d) = per expert [gate; up], w2 (E, d, F). A "pair" p = token * k + slot is one (token, chosen expert).
 Two launches per MoE layer cover all experts, and only the chosen experts' weights are read:
-  fc1: h[p] = act(x[tok] @ w1[e, :F].T) * (x[tok] @ w1[e, F:].T)        (P, F) in x.dtype
-  fc2: y[tok] (+)= weight[p] * (h[p] @ w2[e].T)                          top-1: straight into (T, d); top-k: (P, d) fp32,
-                                                                          then summed over the k slots
+  fc1: h[p] = act(x[tok] @ w1[e, :F].T) * (x[tok] @ w1[e, F:].T)   -> (P, F) in x.dtype
+  fc2: y[tok] (+)= weight[p] * (h[p] @ w2[e].T)                     -> top-1: straight into (T, d);
+                                                                       top-k: (P, d) fp32, then summed over the k slots
 Two shapes of launch, chosen from shapes alone (`launch_config`):
 - GEMV (few pairs, decode): grid (P, N blocks), the pair index fastest so that programs reading the same expert rows
   run together (duplicates hit L2). Each program reads its pair's expert rows; at batch 1 exactly one expert is read.
@@ -107,7 +107,8 @@ def moe_gemm_fc1_kernel(
             mk = kk < d
             a = tl.load(x_ptr + tok[:, None] * s_x_t + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
             m = mk[:, None] & mask_n[None, :]
-            wg = tl.load(w_base + offs_n[None, :] * s_w_f + kk[:, None] * s_w_d, mask=m, other=0.0)  # (BLOCK_K, BLOCK_N)
+            # weight tiles (BLOCK_K, BLOCK_N) of the expert's gate rows and up rows
+            wg = tl.load(w_base + offs_n[None, :] * s_w_f + kk[:, None] * s_w_d, mask=m, other=0.0)
             wu = tl.load(w_base + (offs_n + F)[None, :] * s_w_f + kk[:, None] * s_w_d, mask=m, other=0.0)
             if UPCAST:
                 a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
@@ -164,7 +165,8 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     P = T * k
     if P <= GEMV_MAX_PAIRS:
         if interpret:
-            n1, k1, n2, k2 = min(next_pow2(F), 128), min(next_pow2(d), 256), min(next_pow2(d), 128), min(next_pow2(F), 256)
+            n1, k1 = min(next_pow2(F), 128), min(next_pow2(d), 256)
+            n2, k2 = min(next_pow2(d), 128), min(next_pow2(F), 256)
         else:
             n1, k1, n2, k2 = 16, 256, 8, 512
         return {

@@ -1,11 +1,11 @@
 """Mamba-1 selective scan over a sequence (prefill), in Triton, beside its reference.
 
-Grid: (batch, channel blocks of BLOCK_D). Each program keeps its state h (BLOCK_D, N) in fp32 registers and walks the
-sequence in chunks of CHUNK steps. Inside a chunk the recurrence h_t = a_t * h_{t-1} + b_t (a = exp(dt * A), b = dt * u * B)
-is solved for all CHUNK steps at once by an associative scan over time on a (BLOCK_D, N, CHUNK) tile, then the carried-in
-state is applied (h_t = prod(a) * h_in + scanned b). Steps past the end and padded channels/states get a = 1, b = 0, so
-they leave h as it is. Any layout of u/delta/z/B/C is accepted through strides; y takes u's layout (token-major u, as the
-runner passes it, gives a token-major y that out_proj reads without a copy).
+Grid: (batch, channel blocks of BLOCK_D). Each program keeps its state h (BLOCK_D, N) in fp32 registers and walks
+the sequence in chunks of CHUNK steps. Inside a chunk the recurrence h_t = a_t * h_{t-1} + b_t (a = exp(dt * A),
+b = dt * u * B) is solved for all CHUNK steps at once by an associative scan over time on a (BLOCK_D, N, CHUNK) tile;
+then the carried-in state is applied (h_t = prod(a) * h_in + scanned b). Steps past the end and padded channels/states
+get a = 1, b = 0, so they leave h as it is. Any layout of u/delta/z/B/C is accepted through strides; y takes u's layout
+(token-major u, as the runner passes it, gives a token-major y that out_proj reads without a copy).
 """
 
 from __future__ import annotations
@@ -140,9 +140,10 @@ def _like_layout(u: torch.Tensor, dtype) -> torch.Tensor:
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
                    *, config: dict | None = None):
-    """Same contract as selective_scan_ref: u, delta, z: (batch, dim, L) in any layout; A: (dim, N); B, C: (batch, N, L);
-    D, delta_bias: (dim,); initial_state: (batch, dim, N) or None. Returns (y (batch, dim, L) in u.dtype,
-    last_state (batch, dim, N) fp32). `config` overrides launch_config (benchmark sweeps)."""
+    """Same contract as selective_scan_ref: u, delta, z: (batch, dim, L) in any layout; A: (dim, N);
+    B, C: (batch, N, L); D, delta_bias: (dim,); initial_state: (batch, dim, N) or None.
+    Returns (y (batch, dim, L) in u.dtype, last_state (batch, dim, N) fp32).
+    `config` overrides launch_config (benchmark sweeps)."""
     batch, dim, L = u.shape
     d_state = A.shape[1]
     if delta.shape != u.shape or (z is not None and z.shape != u.shape):

@@ -88,7 +88,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         raise ValueError(f"selective_state_update: x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)} do not "
                          f"fit state {tuple(state.shape)}")
     if B.shape != (batch, d_state) or C.shape != (batch, d_state):
-        raise ValueError(f"selective_state_update: B {tuple(B.shape)} / C {tuple(C.shape)} must be ({batch}, {d_state})")
+        raise ValueError(f"selective_state_update: B {tuple(B.shape)} / C {tuple(C.shape)} must be "
+                         f"({batch}, {d_state})")
     y = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
     kernel = kernel_for(selective_state_update_kernel, x)
     cfg = config or launch_config((state.shape,), interpret=is_interpreted(kernel))

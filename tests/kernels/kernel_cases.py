@@ -1,5 +1,6 @@
-"""Shared helpers of the kernel parity tests: small shapes run on whatever device there is (CPU: Triton's interpreter,
-through the kernels' interpreted twin — no environment variable needed), full model shapes on a GPU only (marked gpu)."""
+"""Shared helpers of the kernel parity tests: small shapes run on whatever device there is (CPU: Triton's
+interpreter, through the kernels' interpreted twin — no environment variable needed), full model shapes on a GPU only
+(marked gpu)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,10 @@ import torch
 from kernel_cases import DTYPES, full, make_gen, randn, small
 
 from mambadeploy.kernels.causal_conv1d import (
-    causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref,
+    causal_conv1d,
+    causal_conv1d_ref,
+    causal_conv1d_update,
+    causal_conv1d_update_ref,
 )
 from mambadeploy.validate.tolerances import assert_close_op
 

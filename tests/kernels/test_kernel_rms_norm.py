@@ -9,7 +9,8 @@ from kernel_cases import DTYPES, full, make_gen, randn, small
 from mambadeploy.kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from mambadeploy.validate.tolerances import assert_close_op
 
-SHAPES = small(((1, 40),), ((3, 7, 72),), ((154, 24),)) + full(((1, 1472),), ((64, 1472),), ((2048, 1152),), ((3, 33, 2944),))
+SHAPES = small(((1, 40),), ((3, 7, 72),), ((154, 24),)) + full(
+    ((1, 1472),), ((64, 1472),), ((2048, 1152),), ((3, 33, 2944),))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DEVICE, DTYPES, full, make_gen, rand, randn, small
+from kernel_cases import DTYPES, full, make_gen, rand, randn, small
 
 from mambadeploy.kernels.selective_scan import launch_config, selective_scan, selective_scan_ref
 from mambadeploy.validate.tolerances import assert_close_op

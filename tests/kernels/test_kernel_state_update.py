@@ -6,8 +6,8 @@ import pytest
 import torch
 from kernel_cases import DTYPES, full, make_gen, rand, randn, small
 
-from mambadeploy.kernels.selective_state_update import selective_state_update, selective_state_update_ref
 from mambadeploy.kernels.selective_scan import selective_scan_ref
+from mambadeploy.kernels.selective_state_update import selective_state_update, selective_state_update_ref
 from mambadeploy.validate.tolerances import assert_close_op
 
 CASES = small((1, 40, 16), (3, 40, 16), (3, 33, 8)) + full((1, 2944, 16), (64, 2944, 16), (3, 2304, 16), (8, 2304, 16))
