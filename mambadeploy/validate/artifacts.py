@@ -1,6 +1,7 @@
 """The export directories the ONNX backends run: the one the user gave (--export DIR, checked against MODEL before any
-work), or ones validate makes itself, one per dtype: in the export cache (export_cache.py), or with --no-cache in a
-temporary directory."""
+work), or ones validate makes itself, one per dtype: through the ORT runtime's export cache (runtime/ort_runner.py
+export_for: $MAMBADEPLOY_CACHE or ~/.cache/mambadeploy, reused while the checkpoint, dtype, op set and mambadeploy
+version stay the same), or with --no-cache in a temporary directory."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ class Exports:
         self.temp_root: Path | None = None
         self.made: dict[tuple, Path] = {}  # (dtype name, op set) -> directory validate exported into
         self.export_s: dict[str, float] = {}
-        self.reused: list[str] = []  # cache entries used as they were
 
     # ------------------------------------------------------------------ the user's directory
     def manifest(self, directory: Path) -> dict:
@@ -73,29 +73,26 @@ class Exports:
         return self._export(self.temp_root / f"fp32-reference-{ops or 'default'}", torch.float32, ops)
 
     def _export(self, out: Path, dtype: torch.dtype, ops: str | None = None) -> Path:
-        """Export MODEL in `dtype`, or reuse the cached export of exactly this (outside an explicit --export DIR).
-        The exporter traces a CPU model of that dtype (built again from the target, so a reference held on a GPU stays
-        where it is)."""
+        """Export MODEL in `dtype` (through the cache unless --no-cache or --export DIR). The exporter traces a CPU
+        model of that dtype (built again from the target, so a reference held on a GPU stays where it is)."""
         import time
 
         from ..export.exporter import export_model
         from ..models.checkpoint import load_model
-        from .export_cache import entry_for
 
         ops = ops or self.ops
         if self.use_cache and out != self.given:
-            cached = entry_for(self.model, dtype_name(dtype), ops)
-            if cached is not None:
-                out = cached
-                if (out / "manifest.json").is_file():
-                    self.made[(dtype_name(dtype), self.manifest(out).get("ops"))] = out
-                    self.reused.append(str(out))
-                    return out
+            from ..runtime.ort_runner import export_for
+
+            t0 = time.perf_counter()
+            out = export_for(self.target, dtype=dtype_name(dtype), ops=ops)
+            self.made[(dtype_name(dtype), self.manifest(out).get("ops"))] = out
+            self.export_s[out.name] = round(time.perf_counter() - t0, 2)  # ~0 when the cache had it
+            return out
         t0 = time.perf_counter()
         model = self.model if (self.model.device.type == "cpu" and self.model.dtype == dtype) else \
             load_model(self.target, dtype=dtype_name(dtype), device="cpu")
-        # force: replaces only a half-made cache entry (export_model refuses to touch anything but an export)
-        manifest = export_model(model, out, force=out != self.given, **({"ops": ops} if ops else {}))
+        manifest = export_model(model, out, **({"ops": ops} if ops else {}))
         del model
         self.made[(dtype_name(dtype), manifest.ops)] = out
         self.export_s[out.name] = round(time.perf_counter() - t0, 2)
@@ -104,7 +101,7 @@ class Exports:
     def describe(self) -> dict:
         return {"given": str(self.given) if self.given else None,
                 "made_by_validate": sorted(f"{dt}/{ops}" for dt, ops in self.made), "export_s": self.export_s,
-                "reused_from_cache": self.reused}
+                "cached": self.use_cache}
 
 
 def check_same_model(manifest: dict, model, directory, target) -> None:

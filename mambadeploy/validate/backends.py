@@ -83,12 +83,16 @@ def _ort_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-def unavailable_reason(name: str) -> str | None:
-    """None when `name` can run here; otherwise one line saying why and what to install."""
+def unavailable_reason(name: str, explicit: bool = False) -> str | None:
+    """None when `name` can run here; otherwise one line saying why and what to install. torch-fast without a GPU runs
+    its kernels in Triton's CPU interpreter (about half a second per step on the tiny presets): only when named."""
     gpu = torch.cuda.is_available()
     if name == "torch":
         return None
-    if name in GPU_BACKENDS and not gpu:
+    if name == "torch-fast" and not gpu and not explicit:
+        return ("torch-fast needs a CUDA GPU and none is visible to torch here (name it in --backends to run its "
+                "kernels in Triton's CPU interpreter, slowly)")
+    if name in GPU_BACKENDS and not gpu and name != "torch-fast":
         return f"{name} needs a CUDA GPU and none is visible to torch here"
     if name == "torch-fast" and not _has_module("triton"):
         return "torch-fast needs triton; install it with: pip install 'mambadeploy[gpu]'"

@@ -52,7 +52,7 @@ def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
         raise InputError(f"--new-tokens must be >= 1, got {opts.new_tokens}")
     runnable, skipped = [], []
     for req in requests:
-        why = unavailable_reason(req.name)
+        why = unavailable_reason(req.name, explicit)
         if why and explicit:
             raise MambaDeployError(f"backend {req.name} cannot run here: {why}")
         (skipped if why else runnable).append((req, why))
@@ -60,6 +60,9 @@ def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but torch sees no CUDA GPU here")
 
+    if (Path(str(opts.model)) / "manifest.json").is_file():
+        raise InputError(f"{opts.model} is an export directory; validate MODEL takes the preset or checkpoint the "
+                         f"reference is built from: mambadeploy validate MODEL --export {opts.model}")
     log(f"loading {opts.model} (fp32 reference on {device})")
     model = load_model(opts.model, dtype="fp32", device=device)
     config = model.config
@@ -139,7 +142,7 @@ class Baselines:
 def _run_backend(req: BackendRequest, opts, model, reference, trace: ReferenceTrace, ref_stream, exports, device,
                  baselines: Baselines):
     entry = _entry(req, "error")
-    memory = DeviceMemory(device if req.name in ("torch", "torch-fast") else _backend_device(req.name))
+    memory = DeviceMemory(device if req.name == "torch" else _backend_device(req.name))
     memory.start()
     try:
         runner = _make_runner(req, opts, reference, exports, device)
@@ -187,17 +190,20 @@ def _make_runner(req, opts, reference, exports, device):
             return reference  # the same fp32 model on the same device: reuse it rather than load it twice
         return make_runner(opts.model, backend="torch", dtype=dtype_name(req.dtype), device=device)
     if req.name == "torch-fast":
-        return make_runner(opts.model, backend="torch-fast", dtype=dtype_name(req.dtype), device="cuda")
+        return make_runner(opts.model, backend="torch-fast", dtype=dtype_name(req.dtype),
+                           device="cuda" if torch.cuda.is_available() else "cpu")
     export_dir = exports.get(req)
     return make_runner(str(export_dir), backend=req.name, dtype=dtype_name(req.dtype), device=_backend_device(req.name))
 
 
 def _backend_device(name: str) -> str:
-    return "cpu" if name in ("torch", "ort-cpu") else "cuda"
+    if name == "ort-cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
 
 
 def _on_gpu(describe: dict, name: str) -> bool:
-    return "cuda" in str(describe.get("device", "")) or name in ("torch-fast", "ort-cuda", "trt")
+    return "cuda" in str(describe.get("device", "")) or name in ("ort-cuda", "trt")
 
 
 def _verdict(gate: dict, tf: dict) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,15 +64,24 @@ def compare_graphs(ref_path: Path, cand_path: Path, feed: dict, n_layers: int, b
     lazy_import("polygraphy", extra="trt", why="per-layer drift of ONNX graphs")
     from polygraphy.backend.onnx import ModifyOutputs
     from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # polygraphy logs every tensor it compares: keep the console readable
-        return _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, CompareFunc, ref_path, cand_path, feed,
+    try:  # polygraphy >= 0.50 names the function object; CompareFunc.simple is its deprecated spelling
+        from polygraphy.comparator import SimpleCompareFunc as simple
+    except ImportError:
+        from polygraphy.comparator import CompareFunc
+
+        simple = CompareFunc.simple
+    # polygraphy logs every tensor it compares, and numpy warns about the -inf time steps of pad positions (inf - inf):
+    # keep the console readable
+    with G_LOGGER.verbosity(G_LOGGER.ERROR), np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, simple, ref_path, cand_path, feed,
                         n_layers, bound, cand_session, ref_session)
 
 
-def _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, CompareFunc, ref_path, cand_path, feed, n_layers, bound,
+def _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, simple, ref_path, cand_path, feed, n_layers, bound,
              cand_session, ref_session):
 
     ref_model, cand_model = onnx.load(str(ref_path)), onnx.load(str(cand_path))
@@ -97,8 +107,7 @@ def _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, CompareFunc, ref_pat
         if name in ref_out and cand_out[name].dtype != ref_out[name].dtype:
             cand_out[name] = cand_out[name].astype(ref_out[name].dtype)
     accuracy = Comparator.compare_accuracy(
-        results, compare_func=CompareFunc.simple(rtol=bound, atol=bound, check_shapes=False,
-                                                 infinities_compare_equal=True))
+        results, compare_func=simple(rtol=bound, atol=bound, check_shapes=False, infinities_compare_equal=True))
     if not hasattr(accuracy, "values"):  # newer polygraphy: one AccuracyResult per compare function
         accuracy = accuracy[0]
     verdicts = list(accuracy.values())[0][0]  # the one runner pair, the one iteration: {name: OutputCompareResult}
