@@ -14,6 +14,7 @@ from .errors import MambaDeployError
 COMMANDS = {
     "inspect": "describe a model (preset, checkpoint) or an export directory",
     "generate": "generate tokens from a model, an export directory (ORT) or an engine directory",
+    "export": "export a model to ONNX (prefill + decode graphs, manifest.json) for ONNX Runtime and TensorRT",
     "build": "build TensorRT / TensorRT-RTX engines (prefill + decode) from an export directory",
     "validate": "check every backend against the fp32 torch reference: logits, tokens, per-layer drift, latency",
 }

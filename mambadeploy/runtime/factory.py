@@ -14,6 +14,9 @@ BACKENDS = {
     "torch": "PyTorch eager reference (CPU or CUDA)",
     "torch-fast": "Triton kernels, decode step in a CUDA graph (CUDA; on CPU Triton's interpreter: tiny models only)",
     "trt": "TensorRT / TensorRT-RTX engines from `mambadeploy build` (CUDA GPU; not run on these machines)",
+    "ort": "ONNX Runtime on an export directory (--provider cpu|cuda); a preset/checkpoint is exported first (cached)",
+    "ort-cpu": "ONNX Runtime, CPU provider (= ort --provider cpu)",
+    "ort-cuda": "ONNX Runtime, CUDA provider (= ort --provider cuda; needs onnxruntime-gpu)",
 }
 
 
@@ -45,4 +48,12 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
         if not str(device).startswith("cuda"):
             raise MambaDeployError("backend trt runs on a CUDA GPU: use --device cuda")
         return TrtRunner(target, device=device, use_cuda_graph=options.get("cuda_graph", True))
+    if backend in ("ort", "ort-cpu", "ort-cuda"):
+        from .ort_runner import OrtRunner, export_for
+
+        provider = backend[4:] or options.get("provider") or ("cuda" if str(device).startswith("cuda") else "cpu")
+        directory = export_for(target, dtype=dtype, ops=options.get("ops"))
+        device_id = int(str(device).split(":")[1]) if str(device).startswith("cuda:") else 0
+        return OrtRunner.from_dir(directory, provider, device_id=device_id,
+                                  cuda_graph=bool(options.get("cuda_graph", False)))
     raise MambaDeployError(f"backend {backend!r} is registered but not wired into make_runner")

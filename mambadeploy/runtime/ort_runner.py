@@ -295,3 +295,46 @@ def _to_torch(value) -> torch.Tensor:
         raw = value.numpy()
         return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(value.numpy())
+
+
+# --------------------------------------------------------------------------- a model that is not exported yet
+def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> Path:
+    """The export directory for `target`: itself when it is one; otherwise an export of the preset / checkpoint made
+    once into the cache ($MAMBADEPLOY_CACHE, default ~/.cache/mambadeploy) and reused while the checkpoint's files,
+    the dtype, the op set and this mambadeploy version stay the same."""
+    import hashlib
+    import json
+    import os
+
+    from ..export.manifest import MANIFEST
+    from ..models.checkpoint import load_model, parse_dtype
+    from ..models.presets import PRESETS
+
+    path = Path(str(target))
+    if str(target) not in PRESETS and (path / MANIFEST).is_file():
+        if ops is not None:
+            have = Manifest.read(path).ops
+            if have != ops:
+                raise InputError(f"{path} holds {have} graphs, not {ops}: export again with --ops {ops}")
+        return path
+    dtype = parse_dtype(dtype)
+    if str(target) in PRESETS:
+        identity = {"preset": str(target)}
+    else:
+        if not path.is_dir():
+            from ..models.checkpoint import detect_format
+
+            detect_format(path)  # raises the loaders' own message for a missing / odd path
+        files = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in path.rglob("*") if p.is_file())
+        identity = {"checkpoint": str(path.resolve()), "files": files}
+    identity.update(dtype=str(dtype), ops=ops or "portable", mambadeploy=__version__)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("MAMBADEPLOY_CACHE", Path.home() / ".cache" / "mambadeploy"))
+    out = root / "exports" / f"{Path(str(target)).name}-{key}"
+    if not (out / MANIFEST).is_file():
+        from ..export.exporter import export_model
+
+        export_model(load_model(target, dtype=dtype, device="cpu"), out, ops=ops or "portable", force=True,
+                     progress=progress)
+    return out
