@@ -58,13 +58,14 @@ def causal_conv1d_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_l[None, :])
 
     if pid_l == 0:  # final state: column j holds input time seqlen - K + j (from the initial state when negative)
+        # (own names: Triton refuses a variable that the if-block redefines with another shape than the loop's)
         offs_k = tl.arange(0, BLOCK_K)
-        src = seqlen - K + offs_k
-        m = mask_d[:, None] & ((src >= 0) & (offs_k < K))[None, :]
-        fin = tl.load(x_rows + src[None, :] * s_x_l, mask=m, other=0.0).to(tl.float32)
+        src_k = seqlen - K + offs_k
+        m_k = mask_d[:, None] & ((src_k >= 0) & (offs_k < K))[None, :]
+        fin = tl.load(x_rows + src_k[None, :] * s_x_l, mask=m_k, other=0.0).to(tl.float32)
         if HAS_INIT:
-            m0 = mask_d[:, None] & ((src < 0) & (offs_k < K))[None, :]
-            fin += tl.load(init_rows + (src + K)[None, :] * s_i_k, mask=m0, other=0.0)
+            m0_k = mask_d[:, None] & ((src_k < 0) & (offs_k < K))[None, :]
+            fin += tl.load(init_rows + (src_k + K)[None, :] * s_i_k, mask=m0_k, other=0.0)
         tl.store(final_ptr + pid_b * s_f_b + offs_d[:, None] * s_f_d + offs_k[None, :] * s_f_k, fin,
                  mask=mask_d[:, None] & (offs_k < K)[None, :])
 
