@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import MambaDeployError
 from .base import Runner
 
@@ -20,28 +22,42 @@ BACKENDS = {
 }
 
 
+def _load(target, dtype, device):
+    """A preset / checkpoint, or an already-loaded MambaMoELM: that model itself when dtype and device match, else a
+    copy of its weights in `dtype` on `device`. (validate builds every torch candidate from its reference's weights:
+    a preset built again on another device would draw other random numbers.)"""
+    from ..models.checkpoint import empty_model, load_model, parse_dtype
+    from ..models.model import MambaMoELM
+
+    if not isinstance(target, MambaMoELM):
+        return load_model(target, dtype=dtype, device=device)
+    dtype = parse_dtype(dtype)
+    if target.dtype == dtype and str(target.device) == str(torch.device(device)):
+        return target
+    copy = empty_model(target.config, dtype, device)
+    copy.load_state_dict(target.state_dict())
+    copy.source = getattr(target, "source", None)
+    return copy.eval()
+
+
 def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **options) -> Runner:
-    """target: preset name, checkpoint directory, export directory or engine directory (per backend)."""
+    """target: preset name, checkpoint directory, export directory or engine directory (per backend); the torch
+    backends also take a loaded MambaMoELM."""
     if backend not in BACKENDS:
         raise MambaDeployError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
     if backend == "torch":
-        from ..models.checkpoint import load_model
         from .torch_eager import TorchEagerRunner
 
         if isinstance(target, (str, Path)) and (Path(target) / "manifest.json").exists():
             raise MambaDeployError(f"{target} is an export directory: use --backend ort")
-        import torch
-
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise MambaDeployError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
-        return TorchEagerRunner(load_model(target, dtype=dtype, device=device))
+        return TorchEagerRunner(_load(target, dtype, device))
     if backend == "torch-fast":
-        from ..models.checkpoint import load_model
         from .torch_fast import TorchFastRunner, check_device
 
         check_device(device)
-        return TorchFastRunner(load_model(target, dtype=dtype, device=device),
-                               use_cuda_graph=options.get("cuda_graph", True))
+        return TorchFastRunner(_load(target, dtype, device), use_cuda_graph=options.get("cuda_graph", True))
     if backend == "trt":
         from .trt_runner import TrtRunner
 

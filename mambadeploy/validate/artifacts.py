@@ -78,7 +78,7 @@ class Exports:
         import time
 
         from ..export.exporter import export_model
-        from ..models.checkpoint import load_model
+        from ..models.checkpoint import empty_model
 
         ops = ops or self.ops
         if self.use_cache and out != self.given:
@@ -90,8 +90,11 @@ class Exports:
             self.export_s[out.name] = round(time.perf_counter() - t0, 2)  # ~0 when the cache had it
             return out
         t0 = time.perf_counter()
-        model = self.model if (self.model.device.type == "cpu" and self.model.dtype == dtype) else \
-            load_model(self.target, dtype=dtype_name(dtype), device="cpu")
+        model = self.model  # the reference's own weights, as a CPU model of the export's dtype
+        if model.device.type != "cpu" or model.dtype != dtype:
+            model = empty_model(self.model.config, dtype, "cpu")
+            model.load_state_dict(self.model.state_dict())
+            model.source = getattr(self.model, "source", None)
         manifest = export_model(model, out, **({"ops": ops} if ops else {}))
         del model
         self.made[(dtype_name(dtype), manifest.ops)] = out
@@ -111,7 +114,7 @@ def check_same_model(manifest: dict, model, directory, target) -> None:
     ours = model.config.to_dict()
     try:
         theirs_cfg = ModelConfig.from_dict(theirs).to_dict()
-    except Exception as exc:  # noqa: BLE001 - any unreadable config means "not this model"
+    except Exception as exc:  # any unreadable config means "not this model"
         raise InputError(f"{directory}/manifest.json: unreadable model config ({exc})") from exc
     keys = [k for k in ours if k not in ("extra", "name") and ours[k] != theirs_cfg.get(k)]
     if keys:

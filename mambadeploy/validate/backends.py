@@ -7,6 +7,7 @@ it by default) or refused with the reason and the install command (when the user
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -76,10 +77,9 @@ def _ort_providers() -> list[str]:
     import onnxruntime as ort
 
     if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu wheels find the CUDA libraries of the pip packages this way
-        try:
+        # a failed preload only means the CUDA provider will be missing below
+        with contextlib.suppress(Exception):
             ort.preload_dlls()
-        except Exception:  # noqa: BLE001 - a failed preload only means the CUDA provider will be missing below
-            pass
     return ort.get_available_providers()
 
 

@@ -64,7 +64,9 @@ def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
         raise InputError(f"{opts.model} is an export directory; validate MODEL takes the preset or checkpoint the "
                          f"reference is built from: mambadeploy validate MODEL --export {opts.model}")
     log(f"loading {opts.model} (fp32 reference on {device})")
-    model = load_model(opts.model, dtype="fp32", device=device)
+    # built on the CPU, then moved: a preset's random weights depend on the device that draws them, and the exports
+    # (traced on the CPU) must hold the same weights as the reference; every torch candidate is a copy of these
+    model = load_model(opts.model, dtype="fp32", device="cpu").to(device)
     config = model.config
     exports = artifacts.Exports(opts.model, model, opts.export_dir, opts.ops, opts.use_cache)
     if opts.export_dir and Path(opts.export_dir).exists():
@@ -88,7 +90,7 @@ def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
     ref_stream = per_layer.residual_stream(model, trace.ids, trace.lengths) if opts.per_layer else None
 
     results = []
-    baselines = Baselines(opts.model, device, trace, opts.progress)
+    baselines = Baselines(model, device, trace, opts.progress)
     # torch backends first: a torch:<low precision> run is also that dtype's precision baseline
     runnable.sort(key=lambda item: item[0].name != "torch")
     with tempfile.TemporaryDirectory(prefix="mambadeploy-validate-") as tmp:
@@ -116,8 +118,8 @@ class Baselines:
     judges backends of that dtype against it). Taken from a torch:<dtype> backend run when there is one, else run
     here once (teacher-forced only)."""
 
-    def __init__(self, target, device, trace, progress):
-        self.target, self.device, self.trace, self.progress = target, device, trace, progress
+    def __init__(self, model, device, trace, progress):
+        self.model, self.device, self.trace, self.progress = model, device, trace, progress
         self.figures: dict[str, dict] = {}
 
     def record(self, dtype: torch.dtype, tf: dict, device: str) -> None:
@@ -133,7 +135,7 @@ class Baselines:
         if dtype_name(dtype) not in self.figures:
             from ..runtime.factory import make_runner
 
-            runner = make_runner(self.target, backend="torch", dtype=dtype_name(dtype), device=self.device)
+            runner = make_runner(self.model, backend="torch", dtype=dtype_name(dtype), device=self.device)
             self.record(dtype, teacher_forced(runner, self.trace, progress=self.progress,
                                               label=f"baseline torch:{dtype_name(dtype)}"), self.device)
         return self.figures[dtype_name(dtype)]
@@ -188,9 +190,9 @@ def _make_runner(req, opts, reference, exports, device):
     if req.name == "torch":
         if req.dtype == torch.float32:
             return reference  # the same fp32 model on the same device: reuse it rather than load it twice
-        return make_runner(opts.model, backend="torch", dtype=dtype_name(req.dtype), device=device)
+        return make_runner(reference.model, backend="torch", dtype=dtype_name(req.dtype), device=device)
     if req.name == "torch-fast":
-        return make_runner(opts.model, backend="torch-fast", dtype=dtype_name(req.dtype),
+        return make_runner(reference.model, backend="torch-fast", dtype=dtype_name(req.dtype),
                            device="cuda" if torch.cuda.is_available() else "cpu")
     export_dir = exports.get(req)
     return make_runner(str(export_dir), backend=req.name, dtype=dtype_name(req.dtype), device=_backend_device(req.name))
@@ -224,7 +226,10 @@ def _verdict(gate: dict, tf: dict) -> list[str]:
 def _per_layer(req, runner, model, trace, tf, ref_stream, exports) -> dict:
     bound = tolerances.PER_LAYER_REL[req.dtype]
     rows, methods, notes = [], [], []
-    cand_model = per_layer.torch_model_of(runner)
+    cand_model = per_layer.torch_model_of(runner) if isinstance(runner, TorchEagerRunner) else None
+    if req.name == "torch-fast":
+        notes.append("torch-fast runs its own kernels, not the model's modules: no hidden-state hooks; only the "
+                     "state tensors are compared")
     if cand_model is not None:
         stream = per_layer.residual_stream(cand_model, trace.ids, trace.lengths)
         rows += per_layer.drift_rows(stream, ref_stream, "prefill", "hidden", bound)

@@ -3,6 +3,8 @@ is a Python float so it goes straight into the JSON result."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -55,6 +57,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def _finite(x: float, bad: float = 1e30) -> float:
     """NaN / inf become `bad`: JSON has no NaN, and a NaN output must still fail every bound (errors: huge; cosine: -1)."""
-    if x != x or x in (float("inf"), float("-inf")):
+    if not math.isfinite(x):
         return bad
     return float(x)

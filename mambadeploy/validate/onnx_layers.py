@@ -110,7 +110,7 @@ def _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, simple, ref_path, ca
         results, compare_func=simple(rtol=bound, atol=bound, check_shapes=False, infinities_compare_equal=True))
     if not hasattr(accuracy, "values"):  # newer polygraphy: one AccuracyResult per compare function
         accuracy = accuracy[0]
-    verdicts = list(accuracy.values())[0][0]  # the one runner pair, the one iteration: {name: OutputCompareResult}
+    verdicts = next(iter(accuracy.values()))[0]  # the one runner pair, the one iteration: {name: OutputCompareResult}
     rows = []
     for name in common:
         if name not in verdicts or name not in ref_out:

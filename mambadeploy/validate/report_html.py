@@ -28,17 +28,17 @@ def render_html(result: dict) -> str:
     m, s = result["model"], result["settings"]
     ran = [r for r in result["backends"] if r["status"] != "skipped"]
     done = [r for r in ran if r["logits"] is not None]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>validate {escape(m['name'])}</title>"
-             f"<style>{STYLE}</style></head><body>",
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>validate {escape(m['name'])}</title>"
+             f"<style>{STYLE}</style></head><body>"),
              f"<h1>mambadeploy validate: {escape(m['name'] or m['target'])}</h1>",
-             f"<p class='verdict {'passed' if result['passed'] else 'failed'}'>"
-             f"{'PASSED' if result['passed'] else 'FAILED'}</p>",
-             f"<p>{escape(m['family'])}, {m['n_layers']} layers (<code>{escape(m['layer_pattern'])}</code>), "
+             (f"<p class='verdict {'passed' if result['passed'] else 'failed'}'>"
+             f"{'PASSED' if result['passed'] else 'FAILED'}</p>"),
+             (f"<p>{escape(m['family'])}, {m['n_layers']} layers (<code>{escape(m['layer_pattern'])}</code>), "
              f"{m['parameters'] / 1e6:.1f}M parameters ({m['active_parameters'] / 1e6:.1f}M active). Reference: fp32 torch on "
              f"{escape(result['reference']['device'])}. {s['num_prompts']} prompt(s) of "
              f"{min(s['prompt_lengths'])}–{max(s['prompt_lengths'])} tokens, {s['new_tokens']} new tokens. "
              f"Machine: {escape(result['machine']['gpu'] or result['machine']['cpu'])}, torch "
-             f"{escape(result['machine']['torch'])}. {escape(result['created'])}.</p>"]
+             f"{escape(result['machine']['torch'])}. {escape(result['created'])}.</p>")]
     rows = []
     for r in ran:
         st = f"<span class='{r['status']}'>{r['status']}</span>"

@@ -12,13 +12,13 @@ W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 300, 70, 150, 30, 40
 
 def _frame(title: str, xlabel: str, ylabel: str) -> list[str]:
     return [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-        f'font-family="sans-serif" font-size="11">',
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+        f'font-family="sans-serif" font-size="11">'),
         f'<text x="{LEFT}" y="16" font-size="13" font-weight="bold">{escape(title)}</text>',
         f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" fill="none" stroke="#999"/>',
         f'<text x="{LEFT + (W - LEFT - RIGHT) / 2}" y="{H - 6}" text-anchor="middle">{escape(xlabel)}</text>',
-        f'<text x="14" y="{TOP + (H - TOP - BOTTOM) / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {TOP + (H - TOP - BOTTOM) / 2})">{escape(ylabel)}</text>',
+        (f'<text x="14" y="{TOP + (H - TOP - BOTTOM) / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {TOP + (H - TOP - BOTTOM) / 2})">{escape(ylabel)}</text>'),
     ]
 
 
@@ -60,8 +60,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     if y1 - y0 < 1e-9:
         y0, y1 = y0 - 1, y1 + 1
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-    sx = lambda x: LEFT + (x - x0) / (x1 - x0) * pw  # noqa: E731
-    sy = lambda y: TOP + ph - (y - y0) / (y1 - y0) * ph  # noqa: E731
+    sx = lambda x: LEFT + (x - x0) / (x1 - x0) * pw
+    sy = lambda y: TOP + ph - (y - y0) / (y1 - y0) * ph
     out = _frame(title, xlabel, ylabel)
     for t in _ticks(y0, y1, log_y):
         v = math.log10(t) if log_y else t
@@ -82,12 +82,12 @@ def box_plot(groups: dict[str, list[float]], title: str, ylabel: str) -> str:
     groups = {k: sorted(v) for k, v in groups.items() if v}
     if not groups:
         return ""
-    q = lambda v, p: v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]  # noqa: E731
+    q = lambda v, p: v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]
     lo = min(q(v, 0.01) for v in groups.values())
     hi = max(q(v, 0.99) for v in groups.values())
     lo, hi = max(lo * 0.9, 0), hi * 1.1 if hi > 0 else 1
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-    sy = lambda y: TOP + ph - (y - lo) / (hi - lo) * ph  # noqa: E731
+    sy = lambda y: TOP + ph - (y - lo) / (hi - lo) * ph
     out = _frame(title, "", ylabel)
     for t in _ticks(lo, hi, False):
         out.append(f'<line x1="{LEFT}" x2="{LEFT + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
@@ -114,7 +114,7 @@ def bar_chart(values: dict[str, float | None], title: str, ylabel: str, top: flo
     hi = top if top is not None else (max(known) * 1.15 if known and max(known) > 0 else 1)
     hi = max([hi] + known)
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-    sy = lambda y: TOP + ph - y / hi * ph  # noqa: E731
+    sy = lambda y: TOP + ph - y / hi * ph
     out = _frame(title, "", ylabel)
     for t in _ticks(0, hi, False):
         out.append(f'<line x1="{LEFT}" x2="{LEFT + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')

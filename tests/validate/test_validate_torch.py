@@ -42,6 +42,7 @@ def test_tiny_presets_pass_torch_vs_torch(tmp_path, preset, capsys):
 
 def test_schema_rejects_a_broken_document(tmp_path):
     rc, result = _validate(tmp_path, "blackmamba-tiny", "--backends", "torch", "--new-tokens", "3")
+    assert rc == 0
     check_schema(result)
     del result["backends"][0]["latency"]
     with pytest.raises(jsonschema.ValidationError):
@@ -95,7 +96,7 @@ def test_prompts_out_of_vocabulary(tmp_path, capsys):
 
 
 def test_missing_dependency_names_the_install_command(monkeypatch, capsys):
-    import mambadeploy.validate.backends as backends
+    from mambadeploy.validate import backends
 
     real = backends._has_module
     monkeypatch.setattr(backends, "_has_module", lambda m: False if m == "onnxruntime" else real(m))
