@@ -54,8 +54,8 @@ def what_fits(config: ModelConfig) -> dict:
 def register_schemas() -> None:
     """onnx needs these to type-check, infer shapes and let onnxscript emit the nodes; ORT has its own copies."""
     import onnx
-    import onnx.defs as defs
-    import onnx.reference  # noqa: F401  builds its op table once; it refuses a name in two domains (onnx >= 1.23 has a
+    import onnx.reference
+    from onnx import defs
     # standard CausalConvWithState, opset 27), so it must see the schemas before ours joins them
 
     P, Opt, A = defs.OpSchema.FormalParameter, defs.OpSchema.FormalParameterOption, defs.OpSchema.Attribute

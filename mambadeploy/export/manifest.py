@@ -86,7 +86,7 @@ class Manifest:
         return path
 
     @classmethod
-    def read(cls, directory) -> "Manifest":
+    def read(cls, directory) -> Manifest:
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():

@@ -86,7 +86,7 @@ def expand_selective_scan(node: onnx.NodeProto, types: GraphTypes) -> list[onnx.
     du4 = e.op("Unsqueeze", [e.op("Mul", [dt, f["u"]]), last])
     B4 = e.op("Unsqueeze", [f["B"], e.const([1])])  # (b, 1, N, L): a slice along axis 3 is (b, 1, N)
     C4 = e.op("Unsqueeze", [f["C"], e.const([1])])
-    h_last, y = e.op("Scan", [h0, dt4, du4, B4, C4], outputs=[state_out, e.fresh("y")], body=_scan_body(f["A"]),
+    _, y = e.op("Scan", [h0, dt4, du4, B4, C4], outputs=[state_out, e.fresh("y")], body=_scan_body(f["A"]),
                      num_scan_inputs=4, scan_input_axes=[2, 2, 3, 3], scan_output_axes=[2])
     if f["D"]:
         y = e.op("Add", [y, e.op("Mul", [f["u"], e.op("Unsqueeze", [f["D"], e.const([0, 2])])])])

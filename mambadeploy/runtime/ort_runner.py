@@ -77,7 +77,7 @@ class OrtRunner(Runner):
         self._epochs: dict = {}
 
     @classmethod
-    def from_dir(cls, directory, provider: str = "cpu", **options) -> "OrtRunner":
+    def from_dir(cls, directory, provider: str = "cpu", **options) -> OrtRunner:
         return cls(directory, provider, **options)
 
     # ------------------------------------------------------------------ sessions

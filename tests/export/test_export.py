@@ -18,7 +18,7 @@ from mambadeploy.models.config import LayerSpec, MambaConfig, ModelConfig, MoECo
 from mambadeploy.models.model import init_random_
 from mambadeploy.models.presets import blackmamba_config
 from mambadeploy.models.state import PAST, PRESENT, state_specs
-from mambadeploy.validate.tolerances import LOGITS_REL, assert_logits_close
+from mambadeploy.validate.tolerances import assert_logits_close
 
 ort = pytest.importorskip("onnxruntime")
 

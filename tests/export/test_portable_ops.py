@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 from mambadeploy import opset
 from mambadeploy.export.onnx_ops import ONNX_TYPES, register_schemas
@@ -46,7 +46,7 @@ def run_single_node(op_name: str, inputs: dict, attrs: dict, n_out: int, opset_v
 def test_selective_scan(batch, dim, L, with_state):
     g = torch.Generator().manual_seed(batch * 1000 + L)
     N = 8
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g)
     inputs = {"u": r(batch, dim, L), "delta": r(batch, dim, L) * 0.5, "A": -torch.exp(r(dim, N) * 0.3),
               "B": r(batch, N, L), "C": r(batch, N, L), "D": r(dim), "z": r(batch, dim, L),
               "delta_bias": r(dim) * 0.1 - 2.0, "initial_state": r(batch, dim, N) if with_state else None}
@@ -70,6 +70,7 @@ def test_selective_scan_pad_steps_keep_state():
     y_ref, h_ref = ref_ops.selective_scan_ref(inputs["u"], delta, inputs["A"], inputs["B"], inputs["C"],
                                               delta_softplus=True)
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    assert_close_op(y, y_ref, torch.float32, "y")
     assert_close_op(h, h_ref, torch.float32, "last_state")
 
 

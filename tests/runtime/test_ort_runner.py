@@ -1,0 +1,245 @@
+"""ORT-CPU against the torch reference: every tiny preset and tiny transformers-built Mamba and Jamba checkpoints, fp32
+logits within LOGITS_REL[fp32] at prefill and at each of 128 decode steps with identical greedy tokens; batched prompts
+of different lengths == single prompts; shapes other than the export's dummy; every bad input ends in one clear error."""
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from mambadeploy.errors import InputError, MambaDeployError, MissingDependencyError
+from mambadeploy.export.descriptions import description_for
+from mambadeploy.export.manifest import ManifestError
+from mambadeploy.models.checkpoint import load_model
+from mambadeploy.runtime.generate import generate
+from mambadeploy.validate.tolerances import LOGITS_REL, assert_logits_close, rel_to_scale
+
+ort = pytest.importorskip("onnxruntime")
+from mambadeploy.runtime.ort_runner import OrtRunner, export_for
+
+DECODE_STEPS = 128
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """exported(target) -> fp32 portable export directory, made once per session (the runtime's export cache)."""
+    old = os.environ.get("MAMBADEPLOY_CACHE")
+    os.environ["MAMBADEPLOY_CACHE"] = str(tmp_path_factory.getbasetemp() / "mambadeploy-cache")
+    yield lambda target: export_for(str(target), "fp32")
+    if old is None:
+        os.environ.pop("MAMBADEPLOY_CACHE")
+    else:
+        os.environ["MAMBADEPLOY_CACHE"] = old
+
+
+# --------------------------------------------------------------------------- tiny transformers checkpoints
+@torch.no_grad()
+def _fan_in_init(model, seed=0):
+    """transformers' std-0.02 init gives near-tied logits; fan-in scaled weights make greedy decoding meaningful
+    (Mamba's A_log, D and dt bias keep their init)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(("A_log", ".D", "dt_proj.bias")):
+            continue
+        if p.dim() == 1:
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        elif "embed" in name:
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoints(tmp_path_factory):
+    """{"hf-mamba": dir, "hf-jamba": dir}: random tiny models built from configs (no download), save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    mamba = transformers.MambaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, state_size=16,
+                                     time_step_rank=4, use_conv_bias=True, tie_word_embeddings=True)
+    jamba = transformers.JambaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+        num_experts=2, num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+        tie_word_embeddings=False, max_position_embeddings=256, experts_implementation="eager",
+        attn_implementation="eager")
+    out = {}
+    for name, cfg, cls in (("hf-mamba", mamba, transformers.MambaForCausalLM),
+                           ("hf-jamba", jamba, transformers.JambaForCausalLM)):
+        path = tmp_path_factory.mktemp(name)
+        _fan_in_init(cls(cfg)).save_pretrained(path)
+        out[name] = path
+    return out
+
+
+@pytest.fixture(params=["blackmamba-tiny", "moe-mamba-tiny", "jamba-tiny", "hf-mamba", "hf-jamba"])
+def target(request, hf_checkpoints):
+    return str(hf_checkpoints.get(request.param, request.param))
+
+
+def _prompts(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# --------------------------------------------------------------------------- numerics
+def test_prefill_and_128_decode_steps_match_torch(target, exported, tiny):
+    """Left-padded batch of 3 prompts; ORT decodes the tokens torch picks (teacher forcing on torch's greedy path), so
+    one early disagreement cannot hide later ones; the greedy picks must agree at every step."""
+    model = tiny(target) if not os.path.isdir(target) else load_model(target)
+    runner = OrtRunner.from_dir(exported(target))
+    from mambadeploy.runtime.generate import pad_prompts
+
+    ids, lengths = pad_prompts(_prompts(model.config.vocab_size, [11, 4, 1]))
+    got, state = runner.prefill(ids, lengths)
+    want, ref_state = model.prefill(ids, lengths)
+    assert_logits_close(got, want, torch.float32, "prefill logits")
+    worst = 0.0
+    for step in range(DECODE_STEPS):
+        tok = want.argmax(-1)
+        assert torch.equal(got.argmax(-1), tok), f"greedy token differs at step {step}"
+        got, state = runner.step(tok, state)
+        want, ref_state = model.step(tok, ref_state)
+        worst = max(worst, rel_to_scale(got, want)[0])
+        assert worst <= LOGITS_REL[torch.float32], f"step {step}: {worst:.3e} of the logit scale"
+    print(f"worst decode-step error over {DECODE_STEPS} steps: {worst:.3e} of the logit scale")
+    for name, t in runner.state_to_torch(state).items():
+        assert_logits_close(t, ref_state[name], torch.float32, f"final state {name}")
+
+
+@pytest.mark.parametrize("preset", ["blackmamba-tiny", "jamba-tiny"])
+def test_batched_prompts_equal_single_prompts(preset, exported):
+    runner = OrtRunner.from_dir(exported(preset))
+    prompts = _prompts(512, [13, 2, 7], seed=3)
+    batched = generate(runner, prompts, 24).tokens
+    single = [generate(runner, [p], 24).tokens[0] for p in prompts]
+    assert batched == single
+
+
+@pytest.mark.parametrize("preset", ["blackmamba-tiny", "moe-mamba-tiny", "jamba-tiny"])
+def test_shapes_other_than_the_dummy(preset, exported, tiny):
+    """The family description's validation shapes (batch 1 and 3; lengths 1, 7, 33, 154), never the trace's (2, 9)."""
+    model = tiny(preset)
+    desc = description_for(model.config)
+    runner = OrtRunner.from_dir(exported(preset))
+    g = torch.Generator().manual_seed(7)
+    for batch, length in desc.validation_shapes:
+        assert (batch, length) != (desc.dummy_batch, desc.dummy_length)
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
+        lengths = torch.tensor([length - (3 * i) % length for i in range(batch)])
+        got, state = runner.prefill(ids, lengths)
+        want, ref_state = model.prefill(ids, lengths)
+        assert_logits_close(got, want, torch.float32, f"prefill {batch}x{length}")
+        for name, t in runner.state_to_torch(state).items():
+            assert_logits_close(t, ref_state[name], torch.float32, f"{batch}x{length} state {name}")
+
+
+def test_factory_builds_ort_runners(exported):
+    from mambadeploy.runtime.factory import make_runner
+
+    directory = exported("moe-mamba-tiny")
+    for backend, opts in (("ort", {}), ("ort", {"provider": "cpu"}), ("ort-cpu", {})):
+        runner = make_runner(str(directory), backend=backend, **opts)
+        assert isinstance(runner, OrtRunner) and runner.describe()["backend"] == "ort-cpu"
+    assert make_runner("moe-mamba-tiny", backend="ort").directory == directory, "a preset is exported once, cached"
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def jamba_runner(exported):
+    return OrtRunner.from_dir(exported("jamba-tiny"))
+
+
+@pytest.mark.parametrize("ids,lengths,match", [
+    (torch.zeros(2, 3), None, "must be integer token ids"),
+    (torch.zeros(2, 3, 1, dtype=torch.int64), None, "must have 2 dimension"),
+    (torch.tensor([[1, 512]]), None, r"token id\(s\) \[512\] outside the vocabulary"),
+    (torch.tensor([[-1, 2]]), None, "outside the vocabulary"),
+    (torch.zeros(2, 0, dtype=torch.int64), None, "empty prompt"),
+    (torch.zeros(2, 3, dtype=torch.int64), torch.tensor([3]), "lengths must be 2 integers"),
+    (torch.zeros(2, 3, dtype=torch.int64), torch.tensor([3, 4]), r"lengths must be in \[1, 3\]"),
+    (torch.zeros(1, 513, dtype=torch.int64), None, "longer than the attention KV cache"),
+])
+def test_bad_prefill_inputs(jamba_runner, ids, lengths, match):
+    with pytest.raises(InputError, match=match):
+        jamba_runner.prefill(ids, lengths)
+
+
+def test_bad_step_inputs(jamba_runner, exported):
+    _, state = jamba_runner.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    with pytest.raises(InputError, match="3 rows but the state holds a batch of 2"):
+        jamba_runner.step(torch.tensor([1, 2, 3]), state)
+    with pytest.raises(InputError, match="integer token ids"):
+        jamba_runner.step(torch.tensor([1.0, 2.0]), state)
+    with pytest.raises(InputError, match="state must come from this runner"):
+        jamba_runner.step(torch.tensor([1, 2]), {"pos": torch.zeros(2)})
+    other = OrtRunner.from_dir(exported("jamba-tiny"))
+    with pytest.raises(InputError, match="state must come from this runner"):
+        other.step(torch.tensor([1, 2]), state)
+
+
+def _copy_export(src, dst, edit=None):
+    shutil.copytree(src, dst)
+    if edit is not None:
+        data = json.loads((dst / "manifest.json").read_text())
+        edit(data)
+        (dst / "manifest.json").write_text(json.dumps(data))
+    return dst
+
+
+def test_limits_from_the_manifest(exported, tmp_path):
+    """max_batch and max_length come from the manifest: a smaller limit there is enforced."""
+    def shrink(m):
+        m["limits"] = {"max_batch": 2, "max_length": 6}
+
+    runner = OrtRunner.from_dir(_copy_export(exported("jamba-tiny"), tmp_path / "x", shrink))
+    with pytest.raises(InputError, match="batch of 3 exceeds the export's max batch 2"):
+        runner.prefill(torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(InputError, match=r"prompt of 7 tokens is longer"):
+        runner.prefill(torch.zeros(1, 7, dtype=torch.int64))
+    _, state = runner.prefill(torch.zeros(1, 4, dtype=torch.int64))
+    _, state = runner.step(torch.tensor([1]), state)
+    _, state = runner.step(torch.tensor([1]), state)
+    with pytest.raises(InputError, match="reached the attention KV cache length"):
+        runner.step(torch.tensor([1]), state)
+    assert runner.max_length == 6
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["graphs"]["decode"]["inputs"][1].update(dtype="float16"), "do not match the manifest"),
+    (lambda m: m["graphs"]["prefill"]["outputs"][0].update(shape=["batch", 7]), "has shape"),
+    (lambda m: m["graphs"]["decode"].update(sha256="0" * 64), "does not match the manifest"),
+    (lambda m: m["graphs"]["prefill"].update(file="missing.onnx"), "missing"),
+    (lambda m: m.update(format_version=99), "newer than this mambadeploy"),
+    (lambda m: m.pop("state"), "malformed manifest"),
+])
+def test_manifest_not_matching_graphs(exported, tmp_path, edit, match):
+    with pytest.raises(ManifestError, match=match):
+        OrtRunner.from_dir(_copy_export(exported("blackmamba-tiny"), tmp_path / "x", edit))
+
+
+def test_replaced_graph_is_detected(exported, tmp_path):
+    d = _copy_export(exported("blackmamba-tiny"), tmp_path / "x")
+    shutil.copy(exported("moe-mamba-tiny") / "decode.onnx", d / "decode.onnx")
+    with pytest.raises(ManifestError, match="decode.onnx: does not match the manifest"):
+        OrtRunner.from_dir(d)
+
+
+def test_not_an_export_directory(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest.json: not an export directory"):
+        OrtRunner.from_dir(tmp_path)
+
+
+def test_unknown_provider(exported):
+    with pytest.raises(MambaDeployError, match="unknown ONNX Runtime provider 'tpu'"):
+        OrtRunner.from_dir(exported("blackmamba-tiny"), provider="tpu")
+
+
+def test_missing_onnxruntime_names_the_extra(exported, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'mambadeploy\[onnx\]'"):
+        OrtRunner.from_dir(exported("blackmamba-tiny"))
