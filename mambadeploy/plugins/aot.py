@@ -1,15 +1,16 @@
 """Ahead-of-time compile of each plugin's Triton kernel: exactly what a TensorRT `aot_impl` returns.
 
 `compile_for(op, shapes, dtypes, attrs)` runs `triton.compile` on the op's adapter kernel (aot_kernels.py) with the
-constexprs, num_warps and num_stages the kernels' own `launch_config` picks, and returns an `AotKernel`: kernel name,
-PTX, grid, block, dynamic shared memory, the parameter order (inputs, int32 scalars, outputs, then any implicit pointer
-parameters Triton appends, which are passed as null) and the scalar values. The grid and scalars come from formulas that
-work on ints and on TensorRT's symbolic shape expressions alike, so the full-TensorRT description (trt_qdp.py) and the
-GPU test (tests/plugins/test_aot_gpu.py, which loads the PTX with CuPy and launches it with these very numbers) share them.
+constexprs, num_warps and num_stages its launch config picks (the kernels' own `launch_config` for SelectiveScan and
+CausalConv1d; TopKExpertGather's fused single-launch kernel has its own in aot_kernels.py), and returns an
+`AotKernel`: kernel name, PTX, grid, block, dynamic shared memory, the parameter order (inputs, int32 scalars,
+outputs, then any implicit pointer parameters Triton appends, which are passed as null) and the scalar values. The
+grid and scalars come from formulas that work on ints and on TensorRT's symbolic shape expressions alike, so the
+full-TensorRT description (trt_qdp.py) and the GPU test (tests/plugins/test_aot_gpu.py, which loads the PTX with CuPy
+and launches it with these very numbers) share them.
 
-Compiling needs no GPU (a target is named); the PTX must be loaded by a driver at least as new as the compiling Triton's
-PTX ISA (Triton 3.9 here writes PTX 9.4, newer than the H100 machine's driver: compile where you run).
-"""
+Compiling needs no GPU (a target is named); the PTX must be loaded by a driver at least as new as the compiling
+Triton's PTX ISA (Triton 3.9 here writes PTX 9.4, newer than the H100 machine's driver: compile where you run)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def cdiv(a, b):
 class AotSpec:
     op: str
     adapter: str  # attribute of plugins.aot_kernels
-    kernel_module: str  # module of mambadeploy.kernels that has launch_config
+    launch_config: str  # "module:function" (shapes, dtypes) -> {"constexprs", "num_warps", "num_stages"}
     scalars: tuple  # names, in parameter order
     scalar_values: object  # (shapes) -> tuple of ints or exprs
     grid: object  # (shapes, constexprs) -> (gx, gy, gz)
@@ -43,11 +44,29 @@ class AotSpec:
 
 SPECS = {
     "SelectiveScan": AotSpec(
-        op="SelectiveScan", adapter="selective_scan_trt", kernel_module="mambadeploy.kernels.selective_scan",
+        op="SelectiveScan", adapter="selective_scan_trt",
+        launch_config="mambadeploy.kernels.selective_scan:launch_config",
         scalars=("dim", "seqlen", "d_state"),
         scalar_values=lambda s: (s[0][1], s[0][2], s[2][1]),
         grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_D"]), 1),
         attr_constexprs=lambda attrs: {"DELTA_SOFTPLUS": bool(attrs["delta_softplus"])},
+    ),
+    "CausalConv1d": AotSpec(
+        op="CausalConv1d", adapter="causal_conv1d_trt",
+        launch_config="mambadeploy.kernels.causal_conv1d:launch_config",
+        scalars=("dim", "seqlen"),
+        scalar_values=lambda s: (s[0][1], s[0][2]),
+        grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_D"]), cdiv(s[0][2], c["BLOCK_L"])),
+        attr_constexprs=lambda attrs: {"SILU": attrs["activation"] == 1},
+    ),
+    # one fused launch (a TensorRT AOT plugin has no workspace for the kernels' two-launch path): see aot_kernels.py
+    "TopKExpertGather": AotSpec(
+        op="TopKExpertGather", adapter="expert_gather_trt",
+        launch_config="mambadeploy.plugins.aot_kernels:expert_gather_launch_config",
+        scalars=("d", "F"),
+        scalar_values=lambda s: (s[0][1], s[1][1] // 2),
+        grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_N"]), 1),
+        attr_constexprs=lambda attrs: {"ACTIVATION": int(attrs["activation"])},
     ),
 }
 
@@ -93,9 +112,13 @@ def launch_choice(op: str, shapes, dtypes, attrs: dict) -> dict:
     import importlib
 
     spec = spec_for(op)
-    cfg = importlib.import_module(spec.kernel_module).launch_config(shapes, dtypes)
+    module, _, name = spec.launch_config.partition(":")
+    cfg = getattr(importlib.import_module(module), name)(shapes, dtypes)
+    attrs = get_op(op).check_attributes(attrs)
     constexprs = dict(cfg["constexprs"])
-    constexprs.update(spec.attr_constexprs(get_op(op).check_attributes(attrs)))
+    constexprs.update(spec.attr_constexprs(attrs))
+    if "TOP_K" in constexprs and constexprs["TOP_K"] != attrs.get("top_k", constexprs["TOP_K"]):
+        raise MambaDeployError(f"{op}: attribute top_k={attrs['top_k']} but experts has {constexprs['TOP_K']} columns")
     return {"constexprs": constexprs, "num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)}
 
 

@@ -1,6 +1,8 @@
 """Check an AOT kernel the way TensorRT would run it: compile (aot.compile_for), load the PTX through the CUDA driver
-(CuPy), launch with exactly the returned grid/block/shared memory/parameter order on contiguous device buffers, and compare
-with the op's `_ref`. Used by tests/plugins/test_aot_gpu.py and benchmarks/plugins_aot_check.py (GPU only). The comparison against tolerances happens in the tests (validate/ is a floor above plugins/)."""
+(CuPy), launch with exactly the returned grid/block/shared memory/parameter order on contiguous device buffers, and
+compare with the op's `_ref` (tests/plugins/test_aot_gpu.py, GPU only). `run_interpreted` runs the same adapter in
+Triton's CPU interpreter with the same launch numbers (tests/plugins/test_aot_interpreted.py, CI). The comparison
+against tolerances happens in the tests (validate/ is a floor above plugins/)."""
 
 from __future__ import annotations
 
@@ -29,30 +31,93 @@ def selective_scan_inputs(batch, dim, L, d_state, dtype, device, seed=0):
     return [u, delta, A, B, C, D, z, delta_bias, h0]
 
 
-INPUT_MAKERS = {"SelectiveScan": selective_scan_inputs}
+def causal_conv1d_inputs(batch, dim, L, K, dtype, device, seed=0):
+    """x (batch, dim, L) in `dtype`, weight (dim, K) and bias (dim,) in `dtype`, initial_state fp32."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = TORCH_DTYPES[dtype]
+
+    def r(*shape, scale=1.0, dt=t):
+        return (torch.randn(*shape, generator=g) * scale).to(dt).to(device).contiguous()
+
+    return [r(batch, dim, L), r(dim, K, scale=0.5), r(dim, scale=0.5), r(batch, dim, K, dt=torch.float32)]
+
+
+def expert_gather_inputs(tokens, d, F, experts, top_k, dtype, device, seed=0, index_dtype=torch.int64):
+    """x (T, d), w1 (E, 2F, d), w2 (E, d, F) in `dtype` (scaled so activations stay O(1)); experts (T, k) distinct per
+    token; weights (T, k) fp32, as the routers give them."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = TORCH_DTYPES[dtype]
+
+    def r(*shape, scale=1.0, dt=t):
+        return (torch.randn(*shape, generator=g) * scale).to(dt).to(device).contiguous()
+
+    x = r(tokens, d)
+    w1, w2 = r(experts, 2 * F, d, scale=d ** -0.5), r(experts, d, F, scale=F ** -0.5)
+    chosen = torch.argsort(torch.rand(tokens, experts, generator=g), dim=1)[:, :top_k].to(index_dtype)
+    weights = torch.rand(tokens, top_k, generator=g)
+    return [x, w1, w2, chosen.to(device).contiguous(), weights.to(device).contiguous()]
+
+
+INPUT_MAKERS = {"SelectiveScan": selective_scan_inputs, "CausalConv1d": causal_conv1d_inputs,
+                "TopKExpertGather": expert_gather_inputs}
+ACTIVATION_NAMES = {0: "gelu", 1: "silu", 2: "gelu_tanh"}
 
 
 def reference(op: str, inputs, attrs):
+    """The op's `_ref` on the same inputs, as a tuple of outputs in the op's output order."""
     entry = get_op(op)
     ref = entry.resolve("reference")
+    attrs = entry.check_attributes(attrs)
     if op == "SelectiveScan":
         u, delta, A, B, C, D, z, delta_bias, h0 = inputs
         return ref(u, delta, A, B, C, D, z, delta_bias, bool(attrs["delta_softplus"]), h0)
+    if op == "CausalConv1d":
+        x, weight, bias, h0 = inputs
+        return ref(x, weight, bias, h0, "silu" if attrs["activation"] == 1 else None)
+    if op == "TopKExpertGather":
+        x, w1, w2, experts, weights = inputs
+        return (ref(x, w1, w2, experts.long(), weights, ACTIVATION_NAMES[attrs["activation"]]),)
     raise KeyError(op)
+
+
+def _outputs(op, inputs, attrs, device):
+    """Output buffers for `inputs`, NaN-poisoned so that an element the kernel never writes shows up."""
+    entry = get_op(op)
+    shapes = [tuple(x.shape) for x in inputs]
+    dtypes = [str(x.dtype).replace("torch.", "") for x in inputs]
+    return [torch.full(s, float("nan"), dtype=TORCH_DTYPES[d], device=device)
+            for s, d in zip(entry.shape_rule(tuple(shapes), attrs), entry.dtype_rule(tuple(dtypes), attrs))]
+
+
+def run_interpreted(op: str, inputs, attrs, choice_shapes=None):
+    """The adapter run by Triton's CPU interpreter with the AOT launch numbers (grid, scalars, constexprs chosen at
+    `choice_shapes`) on CPU tensors: checks the adapter's math, strides and grid formula where no GPU is. Needs a
+    process started with TRITON_INTERPRET=1 (the adapters are decorated when aot_kernels is imported)."""
+    from . import aot_kernels
+
+    spec, entry = aot.spec_for(op), get_op(op)
+    adapter = getattr(aot_kernels, spec.adapter)
+    if type(adapter).__name__ != "InterpretedFunction":
+        raise RuntimeError("run_interpreted needs TRITON_INTERPRET=1 set before mambadeploy.plugins.aot_kernels loads")
+    attrs = entry.check_attributes(attrs)
+    shapes = [tuple(x.shape) for x in inputs]
+    dtypes = [str(x.dtype).replace("torch.", "") for x in inputs]
+    choice = aot.launch_choice(op, choice_shapes or shapes, dtypes, attrs)
+    outputs = _outputs(op, inputs, attrs, "cpu")
+    grid = tuple(int(g) for g in spec.grid(shapes, choice["constexprs"]))
+    adapter[grid](*inputs, *[int(v) for v in spec.scalar_values(shapes)], *outputs,
+                  num_warps=choice["num_warps"], **choice["constexprs"])
+    return outputs
 
 
 def run_aot(op: str, inputs, attrs, choice_shapes=None):
     """Launch the AOT kernel on `inputs` (CUDA tensors); returns (outputs, AotKernel)."""
     import cupy
 
-    entry = get_op(op)
     shapes = [tuple(x.shape) for x in inputs]
     dtypes = [str(x.dtype).replace("torch.", "") for x in inputs]
     kernel = aot.compile_for(op, shapes, dtypes, attrs, choice_shapes=choice_shapes)
-    out_dtypes = entry.dtype_rule(tuple(dtypes), attrs)
-    out_shapes = entry.shape_rule(tuple(shapes), attrs)
-    outputs = [torch.full(s, float("nan"), dtype=TORCH_DTYPES[d], device=inputs[0].device)  # poisoned
-               for s, d in zip(out_shapes, out_dtypes)]
+    outputs = _outputs(op, inputs, attrs, inputs[0].device)
     fn = aot.load_function(cupy, kernel)
     args = aot.pack_args(kernel, [x.data_ptr() for x in inputs], [y.data_ptr() for y in outputs])
     stream = torch.cuda.current_stream().cuda_stream

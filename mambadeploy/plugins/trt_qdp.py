@@ -6,9 +6,9 @@ Importable without TensorRT: nothing from tensorrt is imported until `register_q
 TensorRT is not installable on these machines); the pieces it delegates to — shape/dtype rules (trt_rules), the AOT
 compile and the grid/scalar formulas (aot) — are the ones tests exercise, the latter on the H100 via CuPy.
 
-Why the functions are defined inside `register_qdp`: tensorrt.plugin reads each function's parameter names and type hints
-to derive the plugin's inputs and attributes, so the hints must be real `trtp` classes, which exist only after import.
-"""
+Why the functions are defined inside `register_qdp`: tensorrt.plugin reads each function's parameter names and type
+hints to derive the plugin's inputs and attributes, so the hints must be real `trtp` classes, which exist only after
+import."""
 
 from __future__ import annotations
 
@@ -86,12 +86,25 @@ def register_qdp() -> list[str]:
         state.dtype = trt.float32
         return x.like(), state
 
+    @trtp.aot_impl(f"{DOMAIN}::CausalConv1d")
+    def causal_conv1d_aot(x: trtp.TensorDesc, weight: trtp.TensorDesc, bias: trtp.TensorDesc,
+                          initial_state: trtp.TensorDesc, activation: int, outputs: Tuple[trtp.TensorDesc],
+                          tactic: int):
+        return _aot_result(trt, trtp, "CausalConv1d", [x, weight, bias, initial_state], {"activation": activation})
+
     ids.append(f"{DOMAIN}::CausalConv1d")
 
     @trtp.register(f"{DOMAIN}::TopKExpertGather")
     def expert_gather_desc(x: trtp.TensorDesc, w1: trtp.TensorDesc, w2: trtp.TensorDesc, experts: trtp.TensorDesc,
                            weights: trtp.TensorDesc, activation: int, top_k: int) -> trtp.TensorDesc:
         return x.like()
+
+    @trtp.aot_impl(f"{DOMAIN}::TopKExpertGather")
+    def expert_gather_aot(x: trtp.TensorDesc, w1: trtp.TensorDesc, w2: trtp.TensorDesc, experts: trtp.TensorDesc,
+                          weights: trtp.TensorDesc, activation: int, top_k: int, outputs: Tuple[trtp.TensorDesc],
+                          tactic: int):
+        return _aot_result(trt, trtp, "TopKExpertGather", [x, w1, w2, experts, weights],
+                           {"activation": activation, "top_k": top_k})
 
     ids.append(f"{DOMAIN}::TopKExpertGather")
     return ids

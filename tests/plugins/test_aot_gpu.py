@@ -1,7 +1,8 @@
-"""(a) Each plugin's kernel exactly as a TensorRT AOT plugin launches it: triton.compile of the adapter with the
-kernels' launch_config constexprs (chosen at an engine's opt shape, launched at other shapes), PTX loaded through the
-CUDA driver with CuPy, launched with the returned grid/block/shared memory/parameter order, compared with the `_ref`.
-GPU only. Results (errors, kernel summaries) are written to $MAMBADEPLOY_RESULTS_DIR (default benchmarks/results)."""
+"""(a) Each plugin's kernel (SelectiveScan, CausalConv1d, TopKExpertGather) exactly as a TensorRT AOT plugin launches
+it: triton.compile of the adapter with its launch config's constexprs (chosen at an engine's opt shape, launched at
+other shapes), PTX loaded through the CUDA driver with CuPy, launched with the returned grid/block/shared
+memory/parameter order, compared with the `_ref`. GPU only. Results (errors, kernel summaries) are written to
+$MAMBADEPLOY_RESULTS_DIR (default benchmarks/results)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ SCAN_CASES = [  # (batch, dim, L, d_state): L = 1, 7, 33, 154; widths off block 
     (1, 40, 1, 16), (3, 40, 7, 16), (1, 43, 33, 16), (3, 67, 154, 16), (2, 130, 33, 4), (3, 43, 154, 8),
 ]
 SCAN_OPT = {"batch": 2, "L": 64}  # the "engine's" opt shape fixing the constexprs
+CONV_CASES = [  # (batch, dim, L, K, activation)
+    (1, 40, 1, 4, 1), (3, 67, 7, 4, 1), (1, 43, 33, 4, 0), (3, 130, 154, 4, 1), (2, 2304, 154, 4, 1),
+]
+CONV_OPT = {"batch": 2, "L": 64}
+GATHER_CASES = [  # (tokens, d, F, experts, top_k, activation): decode (1 token), prefill-like, d off block multiples
+    (1, 40, 24, 4, 1, 0), (7, 67, 33, 3, 1, 1), (33, 130, 50, 8, 2, 0), (154, 43, 17, 4, 2, 2), (3, 1152, 384, 8, 1, 0),
+]
+GATHER_OPT = {"tokens": 16}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -38,6 +47,31 @@ def test_selective_scan_aot_matches_ref(batch, dim, L, d_state, dtype):
     dims = {"batch": batch, "dim": dim, "L": L, "d_state": d_state}
     choice = dict(dims, **SCAN_OPT)
     _check("SelectiveScan", dims, dtype, {"delta_softplus": 1}, choice)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,dim,L,K,activation", CONV_CASES)
+def test_causal_conv1d_aot_matches_ref(batch, dim, L, K, activation, dtype):
+    dims = {"batch": batch, "dim": dim, "L": L, "K": K}
+    _check("CausalConv1d", dims, dtype, {"activation": activation}, dict(dims, **CONV_OPT))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,d,F,experts,top_k,activation", GATHER_CASES)
+def test_expert_gather_aot_matches_ref(tokens, d, F, experts, top_k, activation, dtype):
+    dims = {"tokens": tokens, "d": d, "F": F, "experts": experts, "top_k": top_k}
+    _check("TopKExpertGather", dims, dtype, {"activation": activation, "top_k": top_k}, dict(dims, **GATHER_OPT))
+
+
+def test_expert_gather_aot_takes_int32_experts():
+    """ONNX allows int32 or int64 expert indices ("index" type class): the kernel is compiled for the one it gets."""
+    dims = {"tokens": 5, "d": 48, "F": 20, "experts": 4, "top_k": 2}
+    inputs = aot_check.expert_gather_inputs(**dims, dtype="float32", device="cuda", index_dtype=torch.int32)
+    (y,), kernel = aot_check.run_aot("TopKExpertGather", inputs, {"activation": 0, "top_k": 2})
+    (ref,) = aot_check.reference("TopKExpertGather", inputs, {"activation": 0, "top_k": 2})
+    tol = OP[torch.float32]
+    print(f"int32 experts: max {(y - ref).abs().max().item():.3e}")
+    torch.testing.assert_close(y, ref, rtol=tol.rtol, atol=tol.atol)
 
 
 def _check(op, dims, dtype, attrs, choice_dims):
