@@ -177,7 +177,11 @@ def _run_backend(req: BackendRequest, opts, model, reference, trace: ReferenceTr
     gpu = entry["describe"].get("gpu") if _on_gpu(entry["describe"], req.name) else None
     entry["roofline"] = roofline(decode_bytes_per_step(model, model.config, req.dtype, B), lat["decode_ms_p50"], gpu)
     if opts.per_layer:
-        entry["per_layer"] = _per_layer(req, runner, model, trace, tf, ref_stream, exports)
+        try:
+            entry["per_layer"] = _per_layer(req, runner, model, trace, tf, ref_stream, exports)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic that breaks must not hide the verdict
+            entry["per_layer"] = per_layer.summarise([], model.config, req.dtype, [],
+                                                     [f"per-layer comparison failed: {type(exc).__name__}: {exc}"])
     entry["failures"] = _verdict(gate, tf)
     entry["status"] = "failed" if entry["failures"] else "passed"
     del runner

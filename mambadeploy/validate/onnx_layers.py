@@ -65,6 +65,7 @@ def compare_graphs(ref_path: Path, cand_path: Path, feed: dict, n_layers: int, b
     from polygraphy.backend.onnx import ModifyOutputs
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
+    from polygraphy.comparator.struct import IterationResult, RunResults
     from polygraphy.logger import G_LOGGER
 
     try:  # polygraphy >= 0.50 names the function object; CompareFunc.simple is its deprecated spelling
@@ -77,12 +78,12 @@ def compare_graphs(ref_path: Path, cand_path: Path, feed: dict, n_layers: int, b
     # keep the console readable
     with G_LOGGER.verbosity(G_LOGGER.ERROR), np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, simple, ref_path, cand_path, feed,
-                        n_layers, bound, cand_session, ref_session)
+        return _compare(onnx, (ModifyOutputs, OnnxrtRunner, Comparator, simple, IterationResult, RunResults),
+                        ref_path, cand_path, feed, n_layers, bound, cand_session, ref_session)
 
 
-def _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, simple, ref_path, cand_path, feed, n_layers, bound,
-             cand_session, ref_session):
+def _compare(onnx, polygraphy, ref_path, cand_path, feed, n_layers, bound, cand_session, ref_session):
+    ModifyOutputs, OnnxrtRunner, Comparator, simple, IterationResult, RunResults = polygraphy
 
     ref_model, cand_model = onnx.load(str(ref_path)), onnx.load(str(cand_path))
     ref_layers = tensor_layers(ref_model, n_layers)
@@ -102,10 +103,17 @@ def _compare(onnx, ModifyOutputs, OnnxrtRunner, Comparator, simple, ref_path, ca
         runners = [OnnxrtRunner(ref_session(paths[0]), name="reference"), OnnxrtRunner(cand_session(paths[1]),
                                                                                          name="candidate")]
         results = Comparator.run(runners, data_loader=[feed])
-    ref_out, cand_out = results[0][1][0], results[1][1][0]
-    for name in list(cand_out.keys()):  # compare in the reference's dtype (an fp16 graph against the fp32 one)
-        if name in ref_out and cand_out[name].dtype != ref_out[name].dtype:
-            cand_out[name] = cand_out[name].astype(ref_out[name].dtype)
+    (ref_name, (ref_iter,)), (cand_name, (cand_iter,)) = results[0], results[1]
+    ref_out, cand_out = {}, {}
+    for name, cand in cand_iter.items():
+        ref = ref_iter[name] if name in ref_iter.keys() else None
+        if ref is None or np.shape(cand) != np.shape(ref):
+            continue  # the same name for different tensors (graphs of other dtypes / options): not comparable
+        ref_out[name] = ref
+        # compared in the reference's dtype (an fp16 graph against the fp32 one)
+        cand_out[name] = cand.astype(ref.dtype) if cand.dtype != ref.dtype else cand
+    results = RunResults([(ref_name, [IterationResult(ref_out, runner_name=ref_name)]),
+                          (cand_name, [IterationResult(cand_out, runner_name=cand_name)])])
     accuracy = Comparator.compare_accuracy(
         results, compare_func=simple(rtol=bound, atol=bound, check_shapes=False, infinities_compare_equal=True))
     if not hasattr(accuracy, "values"):  # newer polygraphy: one AccuracyResult per compare function
