@@ -88,8 +88,33 @@ def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: Exp
             dynamic = ({0: batch}, tuple({0: batch} for _ in specs))
         input_names, output_names = io_names(model, graph)
         with torch.no_grad():
-            return torch.onnx.export(
+            program = torch.onnx.export(
                 wrapper.eval(), args, dynamo=True, dynamic_shapes=dynamic, custom_translation_table=table,
                 opset_version=opset_version, input_names=input_names, output_names=output_names, verbose=False,
-                optimize=True,
+                optimize=False,
             )
+    light_optimize(program.model)
+    return program
+
+
+def light_optimize(model, weight_elements: int = 8192) -> None:
+    """Constant folding and clean-up, without the exporter's default optimizer: its pattern rewriter took ~20 s per
+    36-layer graph (most of the export time of a full-size model), and it folded Transpose(weight) into transposed
+    copies of the weights (memory, and prefill/decode could no longer share them). ONNX Runtime applies its own graph
+    optimizations when it loads the graph. Nodes reading a weight-sized constant are never folded."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import fold_constants
+
+    def should_fold(node):
+        big = any(v is not None and v.const_value is not None and v.const_value.size > weight_elements
+                  for v in node.inputs)
+        return False if big else None
+
+    fold_constants(model, should_fold=should_fold)
+    ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.CommonSubexpressionEliminationPass(), common.IdentityEliminationPass(), common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
