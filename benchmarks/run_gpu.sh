@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call (see benchmarks/README.md): GPU parity tests at full shapes, then the benchmarks.
-# Usage: bash benchmarks/run_gpu.sh [tests] [kernels] [decode] [prefill] [decode-quick]   (default: all four)
+# Usage: bash benchmarks/run_gpu.sh [tests] [tests-quick] [kernels] [sweep] [decode] [prefill] [decode-quick]
+#        (default: tests kernels decode prefill)
 # Logs and JSON land in $OUT (the device runner) or /tmp/mambadeploy-bench.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks
 OUT=${OUT:-/tmp/mambadeploy-bench}; mkdir -p "$OUT"
@@ -11,10 +12,13 @@ for stage in $stages; do
   case $stage in
     tests) timeout 330 python3 -m pytest -q -rfE -p no:cacheprovider tests/kernels tests/runtime/test_torch_fast.py \
              2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+    tests-quick) timeout 300 python3 -m pytest -q -rfE -p no:cacheprovider tests/kernels/test_kernel_state_update.py \
+             tests/kernels/test_kernel_moe.py tests/runtime/test_torch_fast.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    sweep) timeout 300 python3 benchmarks/sweep_kernels.py 2>&1 | tee "$OUT/sweep.log" | tail -45 ;;
     kernels) timeout 200 python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
     decode) timeout 330 python3 benchmarks/bench_decode.py 2>&1 | tee "$OUT/decode.log" | tail -12 ;;
-    decode-quick) timeout 200 python3 benchmarks/bench_decode.py --presets blackmamba-2.8b --batches 1 64 \
-                    --name decode_quick 2>&1 | tee "$OUT/decode_quick.log" | tail -8 ;;
+    decode-quick) timeout 240 python3 benchmarks/bench_decode.py --presets blackmamba-2.8b --batches 1 64 \
+                    --name decode_quick --profile 2>&1 | tee "$OUT/decode_quick.log" | tail -50 ;;
     prefill) timeout 330 python3 benchmarks/bench_prefill.py 2>&1 | tee "$OUT/prefill.log" | tail -12 ;;
   esac
 done

@@ -24,9 +24,10 @@ from .common import ACTIVATION_CODES, activate, dot_precision, dot_upcast, fsum,
 from .interpret import is_interpreted, kernel_for
 from .moe_routing import moe_align
 
-# Pairs (tokens * k) up to this many use the GEMV launch; above, the grouped GEMM (a 16-row tile at P <= 8 wastes
-# little, but the GEMV streams the weights with no tl.dot tile constraints and no grouping launch).
-GEMV_MAX_PAIRS = 8
+# Pairs (tokens * k) up to this many use the GEMV launch; above, the grouped GEMM. Measured on the H100 (2.8B shapes):
+# with 8 pairs the GEMV re-read the shared expert once per pair (55 us for one expert's 34 MB, against 17 us for one
+# pair), so only a single pair — batch-1 top-1 decode — takes the GEMV.
+GEMV_MAX_PAIRS = 1
 
 
 # --------------------------------------------------------------------------- GEMV (decode)

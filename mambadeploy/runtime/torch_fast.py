@@ -119,14 +119,15 @@ class TorchFastRunner(Runner):
         return out
 
     def _ssm_params(self, m, xc):
-        """xc (..., d_inner) -> dt (..., d_inner) without bias, B, C (..., N) (views of one x_proj output)."""
+        """xc (..., d_inner) -> low-rank dt (..., R), B, C (..., N) (views of one x_proj output); dt_proj (no bias)
+        is applied by the caller: a Linear in prefill, fused into the state-update kernel in decode."""
         xdbl = F.linear(xc, m.x_proj.weight)
         dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
         if m.dt_norm is not None:  # Jamba
             dt = self._k_norm.rms_norm(dt, m.dt_norm.weight, m.dt_norm.eps)
             B = self._k_norm.rms_norm(B, m.B_norm.weight, m.B_norm.eps)
             C = self._k_norm.rms_norm(C, m.C_norm.weight, m.C_norm.eps)
-        return F.linear(dt, m.dt_proj.weight), B, C
+        return dt, B, C
 
     def _ffn(self, layer, x):
         """x (T, d) in model dtype -> (T, d)."""
@@ -155,7 +156,8 @@ class TorchFastRunner(Runner):
         if valid is not None:
             xs = torch.where(valid[..., None], xs, torch.zeros_like(xs))
         xc, conv_state = self._k_conv.causal_conv1d(xs.transpose(1, 2), layer.conv_weight, m.conv1d.bias, None, "silu")
-        dt, B, C = self._ssm_params(m, xc.transpose(1, 2))
+        dt_low, B, C = self._ssm_params(m, xc.transpose(1, 2))
+        dt = F.linear(dt_low, m.dt_proj.weight)
         if valid is not None:  # softplus(-inf) = 0: pad steps leave the state untouched
             dt = torch.where(valid[..., None], dt, torch.full_like(dt, float("-inf")))
         y, ssm_state = self._k_scan.selective_scan(
@@ -203,9 +205,10 @@ class TorchFastRunner(Runner):
         di = m.d_inner
         xz = F.linear(x, m.in_proj.weight, m.in_proj.bias)
         xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias, "silu")
-        dt, B, C = self._ssm_params(m, xc)
-        y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt, layer.A, B, C, layer.D, xz[:, di:],
-                                                  dt_bias=layer.dt_bias, dt_softplus=True)
+        dt_low, B, C = self._ssm_params(m, xc)
+        y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt_low, layer.A, B, C, layer.D, xz[:, di:],
+                                                  dt_bias=layer.dt_bias, dt_softplus=True,
+                                                  dt_proj_weight=m.dt_proj.weight)
         return F.linear(y, m.out_proj.weight, m.out_proj.bias)
 
     @staticmethod

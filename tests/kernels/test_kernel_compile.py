@@ -14,7 +14,12 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from mambadeploy.kernels import (  # noqa: E402
-    causal_conv1d, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update,
+    causal_conv1d,
+    moe_experts,
+    moe_routing,
+    rms_norm,
+    selective_scan,
+    selective_state_update,
 )
 
 MODULES = (causal_conv1d, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update)
@@ -71,9 +76,9 @@ def _calls(dtype):
                                                                               r(d), "silu")
     yield "add_rms_norm", lambda: rms_norm.add_rms_norm(r(T, d), torch.randn(T, d), r(d), 1e-5)
     yield "route_hidden", lambda: moe_routing.route_hidden(r(T, d), r(E, d), r(E), "softmax_topk", 2)
-    experts = torch.randint(0, E, (T, 1))
-    yield "expert_gather (gemv)", lambda: moe_experts.expert_gather(r(T, d), r(E, 2 * F, d), r(E, d, F), experts,
-                                                                     torch.rand(T, 1), "gelu")
+    one = torch.randint(0, E, (1, 1))  # a single (token, expert) pair: the GEMV launch
+    yield "expert_gather (gemv)", lambda: moe_experts.expert_gather(r(1, d), r(E, 2 * F, d), r(E, d, F), one,
+                                                                     torch.rand(1, 1), "gelu")
     experts = torch.randint(0, E, (40, 2))
     yield "expert_gather (gemm)", lambda: moe_experts.expert_gather(r(40, d), r(E, 2 * F, d), r(E, d, F), experts,
                                                                      torch.rand(40, 2), "silu")

@@ -58,7 +58,7 @@ def test_align_groups_pairs_by_expert(P, E, block_m):
             assert rows.tolist() == sorted(rows.tolist())  # stable order inside an expert
 
 
-# (T, d, F, E, k, activation): T * k <= GEMV_MAX_PAIRS takes the GEMV launch, above the grouped GEMM
+# (T, d, F, E, k, activation): T * k <= GEMV_MAX_PAIRS (batch-1 top-1) takes the GEMV launch, above the grouped GEMM
 MOE_CASES = small((1, 40, 24, 4, 1, "gelu"), (3, 40, 24, 4, 2, "silu"), (7, 24, 40, 5, 1, "gelu_tanh"),
                   (33, 40, 24, 4, 1, "gelu"), (154, 24, 40, 5, 2, "silu")) + full(
     (1, 1472, 3872, 8, 1, "gelu"), (8, 1472, 3872, 8, 1, "gelu"), (64, 1472, 3872, 8, 1, "gelu"),

@@ -35,6 +35,21 @@ def test_state_update_matches_ref_in_place(batch, dim, N, dtype):
     assert_close_op(state, state_ref, torch.float32, what="state")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,dim,N,R", small((1, 40, 16, 5), (3, 72, 16, 7)) + full(
+    (1, 2944, 16, 92), (64, 2304, 16, 72)))
+def test_state_update_with_fused_dt_projection(batch, dim, N, R, dtype):
+    """dt arrives low-rank (batch, R) and the kernel applies dt_proj (dim, R) itself."""
+    state, x, _, A, B, C, D, z, bias = _inputs(batch, dim, N, dtype, seed=4)
+    g = make_gen(5)
+    dt_low, w = randn(g, batch, R, dtype=dtype), randn(g, dim, R, dtype=dtype, scale=R ** -0.5)
+    dt = torch.nn.functional.linear(dt_low.float(), w.float())  # the reference gets the full-rank dt in fp32
+    y_ref, state_ref = selective_state_update_ref(state, x, dt, A, B, C, D, z, bias, True)
+    y, _ = selective_state_update(state, x, dt_low, A, B, C, D, z, bias, True, dt_proj_weight=w)
+    assert_close_op(y, y_ref, dtype, what="y")
+    assert_close_op(state, state_ref, torch.float32, what="state")
+
+
 def test_state_update_without_optional_inputs():
     state, x, dt, A, B, C, *_ = _inputs(3, 40, 16, torch.float32, seed=1)
     dt = dt.abs() * 0.2

@@ -12,7 +12,7 @@ from mambadeploy.errors import InputError
 from mambadeploy.runtime.generate import generate
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
 from mambadeploy.runtime.torch_fast import FastState, TorchFastRunner
-from mambadeploy.validate.tolerances import TOP1_AGREEMENT, assert_logits_close
+from mambadeploy.validate.tolerances import assert_logits_close, logits_gate, rel_to_scale
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -83,25 +83,39 @@ def test_wrong_batch_is_refused(tiny):
         fast.step(torch.tensor([10_000]), state)
 
 
+def _teacher_forced(ref, runner, prompt, steps):
+    """Follow the fp32 reference's own greedy tokens; (top-1 agreement, max logit error / scale) of `runner`."""
+    logits_ref, state_ref = ref.prefill(prompt)
+    logits, state = runner.prefill(prompt)
+    agree, worst = 0, 0.0
+    for i in range(steps):
+        agree += int((logits.argmax(-1) == logits_ref.argmax(-1)).all())
+        worst = max(worst, rel_to_scale(logits, logits_ref)[0])
+        if i == steps - 1:
+            break
+        token = logits_ref.argmax(-1)
+        logits_ref, state_ref = ref.step(token, state_ref)
+        logits, state = runner.step(token, state)
+    return agree / steps, worst
+
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_low_precision_teacher_forced_top1(tiny, preset, dtype):
-    """bf16/fp16 torch-fast follows the fp32 reference's own greedy sequence; its top-1 must agree >= 99 %."""
+    """bf16/fp16 torch-fast follows the fp32 reference's greedy sequence for 256 tokens. The bar is TOP1_AGREEMENT
+    (99 %), loosened by tolerances.logits_gate only where the reference itself, run in that dtype (the precision
+    baseline), misses it: the tiny random presets have many near-tie logits (bf16 eager: ~94 % on two of them)."""
     ref = TorchEagerRunner(_model(tiny, preset))
-    fast = TorchFastRunner(_model(tiny, preset, dtype))
     prompt = torch.tensor([PROMPTS[0]])
-    logits_ref, state_ref = ref.prefill(prompt)
-    logits, state = fast.prefill(prompt)
-    agree, total = int(logits.argmax(-1) == logits_ref.argmax(-1)), 1
-    for _ in range(255):
-        token = logits_ref.argmax(-1)
-        logits_ref, state_ref = ref.step(token, state_ref)
-        logits, state = fast.step(token, state)
-        agree += int(logits.argmax(-1) == logits_ref.argmax(-1))
-        total += 1
-    print(f"{preset} {dtype}: top-1 agreement {agree}/{total}")
-    assert agree / total >= TOP1_AGREEMENT[torch.bfloat16 if dtype == "bf16" else torch.float16]
+    top1, err = _teacher_forced(ref, TorchFastRunner(_model(tiny, preset, dtype)), prompt, 256)
+    base_top1, base_err = _teacher_forced(ref, TorchEagerRunner(_model(tiny, preset, dtype)), prompt, 256)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    gate = logits_gate(torch_dtype, {"max_rel": base_err, "top1_agreement": base_top1})
+    print(f"{preset} {dtype}: torch-fast top-1 {top1:.4f}, max err/scale {err:.3f}; torch eager {dtype} "
+          f"{base_top1:.4f}, {base_err:.3f}; gate {gate}")
+    assert top1 >= gate["top1_agreement"]
+    assert err <= gate["logits_max_rel"]
 
 
 @needs_gpu
