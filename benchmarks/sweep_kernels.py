@@ -96,7 +96,10 @@ def sweep_moe(rows, d=1472, F=3872, E=8):
         y0 = moe_experts.expert_gather(x, w1, w2, experts, weights, "gelu")
         n_exp = int(experts.unique().numel())
         for c in configs:
-            cfg = _moe_cfg(path, T, 1, d, F, E, *c) if path == "gemv" else _moe_cfg(path, T, 1, d, F, E, c[1], c[2], c[0])
+            if path == "gemv":
+                cfg = _moe_cfg(path, T, 1, d, F, E, *c)
+            else:
+                cfg = _moe_cfg(path, T, 1, d, F, E, c[1], c[2], c[0])
             row = {"sweep": f"expert_gather_{path}", "T": T, "config": str(c), "experts_read": n_exp}
             try:
                 y = moe_experts.expert_gather(x, w1, w2, experts, weights, "gelu", config=cfg)
