@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-cache", action="store_true", help="export to a temporary directory instead of reusing / "
                    "filling the export cache ($MAMBADEPLOY_CACHE or ~/.cache/mambadeploy, shared with `generate`)")
     p.add_argument("--prefill-repeats", type=int, default=3, metavar="R", help="prefill timings taken (median reported)")
+    p.add_argument("--time-limit", type=float, metavar="S", help="start no backend after S seconds of backend runs "
+                   "(those are reported as skipped): keeps a CI job or a device call inside its limit")
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write the result (schema: "
                    "mambadeploy/validate/result.schema.json)")
     p.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report with plots")
@@ -50,7 +52,7 @@ def run(args) -> int:
         prompts_file=args.prompts_file, num_prompts=2 if args.num_prompts is None else args.num_prompts,
         prompt_len=16 if args.prompt_len is None else args.prompt_len,
         new_tokens=args.new_tokens, seed=args.seed, per_layer=args.per_layer, prefill_repeats=args.prefill_repeats,
-        ops=args.ops, use_cache=not args.no_cache, progress=not args.quiet and sys.stderr.isatty(),
+        ops=args.ops, use_cache=not args.no_cache, time_limit_s=args.time_limit, progress=not args.quiet and sys.stderr.isatty(),
     )
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_validation(opts, log=log)

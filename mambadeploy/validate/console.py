@@ -11,6 +11,7 @@ def _num(x, fmt="{:.1e}", none="-"):
 def render(result: dict, console=None) -> None:
     from rich import box
     from rich.console import Console
+    from rich.markup import escape  # reasons hold text like 'mambadeploy[onnx]' that rich would take for markup
     from rich.table import Table
 
     console = console or Console()
@@ -48,9 +49,9 @@ def render(result: dict, console=None) -> None:
         console.print(timing)
     for r in result["backends"]:
         if r["status"] == "skipped":
-            console.print(f"[dim]skipped {r['label']}: {r['reason']}[/]")
+            console.print(f"[dim]skipped {r['label']}: {escape(r['reason'] or '')}[/]")
         for f in r["failures"]:
-            console.print(f"[red]{r['label']}: {f}[/]")
+            console.print(f"[red]{r['label']}: {escape(f)}[/]")
         pl = r.get("per_layer")
         if pl:
             if pl["first_bad_layer"] is None:
@@ -59,9 +60,9 @@ def render(result: dict, console=None) -> None:
             else:
                 console.print(f"[yellow]{r['label']}: per-layer drift first leaves {pl['bound_rel']:.0e} at layer "
                               f"{pl['first_bad_layer']} ({pl['first_bad_kind']}), first tensor "
-                              f"{pl['first_bad_tensor']}[/]")
+                              f"{escape(str(pl['first_bad_tensor']))}[/]")
             for note in pl["notes"]:
-                console.print(f"[dim]{r['label']}: {note}[/]")
+                console.print(f"[dim]{r['label']}: {escape(note)}[/]")
     verdict = "[bold green]PASSED[/]" if result["passed"] else "[bold red]FAILED[/]"
     c = result["summary"]
     console.print(f"{verdict}: {c['passed']} passed, {c['failed']} failed, {c['error']} errors, {c['skipped']} skipped")

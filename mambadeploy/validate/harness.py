@@ -8,6 +8,7 @@ import datetime
 import gc
 import platform
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ class ValidateOptions:
     per_layer: bool = False
     prefill_repeats: int = 3
     ops: str | None = None  # export op set for the export validate makes itself (None = the exporter's default)
-    use_cache: bool = True  # reuse validate's own earlier exports of the same model (export_cache.py)
+    use_cache: bool = True  # exports made here go through the ORT runtime's export cache (runtime/ort_runner.py)
+    time_limit_s: float | None = None  # backends not started by then are reported as skipped
     progress: bool = False
 
 
@@ -95,7 +97,11 @@ def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
     runnable.sort(key=lambda item: item[0].name != "torch")
     with tempfile.TemporaryDirectory(prefix="mambadeploy-validate-") as tmp:
         exports.temp_root = Path(tmp)
+        started = time.perf_counter()
         for req, _ in runnable:
+            if opts.time_limit_s is not None and time.perf_counter() - started > opts.time_limit_s:
+                results.append(_skipped(req, f"not started: --time-limit of {opts.time_limit_s:g} s reached"))
+                continue
             log(f"{req.label}: running")
             results.append(_run_backend(req, opts, model, reference, trace, ref_stream, exports, device, baselines))
             gc.collect()
@@ -174,6 +180,10 @@ def _run_backend(req: BackendRequest, opts, model, reference, trace: ReferenceTr
     lat.update(batch=B, prompt_len=int(trace.ids.shape[1]))
     entry["latency"] = lat
     entry["memory"] = memory.result()
+    if runner is reference and entry["memory"]["peak_mb"] is not None:  # its weights were there before the start
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        entry["memory"] = {"peak_mb": entry["memory"]["peak_mb"] + weights / 2**20,
+                           "method": entry["memory"]["method"] + " + the reference's weights (this run reuses them)"}
     gpu = entry["describe"].get("gpu") if _on_gpu(entry["describe"], req.name) else None
     entry["roofline"] = roofline(decode_bytes_per_step(model, model.config, req.dtype, B), lat["decode_ms_p50"], gpu)
     if opts.per_layer:

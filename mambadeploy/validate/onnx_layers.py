@@ -106,7 +106,7 @@ def _compare(onnx, polygraphy, ref_path, cand_path, feed, n_layers, bound, cand_
     (ref_name, (ref_iter,)), (cand_name, (cand_iter,)) = results[0], results[1]
     ref_out, cand_out = {}, {}
     for name, cand in cand_iter.items():
-        ref = ref_iter[name] if name in ref_iter.keys() else None
+        ref = ref_iter[name] if name in ref_iter.keys() else None  # noqa: SIM118 - a polygraphy struct
         if ref is None or np.shape(cand) != np.shape(ref):
             continue  # the same name for different tensors (graphs of other dtypes / options): not comparable
         ref_out[name] = ref

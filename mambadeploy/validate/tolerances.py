@@ -88,15 +88,26 @@ PER_LAYER_REL = {
 # BASELINE_TOP1_SLACK.
 # fp32 backends are judged by the fixed bounds alone (a perturbed weight moves fp32 logits by >= 1e-2 of the scale,
 # two decades above LOGITS_REL; in low precision only gross faults stand out, which is why CI validates in fp32).
+# A baseline worse than these caps does not loosen anything: then the model itself does not hold up in that dtype
+# (the random blackmamba-1.5b preset on the H100: torch bf16 against fp32 reaches 38 % top-1 agreement; on the CPU a
+# 6-layer model of the same width has its first MoE layer's output 0.7 of its scale off in bf16, 1e-3 in fp16: near-tie
+# top-1 routes flip), every backend of that dtype fails the fixed bounds, and the report says the baseline misses them
+# too. The caps sit beyond the tiny presets' baselines (max err 0.44, top-1 95.7 %).
 BASELINE_ERR_FACTOR = 2.0
 BASELINE_TOP1_SLACK = 0.02
+BASELINE_MAX_ERR = 0.5
+BASELINE_MIN_TOP1 = 0.9
 
 
 def logits_gate(dtype: torch.dtype, baseline: dict | None = None) -> dict:
     """The bounds a backend of `dtype` is judged by: {"logits_max_rel", "top1_agreement"} plus where they came from.
     baseline: the precision baseline's {"max_rel", "top1_agreement"} (low precision only)."""
     gate = {"logits_max_rel": LOGITS_REL[dtype], "top1_agreement": TOP1_AGREEMENT[dtype], "source": "fixed"}
-    if baseline is not None and dtype != torch.float32:
+    usable = baseline is not None and baseline["max_rel"] <= BASELINE_MAX_ERR and \
+        baseline["top1_agreement"] >= BASELINE_MIN_TOP1
+    if baseline is not None and dtype != torch.float32 and not usable:
+        gate["source"] = "fixed (the precision baseline misses it too: the model does not hold up in this dtype)"
+    if usable and dtype != torch.float32:
         # loosen a bound only where the baseline itself misses it: then the dtype, not the backend, is the limit
         err, top1 = gate["logits_max_rel"], gate["top1_agreement"]
         if baseline["max_rel"] > err:
