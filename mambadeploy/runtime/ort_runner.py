@@ -94,6 +94,10 @@ class OrtRunner(Runner):
             if self.cuda_graph and graph == "decode":
                 cuda["enable_cuda_graph"] = "1"
             providers = [(PROVIDERS["cuda"], cuda), PROVIDERS["cpu"]]
+        if self.manifest.ops == "custom":  # mambadeploy-domain nodes: our kernel library (built once, cached)
+            from ..plugins.ort.build import register
+
+            register(opts, cuda=self.provider == "cuda")
         path = self.directory / self.manifest.graphs[graph].file
         try:
             return ort.InferenceSession(str(path), opts, providers=providers)

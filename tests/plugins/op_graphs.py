@@ -77,3 +77,31 @@ def _cast_bits(arr, dtype):
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)
+
+
+def with_fp32_io(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with fp32 graph inputs and outputs: Cast nodes turn each fp16/bf16 input into the node's dtype
+    and each fp16/bf16 output back to fp32 (exact), so numpy can feed and read bf16 graphs."""
+    graph = model.graph
+    low = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    casts_in, casts_out = [], []
+    for vi in graph.input:
+        t = vi.type.tensor_type
+        if t.elem_type in low:
+            inner = f"{vi.name}.low"
+            casts_in.append(helper.make_node("Cast", [vi.name], [inner], to=t.elem_type, name=f"cast_{vi.name}"))
+            for node in graph.node:
+                node.input[:] = [inner if i == vi.name else i for i in node.input]
+            t.elem_type = TensorProto.FLOAT
+    for node in graph.node:
+        for k, out in enumerate(node.output):
+            vi = next(o for o in graph.output if o.name == out)
+            if vi.type.tensor_type.elem_type in low:
+                node.output[k] = f"{out}.low"
+                casts_out.append(helper.make_node("Cast", [f"{out}.low"], [out], to=TensorProto.FLOAT,
+                                                  name=f"cast_{out}"))
+                vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    nodes = casts_in + list(graph.node) + casts_out
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

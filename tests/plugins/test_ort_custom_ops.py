@@ -1,8 +1,12 @@
-"""(d) The ORT custom-op library (our C++ sources, built against ORT's C API headers from Debian's libonnxruntime-dev)
+"""(c) The ORT custom-op library (our C++ sources, built against ORT's C API headers from Debian's libonnxruntime-dev)
 loaded with SessionOptions.register_custom_ops_library: parity with the `_ref` on CPU, awkward shapes, omitted optional
-inputs. Builds the library on first use (a few seconds; cached by source hash)."""
+inputs; a whole `--ops custom` export through the ORT runner against the torch model; the CUDA build of the library
+compiles (nvcc) and loads here too (its CUDA kernels run in test_ort_cuda_ops.py, GPU only). Builds the libraries on
+first use (seconds; cached by source hash)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -98,3 +102,48 @@ def test_bad_expert_index_fails_with_a_message(library):
     feeds["experts"][2, 0] = 7
     with pytest.raises(Exception, match="expert index out of range"):
         _session(model, library).run(None, feeds)
+
+
+def test_custom_export_runs_in_the_ort_runner(tiny, tmp_path, monkeypatch):
+    """jamba-tiny (attention + top-2 MoE) exported with --ops custom: the ORT runner registers our library and its
+    prefill logits and states match the torch model's (fp32 bound)."""
+    from mambadeploy.export.exporter import export_model
+    from mambadeploy.runtime.ort_runner import OrtRunner
+    from mambadeploy.validate.tolerances import assert_logits_close
+
+    monkeypatch.setenv("MAMBADEPLOY_CACHE", str(tmp_path / "cache"))
+    model = tiny("jamba-tiny")
+    export_model(model, tmp_path / "exp", ops="custom")
+    runner = OrtRunner(tmp_path / "exp", "cpu", threads=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    logits, state = runner.prefill(ids, lengths=torch.tensor([19, 11]))
+    with torch.no_grad():
+        ref_logits, ref_state = model.prefill(ids, lengths=torch.tensor([19, 11]))
+    assert_logits_close(logits, ref_logits, torch.float32, "custom-op prefill logits")
+    for name, value in runner.state_to_torch(state).items():
+        assert_close_op(value.float(), ref_state[name].float(), torch.float32, name)
+
+
+def test_cuda_build_compiles_and_loads():
+    """The CUDA build (CPU + CUDA kernels in one library, CUDA runtime linked statically) compiles with nvcc here and
+    loads into a CPU session, whose nodes still get the CPU kernels."""
+    import shutil
+
+    from mambadeploy.plugins.ort import build
+
+    if not (shutil.which("nvcc") or os.environ.get("NVCC")):
+        pytest.skip("no nvcc on this machine: the CUDA build of the ORT library cannot be compiled here")
+    try:
+        lib = build.build_library(cuda=True)
+    except MambaDeployError as exc:
+        if "fetching ORT headers" in str(exc):
+            pytest.skip(f"ORT headers unavailable: {exc}")
+        raise
+    assert lib.name == build.CUDA_LIBRARY_NAME
+    model = single_op_model("CausalConv1d", dim=9, k=4, attrs={"activation": 1})
+    feeds = _feeds(model, {"batch": 2, "length": 5}, seed=0)
+    y, s = _session(model, lib).run(None, feeds)
+    t = {k: torch.from_numpy(v) for k, v in {**_inits(model), **feeds}.items()}
+    ry, rs = get_op("CausalConv1d").resolve("reference")(t["x"], t["weight"], t["bias"], t["initial_state"], "silu")
+    assert_close_op(torch.from_numpy(y), ry, torch.float32, "y")
+    assert_close_op(torch.from_numpy(s), rs, torch.float32, "final_state")

@@ -1,4 +1,5 @@
-"""Build the ORT custom-op library (libmambadeploy_ort.so) from our own C++ sources, and find it.
+"""Build the ORT custom-op library from our own C++/CUDA sources, and find it: libmambadeploy_ort.so (CPU kernels, g++)
+or libmambadeploy_ort_cuda.so (the CPU kernels plus CUDA kernels for ORT's CUDA provider, nvcc).
 
 Headers: the onnxruntime wheels ship no C API headers. Debian packages them: `libonnxruntime-dev` (1.21.0, suite trixie)
 holds onnxruntime_c_api.h / onnxruntime_cxx_api.h. `fetch_headers()` downloads that one package with apt-get (Debian's
@@ -7,6 +8,7 @@ compatible, so a library built against the 1.21 headers (ORT_API_VERSION 21) loa
 Set MAMBADEPLOY_ORT_INCLUDE to a directory holding the headers to skip the download.
 
     python -m mambadeploy.plugins.ort.build            # fetch headers if needed, compile, print the library path
+    python -m mambadeploy.plugins.ort.build --cuda     # the CUDA build (needs nvcc; runs with onnxruntime-gpu)
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ from pathlib import Path
 from ...errors import MambaDeployError
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("ops_cpu.cc",)
+CPU_SOURCES = ("ops_cpu.cc", "register.cc")
+CUDA_SOURCES = (*CPU_SOURCES, "ops_cuda.cc", "ops_cuda_kernels.cu")
+HEADERS = ("ops.h", "ops_cuda_kernels.h")
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")
+# SASS for Hopper, PTX for sm_80 that the driver JIT-compiles on any newer GPU; override with MAMBADEPLOY_CUDA_ARCHS
+# ("arch=compute_89,code=sm_89;...", nvcc -gencode values)
+CUDA_ARCHS = tuple(a for a in os.environ.get("MAMBADEPLOY_CUDA_ARCHS", "arch=compute_90,code=sm_90;"
+                                             "arch=compute_80,code=compute_80").split(";") if a)
 HEADER_PACKAGE, HEADER_SUITE, HEADER_VERSION = "libonnxruntime-dev", "trixie", "1.21.0"
 CACHE = Path(os.environ.get("MAMBADEPLOY_CACHE", Path.home() / ".cache" / "mambadeploy"))
 LIBRARY_NAME = "libmambadeploy_ort.so"
+CUDA_LIBRARY_NAME = "libmambadeploy_ort_cuda.so"
 
 
 def header_dir() -> Path:
@@ -69,41 +79,70 @@ def fetch_headers() -> Path:
     return dest
 
 
-def _source_hash(extra: str) -> str:
+def _source_hash(sources, extra: str, include: Path) -> str:
+    """Key of a build: our sources and headers, the compile command's flags, and the ORT header it compiled against."""
     h = hashlib.sha256(extra.encode())
-    for name in SOURCES:
+    for name in (*sources, *HEADERS):
         h.update((HERE / name).read_bytes())
+    h.update((include / "onnxruntime_c_api.h").read_bytes())
     return h.hexdigest()[:16]
 
 
-def build_library(out_dir: Path | None = None, force: bool = False) -> Path:
-    """Compile the CPU custom-op library (cached by a hash of the sources and compiler flags); returns its path."""
+def find_nvcc() -> str:
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not nvcc:
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+        candidate = Path(home) / "bin" / "nvcc"
+        nvcc = str(candidate) if candidate.exists() else None
+    if not nvcc:
+        raise MambaDeployError("the CUDA build of the ORT custom-op library needs nvcc (the CUDA toolkit, >= 12); set "
+                               "NVCC or CUDA_HOME, or use the CPU library (build_library(cuda=False))")
+    return nvcc
+
+
+def compile_command(include: Path, out: Path, cuda: bool) -> list[str]:
+    """The one compiler call that builds the library. CUDA: nvcc compiles the .cc files with the host compiler and the
+    kernels for CUDA_ARCHS, links the CUDA runtime statically (no libcudart needed beside the library)."""
+    if not cuda:
+        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        if not cxx:
+            raise MambaDeployError("no C++ compiler (g++) found to build the ORT custom-op library; install g++")
+        return [cxx, *CXX_FLAGS, f"-I{include}", f"-I{HERE}", *[str(HERE / s) for s in CPU_SOURCES], "-o", str(out)]
+    gencode = [a for arch in CUDA_ARCHS for a in ("-gencode", arch)]
+    return [find_nvcc(), "-O3", "-std=c++17", "-shared", "--cudart", "static", "-Xcompiler",
+            "-fPIC,-fvisibility=hidden,-Wall", "-DMAMBADEPLOY_WITH_CUDA", *gencode, f"-I{include}", f"-I{HERE}",
+            *[str(HERE / s) for s in CUDA_SOURCES], "-o", str(out)]
+
+
+def build_library(out_dir: Path | None = None, force: bool = False, cuda: bool = False) -> Path:
+    """Compile the custom-op library (cached by a hash of the sources, headers and flags); returns its path.
+    cuda=False: fp32 CPU kernels (g++, seconds). cuda=True: the same plus fp32/fp16/bf16 CUDA kernels for ORT's
+    CUDA provider (nvcc, about a minute)."""
     include = fetch_headers()
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall"]
-    key = _source_hash(" ".join(flags) + str(include))
+    name = CUDA_LIBRARY_NAME if cuda else LIBRARY_NAME
+    probe = compile_command(include, Path(name), cuda)
+    flags = " ".join(probe[1:]).replace(str(include), "<ort>").replace(str(HERE), "<src>")  # paths differ per machine
+    key = _source_hash(CUDA_SOURCES if cuda else CPU_SOURCES, flags, include)
     out_dir = Path(out_dir or CACHE / f"ort-ops-{key}")
-    lib = out_dir / LIBRARY_NAME
+    lib = out_dir / name
     if lib.exists() and not force:
         return lib
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise MambaDeployError("no C++ compiler (g++) found to build the ORT custom-op library; install g++")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{LIBRARY_NAME}.{os.getpid()}"
-    cmd = [cxx, *flags, f"-I{include}", *[str(HERE / s) for s in SOURCES], "-o", str(tmp)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    tmp = out_dir / f".{name}.{os.getpid()}"
+    r = subprocess.run(compile_command(include, tmp, cuda), capture_output=True, text=True, check=False)
     if r.returncode != 0:
-        raise MambaDeployError(f"compiling the ORT custom-op library failed:\n{r.stderr[-2000:]}")
+        raise MambaDeployError(f"compiling the ORT custom-op library ({name}) failed:\n{r.stderr[-3000:]}")
     os.replace(tmp, lib)
     return lib
 
 
-def register(session_options, library: Path | None = None) -> Path:
-    """Build (if needed) and register the library with an onnxruntime SessionOptions; returns its path."""
-    lib = Path(library) if library else build_library()
+def register(session_options, library: Path | None = None, cuda: bool = False) -> Path:
+    """Build (if needed) and register the library with an onnxruntime SessionOptions; returns its path. Use the CUDA
+    build (cuda=True) for a session with the CUDA provider: it holds the CPU kernels too, in the same domain."""
+    lib = Path(library) if library else build_library(cuda=cuda)
     session_options.register_custom_ops_library(str(lib))
     return lib
 
 
 if __name__ == "__main__":
-    print(build_library(force="--force" in sys.argv))
+    print(build_library(force="--force" in sys.argv, cuda="--cuda" in sys.argv))

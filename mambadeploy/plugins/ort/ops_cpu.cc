@@ -1,21 +1,16 @@
 // ONNX Runtime CPU kernels for the mambadeploy custom ops (domain "mambadeploy"): SelectiveScan, CausalConv1d,
 // TopKExpertGather — the same math as mambadeploy/models/ref_ops.py (fp32 inputs, fp32 accumulation). Loaded with
 // SessionOptions.register_custom_ops_library; built by mambadeploy/plugins/ort/build.py against ORT's C API headers
-// (API version 21, accepted by onnxruntime 1.21 and later).
-#define ORT_API_MANUAL_INIT
-#include <onnxruntime_cxx_api.h>
-#undef ORT_API_MANUAL_INIT
+// (API version 21, accepted by onnxruntime 1.21 and later). Registered by register.cc.
+#include "ops.h"
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <string>
 #include <vector>
 
 namespace {
-
-constexpr const char* kDomain = "mambadeploy";
 
 // --- small helpers ------------------------------------------------------------------------------------------------
 struct In {
@@ -39,17 +34,8 @@ const int64_t* input_i64(Ort::KernelContext& ctx, size_t i, std::vector<int64_t>
   return v.GetTensorData<int64_t>();
 }
 
-int64_t attr_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
-  try {
-    return Ort::ConstKernelInfo(info).GetAttribute<int64_t>(name);
-  } catch (const Ort::Exception&) {
-    return fallback;  // attribute omitted in the node: the registry default
-  }
-}
-
-void require(bool ok, const std::string& what) {
-  if (!ok) ORT_CXX_API_THROW(std::string(what), ORT_INVALID_ARGUMENT);
-}
+using mambadeploy_ort::AttrOr;
+using mambadeploy_ort::Require;
 
 inline float softplus(float x) { return x > 20.f ? x : (x < -15.f ? std::exp(x) : std::log1p(std::exp(x))); }
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
@@ -64,17 +50,17 @@ inline float activate(float x, int64_t code) {
 // u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L); D, delta_bias: (d); initial_state: (b, d, N) -> y, last_state
 struct ScanKernel {
   int64_t softplus_;
-  explicit ScanKernel(const OrtKernelInfo* info) : softplus_(attr_or(info, "delta_softplus", 1)) {}
+  explicit ScanKernel(const OrtKernelInfo* info) : softplus_(AttrOr(info, "delta_softplus", 1)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
     In D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7), h0 = input(ctx, 8);
-    require(u.shape.size() == 3 && A.shape.size() == 2, "SelectiveScan: u must be (b, d, L), A (d, N)");
+    Require(u.shape.size() == 3 && A.shape.size() == 2, "SelectiveScan: u must be (b, d, L), A (d, N)");
     const int64_t b = u.shape[0], d = u.shape[1], L = u.shape[2], N = A.shape[1];
-    require(dt.shape == u.shape && A.shape[0] == d, "SelectiveScan: delta/A do not match u");
-    require(B.shape == std::vector<int64_t>{b, N, L} && C.shape == B.shape, "SelectiveScan: B/C must be (b, N, L)");
-    require(!z.data || z.shape == u.shape, "SelectiveScan: z must match u");
-    require(!h0.data || h0.shape == std::vector<int64_t>{b, d, N}, "SelectiveScan: initial_state must be (b, d, N)");
+    Require(dt.shape == u.shape && A.shape[0] == d, "SelectiveScan: delta/A do not match u");
+    Require(B.shape == std::vector<int64_t>{b, N, L} && C.shape == B.shape, "SelectiveScan: B/C must be (b, N, L)");
+    Require(!z.data || z.shape == u.shape, "SelectiveScan: z must match u");
+    Require(!h0.data || h0.shape == std::vector<int64_t>{b, d, N}, "SelectiveScan: initial_state must be (b, d, N)");
     float* y = ctx.GetOutput(0, u.shape).GetTensorMutableData<float>();
     float* hl = ctx.GetOutput(1, std::vector<int64_t>{b, d, N}).GetTensorMutableData<float>();
     std::vector<float> h(N);
@@ -118,14 +104,14 @@ struct ScanOp : Ort::CustomOpBase<ScanOp, ScanKernel> {
 // x: (b, d, L); weight: (d, K); bias: (d); initial_state: (b, d, K) = last K inputs -> y (b, d, L), final_state (b, d, K)
 struct ConvKernel {
   int64_t activation_;
-  explicit ConvKernel(const OrtKernelInfo* info) : activation_(attr_or(info, "activation", 1)) {}
+  explicit ConvKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 1)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
-    require(x.shape.size() == 3 && w.shape.size() == 2 && w.shape[0] == x.shape[1],
+    Require(x.shape.size() == 3 && w.shape.size() == 2 && w.shape[0] == x.shape[1],
             "CausalConv1d: x must be (b, d, L) and weight (d, K)");
     const int64_t b = x.shape[0], d = x.shape[1], L = x.shape[2], K = w.shape[1];
-    require(!s0.data || s0.shape == std::vector<int64_t>{b, d, K}, "CausalConv1d: initial_state must be (b, d, K)");
+    Require(!s0.data || s0.shape == std::vector<int64_t>{b, d, K}, "CausalConv1d: initial_state must be (b, d, K)");
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     float* sf = ctx.GetOutput(1, std::vector<int64_t>{b, d, K}).GetTensorMutableData<float>();
     std::vector<float> full(K + L);
@@ -161,17 +147,17 @@ struct ConvOp : Ort::CustomOpBase<ConvOp, ConvKernel> {
 // x: (T, d); w1: (E, 2F, d) = [gate; up]; w2: (E, d, F); experts: (T, k) int64; weights: (T, k) -> y (T, d)
 struct GatherKernel {
   int64_t activation_;
-  explicit GatherKernel(const OrtKernelInfo* info) : activation_(attr_or(info, "activation", 0)) {}
+  explicit GatherKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 0)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w1 = input(ctx, 1), w2 = input(ctx, 2), wt = input(ctx, 4);
     std::vector<int64_t> eshape;
     const int64_t* experts = input_i64(ctx, 3, eshape);
-    require(x.shape.size() == 2 && w1.shape.size() == 3 && w2.shape.size() == 3, "TopKExpertGather: bad ranks");
+    Require(x.shape.size() == 2 && w1.shape.size() == 3 && w2.shape.size() == 3, "TopKExpertGather: bad ranks");
     const int64_t T = x.shape[0], d = x.shape[1], E = w1.shape[0], F2 = w1.shape[1], F = F2 / 2;
-    require(w1.shape[2] == d && w2.shape == std::vector<int64_t>{E, d, F} && F2 == 2 * F,
+    Require(w1.shape[2] == d && w2.shape == std::vector<int64_t>{E, d, F} && F2 == 2 * F,
             "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
-    require(eshape.size() == 2 && eshape[0] == T && wt.shape == eshape, "TopKExpertGather: experts/weights (T, k)");
+    Require(eshape.size() == 2 && eshape[0] == T && wt.shape == eshape, "TopKExpertGather: experts/weights (T, k)");
     const int64_t k = eshape[1];
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     std::vector<float> h(F2), a(F);
@@ -181,7 +167,7 @@ struct GatherKernel {
       const float* xt = x.data + t * d;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t e = experts[t * k + j];
-        require(e >= 0 && e < E, "TopKExpertGather: expert index out of range");
+        Require(e >= 0 && e < E, "TopKExpertGather: expert index out of range");
         const float* W1 = w1.data + e * F2 * d;
         const float* W2 = w2.data + e * d * F;
         for (int64_t f = 0; f < F2; ++f) {
@@ -215,24 +201,13 @@ struct GatherOp : Ort::CustomOpBase<GatherOp, GatherKernel> {
 ScanOp g_scan;
 ConvOp g_conv;
 GatherOp g_gather;
-std::mutex g_mutex;
-std::vector<Ort::CustomOpDomain> g_domains;  // kept alive for the life of the process (sessions hold raw pointers)
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
-                                                                                         const OrtApiBase* api_base) {
-  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
-  try {
-    Ort::CustomOpDomain domain{kDomain};
-    domain.Add(&g_scan);
-    domain.Add(&g_conv);
-    domain.Add(&g_gather);
-    Ort::UnownedSessionOptions(options).Add(domain);
-    std::lock_guard<std::mutex> lock(g_mutex);
-    g_domains.push_back(std::move(domain));
-  } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
-  }
-  return nullptr;
+namespace mambadeploy_ort {
+void AddCpuOps(Ort::CustomOpDomain& domain) {
+  domain.Add(&g_scan);
+  domain.Add(&g_conv);
+  domain.Add(&g_gather);
 }
+}  // namespace mambadeploy_ort

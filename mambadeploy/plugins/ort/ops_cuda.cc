@@ -1,0 +1,211 @@
+// ONNX Runtime CUDA kernels for the mambadeploy custom ops: the ORT side (shape checks, outputs, the CUDA EP's compute
+// stream, workspace from the EP's allocator) of the kernels in ops_cuda_kernels.cu. One op object per activation dtype
+// T in {fp32, fp16, bf16} (ORT dispatches same-name custom ops by input types), with the dtypes an export gives:
+//   SelectiveScan    u delta B C D z delta_bias: T, A initial_state: fp32 -> y: T, last_state: fp32
+//   CausalConv1d     x weight bias: T, initial_state: fp32               -> y: T, final_state: fp32
+//   TopKExpertGather x w1 w2: T, experts: int64, weights: fp32           -> y: T
+// Compiled only in the CUDA build of the library (build.py --cuda).
+#include <string>
+#include <vector>
+
+#include "ops.h"
+#include "ops_cuda_kernels.h"
+
+namespace {
+
+using mambadeploy_cuda::DType;
+using mambadeploy_ort::AttrOr;
+using mambadeploy_ort::Require;
+constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr const char* kCudaProvider = "CUDAExecutionProvider";
+
+template <ONNXTensorElementDataType TT>
+constexpr DType dtype_of() {
+  return TT == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? DType::kFloat32
+         : TT == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? DType::kFloat16
+                                                       : DType::kBFloat16;
+}
+
+struct In {
+  const void* data = nullptr;  // device pointer; nullptr: optional input left out
+  std::vector<int64_t> shape;
+};
+
+In input(Ort::KernelContext& ctx, size_t i) {
+  In in;
+  if (i >= ctx.GetInputCount()) return in;
+  Ort::ConstValue v = ctx.GetInput(i);
+  if (!static_cast<const OrtValue*>(v)) return in;
+  in.shape = v.GetTensorTypeAndShapeInfo().GetShape();
+  in.data = v.GetTensorRawData();
+  return in;
+}
+
+void check_launch(const char* error, const char* op) {
+  if (error) ORT_CXX_API_THROW(std::string(op) + ": CUDA kernel launch failed: " + error, ORT_RUNTIME_EXCEPTION);
+}
+
+// A device buffer from the CUDA EP's allocator, returned to it when the kernel's Compute ends. Work queued on the
+// EP's one compute stream before the return runs before any later user of the memory.
+struct DeviceScratch {
+  OrtAllocator* allocator = nullptr;
+  void* ptr = nullptr;
+  DeviceScratch(Ort::KernelContext& ctx, int device_id, size_t bytes) {
+    Ort::MemoryInfo info("Cuda", OrtArenaAllocator, device_id, OrtMemTypeDefault);
+    allocator = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(info));
+    Require(allocator != nullptr, "TopKExpertGather: the CUDA provider gave no allocator for the workspace");
+    ptr = allocator->Alloc(allocator, bytes);
+    Require(ptr != nullptr || bytes == 0, "TopKExpertGather: out of device memory for the workspace");
+  }
+  ~DeviceScratch() {
+    if (allocator) {
+      if (ptr) allocator->Free(allocator, ptr);
+      Ort::GetApi().ReleaseAllocator(allocator);
+    }
+  }
+};
+
+// --- SelectiveScan -------------------------------------------------------------------------------------------------
+template <ONNXTensorElementDataType TT>
+struct ScanKernel {
+  int64_t softplus_;
+  explicit ScanKernel(const OrtKernelInfo* info) : softplus_(AttrOr(info, "delta_softplus", 1)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
+    In D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7), h0 = input(ctx, 8);
+    Require(u.shape.size() == 3 && A.shape.size() == 2, "SelectiveScan: u must be (b, d, L), A (d, N)");
+    const int64_t b = u.shape[0], d = u.shape[1], L = u.shape[2], N = A.shape[1];
+    Require(dt.shape == u.shape && A.shape[0] == d, "SelectiveScan: delta/A do not match u");
+    Require(B.shape == std::vector<int64_t>{b, N, L} && C.shape == B.shape, "SelectiveScan: B/C must be (b, N, L)");
+    Require(!z.data || z.shape == u.shape, "SelectiveScan: z must match u");
+    Require(!D.data || D.shape == std::vector<int64_t>{d}, "SelectiveScan: D must be (d)");
+    Require(!bias.data || bias.shape == std::vector<int64_t>{d}, "SelectiveScan: delta_bias must be (d)");
+    Require(!h0.data || h0.shape == std::vector<int64_t>{b, d, N}, "SelectiveScan: initial_state must be (b, d, N)");
+    Require(N <= mambadeploy_cuda::kScanMaxState, "SelectiveScan (CUDA): state size N = " + std::to_string(N) +
+                                                      " is above the supported " +
+                                                      std::to_string(mambadeploy_cuda::kScanMaxState));
+    mambadeploy_cuda::ScanArgs a{};
+    a.u = u.data, a.delta = dt.data, a.A = static_cast<const float*>(A.data), a.B = B.data, a.C = C.data;
+    a.D = D.data, a.z = z.data, a.delta_bias = bias.data, a.initial_state = static_cast<const float*>(h0.data);
+    a.y = ctx.GetOutput(0, u.shape).GetTensorMutableRawData();
+    a.last_state = ctx.GetOutput(1, std::vector<int64_t>{b, d, N}).GetTensorMutableData<float>();
+    a.batch = b, a.dim = d, a.L = L, a.N = N, a.softplus = softplus_ != 0;
+    check_launch(mambadeploy_cuda::LaunchSelectiveScan(dtype_of<TT>(), a, ctx.GetGPUComputeStream()),
+                 "SelectiveScan");
+  }
+};
+
+template <ONNXTensorElementDataType TT>
+struct ScanOp : Ort::CustomOpBase<ScanOp<TT>, ScanKernel<TT>> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ScanKernel<TT>(info); }
+  const char* GetName() const { return "SelectiveScan"; }
+  const char* GetExecutionProviderType() const { return kCudaProvider; }
+  size_t GetInputTypeCount() const { return 9; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return (i == 2 || i == 8) ? kF32 : TT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= 5 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return i == 0 ? TT : kF32; }
+};
+
+// --- CausalConv1d ---------------------------------------------------------------------------------------------------
+template <ONNXTensorElementDataType TT>
+struct ConvKernel {
+  int64_t activation_;
+  explicit ConvKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 1)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
+    Require(x.shape.size() == 3 && w.shape.size() == 2 && w.shape[0] == x.shape[1],
+            "CausalConv1d: x must be (b, d, L) and weight (d, K)");
+    const int64_t b = x.shape[0], d = x.shape[1], L = x.shape[2], K = w.shape[1];
+    Require(!bias.data || bias.shape == std::vector<int64_t>{d}, "CausalConv1d: bias must be (d)");
+    Require(!s0.data || s0.shape == std::vector<int64_t>{b, d, K}, "CausalConv1d: initial_state must be (b, d, K)");
+    mambadeploy_cuda::ConvArgs a{};
+    a.x = x.data, a.weight = w.data, a.bias = bias.data, a.initial_state = static_cast<const float*>(s0.data);
+    a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
+    a.final_state = ctx.GetOutput(1, std::vector<int64_t>{b, d, K}).GetTensorMutableData<float>();
+    a.batch = b, a.dim = d, a.L = L, a.K = K, a.silu = activation_ == 1;
+    check_launch(mambadeploy_cuda::LaunchCausalConv1d(dtype_of<TT>(), a, ctx.GetGPUComputeStream()), "CausalConv1d");
+  }
+};
+
+template <ONNXTensorElementDataType TT>
+struct ConvOp : Ort::CustomOpBase<ConvOp<TT>, ConvKernel<TT>> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ConvKernel<TT>(info); }
+  const char* GetName() const { return "CausalConv1d"; }
+  const char* GetExecutionProviderType() const { return kCudaProvider; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return i == 3 ? kF32 : TT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return i == 0 ? TT : kF32; }
+};
+
+// --- TopKExpertGather -----------------------------------------------------------------------------------------------
+template <ONNXTensorElementDataType TT>
+struct GatherKernel {
+  int64_t activation_;
+  explicit GatherKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 0)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), w1 = input(ctx, 1), w2 = input(ctx, 2), ex = input(ctx, 3), wt = input(ctx, 4);
+    Require(x.shape.size() == 2 && w1.shape.size() == 3 && w2.shape.size() == 3, "TopKExpertGather: bad ranks");
+    const int64_t T = x.shape[0], d = x.shape[1], E = w1.shape[0], F2 = w1.shape[1], F = F2 / 2;
+    Require(w1.shape[2] == d && w2.shape == std::vector<int64_t>{E, d, F} && F2 == 2 * F,
+            "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
+    Require(ex.shape.size() == 2 && ex.shape[0] == T && wt.shape == ex.shape,
+            "TopKExpertGather: experts/weights (T, k)");
+    const int64_t k = ex.shape[1];
+    const DType t = dtype_of<TT>();
+    mambadeploy_cuda::GatherArgs a{};
+    a.x = x.data, a.w1 = w1.data, a.w2 = w2.data;
+    a.experts = static_cast<const int64_t*>(ex.data), a.weights = static_cast<const float*>(wt.data);
+    a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
+    a.tokens = T, a.d = d, a.E = E, a.F = F, a.k = k, a.activation = int(activation_);
+    if (T == 0) return;
+    const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
+    DeviceScratch scratch(ctx, device, mambadeploy_cuda::GatherWorkspaceBytes(t, T, d, E, F, k));
+    a.workspace = scratch.ptr;
+    check_launch(mambadeploy_cuda::LaunchExpertGather(t, a, ctx.GetGPUComputeStream()), "TopKExpertGather");
+  }
+};
+
+template <ONNXTensorElementDataType TT>
+struct GatherOp : Ort::CustomOpBase<GatherOp<TT>, GatherKernel<TT>> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new GatherKernel<TT>(info); }
+  const char* GetName() const { return "TopKExpertGather"; }
+  const char* GetExecutionProviderType() const { return kCudaProvider; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : (i == 4 ? kF32 : TT);
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return TT; }
+};
+
+constexpr ONNXTensorElementDataType kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+constexpr ONNXTensorElementDataType kBF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+ScanOp<kF32> g_scan_f32;
+ScanOp<kF16> g_scan_f16;
+ScanOp<kBF16> g_scan_bf16;
+ConvOp<kF32> g_conv_f32;
+ConvOp<kF16> g_conv_f16;
+ConvOp<kBF16> g_conv_bf16;
+GatherOp<kF32> g_gather_f32;
+GatherOp<kF16> g_gather_f16;
+GatherOp<kBF16> g_gather_bf16;
+
+}  // namespace
+
+namespace mambadeploy_ort {
+void AddCudaOps(Ort::CustomOpDomain& domain) {
+  for (OrtCustomOp* op : std::vector<OrtCustomOp*>{&g_scan_f32, &g_scan_f16, &g_scan_bf16, &g_conv_f32, &g_conv_f16,
+                                                   &g_conv_bf16, &g_gather_f32, &g_gather_f16, &g_gather_bf16})
+    domain.Add(op);
+}
+}  // namespace mambadeploy_ort

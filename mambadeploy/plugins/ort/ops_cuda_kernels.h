@@ -1,0 +1,53 @@
+// CUDA kernels behind the ORT custom ops (ops_cuda_kernels.cu), called from the ORT glue (ops_cuda.cc). Plain C++ on
+// this side (no CUDA or ORT types), so the glue compiles with the host compiler alone. Every tensor is contiguous in
+// the layout of the op docstrings (models/ref_ops.py). Launchers return nullptr or a CUDA error message.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mambadeploy_cuda {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };  // the op's activation dtype T
+
+// SelectiveScan: u, delta, z, y (b, dim, L) in T; A (dim, N) fp32; B, C (b, N, L) in T; D, delta_bias (dim) in T;
+// initial_state, last_state (b, dim, N) fp32. D, z, delta_bias, initial_state may be null (left out).
+struct ScanArgs {
+  const void *u, *delta;
+  const float* A;
+  const void *B, *C, *D, *z, *delta_bias;
+  const float* initial_state;
+  void* y;
+  float* last_state;
+  int64_t batch, dim, L, N;
+  bool softplus;
+};
+constexpr int64_t kScanMaxState = 64;  // N above this is refused by the glue
+const char* LaunchSelectiveScan(DType t, const ScanArgs& a, void* stream);
+
+// CausalConv1d: x, y (b, dim, L) in T; weight (dim, K), bias (dim) in T; initial_state, final_state (b, dim, K) fp32.
+struct ConvArgs {
+  const void *x, *weight, *bias;
+  const float* initial_state;
+  void* y;
+  float* final_state;
+  int64_t batch, dim, L, K;
+  bool silu;
+};
+const char* LaunchCausalConv1d(DType t, const ConvArgs& a, void* stream);
+
+// TopKExpertGather: x, y (T, d) in T; w1 (E, 2F, d), w2 (E, d, F) in T; experts (T, k) int64; weights (T, k) fp32.
+// Needs a device workspace of GatherWorkspaceBytes(...) bytes.
+struct GatherArgs {
+  const void *x, *w1, *w2;
+  const int64_t* experts;
+  const float* weights;
+  void* y;
+  int64_t tokens, d, E, F, k;
+  int activation;  // 0 exact GELU, 1 SiLU, 2 tanh GELU (opset.ACTIVATION_CODES)
+  void* workspace;
+};
+size_t GatherWorkspaceBytes(DType t, int64_t tokens, int64_t d, int64_t E, int64_t F, int64_t k);
+const char* LaunchExpertGather(DType t, const GatherArgs& a, void* stream);
+
+}  // namespace mambadeploy_cuda

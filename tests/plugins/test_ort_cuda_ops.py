@@ -1,0 +1,162 @@
+"""(c) The CUDA kernels of the ORT custom-op library (ops_cuda_kernels.cu) through an ORT CUDA session: every node must
+be placed on the CUDA provider (CPU fallback disabled), outputs against the `_ref` on the same (rounded) inputs,
+fp32/fp16/bf16, awkward shapes, omitted optional inputs. GPU only, with onnxruntime-gpu (its CUDA provider). fp16/bf16
+graphs are wrapped with Casts (op_graphs.with_fp32_io) so numpy feeds them; the custom node itself runs in that dtype.
+Results are appended to $MAMBADEPLOY_RESULTS_DIR/ort_cuda_ops_<gpu>.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mambadeploy.opset import get_op
+from mambadeploy.validate.tolerances import OP
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (run on the device machine)", allow_module_level=True)
+ort = pytest.importorskip("onnxruntime")
+if hasattr(ort, "preload_dlls"):
+    ort.preload_dlls()
+if "CUDAExecutionProvider" not in ort.get_available_providers():
+    pytest.skip(f"onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu)",
+                allow_module_level=True)
+
+from op_graphs import single_op_model, with_fp32_io  # noqa: E402
+
+TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = list(TORCH)
+RECORDS = []
+
+
+@pytest.fixture(scope="module")
+def library():
+    from mambadeploy.plugins.ort import build
+
+    return build.build_library(cuda=True)
+
+
+def _session(model, library):
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(library))
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # a node without a CUDA kernel fails here
+    cuda = {"device_id": "0", "use_tf32": "0"}
+    return ort.InferenceSession(model.SerializeToString(), so, providers=[("CUDAExecutionProvider", cuda)])
+
+
+def _run(name, dtype, dims, seed, library, omit=(), attrs=None, **spec):
+    """Build the one-node graph, run it on CUDA; returns (outputs, inputs by name as fp32 torch tensors holding the
+    exact values the node saw)."""
+    from onnx import numpy_helper
+
+    model = single_op_model(name, dtype=dtype, omit=omit, attrs=attrs, **spec)
+    inits = {}
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)  # bf16 comes back as ml_dtypes.bfloat16, which casts to fp32 exactly
+        inits[init.name] = torch.from_numpy(arr.astype(np.float32))
+    model = with_fp32_io(model)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in model.graph.input:
+        shape = [dims[d.dim_param] if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if vi.type.tensor_type.elem_type == 7:
+            feeds[vi.name] = np.stack([rng.permutation(dims["experts"])[: shape[1]] for _ in range(shape[0])]
+                                      ).astype(np.int64)
+        elif vi.name == "weights":
+            feeds[vi.name] = rng.random(shape).astype(np.float32)
+        else:
+            arr = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+            if vi.name != "initial_state":  # the node sees the input rounded to its dtype
+                arr = arr.to(TORCH[dtype]).float()
+            feeds[vi.name] = arr.numpy()
+    outs = _session(model, library).run(None, feeds)
+    tensors = {**inits, **{k: torch.from_numpy(v) for k, v in feeds.items()}}
+    return [torch.from_numpy(o) for o in outs], tensors
+
+
+def _compare(name, dtype, case, outs, refs):
+    tol = OP[TORCH[dtype]]
+    record = {"op": name, "dtype": dtype, "case": case, "outputs": {}}
+    RECORDS.append(record)
+    for out_name, out, ref in zip(get_op(name).outputs, outs, refs):
+        diff = (out.float() - ref.float()).abs()
+        record["outputs"][out_name] = {"max_abs_err": diff.max().item(), "mean_abs_err": diff.mean().item()}
+        print(f"{name} {dtype} {case} {out_name}: max {diff.max().item():.3e} mean {diff.mean().item():.3e}")
+    for out_name, out, ref in zip(get_op(name).outputs, outs, refs):
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tol.rtol, atol=tol.atol,
+                                   msg=lambda m, n=out_name: f"{name} {dtype} {case} {n}: {m}")
+    record["ok"] = True
+
+
+def _ref_inputs(t, dtype):
+    """The reference takes the node's inputs in the node's dtype (T inputs rounded; fp32 ones as they are)."""
+    return {k: (v.to(TORCH[dtype]) if v.is_floating_point() and k not in ("A", "initial_state", "weights") else v)
+            for k, v in t.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,L,dim,n,omit", [
+    (1, 1, 40, 16, ()), (3, 7, 67, 16, ("D", "delta_bias")), (1, 33, 43, 4, ("initial_state",)),
+    (3, 154, 130, 16, ()), (2, 600, 24, 20, ()), (1, 70, 16, 40, ("D", "delta_bias", "initial_state")),
+])
+def test_selective_scan_cuda(library, dtype, batch, L, dim, n, omit):
+    outs, t = _run("SelectiveScan", dtype, {"batch": batch, "length": L}, L, library, omit=omit,
+                   attrs={"delta_softplus": 1}, dim=dim, n=n)
+    r = _ref_inputs(t, dtype)
+    refs = get_op("SelectiveScan").resolve("reference")(
+        r["u"], r["delta"], r["A"], r["B"], r["C"], r.get("D"), r["z"], r.get("delta_bias"), True,
+        r.get("initial_state"))
+    _compare("SelectiveScan", dtype, f"b{batch} L{L} d{dim} N{n} omit{list(omit)}", outs, refs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,L,dim,omit,activation", [
+    (1, 1, 33, (), 1), (3, 7, 130, ("bias",), 1), (3, 154, 67, ("initial_state",), 0), (2, 600, 40, (), 1),
+])
+def test_causal_conv1d_cuda(library, dtype, batch, L, dim, omit, activation):
+    outs, t = _run("CausalConv1d", dtype, {"batch": batch, "length": L}, L, library, omit=omit,
+                   attrs={"activation": activation}, dim=dim, k=4)
+    r = _ref_inputs(t, dtype)
+    refs = get_op("CausalConv1d").resolve("reference")(r["x"], r["weight"], r.get("bias"), r.get("initial_state"),
+                                                       "silu" if activation else None)
+    _compare("CausalConv1d", dtype, f"b{batch} L{L} d{dim} omit{list(omit)} act{activation}", outs, refs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,d,f,experts,top_k,activation", [
+    (1, 24, 10, 3, 1, 0), (7, 67, 33, 4, 1, 1), (33, 130, 50, 8, 2, 0), (154, 43, 17, 4, 2, 2), (300, 96, 70, 8, 1, 0),
+])
+def test_expert_gather_cuda(library, dtype, tokens, d, f, experts, top_k, activation):
+    outs, t = _run("TopKExpertGather", dtype, {"tokens": tokens, "experts": experts}, tokens, library,
+                   attrs={"top_k": top_k, "activation": activation}, d=d, f=f, experts=experts, top_k=top_k)
+    r = _ref_inputs(t, dtype)
+    # compared relative to the output's scale: the graph's unit-normal expert weights give outputs of size ~sqrt(d F),
+    # where the OP tolerance's absolute part would mean nothing
+    names = {0: "gelu", 1: "silu", 2: "gelu_tanh"}
+    refs = (get_op("TopKExpertGather").resolve("reference")(r["x"], r["w1"], r["w2"], r["experts"], r["weights"],
+                                                            names[activation]),)
+    scale = max(refs[0].float().abs().max().item(), 1.0)
+    _compare("TopKExpertGather", dtype, f"T{tokens} d{d} F{f} E{experts} k{top_k} act{activation}",
+             [outs[0] / scale], [refs[0].float() / scale])
+
+
+def test_state_size_above_the_cuda_limit_fails_with_a_message(library):
+    with pytest.raises(Exception, match="state size N = 80"):
+        _run("SelectiveScan", "float32", {"batch": 1, "length": 3}, 0, library, attrs={"delta_softplus": 1},
+             dim=8, n=80)
+
+
+def teardown_module(module):
+    out = Path(os.environ.get("MAMBADEPLOY_RESULTS_DIR",
+                              Path(__file__).resolve().parents[2] / "benchmarks" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name().replace(" ", "_").lower()
+    (out / f"ort_cuda_ops_{name}.json").write_text(json.dumps(
+        {"what": "ORT CUDA custom ops (our CUDA kernels) vs _ref, single-node graphs",
+         "gpu": torch.cuda.get_device_name(), "onnxruntime": ort.__version__, "cases": RECORDS}, indent=1))
