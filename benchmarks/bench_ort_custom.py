@@ -106,11 +106,9 @@ def time_prefill(runner, ids, warmup: int, reps: int) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
 
 
-def run(exports: Path, models, dtypes, lengths, batch: int, reps: int, budget_s: float) -> dict:
+def run(exports: Path, models, dtypes, lengths, batch: int, reps: int, budget_s: float, out_path: Path) -> dict:
+    """Measure every model x dtype; the results JSON is rewritten after each length (a later failure loses nothing)."""
     import onnxruntime as ort
-
-    from mambadeploy.runtime.ort_runner import OrtRunner
-    from mambadeploy.validate.tolerances import LOGITS_REL, rel_to_scale
 
     torch.backends.cudnn.allow_tf32 = False  # the torch reference in fp32 really fp32 (its conv goes to cuDNN)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -120,38 +118,55 @@ def run(exports: Path, models, dtypes, lengths, batch: int, reps: int, budget_s:
                "method": "median wall-clock ms of OrtRunner.prefill after 2 warm-ups; ids up, last logits down, "
                          "states stay on the GPU; logits error = max abs error / logit scale against the torch model "
                          "on the GPU"}
+
+    def save():
+        out_path.write_text(json.dumps(results, indent=1))
+
     for spec in models:
         for dt in dtypes:
-            model = build(spec, DTYPES[dt]).to("cuda")
-            entry = {"model": spec, "dtype": dt, "layers": [f"{s.mixer}/{s.ffn}" for s in model.config.layers],
-                     "placement": placement(export_dir(exports, spec, dt, "custom")), "lengths": {}}
+            entry = {"model": spec, "dtype": dt, "lengths": {}}
             results["models"].append(entry)
-            runners = {ops: OrtRunner(export_dir(exports, spec, dt, ops), "cuda", check_hashes=False)
-                       for ops in ("custom", "portable")}
-            for L in lengths:
-                if time.perf_counter() - start > budget_s:
-                    entry["lengths"][str(L)] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
-                    continue
-                g = torch.Generator().manual_seed(L)
-                ids = torch.randint(0, model.config.vocab_size, (batch, L), generator=g)
-                with torch.no_grad():
-                    ref, _ = model.prefill(ids.cuda())
-                row = {}
-                for ops, runner in runners.items():
-                    logits, _ = runner.prefill(ids)
-                    rel, mean = rel_to_scale(logits, ref.float().cpu())
-                    row[ops] = {"logits_rel_err_vs_torch": rel, "logits_mean_abs_err": mean,
-                                "within_bound": rel <= LOGITS_REL[DTYPES[dt]],
-                                **time_prefill(runner, ids, warmup=2, reps=reps)}
-                row["speedup_custom_over_portable"] = row["portable"]["median_ms"] / row["custom"]["median_ms"]
-                entry["lengths"][str(L)] = row
-                c, q = row["custom"], row["portable"]
-                print(f"{spec} {dt} L={L}: custom {c['median_ms']:.2f} ms (err {c['logits_rel_err_vs_torch']:.1e}), "
-                      f"portable {q['median_ms']:.2f} ms (err {q['logits_rel_err_vs_torch']:.1e}), "
-                      f"x{row['speedup_custom_over_portable']:.1f}", flush=True)
-            del runners, model
+            try:
+                measure(entry, exports, spec, dt, lengths, batch, reps, start, budget_s, save)
+            except Exception as exc:  # one model's failure is recorded and the others still run
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                print(f"{spec} {dt}: FAILED {entry['error']}", flush=True)
+            save()
             torch.cuda.empty_cache()
     return results
+
+
+def measure(entry, exports, spec, dt, lengths, batch, reps, start, budget_s, save) -> None:
+    from mambadeploy.runtime.ort_runner import OrtRunner
+    from mambadeploy.validate.tolerances import LOGITS_REL, rel_to_scale
+
+    model = build(spec, DTYPES[dt]).to("cuda")
+    entry["layers"] = [f"{s.mixer}/{s.ffn}" for s in model.config.layers]
+    entry["placement"] = placement(export_dir(exports, spec, dt, "custom"))
+    runners = {ops: OrtRunner(export_dir(exports, spec, dt, ops), "cuda", check_hashes=False)
+               for ops in ("custom", "portable")}
+    for L in lengths:
+        if time.perf_counter() - start > budget_s:
+            entry["lengths"][str(L)] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
+            continue
+        g = torch.Generator().manual_seed(L)
+        ids = torch.randint(0, model.config.vocab_size, (batch, L), generator=g)
+        with torch.no_grad():
+            ref, _ = model.prefill(ids.cuda())
+        row = {}
+        for ops, runner in runners.items():
+            logits, _ = runner.prefill(ids)
+            rel, mean = rel_to_scale(logits, ref.float().cpu())
+            row[ops] = {"logits_rel_err_vs_torch": rel, "logits_mean_abs_err": mean,
+                        "within_bound": rel <= LOGITS_REL[DTYPES[dt]],
+                        **time_prefill(runner, ids, warmup=2, reps=reps)}
+        row["speedup_custom_over_portable"] = row["portable"]["median_ms"] / row["custom"]["median_ms"]
+        entry["lengths"][str(L)] = row
+        c, q = row["custom"], row["portable"]
+        print(f"{spec} {dt} L={L}: custom {c['median_ms']:.2f} ms (err {c['logits_rel_err_vs_torch']:.1e}), "
+              f"portable {q['median_ms']:.2f} ms (err {q['logits_rel_err_vs_torch']:.1e}), "
+              f"x{row['speedup_custom_over_portable']:.1f}", flush=True)
+        save()
 
 
 def main() -> int:
@@ -172,13 +187,12 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU and onnxruntime-gpu", file=sys.stderr)
         return 2
-    results = run(args.exports, args.models, args.dtypes, args.lengths, args.batch, args.reps, args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name().replace(" ", "_").lower()
     path = args.out / f"ort_custom_vs_portable_{name}.json"
-    path.write_text(json.dumps(results, indent=1))
+    results = run(args.exports, args.models, args.dtypes, args.lengths, args.batch, args.reps, args.budget, path)
     print(f"wrote {path}")
-    return 0
+    return 0 if all("error" not in m for m in results["models"]) else 1
 
 
 if __name__ == "__main__":
