@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -121,23 +122,41 @@ def _export_into(model, tmp: Path, ops: str, opset_version: int, desc, say) -> M
     shared: dict = {}  # initializer name -> (data_ptr, shape, dtype) written with prefill
     entries = {}
     t0 = time.perf_counter()
-    for graph in desc.graphs:
-        say(f"[{time.perf_counter() - t0:5.1f}s] tracing {graph} ({ops} ops, opset {opset_version})")
-        with _quiet():
-            program = graphs.trace(model, graph, ops, opset_version, desc, max_length)
-        reused = _drop_shared_initializers(program, shared) if external and graph != "prefill" else set()
-        if external and graph == "prefill":
-            shared.update(_initializer_identities(program))
+
+    def stamp(msg):
+        say(f"[{time.perf_counter() - t0:5.1f}s] {msg}")
+
+    def write(program, graph, reused):
         path = tmp / f"{graph}.onnx"
-        say(f"[{time.perf_counter() - t0:5.1f}s] writing {path.name}" + (" + external data" if external else ""))
-        with _quiet():
-            program.save(str(path), external_data=True)
+        program.save(str(path), external_data=True)
         del program
         gc.collect()
         _finish_graph(path, ops, external, reused, tmp / "prefill.onnx", say)
-        say(f"[{time.perf_counter() - t0:5.1f}s] checking {path.name}")
-        proto = checks.check_graph(path)
-        entries[graph] = _graph_entry(path, proto)
+        entries[graph] = _graph_entry(path, checks.check_graph(path))
+        stamp(f"wrote and checked {path.name}")
+
+    pending = None  # a big model's prefill weights are written while decode is traced (disk-bound vs CPU-bound)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for graph in desc.graphs:
+            stamp(f"tracing {graph} ({ops} ops, opset {opset_version})")
+            with _quiet():
+                program = graphs.trace(model, graph, ops, opset_version, desc, max_length)
+            reused = set()
+            if external and graph == "prefill":
+                shared.update(_initializer_identities(program))
+            elif external:
+                reused = _drop_shared_initializers(program, shared)
+            if pending is not None:
+                pending.result()  # decode's shared weights point into prefill.onnx.data: it must be complete
+                pending = None
+            stamp(f"writing {graph}.onnx" + (" + external data" if external else ""))
+            if external and graph == "prefill":
+                pending = pool.submit(write, program, graph, reused)
+            else:
+                write(program, graph, reused)
+            del program
+        if pending is not None:
+            pending.result()
     specs = state_specs(config, model.dtype)
     manifest = Manifest(
         family=config.family, config=config.to_dict(), dtype=dtype, opset=opset_version, ops=ops,
