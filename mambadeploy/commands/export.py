@@ -35,13 +35,14 @@ def _peak_rss_bytes() -> int:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..export.exporter import export_model, weight_bytes
+    from ..export.exporter import check_target, export_model, weight_bytes
     from ..models.checkpoint import load_model
 
     def say(msg):
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    check_target(Path(args.out), args.force)  # before loading: a full-size model takes a while to build
     t0 = time.perf_counter()
     say(f"loading {args.model} ({args.dtype})")
     model = load_model(args.model, dtype=args.dtype, device="cpu")

@@ -23,6 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--backend", default="torch", help=f"one of: {', '.join(BACKENDS)} (torch)")
+    parser.add_argument("--provider", choices=("cpu", "cuda"),
+                        help="ONNX Runtime provider for --backend ort (default: from --device)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -77,7 +79,8 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    runner = make_runner(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    options = {"provider": args.provider} if args.provider else {}
+    runner = make_runner(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
     load_s = time.perf_counter() - t0
     result = generate(runner, prompts, args.max_new_tokens, sampling=sampling, stop_tokens=stop)
 

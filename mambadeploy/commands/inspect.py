@@ -76,7 +76,8 @@ def describe_model(target: str, dtype) -> dict:
 
 # --------------------------------------------------------------------------- export directories
 def describe_export(path: Path) -> dict:
-    """An export/engine directory, from its manifest.json. Extend here as the manifest grows (issue 4 / 7)."""
+    """An export/engine directory, from its manifest.json. Export directories (`mambadeploy export`) are read through
+    export.manifest (checked: every graph and data file present with its recorded size); other manifests are shown raw."""
     from ..errors import CheckpointError
 
     try:
@@ -84,7 +85,67 @@ def describe_export(path: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path / 'manifest.json'}: not valid JSON ({exc})") from exc
     files = sorted(p.name for p in path.iterdir() if p.is_file())
-    return {"kind": "export", "path": str(path), "files": files, "manifest": manifest}
+    from ..export.manifest import FORMAT, ManifestError
+
+    raw = {"kind": "export", "path": str(path), "files": files, "manifest": manifest}
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        try:
+            return _describe_onnx_export(path, files)
+        except ManifestError as exc:  # inspect is for looking: show what is there and what is wrong with it
+            raw["problem"] = str(exc)
+    return raw
+
+
+def _describe_onnx_export(path: Path, files: list[str]) -> dict:
+    from dataclasses import asdict
+
+    from ..export.manifest import Manifest
+    from ..models.state import state_bytes_per_sequence
+
+    m = Manifest.read(path)
+    m.check_files(path, hash_graphs=False)
+    config = m.model_config
+    import torch
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m.dtype]
+    graphs = {name: {"file": g.file, "bytes": g.bytes, "external_data": g.external_data,
+                     "inputs": [asdict(t) for t in g.inputs], "outputs": [asdict(t) for t in g.outputs]}
+              for name, g in m.graphs.items()}
+    return {"kind": "onnx-export", "path": str(path), "name": config.name, "family": m.family,
+            "layer_pattern": config.layer_pattern(), "dtype": m.dtype, "ops": m.ops, "opset": m.opset,
+            "domains": m.domains, "contrib": m.contrib, "limits": m.limits, "checkpoint": m.checkpoint,
+            "exporter": m.exporter, "mambadeploy_version": m.mambadeploy_version,
+            "state": [asdict(t) for t in m.state], "state_bytes_per_sequence": state_bytes_per_sequence(config, dtype),
+            "graphs": graphs, "files": {f: (path / f).stat().st_size for f in files}}
+
+
+def _export_rows(info: dict) -> list[tuple[str, str]]:
+    lim = info["limits"]
+    src = info["checkpoint"].get("source") or {}
+    rows = [("kind", "ONNX export directory"), ("path", info["path"]), ("model", f"{info['name']} ({info['family']})"),
+            ("layer pattern", info["layer_pattern"]),
+            ("dtype / ops / opset", f"{info['dtype']} / {info['ops']} / {info['opset']}"),
+            ("custom domains", ", ".join(f"{d} v{v}" for d, v in info["domains"].items()) or "none (standard ops)"),
+            ("limits", f"batch <= {lim['max_batch']}, tokens per sequence <= {lim['max_length'] or 'unbounded'}"),
+            ("checkpoint", ", ".join(f"{k}={v}" for k, v in src.items()) or "unknown"),
+            ("config sha256", info["checkpoint"].get("config_sha256", "")[:16]),
+            ("exported with", ", ".join(f"{k} {v}" for k, v in info["exporter"].items() if v)
+             + f", mambadeploy {info['mambadeploy_version']}")]
+    for op, what in info["contrib"].items():
+        rows.append((f"contrib {op}", what))
+    for name, g in info["graphs"].items():
+        data = sum(e["bytes"] for e in g["external_data"])
+        ext = f" + {_bytes(data)} external ({', '.join(e['file'] for e in g['external_data'])})" if data else ""
+        ins = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"][:2])
+        more = ", ..." if len(g["inputs"]) > 2 else ""
+        text = f"{g['file']} {_bytes(g['bytes'])}{ext}; {len(g['inputs'])} inputs ({ins}{more}), "
+        rows.append((f"{name} graph", text + f"{len(g['outputs'])} outputs"))
+    state = info["state"]
+    rows.append(("state", f"{len(state)} tensors, {_bytes(info['state_bytes_per_sequence'])} per sequence: "
+                 + ", ".join(f"{t['name']}{t['shape']} {t['dtype']}" for t in state[:4]) + (" ..." if len(state) > 4
+                                                                                           else "")))
+    rows.append(("files", ", ".join(f"{f} ({_bytes(n)})" for f, n in info["files"].items())))
+    return rows
 
 
 # --------------------------------------------------------------------------- output
@@ -103,8 +164,11 @@ def _bytes(n: int) -> str:
 
 
 def _rows(info: dict) -> list[tuple[str, str]]:
+    if info.get("kind") == "onnx-export":
+        return _export_rows(info)
     if info.get("kind") == "export":
         rows = [("kind", "export directory"), ("path", info["path"]), ("files", ", ".join(info["files"]))]
+        rows += [("problem", info["problem"])] if "problem" in info else []
         return rows + [(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in info["manifest"].items()]
     src = info["source"]
     rows = [

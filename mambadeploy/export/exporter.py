@@ -59,7 +59,7 @@ def export_model(model: MambaMoELM, out_dir, ops: str = "portable", opset_versio
             raise MambaDeployError(f"max batch must be >= 1, got {max_batch}")
         desc = type(desc)(**{**desc.__dict__, "max_batch": max_batch})
     out = Path(out_dir)
-    _check_target(out, force)
+    check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
@@ -75,7 +75,7 @@ def export_model(model: MambaMoELM, out_dir, ops: str = "portable", opset_versio
     return manifest
 
 
-def _check_target(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool) -> None:
     if not out.exists():
         return
     if not force:

@@ -1,0 +1,69 @@
+"""The CLI round trip: `export` a checkpoint, `inspect` the export directory, `generate --backend ort` from it (same
+tokens as the torch backend on the checkpoint), and one-line errors with exit code 2."""
+
+import json
+
+import pytest
+
+from mambadeploy import save_model
+from mambadeploy.cli import main
+from mambadeploy.models.checkpoint import empty_model
+from mambadeploy.models.config import LayerSpec, MambaConfig, ModelConfig, MoEConfig
+from mambadeploy.models.model import init_random_
+
+pytest.importorskip("onnxruntime")
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = ModelConfig(family="moe-mamba", vocab_size=128, d_model=32,
+                         layers=[LayerSpec("mamba", "none"), LayerSpec("none", "moe")],
+                         mamba=MambaConfig(d_inner=64, d_state=8), final_norm="rmsnorm",
+                         moe=MoEConfig(n_experts=4, ffn_size=48, top_k=1, router="softmax_topk", activation="silu"))
+    path = tmp_path_factory.mktemp("ckpt")
+    save_model(init_random_(empty_model(config), seed=3).eval(), path)
+    return path
+
+
+def test_export_inspect_generate(capsys, checkpoint, tmp_path):
+    out = tmp_path / "export"
+    code, stdout, err = _run(capsys, "export", checkpoint, "--out", out, "--max-batch", 4, "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert set(summary["files"]) == {"manifest.json", "prefill.onnx", "decode.onnx"}
+    assert summary["limits"] == {"max_batch": 4, "max_length": None} and summary["ops"] == "portable"
+    assert "tracing prefill" in err and "tracing decode" in err, "progress messages go to stderr"
+
+    code, stdout, _ = _run(capsys, "inspect", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["kind"] == "onnx-export" and info["family"] == "moe-mamba"
+    assert [t["name"] for t in info["graphs"]["decode"]["inputs"]][:2] == ["input_ids", "past.L0.conv"]
+    code, stdout, _ = _run(capsys, "inspect", out)
+    assert code == 0 and "ONNX export directory" in stdout
+
+    gen = ["--prompt-ids", "1,2,3,4,5", "--prompt-ids", "9", "--max-new-tokens", 12, "--json"]
+    code, stdout, err = _run(capsys, "generate", out, "--backend", "ort", "--provider", "cpu", *gen)
+    assert code == 0, err
+    ort_run = json.loads(stdout)
+    code, stdout, _ = _run(capsys, "generate", checkpoint, *gen)
+    torch_run = json.loads(stdout)
+    assert ort_run["runner"]["backend"] == "ort-cpu"
+    assert [p["tokens"] for p in ort_run["prompts"]] == [p["tokens"] for p in torch_run["prompts"]]
+
+    code, _, err = _run(capsys, "generate", out, "--backend", "ort", "--prompt-ids", "1,2,3,4,5", "--prompt-ids", "1",
+                        "--prompt-ids", "2", "--prompt-ids", "3", "--prompt-ids", "4")
+    assert code == 2 and "batch of 5 exceeds the export's max batch 4" in err
+
+    code, _, err = _run(capsys, "export", checkpoint, "--out", out)
+    assert code == 2 and err.strip().startswith("error:") and "already exists; pass --force" in err
+
+
+def test_export_bad_checkpoint(capsys, tmp_path):
+    code, _, err = _run(capsys, "export", tmp_path / "nope", "--out", tmp_path / "x")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "x").exists()
