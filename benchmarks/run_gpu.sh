@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call (see benchmarks/README.md): GPU parity tests at full shapes, then the benchmarks.
-# Usage: bash benchmarks/run_gpu.sh [tests] [tests-quick] [kernels] [sweep] [decode] [prefill] [decode-quick]
+# Usage: bash benchmarks/run_gpu.sh [tests] [tests-quick] [kernels] [sweep] [decode] [prefill] [decode-quick] [prefill-quick]
 #        (default: tests kernels decode prefill)
 # Logs and JSON land in $OUT (the device runner) or /tmp/mambadeploy-bench.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks
@@ -19,6 +19,8 @@ for stage in $stages; do
     decode) timeout 330 python3 benchmarks/bench_decode.py 2>&1 | tee "$OUT/decode.log" | tail -12 ;;
     decode-quick) timeout 240 python3 benchmarks/bench_decode.py --presets blackmamba-2.8b --batches 1 64 \
                     --name decode_quick --profile 2>&1 | tee "$OUT/decode_quick.log" | tail -50 ;;
+    prefill-quick) timeout 200 python3 benchmarks/bench_prefill.py --presets blackmamba-2.8b --lengths 2048 \
+                     2>&1 | tee "$OUT/prefill_quick.log" | tail -8 ;;
     prefill) timeout 330 python3 benchmarks/bench_prefill.py 2>&1 | tee "$OUT/prefill.log" | tail -12 ;;
   esac
 done

@@ -136,16 +136,23 @@ def update_launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     }
 
 
-def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, *, config: dict | None = None):
+def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, *, out=None,
+                  config: dict | None = None):
     """Same contract as causal_conv1d_ref: x (batch, dim, L) in any layout; weight (dim, K); bias (dim,);
     initial_state (batch, dim, K) or None. Returns (out (batch, dim, L) in x.dtype and x's layout,
-    final_state (batch, dim, K) fp32)."""
+    final_state (batch, dim, K) fp32). out: a (batch, dim, L) tensor of x.dtype in any layout to write into (the
+    torch-fast runner reads token-major x and writes channel-major out for the scan)."""
     batch, dim, seqlen = x.shape
     K = weight.shape[1]
     if weight.shape[0] != dim or (initial_state is not None and initial_state.shape != (batch, dim, K)):
         raise ValueError(f"causal_conv1d: weight {tuple(weight.shape)} / initial_state do not fit x {tuple(x.shape)}")
     silu = _check_activation(activation)
-    if x.stride(1) == 1 and seqlen > 1:  # token-major in, token-major out
+    if out is not None:
+        if out.shape != x.shape or out.dtype != x.dtype:
+            raise ValueError(f"causal_conv1d: out must be {x.dtype} {tuple(x.shape)}, "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        y = out
+    elif x.stride(1) == 1 and seqlen > 1:  # token-major in, token-major out
         y = torch.empty(batch, seqlen, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
     else:
         y = torch.empty(batch, dim, seqlen, dtype=x.dtype, device=x.device)

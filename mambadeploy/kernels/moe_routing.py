@@ -51,9 +51,15 @@ def route_kernel(
     else:
         logits = tl.load(rows + offs_e[None, :] * s_src_c, mask=mask_t[:, None] & mask_e[None, :],
                          other=0.0).to(tl.float32)
+    _pick_experts(logits, mask_e, offs_t.to(tl.int64), mask_t, weights_ptr, experts_ptr, SOFTMAX, TOP_K)
+
+
+@triton.jit
+def _pick_experts(logits, mask_e, rows, mask_t, weights_ptr, experts_ptr, SOFTMAX: tl.constexpr, TOP_K: tl.constexpr):
+    """logits (BLOCK_T, BLOCK_E) fp32 -> weights/experts rows (BLOCK_T,) x TOP_K (sigmoid-top1 or softmax-topk)."""
     logits = tl.where(mask_e[None, :], logits, float("-inf"))
-    index = tl.full((BLOCK_T, BLOCK_E), 0, tl.int32) + offs_e[None, :]
-    out = offs_t.to(tl.int64) * TOP_K
+    index = tl.full(logits.shape, 0, tl.int32) + tl.arange(0, logits.shape[1])[None, :]
+    out = rows * TOP_K
     if SOFTMAX:
         p = tl.exp(logits - fmax(logits, 1)[:, None])
         p = p / fsum(p, 1)[:, None]
@@ -66,6 +72,39 @@ def route_kernel(
         value, idx = argmax(logits, index, 1)
         tl.store(weights_ptr + out, sigmoid(value), mask=mask_t)
         tl.store(experts_ptr + out, idx.to(tl.int64), mask=mask_t)
+
+
+@triton.jit
+def add_rms_norm_route_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rw_ptr, rb_ptr, weights_ptr, experts_ptr,
+    d, E, eps,
+    s_x, s_r, s_o, s_ro, s_rw_e, s_rw_d,
+    HAS_X: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """residual (+= x) and RMSNorm of one row, then the router on the normed row as the model dtype stores it (what a
+    separate router Linear would read), in the same program: one launch for norm + router GEMV + expert choice."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < d
+    v = tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_X:
+        v += tl.load(x_ptr + row * s_x + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(res_out_ptr + row * s_ro + offs, v, mask=mask)
+    rstd = 1.0 / tl.sqrt(fsum(v * v, 0) / d + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    normed = (v * rstd * w).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * s_o + offs, normed, mask=mask)
+
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    wr = tl.load(rw_ptr + offs_e[:, None] * s_rw_e + offs[None, :] * s_rw_d, mask=mask_e[:, None] & mask[None, :],
+                 other=0.0).to(tl.float32)
+    logits = fsum(wr * normed.to(tl.float32)[None, :], 1)
+    if HAS_BIAS:
+        logits += tl.load(rb_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    rows = row + tl.arange(0, 1)
+    _pick_experts(logits[None, :], mask_e, rows, rows >= 0, weights_ptr, experts_ptr, SOFTMAX, TOP_K)
 
 
 @triton.jit
@@ -119,6 +158,20 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, *, from_hidden: 
     block_k = min(next_pow2(shapes[0][1]), max(16, 4096 // (block_t * block_e))) if from_hidden else 16
     return {"kernel": "route_kernel", "grid": (triton.cdiv(T, block_t),), "num_warps": 4, "num_stages": 1,
             "constexprs": {"BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": block_k}}
+
+
+# The fused norm + router keeps an (E, d) router tile in registers: used while E * next_pow2(d) fits this many values.
+NORM_ROUTE_MAX_TILE = 32768
+
+
+def norm_route_launch_config(shapes, dtypes=None, interpret: bool = False) -> dict | None:
+    """shapes: (x (T, d), router weight (E, d)). None when the router tile is too large to fuse."""
+    (T, d), E = shapes[0], shapes[1][0]
+    block, block_e = next_pow2(d), max(2, next_pow2(E))
+    if block * block_e > NORM_ROUTE_MAX_TILE:
+        return None
+    return {"kernel": "add_rms_norm_route_kernel", "grid": (T,), "num_warps": max(1, min(8, block * block_e // 2048)),
+            "num_stages": 1, "constexprs": {"BLOCK": block, "BLOCK_E": block_e}}
 
 
 def align_launch_config(n_pairs: int, n_experts: int, block_m: int) -> dict:
@@ -176,3 +229,35 @@ def moe_align(experts: torch.Tensor, n_experts: int, block_m: int):
     kernel[cfg["grid"]](flat, sorted_pairs, block_expert, P, n_experts, n_blocks,
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"])
     return sorted_pairs, block_expert
+
+
+def add_rms_norm_route(x, residual, weight, eps, router_weight, router_bias, router, top_k, *, residual_out=None):
+    """add_rms_norm (x may be None: norm of the residual alone) and route_hidden of its output, in one launch.
+    Returns (normed (T, d) in the model dtype, residual' fp32, weights (T, k) fp32, experts (T, k) int64), equal to
+    add_rms_norm_ref then route_ref(normed @ router_weight.T + router_bias) with fp32 logits.
+    Raises ValueError when the router tile is too large to fuse (see norm_route_launch_config)."""
+    if router not in ROUTERS or (router == "sigmoid_top1" and top_k != 1):
+        raise ValueError(f"router {router!r} with top_k={top_k} is not supported")
+    ref = residual
+    T, d = ref.shape
+    cfg = norm_route_launch_config((ref.shape, router_weight.shape))
+    if cfg is None:
+        raise ValueError(f"add_rms_norm_route: router ({router_weight.shape[0]} x {d}) too large to fuse")
+    dtype = x.dtype if x is not None else router_weight.dtype
+    out = torch.empty(T, d, dtype=dtype, device=ref.device)
+    if residual_out is None and x is not None:
+        residual_out = torch.empty(T, d, dtype=torch.float32, device=ref.device)
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=ref.device)
+    experts = torch.empty(T, top_k, dtype=torch.int64, device=ref.device)
+    kernel = kernel_for(add_rms_norm_route_kernel, ref)
+    kernel[cfg["grid"]](
+        x if x is not None else ref, residual, weight, out, residual_out if x is not None else ref, router_weight,
+        router_bias if router_bias is not None else router_weight, weights, experts,
+        d, router_weight.shape[0], float(eps),
+        x.stride(0) if x is not None else 0, residual.stride(0), out.stride(0),
+        residual_out.stride(0) if x is not None else 0, *router_weight.stride(),
+        HAS_X=x is not None, HAS_BIAS=router_bias is not None,
+        SOFTMAX=router == "softmax_topk", TOP_K=top_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
+    )
+    return out, (residual_out if x is not None else residual), weights, experts

@@ -1,11 +1,14 @@
 """Mamba-1 selective scan over a sequence (prefill), in Triton, beside its reference.
 
-Grid: (batch, channel blocks of BLOCK_D). Each program keeps its state h (BLOCK_D, N) in fp32 registers and walks
-the sequence in chunks of CHUNK steps. Inside a chunk the recurrence h_t = a_t * h_{t-1} + b_t (a = exp(dt * A),
-b = dt * u * B) is solved for all CHUNK steps at once by an associative scan over time on a (BLOCK_D, N, CHUNK) tile;
-then the carried-in state is applied (h_t = prod(a) * h_in + scanned b). Steps past the end and padded channels/states
-get a = 1, b = 0, so they leave h as it is. Any layout of u/delta/z/B/C is accepted through strides; y takes u's layout
-(token-major u, as the runner passes it, gives a token-major y that out_proj reads without a copy).
+Grid: (batch, channel blocks of BLOCK_D). A program's state is a vector of R = BLOCK_D * BLOCK_N rows, one per
+(channel, state) pair, kept in fp32 registers; the program walks the sequence in chunks of CHUNK steps. Every per-step
+input is loaded as an (R, CHUNK) tile (u/dt/z rows repeat per channel, B/C rows per state), so all of a chunk's work
+lives in ONE 2-D layout: the recurrence h_t = a_t * h_{t-1} + b_t (a = exp(dt * A), b = dt * u * B) is solved by an
+associative scan along the chunk axis, the carried-in state applied (h_t = prod(a) * h_in + scanned b), and
+y_t = <h_t, C_t> summed over each channel's BLOCK_N rows. (A first version scanned a 3-D (BLOCK_D, N, CHUNK) tile; the
+layout conversions between its 2-D and 3-D values cost ~10 us per chunk on the H100.) Steps past the end and padded
+channels/states get a = 1, b = 0, so they leave h as it is. Inputs are read through strides: channel-major u/dt/z
+(time contiguous, as the torch-fast runner passes them) load CHUNK-long vectors per row. y takes u's layout.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import selective_scan_ref  # noqa: F401  (the reference, re-exported beside the kernel)
 
-from .common import LOG2E, block_for_programs, fsum, next_pow2, sigmoid, softplus
+from .common import LOG2E, fsum, next_pow2, sigmoid, softplus
 from .interpret import is_interpreted, kernel_for
+
+# (BLOCK_D, CHUNK, num_warps) on a GPU; benchmarks/sweep_kernels.py measures the candidates
+SCAN_TILE = (1, 64, 2)
 
 
 @triton.jit
@@ -44,65 +50,69 @@ def selective_scan_kernel(
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    R: tl.constexpr = BLOCK_D * BLOCK_N
+    offs_r = tl.arange(0, R)
+    r_d = pid_d * BLOCK_D + offs_r // BLOCK_N  # channel of each row
+    r_n = offs_r % BLOCK_N  # state index of each row
+    mask_r = (r_d < dim) & (r_n < d_state)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # the block's channels (for y)
+    mask_c = offs_c < dim
     offs_t = tl.arange(0, CHUNK)
-    mask_d = offs_d < dim
-    mask_n = offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
 
-    # A pre-scaled by log2(e): exp(dt * A) == exp2(dt * A2)
-    A2 = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = A2 * LOG2E
+    A2 = tl.load(A_ptr + r_d * s_A_d + r_n * s_A_n, mask=mask_r, other=0.0).to(tl.float32) * LOG2E
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * s_h0_b + offs_d[:, None] * s_h0_d + offs_n[None, :] * s_h0_n, mask=mask_dn,
-                    other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + pid_b * s_h0_b + r_d * s_h0_d + r_n * s_h0_n, mask=mask_r, other=0.0).to(tl.float32)
     else:
-        h = tl.full((BLOCK_D, BLOCK_N), 0.0, tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        h = tl.full((R,), 0.0, tl.float32)
     if HAS_DELTA_BIAS:
-        bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bias = tl.load(delta_bias_ptr + r_d, mask=mask_r, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
 
-    u_rows = u_ptr + pid_b * s_u_b + offs_d[:, None] * s_u_d
-    dt_rows = delta_ptr + pid_b * s_dt_b + offs_d[:, None] * s_dt_d
-    z_rows = z_ptr + pid_b * s_z_b + offs_d[:, None] * s_z_d
-    y_rows = y_ptr + pid_b * s_y_b + offs_d[:, None] * s_y_d
-    B_rows = B_ptr + pid_b * s_B_b + offs_n[:, None] * s_B_n
-    C_rows = C_ptr + pid_b * s_C_b + offs_n[:, None] * s_C_n
-    is_last = (offs_t == CHUNK - 1)[None, None, :]
+    u_rows = u_ptr + pid_b * s_u_b + r_d[:, None] * s_u_d
+    dt_rows = delta_ptr + pid_b * s_dt_b + r_d[:, None] * s_dt_d
+    B_rows = B_ptr + pid_b * s_B_b + r_n[:, None] * s_B_n
+    C_rows = C_ptr + pid_b * s_C_b + r_n[:, None] * s_C_n
+    u_chan = u_ptr + pid_b * s_u_b + offs_c[:, None] * s_u_d
+    z_chan = z_ptr + pid_b * s_z_b + offs_c[:, None] * s_z_d
+    y_chan = y_ptr + pid_b * s_y_b + offs_c[:, None] * s_y_d
+    is_last = (offs_t == CHUNK - 1)[None, :]
 
     for start in range(0, seqlen, CHUNK):
         t = start + offs_t
         mask_t = t < seqlen
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        u = tl.load(u_rows + t[None, :] * s_u_l, mask=mask_dt, other=0.0).to(tl.float32)
-        dt = tl.load(dt_rows + t[None, :] * s_dt_l, mask=mask_dt, other=0.0).to(tl.float32)
+        m = mask_r[:, None] & mask_t[None, :]
+        u = tl.load(u_rows + t[None, :] * s_u_l, mask=m, other=0.0).to(tl.float32)
+        dt = tl.load(dt_rows + t[None, :] * s_dt_l, mask=m, other=0.0).to(tl.float32)
         if HAS_DELTA_BIAS:
             dt = dt + bias[:, None]
         if DELTA_SOFTPLUS:
             dt = softplus(dt)
-        dt = tl.where(mask_dt, dt, 0.0)  # outside the sequence: a = 1, b = 0
-        Bt = tl.load(B_rows + t[None, :] * s_B_l, mask=mask_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_rows + t[None, :] * s_C_l, mask=mask_nt, other=0.0).to(tl.float32)
+        dt = tl.where(m, dt, 0.0)  # outside the sequence / padding: a = 1, b = 0
+        Bt = tl.load(B_rows + t[None, :] * s_B_l, mask=m, other=0.0).to(tl.float32)
+        Ct = tl.load(C_rows + t[None, :] * s_C_l, mask=m, other=0.0).to(tl.float32)
 
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BLOCK_D, BLOCK_N, CHUNK)
-        b = (dt * u)[:, None, :] * Bt[None, :, :]
+        a = tl.exp2(dt * A2[:, None])  # (R, CHUNK)
+        b = dt * u * Bt
         if CHUNK > 1:  # (CHUNK == 1: the interpreter's configuration, whose scan runs element by element in Python)
-            a, b = tl.associative_scan((a, b), 2, _linear_recurrence)
-        hs = a * h[:, :, None] + b
-        y = fsum(hs * Ct[None, :, :], 1)  # (BLOCK_D, CHUNK)
-        h = fsum(tl.where(is_last, hs, 0.0), 2)  # state after the chunk (masked steps kept it unchanged)
+            a, b = tl.associative_scan((a, b), 1, _linear_recurrence)
+        hs = a * h[:, None] + b
+        h = fsum(tl.where(is_last, hs, 0.0), 1)  # state after the chunk (masked steps kept it unchanged)
+        hc = hs * Ct
+        if BLOCK_D == 1:
+            y = fsum(hc, 0)[None, :]  # (1, CHUNK)
+        else:
+            y = fsum(tl.reshape(hc, (BLOCK_D, BLOCK_N, CHUNK)), 1)  # (BLOCK_D, CHUNK): sum each channel's rows
 
+        mc = mask_c[:, None] & mask_t[None, :]
         if HAS_D:
-            y += u * Dv[:, None]
+            y += tl.load(u_chan + t[None, :] * s_u_l, mask=mc, other=0.0).to(tl.float32) * Dv[:, None]
         if HAS_Z:
-            z = tl.load(z_rows + t[None, :] * s_z_l, mask=mask_dt, other=0.0).to(tl.float32)
+            z = tl.load(z_chan + t[None, :] * s_z_l, mask=mc, other=0.0).to(tl.float32)
             y *= z * sigmoid(z)
-        tl.store(y_rows + t[None, :] * s_y_l, y.to(y_ptr.dtype.element_ty), mask=mask_dt)
+        tl.store(y_chan + t[None, :] * s_y_l, y.to(y_ptr.dtype.element_ty), mask=mc)
 
-    tl.store(h_last_ptr + pid_b * s_hl_b + offs_d[:, None] * s_hl_d + offs_n[None, :] * s_hl_n, h, mask=mask_dn)
+    tl.store(h_last_ptr + pid_b * s_hl_b + r_d * s_hl_d + r_n * s_hl_n, h, mask=mask_r)
 
 
 def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
@@ -114,17 +124,14 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     d_state = shapes[2][1]
     block_n = next_pow2(d_state)
     if interpret:
-        block_d = min(next_pow2(dim), 64)
+        block_d = min(next_pow2(dim), max(1, 256 // block_n))
         return {"kernel": "selective_scan_kernel", "grid": (batch, triton.cdiv(dim, block_d)), "num_warps": 4,
                 "num_stages": 1, "constexprs": {"BLOCK_D": block_d, "BLOCK_N": block_n, "CHUNK": 1}}
-    chunk = 16 if block_n <= 16 else 8
-    block_d = block_for_programs(dim, batch, choices=(16, 8, 4))
-    block_d = min(block_d, max(4, 4096 // (block_n * chunk)))  # keep the (BLOCK_D, N, CHUNK) tile at <= 4096 values
-    tile = block_d * block_n * chunk
+    block_d, chunk, warps = SCAN_TILE
     return {
         "kernel": "selective_scan_kernel",
         "grid": (batch, triton.cdiv(dim, block_d)),
-        "num_warps": 8 if tile >= 4096 else 4,
+        "num_warps": warps,
         "num_stages": 1,
         "constexprs": {"BLOCK_D": block_d, "BLOCK_N": block_n, "CHUNK": chunk},
     }

@@ -76,6 +76,8 @@ def _calls(dtype):
                                                                               r(d), "silu")
     yield "add_rms_norm", lambda: rms_norm.add_rms_norm(r(T, d), torch.randn(T, d), r(d), 1e-5)
     yield "route_hidden", lambda: moe_routing.route_hidden(r(T, d), r(E, d), r(E), "softmax_topk", 2)
+    yield "add_rms_norm_route", lambda: moe_routing.add_rms_norm_route(r(T, d), torch.randn(T, d), r(d), 1e-5,
+                                                                       r(E, d), r(E), "sigmoid_top1", 1)
     one = torch.randint(0, E, (1, 1))  # a single (token, expert) pair: the GEMV launch
     yield "expert_gather (gemv)", lambda: moe_experts.expert_gather(r(1, d), r(E, 2 * F, d), r(E, d, F), one,
                                                                      torch.rand(1, 1), "gelu")
@@ -91,7 +93,7 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
             _compile(kernel, args, dict(kwargs))
             compiled.add(kernel.fn.__name__)
     print(sorted(compiled))
-    assert len(compiled) == 11  # every kernel of the package
+    assert len(compiled) == 12  # every kernel of the package
 
 
 def test_fp32_grouped_gemm_compiles_for_sm90(monkeypatch):

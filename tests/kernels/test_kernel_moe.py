@@ -10,7 +10,8 @@ from kernel_cases import DTYPES, full, make_gen, randn, small
 
 from mambadeploy.kernels.common import ACTIVATION_CODES
 from mambadeploy.kernels.moe_experts import GEMV_MAX_PAIRS, expert_gather, expert_gather_ref, launch_config
-from mambadeploy.kernels.moe_routing import moe_align, route, route_hidden, route_ref
+from mambadeploy.kernels.moe_routing import add_rms_norm_route, moe_align, route, route_hidden, route_ref
+from mambadeploy.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
 from mambadeploy.opset import ACTIVATION_CODES as OPSET_CODES
 from mambadeploy.validate.tolerances import assert_close_op
 
@@ -87,3 +88,25 @@ def test_activation_codes_agree_with_the_opset():
 def test_bad_router_is_refused():
     with pytest.raises(ValueError, match="top-1"):
         route(torch.zeros(2, 4), "sigmoid_top1", 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("router,k", ROUTERS, ids=lambda v: str(v))
+@pytest.mark.parametrize("T,d,E", small((1, 40, 4), (7, 72, 5)) + full((1, 1472, 8), (64, 1152, 8), (3, 1472, 16)))
+def test_add_rms_norm_route_matches_ref(T, d, E, router, k, dtype):
+    """Fused residual add + RMSNorm + router: the norm as add_rms_norm_ref, the route as route_ref on the normed rows
+    (in the model dtype) through an fp32 router."""
+    g = make_gen(4)
+    x, res, w = randn(g, T, d, dtype=dtype), randn(g, T, d), randn(g, d, dtype=dtype)
+    rw, rb = randn(g, E, d, dtype=dtype, scale=d ** -0.5), randn(g, E, dtype=dtype)
+    out_ref, res_ref = add_rms_norm_ref(x, res, w, 1e-5)
+    out, new_res, weights, experts = add_rms_norm_route(x, res, w, 1e-5, rw, rb, router, k)
+    assert_close_op(out, out_ref, dtype, what="normed")
+    assert_close_op(new_res, res_ref, torch.float32, what="residual")
+    w_ref, e_ref = route_ref(F.linear(out.float(), rw.float(), rb.float()), router, k)
+    assert torch.equal(experts, e_ref)
+    assert_close_op(weights, w_ref, torch.float32, what="weights")
+    out2, same, _, e2 = add_rms_norm_route(None, res, w, 1e-5, rw, None, router, k)  # norm of the residual alone
+    assert same is res
+    assert_close_op(out2, rms_norm_ref(res, w, 1e-5).to(dtype), dtype, what="normed (no add)")
+    assert torch.equal(e2, route_ref(F.linear(out2.float(), rw.float()), router, k)[1])

@@ -54,11 +54,13 @@ def test_selective_scan_without_optional_inputs(token_major):
     _check(out, selective_scan_ref(u, delta, A, B, C), torch.float32)
 
 
-def test_selective_scan_chunked_path_on_small_tiles():
+@pytest.mark.parametrize("block_d", [1, 4])
+def test_selective_scan_chunked_path_on_small_tiles(block_d):
     """The GPU configuration (associative scan over CHUNK steps, carried state, masked tail) at tiles small enough for
-    the interpreter: 3 chunks of 8 with a partial last one, 2 channel blocks with a masked tail."""
+    the interpreter: 3 chunks of 8 with a partial last one; with 4 channels a block, 2 blocks with a masked tail."""
     u, delta, A, B, C, D, z, bias, h0 = _inputs(2, 7, 20, 4, torch.float32, seed=2)
-    config = {"grid": (2, 2), "num_warps": 4, "num_stages": 1, "constexprs": {"BLOCK_D": 4, "BLOCK_N": 4, "CHUNK": 8}}
+    config = {"grid": (2, -(-7 // block_d)), "num_warps": 4, "num_stages": 1,
+              "constexprs": {"BLOCK_D": block_d, "BLOCK_N": 4, "CHUNK": 8}}
     out = selective_scan(u, delta, A, B, C, D, z, bias, True, h0, config=config)
     _check(out, selective_scan_ref(u, delta, A, B, C, D, z, bias, True, h0), torch.float32)
 
