@@ -54,7 +54,9 @@ def render(result: dict, console=None) -> None:
             console.print(f"[red]{r['label']}: {escape(f)}[/]")
         pl = r.get("per_layer")
         if pl:
-            if pl["first_bad_layer"] is None:
+            if not pl["layers"]:
+                pass  # nothing compared: the notes below say why
+            elif pl["first_bad_layer"] is None:
                 console.print(f"{r['label']}: per-layer drift within {pl['bound_rel']:.0e} in every layer "
                               f"(worst {max((l['max_rel'] for l in pl['layers']), default=0):.2e})")
             else:

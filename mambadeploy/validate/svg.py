@@ -7,7 +7,7 @@ import math
 from html import escape
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 300, 70, 150, 30, 40
+W, H, LEFT, RIGHT, TOP, BOTTOM = 660, 330, 70, 150, 30, 70
 
 
 def _frame(title: str, xlabel: str, ylabel: str) -> list[str]:
@@ -29,6 +29,13 @@ def _legend(labels: list[str]) -> list[str]:
         out.append(f'<rect x="{W - RIGHT + 10}" y="{y - 8}" width="10" height="10" fill="{COLORS[i % len(COLORS)]}"/>')
         out.append(f'<text x="{W - RIGHT + 26}" y="{y + 1}">{escape(label)}</text>')
     return out
+
+
+def _category_label(cx: float, label: str) -> str:
+    """A category name under the plot, turned so that many backends do not overlap."""
+    y = H - BOTTOM + 14
+    return (f'<text x="{cx:.1f}" y="{y}" text-anchor="end" transform="rotate(-25 {cx:.1f} {y})">'
+            f'{escape(label)}</text>')
 
 
 def _ticks(lo: float, hi: float, log: bool) -> list[float]:
@@ -78,18 +85,27 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
 
 
 def box_plot(groups: dict[str, list[float]], title: str, ylabel: str) -> str:
-    """One box per group: whiskers at the 1st/99th percentile, box at the quartiles, a line at the median."""
+    """One box per group: whiskers at the 1st/99th percentile, box at the quartiles, a line at the median. A log axis
+    when the groups span more than 20x (a CPU backend beside GPU ones)."""
     groups = {k: sorted(v) for k, v in groups.items() if v}
     if not groups:
         return ""
     q = lambda v, p: v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]
     lo = min(q(v, 0.01) for v in groups.values())
     hi = max(q(v, 0.99) for v in groups.values())
-    lo, hi = max(lo * 0.9, 0), hi * 1.1 if hi > 0 else 1
+    log = lo > 0 and hi / lo > 20
+    if log:
+        tr = math.log10
+        lo, hi = math.log10(lo) - 0.1, math.log10(hi) + 0.1
+    else:
+        tr = lambda y: y
+        lo, hi = max(lo * 0.9, 0), hi * 1.1 if hi > 0 else 1
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-    sy = lambda y: TOP + ph - (y - lo) / (hi - lo) * ph
-    out = _frame(title, "", ylabel)
-    for t in _ticks(lo, hi, False):
+    sy = lambda y: TOP + ph - (tr(y) - lo) / (hi - lo) * ph
+    out = _frame(title + (" (log scale)" if log else ""), "", ylabel)
+    for t in _ticks(lo, hi, log):
+        if tr(t) < lo - 1e-9 or tr(t) > hi + 1e-9:
+            continue
         out.append(f'<line x1="{LEFT}" x2="{LEFT + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
         out.append(f'<text x="{LEFT - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
     slot = pw / len(groups)
@@ -102,7 +118,7 @@ def box_plot(groups: dict[str, list[float]], title: str, ylabel: str) -> str:
                    f'height="{max(sy(p25) - sy(p75), 1):.1f}" fill="{c}" fill-opacity="0.3" stroke="{c}"/>')
         out.append(f'<line x1="{cx - bw / 2:.1f}" x2="{cx + bw / 2:.1f}" y1="{sy(p50):.1f}" y2="{sy(p50):.1f}" '
                    f'stroke="{c}" stroke-width="2"/>')
-        out.append(f'<text x="{cx:.1f}" y="{TOP + ph + 14}" text-anchor="middle">{escape(label)}</text>')
+        out.append(_category_label(cx, label))
     return "\n".join(out + ["</svg>"])
 
 
@@ -129,5 +145,5 @@ def bar_chart(values: dict[str, float | None], title: str, ylabel: str, top: flo
             out.append(f'<rect x="{cx - bw / 2:.1f}" y="{sy(v):.1f}" width="{bw:.1f}" height="{TOP + ph - sy(v):.1f}" '
                        f'fill="{c}"/>')
             out.append(f'<text x="{cx:.1f}" y="{sy(v) - 4:.1f}" text-anchor="middle">{v:.1f}</text>')
-        out.append(f'<text x="{cx:.1f}" y="{TOP + ph + 14}" text-anchor="middle">{escape(label)}</text>')
+        out.append(_category_label(cx, label))
     return "\n".join(out + ["</svg>"])
