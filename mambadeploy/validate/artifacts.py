@@ -101,6 +101,17 @@ class Exports:
         self.export_s[out.name] = round(time.perf_counter() - t0, 2)
         return out
 
+    def engine(self, req, batch: int, prompt_len: int) -> Path:
+        """TensorRT engines for a trt request, built from the export of its dtype with profiles that cover the run."""
+        from ..trt.build import build_engines
+
+        directory = self.temp_root / f"engine-{dtype_name(req.dtype)}"
+        if not (directory / "manifest.json").is_file():
+            precision = None if req.dtype == torch.float32 else dtype_name(req.dtype)
+            build_engines(self.get(req), directory, target="trt", precision=precision, max_batch=max(batch, 1),
+                          max_prompt=max(prompt_len, 1), progress=lambda msg: None)
+        return directory
+
     def describe(self) -> dict:
         return {"given": str(self.given) if self.given else None,
                 "made_by_validate": sorted(f"{dt}/{ops}" for dt, ops in self.made), "export_s": self.export_s,

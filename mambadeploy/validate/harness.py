@@ -153,7 +153,7 @@ def _run_backend(req: BackendRequest, opts, model, reference, trace: ReferenceTr
     memory = DeviceMemory(device if req.name == "torch" else _backend_device(req.name))
     memory.start()
     try:
-        runner = _make_runner(req, opts, reference, exports, device)
+        runner = _make_runner(req, opts, reference, exports, device, trace)
         entry["describe"] = _jsonable(runner.describe())
         tf = teacher_forced(runner, trace, keep_states=opts.per_layer, progress=opts.progress, label=req.label)
         memory.sample()
@@ -198,7 +198,7 @@ def _run_backend(req: BackendRequest, opts, model, reference, trace: ReferenceTr
     return entry
 
 
-def _make_runner(req, opts, reference, exports, device):
+def _make_runner(req, opts, reference, exports, device, trace: ReferenceTrace):
     from ..runtime.factory import make_runner
 
     if req.name == "torch":
@@ -208,6 +208,9 @@ def _make_runner(req, opts, reference, exports, device):
     if req.name == "torch-fast":
         return make_runner(reference.model, backend="torch-fast", dtype=dtype_name(req.dtype),
                            device="cuda" if torch.cuda.is_available() else "cpu")
+    if req.name == "trt":  # engines built from the export, with profiles covering this run's batch and prompt
+        engine_dir = exports.engine(req, int(trace.ids.shape[0]), int(trace.ids.shape[1]))
+        return make_runner(str(engine_dir), backend="trt", device="cuda")
     export_dir = exports.get(req)
     return make_runner(str(export_dir), backend=req.name, dtype=dtype_name(req.dtype), device=_backend_device(req.name))
 
