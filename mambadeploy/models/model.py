@@ -159,8 +159,9 @@ class MambaMoELM(nn.Module):
 def init_random_(model: MambaMoELM, seed: int = 0) -> MambaMoELM:
     """Seeded random weights with the usual Mamba initialisation, scaled so activations keep unit-ish size
     (logits spread out, so greedy decoding is not a sequence of near-ties)."""
-    device = model.embedding.weight.device
-    # generate on the parameters' device: full-size presets on a GPU would take minutes through the CPU
+    # Always drawn on the CPU, one parameter at a time, then copied to the parameters' device: a preset is the same model
+    # on every device (an export traced on the CPU and a GPU run must agree), at ~10 s of CPU time for the 2.8B shape.
+    device = "cpu"
     g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(shape):
@@ -177,7 +178,7 @@ def init_random_(model: MambaMoELM, seed: int = 0) -> MambaMoELM:
             normal_(p, 0.1)
         elif leaf == "A_log":
             n = p.shape[1]
-            p.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32, device=device)).expand_as(p))
+            p.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(p))
         elif leaf == "D":
             p.fill_(1.0)
         elif name.endswith("dt_proj.bias"):
