@@ -175,14 +175,14 @@ def same_decode(a, b, vocab, batch=2, steps=8):
 def full_size(res: Results, args, device):
     preset, dtype = args.preset, DTYPES[args.dtype]
     t0 = time.perf_counter()
-    model = build_preset(preset, dtype=dtype, device=device)  # random weights made on the GPU: seconds, not minutes
+    cpu_model = build_preset(preset, dtype=dtype, device="cpu")  # weights are drawn on the CPU on every device
     build_s = time.perf_counter() - t0
     export_dir = Path(args.work) / f"{preset}-{args.dtype}"
     t0 = time.perf_counter()
-    cpu_model = build_preset(preset, dtype=dtype, device=device).cpu() if device == "cuda" else model
-    cpu_model.source = model.source
     export_model(cpu_model, export_dir, force=True, progress=print)
     export_s = time.perf_counter() - t0
+    model = cpu_model.to(device)  # moves the parameters: the CPU copy goes
+    model.source = cpu_model.source
     del cpu_model
     gc.collect()
     part = {"preset": preset, "dtype": args.dtype, "build_s": build_s, "export_s": export_s,
