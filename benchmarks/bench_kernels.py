@@ -73,16 +73,13 @@ def bench_ssu(peer, ceil, rows):
 
 
 def scan_inputs(batch, dim, L, N=16, seed=0):
-    """Token-major u/dt/z and strided B/C, the layout the torch-fast runner passes."""
+    """Channel-major (time-contiguous) u/dt/z/B/C, the layout the torch-fast runner passes (and mamba-ssm's)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s, scale=1.0: torch.randn(*s, generator=g, device="cuda") * scale  # noqa: E731
-    xz = r(batch, L, 2 * dim).to(BF16)
-    xdbl = r(batch, L, 2 * N).to(BF16)
-    return dict(u=xz[..., :dim].transpose(1, 2), z=xz[..., dim:].transpose(1, 2),
-                delta=r(batch, L, dim, scale=0.5).to(BF16).transpose(1, 2),
+    xdbl = r(batch, 2 * N, L).to(BF16)
+    return dict(u=r(batch, dim, L).to(BF16), z=r(batch, dim, L).to(BF16), delta=r(batch, dim, L, scale=0.5).to(BF16),
                 A=-torch.rand(dim, N, generator=g, device="cuda") * N - 0.5,
-                B=xdbl[..., :N].transpose(1, 2), C=xdbl[..., N:].transpose(1, 2), D=r(dim),
-                delta_bias=r(dim, scale=0.5) - 2.0)
+                B=xdbl[:, :N], C=xdbl[:, N:], D=r(dim), delta_bias=r(dim, scale=0.5) - 2.0)
 
 
 def bench_scan(peer, ceil, rows, lengths):

@@ -20,8 +20,7 @@ from mambadeploy.kernels.selective_scan import selective_scan
 
 BF16 = torch.bfloat16
 # (BLOCK_D, CHUNK, num_warps)
-SCAN_CONFIGS = [(1, 32, 1), (1, 64, 1), (1, 64, 2), (1, 128, 2), (1, 128, 4), (1, 256, 4), (2, 32, 1), (2, 64, 2),
-                (2, 128, 4), (4, 32, 2), (4, 64, 4), (8, 32, 4), (8, 64, 8)]
+SCAN_CONFIGS = [(1, 32, 1), (1, 64, 2), (2, 16, 1), (2, 32, 1), (2, 64, 2), (4, 16, 1), (4, 32, 2), (8, 32, 4)]
 
 
 def sweep_scan(rows, L=2048, dim=2944):
@@ -88,7 +87,7 @@ def sweep_moe(rows, d=1472, F=3872, E=8):
     g = torch.Generator(device="cuda").manual_seed(9)
     r = lambda *s, scale=1.0: torch.randn(*s, generator=g, device="cuda") * scale  # noqa: E731
     w1, w2 = r(E, 2 * F, d, scale=d ** -0.5).to(BF16), r(E, d, F, scale=F ** -0.5).to(BF16)
-    cases = [(T, "gemm", GEMM_CONFIGS[T]) for T in (2048,)]  # decode shapes: swept in an earlier run (README)
+    cases = [(1, "gemv", GEMV_CONFIGS)] + [(T, "gemm", GEMM_CONFIGS[T]) for T in (8, 64, 2048)]
     for T, path, configs in cases:
         x = r(T, d).to(BF16)
         experts = torch.randint(0, E, (T, 1), generator=g, device="cuda")

@@ -185,7 +185,7 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     elif P <= 16 * E:
         block_m, t1, t2 = 16, (64, 128, 4, 4), (32, 256, 4, 3)
     else:
-        block_m, t1, t2 = 128, (64, 64, 4, 3), (128, 64, 8, 3)
+        block_m, t1, t2 = 128, (128, 64, 8, 4), (256, 64, 8, 3)
     n_blocks = triton.cdiv(P, block_m) + E
     return {
         "path": "gemm",

@@ -77,7 +77,11 @@ class FastState:
 class TorchFastRunner(Runner):
     backend = "torch-fast"
 
-    def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True):
+    def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
+                 prefill_graphs: bool = False):
+        """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
+        prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
+        shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU)."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import causal_conv1d, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update
 
@@ -89,6 +93,8 @@ class TorchFastRunner(Runner):
         self.dtype = model.dtype
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
         self.check_inputs = check_inputs
+        self.prefill_graphs = prefill_graphs
+        self._prefill_cache: dict = {}
         self.routing_trace: list | None = None  # set to a list to record each MoE layer's experts (eager calls only)
         self.layers = [self._prepare(i, block) for i, block in enumerate(model.layers)]
         self.eps = self.config.norm_eps
@@ -203,6 +209,16 @@ class TorchFastRunner(Runner):
         valid = None
         if lengths is not None and int(lengths.min()) < L:
             valid = torch.arange(L, device=self.device)[None, :] >= (L - lengths)[:, None]
+        filled = L if lengths is None else int(lengths.max())
+        if self.prefill_graphs and self.use_cuda_graph and valid is None:
+            logits, tensors = self._prefill_graphed(ids)
+        else:
+            logits, tensors = self._prefill_body(ids, valid)
+        return logits, FastState(tensors, Bsz, filled if "pos" in tensors else 0)
+
+    def _prefill_body(self, ids, valid):
+        """-> (last-position logits (B, V) fp32, state tensors). No host syncs: it is also captured (prefill_graphs)."""
+        Bsz, L = ids.shape
         d = self.config.d_model
         residual = F.embedding(ids, self.model.embedding.weight).float().reshape(Bsz * L, d)
         tensors = OrderedDict()
@@ -219,12 +235,30 @@ class TorchFastRunner(Runner):
                 pending = out.reshape(Bsz * L, d)
             if layer.ffn != "none":
                 pending = self._ffn(layer, pending, residual)
-        filled = 0
         if pos is not None:
             tensors["pos"] = pos.to(torch.int64)
-            filled = L if lengths is None else int(lengths.max())
         last = residual.view(Bsz, L, d)[:, -1] + pending.view(Bsz, L, d)[:, -1].float()
-        return self._head(last), FastState(tensors, Bsz, filled)
+        return self._head(last), tensors
+
+    def _prefill_graphed(self, ids):
+        """Prefill replayed from a CUDA graph captured once per prompt shape (B, L): the eager prefill's time is mostly
+        the host launching ~10 kernels a layer. Outputs are copied out of the graph's buffers before returning."""
+        key = tuple(ids.shape)
+        if key not in self._prefill_cache:
+            static_ids = ids.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._prefill_body(static_ids, None)  # compiles every kernel at these shapes
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = self._prefill_body(static_ids, None)
+            self._prefill_cache[key] = (graph, static_ids, outputs)
+        graph, static_ids, (logits, tensors) = self._prefill_cache[key]
+        static_ids.copy_(ids)
+        graph.replay()
+        return logits.clone(), OrderedDict((k, v.clone()) for k, v in tensors.items())
 
     # ------------------------------------------------------------------ step
     def _mamba_step(self, layer, x, conv_state, ssm_state):

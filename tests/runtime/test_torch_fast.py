@@ -12,7 +12,13 @@ from mambadeploy.errors import InputError
 from mambadeploy.runtime.generate import generate
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
 from mambadeploy.runtime.torch_fast import FastState, TorchFastRunner
-from mambadeploy.validate.tolerances import assert_logits_close, logits_gate, rel_to_scale
+from mambadeploy.validate.tolerances import (
+    BASELINE_ERR_FACTOR,
+    BASELINE_TOP1_SLACK,
+    assert_logits_close,
+    logits_gate,
+    rel_to_scale,
+)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -105,7 +111,8 @@ def _teacher_forced(ref, runner, prompt, steps):
 def test_low_precision_teacher_forced_top1(tiny, preset, dtype):
     """bf16/fp16 torch-fast follows the fp32 reference's greedy sequence for 256 tokens. The bar is TOP1_AGREEMENT
     (99 %), loosened by tolerances.logits_gate only where the reference itself, run in that dtype (the precision
-    baseline), misses it: the tiny random presets have many near-tie logits (bf16 eager: ~94 % on two of them)."""
+    baseline), misses it: the tiny random presets have many near-tie logits (bf16 eager: ~94 % on two of them), and
+    where even the baseline falls apart torch-fast is held to the baseline's own numbers."""
     ref = TorchEagerRunner(_model(tiny, preset))
     prompt = torch.tensor([PROMPTS[0]])
     top1, err = _teacher_forced(ref, TorchFastRunner(_model(tiny, preset, dtype)), prompt, 256)
@@ -114,8 +121,14 @@ def test_low_precision_teacher_forced_top1(tiny, preset, dtype):
     gate = logits_gate(torch_dtype, {"max_rel": base_err, "top1_agreement": base_top1})
     print(f"{preset} {dtype}: torch-fast top-1 {top1:.4f}, max err/scale {err:.3f}; torch eager {dtype} "
           f"{base_top1:.4f}, {base_err:.3f}; gate {gate}")
-    assert top1 >= gate["top1_agreement"]
-    assert err <= gate["logits_max_rel"]
+    if gate["source"].startswith("fixed ("):
+        # the reference itself does not hold up in this dtype (a flipped route moves whole logit rows, seen on
+        # blackmamba-tiny bf16): then torch-fast must do as well as the reference in the same dtype
+        assert top1 >= base_top1 - BASELINE_TOP1_SLACK
+        assert err <= BASELINE_ERR_FACTOR * base_err
+    else:
+        assert top1 >= gate["top1_agreement"]
+        assert err <= gate["logits_max_rel"]
 
 
 @needs_gpu
@@ -131,3 +144,16 @@ def test_cuda_graph_replay_equals_eager_steps(tiny, preset):
         lb, sb = eager.step(token, sb)
         torch.testing.assert_close(la, lb, rtol=0, atol=0)
     assert sa.graph is not None and sb.graph is None
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_graphed_prefill_equals_eager_prefill(tiny, preset):
+    model = _model(tiny, preset, "bf16")
+    eager, graphed = TorchFastRunner(model), TorchFastRunner(model, prefill_graphs=True)
+    for prompt in (torch.tensor(PROMPTS[:1]), torch.tensor([PROMPTS[0][::-1]])):  # the second replays the graph
+        (la, sa), (lb, sb) = eager.prefill(prompt), graphed.prefill(prompt)
+        torch.testing.assert_close(lb, la, rtol=0, atol=0)
+        for name, value in sa.tensors.items():
+            torch.testing.assert_close(sb.tensors[name], value, rtol=0, atol=0, msg=name)
+    assert len(graphed._prefill_cache) == 1
