@@ -163,12 +163,12 @@ def same_decode(a, b, vocab, batch=2, steps=8):
     ids = torch.randint(0, vocab, (batch, 12), generator=torch.Generator().manual_seed(2))
     la, sa = a.prefill(ids)
     lb, sb = b.prefill(ids)
-    worst = rel_to_scale(la, lb)[0]
+    worst = rel_to_scale(la.float().cpu(), lb.float().cpu())[0]
     for _ in range(steps):
         tok = lb.argmax(-1)
         la, sa = a.step(tok, sa)
         lb, sb = b.step(tok, sb)
-        worst = max(worst, rel_to_scale(la, lb)[0])
+        worst = max(worst, rel_to_scale(la.float().cpu(), lb.float().cpu())[0])
     return worst
 
 

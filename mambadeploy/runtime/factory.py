@@ -71,5 +71,5 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
         directory = export_for(target, dtype=dtype, ops=options.get("ops"))
         device_id = int(str(device).split(":")[1]) if str(device).startswith("cuda:") else 0
         return OrtRunner.from_dir(directory, provider, device_id=device_id,
-                                  cuda_graph=bool(options.get("cuda_graph", False)))
+                                  cuda_graph=options.get("cuda_graph"))  # None: on for CUDA (runner's default)
     raise MambaDeployError(f"backend {backend!r} is registered but not wired into make_runner")

@@ -243,3 +243,34 @@ def test_missing_onnxruntime_names_the_extra(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(MissingDependencyError, match=r"pip install 'mambadeploy\[onnx\]'"):
         OrtRunner.from_dir(exported("blackmamba-tiny"))
+
+
+# --------------------------------------------------------------------------- CUDA (the device machine)
+def _ort_cuda_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ort_cuda_available(), reason="needs a CUDA GPU and onnxruntime-gpu")
+def test_cuda_graph_decode_matches_plain_and_refuses_stale_states(exported, tiny):
+    directory = exported("jamba-tiny")
+    plain = OrtRunner.from_dir(directory, "cuda", cuda_graph=False)
+    graph = OrtRunner.from_dir(directory, "cuda")
+    assert graph.cuda_graph, "CUDA-graph mode is the default on CUDA"
+    model = tiny("jamba-tiny")
+    ids = torch.randint(0, 512, (3, 9), generator=torch.Generator().manual_seed(4))
+    (lp, sp), (lg, sg) = plain.prefill(ids), graph.prefill(ids)
+    want, ref_state = model.prefill(ids)
+    first = sg
+    for step in range(24):
+        assert_logits_close(lg, lp, torch.float32, f"graph vs plain, step {step}")
+        assert_logits_close(lg, want, torch.float32, f"graph vs torch, step {step}")
+        tok = want.argmax(-1)
+        (lp, sp), (lg, sg) = plain.step(tok, sp), graph.step(tok, sg)
+        want, ref_state = model.step(tok, ref_state)
+    with pytest.raises(InputError, match="stale state"):
+        graph.step(tok, first)
