@@ -35,6 +35,9 @@ def _peak_rss_bytes() -> int:
 def run(args) -> int:
     from pathlib import Path
 
+    from ..export import require_export_dependencies
+
+    require_export_dependencies()
     from ..export.exporter import check_target, export_model, weight_bytes
     from ..models.checkpoint import load_model
 

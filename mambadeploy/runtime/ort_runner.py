@@ -341,6 +341,9 @@ def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> P
     root = Path(os.environ.get("MAMBADEPLOY_CACHE", Path.home() / ".cache" / "mambadeploy"))
     out = root / "exports" / f"{Path(str(target)).name}-{key}"
     if not (out / MANIFEST).is_file():
+        from ..export import require_export_dependencies
+
+        require_export_dependencies()
         from ..export.exporter import export_model
 
         export_model(load_model(target, dtype=dtype, device="cpu"), out, ops=ops or "portable", force=True,

@@ -236,3 +236,14 @@ def test_blackmamba_preset_layers_supported():
 
     config = blackmamba_config(4, 64, 96, n_experts=4, vocab=512)
     description_for(config).check_config(config)
+
+
+def test_missing_onnxscript_names_the_extra(monkeypatch):
+    import sys
+
+    from mambadeploy.errors import MissingDependencyError
+    from mambadeploy.export import require_export_dependencies
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(MissingDependencyError, match=r"onnxscript is required for exporting to ONNX.*mambadeploy\[onnx\]"):
+        require_export_dependencies()
