@@ -1,0 +1,60 @@
+"""Print the markdown tables of benchmarks/README.md from the committed JSON results (no GPU needed).
+
+Run: python benchmarks/tables.py [--gpu nvidia_h100_80gb_hbm3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _bench import table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(name, gpu):
+    path = RESULTS / f"{name}_{gpu}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", default="nvidia_h100_80gb_hbm3")
+    gpu = parser.parse_args().gpu
+    decode = load("decode", gpu)
+    if decode:
+        print(f"### Decode ({decode['device']['gpu']}, {decode['device']['date']}, bf16)\n")
+        rows = [dict(r, gb_read=r["bytes_per_token"] / 1e9) for r in decode["rows"]]
+        print(table(rows, ["preset", "batch", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms",
+                           "speedup_vs_eager", "gb_read", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy"]))
+        print()
+        print(table(decode["fp32_checks"], ["preset", "fp32_top1_agreement", "fp32_max_rel_err"]))
+        print()
+    prefill = load("prefill", gpu)
+    if prefill:
+        print(f"### Prefill ({prefill['device']['gpu']}, {prefill['device']['date']}, bf16, batch 1)\n")
+        print(table(prefill["rows"], ["preset", "tokens", "fast_ms", "fast_graphed_ms", "fast_gpu_kernel_ms",
+                                      "eager_ms", "speedup_vs_eager", "matmul_tflop", "roofline_pct_spec",
+                                      "roofline_pct_measured", "check_max_rel_err", "check_top1_equal"]))
+        print()
+    kernels = load("kernels", gpu)
+    if kernels:
+        print(f"### Kernels ({kernels['device']['gpu']}, {kernels['device']['date']}; peer {kernels['peer']})\n")
+        print(table(kernels["rows"], ["kernel", "batch", "dim", "L", "ours_gpu_us", "peer_gpu_us", "speedup_vs_peer",
+                                      "peer_ref_gpu_us", "torch_ref_gpu_us", "ours_host_us", "peer_host_us",
+                                      "ours_roofline_pct", "ours_rel_err"]))
+        print()
+    sweep = load("sweep", gpu)
+    if sweep:
+        print(f"### Launch-config sweep ({sweep['device']['gpu']}, {sweep['device']['date']})\n")
+        print(table([r for r in sweep["rows"] if r["sweep"] == "selective_scan"],
+                    ["BLOCK_D", "CHUNK", "num_warps", "gpu_us", "max_diff_vs_default", "error"]))
+        print()
+        print(table([r for r in sweep["rows"] if r["sweep"] != "selective_scan"],
+                    ["sweep", "T", "config", "gpu_us", "gbytes_per_s", "tflops", "error"]))
+
+
+if __name__ == "__main__":
+    main()
