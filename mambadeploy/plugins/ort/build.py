@@ -47,6 +47,24 @@ def header_dir() -> Path:
     return CACHE / f"ort-headers-{HEADER_VERSION}"
 
 
+def _debian_mirror() -> str:
+    """The Debian archive this machine's apt already uses (its configured sources), asked for another suite."""
+    for f in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.sources")),
+              *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]:
+        if not f.is_file():
+            continue
+        for line in f.read_text().splitlines():
+            words = line.split()
+            if words[:1] == ["URIs:"] and len(words) > 1 and words[1].rstrip("/").endswith("/debian"):
+                return words[1]
+            if words[:1] == ["deb"]:
+                uri = next((w for w in words[1:] if not w.startswith("[")), "")
+                if uri.rstrip("/").endswith("/debian"):
+                    return uri
+    raise MambaDeployError("no Debian archive found in this machine's apt sources to fetch the ORT headers from; "
+                           "set MAMBADEPLOY_ORT_INCLUDE to a directory holding onnxruntime_cxx_api.h")
+
+
 def fetch_headers() -> Path:
     """The ORT headers, downloaded once from Debian (apt-get download libonnxruntime-dev from trixie) and unpacked."""
     dest = header_dir()
@@ -60,8 +78,7 @@ def fetch_headers() -> Path:
         tmp = Path(tmp)
         (tmp / "lists" / "partial").mkdir(parents=True)
         keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
-        (tmp / "sources.list").write_text(
-            f"deb [signed-by={keyring}] http://deb.debian.org/debian {HEADER_SUITE} main\n")
+        (tmp / "sources.list").write_text(f"deb [signed-by={keyring}] {_debian_mirror()} {HEADER_SUITE} main\n")
         opts = ["-o", f"Dir::Etc::SourceList={tmp / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
                 "-o", f"Dir::State::Lists={tmp / 'lists'}", "-o", "Debug::NoLocking=1"]
         for cmd in (["apt-get", *opts, "update"], ["apt-get", *opts, "download", HEADER_PACKAGE]):
