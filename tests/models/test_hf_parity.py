@@ -3,10 +3,10 @@ download), saved with save_pretrained, loaded by load_model. Logits within LOGIT
 greedy tokens identical (transformers' side decodes with its own cache)."""
 
 import json
-import math
 
 import pytest
 import torch
+from hf_tiny import fan_in_init
 from safetensors.torch import load_file, save_file
 
 from mambadeploy import load_model
@@ -19,24 +19,6 @@ pytestmark = pytest.mark.usefixtures("no_grad")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 99
-
-
-@torch.no_grad()
-def _rerandomise(model, seed=0):
-    """transformers' init (std 0.02) gives near-zero logits where greedy decoding is a string of near-ties; use
-    fan-in scaled weights instead (A_log, D and dt bias keep transformers' Mamba init). Embeddings at std 0.3: larger
-    ones make a tied head echo its input, and greedy decoding falls into a one-token loop."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith(("A_log", ".D", "dt_proj.bias")):
-            continue
-        if p.dim() == 1:
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-        elif "embed" in name:
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-    return model.eval()
 
 
 def _hf_greedy(model, prompt, n, cache_arg):
@@ -57,7 +39,7 @@ def hf_mamba(tmp_path_factory):
     config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, state_size=16,
                                       time_step_rank=4, use_conv_bias=True, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = _rerandomise(transformers.MambaForCausalLM(config))
+    model = fan_in_init(transformers.MambaForCausalLM(config))
     path = tmp_path_factory.mktemp("hf_mamba")
     model.save_pretrained(path)
     return model, path
@@ -79,7 +61,7 @@ def _jamba_config(**kw):
 @pytest.fixture(scope="module")
 def hf_jamba(tmp_path_factory):
     torch.manual_seed(0)
-    model = _rerandomise(transformers.JambaForCausalLM(_jamba_config()))
+    model = fan_in_init(transformers.JambaForCausalLM(_jamba_config()))
     path = tmp_path_factory.mktemp("hf_jamba")
     model.save_pretrained(path)
     return model, path
@@ -151,7 +133,7 @@ def test_sharded_safetensors(hf_mamba, tmp_path):
 def test_untied_mamba_head(tmp_path):
     config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, tie_word_embeddings=False)
     torch.manual_seed(1)
-    hf = _rerandomise(transformers.MambaForCausalLM(config))
+    hf = fan_in_init(transformers.MambaForCausalLM(config))
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
     assert ours.lm_head is not None

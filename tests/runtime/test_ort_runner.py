@@ -3,13 +3,13 @@ logits within LOGITS_REL[fp32] at prefill and at each of 128 decode steps with i
 of different lengths == single prompts; shapes other than the export's dummy; every bad input ends in one clear error."""
 
 import json
-import math
 import os
 import shutil
 import sys
 
 import pytest
 import torch
+from hf_tiny import fan_in_init
 
 from mambadeploy.errors import InputError, MambaDeployError, MissingDependencyError
 from mambadeploy.export.descriptions import description_for
@@ -37,23 +37,6 @@ def exported(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- tiny transformers checkpoints
-@torch.no_grad()
-def _fan_in_init(model, seed=0):
-    """transformers' std-0.02 init gives near-tied logits; fan-in scaled weights make greedy decoding meaningful
-    (Mamba's A_log, D and dt bias keep their init)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith(("A_log", ".D", "dt_proj.bias")):
-            continue
-        if p.dim() == 1:
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-        elif "embed" in name:
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-    return model
-
-
 @pytest.fixture(scope="module")
 def hf_checkpoints(tmp_path_factory):
     """{"hf-mamba": dir, "hf-jamba": dir}: random tiny models built from configs (no download), save_pretrained."""
@@ -71,7 +54,7 @@ def hf_checkpoints(tmp_path_factory):
     for name, cfg, cls in (("hf-mamba", mamba, transformers.MambaForCausalLM),
                            ("hf-jamba", jamba, transformers.JambaForCausalLM)):
         path = tmp_path_factory.mktemp(name)
-        _fan_in_init(cls(cfg)).save_pretrained(path)
+        fan_in_init(cls(cfg)).save_pretrained(path)
         out[name] = path
     return out
 
