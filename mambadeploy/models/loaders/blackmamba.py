@@ -39,7 +39,7 @@ import torch
 
 from ...errors import CheckpointError, ConfigError
 from ..config import ACTIVATIONS, LayerSpec, MambaConfig, MLPConfig, ModelConfig, MoEConfig
-from .common import Piece, load_pieces
+from .common import Piece, load_pieces, read_json_config
 
 if TYPE_CHECKING:
     from ..model import MambaMoELM
@@ -159,11 +159,7 @@ def config_to_json(config: ModelConfig) -> dict:
 
 
 def read_config(directory: Path) -> ModelConfig:
-    cfg = Path(directory) / "config.json"
-    try:
-        return config_from_json(json.loads(cfg.read_text()), str(cfg))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc
+    return read_json_config(directory, config_from_json)
 
 
 # --------------------------------------------------------------------------- key plan

@@ -10,8 +10,10 @@ Two ways in:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -91,3 +93,12 @@ def load_pieces(model, pieces: dict[str, Piece], available: dict[str, tuple], re
                 raise CheckpointError(f"{source}: internal error, {name} built as {tuple(tensor.shape)}, "
                                       f"model has {tuple(params[name].shape)}")
             params[name].copy_(tensor)
+
+
+def read_json_config(directory, config_from_json: Callable):
+    """config.json of a checkpoint directory through a format's `config_from_json(data, where)`; bad JSON is one error."""
+    cfg = Path(directory) / "config.json"
+    try:
+        return config_from_json(json.loads(cfg.read_text()), str(cfg))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -15,6 +16,9 @@ from ... import __version__
 from ...errors import CheckpointError
 from ..config import ModelConfig
 from .common import assign_weights
+
+if TYPE_CHECKING:
+    from ..model import MambaMoELM
 
 FORMAT_VERSION = 1
 
@@ -34,7 +38,7 @@ def save_native(model, directory: Path) -> Path:
     return directory
 
 
-def load_native(directory: Path, dtype: torch.dtype, device) -> "MambaMoELM":
+def load_native(directory: Path, dtype: torch.dtype, device) -> MambaMoELM:
     from ..checkpoint import empty_model
 
     try:
