@@ -14,7 +14,10 @@ the routing of a real step: distinct experts per MoE layer), the LM head (tied e
 embedding rows, plus the recurrent state read and written. Roofline % = those bytes / fast_gpu_ms over the H100
 datasheet bandwidth (3.35 TB/s); the copy rate measured in the same run is reported beside it.
 
-Run: python benchmarks/bench_decode.py [--presets blackmamba-2.8b] [--batches 1 8 64]
+--triton-gemv on|off|both: the dense decode projections on the Triton GEMV (kernels/gemv.py) or cuBLAS; `both`
+measures each case both ways in the same run (column triton_gemv), and runs the fp32 check both ways.
+
+Run: python benchmarks/bench_decode.py [--presets blackmamba-2.8b] [--batches 1 8 64] [--triton-gemv both]
 """
 
 from __future__ import annotations
@@ -84,21 +87,25 @@ def follow(fast, eager, prompt, steps=16):
     return agree / total, worst, sf, se, token
 
 
-def fp32_check(preset) -> dict:
+def fp32_check(preset, gemv_flags=(True,)) -> list[dict]:
     model = build_preset(preset, dtype=torch.float32, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(7)
-    prompt = torch.randint(0, model.config.vocab_size, (2, 16), generator=g, device="cuda")
-    with torch.no_grad():
-        top1, err, *_ = follow(TorchFastRunner(model, check_inputs=False), TorchEagerRunner(model), prompt)
-    print({"preset": preset, "fp32_top1_agreement": top1, "fp32_max_rel_err": err}, flush=True)
-    return {"preset": preset, "fp32_top1_agreement": top1, "fp32_max_rel_err": err}
+    rows = []
+    for flag in gemv_flags:
+        g = torch.Generator(device="cuda").manual_seed(7)
+        prompt = torch.randint(0, model.config.vocab_size, (2, 16), generator=g, device="cuda")
+        with torch.no_grad():
+            fast = TorchFastRunner(model, check_inputs=False, triton_gemv=flag)
+            top1, err, *_ = follow(fast, TorchEagerRunner(model), prompt)
+        rows.append({"preset": preset, "triton_gemv": flag, "fp32_top1_agreement": top1, "fp32_max_rel_err": err})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def profile_step(fast, token, state, top=14) -> list[dict]:
     """GPU time per kernel name over one ungraphed torch-fast step (torch profiler): where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    eager_fast = TorchFastRunner(fast.model, use_cuda_graph=False, check_inputs=False)
+    eager_fast = TorchFastRunner(fast.model, use_cuda_graph=False, check_inputs=False, triton_gemv=fast.triton_gemv)
     scratch = state.clone()
     eager_fast.step(token, scratch)
     torch.cuda.synchronize()
@@ -114,17 +121,18 @@ def profile_step(fast, token, state, top=14) -> list[dict]:
     return rows[:top] + [{"kernel": "TOTAL", "calls": sum(r["calls"] for r in rows), "gpu_us": total}]
 
 
-def bench_case(model, preset, batch, ceil, eager_reps, profile=False):
+def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gemv=True):
     V = model.config.vocab_size
     g = torch.Generator(device="cuda").manual_seed(batch)
     prompt = torch.randint(0, V, (batch, 16), generator=g, device="cuda")
-    fast = TorchFastRunner(model, check_inputs=False)
+    fast = TorchFastRunner(model, check_inputs=False, triton_gemv=triton_gemv)
     eager = TorchEagerRunner(model)
     top1, err, sf, se, token = follow(fast, eager, prompt)
-    row = {"preset": preset, "batch": batch, "bf16_top1_agreement": top1, "bf16_max_rel_err": err}
+    row = {"preset": preset, "batch": batch, "triton_gemv": triton_gemv, "bf16_top1_agreement": top1,
+           "bf16_max_rel_err": err}
 
     # bytes actually read: routing of one real step, recorded by an eager (ungraphed) fast runner on a copy
-    tracer = TorchFastRunner(model, use_cuda_graph=False, check_inputs=False)
+    tracer = TorchFastRunner(model, use_cuda_graph=False, check_inputs=False, triton_gemv=triton_gemv)
     tracer.routing_trace = []
     tracer.step(token, sf.clone())
     weights, parts = weight_bytes_read(model, tracer.routing_trace)
@@ -165,27 +173,31 @@ def main():
     parser.add_argument("--name", default="decode")
     parser.add_argument("--profile", action="store_true", help="per-kernel GPU time of one step (torch profiler)")
     parser.add_argument("--no-fp32-check", action="store_true")
+    parser.add_argument("--triton-gemv", choices=["on", "off", "both"], default="on",
+                        help="dense decode projections on the Triton GEMV (on), cuBLAS (off), or each case both ways")
     args = parser.parse_args()
+    flags = {"on": (True,), "off": (False,), "both": (False, True)}[args.triton_gemv]
     facts, ceil = device_facts(), measured_ceilings()
     print(facts, ceil, flush=True)
     rows, checks = [], []
     for preset in args.presets:
         if not args.no_fp32_check:
-            checks.append(fp32_check(preset))
+            checks.extend(fp32_check(preset, flags))
             torch.cuda.empty_cache()
         model = build_preset(preset, dtype=torch.bfloat16, device="cuda")
         with torch.no_grad():
             for batch in args.batches:
-                rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile))
-                torch.cuda.empty_cache()
+                for flag in flags:
+                    rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile, flag))
+                    torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
     write_json(args.name, {"device": facts, "ceilings": ceil, "dtype": "bf16", "fp32_checks": checks, "rows": rows})
-    print(table(rows, ["preset", "batch", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
+    print(table(rows, ["preset", "batch", "triton_gemv", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
                        "bytes_per_token", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy",
                        "bf16_top1_agreement", "bf16_max_rel_err"]))
     if checks:
-        print(table(checks, ["preset", "fp32_top1_agreement", "fp32_max_rel_err"]))
+        print(table(checks, ["preset", "triton_gemv", "fp32_top1_agreement", "fp32_max_rel_err"]))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """torch-fast backend: the reference model's own weights run on the Triton kernels (mambadeploy/kernels), with dense
-projections through torch (cuBLAS), and the decode step captured in a CUDA graph.
+projections through torch (cuBLAS; at batch-1 decode the Triton GEMV of kernels/gemv.py, switch `triton_gemv`),
+and the decode step captured in a CUDA graph.
 
 - prefill: sequence kernels (causal_conv1d, selective_scan, add_rms_norm, route_hidden + expert_gather), the LM head
   on the last position only.
@@ -33,6 +34,13 @@ from .base import Runner
 # Above it each program would re-read its rows of dt_proj per sequence: on the H100 at batch 64 (2.8B) the fused
 # kernel took 75 us a layer against ~10 us for a cuBLAS dt_proj plus the plain kernel.
 FUSED_DT_MAX_BATCH = 8
+
+# With TorchFastRunner(triton_gemv=True), decode batches up to this size run the dense projections (in_proj, x_proj,
+# out_proj, LM head) on the Triton GEMV (kernels/gemv.py: a weight stream built for HBM bandwidth, split-K for the
+# short-and-wide x_proj) instead of cuBLAS. Measured on the H100 (benchmarks/results/decode_triton_gemv_*.json, bf16
+# graph replay): 2.8B batch 1 1.132 -> 1.105 ms, 1.5B batch 1 0.805 -> 0.807 ms; at batch 8 the GEMV was slower than
+# cuBLAS (2.8B 2.33 -> 2.96 ms), so only batch 1 takes it.
+TRITON_GEMV_MAX_BATCH = 1
 
 
 @dataclass
@@ -78,15 +86,25 @@ class TorchFastRunner(Runner):
     backend = "torch-fast"
 
     def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
-                 prefill_graphs: bool = False):
+                 prefill_graphs: bool = False, triton_gemv: bool = True):
         """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
         prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
-        shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU)."""
+        shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU).
+        triton_gemv: the dense decode projections on the Triton GEMV at batch <= TRITON_GEMV_MAX_BATCH (else cuBLAS)."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
-        from ..kernels import causal_conv1d, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update
+        from ..kernels import (
+            causal_conv1d,
+            gemv,
+            moe_experts,
+            moe_routing,
+            rms_norm,
+            selective_scan,
+            selective_state_update,
+        )
 
         self._k_conv, self._k_moe, self._k_route, self._k_norm = causal_conv1d, moe_experts, moe_routing, rms_norm
-        self._k_scan, self._k_ssu = selective_scan, selective_state_update
+        self._k_scan, self._k_ssu, self._k_gemv = selective_scan, selective_state_update, gemv
+        self.triton_gemv = triton_gemv
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
@@ -132,10 +150,16 @@ class TorchFastRunner(Runner):
         out, _ = self._k_norm.add_rms_norm(pending, residual, weight, self.eps, residual_out=residual)
         return out
 
+    def _linear(self, x, weight, bias=None):
+        """x (B, K) @ weight.T (+ bias) for decode rows: the Triton GEMV when switched on and B is small, else cuBLAS."""
+        if self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH:
+            return self._k_gemv.gemv(x, weight, bias)
+        return F.linear(x, weight, bias)
+
     def _ssm_params(self, m, xc):
         """xc (..., d_inner) -> low-rank dt (..., R), B, C (..., N) (views of one x_proj output); dt_proj (no bias)
         is applied by the caller: a Linear in prefill, fused into the state-update kernel in decode."""
-        xdbl = F.linear(xc, m.x_proj.weight)
+        xdbl = self._linear(xc, m.x_proj.weight)
         dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
         if m.dt_norm is not None:  # Jamba
             dt = self._k_norm.rms_norm(dt, m.dt_norm.weight, m.dt_norm.eps)
@@ -165,7 +189,7 @@ class TorchFastRunner(Runner):
         """h (B, d) fp32 residual stream -> logits (B, V) fp32 (the reference's final norm and tied/untied head)."""
         x = self.model.final_norm(h.to(self.dtype))
         w = self.model.embedding.weight if self.model.lm_head is None else self.model.lm_head.weight
-        return F.linear(x, w).float()
+        return self._linear(x, w).float()
 
     # ------------------------------------------------------------------ prefill
     def _mamba_prefill(self, layer, x, valid):
@@ -264,7 +288,7 @@ class TorchFastRunner(Runner):
     def _mamba_step(self, layer, x, conv_state, ssm_state):
         m = layer.mamba
         di = m.d_inner
-        xz = F.linear(x, m.in_proj.weight, m.in_proj.bias)
+        xz = self._linear(x, m.in_proj.weight, m.in_proj.bias)
         xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias, "silu")
         dt_low, B, C = self._ssm_params(m, xc)
         if x.shape[0] <= FUSED_DT_MAX_BATCH:  # the state-update kernel applies dt_proj itself
@@ -273,7 +297,7 @@ class TorchFastRunner(Runner):
             dt, dt_w = F.linear(dt_low, m.dt_proj.weight), None
         y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt, layer.A, B, C, layer.D, xz[:, di:],
                                                   dt_bias=layer.dt_bias, dt_softplus=True, dt_proj_weight=dt_w)
-        return F.linear(y, m.out_proj.weight, m.out_proj.bias)
+        return self._linear(y, m.out_proj.weight, m.out_proj.bias)
 
     @staticmethod
     def _attention_step(attn, x, key, value, pos):
@@ -379,7 +403,7 @@ class TorchFastRunner(Runner):
         d = self.device
         return {"backend": self.backend, "device": str(d), "dtype": str(self.dtype).replace("torch.", ""),
                 "torch": torch.__version__, "triton": triton.__version__, "mambadeploy": __version__,
-                "cuda_graph": self.use_cuda_graph,
+                "cuda_graph": self.use_cuda_graph, "triton_gemv": self.triton_gemv,
                 "kernels": "Triton" if d.type == "cuda" else "Triton (CPU interpreter)",
                 "gpu": torch.cuda.get_device_name(d) if d.type == "cuda" else None}
 

@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from mambadeploy.kernels import (  # noqa: E402
     causal_conv1d,
+    gemv,
     moe_experts,
     moe_routing,
     rms_norm,
@@ -22,7 +23,7 @@ from mambadeploy.kernels import (  # noqa: E402
     selective_state_update,
 )
 
-MODULES = (causal_conv1d, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update)
+MODULES = (causal_conv1d, gemv, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update)
 POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
            torch.int32: "*i32"}
 
@@ -84,6 +85,10 @@ def _calls(dtype):
     experts = torch.randint(0, E, (40, 2))
     yield "expert_gather (gemm)", lambda: moe_experts.expert_gather(r(40, d), r(E, 2 * F, d), r(E, d, F), experts,
                                                                      torch.rand(40, 2), "silu")
+    # dense decode projections: in_proj-like (no split), x_proj-like (split-K with arrival counters), batch 8 + bias
+    yield "gemv", lambda: gemv.gemv(r(1, 1472), r(5888, 1472))
+    yield "gemv (split-K)", lambda: gemv.gemv(r(1, 2944), r(124, 2944))
+    yield "gemv (batch 8, bias)", lambda: gemv.gemv(r(8, 2944), r(1472, 2944), r(1472))
 
 
 def test_every_launch_compiles_for_sm90(monkeypatch):
@@ -93,7 +98,7 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
             _compile(kernel, args, dict(kwargs))
             compiled.add(kernel.fn.__name__)
     print(sorted(compiled))
-    assert len(compiled) == 12  # every kernel of the package
+    assert len(compiled) == 13  # every kernel of the package
 
 
 def test_fp32_grouped_gemm_compiles_for_sm90(monkeypatch):

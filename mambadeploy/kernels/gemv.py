@@ -1,0 +1,154 @@
+"""Dense projection y = x @ W.T (+ bias) for a few rows of x (decode, batch 1..8), in Triton, beside its reference.
+
+At decode batches a dense projection is a weight stream: every weight is read once and used for at most 8 rows, so the
+kernel is built for HBM bandwidth, not FLOPs. Grid (N / BLOCK_N, SPLIT_K): each program streams BLOCK_N weight rows
+over its share of K in (BLOCK_N, BLOCK_K) tiles (wide contiguous loads along K), multiplies them with all M rows of x
+at once, and keeps a (BLOCK_M, BLOCK_N, BLOCK_K) fp32 accumulator that is reduced over K only at the end.
+
+Short-and-wide matrices (out_proj, x_proj: few rows, long K) give too few programs to keep every SM streaming, so K is
+split: each of the SPLIT_K programs of a row block writes its fp32 partial sums to a workspace and bumps a per-block
+arrival counter; the last to arrive adds the partials in a fixed order (deterministic) and writes y, then resets the
+counter to 0, so the counters are always zero between launches (no memset launch; CUDA-graph safe). The counters are
+one small zeroed int32 buffer per device, shared by all launches: launches on one stream run one after another, so
+they never overlap (do not run split-K launches concurrently on several streams).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .common import TARGET_PROGRAMS, cdiv, fsum, next_pow2
+from .interpret import is_interpreted, kernel_for
+
+MAX_ROWS = 16  # rows of x one launch takes (the accumulator holds all of them); callers use cuBLAS above
+# Split-K is only chosen while the row blocks alone give fewer than TARGET_PROGRAMS programs, so the number of row
+# blocks that need an arrival counter is bounded by this.
+COUNTER_SLOTS = 1024
+_counters: dict = {}
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K), weight (N, K), bias (N,) or None -> x @ weight.T + bias in x.dtype, computed in fp32."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, K, K_PER_SPLIT,
+    s_xm, s_wn, s_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
+    x_rows = x_ptr + offs_m[:, None] * s_xm
+    k_start = pid_k * K_PER_SPLIT  # K_PER_SPLIT is a multiple of BLOCK_K: the splits never overlap
+    acc = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        kk = k_start + k0 + tl.arange(0, BLOCK_K)
+        mk = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        xv = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        acc += w[None, :, :] * xv[:, None, :]
+    out = fsum(acc, 2)  # (BLOCK_M, BLOCK_N)
+    mask = mask_m[:, None] & mask_n[None, :]
+    y_at = y_ptr + offs_m[:, None] * s_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_at, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        part_at = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # workspace (SPLIT_K, M, N) fp32
+        tl.store(part_at + pid_k * M * N, out, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted (release, gpu scope)
+        arrived = tl.atomic_add(count_ptr + pid_n, 1)
+        if arrived == SPLIT_K - 1:  # the last program of this row block: add the partials in split order
+            total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_at + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_at, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(count_ptr + pid_n, 0)
+
+
+def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
+    """shapes: (x (M, K), weight (N, K)). A plain function of the shapes: grid (N / BLOCK_N, SPLIT_K), warps, stages,
+    constexprs, and K_PER_SPLIT (a runtime argument). GPU: an accumulator of 8192 fp32 per program (the expert GEMV's
+    best tile on the H100 was 16 x 512 at 8 warps); BLOCK_N shrinks to 4 rows, then K splits, until there are
+    TARGET_PROGRAMS programs. The interpreter takes narrow K tiles so that CPU tests cover several chunks and splits."""
+    M, K = shapes[0]
+    N = shapes[1][0]
+    if M > MAX_ROWS:
+        raise ValueError(f"gemv: {M} rows of x, at most {MAX_ROWS} (use a GEMM)")
+    block_m = next_pow2(M)
+    if interpret:
+        block_k, block_n = 32, 16
+        chunks = cdiv(K, block_k)
+        split = min(chunks, 3)
+        warps = 4
+    else:
+        block_k = min(512, 8192 // (block_m * 4), max(64, next_pow2(K)))  # >= 4 rows even with 16 rows of x
+        block_n = max(1, min(16, 8192 // (block_m * block_k)))
+        while block_n > 4 and cdiv(N, block_n) < TARGET_PROGRAMS:
+            block_n //= 2
+        chunks = cdiv(K, block_k)
+        split = min(chunks, max(1, cdiv(TARGET_PROGRAMS, cdiv(N, block_n))))
+        warps = 8 if block_m * block_n * block_k >= 4096 else 4
+    per_split = cdiv(chunks, split)
+    split = cdiv(chunks, per_split)  # no empty splits
+    return {"kernel": "gemv_kernel", "grid": (cdiv(N, block_n), split), "num_warps": warps, "num_stages": 1,
+            "k_per_split": per_split * block_k,
+            "constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}}
+
+
+def _counter_buffer(device) -> torch.Tensor:
+    key = str(device)
+    if key not in _counters:  # created at the first (warm-up) launch, never inside a CUDA-graph capture
+        _counters[key] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return _counters[key]
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: dict | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as gemv_ref: x (M, K) with M <= MAX_ROWS, weight (N, K), bias (N,) -> (M, N) in x.dtype, fp32
+    accumulation. Rows of x and weight must be contiguous along K (row strides are free)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit (x (M, K), "
+                         f"weight (N, K))")
+    M, K = x.shape
+    N = weight.shape[0]
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"gemv: bias {tuple(bias.shape)} for {N} output features")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    kernel = kernel_for(gemv_kernel, x)
+    cfg = config or launch_config((x.shape, weight.shape), interpret=is_interpreted(kernel))
+    split = cfg["constexprs"]["SPLIT_K"]
+    if split > 1:
+        if cfg["grid"][0] > COUNTER_SLOTS:
+            raise ValueError(f"gemv: split-K over {cfg['grid'][0]} row blocks, at most {COUNTER_SLOTS}")
+        part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+        counters = _counter_buffer(x.device)
+    else:
+        part = counters = y  # unused
+    kernel[cfg["grid"]](
+        x, weight, bias if bias is not None else y, y, part, counters,
+        M, N, K, cfg["k_per_split"], x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
+    )
+    return y

@@ -1,0 +1,75 @@
+"""gemv (Triton dense projection for decode batches) vs its fp32 reference: with and without bias, batch 1 and 3 (and
+8, the largest decode batch the runner sends), widths off block multiples, split-K (the interpreter's launch config
+splits K whenever it spans more than one 32-wide chunk), strided rows of x."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import DTYPES, full, make_gen, randn, small
+
+from mambadeploy.kernels.gemv import MAX_ROWS, gemv, gemv_ref, launch_config
+from mambadeploy.validate.tolerances import assert_close_op
+
+# (M, N, K): tiny awkward widths on CPU; full: BlackMamba-2.8B in_proj, out_proj, x_proj, LM head; 1.5B x_proj
+SHAPES = small((1, 40, 72), (3, 37, 150), (1, 5, 33), (8, 124, 300)) + full(
+    (1, 5888, 1472), (1, 1472, 2944), (1, 124, 2944), (1, 50304, 1472), (3, 5888, 1472), (8, 1472, 2944),
+    (8, 124, 2944), (3, 104, 2304))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_gemv_matches_ref(M, N, K, bias, dtype):
+    g = make_gen()
+    x = randn(g, M, K, dtype=dtype)
+    w = randn(g, N, K, dtype=dtype, scale=K ** -0.5)
+    b = randn(g, N, dtype=dtype) if bias else None
+    y = gemv(x, w, b)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert_close_op(y, gemv_ref(x, w, b), dtype, what=f"gemv {M}x{N}x{K}")
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_explicit_split_k_configs_agree(split):
+    """The same product whatever the split (launch_config may pick any of them on a GPU); repeated launches reuse
+    the arrival counters, which each launch leaves at zero."""
+    g = make_gen(3)
+    x, w, b = randn(g, 3, 300), randn(g, 21, 300, scale=300 ** -0.5), randn(g, 21)
+    chunks = 10  # 300 / 32, rounded up
+    per = -(-chunks // split)
+    cfg = {"grid": (2, -(-chunks // per)), "num_warps": 4, "num_stages": 1, "k_per_split": per * 32,
+           "constexprs": {"BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": -(-chunks // per)}}
+    for _ in range(2):
+        assert_close_op(gemv(x, w, b, config=cfg), gemv_ref(x, w, b), torch.float32, what=f"split {split}")
+
+
+def test_strided_rows_of_x():
+    g = make_gen(4)
+    base = randn(g, 3, 100)
+    x = base[:, 10:82]  # row stride 100, as a column slice of a wider activation
+    w = randn(g, 33, 72, scale=72 ** -0.5)
+    assert_close_op(gemv(x, w), gemv_ref(x, w), torch.float32, what="strided x")
+
+
+def test_gpu_launch_configs_fill_the_machine_and_split_short_wide_matrices():
+    """The H100 configs (pure functions of shapes): enough programs for 132 SMs, split-K only for short-and-wide."""
+    in_proj = launch_config(((1, 1472), (5888, 1472)))
+    x_proj = launch_config(((1, 2944), (124, 2944)))
+    assert in_proj["constexprs"]["SPLIT_K"] == 1 and in_proj["grid"][0] >= 264
+    assert x_proj["constexprs"]["SPLIT_K"] > 1 and x_proj["grid"][0] * x_proj["grid"][1] >= 150
+    for M in (1, 3, 8):
+        cfg = launch_config(((M, 2944), (1472, 2944)))
+        c = cfg["constexprs"]
+        assert c["BLOCK_M"] >= M and cfg["k_per_split"] % c["BLOCK_K"] == 0
+        assert cfg["k_per_split"] * (cfg["grid"][1] - 1) < 2944  # no split starts past K
+
+
+def test_bad_shapes_are_refused():
+    g = make_gen()
+    with pytest.raises(ValueError, match="do not fit"):
+        gemv(randn(g, 2, 8), randn(g, 4, 9))
+    with pytest.raises(ValueError, match="bias"):
+        gemv(randn(g, 2, 8), randn(g, 4, 8), randn(g, 5))
+    with pytest.raises(ValueError, match="at most"):
+        launch_config(((MAX_ROWS + 1, 8), (4, 8)))
