@@ -1,9 +1,11 @@
-"""Dense projection y = x @ W.T (+ bias) for a few rows of x (decode, batch 1..8), in Triton, beside its reference.
+"""Dense projection y = x @ W.T (+ bias) for a few rows of x (decode, batch 1..16), in Triton, beside its reference.
 
 At decode batches a dense projection is a weight stream: every weight is read once and used for at most 8 rows, so the
 kernel is built for HBM bandwidth, not FLOPs. Grid (N / BLOCK_N, SPLIT_K): each program streams BLOCK_N weight rows
-over its share of K in (BLOCK_N, BLOCK_K) tiles (wide contiguous loads along K), multiplies them with all M rows of x
-at once, and keeps a (BLOCK_M, BLOCK_N, BLOCK_K) fp32 accumulator that is reduced over K only at the end.
+over its share of K in (BLOCK_N, BLOCK_K) tiles (wide contiguous loads along K) and multiplies them with all M rows of
+x at once: for one row with fp32 FMAs into a (1, BLOCK_N, BLOCK_K) accumulator reduced over K only at the end; for
+several rows (USE_DOT) with tl.dot on x padded to BLOCK_M >= 16 rows (the MMA work is free next to the weight stream,
+and Triton pipelines the loads that feed a dot).
 
 Short-and-wide matrices (out_proj, x_proj: few rows, long K) give too few programs to keep every SM streaming, so K is
 split: each of the SPLIT_K programs of a row block writes its fp32 partial sums to a workspace and bumps a per-block
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import TARGET_PROGRAMS, cdiv, fsum, next_pow2
+from .common import TARGET_PROGRAMS, cdiv, dot_precision, dot_upcast, fsum, next_pow2
 from .interpret import is_interpreted, kernel_for
 
 MAX_ROWS = 16  # rows of x one launch takes (the accumulator holds all of them); callers use cuBLAS above
@@ -41,7 +43,7 @@ def gemv_kernel(
     M, N, K, K_PER_SPLIT,
     s_xm, s_wn, s_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -52,14 +54,26 @@ def gemv_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
     x_rows = x_ptr + offs_m[:, None] * s_xm
     k_start = pid_k * K_PER_SPLIT  # K_PER_SPLIT is a multiple of BLOCK_K: the splits never overlap
-    acc = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        kk = k_start + k0 + tl.arange(0, BLOCK_K)
-        mk = kk < K
-        w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        xv = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        acc += w[None, :, :] * xv[:, None, :]
-    out = fsum(acc, 2)  # (BLOCK_M, BLOCK_N)
+    if USE_DOT:  # several rows of x: tensor-core MMA on x padded to BLOCK_M >= 16 rows; its loads are pipelined
+        acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            kk = k_start + k0 + tl.arange(0, BLOCK_K)
+            mk = kk < K
+            w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
+            xv = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
+            if UPCAST:
+                w, xv = w.to(tl.float32), xv.to(tl.float32)
+            acc2 = tl.dot(xv, tl.trans(w), acc2, input_precision=PRECISION)
+        out = acc2
+    else:  # one row: fp32 FMAs into a (BLOCK_M, BLOCK_N, BLOCK_K) accumulator, reduced over K once at the end
+        acc = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            kk = k_start + k0 + tl.arange(0, BLOCK_K)
+            mk = kk < K
+            w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            xv = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            acc += w[None, :, :] * xv[:, None, :]
+        out = fsum(acc, 2)  # (BLOCK_M, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
     y_at = y_ptr + offs_m[:, None] * s_ym + offs_n[None, :]
     if SPLIT_K == 1:
@@ -83,32 +97,39 @@ def gemv_kernel(
 
 def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     """shapes: (x (M, K), weight (N, K)). A plain function of the shapes: grid (N / BLOCK_N, SPLIT_K), warps, stages,
-    constexprs, and K_PER_SPLIT (a runtime argument). GPU: an accumulator of 8192 fp32 per program (the expert GEMV's
-    best tile on the H100 was 16 x 512 at 8 warps); BLOCK_N shrinks to 4 rows, then K splits, until there are
-    TARGET_PROGRAMS programs. The interpreter takes narrow K tiles so that CPU tests cover several chunks and splits."""
+    constexprs, and K_PER_SPLIT (a runtime argument). One row of x: fp32 FMAs, an accumulator of 8192 fp32 per program
+    (the expert GEMV's best tile on the H100 was 16 x 512 at 8 warps), BLOCK_N shrinks to 4 rows before K splits.
+    Several rows: tl.dot on x padded to 16 rows, (32 x 128) weight tiles, 4 stages (the expert GEMM's decode tile).
+    Then K splits until there are TARGET_PROGRAMS programs. The interpreter takes narrow K tiles so that CPU tests
+    cover several chunks and splits."""
     M, K = shapes[0]
     N = shapes[1][0]
     if M > MAX_ROWS:
         raise ValueError(f"gemv: {M} rows of x, at most {MAX_ROWS} (use a GEMM)")
-    block_m = next_pow2(M)
+    use_dot = M > 1
+    block_m = max(16, next_pow2(M)) if use_dot else 1
+    stages = 1
     if interpret:
-        block_k, block_n = 32, 16
+        block_k, block_n, warps = 32, 16, 4
         chunks = cdiv(K, block_k)
         split = min(chunks, 3)
-        warps = 4
     else:
-        block_k = min(512, 8192 // (block_m * 4), max(64, next_pow2(K)))  # >= 4 rows even with 16 rows of x
-        block_n = max(1, min(16, 8192 // (block_m * block_k)))
-        while block_n > 4 and cdiv(N, block_n) < TARGET_PROGRAMS:
-            block_n //= 2
+        if use_dot:
+            block_k, block_n, warps, stages = 128, 32, 4, 4
+        else:
+            block_k = min(512, max(64, next_pow2(K)))
+            block_n = 16
+            while block_n > 4 and cdiv(N, block_n) < TARGET_PROGRAMS:
+                block_n //= 2
+            warps = 8 if block_n * block_k >= 4096 else 4
         chunks = cdiv(K, block_k)
         split = min(chunks, max(1, cdiv(TARGET_PROGRAMS, cdiv(N, block_n))))
-        warps = 8 if block_m * block_n * block_k >= 4096 else 4
     per_split = cdiv(chunks, split)
     split = cdiv(chunks, per_split)  # no empty splits
-    return {"kernel": "gemv_kernel", "grid": (cdiv(N, block_n), split), "num_warps": warps, "num_stages": 1,
+    return {"kernel": "gemv_kernel", "grid": (cdiv(N, block_n), split), "num_warps": warps, "num_stages": stages,
             "k_per_split": per_split * block_k,
-            "constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}}
+            "constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
+                           "USE_DOT": use_dot}}
 
 
 def _counter_buffer(device) -> torch.Tensor:
@@ -149,6 +170,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     kernel[cfg["grid"]](
         x, weight, bias if bias is not None else y, y, part, counters,
         M, N, K, cfg["k_per_split"], x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
+        HAS_BIAS=bias is not None, UPCAST=dot_upcast(x.dtype, is_interpreted(kernel)), PRECISION=dot_precision(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
     )
     return y

@@ -1,6 +1,6 @@
-"""gemv (Triton dense projection for decode batches) vs its fp32 reference: with and without bias, batch 1 and 3 (and
-8, the largest decode batch the runner sends), widths off block multiples, split-K (the interpreter's launch config
-splits K whenever it spans more than one 32-wide chunk), strided rows of x."""
+"""gemv (Triton dense projection for decode batches) vs its fp32 reference: with and without bias, batch 1 (FMA path)
+and 3 / 8 (tl.dot path), widths off block multiples, split-K (the interpreter's launch config splits K whenever it spans
+more than one 32-wide chunk), strided rows of x."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_explicit_split_k_configs_agree(split):
     chunks = 10  # 300 / 32, rounded up
     per = -(-chunks // split)
     cfg = {"grid": (2, -(-chunks // per)), "num_warps": 4, "num_stages": 1, "k_per_split": per * 32,
-           "constexprs": {"BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": -(-chunks // per)}}
+           "constexprs": {"BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": -(-chunks // per), "USE_DOT": False}}
     for _ in range(2):
         assert_close_op(gemv(x, w, b, config=cfg), gemv_ref(x, w, b), torch.float32, what=f"split {split}")
 
@@ -61,7 +61,7 @@ def test_gpu_launch_configs_fill_the_machine_and_split_short_wide_matrices():
     for M in (1, 3, 8):
         cfg = launch_config(((M, 2944), (1472, 2944)))
         c = cfg["constexprs"]
-        assert c["BLOCK_M"] >= M and cfg["k_per_split"] % c["BLOCK_K"] == 0
+        assert c["BLOCK_M"] >= M and cfg["k_per_split"] % c["BLOCK_K"] == 0 and c["USE_DOT"] == (M > 1)
         assert cfg["k_per_split"] * (cfg["grid"][1] - 1) < 2944  # no split starts past K
 
 
