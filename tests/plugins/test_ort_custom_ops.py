@@ -147,3 +147,18 @@ def test_cuda_build_compiles_and_loads():
     ry, rs = get_op("CausalConv1d").resolve("reference")(t["x"], t["weight"], t["bias"], t["initial_state"], "silu")
     assert_close_op(torch.from_numpy(y), ry, torch.float32, "y")
     assert_close_op(torch.from_numpy(s), rs, torch.float32, "final_state")
+
+
+@pytest.mark.parametrize("op,name,kw", [("SelectiveScan", "D", {"dim": 6, "n": 16}),
+                                        ("SelectiveScan", "delta_bias", {"dim": 6, "n": 16}),
+                                        ("CausalConv1d", "bias", {"dim": 33, "k": 4})])
+def test_mis_shaped_parameter_fails_with_a_message(library, op, name, kw):
+    """The CPU and CUDA kernels share one shape rule (ops.h): a (d + 1,) parameter is refused, never read past its end."""
+    from onnx import numpy_helper
+
+    model = single_op_model(op, **kw)
+    init = next(i for i in model.graph.initializer if i.name == name)
+    init.CopyFrom(numpy_helper.from_array(np.zeros(kw["dim"] + 1, np.float32), name))
+    feeds = _feeds(model, {"batch": 1, "length": 5}, seed=0)
+    with pytest.raises(Exception, match=f"{name} must be \\(d\\)"):
+        _session(model, library).run(None, feeds)

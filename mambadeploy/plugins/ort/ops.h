@@ -7,6 +7,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <string>
+#include <vector>
 
 namespace mambadeploy_ort {
 void AddCpuOps(Ort::CustomOpDomain& domain);   // ops_cpu.cc: fp32 CPU kernels
@@ -25,5 +26,47 @@ inline int64_t AttrOr(const OrtKernelInfo* info, const char* name, int64_t fallb
 
 inline void Require(bool ok, const std::string& what) {
   if (!ok) ORT_CXX_API_THROW(std::string(what), ORT_INVALID_ARGUMENT);
+}
+}  // namespace mambadeploy_ort
+
+namespace mambadeploy_ort {
+// Shape checks shared by the CPU and CUDA kernels (one rule per op, as opset.py states it). An optional input that was
+// left out is passed as nullptr.
+using Shape = std::vector<int64_t>;
+
+struct ScanDims { int64_t b, d, L, N; };
+// u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L); D, delta_bias: (d); initial_state: (b, d, N)
+inline ScanDims CheckScanShapes(const Shape& u, const Shape& dt, const Shape& A, const Shape& B, const Shape& C,
+                                const Shape* D, const Shape* z, const Shape* bias, const Shape* h0) {
+  Require(u.size() == 3 && A.size() == 2, "SelectiveScan: u must be (b, d, L), A (d, N)");
+  const int64_t b = u[0], d = u[1], L = u[2], N = A[1];
+  Require(dt == u && A[0] == d, "SelectiveScan: delta/A do not match u");
+  Require(B == Shape{b, N, L} && C == B, "SelectiveScan: B/C must be (b, N, L)");
+  Require(!z || *z == u, "SelectiveScan: z must match u");
+  Require(!D || *D == Shape{d}, "SelectiveScan: D must be (d)");
+  Require(!bias || *bias == Shape{d}, "SelectiveScan: delta_bias must be (d)");
+  Require(!h0 || *h0 == Shape{b, d, N}, "SelectiveScan: initial_state must be (b, d, N)");
+  return {b, d, L, N};
+}
+
+struct ConvDims { int64_t b, d, L, K; };
+// x: (b, d, L); weight: (d, K); bias: (d); initial_state: (b, d, K)
+inline ConvDims CheckConvShapes(const Shape& x, const Shape& w, const Shape* bias, const Shape* s0) {
+  Require(x.size() == 3 && w.size() == 2 && w[0] == x[1], "CausalConv1d: x must be (b, d, L) and weight (d, K)");
+  const int64_t b = x[0], d = x[1], L = x[2], K = w[1];
+  Require(!bias || *bias == Shape{d}, "CausalConv1d: bias must be (d)");
+  Require(!s0 || *s0 == Shape{b, d, K}, "CausalConv1d: initial_state must be (b, d, K)");
+  return {b, d, L, K};
+}
+
+struct GatherDims { int64_t T, d, E, F, k; };
+// x: (T, d); w1: (E, 2F, d); w2: (E, d, F); experts, weights: (T, k)
+inline GatherDims CheckGatherShapes(const Shape& x, const Shape& w1, const Shape& w2, const Shape& experts,
+                                    const Shape& weights) {
+  Require(x.size() == 2 && w1.size() == 3 && w2.size() == 3, "TopKExpertGather: bad ranks");
+  const int64_t T = x[0], d = x[1], E = w1[0], F2 = w1[1], F = F2 / 2;
+  Require(w1[2] == d && w2 == Shape{E, d, F} && F2 == 2 * F, "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
+  Require(experts.size() == 2 && experts[0] == T && weights == experts, "TopKExpertGather: experts/weights (T, k)");
+  return {T, d, E, F, experts[1]};
 }
 }  // namespace mambadeploy_ort

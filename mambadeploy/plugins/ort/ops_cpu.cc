@@ -55,12 +55,9 @@ struct ScanKernel {
     Ort::KernelContext ctx(raw);
     In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
     In D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7), h0 = input(ctx, 8);
-    Require(u.shape.size() == 3 && A.shape.size() == 2, "SelectiveScan: u must be (b, d, L), A (d, N)");
-    const int64_t b = u.shape[0], d = u.shape[1], L = u.shape[2], N = A.shape[1];
-    Require(dt.shape == u.shape && A.shape[0] == d, "SelectiveScan: delta/A do not match u");
-    Require(B.shape == std::vector<int64_t>{b, N, L} && C.shape == B.shape, "SelectiveScan: B/C must be (b, N, L)");
-    Require(!z.data || z.shape == u.shape, "SelectiveScan: z must match u");
-    Require(!h0.data || h0.shape == std::vector<int64_t>{b, d, N}, "SelectiveScan: initial_state must be (b, d, N)");
+    const auto [b, d, L, N] = mambadeploy_ort::CheckScanShapes(u.shape, dt.shape, A.shape, B.shape, C.shape,
+                                                                D.data ? &D.shape : nullptr, z.data ? &z.shape : nullptr,
+                                                                bias.data ? &bias.shape : nullptr, h0.data ? &h0.shape : nullptr);
     float* y = ctx.GetOutput(0, u.shape).GetTensorMutableData<float>();
     float* hl = ctx.GetOutput(1, std::vector<int64_t>{b, d, N}).GetTensorMutableData<float>();
     std::vector<float> h(N);
@@ -108,10 +105,7 @@ struct ConvKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
-    Require(x.shape.size() == 3 && w.shape.size() == 2 && w.shape[0] == x.shape[1],
-            "CausalConv1d: x must be (b, d, L) and weight (d, K)");
-    const int64_t b = x.shape[0], d = x.shape[1], L = x.shape[2], K = w.shape[1];
-    Require(!s0.data || s0.shape == std::vector<int64_t>{b, d, K}, "CausalConv1d: initial_state must be (b, d, K)");
+    const auto [b, d, L, K] = mambadeploy_ort::CheckConvShapes(x.shape, w.shape, bias.data ? &bias.shape : nullptr, s0.data ? &s0.shape : nullptr);
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     float* sf = ctx.GetOutput(1, std::vector<int64_t>{b, d, K}).GetTensorMutableData<float>();
     std::vector<float> full(K + L);
@@ -153,12 +147,8 @@ struct GatherKernel {
     In x = input(ctx, 0), w1 = input(ctx, 1), w2 = input(ctx, 2), wt = input(ctx, 4);
     std::vector<int64_t> eshape;
     const int64_t* experts = input_i64(ctx, 3, eshape);
-    Require(x.shape.size() == 2 && w1.shape.size() == 3 && w2.shape.size() == 3, "TopKExpertGather: bad ranks");
-    const int64_t T = x.shape[0], d = x.shape[1], E = w1.shape[0], F2 = w1.shape[1], F = F2 / 2;
-    Require(w1.shape[2] == d && w2.shape == std::vector<int64_t>{E, d, F} && F2 == 2 * F,
-            "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
-    Require(eshape.size() == 2 && eshape[0] == T && wt.shape == eshape, "TopKExpertGather: experts/weights (T, k)");
-    const int64_t k = eshape[1];
+    const auto [T, d, E, F, k] = mambadeploy_ort::CheckGatherShapes(x.shape, w1.shape, w2.shape, eshape, wt.shape);
+    const int64_t F2 = 2 * F;
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     std::vector<float> h(F2), a(F);
     for (int64_t t = 0; t < T; ++t) {

@@ -74,14 +74,9 @@ struct ScanKernel {
     Ort::KernelContext ctx(raw);
     In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
     In D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7), h0 = input(ctx, 8);
-    Require(u.shape.size() == 3 && A.shape.size() == 2, "SelectiveScan: u must be (b, d, L), A (d, N)");
-    const int64_t b = u.shape[0], d = u.shape[1], L = u.shape[2], N = A.shape[1];
-    Require(dt.shape == u.shape && A.shape[0] == d, "SelectiveScan: delta/A do not match u");
-    Require(B.shape == std::vector<int64_t>{b, N, L} && C.shape == B.shape, "SelectiveScan: B/C must be (b, N, L)");
-    Require(!z.data || z.shape == u.shape, "SelectiveScan: z must match u");
-    Require(!D.data || D.shape == std::vector<int64_t>{d}, "SelectiveScan: D must be (d)");
-    Require(!bias.data || bias.shape == std::vector<int64_t>{d}, "SelectiveScan: delta_bias must be (d)");
-    Require(!h0.data || h0.shape == std::vector<int64_t>{b, d, N}, "SelectiveScan: initial_state must be (b, d, N)");
+    const auto [b, d, L, N] = mambadeploy_ort::CheckScanShapes(u.shape, dt.shape, A.shape, B.shape, C.shape,
+                                                                D.data ? &D.shape : nullptr, z.data ? &z.shape : nullptr,
+                                                                bias.data ? &bias.shape : nullptr, h0.data ? &h0.shape : nullptr);
     Require(N <= mambadeploy_cuda::kScanMaxState, "SelectiveScan (CUDA): state size N = " + std::to_string(N) +
                                                       " is above the supported " +
                                                       std::to_string(mambadeploy_cuda::kScanMaxState));
@@ -118,11 +113,7 @@ struct ConvKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
-    Require(x.shape.size() == 3 && w.shape.size() == 2 && w.shape[0] == x.shape[1],
-            "CausalConv1d: x must be (b, d, L) and weight (d, K)");
-    const int64_t b = x.shape[0], d = x.shape[1], L = x.shape[2], K = w.shape[1];
-    Require(!bias.data || bias.shape == std::vector<int64_t>{d}, "CausalConv1d: bias must be (d)");
-    Require(!s0.data || s0.shape == std::vector<int64_t>{b, d, K}, "CausalConv1d: initial_state must be (b, d, K)");
+    const auto [b, d, L, K] = mambadeploy_ort::CheckConvShapes(x.shape, w.shape, bias.data ? &bias.shape : nullptr, s0.data ? &s0.shape : nullptr);
     mambadeploy_cuda::ConvArgs a{};
     a.x = x.data, a.weight = w.data, a.bias = bias.data, a.initial_state = static_cast<const float*>(s0.data);
     a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
@@ -154,13 +145,7 @@ struct GatherKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w1 = input(ctx, 1), w2 = input(ctx, 2), ex = input(ctx, 3), wt = input(ctx, 4);
-    Require(x.shape.size() == 2 && w1.shape.size() == 3 && w2.shape.size() == 3, "TopKExpertGather: bad ranks");
-    const int64_t T = x.shape[0], d = x.shape[1], E = w1.shape[0], F2 = w1.shape[1], F = F2 / 2;
-    Require(w1.shape[2] == d && w2.shape == std::vector<int64_t>{E, d, F} && F2 == 2 * F,
-            "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
-    Require(ex.shape.size() == 2 && ex.shape[0] == T && wt.shape == ex.shape,
-            "TopKExpertGather: experts/weights (T, k)");
-    const int64_t k = ex.shape[1];
+    const auto [T, d, E, F, k] = mambadeploy_ort::CheckGatherShapes(x.shape, w1.shape, w2.shape, ex.shape, wt.shape);
     const DType t = dtype_of<TT>();
     mambadeploy_cuda::GatherArgs a{};
     a.x = x.data, a.w1 = w1.data, a.w2 = w2.data;
