@@ -62,6 +62,18 @@ def gpu_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def wall_ms(fn, reps: int) -> float:
+    """Median host wall time of `fn` in ms, synchronised before and after (includes launch cost)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def graph_ms_per_call(fn, calls: int = 50, reps: int = 10) -> float:
     """GPU milliseconds per fn() call: `calls` calls captured in one CUDA graph, replayed `reps` times (median), so
     host launch cost is excluded and back-to-back launches are as tight as a captured decode step's."""

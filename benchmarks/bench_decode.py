@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from _bench import device_facts, host_us_per_call, measured_ceilings, table, write_json
+from _bench import device_facts, host_us_per_call, measured_ceilings, table, wall_ms, write_json
 
 from mambadeploy.models.checkpoint import build_preset
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
@@ -59,17 +58,6 @@ def weight_bytes_read(model, routing) -> tuple[int, dict]:
 
 def state_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for t in state.tensors.values()) * 2  # read + write
-
-
-def median_wall_ms(fn, reps):
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def follow(fast, eager, prompt, steps=16):
@@ -153,8 +141,8 @@ def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gem
         times.append(start.elapsed_time(end))
     row["fast_gpu_ms"] = statistics.median(times)
     row["fast_host_us"] = host_us_per_call(lambda: fast.step(token, sf), calls=20)
-    row["fast_wall_ms"] = median_wall_ms(lambda: fast.step(token, sf), 20)
-    row["eager_ms"] = median_wall_ms(lambda: eager.step(token, se), eager_reps)
+    row["fast_wall_ms"] = wall_ms(lambda: fast.step(token, sf), 20)
+    row["eager_ms"] = wall_ms(lambda: eager.step(token, se), eager_reps)
     row["speedup_vs_eager"] = row["eager_ms"] / row["fast_wall_ms"]
     row["roofline_pct_spec"] = 100 * total_bytes / (row["fast_gpu_ms"] * 1e-3) / ceil["hbm_spec_bytes_per_s"]
     row["roofline_pct_copy"] = 100 * total_bytes / (row["fast_gpu_ms"] * 1e-3) / ceil["copy_bytes_per_s"]

@@ -17,11 +17,9 @@ Run: python benchmarks/bench_prefill.py [--presets ...] [--lengths 512 2048 8192
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from _bench import device_facts, measured_ceilings, table, write_json
+from _bench import device_facts, measured_ceilings, table, wall_ms, write_json
 
 from mambadeploy.models.checkpoint import build_preset
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
@@ -40,17 +38,6 @@ def matmul_flops(model, tokens: int) -> float:
             moe = block.ffn
             active += moe.router.weight.numel() + moe.top_k * (moe.w1[0].numel() + moe.w2[0].numel())
     return 2.0 * active * tokens + 2.0 * model.embedding.weight.numel()
-
-
-def wall_ms(fn, reps):
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def kernel_ms(fn) -> float:
