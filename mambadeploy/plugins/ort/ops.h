@@ -65,7 +65,8 @@ inline GatherDims CheckGatherShapes(const Shape& x, const Shape& w1, const Shape
                                     const Shape& weights) {
   Require(x.size() == 2 && w1.size() == 3 && w2.size() == 3, "TopKExpertGather: bad ranks");
   const int64_t T = x[0], d = x[1], E = w1[0], F2 = w1[1], F = F2 / 2;
-  Require(w1[2] == d && w2 == Shape{E, d, F} && F2 == 2 * F, "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
+  Require(w1[2] == d && w2 == Shape{E, d, F} && F2 == 2 * F,
+          "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
   Require(experts.size() == 2 && experts[0] == T && weights == experts, "TopKExpertGather: experts/weights (T, k)");
   return {T, d, E, F, experts[1]};
 }

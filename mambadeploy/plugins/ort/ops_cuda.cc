@@ -74,9 +74,9 @@ struct ScanKernel {
     Ort::KernelContext ctx(raw);
     In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
     In D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7), h0 = input(ctx, 8);
-    const auto [b, d, L, N] = mambadeploy_ort::CheckScanShapes(u.shape, dt.shape, A.shape, B.shape, C.shape,
-                                                                D.data ? &D.shape : nullptr, z.data ? &z.shape : nullptr,
-                                                                bias.data ? &bias.shape : nullptr, h0.data ? &h0.shape : nullptr);
+    const auto [b, d, L, N] = mambadeploy_ort::CheckScanShapes(
+        u.shape, dt.shape, A.shape, B.shape, C.shape, D.data ? &D.shape : nullptr, z.data ? &z.shape : nullptr,
+        bias.data ? &bias.shape : nullptr, h0.data ? &h0.shape : nullptr);
     Require(N <= mambadeploy_cuda::kScanMaxState, "SelectiveScan (CUDA): state size N = " + std::to_string(N) +
                                                       " is above the supported " +
                                                       std::to_string(mambadeploy_cuda::kScanMaxState));
@@ -113,7 +113,8 @@ struct ConvKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
-    const auto [b, d, L, K] = mambadeploy_ort::CheckConvShapes(x.shape, w.shape, bias.data ? &bias.shape : nullptr, s0.data ? &s0.shape : nullptr);
+    const auto [b, d, L, K] = mambadeploy_ort::CheckConvShapes(x.shape, w.shape, bias.data ? &bias.shape : nullptr,
+                                                                s0.data ? &s0.shape : nullptr);
     mambadeploy_cuda::ConvArgs a{};
     a.x = x.data, a.weight = w.data, a.bias = bias.data, a.initial_state = static_cast<const float*>(s0.data);
     a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
