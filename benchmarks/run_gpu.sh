@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call (see benchmarks/README.md): GPU parity tests at full shapes, then the benchmarks.
-# Usage: bash benchmarks/run_gpu.sh [tests] [tests-quick] [tests-runtime] [kernels] [sweep] [decode] [prefill] [decode-quick] [prefill-quick]
+# Usage: bash benchmarks/run_gpu.sh [tests] [tests-quick] [tests-runtime] [kernels] [sweep] [sweep-scan] [decode] [prefill] [decode-quick] [prefill-quick]
 #        (default: tests kernels decode prefill)
 # Logs and JSON land in $OUT (the device runner) or /tmp/mambadeploy-bench.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks
@@ -16,6 +16,7 @@ for stage in $stages; do
              tests/kernels/test_kernel_moe.py tests/runtime/test_torch_fast.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     tests-runtime) timeout 240 python3 -m pytest -q -rfE -p no:cacheprovider tests/runtime/test_torch_fast.py \
              tests/kernels/test_kernel_selective_scan.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    sweep-scan) timeout 300 python3 benchmarks/sweep_kernels.py --only scan 2>&1 | tee "$OUT/sweep.log" | tail -70 ;;
     sweep) timeout 300 python3 benchmarks/sweep_kernels.py 2>&1 | tee "$OUT/sweep.log" | tail -45 ;;
     kernels) timeout 200 python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
     decode) timeout 330 python3 benchmarks/bench_decode.py 2>&1 | tee "$OUT/decode.log" | tail -12 ;;

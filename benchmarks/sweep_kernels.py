@@ -19,29 +19,51 @@ from mambadeploy.kernels.selective_scan import launch_config as scan_config
 from mambadeploy.kernels.selective_scan import selective_scan
 
 BF16 = torch.bfloat16
-# (BLOCK_D, CHUNK, num_warps)
-SCAN_CONFIGS = [(1, 32, 1), (1, 64, 2), (2, 16, 1), (2, 32, 1), (2, 64, 2), (4, 16, 1), (4, 32, 2), (8, 32, 4)]
+# the single-launch associative-scan kernel (the TensorRT plugin's): (BLOCK_D, CHUNK, num_warps)
+SCAN_CONFIGS = [(1, 64, 2), (2, 32, 1)]
+# the segment-parallel kernel (the runner's): (BLOCK_D, num_warps, seg_len)
+SEG_CONFIGS = [(bd, w, sl) for bd, w in ((16, 1), (32, 1), (32, 2), (64, 2))
+               for sl in (16, 32, 64, 128)]
+
+
+def _token_major(a):
+    """The same values, stored (batch, L, features) as plain F.linear outputs are."""
+    return {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if v.dim() == 3 else v) for k, v in a.items()}
 
 
 def sweep_scan(rows, L=2048, dim=2944):
-    a = scan_inputs(1, dim, L)
-    kw = dict(D=a["D"], z=a["z"], delta_bias=a["delta_bias"], delta_softplus=True)
-    y0, h0 = selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], **kw)
-    default = scan_config((a["u"].shape, a["delta"].shape, a["A"].shape))
-    for block_d, chunk, warps in SCAN_CONFIGS:
-        cfg = {"grid": (1, triton_cdiv(dim, block_d)), "num_warps": warps, "num_stages": 1,
-               "constexprs": {"BLOCK_D": block_d, "BLOCK_N": 16, "CHUNK": chunk}}
-        row = {"sweep": "selective_scan", "L": L, "BLOCK_D": block_d, "CHUNK": chunk, "num_warps": warps,
-               "default": cfg["constexprs"] == default["constexprs"] and warps == default["num_warps"]}
-        try:
-            y, h = selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], **kw, config=cfg)
-            row["max_diff_vs_default"] = max((y.float() - y0.float()).abs().max().item(), (h - h0).abs().max().item())
-            row["gpu_us"] = gpu_ms(lambda: selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], **kw,
-                                                          config=cfg), reps=5, warmup=1) * 1e3
-        except Exception as exc:  # a config the compiler refuses (e.g. out of registers) is reported, not fatal
-            row["error"] = str(exc).splitlines()[0][:120]
-        rows.append(row)
-        print(row, flush=True)
+    base = scan_inputs(1, dim, L)
+    kw = dict(D=base["D"], z=base["z"], delta_bias=base["delta_bias"], delta_softplus=True)
+    y0, h0 = selective_scan(base["u"], base["delta"], base["A"], base["B"], base["C"], **kw)
+    default = scan_config((base["u"].shape, base["delta"].shape, base["A"].shape))
+    cases = [("chunked", c) for c in SCAN_CONFIGS] + [("seg", c) for c in SEG_CONFIGS]
+    for layout in ("channel-major", "token-major"):
+        a = base if layout == "channel-major" else _token_major(base)
+        kw = dict(D=a["D"], z=a["z"], delta_bias=a["delta_bias"], delta_softplus=True)
+        for kind, c in cases:
+            if kind == "chunked":
+                block_d, chunk, warps = c
+                cfg = {"kernel": "selective_scan_kernel", "grid": (1, triton_cdiv(dim, block_d)), "num_warps": warps,
+                       "num_stages": 1, "constexprs": {"BLOCK_D": block_d, "BLOCK_N": 16, "CHUNK": chunk}}
+            else:
+                block_d, warps, seg_len = c
+                n_seg = triton_cdiv(L, seg_len)
+                cfg = {"kernel": "selective_scan_seg_kernel", "grid": (1, triton_cdiv(dim, block_d), n_seg),
+                       "num_warps": warps, "num_stages": 1,
+                       "constexprs": {"BLOCK_D": block_d, "BLOCK_N": 16},
+                       "scalars": {"seg_len": seg_len, "n_seg": n_seg}}
+            row = {"sweep": "selective_scan", "L": L, "layout": layout, "kernel": kind, "config": str(c),
+                   "default": cfg == default}
+            try:
+                y, h = selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], **kw, config=cfg)
+                row["max_diff_vs_default"] = max((y.float() - y0.float()).abs().max().item(),
+                                                 (h - h0).abs().max().item())
+                row["gpu_us"] = gpu_ms(lambda: selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], **kw,
+                                                              config=cfg), reps=5, warmup=1) * 1e3
+            except Exception as exc:  # a config the compiler refuses (e.g. out of registers) is reported, not fatal
+                row["error"] = str(exc).splitlines()[0][:120]
+            rows.append(row)
+            print(row, flush=True)
 
 
 def triton_cdiv(a, b):
@@ -125,7 +147,7 @@ def main():
         sweep_moe(rows)
     write_json("sweep", {"device": facts, "rows": rows})
     print(table([r for r in rows if r["sweep"] == "selective_scan"],
-                ["BLOCK_D", "CHUNK", "num_warps", "default", "gpu_us", "max_diff_vs_default", "error"]))
+                ["layout", "kernel", "config", "default", "gpu_us", "max_diff_vs_default", "error"]))
     print(table([r for r in rows if r["sweep"] != "selective_scan"],
                 ["sweep", "T", "config", "gpu_us", "gbytes_per_s", "tflops", "max_diff_vs_default", "error"]))
 

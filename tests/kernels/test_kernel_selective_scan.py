@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_cases import DTYPES, full, make_gen, rand, randn, small
 
-from mambadeploy.kernels.selective_scan import launch_config, selective_scan, selective_scan_ref
+from mambadeploy.kernels.selective_scan import chunked_launch_config, launch_config, selective_scan, selective_scan_ref
 from mambadeploy.validate.tolerances import assert_close_op
 
 # (batch, dim, L, N): widths off every block multiple, lengths 1 / 7 / 33 / 154, batch 1 and 3
@@ -59,10 +59,27 @@ def test_selective_scan_chunked_path_on_small_tiles(block_d):
     """The GPU configuration (associative scan over CHUNK steps, carried state, masked tail) at tiles small enough for
     the interpreter: 3 chunks of 8 with a partial last one; with 4 channels a block, 2 blocks with a masked tail."""
     u, delta, A, B, C, D, z, bias, h0 = _inputs(2, 7, 20, 4, torch.float32, seed=2)
-    config = {"grid": (2, -(-7 // block_d)), "num_warps": 4, "num_stages": 1,
+    config = {"kernel": "selective_scan_kernel", "grid": (2, -(-7 // block_d)), "num_warps": 4, "num_stages": 1,
               "constexprs": {"BLOCK_D": block_d, "BLOCK_N": 4, "CHUNK": 8}}
     out = selective_scan(u, delta, A, B, C, D, z, bias, True, h0, config=config)
     _check(out, selective_scan_ref(u, delta, A, B, C, D, z, bias, True, h0), torch.float32)
+
+
+@pytest.mark.parametrize("token_major", [True, False], ids=["token-major", "channel-major"])
+@pytest.mark.parametrize("seg_len,block_d", [(5, 8), (8, 4), (20, 8), (1, 8)])
+def test_selective_scan_segmented_path(seg_len, block_d, token_major):
+    """The GPU configuration of the segment-parallel kernel at interpreter sizes: a state pass over all segments but
+    the last, then the output pass folding them onto the initial state; segments that do not divide L (20 = 4 x 5,
+    2 x 8 + 4), one segment (20), one step a segment (1), channel blocks with a masked tail (7 channels)."""
+    u, delta, A, B, C, D, z, bias, h0 = _inputs(2, 7, 20, 4, torch.float32, token_major, seed=4)
+    n_seg = -(-20 // seg_len)
+    config = {"kernel": "selective_scan_seg_kernel", "grid": (2, -(-7 // block_d), n_seg), "num_warps": 1,
+              "num_stages": 1, "constexprs": {"BLOCK_D": block_d, "BLOCK_N": 4},
+              "scalars": {"seg_len": seg_len, "n_seg": n_seg}}
+    out = selective_scan(u, delta, A, B, C, D, z, bias, True, h0, config=config)
+    _check(out, selective_scan_ref(u, delta, A, B, C, D, z, bias, True, h0), torch.float32)
+    out = selective_scan(u, delta, A, B, C, config=config)  # without the optional inputs
+    _check(out, selective_scan_ref(u, delta, A, B, C), torch.float32)
 
 
 def test_pad_steps_leave_the_state_untouched():
@@ -73,8 +90,14 @@ def test_pad_steps_leave_the_state_untouched():
     assert torch.equal(h, h0)
 
 
-def test_launch_config_is_plain_data():
-    cfg = launch_config(((1, 2944, 2048), (1, 2944, 2048), (2944, 16)))
+@pytest.mark.parametrize("L", [1, 2048, 16384])
+def test_launch_config_is_plain_data(L):
+    shapes = ((1, 2944, L), (1, 2944, L), (2944, 16))
+    cfg = launch_config(shapes)
     assert cfg["grid"][0] == 1 and cfg["grid"][1] * cfg["constexprs"]["BLOCK_D"] >= 2944
-    assert set(cfg) == {"kernel", "grid", "num_warps", "num_stages", "constexprs"}
-    assert cfg == launch_config(((1, 2944, 2048), (1, 2944, 2048), (2944, 16)))
+    assert set(cfg) == {"kernel", "grid", "num_warps", "num_stages", "constexprs", "scalars"}
+    seg = cfg["scalars"]
+    assert cfg["grid"][2] == seg["n_seg"] and (seg["n_seg"] - 1) * seg["seg_len"] < L <= seg["n_seg"] * seg["seg_len"]
+    assert cfg == launch_config(shapes)
+    chunked = chunked_launch_config(shapes)
+    assert chunked["kernel"] == "selective_scan_kernel" and set(chunked) == set(cfg) - {"scalars"}
