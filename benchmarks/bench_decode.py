@@ -23,6 +23,7 @@ Run: python benchmarks/bench_decode.py [--presets blackmamba-2.8b] [--batches 1 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -116,7 +117,8 @@ def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gem
     fast = TorchFastRunner(model, check_inputs=False, triton_gemv=triton_gemv)
     eager = TorchEagerRunner(model)
     top1, err, sf, se, token = follow(fast, eager, prompt)
-    row = {"preset": preset, "batch": batch, "triton_gemv": triton_gemv, "bf16_top1_agreement": top1,
+    row = {"preset": preset, "batch": batch, "triton_gemv": triton_gemv,
+           "pdl": os.environ.get("MAMBADEPLOY_PDL", "1") != "0", "bf16_top1_agreement": top1,
            "bf16_max_rel_err": err}
 
     # bytes actually read: routing of one real step, recorded by an eager (ungraphed) fast runner on a copy
@@ -181,7 +183,7 @@ def main():
         del model
         torch.cuda.empty_cache()
     write_json(args.name, {"device": facts, "ceilings": ceil, "dtype": "bf16", "fp32_checks": checks, "rows": rows})
-    print(table(rows, ["preset", "batch", "triton_gemv", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
+    print(table(rows, ["preset", "batch", "triton_gemv", "pdl", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
                        "bytes_per_token", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy",
                        "bf16_top1_agreement", "bf16_max_rel_err"]))
     if checks:

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: F401  (references)
 
-from .common import block_for_programs, fsum, next_pow2, sigmoid
+from .common import block_for_programs, fsum, next_pow2, pdl_launch, pdl_wait, sigmoid
 from .interpret import is_interpreted, kernel_for
 
 
@@ -76,12 +76,14 @@ def causal_conv1d_update_kernel(
     dim,
     s_x_b, s_x_d, s_s_b, s_s_d, s_s_k, s_w_d, s_w_k, s_y_b, s_y_d,
     K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
     mask_d = offs_d < dim
+    pdl_wait(PDL)
     rows = state_ptr + pid_b * s_s_b + offs_d[:, None] * s_s_d
     shifted = tl.load(rows + (offs_k + 1)[None, :] * s_s_k, mask=mask_d[:, None] & (offs_k < K - 1)[None, :], other=0.0)
     x = tl.load(x_ptr + pid_b * s_x_b + offs_d * s_x_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -189,6 +191,6 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, c
         x, conv_state, weight, bias if bias is not None else weight, y,
         dim, *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
         HAS_BIAS=bias is not None, SILU=silu,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(x),
     )
     return y, conv_state

@@ -10,6 +10,8 @@ compile to.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -50,6 +52,35 @@ def dot_upcast(dtype: torch.dtype, interpreted: bool) -> bool:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs must not silently use TF32 (the fp32 runner has to match the fp32 reference token for token)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def pdl_launch(tensor: torch.Tensor) -> dict:
+    """Launch arguments for Hopper's programmatic dependent launch (PDL) of a decode kernel that takes `PDL`: the
+    kernel may then start while its predecessor on the stream is still finishing (launch latency and its first weight
+    loads overlap that tail) and waits (pdl_wait) before touching anything a predecessor writes. Empty — a plain
+    launch — on CPU (the interpreter), below sm_90, with a Triton without grid-dependency control, or with
+    MAMBADEPLOY_PDL=0."""
+    if not tensor.is_cuda or os.environ.get("MAMBADEPLOY_PDL", "1") == "0":
+        return {}
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(cuda, "gdc_wait")
+    return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
+
+
+_PDL_DEVICES: dict = {}
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Under PDL: wait until the previous kernel on the stream has finished and its writes are visible, then let the
+    next kernel launch. Everything a kernel does before this point may read only weights (constants of the model):
+    never activations, states, routing or workspaces. Allowing dependents only after the wait keeps at most two
+    kernels in flight. A no-op without PDL."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

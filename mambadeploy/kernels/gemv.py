@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import TARGET_PROGRAMS, cdiv, dot_precision, dot_upcast, fsum, next_pow2
+from .common import TARGET_PROGRAMS, cdiv, dot_precision, dot_upcast, fsum, next_pow2, pdl_launch, pdl_wait, sigmoid
 from .interpret import is_interpreted, kernel_for
 
 MAX_ROWS = 16  # rows of x one launch takes (the accumulator holds all of them); callers use cuBLAS above
@@ -38,12 +38,43 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
 
 @triton.jit
+def _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, y_dtype, cs_ptr, cw_ptr, cb_ptr, conv_dim,
+                   s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
+    """Mamba's decode conv on the projection's first conv_dim outputs (in_proj's x half), in the GEMV's epilogue:
+    the window (conv state (M, conv_dim, CONV_K) fp32, then this step's output rounded to the model dtype, as a
+    separate projection would store it) times the taps, + bias, SiLU; the state shifts by one in place. A channel
+    belongs to exactly one program (no split-K here), so its state is read and written by that program alone.
+    Returns out with those columns replaced by the conv output; the others (z) pass through."""
+    conv_cols = offs_n < conv_dim
+    m2 = mask_m[:, None] & (mask_n & conv_cols)[None, :]
+    new = out.to(y_dtype).to(tl.float32)
+    rows = cs_ptr + offs_m.to(tl.int64)[:, None] * s_cs_b + offs_n[None, :] * s_cs_d
+    acc = new * tl.load(cw_ptr + offs_n * s_cw_d + (CONV_K - 1) * s_cw_k, mask=mask_n & conv_cols,
+                        other=0.0).to(tl.float32)[None, :]
+    if HAS_CONV_BIAS:
+        acc += tl.load(cb_ptr + offs_n, mask=mask_n & conv_cols, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(CONV_K - 1):
+        old = tl.load(rows + (k + 1) * s_cs_k, mask=m2, other=0.0)
+        acc += old * tl.load(cw_ptr + offs_n * s_cw_d + k * s_cw_k, mask=mask_n & conv_cols,
+                             other=0.0).to(tl.float32)[None, :]
+    tl.debug_barrier()  # every thread has read the old window before any thread shifts it
+    for k in tl.static_range(CONV_K - 1):  # the state keeps the last CONV_K inputs, this step's the newest
+        tl.store(rows + k * s_cs_k, tl.load(rows + (k + 1) * s_cs_k, mask=m2, other=0.0), mask=m2)
+        tl.debug_barrier()
+    tl.store(rows + (CONV_K - 1) * s_cs_k, new, mask=m2)
+    return tl.where(conv_cols[None, :], acc * sigmoid(acc), out)
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, K_PER_SPLIT,
     s_xm, s_wn, s_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
+    cs_ptr=None, cw_ptr=None, cb_ptr=None, conv_dim=0, s_cs_b=0, s_cs_d=0, s_cs_k=0, s_cw_d=0, s_cw_k=0,
+    CONV_K: tl.constexpr = 0, HAS_CONV_BIAS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -54,9 +85,18 @@ def gemv_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
     x_rows = x_ptr + offs_m[:, None] * s_xm
     k_start = pid_k * K_PER_SPLIT  # K_PER_SPLIT is a multiple of BLOCK_K: the splits never overlap
+    # Under PDL the first weight tile is loaded before waiting for the previous kernel (weights are constants): its
+    # HBM latency overlaps that kernel's tail. Without PDL the loop starts at the first tile as usual.
+    k_first = k_start + tl.arange(0, BLOCK_K)
+    w_first = tl.load(w_rows + k_first[None, :], mask=mask_n[:, None] & (k_first < K)[None, :], other=0.0)
+    pdl_wait(PDL)
+    x_first = tl.load(x_rows + k_first[None, :], mask=mask_m[:, None] & (k_first < K)[None, :], other=0.0)
     if USE_DOT:  # several rows of x: tensor-core MMA on x padded to BLOCK_M >= 16 rows; its loads are pipelined
-        acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        if UPCAST:
+            w_first, x_first = w_first.to(tl.float32), x_first.to(tl.float32)
+        acc2 = tl.dot(x_first, tl.trans(w_first), tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32),
+                      input_precision=PRECISION)
+        for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
             kk = k_start + k0 + tl.arange(0, BLOCK_K)
             mk = kk < K
             w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
@@ -66,8 +106,8 @@ def gemv_kernel(
             acc2 = tl.dot(xv, tl.trans(w), acc2, input_precision=PRECISION)
         out = acc2
     else:  # one row: fp32 FMAs into a (BLOCK_M, BLOCK_N, BLOCK_K) accumulator, reduced over K once at the end
-        acc = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        acc = w_first.to(tl.float32)[None, :, :] * x_first.to(tl.float32)[:, None, :]
+        for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
             kk = k_start + k0 + tl.arange(0, BLOCK_K)
             mk = kk < K
             w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32)
@@ -79,6 +119,9 @@ def gemv_kernel(
     if SPLIT_K == 1:
         if HAS_BIAS:
             out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if CONV_K > 0:
+            out = _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, y_ptr.dtype.element_ty, cs_ptr, cw_ptr, cb_ptr,
+                                 conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
         tl.store(y_at, out.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         part_at = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # workspace (SPLIT_K, M, N) fp32
@@ -95,12 +138,13 @@ def gemv_kernel(
             tl.store(count_ptr + pid_n, 0)
 
 
-def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
+def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = True) -> dict:
     """shapes: (x (M, K), weight (N, K)). A plain function of the shapes: grid (N / BLOCK_N, SPLIT_K), warps, stages,
     constexprs, and K_PER_SPLIT (a runtime argument). One row of x: fp32 FMAs, an accumulator of 8192 fp32 per program
     (the expert GEMV's best tile on the H100 was 16 x 512 at 8 warps), BLOCK_N shrinks to 4 rows before K splits.
     Several rows: tl.dot on x padded to 16 rows, (32 x 128) weight tiles, 4 stages (the expert GEMM's decode tile).
-    Then K splits until there are TARGET_PROGRAMS programs. The interpreter takes narrow K tiles so that CPU tests
+    Then K splits until there are TARGET_PROGRAMS programs (unless split_k=False: the fused conv epilogue needs every
+    output column finished by one program). The interpreter takes narrow K tiles so that CPU tests
     cover several chunks and splits."""
     M, K = shapes[0]
     N = shapes[1][0]
@@ -112,7 +156,7 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     if interpret:
         block_k, block_n, warps = 32, 16, 4
         chunks = cdiv(K, block_k)
-        split = min(chunks, 3)
+        split = min(chunks, 3) if split_k else 1
     else:
         if use_dot:
             block_k, block_n, warps, stages = 128, 32, 4, 4
@@ -123,7 +167,7 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
                 block_n //= 2
             warps = 8 if block_n * block_k >= 4096 else 4
         chunks = cdiv(K, block_k)
-        split = min(chunks, max(1, cdiv(TARGET_PROGRAMS, cdiv(N, block_n))))
+        split = min(chunks, max(1, cdiv(TARGET_PROGRAMS, cdiv(N, block_n)))) if split_k else 1
     per_split = cdiv(chunks, split)
     split = cdiv(chunks, per_split)  # no empty splits
     return {"kernel": "gemv_kernel", "grid": (cdiv(N, block_n), split), "num_warps": warps, "num_stages": stages,
@@ -140,9 +184,12 @@ def _counter_buffer(device) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: dict | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, conv: tuple | None = None) -> torch.Tensor:
     """Same contract as gemv_ref: x (M, K) with M <= MAX_ROWS, weight (N, K), bias (N,) -> (M, N) in x.dtype, fp32
-    accumulation. Rows of x and weight must be contiguous along K (row strides are free)."""
+    accumulation. Rows of x and weight must be contiguous along K (row strides are free).
+    conv = (conv_state (M, C, d_conv) fp32, conv_weight (C, d_conv), conv_bias (C,) or None): Mamba's decode step
+    fused in (in_proj): the first C outputs go through causal_conv1d_update with SiLU (conv_state shifted in place)
+    and come back as its output; the rest (z) as projected. Equal to gemv_ref then causal_conv1d_update_ref."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit (x (M, K), "
                          f"weight (N, K))")
@@ -158,7 +205,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if M == 0:
         return y
     kernel = kernel_for(gemv_kernel, x)
-    cfg = config or launch_config((x.shape, weight.shape), interpret=is_interpreted(kernel))
+    cfg = config or launch_config((x.shape, weight.shape), interpret=is_interpreted(kernel), split_k=conv is None)
+    conv_args = {}
+    if conv is not None:
+        conv_args = _conv_arguments(conv, M, N)
+        if cfg["constexprs"]["SPLIT_K"] != 1:
+            raise ValueError("gemv: the fused conv needs a launch config without split-K")
     split = cfg["constexprs"]["SPLIT_K"]
     if split > 1:
         if cfg["grid"][0] > COUNTER_SLOTS:
@@ -171,6 +223,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, bias if bias is not None else y, y, part, counters,
         M, N, K, cfg["k_per_split"], x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, UPCAST=dot_upcast(x.dtype, is_interpreted(kernel)), PRECISION=dot_precision(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(x), **conv_args,
     )
     return y
+
+
+def _conv_arguments(conv, M: int, N: int) -> dict:
+    state, weight, bias = conv
+    C, d_conv = weight.shape
+    if state.dtype != torch.float32 or state.shape != (M, C, d_conv) or C > N or (bias is not None and
+                                                                               bias.shape != (C,)):
+        raise ValueError(f"gemv: conv state {state.dtype} {tuple(state.shape)} / weight {tuple(weight.shape)} do not "
+                         f"fit {M} rows and {N} outputs (state fp32 (M, C, d_conv), C <= N)")
+    return {"cs_ptr": state, "cw_ptr": weight, "cb_ptr": bias if bias is not None else weight, "conv_dim": C,
+            "s_cs_b": state.stride(0), "s_cs_d": state.stride(1), "s_cs_k": state.stride(2),
+            "s_cw_d": weight.stride(0), "s_cw_k": weight.stride(1), "CONV_K": d_conv,
+            "HAS_CONV_BIAS": bias is not None}

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import expert_gather_ref  # noqa: F401  (the reference, re-exported)
 
-from .common import ACTIVATION_CODES, activate, dot_precision, dot_upcast, fsum, next_pow2
+from .common import ACTIVATION_CODES, activate, dot_precision, dot_upcast, fsum, next_pow2, pdl_launch, pdl_wait
 from .interpret import is_interpreted, kernel_for
 from .moe_routing import moe_align
 
@@ -37,10 +37,12 @@ def moe_gemv_fc1_kernel(
     F, d,
     s_x_t, s_w_e, s_w_f, s_w_d, s_h_p,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < F
+    pdl_wait(PDL)  # (the expert, hence every weight this program reads, comes from the router kernel)
     e = tl.load(experts_ptr + pair).to(tl.int64)
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * s_x_t
     gate_rows = w1_ptr + e * s_w_e + offs_n[:, None] * s_w_f
@@ -63,11 +65,12 @@ def moe_gemv_fc2_kernel(
     h_ptr, w2_ptr, experts_ptr, weights_ptr, y_ptr,
     d, F,
     s_h_p, s_w_e, s_w_d, s_w_f, s_y_r,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < d
+    pdl_wait(PDL)
     e = tl.load(experts_ptr + pair).to(tl.int64)
     h_row = h_ptr + pair.to(tl.int64) * s_h_p
     w_rows = w2_ptr + e * s_w_e + offs_n[:, None] * s_w_d
@@ -227,10 +230,10 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     if cfg["path"] == "gemv":
         kernel1[c1["grid"]](x, w1, experts, h, F, d, x.stride(0), *w1.stride(), h.stride(0),
                             TOP_K=k, ACTIVATION=act, num_warps=c1["num_warps"], num_stages=c1["num_stages"],
-                            **c1["constexprs"])
+                            **c1["constexprs"], **pdl_launch(x))
         kernel_for(moe_gemv_fc2_kernel, x)[c2["grid"]](
             h, w2, experts, weights, out, d, F, h.stride(0), *w2.stride(), out.stride(0),
-            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"])
+            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **pdl_launch(x))
     else:
         sorted_pairs, block_expert = moe_align(experts, E, cfg["align"]["block_m"])
         common = {"UPCAST": dot_upcast(x.dtype, interpreted), "PRECISION": dot_precision(x.dtype)}

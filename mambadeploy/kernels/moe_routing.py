@@ -18,7 +18,7 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import route_ref  # noqa: F401  (the reference, re-exported)
 
-from .common import argmax, cdiv, cumsum, fmax, fsum, next_pow2, sigmoid
+from .common import argmax, cdiv, cumsum, fmax, fsum, next_pow2, pdl_launch, pdl_wait, sigmoid
 from .interpret import is_interpreted, kernel_for
 
 ROUTERS = {"sigmoid_top1": 0, "softmax_topk": 1}
@@ -80,13 +80,14 @@ def add_rms_norm_route_kernel(
     d, E, eps,
     s_x, s_r, s_o, s_ro, s_rw_e, s_rw_d,
     HAS_X: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr,
-    TOP_K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """residual (+= x) and RMSNorm of one row, then the router on the normed row as the model dtype stores it (what a
     separate router Linear would read), in the same program: one launch for norm + router GEMV + expert choice."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
+    pdl_wait(PDL)
     v = tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_X:
         v += tl.load(x_ptr + row * s_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -258,6 +259,6 @@ def add_rms_norm_route(x, residual, weight, eps, router_weight, router_bias, rou
         residual_out.stride(0) if x is not None else 0, *router_weight.stride(),
         HAS_X=x is not None, HAS_BIAS=router_bias is not None,
         SOFTMAX=router == "softmax_topk", TOP_K=top_k,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(ref),
     )
     return out, (residual_out if x is not None else residual), weights, experts

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import add_rms_norm_ref, rms_norm_ref  # noqa: F401  (the references, re-exported)
 
-from .common import fsum, next_pow2
+from .common import fsum, next_pow2, pdl_launch, pdl_wait
 from .interpret import kernel_for
 
 
@@ -22,11 +22,12 @@ def add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     d, eps,
     s_x, s_r, s_o, s_ro,
-    HAS_X: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_X: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
+    pdl_wait(PDL)
     v = tl.full((BLOCK,), 0.0, tl.float32)
     if HAS_X:
         v += tl.load(x_ptr + row * s_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -72,7 +73,7 @@ def _launch(x, residual, weight, eps, out, residual_out):
         x2.stride(0) if x2 is not None else 0, r2.stride(0) if r2 is not None else 0, o2.stride(0),
         ro2.stride(0) if ro2 is not None else 0,
         HAS_X=x is not None, HAS_RESIDUAL=residual is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(ref),
     )
 
 

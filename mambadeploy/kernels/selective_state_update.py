@@ -15,7 +15,7 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import selective_state_update_ref  # noqa: F401  (the reference, re-exported)
 
-from .common import LOG2E, block_for_programs, fsum, next_pow2, sigmoid, softplus
+from .common import LOG2E, block_for_programs, fsum, next_pow2, pdl_launch, pdl_wait, sigmoid, softplus
 from .interpret import is_interpreted, kernel_for
 
 
@@ -28,6 +28,7 @@ def selective_state_update_kernel(
     s_B_b, s_B_n, s_C_b, s_C_n, s_A_d, s_A_n, s_w_d, s_w_r,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     DT_LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -37,6 +38,7 @@ def selective_state_update_kernel(
     mask_n = offs_n < d_state
     mask_dn = mask_d[:, None] & mask_n[None, :]
 
+    pdl_wait(PDL)
     state_ptrs = state_ptr + pid_b * s_st_b + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
     h = tl.load(state_ptrs, mask=mask_dn, other=0.0)
     x = tl.load(x_ptr + pid_b * s_x_b + offs_d * s_x_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -118,6 +120,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         dim, d_state, rank, *state.stride(), *x.stride(), *dt.stride(), *zs, *y.stride(), *B.stride(), *C.stride(),
         *A.stride(), *(w.stride() if w is not None else (0, 0)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(x),
     )
     return y, state

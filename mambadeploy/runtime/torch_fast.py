@@ -288,8 +288,14 @@ class TorchFastRunner(Runner):
     def _mamba_step(self, layer, x, conv_state, ssm_state):
         m = layer.mamba
         di = m.d_inner
-        xz = self._linear(x, m.in_proj.weight, m.in_proj.bias)
-        xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias, "silu")
+        if self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH:  # in_proj with the conv update in its epilogue
+            xz = self._k_gemv.gemv(x, m.in_proj.weight, m.in_proj.bias,
+                                   conv=(conv_state, layer.conv_weight, m.conv1d.bias))
+            xc = xz[:, :di]
+        else:
+            xz = self._linear(x, m.in_proj.weight, m.in_proj.bias)
+            xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias,
+                                                      "silu")
         dt_low, B, C = self._ssm_params(m, xc)
         if x.shape[0] <= FUSED_DT_MAX_BATCH:  # the state-update kernel applies dt_proj itself
             dt, dt_w = dt_low, m.dt_proj.weight

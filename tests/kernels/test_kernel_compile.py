@@ -45,20 +45,20 @@ def _record(monkeypatch, call) -> list:
 
 
 def _compile(kernel, args, kwargs):
-    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
-    names = kernel.arg_names
-    values = dict(zip(names, args), **kwargs)
+    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages"),
+               "launch_pdl": kwargs.pop("launch_pdl", False)}
+    values = dict(zip(kernel.arg_names, args), **kwargs)
     signature, constexprs = {}, {}
-    for name in names:
-        v = values[name]
-        if name in kwargs:
-            signature[name], constexprs[name] = "constexpr", v
+    for param in kernel.params:  # a parameter not passed takes its default (PDL, the fused-conv arguments)
+        v = values[param.name] if param.name in values else param.default
+        if param.is_constexpr or v is None:  # (Triton specialises None arguments as constexprs too)
+            signature[param.name], constexprs[param.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
-            signature[name] = POINTER[v.dtype]
+            signature[param.name] = POINTER[v.dtype]
         elif isinstance(v, float):
-            signature[name] = "fp32"
+            signature[param.name] = "fp32"
         else:
-            signature[name] = "i32"
+            signature[param.name] = "i32"
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -89,6 +89,8 @@ def _calls(dtype):
     yield "gemv", lambda: gemv.gemv(r(1, 1472), r(5888, 1472))
     yield "gemv (split-K)", lambda: gemv.gemv(r(1, 2944), r(124, 2944))
     yield "gemv (batch 8, bias)", lambda: gemv.gemv(r(8, 2944), r(1472, 2944), r(1472))
+    yield "gemv (in_proj + conv)", lambda: gemv.gemv(r(1, 1472), r(5888, 1472), None,
+                                                     conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
 
 
 def test_every_launch_compiles_for_sm90(monkeypatch):
@@ -99,6 +101,28 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
             compiled.add(kernel.fn.__name__)
     print(sorted(compiled))
     assert len(compiled) == 14  # every kernel of the package
+
+
+PDL_CALLS = ("selective_state_update", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
+             "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)")
+
+
+def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):
+    """What an sm_90 GPU launches in decode: every decode kernel with PDL on (grid-dependency wait / launch)."""
+    pdl = {"PDL": True, "launch_pdl": True}
+    for module in MODULES:
+        if hasattr(module, "pdl_launch"):
+            monkeypatch.setattr(module, "pdl_launch", lambda tensor: dict(pdl))
+    calls = dict(_calls(torch.bfloat16))
+    compiled = set()
+    for what in PDL_CALLS:
+        for kernel, args, kwargs in _record(monkeypatch, calls[what]):
+            assert kwargs.get("PDL") is True, f"{what}: {kernel.fn.__name__} launched without PDL"
+            ptx = _compile(kernel, args, dict(kwargs)).asm["ptx"]
+            assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, kernel.fn.__name__
+            compiled.add(kernel.fn.__name__)
+    print(sorted(compiled))
+    assert len(compiled) == 7
 
 
 def test_fp32_grouped_gemm_compiles_for_sm90(monkeypatch):

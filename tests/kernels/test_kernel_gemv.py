@@ -9,6 +9,7 @@ import torch
 from kernel_cases import DTYPES, full, make_gen, randn, small
 
 from mambadeploy.kernels.gemv import MAX_ROWS, gemv, gemv_ref, launch_config
+from mambadeploy.models.ref_ops import causal_conv1d_update_ref
 from mambadeploy.validate.tolerances import assert_close_op
 
 # (M, N, K): tiny awkward widths on CPU; full: BlackMamba-2.8B in_proj, out_proj, x_proj, LM head; 1.5B x_proj
@@ -73,3 +74,29 @@ def test_bad_shapes_are_refused():
         gemv(randn(g, 2, 8), randn(g, 4, 8), randn(g, 5))
     with pytest.raises(ValueError, match="at most"):
         launch_config(((MAX_ROWS + 1, 8), (4, 8)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,C,K,conv_bias", [(1, 40, 24, True), (3, 37, 40, False), (8, 24, 33, True)])
+def test_fused_conv_epilogue_matches_projection_then_conv_update(M, C, K, conv_bias, dtype):
+    """in_proj with Mamba's decode conv in its epilogue == gemv_ref, then causal_conv1d_update_ref on the first C
+    outputs (channels off block multiples, batch 1 / 3 / 8, with and without the conv bias); the state shifts."""
+    g = make_gen(7)
+    N = 2 * C
+    x, w, b = randn(g, M, K, dtype=dtype), randn(g, N, K, dtype=dtype, scale=K ** -0.5), randn(g, N, dtype=dtype)
+    state = randn(g, M, C, 4)
+    cw, cb = randn(g, C, 4, dtype=dtype), randn(g, C, dtype=dtype) if conv_bias else None
+    xz_ref = gemv_ref(x, w, b)
+    xc_ref, state_ref = causal_conv1d_update_ref(xz_ref[:, :C], state.clone(), cw, cb, "silu")
+    out = gemv(x, w, b, conv=(state, cw, cb))
+    assert_close_op(out[:, :C], xc_ref, dtype, what="conv output")
+    assert_close_op(out[:, C:], xz_ref[:, C:], dtype, what="z")
+    assert torch.equal(state[..., :-1], state_ref[..., :-1])  # shifted by one, exactly
+    # the newest column is the projection rounded to the model dtype: the dtype's tolerance (summation order)
+    assert_close_op(state[..., -1], state_ref[..., -1], dtype, what="conv state, newest input")
+
+
+def test_fused_conv_refuses_a_mismatched_state():
+    x, w = torch.randn(2, 16), torch.randn(40, 16)
+    with pytest.raises(ValueError, match="conv state"):
+        gemv(x, w, conv=(torch.zeros(2, 20, 4, dtype=torch.float16), torch.randn(20, 4), None))
