@@ -87,20 +87,21 @@ def add_rms_norm_route_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    # the weights (norm, router) first: under PDL their loads overlap the previous kernel's tail
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    wr = tl.load(rw_ptr + offs_e[:, None] * s_rw_e + offs[None, :] * s_rw_d, mask=mask_e[:, None] & mask[None, :],
+                 other=0.0).to(tl.float32)
     pdl_wait(PDL)
     v = tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_X:
         v += tl.load(x_ptr + row * s_x + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(res_out_ptr + row * s_ro + offs, v, mask=mask)
     rstd = 1.0 / tl.sqrt(fsum(v * v, 0) / d + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     normed = (v * rstd * w).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * s_o + offs, normed, mask=mask)
 
-    offs_e = tl.arange(0, BLOCK_E)
-    mask_e = offs_e < E
-    wr = tl.load(rw_ptr + offs_e[:, None] * s_rw_e + offs[None, :] * s_rw_d, mask=mask_e[:, None] & mask[None, :],
-                 other=0.0).to(tl.float32)
     logits = fsum(wr * normed.to(tl.float32)[None, :], 1)
     if HAS_BIAS:
         logits += tl.load(rb_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)

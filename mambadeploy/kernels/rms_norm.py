@@ -27,6 +27,7 @@ def add_rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a weight: before the PDL wait
     pdl_wait(PDL)
     v = tl.full((BLOCK,), 0.0, tl.float32)
     if HAS_X:
@@ -35,7 +36,6 @@ def add_rms_norm_kernel(
         v += tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(res_out_ptr + row * s_ro + offs, v, mask=mask)
     rstd = 1.0 / tl.sqrt(fsum(v * v, 0) / d + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * s_o + offs, (v * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 

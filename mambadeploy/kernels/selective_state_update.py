@@ -38,24 +38,31 @@ def selective_state_update_kernel(
     mask_n = offs_n < d_state
     mask_dn = mask_d[:, None] & mask_n[None, :]
 
+    # the weights (A, dt_proj, dt bias, D) first: under PDL their loads overlap the previous kernel's tail
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
+    if DT_LOW_RANK:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        w = tl.load(dt_w_ptr + offs_d[:, None] * s_w_d + offs_r[None, :] * s_w_r,
+                    mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    bias = tl.full((BLOCK_D,), 0.0, tl.float32)
+    if HAS_DT_BIAS:
+        bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.full((BLOCK_D,), 0.0, tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     pdl_wait(PDL)
     state_ptrs = state_ptr + pid_b * s_st_b + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
     h = tl.load(state_ptrs, mask=mask_dn, other=0.0)
     x = tl.load(x_ptr + pid_b * s_x_b + offs_d * s_x_d, mask=mask_d, other=0.0).to(tl.float32)
     if DT_LOW_RANK:  # dt = dt_low @ W.T for this block's channels
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < rank
         low = tl.load(dt_ptr + pid_b * s_dt_b + offs_r * s_dt_d, mask=mask_r, other=0.0).to(tl.float32)
-        w = tl.load(dt_w_ptr + offs_d[:, None] * s_w_d + offs_r[None, :] * s_w_r,
-                    mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         dt = fsum(w * low[None, :], 1)
     else:
         dt = tl.load(dt_ptr + pid_b * s_dt_b + offs_d * s_dt_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt += tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt += bias
     if DT_SOFTPLUS:
         dt = softplus(dt)
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
     B = tl.load(B_ptr + pid_b * s_B_b + offs_n * s_B_n, mask=mask_n, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + pid_b * s_C_b + offs_n * s_C_n, mask=mask_n, other=0.0).to(tl.float32)
 
@@ -64,7 +71,7 @@ def selective_state_update_kernel(
 
     y = fsum(h * C[None, :], 1)
     if HAS_D:
-        y += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        y += x * Dv
     if HAS_Z:
         z = tl.load(z_ptr + pid_b * s_z_b + offs_d * s_z_d, mask=mask_d, other=0.0).to(tl.float32)
         y *= z * sigmoid(z)

@@ -72,6 +72,9 @@ def _calls(dtype):
     yield "selective_state_update", lambda: selective_state_update.selective_state_update(
         torch.randn(b, d, N), r(b, d), r(b, d), -torch.rand(d, N), r(b, N), r(b, N), torch.randn(d), r(b, d),
         torch.randn(d))
+    yield "selective_state_update (dt_proj fused)", lambda: selective_state_update.selective_state_update(
+        torch.randn(b, d, N), r(b, d), r(b, 5), -torch.rand(d, N), r(b, N), r(b, N), torch.randn(d), r(b, d),
+        torch.randn(d), True, dt_proj_weight=r(d, 5))
     yield "causal_conv1d", lambda: causal_conv1d.causal_conv1d(r(b, d, L), r(d, K), r(d), torch.randn(b, d, K), "silu")
     yield "causal_conv1d_update", lambda: causal_conv1d.causal_conv1d_update(r(b, d), torch.randn(b, d, K), r(d, K),
                                                                               r(d), "silu")
@@ -103,7 +106,7 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
     assert len(compiled) == 14  # every kernel of the package
 
 
-PDL_CALLS = ("selective_state_update", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
+PDL_CALLS = ("selective_state_update", "selective_state_update (dt_proj fused)", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
              "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)")
 
 
