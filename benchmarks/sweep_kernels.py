@@ -98,18 +98,21 @@ GEMM_CONFIGS = {  # T -> [(block_m, fc1 (BLOCK_N, BLOCK_K, warps, stages), fc2 (
     64: [(16, (64, 64, 4, 3), (64, 64, 4, 3)), (16, (32, 128, 4, 4), (32, 128, 4, 4)),
          (16, (64, 128, 4, 4), (32, 256, 4, 3)), (32, (64, 64, 4, 3), (64, 64, 4, 3)),
          (16, (128, 64, 4, 4), (64, 128, 4, 4))],
-    2048: [(128, (64, 64, 4, 3), (128, 64, 8, 3)), (128, (128, 64, 8, 3), (128, 64, 8, 4)),
-           (128, (128, 128, 8, 3), (128, 128, 8, 3)), (64, (128, 128, 8, 3), (128, 128, 8, 3)),
-           (128, (64, 128, 4, 3), (128, 128, 8, 3)), (128, (128, 64, 8, 4), (256, 64, 8, 3)),
+    2048: [(128, (128, 64, 8, 4), (256, 64, 8, 3)), (128, (128, 64, 8, 4), (128, 64, 8, 4)),
+           (128, (128, 64, 8, 4), (128, 64, 4, 4)), (128, (128, 64, 8, 3), (64, 64, 4, 4)),
+           (64, (128, 64, 4, 4), (128, 64, 4, 4)), (64, (128, 64, 8, 4), (128, 64, 8, 4)),
+           (64, (256, 64, 8, 3), (128, 64, 4, 4)), (128, (256, 64, 8, 2), (128, 64, 8, 4)),
+           (64, (128, 64, 4, 3), (64, 64, 4, 4)), (128, (64, 64, 4, 4), (128, 64, 8, 4)),
            (64, (64, 64, 4, 4), (64, 128, 4, 4))],
 }
 
 
-def sweep_moe(rows, d=1472, F=3872, E=8):
+def sweep_moe(rows, d=1472, F=3872, E=8, tokens=(1, 8, 64, 2048)):
     g = torch.Generator(device="cuda").manual_seed(9)
     r = lambda *s, scale=1.0: torch.randn(*s, generator=g, device="cuda") * scale  # noqa: E731
     w1, w2 = r(E, 2 * F, d, scale=d ** -0.5).to(BF16), r(E, d, F, scale=F ** -0.5).to(BF16)
-    cases = [(1, "gemv", GEMV_CONFIGS)] + [(T, "gemm", GEMM_CONFIGS[T]) for T in (8, 64, 2048)]
+    cases = [(1, "gemv", GEMV_CONFIGS)] * (1 in tokens) + [(T, "gemm", GEMM_CONFIGS[T]) for T in (8, 64, 2048)
+                                                         if T in tokens]
     for T, path, configs in cases:
         x = r(T, d).to(BF16)
         experts = torch.randint(0, E, (T, 1), generator=g, device="cuda")
@@ -138,13 +141,14 @@ def sweep_moe(rows, d=1472, F=3872, E=8):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["scan", "moe"])
+    parser.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 64, 2048], choices=[1, 8, 64, 2048])
     args = parser.parse_args()
     facts = device_facts()
     rows: list[dict] = []
     if args.only in (None, "scan"):
         sweep_scan(rows)
     if args.only in (None, "moe"):
-        sweep_moe(rows)
+        sweep_moe(rows, tokens=args.moe_tokens)
     write_json("sweep", {"device": facts, "rows": rows})
     print(table([r for r in rows if r["sweep"] == "selective_scan"],
                 ["layout", "kernel", "config", "default", "gpu_us", "max_diff_vs_default", "error"]))

@@ -187,8 +187,11 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
         block_m, t1, t2 = 16, (min(next_pow2(F), 64), 32, 4, 1), (min(next_pow2(d), 64), 32, 4, 1)
     elif P <= 16 * E:
         block_m, t1, t2 = 16, (64, 128, 4, 4), (32, 256, 4, 3)
-    else:
-        block_m, t1, t2 = 128, (128, 64, 8, 4), (256, 64, 8, 3)
+    elif dtypes is not None and dtypes[0] == torch.float32:
+        # fp32 operands take 2x the shared memory a stage: the bf16 prefill tiles do not fit (seen on the H100)
+        block_m, t1, t2 = 64, (64, 32, 4, 3), (64, 32, 4, 3)
+    else:  # prefill: the H100 sweep at 2048 tokens (benchmarks/results/sweep_moe_2048_*.json): 284 us vs 328 us
+        block_m, t1, t2 = 128, (128, 64, 8, 4), (128, 64, 8, 4)  # for the earlier fc2 tile (256, 64, 8, 3)
     n_blocks = triton.cdiv(P, block_m) + E
     return {
         "path": "gemm",
@@ -222,7 +225,8 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     weights = weights.float().contiguous()
     kernel1 = kernel_for(moe_gemv_fc1_kernel, x)
     interpreted = is_interpreted(kernel1)
-    cfg = config or launch_config((x.shape, w1.shape, w2.shape, experts.shape, weights.shape), interpret=interpreted)
+    cfg = config or launch_config((x.shape, w1.shape, w2.shape, experts.shape, weights.shape), (x.dtype,),
+                                  interpret=interpreted)
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)
     out = y if k == 1 else torch.empty(P, d, dtype=torch.float32, device=x.device)
     act = ACTIVATION_CODES[activation]

@@ -24,6 +24,7 @@ from mambadeploy.kernels import (  # noqa: E402
 )
 
 MODULES = (causal_conv1d, gemv, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update)
+H100_SMEM_PER_BLOCK = 232448  # bytes of shared memory one block may use on sm_90 (Triton's own error names it)
 POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
            torch.int32: "*i32"}
 
@@ -60,7 +61,10 @@ def _compile(kernel, args, kwargs):
         else:
             signature[param.name] = "i32"
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    # the launch would fail with "out of resource: shared memory" on the H100 (the compile itself does not check)
+    assert compiled.metadata.shared <= H100_SMEM_PER_BLOCK, (kernel.fn.__name__, compiled.metadata.shared)
+    return compiled
 
 
 def _calls(dtype):
