@@ -58,8 +58,8 @@ def sweep_scan(rows, L=2048, dim=2944):
                 y, h = selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], **kw, config=cfg)
                 row["max_diff_vs_default"] = max((y.float() - y0.float()).abs().max().item(),
                                                  (h - h0).abs().max().item())
-                row["gpu_us"] = gpu_ms(lambda: selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], **kw,
-                                                              config=cfg), reps=5, warmup=1) * 1e3
+                row["gpu_us"] = graph_ms_per_call(lambda: selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"],
+                                                                         **kw, config=cfg), calls=10, reps=5) * 1e3
             except Exception as exc:  # a config the compiler refuses (e.g. out of registers) is reported, not fatal
                 row["error"] = str(exc).splitlines()[0][:120]
             rows.append(row)

@@ -25,8 +25,12 @@ from .interpret import is_interpreted, kernel_for
 # (BLOCK_D, CHUNK, num_warps) on a GPU: the best of benchmarks/sweep_kernels.py on the H100 (2.8B, L = 2048,
 # channel-major inputs as the runner passes them): 320 us, against 389 us for (2, 32, 1) and 495-750 us for wider blocks
 SCAN_TILE = (1, 64, 2)
-# (BLOCK_D, num_warps, seg_len) of the segment-parallel kernel on a GPU
+# (BLOCK_D, num_warps, seg_len) of the segment-parallel kernel on a GPU, and the segment length from 2048 steps on:
+# the H100 sweep at 2.8B, L = 2048, CUDA-graph timing (benchmarks/results/sweep_scan_seg_graphed_*.json): 157 us with
+# 64-step segments, 133 us with 128 (the single-launch associative scan: 250 us in the same run). Shorter sequences
+# keep 64 (more segments, more programs); not swept.
 SEG_TILE = (32, 1, 64)
+SEG_LEN_LONG = 128
 FOLD_BLOCK = 1024  # (channel, state) pairs per program of the fold between the scan's two passes
 
 
@@ -318,6 +322,8 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
         block_d, warps, seg_len = min(next_pow2(dim), max(1, 256 // block_n)), 4, max(int(L), 1)
     else:
         block_d, warps, seg_len = SEG_TILE
+        if L >= 2048:
+            seg_len = SEG_LEN_LONG
     n_seg = triton.cdiv(max(int(L), 1), seg_len)
     return {
         "kernel": "selective_scan_seg_kernel",
