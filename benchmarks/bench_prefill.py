@@ -51,46 +51,39 @@ def kernel_ms(fn) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
 
 
-def bench_preset(preset, lengths, eager_max_length, ceil, grouped_mm_flags=(True,)) -> list[dict]:
+def bench_preset(preset, lengths, eager_max_length, ceil) -> list[dict]:
     model = build_preset(preset, dtype=torch.bfloat16, device="cuda")
-    eager = TorchEagerRunner(model)
-    runners = {flag: (TorchFastRunner(model, grouped_mm=flag), TorchFastRunner(model, prefill_graphs=True,
-                                                                               grouped_mm=flag))
-               for flag in grouped_mm_flags}
+    fast, eager = TorchFastRunner(model), TorchEagerRunner(model)
+    graphed = TorchFastRunner(model, prefill_graphs=True)
     rows = []
     for L in lengths:
         g = torch.Generator(device="cuda").manual_seed(L)
         ids = torch.randint(0, model.config.vocab_size, (1, L), generator=g, device="cuda")
-        le, eager_ms = None, None
+        row = {"preset": preset, "batch": 1, "tokens": L}
+        lf, _ = fast.prefill(ids)
         if L <= eager_max_length:
             le, _ = eager.prefill(ids)
-            eager_ms = wall_ms(lambda: eager.prefill(ids), 3 if L <= 2048 else 1)
-        for flag, (fast, graphed) in runners.items():
-            row = {"preset": preset, "batch": 1, "tokens": L, "grouped_mm": flag}
-            lf, _ = fast.prefill(ids)
-            if le is not None:
-                row["check_max_rel_err"] = rel_to_scale(lf, le)[0]
-                row["check_top1_equal"] = bool(torch.equal(lf.argmax(-1), le.argmax(-1)))
-                row["eager_ms"] = eager_ms
-            torch.cuda.empty_cache()
-            row["fast_ms"] = wall_ms(lambda: fast.prefill(ids), 5)
-            row["fast_gpu_kernel_ms"] = kernel_ms(lambda: fast.prefill(ids))
-            try:  # the same prefill replayed from a CUDA graph captured for this prompt shape (no host launch cost)
-                lg, _ = graphed.prefill(ids)
-                row["graphed_check_max_rel_err"] = rel_to_scale(lg, lf)[0]
-                row["fast_graphed_ms"] = wall_ms(lambda: graphed.prefill(ids), 5)
-            except Exception as exc:  # recorded, not fatal: the eager numbers stand on their own
-                row["graphed_error"] = str(exc).splitlines()[0][:200]
-            best = min(row["fast_ms"], row.get("fast_graphed_ms", float("inf")))
-            if "eager_ms" in row:
-                row["speedup_vs_eager"] = row["eager_ms"] / best
-            flops = matmul_flops(model, L)
-            row["matmul_tflop"] = flops / 1e12
-            row["roofline_pct_spec"] = 100 * flops / (best * 1e-3) / ceil["bf16_spec_flops"]
-            row["roofline_pct_measured"] = 100 * flops / (best * 1e-3) / ceil["bf16_matmul_flops"]
-            rows.append(row)
-            print(row, flush=True)
+            row["check_max_rel_err"] = rel_to_scale(lf, le)[0]
+            row["check_top1_equal"] = bool(torch.equal(lf.argmax(-1), le.argmax(-1)))
+            row["eager_ms"] = wall_ms(lambda: eager.prefill(ids), 3 if L <= 2048 else 1)
         torch.cuda.empty_cache()
+        row["fast_ms"] = wall_ms(lambda: fast.prefill(ids), 5)
+        row["fast_gpu_kernel_ms"] = kernel_ms(lambda: fast.prefill(ids))
+        try:  # the same prefill replayed from a CUDA graph captured for this prompt shape (no host launch cost)
+            lg, _ = graphed.prefill(ids)
+            row["graphed_check_max_rel_err"] = rel_to_scale(lg, lf)[0]
+            row["fast_graphed_ms"] = wall_ms(lambda: graphed.prefill(ids), 5)
+        except Exception as exc:  # recorded, not fatal: the eager numbers stand on their own
+            row["graphed_error"] = str(exc).splitlines()[0][:200]
+        best = min(row["fast_ms"], row.get("fast_graphed_ms", float("inf")))
+        if "eager_ms" in row:
+            row["speedup_vs_eager"] = row["eager_ms"] / best
+        flops = matmul_flops(model, L)
+        row["matmul_tflop"] = flops / 1e12
+        row["roofline_pct_spec"] = 100 * flops / (best * 1e-3) / ceil["bf16_spec_flops"]
+        row["roofline_pct_measured"] = 100 * flops / (best * 1e-3) / ceil["bf16_matmul_flops"]
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 
@@ -99,19 +92,15 @@ def main():
     parser.add_argument("--presets", nargs="+", default=["blackmamba-1.5b", "blackmamba-2.8b"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--eager-max-length", type=int, default=8192, help="skip the eager baseline above this")
-    parser.add_argument("--grouped-mm", choices=["on", "off", "both"], default="on",
-                        help="MoE prefill on torch's grouped GEMM (on, the runner's default) or the Triton one")
-    parser.add_argument("--name", default="prefill")
     args = parser.parse_args()
-    flags = {"on": (True,), "off": (False,), "both": (False, True)}[args.grouped_mm]
     facts, ceil = device_facts(), measured_ceilings()
     print(facts, ceil, flush=True)
     rows = []
     for preset in args.presets:
-        rows += bench_preset(preset, args.lengths, args.eager_max_length, ceil, flags)
+        rows += bench_preset(preset, args.lengths, args.eager_max_length, ceil)
         torch.cuda.empty_cache()
-    write_json(args.name, {"device": facts, "ceilings": ceil, "dtype": "bf16", "rows": rows})
-    print(table(rows, ["preset", "tokens", "grouped_mm", "fast_ms", "fast_graphed_ms", "fast_gpu_kernel_ms", "eager_ms",
+    write_json("prefill", {"device": facts, "ceilings": ceil, "dtype": "bf16", "rows": rows})
+    print(table(rows, ["preset", "tokens", "fast_ms", "fast_graphed_ms", "fast_gpu_kernel_ms", "eager_ms",
                        "speedup_vs_eager",
                        "matmul_tflop", "roofline_pct_spec", "roofline_pct_measured", "check_max_rel_err",
                        "check_top1_equal"]))

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from mambadeploy.models.ref_ops import activation_ref
 from mambadeploy.models.ref_ops import expert_gather_ref  # noqa: F401  (the reference, re-exported)
 
 from .common import ACTIVATION_CODES, activate, dot_precision, dot_upcast, fsum, next_pow2, pdl_launch, pdl_wait
@@ -252,34 +251,3 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     if k > 1:
         y.copy_(out.view(T, k, d).sum(1))
     return y
-
-
-# --------------------------------------------------------------------------- prefill through torch's grouped GEMM
-def grouped_mm_supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether expert_gather_grouped_mm can run: torch's bf16 grouped GEMM (torch._grouped_mm, CUTLASS on sm_90) on a
-    Hopper-or-newer GPU, with every row stride a multiple of 16 bytes (what its TMA loads need)."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and w1.dtype == w2.dtype == torch.bfloat16):
-        return False
-    if not hasattr(torch, "_grouped_mm") or torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
-    return all(n * 2 % 16 == 0 for n in (x.shape[1], w1.shape[1], w2.shape[2]))
-
-
-def expert_gather_grouped_mm(x, w1, w2, experts, weights, activation):
-    """expert_gather for prefill-sized batches on torch's grouped GEMM: the (token, expert) pairs sorted by expert,
-    their rows gathered, one grouped GEMM per FFN matrix over per-expert row offsets computed on the device (no host
-    sync, so it captures in a CUDA graph), the gated activation in between, the rows weighted and added back per
-    token in fp32. Same rounding points as expert_gather_ref: h and the expert outputs in the model dtype.
-    Measured on the H100 against the Triton grouped GEMM (benchmarks/README.md)."""
-    T, d = x.shape
-    E, two_f, _ = w1.shape
-    k = experts.shape[1]
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // k
-    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
-    h = torch._grouped_mm(x.index_select(0, token), w1.transpose(1, 2), offs=offs)  # (P, 2F)
-    gate, up = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(activation_ref(gate, activation) * up, w2.transpose(1, 2), offs=offs)  # (P, d)
-    y = y.float() * weights.reshape(-1)[order].float()[:, None]
-    return torch.zeros(T, d, dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)

@@ -41,9 +41,6 @@ FUSED_DT_MAX_BATCH = 8
 # graph replay (benchmarks/results/decode_triton_gemv_dot_2.8b_*.json): batch 1 1.129 -> 1.100 ms, batch 8
 # 2.337 -> 2.301 ms. A small gain: per projection both stream their weights at ~2 TB/s.
 TRITON_GEMV_MAX_BATCH = 8
-# Prefill-sized MoE batches (more (token, expert) pairs than this many per expert: the Triton grouped GEMM's prefill
-# regime) run on torch's bf16 grouped GEMM (CUTLASS) where it exists (sm_90+, bf16): see benchmarks/README.md.
-GROUPED_MM_MIN_PAIRS_PER_EXPERT = 16
 
 
 @dataclass
@@ -89,12 +86,11 @@ class TorchFastRunner(Runner):
     backend = "torch-fast"
 
     def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
-                 prefill_graphs: bool = False, triton_gemv: bool = True, grouped_mm: bool = True):
+                 prefill_graphs: bool = False, triton_gemv: bool = True):
         """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
         prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
         shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU).
-        triton_gemv: the dense decode projections on the Triton GEMV at batch <= TRITON_GEMV_MAX_BATCH (else cuBLAS).
-        grouped_mm: prefill-sized MoE batches on torch's bf16 grouped GEMM where supported (else the Triton one)."""
+        triton_gemv: the dense decode projections on the Triton GEMV at batch <= TRITON_GEMV_MAX_BATCH (else cuBLAS)."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import (
             causal_conv1d,
@@ -109,7 +105,6 @@ class TorchFastRunner(Runner):
         self._k_conv, self._k_moe, self._k_route, self._k_norm = causal_conv1d, moe_experts, moe_routing, rms_norm
         self._k_scan, self._k_ssu, self._k_gemv = selective_scan, selective_state_update, gemv
         self.triton_gemv = triton_gemv
-        self.grouped_mm = grouped_mm
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
@@ -188,9 +183,6 @@ class TorchFastRunner(Runner):
                                                           moe.top_k)
         if self.routing_trace is not None:
             self.routing_trace.append((layer.index, experts.clone()))
-        if (self.grouped_mm and experts.numel() > GROUPED_MM_MIN_PAIRS_PER_EXPERT * moe.w1.shape[0]
-                and self._k_moe.grouped_mm_supported(x, moe.w1, moe.w2)):
-            return self._k_moe.expert_gather_grouped_mm(x, moe.w1, moe.w2, experts, weights, moe.activation)
         return self._k_moe.expert_gather(x, moe.w1, moe.w2, experts, weights, moe.activation)
 
     def _head(self, h):

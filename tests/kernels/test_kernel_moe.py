@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from kernel_cases import DTYPES, full, make_gen, randn, small
 
 from mambadeploy.kernels.common import ACTIVATION_CODES
-from mambadeploy.kernels.moe_experts import (
-    GEMV_MAX_PAIRS,
-    expert_gather,
-    expert_gather_grouped_mm,
-    expert_gather_ref,
-    grouped_mm_supported,
-    launch_config,
-)
+from mambadeploy.kernels.moe_experts import GEMV_MAX_PAIRS, expert_gather, expert_gather_ref, launch_config
 from mambadeploy.kernels.moe_routing import add_rms_norm_route, moe_align, route, route_hidden, route_ref
 from mambadeploy.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
 from mambadeploy.opset import ACTIVATION_CODES as OPSET_CODES
@@ -117,27 +110,3 @@ def test_add_rms_norm_route_matches_ref(T, d, E, router, k, dtype):
     assert same is res
     assert_close_op(out2, rms_norm_ref(res, w, 1e-5).to(dtype), dtype, what="normed (no add)")
     assert torch.equal(e2, route_ref(F.linear(out2.float(), rw.float()), router, k)[1])
-
-
-# (T, d, F, E, k): 16-byte aligned rows (torch's grouped GEMM needs them); CPU runs torch's own CPU grouped GEMM
-GROUPED_MM_CASES = small((154, 40, 24, 5, 2), (33, 48, 40, 4, 1), (7, 16, 8, 8, 1)) + full(
-    (2048, 1472, 3872, 8, 1), (2048, 1152, 3072, 8, 1), (512, 1024, 1000, 16, 2))
-
-
-@pytest.mark.parametrize("T,d,Fs,E,k", GROUPED_MM_CASES)
-def test_expert_gather_grouped_mm_matches_ref(T, d, Fs, E, k):
-    """The prefill path on torch's bf16 grouped GEMM vs the reference; the small cases leave experts empty (T = 7,
-    E = 8) and give them uneven row counts."""
-    g = make_gen(5)
-    dtype = torch.bfloat16
-    x = randn(g, T, d, dtype=dtype)
-    w1 = randn(g, E, 2 * Fs, d, dtype=dtype, scale=d ** -0.5)
-    w2 = randn(g, E, d, Fs, dtype=dtype, scale=Fs ** -0.5)
-    weights, experts = route_ref(randn(g, T, E, scale=2.0), "softmax_topk" if k > 1 else "sigmoid_top1", k)
-    y = expert_gather_grouped_mm(x, w1, w2, experts, weights, "gelu")
-    assert y.shape == (T, d) and y.dtype == dtype
-    assert_close_op(y, expert_gather_ref(x, w1, w2, experts, weights, "gelu"), dtype, what="y (grouped_mm)")
-    if torch.cuda.is_available():
-        assert grouped_mm_supported(x, w1, w2) == (torch.cuda.get_device_capability()[0] >= 9)
-    else:
-        assert not grouped_mm_supported(x, w1, w2)  # CPU tensors take the Triton path in the runner
