@@ -27,34 +27,47 @@ def main():
     if decode:
         print(f"### Decode ({decode['device']['gpu']}, {decode['device']['date']}, bf16)\n")
         rows = [dict(r, gb_read=r["bytes_per_token"] / 1e9) for r in decode["rows"]]
-        print(table(rows, ["preset", "batch", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms",
+        print(table(rows, ["preset", "batch", "pdl", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms",
                            "speedup_vs_eager", "gb_read", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy"]))
         print()
         print(table(decode["fp32_checks"], ["preset", "fp32_top1_agreement", "fp32_max_rel_err"]))
         print()
+    pdl = [load(f"decode_pdl{flag}", gpu) for flag in (0, 1)]
+    if all(pdl):
+        print(f"### Decode with PDL off / on ({pdl[0]['device']['gpu']}, {pdl[0]['device']['date']}, bf16)\n")
+        print(table(pdl[0]["rows"] + pdl[1]["rows"], ["preset", "batch", "pdl", "fast_gpu_ms", "fast_wall_ms",
+                                                      "roofline_pct_spec"]))
+        print()
     prefill = load("prefill", gpu)
     if prefill:
         print(f"### Prefill ({prefill['device']['gpu']}, {prefill['device']['date']}, bf16, batch 1)\n")
-        print(table(prefill["rows"], ["preset", "tokens", "fast_ms", "fast_graphed_ms", "fast_gpu_kernel_ms",
-                                      "eager_ms", "speedup_vs_eager", "matmul_tflop", "roofline_pct_spec",
-                                      "roofline_pct_measured", "check_max_rel_err", "check_top1_equal"]))
+        print(table(prefill["rows"], ["preset", "tokens", "grouped_mm", "fast_ms", "fast_graphed_ms",
+                                      "fast_gpu_kernel_ms", "eager_ms", "speedup_vs_eager", "matmul_tflop",
+                                      "roofline_pct_spec", "roofline_pct_measured", "check_max_rel_err",
+                                      "check_top1_equal"]))
         print()
-    kernels = load("kernels", gpu)
-    if kernels:
-        print(f"### Kernels ({kernels['device']['gpu']}, {kernels['device']['date']}; peer {kernels['peer']})\n")
-        print(table(kernels["rows"], ["kernel", "batch", "dim", "L", "ours_gpu_us", "peer_gpu_us", "speedup_vs_peer",
-                                      "peer_ref_gpu_us", "torch_ref_gpu_us", "ours_host_us", "peer_host_us",
-                                      "ours_roofline_pct", "ours_rel_err"]))
+    for name, title in (("kernels", "PDL on, as the runner launches them"), ("kernels_pdl_off", "PDL off")):
+        kernels = load(name, gpu)
+        if kernels:
+            print(f"### Kernels, {title} ({kernels['device']['gpu']}, {kernels['device']['date']}; "
+                  f"peer {kernels['peer']})\n")
+            print(table(kernels["rows"], ["kernel", "batch", "dim", "L", "ours_gpu_us", "peer_gpu_us",
+                                          "speedup_vs_peer", "peer_ref_gpu_us", "torch_ref_gpu_us", "ours_host_us",
+                                          "peer_host_us", "ours_roofline_pct", "ours_rel_err"]))
+            print()
+    scan = load("sweep_scan_seg_graphed", gpu)
+    if scan:
+        print(f"### Scan launch configs, L = 2048, CUDA-graph timing ({scan['device']['gpu']}, "
+              f"{scan['device']['date']})\n")
+        print(table(scan["rows"], ["layout", "kernel", "config", "gpu_us", "max_diff_vs_default", "error"]))
         print()
-    sweep = load("sweep", gpu)
-    if sweep:
-        print(f"### Launch-config sweep ({sweep['device']['gpu']}, {sweep['device']['date']})\n")
-        print(table([r for r in sweep["rows"] if r["sweep"] == "selective_scan"],
-                    ["BLOCK_D", "CHUNK", "num_warps", "gpu_us", "max_diff_vs_default", "error"]))
-        print()
-        print(table([r for r in sweep["rows"] if r["sweep"] != "selective_scan"],
-                    ["sweep", "T", "config", "gpu_us", "gbytes_per_s", "tflops", "error"]))
-
+    for name in ("sweep_moe_2048", "sweep"):
+        sweep = load(name, gpu)
+        if sweep:
+            print(f"### Expert GEMV / grouped GEMM configs ({sweep['device']['gpu']}, {sweep['device']['date']})\n")
+            print(table([r for r in sweep["rows"] if r["sweep"] != "selective_scan"],
+                        ["sweep", "T", "config", "gpu_us", "gbytes_per_s", "tflops", "error"]))
+            print()
 
 if __name__ == "__main__":
     main()

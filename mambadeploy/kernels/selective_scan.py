@@ -1,14 +1,22 @@
-"""Mamba-1 selective scan over a sequence (prefill), in Triton, beside its reference.
+"""Mamba-1 selective scan over a sequence (prefill), in Triton, beside its reference. Two kernels:
 
-Grid: (batch, channel blocks of BLOCK_D). A program's state is a vector of R = BLOCK_D * BLOCK_N rows, one per
-(channel, state) pair, kept in fp32 registers; the program walks the sequence in chunks of CHUNK steps. Every per-step
-input is loaded as an (R, CHUNK) tile (u/dt/z rows repeat per channel, B/C rows per state), so all of a chunk's work
-lives in ONE 2-D layout: the recurrence h_t = a_t * h_{t-1} + b_t (a = exp(dt * A), b = dt * u * B) is solved by an
-associative scan along the chunk axis, the carried-in state applied (h_t = prod(a) * h_in + scanned b), and
-y_t = <h_t, C_t> summed over each channel's BLOCK_N rows. (A first version scanned a 3-D (BLOCK_D, N, CHUNK) tile; the
-layout conversions between its 2-D and 3-D values cost ~10 us per chunk on the H100.) Steps past the end and padded
-channels/states get a = 1, b = 0, so they leave h as it is. Inputs are read through strides: channel-major u/dt/z
-(time contiguous, as the torch-fast runner passes them) load CHUNK-long vectors per row. y takes u's layout.
+`selective_scan_seg_kernel` (+ `selective_scan_fold_kernel`): what selective_scan() launches. The sequence is cut into
+segments of seg_len steps, parallel over (batch, channel blocks, segments). A program keeps its (BLOCK_D, N) fp32 state
+in registers and walks its segment step by step (the recurrence h = exp(dt A) h + dt u B costs one exp2 and two FMAs
+per state element, against the log-depth combines of an associative scan), in groups of 4 steps whose input tiles are
+loaded one group ahead and taken apart in registers (tl.split), so memory latency is paid once per group. Three
+launches when there are several segments: a state pass (each segment but the last from a zero state: end state + sum of
+dt), a fold over the segments in order (h <- exp(A * sum dt) h + segment end state: exact, as A is diagonal), and the
+output pass (each segment from the folded state at its start, writing y). The workspaces are fp32 and L2-sized.
+
+`selective_scan_kernel`: a single launch (what the TensorRT AOT plugin compiles, plugins/aot_kernels.py). Grid (batch,
+channel blocks); R = BLOCK_D * BLOCK_N state rows walk the sequence in chunks of CHUNK steps; every per-step input is an
+(R, CHUNK) tile of one 2-D layout, the recurrence is solved by an associative scan along the chunk axis, the carried
+state applied, and y summed over each channel's rows. On the H100 it is ~1.6-1.9x slower than the segmented kernel
+(benchmarks/README.md).
+
+Steps past the end and padded channels/states get dt = 0 (a = 1, b = 0), so they leave h as it is. Inputs are read
+through strides (channel-major or token-major); y takes u's layout.
 """
 
 from __future__ import annotations
