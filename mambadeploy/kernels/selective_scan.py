@@ -343,7 +343,7 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     }
 
 
-def chunked_launch_config(shapes, interpret: bool = False) -> dict:
+def chunked_launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     """The single-launch associative-scan kernel (`selective_scan_kernel`, what the TensorRT AOT plugin compiles):
     grid (batch, channel blocks); CHUNK = 1 in the interpreter (whose scan runs element by element in Python)."""
     batch, dim, _ = shapes[0]

@@ -1,7 +1,8 @@
 """Ahead-of-time compile of each plugin's Triton kernel: exactly what a TensorRT `aot_impl` returns.
 
 `compile_for(op, shapes, dtypes, attrs)` runs `triton.compile` on the op's adapter kernel (aot_kernels.py) with the
-constexprs, num_warps and num_stages its launch config picks (the kernels' own `launch_config` for SelectiveScan and
+constexprs, num_warps and num_stages its launch config picks (the single-launch scan kernel's `chunked_launch_config` for
+SelectiveScan, the kernel's own `launch_config` for
 CausalConv1d; TopKExpertGather's fused single-launch kernel has its own in aot_kernels.py), and returns an
 `AotKernel`: kernel name, PTX, grid, block, dynamic shared memory, the parameter order (inputs, int32 scalars,
 outputs, then any implicit pointer parameters Triton appends, which are passed as null) and the scalar values. The
@@ -45,7 +46,7 @@ class AotSpec:
 SPECS = {
     "SelectiveScan": AotSpec(
         op="SelectiveScan", adapter="selective_scan_trt",
-        launch_config="mambadeploy.kernels.selective_scan:launch_config",
+        launch_config="mambadeploy.kernels.selective_scan:chunked_launch_config",
         scalars=("dim", "seqlen", "d_state"),
         scalar_values=lambda s: (s[0][1], s[0][2], s[2][1]),
         grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_D"]), 1),
