@@ -410,6 +410,8 @@ class TorchFastRunner(Runner):
         return {"backend": self.backend, "device": str(d), "dtype": str(self.dtype).replace("torch.", ""),
                 "torch": torch.__version__, "triton": triton.__version__, "mambadeploy": __version__,
                 "cuda_graph": self.use_cuda_graph, "triton_gemv": self.triton_gemv,
+                # programmatic dependent launch of the decode kernels (sm_90+, unless MAMBADEPLOY_PDL=0)
+                "pdl": bool(self._k_gemv.pdl_launch(torch.empty(0, device=d))),
                 "kernels": "Triton" if d.type == "cuda" else "Triton (CPU interpreter)",
                 "gpu": torch.cuda.get_device_name(d) if d.type == "cuda" else None}
 

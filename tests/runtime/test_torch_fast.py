@@ -157,3 +157,15 @@ def test_graphed_prefill_equals_eager_prefill(tiny, preset):
         for name, value in sa.tensors.items():
             torch.testing.assert_close(sb.tensors[name], value, rtol=0, atol=0, msg=name)
     assert len(graphed._prefill_cache) == 1
+
+
+def test_describe_reports_the_launch_mode(tiny, monkeypatch):
+    """describe() says whether the decode kernels use programmatic dependent launch: never on CPU; on an sm_90+ GPU
+    unless MAMBADEPLOY_PDL=0."""
+    runner = TorchFastRunner(_model(tiny, "blackmamba-tiny"))
+    info = runner.describe()
+    assert info["backend"] == "torch-fast" and info["triton_gemv"] is True
+    if not torch.cuda.is_available():
+        assert info["pdl"] is False
+    monkeypatch.setenv("MAMBADEPLOY_PDL", "0")
+    assert runner.describe()["pdl"] is False
