@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -94,6 +95,17 @@ def test_corrupt_blackmamba_bin(blackmamba_dir, damage):
     path.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
     with pytest.raises(CheckpointError, match="truncated or corrupt weight file"):
         load_model(blackmamba_dir)
+
+
+def test_random_bytes_never_escape_as_a_raw_exception(blackmamba_dir):
+    """Random files of several sizes (seeded): every one ends in the CheckpointError, never in an unpickler's own
+    IndexError / KeyError / struct.error (an os.urandom file once did)."""
+    path = blackmamba_dir / "pytorch_model.bin"
+    rng = random.Random(0)
+    for size in (1, 2, 3, 7, 64, 4096) * 8:
+        path.write_bytes(bytes(rng.getrandbits(8) for _ in range(size)))
+        with pytest.raises(CheckpointError, match="truncated or corrupt weight file|holds objects other than tensors"):
+            load_model(blackmamba_dir)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])

@@ -30,6 +30,7 @@ import math
 import os
 import pickle
 import re
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -217,7 +218,10 @@ def _load_state_dict(path: Path) -> dict:
             raise CheckpointError(f"{path}: holds objects other than tensors, refused by torch.load(weights_only=True) "
                                   f"({reason}); re-save it as {{'model': state_dict}}") from exc
         raise CheckpointError(f"{path}: truncated or corrupt weight file ({reason})") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    # random bytes reach the legacy unpickler's stack machine, which then fails in many ways (an empty-stack pop is an
+    # IndexError, a missing memo a KeyError, a short read a struct.error): all of them mean a corrupt file
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, IndexError, KeyError, TypeError,
+            struct.error) as exc:
         reason = "empty file" if path.stat().st_size == 0 else _torch_load_reason(exc)
         raise CheckpointError(f"{path}: truncated or corrupt weight file ({reason})") from exc
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
