@@ -357,6 +357,9 @@ def chunked_launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
             "num_stages": 1, "constexprs": {"BLOCK_D": block_d, "BLOCK_N": block_n, "CHUNK": chunk}}
 
 
+_KERNELS = {"selective_scan_kernel": selective_scan_kernel, "selective_scan_seg_kernel": selective_scan_seg_kernel}
+
+
 def _like_layout(u: torch.Tensor, dtype) -> torch.Tensor:
     """An output of u's shape (batch, dim, L): token-major storage when u is token-major (dim stride 1)."""
     batch, dim, L = u.shape
@@ -385,7 +388,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return y, h_last
     interp = is_interpreted(kernel_for(selective_scan_kernel, u))
     cfg = config or launch_config((u.shape, delta.shape, A.shape), interpret=interp)
-    kernel = kernel_for(globals()[cfg["kernel"]], u)
+    kernel = kernel_for(_KERNELS[cfg["kernel"]], u)
     h0 = initial_state
     zs = z.stride() if z is not None else (0, 0, 0)
     h0s = h0.stride() if h0 is not None else (0, 0, 0)
