@@ -26,6 +26,18 @@ class MissingDependencyError(MambaDeployError):
         self.package = package
 
 
+def read_json(path, error: type[MambaDeployError] = MambaDeployError):
+    """The JSON in `path`; bad JSON raises `error` naming the file and the parser's complaint."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc
+
+
 def lazy_import(module: str, package: str | None = None, extra: str | None = None, why: str = ""):
     """Import an optional dependency, or raise MissingDependencyError naming the install command."""
     import importlib

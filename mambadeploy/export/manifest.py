@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import MambaDeployError
+from ..errors import MambaDeployError, read_json
 
 FORMAT = "mambadeploy-export"
 FORMAT_VERSION = 1
@@ -91,10 +91,7 @@ class Manifest:
         path = directory / MANIFEST
         if not path.is_file():
             raise ManifestError(f"{directory}: no {MANIFEST}: not an export directory (make one with `mambadeploy export`)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+        data = read_json(path, ManifestError)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ManifestError(f"{path}: not a mambadeploy export manifest (format {data.get('format')!r})")
         if data.get("format_version", 0) > FORMAT_VERSION:

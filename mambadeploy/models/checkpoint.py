@@ -9,12 +9,11 @@ Formats (one loader module each under loaders/):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, read_json
 from .model import MambaMoELM, init_random_
 from .presets import PRESETS, preset_config
 
@@ -56,10 +55,7 @@ def detect_format(path: Path) -> str:
     cfg = path / "config.json"
     if not cfg.exists():
         raise CheckpointError(f"{path}: no config.json, mambadeploy.json or manifest.json: not a checkpoint directory")
-    try:
-        data = json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc
+    data = read_json(cfg, CheckpointError)
     if "model_type" in data:
         if data["model_type"] in ("mamba", "jamba"):
             return "hf-" + data["model_type"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, read_json
 from ..models.config import ModelConfig
 from .backends import dtype_name
 
@@ -31,10 +31,7 @@ class Exports:
         if not path.is_file():
             raise InputError(f"{directory} is not an export directory (no manifest.json); make one with "
                              f"`mambadeploy export MODEL --out {directory}`")
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from exc
+        return read_json(path, InputError)
 
     def check_given(self) -> None:
         """Refuse an export of another model: its manifest's config must equal MODEL's, and its weights must come from

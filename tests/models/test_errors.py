@@ -167,3 +167,21 @@ def test_prompt_longer_than_attention_cache(tiny):
         model(torch.ones(1, n + 1, dtype=torch.int64))
     with pytest.raises(InputError, match="exceed the attention KV cache"):
         generate(TorchEagerRunner(model), [[1] * (n - 3)], 8)
+
+
+@pytest.mark.parametrize("broken", ["config.json", "mambadeploy.json"])
+def test_bad_json_names_the_file(tiny, tmp_path, broken):
+    """A checkpoint's JSON file that does not parse ends in one CheckpointError naming it (errors.read_json)."""
+    if broken == "mambadeploy.json":
+        save_model(tiny("blackmamba-tiny"), tmp_path)  # our own format: mambadeploy.json beside the weights
+    (tmp_path / broken).write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"{broken}: not valid JSON"):
+        load_model(tmp_path)
+
+
+def test_bad_export_manifest_json(tmp_path):
+    from mambadeploy.export.manifest import Manifest, ManifestError
+
+    (tmp_path / "manifest.json").write_text("[1,")
+    with pytest.raises(ManifestError, match="manifest.json: not valid JSON"):
+        Manifest.read(tmp_path)

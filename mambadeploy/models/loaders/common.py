@@ -10,14 +10,13 @@ Two ways in:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ...errors import CheckpointError
+from ...errors import CheckpointError, read_json
 
 
 def raise_key_problems(source: str, missing, extra, shapes) -> None:
@@ -98,7 +97,4 @@ def load_pieces(model, pieces: dict[str, Piece], available: dict[str, tuple], re
 def read_json_config(directory, config_from_json: Callable):
     """config.json of a checkpoint directory through a format's `config_from_json(data, where)`; bad JSON is one error."""
     cfg = Path(directory) / "config.json"
-    try:
-        return config_from_json(json.loads(cfg.read_text()), str(cfg))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc
+    return config_from_json(read_json(cfg, CheckpointError), str(cfg))

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ... import __version__
-from ...errors import CheckpointError
+from ...errors import CheckpointError, read_json
 from ..config import ModelConfig
 from .common import assign_weights
 
@@ -41,10 +41,7 @@ def save_native(model, directory: Path) -> Path:
 def load_native(directory: Path, dtype: torch.dtype, device) -> MambaMoELM:
     from ..checkpoint import empty_model
 
-    try:
-        meta = json.loads((directory / "mambadeploy.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{directory / 'mambadeploy.json'}: not valid JSON ({exc})") from exc
+    meta = read_json(directory / "mambadeploy.json", CheckpointError)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{directory}: format_version {meta['format_version']} is newer than this mambadeploy")
     config = ModelConfig.from_dict(meta["config"])
