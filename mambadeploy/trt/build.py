@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import MambaDeployError
+from ..errors import MambaDeployError, read_json
 from ..opset import DOMAIN, get_op
 from ..plugins import trt_lib
 from . import engine_dir as ed
@@ -37,7 +37,7 @@ def read_export(export_dir) -> dict:
     if not path.exists():
         raise MambaDeployError(f"{export_dir} is not an export directory (no manifest.json); make one with: "
                                f"mambadeploy export MODEL --out {export_dir} --ops custom")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path)
     for graph in ed.GRAPHS:
         if not (export_dir / f"{graph}.onnx").exists():
             raise MambaDeployError(f"{export_dir} has no {graph}.onnx; re-export with: mambadeploy export MODEL --out "

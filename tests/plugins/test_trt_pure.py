@@ -174,3 +174,11 @@ def test_omitted_optional_inputs_become_zeros_and_z_is_refused():
     assert D.shape == (6,) and h0.shape == (3, 6, 4) and not D.any() and not h0.any()
     with pytest.raises(MambaDeployError, match="omits input 'z'"):
         trt_graph.fill_optional_inputs(single_op_model("SelectiveScan", omit=("z",)))
+
+
+def test_build_refuses_an_export_whose_manifest_is_not_json(tmp_path):
+    from mambadeploy.trt.build import read_export
+
+    (tmp_path / "manifest.json").write_text("{oops")
+    with pytest.raises(MambaDeployError, match="manifest.json: not valid JSON"):
+        read_export(tmp_path)
