@@ -54,6 +54,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_PDL_DEVICES: dict = {}  # device index -> whether it can launch with PDL (sm_90+, and a Triton that has gdc_wait)
+
+
 def pdl_launch(tensor: torch.Tensor) -> dict:
     """Launch arguments for Hopper's programmatic dependent launch (PDL) of a decode kernel that takes `PDL`: the
     kernel may then start while its predecessor on the stream is still finishing (launch latency and its first weight
@@ -67,9 +70,6 @@ def pdl_launch(tensor: torch.Tensor) -> dict:
         cuda = getattr(getattr(tl, "extra", None), "cuda", None)
         _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(cuda, "gdc_wait")
     return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
-
-
-_PDL_DEVICES: dict = {}
 
 
 @triton.jit

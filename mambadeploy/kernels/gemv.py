@@ -85,8 +85,8 @@ def gemv_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
     x_rows = x_ptr + offs_m[:, None] * s_xm
     k_start = pid_k * K_PER_SPLIT  # K_PER_SPLIT is a multiple of BLOCK_K: the splits never overlap
-    # Under PDL the first weight tile is loaded before waiting for the previous kernel (weights are constants): its
-    # HBM latency overlaps that kernel's tail. Without PDL the loop starts at the first tile as usual.
+    # The first weight tile is loaded before pdl_wait (weights are constants): under PDL its HBM latency overlaps the
+    # previous kernel's tail; without PDL the wait is a no-op and this is simply the loop's first iteration, peeled.
     k_first = k_start + tl.arange(0, BLOCK_K)
     w_first = tl.load(w_rows + k_first[None, :], mask=mask_n[:, None] & (k_first < K)[None, :], other=0.0)
     pdl_wait(PDL)

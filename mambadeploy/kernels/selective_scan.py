@@ -320,8 +320,8 @@ def selective_scan_fold_kernel(
 def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     """shapes: input shapes in the SelectiveScan op order (u, delta, A, B, C, D, z, delta_bias, initial_state); only
     u (batch, dim, L) and A (dim, N) matter. dtypes: unused (the state is fp32 whatever the inputs).
-    The segment-parallel kernel (`selective_scan_seg_kernel`, two launches when L > seg_len: the state pass, then the
-    output pass) on a GPU and in the interpreter; "scalars" holds its runtime segment length and count.
+    The segment-parallel kernel (`selective_scan_seg_kernel`; when L > seg_len three launches: the state pass, the
+    fold, the output pass) on a GPU and in the interpreter; "scalars" holds its runtime segment length and count.
     interpret: Triton's CPU interpreter runs each program in Python, so there the blocks are as wide as possible and
     the whole sequence is one segment; GPU launches never set it."""
     batch, dim, L = shapes[0]
