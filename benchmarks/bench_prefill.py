@@ -40,7 +40,9 @@ def matmul_flops(model, tokens: int) -> float:
     return 2.0 * active * tokens + 2.0 * model.embedding.weight.numel()
 
 
-def kernel_ms(fn) -> float:
+def kernel_ms(fn, breakdown: list | None = None, top: int = 16) -> float:
+    """Sum of the GPU kernel times of one fn() (torch profiler); with `breakdown`, the top kernels by time are
+    appended to it as {"kernel", "calls", "gpu_us"}."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -48,10 +50,15 @@ def kernel_ms(fn) -> float:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    if breakdown is not None:
+        events.sort(key=lambda e: -e.self_device_time_total)
+        breakdown.extend({"kernel": e.key[:80], "calls": e.count, "gpu_us": e.self_device_time_total}
+                         for e in events[:top])
+    return sum(e.self_device_time_total for e in events) / 1e3
 
 
-def bench_preset(preset, lengths, eager_max_length, ceil) -> list[dict]:
+def bench_preset(preset, lengths, eager_max_length, ceil, profile=False) -> list[dict]:
     model = build_preset(preset, dtype=torch.bfloat16, device="cuda")
     fast, eager = TorchFastRunner(model), TorchEagerRunner(model)
     graphed = TorchFastRunner(model, prefill_graphs=True)
@@ -68,7 +75,11 @@ def bench_preset(preset, lengths, eager_max_length, ceil) -> list[dict]:
             row["eager_ms"] = wall_ms(lambda: eager.prefill(ids), 3 if L <= 2048 else 1)
         torch.cuda.empty_cache()
         row["fast_ms"] = wall_ms(lambda: fast.prefill(ids), 5)
-        row["fast_gpu_kernel_ms"] = kernel_ms(lambda: fast.prefill(ids))
+        breakdown = [] if profile else None
+        row["fast_gpu_kernel_ms"] = kernel_ms(lambda: fast.prefill(ids), breakdown)
+        if profile:
+            row["profile"] = breakdown
+            print(table(breakdown, ["kernel", "calls", "gpu_us"]), flush=True)
         try:  # the same prefill replayed from a CUDA graph captured for this prompt shape (no host launch cost)
             lg, _ = graphed.prefill(ids)
             row["graphed_check_max_rel_err"] = rel_to_scale(lg, lf)[0]
@@ -92,14 +103,16 @@ def main():
     parser.add_argument("--presets", nargs="+", default=["blackmamba-1.5b", "blackmamba-2.8b"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--eager-max-length", type=int, default=8192, help="skip the eager baseline above this")
+    parser.add_argument("--profile", action="store_true", help="per-kernel GPU time of one prefill (torch profiler)")
+    parser.add_argument("--name", default="prefill")
     args = parser.parse_args()
     facts, ceil = device_facts(), measured_ceilings()
     print(facts, ceil, flush=True)
     rows = []
     for preset in args.presets:
-        rows += bench_preset(preset, args.lengths, args.eager_max_length, ceil)
+        rows += bench_preset(preset, args.lengths, args.eager_max_length, ceil, args.profile)
         torch.cuda.empty_cache()
-    write_json("prefill", {"device": facts, "ceilings": ceil, "dtype": "bf16", "rows": rows})
+    write_json(args.name, {"device": facts, "ceilings": ceil, "dtype": "bf16", "rows": rows})
     print(table(rows, ["preset", "tokens", "fast_ms", "fast_graphed_ms", "fast_gpu_kernel_ms", "eager_ms",
                        "speedup_vs_eager",
                        "matmul_tflop", "roofline_pct_spec", "roofline_pct_measured", "check_max_rel_err",

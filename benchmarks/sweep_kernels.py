@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _bench import device_facts, gpu_ms, graph_ms_per_call, table, write_json
+from _bench import device_facts, graph_ms_per_call, table, write_json
 from bench_kernels import scan_inputs
 
 from mambadeploy.kernels import moe_experts
@@ -81,7 +81,7 @@ def _moe_cfg(path, T, k, d, F, E, c1, c2, block_m=None):
                         "constexprs": {"BLOCK_N": n2, "BLOCK_K": k2}}}
     n_blocks = triton_cdiv(P, block_m) + E
     (n1, bk1, w1, s1), (n2, bk2, w2, s2) = c1, c2
-    return {"path": "gemm", "align": {"block_m": block_m, "n_blocks": n_blocks},
+    return {"path": path, "align": {"block_m": block_m, "n_blocks": n_blocks},
             "fc1": {"grid": (n_blocks, triton_cdiv(F, n1)), "num_warps": w1, "num_stages": s1,
                     "constexprs": {"BLOCK_M": block_m, "BLOCK_N": n1, "BLOCK_K": bk1}},
             "fc2": {"grid": (n_blocks, triton_cdiv(d, n2)), "num_warps": w2, "num_stages": s2,
@@ -105,6 +105,12 @@ GEMM_CONFIGS = {  # T -> [(block_m, fc1 (BLOCK_N, BLOCK_K, warps, stages), fc2 (
            (64, (128, 64, 4, 3), (64, 64, 4, 4)), (128, (64, 64, 4, 4), (128, 64, 8, 4)),
            (64, (64, 64, 4, 4), (64, 128, 4, 4))],
 }
+# the grouped GEMM with TMA weight (and h) tiles (moe_gemm_fc*_tma_kernel), prefill
+TMA_CONFIGS = [(128, (128, 64, 8, 4), (128, 64, 8, 4)), (128, (128, 64, 8, 3), (128, 64, 8, 3)),
+               (64, (128, 64, 4, 4), (128, 64, 4, 4)), (64, (128, 64, 4, 5), (128, 64, 4, 5)),
+               (128, (64, 64, 4, 4), (128, 64, 8, 4)), (128, (128, 64, 8, 4), (256, 64, 8, 3)),
+               (64, (64, 64, 4, 5), (64, 64, 4, 5)), (64, (256, 64, 8, 3), (256, 64, 8, 3)),
+               (64, (128, 64, 8, 4), (128, 64, 8, 4)), (128, (128, 32, 8, 6), (128, 32, 8, 6))]
 
 
 def sweep_moe(rows, d=1472, F=3872, E=8, tokens=(1, 8, 64, 2048)):
@@ -113,6 +119,15 @@ def sweep_moe(rows, d=1472, F=3872, E=8, tokens=(1, 8, 64, 2048)):
     w1, w2 = r(E, 2 * F, d, scale=d ** -0.5).to(BF16), r(E, d, F, scale=F ** -0.5).to(BF16)
     cases = [(1, "gemv", GEMV_CONFIGS)] * (1 in tokens) + [(T, "gemm", GEMM_CONFIGS[T]) for T in (8, 64, 2048)
                                                          if T in tokens]
+    if 2048 in tokens:
+        cases.append((2048, "gemm_tma", TMA_CONFIGS))
+        x = r(2048, d).to(BF16)  # the ceiling: the same FLOPs as one dense expert over all tokens, on cuBLAS
+        h = r(2048, F).to(BF16)
+        fn = lambda: (torch.nn.functional.linear(x, w1[0]), torch.nn.functional.linear(h, w2[0]))  # noqa: E731
+        us = graph_ms_per_call(fn, calls=5, reps=5) * 1e3
+        rows.append({"sweep": "dense_cublas_same_flops", "T": 2048, "config": "cuBLAS", "gpu_us": us,
+                     "tflops": 2 * 2048 * 3 * F * d / (us * 1e-6) / 1e12})
+        print(rows[-1], flush=True)
     for T, path, configs in cases:
         x = r(T, d).to(BF16)
         experts = torch.randint(0, E, (T, 1), generator=g, device="cuda")
@@ -129,7 +144,7 @@ def sweep_moe(rows, d=1472, F=3872, E=8, tokens=(1, 8, 64, 2048)):
                 y = moe_experts.expert_gather(x, w1, w2, experts, weights, "gelu", config=cfg)
                 row["max_diff_vs_default"] = (y.float() - y0.float()).abs().max().item()
                 fn = lambda: moe_experts.expert_gather(x, w1, w2, experts, weights, "gelu", config=cfg)  # noqa: E731
-                row["gpu_us"] = (graph_ms_per_call(fn, calls=10, reps=5) if T <= 64 else gpu_ms(fn, reps=5)) * 1e3
+                row["gpu_us"] = graph_ms_per_call(fn, calls=10 if T <= 64 else 3, reps=5) * 1e3
                 row["gbytes_per_s"] = n_exp * 3 * F * d * 2 / (row["gpu_us"] * 1e-6) / 1e9
                 row["tflops"] = 2 * T * 3 * F * d / (row["gpu_us"] * 1e-6) / 1e12
             except Exception as exc:

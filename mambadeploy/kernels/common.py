@@ -146,3 +146,51 @@ def argmax(x, index, AXIS: tl.constexpr):
 @triton.jit
 def sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
+
+
+# Hopper's bulk L2 prefetch: thread t of the program (t < $3) asks the copy engine to bring bytes
+# [$1 + t * $2, $1 + (t + 1) * $2) into L2. Nothing is written, so nothing waits on it; it only warms L2.
+_L2_PREFETCH_ASM = tl.constexpr("""{
+.reg .pred pf_p;
+.reg .u32 pf_t;
+.reg .u64 pf_a;
+mov.u32 pf_t, %tid.x;
+setp.lt.u32 pf_p, pf_t, $3;
+mul.wide.u32 pf_a, pf_t, $2;
+add.u64 pf_a, pf_a, $1;
+@pf_p cp.async.bulk.prefetch.L2.global [pf_a], $2;
+mov.u32 $0, 0;
+}""")
+L2_PREFETCH_MIN_PIECE = 1024  # bytes: fewer, larger requests; a share below this is not prefetched
+
+
+@triton.jit
+def l2_prefetch(region_ptr, program, share, piece):
+    """Warm L2 with this program's `share` bytes of a weight region that a LATER kernel will stream (sm_90+ only;
+    never in the interpreter): bytes [program * share, (program + 1) * share) from region_ptr, one `piece` (a multiple
+    of 16 bytes) per thread. A hint that changes no result; the bytes past share // piece pieces are left out."""
+    start = region_ptr.to(tl.pointer_type(tl.int8)) + program.to(tl.int64) * share
+    tl.inline_asm_elementwise(_L2_PREFETCH_ASM, "=r,l,r,r", [start + tl.zeros([1], tl.int32), piece, share // piece],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+def l2_prefetch_args(region: torch.Tensor | None, nbytes: int, programs: int, num_warps: int) -> dict:
+    """Arguments of l2_prefetch for `programs` programs of num_warps * 32 threads sharing the first nbytes of region
+    (a weight the kernel itself does not read). Empty (no prefetch) for no region, on CPU, below sm_90, or with
+    MAMBADEPLOY_L2_PREFETCH=0."""
+    if region is None or not region.is_cuda or os.environ.get("MAMBADEPLOY_L2_PREFETCH", "1") == "0":
+        return {}
+    if torch.cuda.get_device_capability(region.device)[0] < 9:
+        return {}
+    return l2_prefetch_split(region, nbytes, programs, num_warps)
+
+
+def l2_prefetch_split(region: torch.Tensor, nbytes: int, programs: int, num_warps: int) -> dict:
+    """The split behind l2_prefetch_args, without its device checks: each program's share (a multiple of 16 bytes)
+    and piece per thread (at least L2_PREFETCH_MIN_PIECE); empty when a share is smaller than a piece."""
+    nbytes = min(int(nbytes), region.numel() * region.element_size())
+    share = nbytes // programs // 16 * 16
+    piece = max(L2_PREFETCH_MIN_PIECE, cdiv(cdiv(share, num_warps * 32), 16) * 16)
+    if share < piece:
+        return {}
+    return {"pf_ptr": region, "pf_share": share, "pf_piece": piece, "PREFETCH": True}

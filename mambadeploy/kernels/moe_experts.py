@@ -20,7 +20,16 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import expert_gather_ref  # noqa: F401  (the reference, re-exported)
 
-from .common import ACTIVATION_CODES, activate, dot_precision, dot_upcast, fsum, next_pow2, pdl_launch, pdl_wait
+from .common import (
+    ACTIVATION_CODES,
+    activate,
+    dot_precision,
+    dot_upcast,
+    fsum,
+    next_pow2,
+    pdl_launch,
+    pdl_wait,
+)
 from .interpret import is_interpreted, kernel_for
 from .moe_routing import moe_align
 
@@ -70,12 +79,17 @@ def moe_gemv_fc2_kernel(
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < d
-    pdl_wait(PDL)
-    e = tl.load(experts_ptr + pair).to(tl.int64)
+    # The expert id comes from the router kernel, two launches back (router -> fc1 -> fc2): under PDL, fc2 starts only
+    # after every fc1 program has passed its own wait, i.e. after the router finished, so the id may be read before
+    # fc2's wait -- from L2 (.cg), the coherent level -- and with it the first tile of the expert's weights.
+    e = tl.load(experts_ptr + pair, cache_modifier=".cg").to(tl.int64)
     h_row = h_ptr + pair.to(tl.int64) * s_h_p
     w_rows = w2_ptr + e * s_w_e + offs_n[:, None] * s_w_d
-    acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
-    for k0 in range(0, F, BLOCK_K):
+    k_first = tl.arange(0, BLOCK_K)
+    w_first = tl.load(w_rows + k_first[None, :] * s_w_f, mask=mask_n[:, None] & (k_first < F)[None, :], other=0.0)
+    pdl_wait(PDL)
+    acc = w_first.to(tl.float32) * tl.load(h_row + k_first, mask=k_first < F, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, F, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < F
         hv = tl.load(h_row + kk, mask=mk, other=0.0).to(tl.float32)
@@ -157,11 +171,81 @@ def moe_gemm_fc2_kernel(
                  mask=valid[:, None] & mask_n[None, :])
 
 
+# --------------------------------------------------------------------------- grouped GEMM, weights by TMA
+# The same grouping, on Hopper's tensor memory accelerator: the expert weights (and fc2's h) arrive as whole tiles
+# through host-built tensor descriptors instead of per-thread pointer loads. fc1 writes h in the grouped order (row =
+# slot of sorted_pairs, padding rows included: their x rows load as zeros), so fc2's h tiles are contiguous too.
+# Weight tiles may run past an expert's rows into the next expert's (or past the end: zero-filled); those output
+# columns are masked at the store.
+@triton.jit
+def moe_gemm_fc1_tma_kernel(
+    x_ptr, w1_desc, sorted_ptr, block_expert_ptr, h_ptr,
+    P, F, d, E,
+    s_x_t, s_h_r,
+    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < E:
+        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pairs = tl.load(sorted_ptr + slots)
+        valid = pairs < P
+        tok = (pairs // TOP_K).to(tl.int64)
+        n0 = tl.program_id(1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        row_gate = e * 2 * F + n0
+        acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + tok[:, None] * s_x_t + kk[None, :], mask=valid[:, None] & (kk < d)[None, :],
+                        other=0.0)
+            wg = w1_desc.load([row_gate, k0])  # (BLOCK_N, BLOCK_K)
+            wu = w1_desc.load([row_gate + F, k0])
+            if UPCAST:
+                a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+            acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=PRECISION)
+        h = activate(acc_g, ACTIVATION) * acc_u
+        tl.store(h_ptr + slots.to(tl.int64)[:, None] * s_h_r + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=(offs_n < F)[None, :])
+
+
+@triton.jit
+def moe_gemm_fc2_tma_kernel(
+    h_desc, w2_desc, sorted_ptr, block_expert_ptr, weights_ptr, y_ptr,
+    P, d, F, E,
+    s_y_r,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < E:
+        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < P
+        n0 = tl.program_id(1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            a = h_desc.load([pid_m * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K) of the grouped h
+            w = w2_desc.load([e * d + n0, k0])  # (BLOCK_N, BLOCK_K)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        out = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+        tl.store(y_ptr + pairs.to(tl.int64)[:, None] * s_y_r + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (offs_n < d)[None, :])
+
+
 # --------------------------------------------------------------------------- launch configs
-def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
+def launch_config(shapes, dtypes=None, interpret: bool = False, tma: bool = False) -> dict:
     """shapes: (x (T, d), w1 (E, 2F, d), w2 (E, d, F), experts (T, k), weights (T, k)) — the TopKExpertGather order.
-    Returns {"path": "gemv" | "gemm", "fc1": {...}, "fc2": {...}} (+ "align" for gemm); each launch has grid,
-    num_warps, num_stages and constexprs; workspaces: h (P, F) in x.dtype, and for top-k > 1 a (P, d) fp32 output."""
+    Returns {"path": "gemv" | "gemm" | "gemm_tma", "fc1": {...}, "fc2": {...}} (+ "align" for the GEMMs); each launch
+    has grid, num_warps, num_stages and constexprs; workspaces: h (P, F) (gemm_tma: (n_blocks * BLOCK_M, F)) in
+    x.dtype, and for top-k > 1 a (P, d) fp32 output. tma: the prefill GEMM may take its weights by TMA (the caller
+    knows the GPU can: `tma_usable`)."""
     T, d = shapes[0]
     E, two_f, _ = shapes[1]
     F = two_f // 2
@@ -190,17 +274,33 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     elif dtypes is not None and dtypes[0] == torch.float32:
         # fp32 operands take 2x the shared memory a stage: the bf16 prefill tiles do not fit (seen on the H100)
         block_m, t1, t2 = 64, (64, 32, 4, 3), (64, 32, 4, 3)
-    else:  # prefill: the H100 sweep at 2048 tokens (benchmarks/results/sweep_moe_2048_*.json): 284 us vs 328 us
-        block_m, t1, t2 = 128, (128, 64, 8, 4), (128, 64, 8, 4)  # for the earlier fc2 tile (256, 64, 8, 3)
+    else:  # prefill: the H100 sweep at 2048 tokens, CUDA-graph timing (benchmarks/results/sweep_moe_tma_*.json):
+        # TMA 193 us, pointer loads 201 us with these tiles; the pointer path's earlier fc2 tile (128, 64, 8, 4) 211 us
+        block_m, t1, t2 = 128, (128, 64, 8, 4), (256, 64, 8, 3)
     n_blocks = triton.cdiv(P, block_m) + E
+    prefill = not interpret and P > 16 * E
     return {
-        "path": "gemm",
+        "path": "gemm_tma" if tma and prefill else "gemm",
         "align": {"kernel": "moe_align_kernel", "block_m": block_m, "n_blocks": n_blocks},
         "fc1": {"kernel": "moe_gemm_fc1_kernel", "grid": (n_blocks, triton.cdiv(F, t1[0])), "num_warps": t1[2],
                 "num_stages": t1[3], "constexprs": {"BLOCK_M": block_m, "BLOCK_N": t1[0], "BLOCK_K": t1[1]}},
         "fc2": {"kernel": "moe_gemm_fc2_kernel", "grid": (n_blocks, triton.cdiv(d, t2[0])), "num_warps": t2[2],
                 "num_stages": t2[3], "constexprs": {"BLOCK_M": block_m, "BLOCK_N": t2[0], "BLOCK_K": t2[1]}},
     }
+
+
+def tma_usable(x, w1, w2) -> bool:
+    """Whether the grouped GEMM can take its tiles by TMA here: a Hopper-or-later GPU, 16-bit operands, contiguous
+    weights and rows of a multiple of 16 bytes (what a tensor descriptor needs)."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
+        return False
+    if not (w1.is_contiguous() and w2.is_contiguous()) or (w1.shape[2] * 2) % 16 or (w2.shape[2] * 2) % 16:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | None = None):
@@ -226,7 +326,7 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     kernel1 = kernel_for(moe_gemv_fc1_kernel, x)
     interpreted = is_interpreted(kernel1)
     cfg = config or launch_config((x.shape, w1.shape, w2.shape, experts.shape, weights.shape), (x.dtype,),
-                                  interpret=interpreted)
+                                  interpret=interpreted, tma=tma_usable(x, w1, w2))
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)
     out = y if k == 1 else torch.empty(P, d, dtype=torch.float32, device=x.device)
     act = ACTIVATION_CODES[activation]
@@ -238,7 +338,7 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
         kernel_for(moe_gemv_fc2_kernel, x)[c2["grid"]](
             h, w2, experts, weights, out, d, F, h.stride(0), *w2.stride(), out.stride(0),
             TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **pdl_launch(x))
-    else:
+    elif cfg["path"] == "gemm":
         sorted_pairs, block_expert = moe_align(experts, E, cfg["align"]["block_m"])
         common = {"UPCAST": dot_upcast(x.dtype, interpreted), "PRECISION": dot_precision(x.dtype)}
         kernel_for(moe_gemm_fc1_kernel, x)[c1["grid"]](
@@ -248,6 +348,26 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
         kernel_for(moe_gemm_fc2_kernel, x)[c2["grid"]](
             h, w2, sorted_pairs, block_expert, weights, out, P, d, F, E, h.stride(0), *w2.stride(), out.stride(0),
             TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **common)
+    else:  # gemm_tma
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if x.is_cuda and x.dtype == torch.float32:  # (its fp32 tiles gave wrong results on the H100)
+            raise ValueError("expert_gather: the TMA grouped GEMM takes 16-bit operands on a GPU (see tma_usable)")
+
+        block_m = cfg["align"]["block_m"]
+        sorted_pairs, block_expert = moe_align(experts, E, block_m)
+        h = torch.empty(sorted_pairs.numel(), F, dtype=x.dtype, device=x.device)  # grouped rows, padding included
+        k1, k2 = c1["constexprs"], c2["constexprs"]
+        common = {"UPCAST": dot_upcast(x.dtype, interpreted), "PRECISION": dot_precision(x.dtype)}
+        w1_desc = TensorDescriptor.from_tensor(w1.reshape(E * 2 * F, d), [k1["BLOCK_N"], k1["BLOCK_K"]])
+        kernel_for(moe_gemm_fc1_tma_kernel, x)[c1["grid"]](
+            x, w1_desc, sorted_pairs, block_expert, h, P, F, d, E, x.stride(0), h.stride(0),
+            TOP_K=k, ACTIVATION=act, num_warps=c1["num_warps"], num_stages=c1["num_stages"], **k1, **common)
+        h_desc = TensorDescriptor.from_tensor(h, [block_m, k2["BLOCK_K"]])
+        w2_desc = TensorDescriptor.from_tensor(w2.reshape(E * d, F), [k2["BLOCK_N"], k2["BLOCK_K"]])
+        kernel_for(moe_gemm_fc2_tma_kernel, x)[c2["grid"]](
+            h_desc, w2_desc, sorted_pairs, block_expert, weights, out, P, d, F, E, out.stride(0),
+            num_warps=c2["num_warps"], num_stages=c2["num_stages"], **k2, **common)
     if k > 1:
         y.copy_(out.view(T, k, d).sum(1))
     return y

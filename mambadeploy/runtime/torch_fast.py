@@ -17,6 +17,7 @@ and the decode step captured in a CUDA graph.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..errors import InputError, MambaDeployError, lazy_import
+from ..errors import ConfigError, InputError, MambaDeployError, lazy_import
 from ..models import ref_ops
 from ..models.model import MambaMoELM
 from ..models.state import state_specs
@@ -41,6 +42,30 @@ FUSED_DT_MAX_BATCH = 8
 # graph replay (benchmarks/results/decode_triton_gemv_dot_2.8b_*.json): batch 1 1.129 -> 1.100 ms, batch 8
 # 2.337 -> 2.301 ms. A small gain: per projection both stream their weights at ~2 TB/s.
 TRITON_GEMV_MAX_BATCH = 8
+
+# L2 prefetch sites of the batch-1 decode step (Hopper; kernels/common.l2_prefetch): a kernel warms L2 with the weights
+# of a kernel that runs after it, so that HBM keeps streaming through the short kernels and launch gaps in between.
+#   xproj: the x_proj GEMV (a short kernel) prefetches out_proj's weight, read two launches later.
+# Measured and dropped (H100, 2.8B batch 1, benchmarks/results/decode_l2pf_*.json): the expert fc1 GEMV prefetching
+# the same expert's fc2 weights (0.854 -> 0.889 ms) and fc2 prefetching 8 MB of the next layer's in_proj (-> 0.896):
+# both compete with a kernel that already streams at full rate.
+# Chosen by TorchFastRunner(l2_prefetch=...) or MAMBADEPLOY_L2_PREFETCH: "1"/"all", "0"/"none", or a comma list.
+L2_PREFETCH_SITES = ("xproj",)
+
+
+def prefetch_sites(spec: str | None) -> frozenset:
+    """The L2 prefetch sites named by spec (None: the MAMBADEPLOY_L2_PREFETCH variable, default all)."""
+    spec = os.environ.get("MAMBADEPLOY_L2_PREFETCH", "1") if spec is None else spec
+    if spec.strip().lower() in ("0", "", "none", "off"):
+        return frozenset()
+    if spec.strip().lower() in ("1", "all", "on"):
+        return frozenset(L2_PREFETCH_SITES)
+    sites = frozenset(part.strip() for part in spec.split(",") if part.strip())
+    unknown = sites - set(L2_PREFETCH_SITES)
+    if unknown:
+        raise ConfigError(f"unknown L2 prefetch site(s) {', '.join(sorted(unknown))}; known: "
+                          f"{', '.join(L2_PREFETCH_SITES)} (or all / none)")
+    return sites
 
 
 @dataclass
@@ -86,11 +111,13 @@ class TorchFastRunner(Runner):
     backend = "torch-fast"
 
     def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
-                 prefill_graphs: bool = False, triton_gemv: bool = True):
+                 prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None):
         """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
         prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
         shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU).
-        triton_gemv: the dense decode projections on the Triton GEMV at batch <= TRITON_GEMV_MAX_BATCH (else cuBLAS)."""
+        triton_gemv: the dense decode projections on the Triton GEMV at batch <= TRITON_GEMV_MAX_BATCH (else cuBLAS).
+        l2_prefetch: the L2 prefetch sites of the batch-1 step (see L2_PREFETCH_SITES; None: MAMBADEPLOY_L2_PREFETCH,
+        default all); Hopper only, a hint that changes no result."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import (
             causal_conv1d,
@@ -115,6 +142,7 @@ class TorchFastRunner(Runner):
         self._prefill_cache: dict = {}
         self.routing_trace: list | None = None  # set to a list to record each MoE layer's experts (eager calls only)
         self.layers = [self._prepare(i, block) for i, block in enumerate(model.layers)]
+        self.l2_prefetch = prefetch_sites(l2_prefetch)
         self.eps = self.config.norm_eps
 
     # ------------------------------------------------------------------ setup
@@ -159,7 +187,11 @@ class TorchFastRunner(Runner):
     def _ssm_params(self, m, xc):
         """xc (..., d_inner) -> low-rank dt (..., R), B, C (..., N) (views of one x_proj output); dt_proj (no bias)
         is applied by the caller: a Linear in prefill, fused into the state-update kernel in decode."""
-        xdbl = self._linear(xc, m.x_proj.weight)
+        if "xproj" in self.l2_prefetch and self.triton_gemv and xc.shape[0] <= TRITON_GEMV_MAX_BATCH:
+            w = m.out_proj.weight
+            xdbl = self._k_gemv.gemv(xc, m.x_proj.weight, prefetch=(w, w.numel() * w.element_size()))
+        else:
+            xdbl = self._linear(xc, m.x_proj.weight)
         dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
         if m.dt_norm is not None:  # Jamba
             dt = self._k_norm.rms_norm(dt, m.dt_norm.weight, m.dt_norm.eps)
@@ -201,7 +233,7 @@ class TorchFastRunner(Runner):
         di, Bsz, L = m.d_inner, x.shape[0], x.shape[1]
         w_in, b_in = m.in_proj.weight, m.in_proj.bias
         xs = F.linear(x, w_in[:di], None if b_in is None else b_in[:di])  # (B, L, di): the conv reads it token-major
-        z = torch.matmul(w_in[di:], x.transpose(1, 2))  # (B, di, L)
+        z = _weight_times(w_in[di:], x.transpose(1, 2))  # (B, di, L)
         if b_in is not None:
             z = z + b_in[di:, None]
         if valid is not None:
@@ -209,19 +241,22 @@ class TorchFastRunner(Runner):
         xc = torch.empty(Bsz, di, L, dtype=x.dtype, device=x.device)
         _, conv_state = self._k_conv.causal_conv1d(xs.transpose(1, 2), layer.conv_weight, m.conv1d.bias, None, "silu",
                                                    out=xc)
-        xdbl = torch.matmul(m.x_proj.weight, xc)  # (B, R + 2N, L)
+        xdbl = _weight_times(m.x_proj.weight, xc)  # (B, R + 2N, L)
         dt_low, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=1)
         if m.dt_norm is not None:  # Jamba: RMSNorm over the feature axis, which is dim 1 here
             norm = self._k_norm.rms_norm
             dt_low = norm(dt_low.transpose(1, 2), m.dt_norm.weight, m.dt_norm.eps).transpose(1, 2)
             B = norm(B.transpose(1, 2), m.B_norm.weight, m.B_norm.eps).transpose(1, 2)
             C = norm(C.transpose(1, 2), m.C_norm.weight, m.C_norm.eps).transpose(1, 2)
-        dt = torch.matmul(m.dt_proj.weight, dt_low)  # (B, di, L)
+        dt = _weight_times(m.dt_proj.weight, dt_low)  # (B, di, L)
         if valid is not None:  # softplus(-inf) = 0: pad steps leave the state untouched
             dt = torch.where(valid[:, None, :], dt, torch.full_like(dt, float("-inf")))
         y, ssm_state = self._k_scan.selective_scan(xc, dt, layer.A, B, C, layer.D, z, delta_bias=layer.dt_bias,
                                                    delta_softplus=True)
-        return F.linear(y.transpose(1, 2), m.out_proj.weight, m.out_proj.bias), conv_state, ssm_state
+        out = torch.bmm(y.transpose(1, 2), m.out_proj.weight.t().expand(Bsz, -1, -1))  # (B, L, d), no copy of y
+        if m.out_proj.bias is not None:
+            out += m.out_proj.bias
+        return out, conv_state, ssm_state
 
     @torch.no_grad()
     def prefill(self, input_ids, lengths=None):
@@ -412,8 +447,16 @@ class TorchFastRunner(Runner):
                 "cuda_graph": self.use_cuda_graph, "triton_gemv": self.triton_gemv,
                 # programmatic dependent launch of the decode kernels (sm_90+, unless MAMBADEPLOY_PDL=0)
                 "pdl": bool(self._k_gemv.pdl_launch(torch.empty(0, device=d))),
+                "l2_prefetch": ",".join(s for s in L2_PREFETCH_SITES if s in self.l2_prefetch) or "none",
                 "kernels": "Triton" if d.type == "cuda" else "Triton (CPU interpreter)",
                 "gpu": torch.cuda.get_device_name(d) if d.type == "cuda" else None}
+
+
+def _weight_times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) @ x (B, K, L) -> (B, N, L) contiguous, as one batched GEMM over the broadcast weight. (torch.matmul
+    of a 2-D by a 3-D tensor computes the transposed product and then copies it into this layout: on the H100 those
+    copies were 1.7 of the 2.8B's 10.4 ms of prefill kernels at 2048 tokens.)"""
+    return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
 
 
 def check_device(device) -> None:

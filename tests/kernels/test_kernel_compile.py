@@ -56,6 +56,8 @@ def _compile(kernel, args, kwargs):
             signature[param.name], constexprs[param.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             signature[param.name] = POINTER[v.dtype]
+        elif type(v).__name__ == "TensorDescriptor":  # host-built TMA descriptor (the prefill grouped GEMM)
+            signature[param.name] = f"tensordesc<{POINTER[v.base.dtype][1:]}[{', '.join(map(str, v.block_shape))}]>"
         elif isinstance(v, float):
             signature[param.name] = "fp32"
         else:
@@ -92,10 +94,15 @@ def _calls(dtype):
     experts = torch.randint(0, E, (40, 2))
     yield "expert_gather (gemm)", lambda: moe_experts.expert_gather(r(40, d), r(E, 2 * F, d), r(E, d, F), experts,
                                                                      torch.rand(40, 2), "silu")
+    tma_shapes = ((80, d), (E, 2 * F, d), (E, d, F), (80, 1), (80, 1))  # prefill-sized: the TMA grouped GEMM
+    yield "expert_gather (gemm, TMA)", lambda: moe_experts.expert_gather(
+        r(80, d), r(E, 2 * F, d), r(E, d, F), torch.randint(0, E, (80, 1)), torch.rand(80, 1), "gelu",
+        config=moe_experts.launch_config(tma_shapes, (dtype,), tma=True))
     # dense decode projections: in_proj-like (no split), x_proj-like (split-K with arrival counters), batch 8 + bias
     yield "gemv", lambda: gemv.gemv(r(1, 1472), r(5888, 1472))
     yield "gemv (split-K)", lambda: gemv.gemv(r(1, 2944), r(124, 2944))
     yield "gemv (batch 8, bias)", lambda: gemv.gemv(r(8, 2944), r(1472, 2944), r(1472))
+    yield "gemv (L2 prefetch)", lambda: gemv.gemv(r(1, 2944), r(124, 2944), prefetch=(r(1472, 2944), 1472 * 2944 * 2))
     yield "gemv (in_proj + conv)", lambda: gemv.gemv(r(1, 1472), r(5888, 1472), None,
                                                      conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
 
@@ -107,7 +114,7 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
             _compile(kernel, args, dict(kwargs))
             compiled.add(kernel.fn.__name__)
     print(sorted(compiled))
-    assert len(compiled) == 14  # every kernel of the package
+    assert len(compiled) == 16  # every kernel of the package
 
 
 PDL_CALLS = ("selective_state_update", "selective_state_update (dt_proj fused)", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
@@ -130,6 +137,18 @@ def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):
             compiled.add(kernel.fn.__name__)
     print(sorted(compiled))
     assert len(compiled) == 7
+
+
+def test_l2_prefetch_compiles_to_the_bulk_prefetch(monkeypatch):
+    """What the x_proj GEMV launches on sm_90 with its L2 prefetch site: Hopper's cp.async.bulk.prefetch.L2."""
+    from mambadeploy.kernels import common
+
+    monkeypatch.setattr(gemv, "l2_prefetch_args", common.l2_prefetch_split)  # as on an sm_90 GPU
+    calls = dict(_calls(torch.bfloat16))
+    (kernel, args, kwargs), = _record(monkeypatch, calls["gemv (L2 prefetch)"])
+    assert kwargs.get("PREFETCH") is True
+    ptx = _compile(kernel, args, dict(kwargs)).asm["ptx"]
+    assert "cp.async.bulk.prefetch.L2.global" in ptx
 
 
 def test_fp32_grouped_gemm_compiles_for_sm90(monkeypatch):

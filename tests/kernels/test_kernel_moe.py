@@ -6,10 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import DTYPES, full, make_gen, randn, small
+from kernel_cases import DEVICE, DTYPES, full, make_gen, randn, small
 
 from mambadeploy.kernels.common import ACTIVATION_CODES
-from mambadeploy.kernels.moe_experts import GEMV_MAX_PAIRS, expert_gather, expert_gather_ref, launch_config
+from mambadeploy.kernels.moe_experts import (
+    GEMV_MAX_PAIRS,
+    expert_gather,
+    expert_gather_ref,
+    launch_config,
+    tma_usable,
+)
 from mambadeploy.kernels.moe_routing import add_rms_norm_route, moe_align, route, route_hidden, route_ref
 from mambadeploy.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
 from mambadeploy.opset import ACTIVATION_CODES as OPSET_CODES
@@ -75,10 +81,35 @@ def test_expert_gather_matches_ref(T, d, Fs, E, k, activation, dtype):
     w2 = randn(g, E, d, Fs, dtype=dtype, scale=Fs ** -0.5)
     router = "softmax_topk" if k > 1 else "sigmoid_top1"
     weights, experts = route_ref(randn(g, T, E, scale=2.0), router, k)
-    path = launch_config((x.shape, w1.shape, w2.shape, experts.shape, weights.shape))["path"]
-    assert path == ("gemv" if T * k <= GEMV_MAX_PAIRS else "gemm")
+    path = launch_config((x.shape, w1.shape, w2.shape, experts.shape, weights.shape), (dtype,),
+                         tma=tma_usable(x, w1, w2))["path"]
+    assert path == ("gemv" if T * k <= GEMV_MAX_PAIRS else "gemm_tma" if T * k > 16 * E and tma_usable(x, w1, w2)
+                    else "gemm")
     y = expert_gather(x, w1, w2, experts, weights, activation)
     assert_close_op(y, expert_gather_ref(x, w1, w2, experts, weights, activation), dtype, what=f"y ({path})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d,Fs,E,k,activation", small((33, 40, 24, 4, 1, "gelu"), (154, 24, 40, 5, 2, "silu"))
+                         + full((2048, 1472, 3872, 8, 1, "gelu"), (300, 1024, 1000, 16, 2, "silu")))
+def test_expert_gather_tma_path_matches_ref(T, d, Fs, E, k, activation, dtype):
+    """The grouped GEMM with TMA tiles (what Hopper runs in prefill), forced by its config so that the interpreter
+    covers it too: tiles that run past an expert's rows or the matrix end, padding rows, top-k > 1."""
+    if DEVICE == "cuda" and dtype == torch.float32:
+        pytest.skip("on a GPU the TMA path serves 16-bit operands only (tma_usable); fp32 takes the pointer path")
+    g = make_gen(5)
+    x = randn(g, T, d, dtype=dtype)
+    w1 = randn(g, E, 2 * Fs, d, dtype=dtype, scale=d ** -0.5)
+    w2 = randn(g, E, d, Fs, dtype=dtype, scale=Fs ** -0.5)
+    weights, experts = route_ref(randn(g, T, E, scale=2.0), "softmax_topk" if k > 1 else "sigmoid_top1", k)
+    cfg = launch_config((x.shape, w1.shape, w2.shape, experts.shape, weights.shape), (dtype,),
+                        interpret=not x.is_cuda)
+    cfg["path"] = "gemm_tma"
+    y = expert_gather(x, w1, w2, experts, weights, activation, config=cfg)
+    assert_close_op(y, expert_gather_ref(x, w1, w2, experts, weights, activation), dtype, what="y (gemm_tma)")
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="16-bit"):
+            expert_gather(x.float(), w1.float(), w2.float(), experts, weights, activation, config=cfg)
 
 
 def test_activation_codes_agree_with_the_opset():

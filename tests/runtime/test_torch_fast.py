@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mambadeploy.errors import InputError
+from mambadeploy.errors import ConfigError, InputError
 from mambadeploy.runtime.generate import generate
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
-from mambadeploy.runtime.torch_fast import FastState, TorchFastRunner
+from mambadeploy.runtime.torch_fast import L2_PREFETCH_SITES, FastState, TorchFastRunner
 from mambadeploy.validate.tolerances import (
     BASELINE_ERR_FACTOR,
     BASELINE_TOP1_SLACK,
@@ -169,3 +169,14 @@ def test_describe_reports_the_launch_mode(tiny, monkeypatch):
         assert info["pdl"] is False
     monkeypatch.setenv("MAMBADEPLOY_PDL", "0")
     assert runner.describe()["pdl"] is False
+
+
+def test_l2_prefetch_sites_are_parsed_and_checked(tiny, monkeypatch):
+    """The L2 prefetch sites: all by default, none when switched off, unknown names refused with the known ones."""
+    model = _model(tiny, "blackmamba-tiny")
+    assert TorchFastRunner(model).describe()["l2_prefetch"] == ",".join(L2_PREFETCH_SITES)
+    assert TorchFastRunner(model, l2_prefetch="none").l2_prefetch == frozenset()
+    monkeypatch.setenv("MAMBADEPLOY_L2_PREFETCH", "0")
+    assert TorchFastRunner(model).describe()["l2_prefetch"] == "none"
+    with pytest.raises(ConfigError, match="xproj"):
+        TorchFastRunner(model, l2_prefetch="xproj,bogus")
