@@ -27,7 +27,7 @@ def main():
     if decode:
         print(f"### Decode ({decode['device']['gpu']}, {decode['device']['date']}, bf16)\n")
         rows = [dict(r, gb_read=r["bytes_per_token"] / 1e9) for r in decode["rows"]]
-        print(table(rows, ["preset", "batch", "pdl", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms",
+        print(table(rows, ["preset", "batch", "pdl", "l2_prefetch", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms",
                            "speedup_vs_eager", "gb_read", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy"]))
         print()
         print(table(decode["fp32_checks"], ["preset", "fp32_top1_agreement", "fp32_max_rel_err"]))
@@ -41,10 +41,28 @@ def main():
     prefill = load("prefill", gpu)
     if prefill:
         print(f"### Prefill ({prefill['device']['gpu']}, {prefill['device']['date']}, bf16, batch 1)\n")
-        print(table(prefill["rows"], ["preset", "tokens", "grouped_mm", "fast_ms", "fast_graphed_ms",
+        print(table(prefill["rows"], ["preset", "tokens", "fast_ms", "fast_graphed_ms",
                                       "fast_gpu_kernel_ms", "eager_ms", "speedup_vs_eager", "matmul_tflop",
                                       "roofline_pct_spec", "roofline_pct_measured", "check_max_rel_err",
                                       "check_top1_equal"]))
+        print()
+    l2 = [load(name, gpu) for name in ("decode_l2pf", "decode_l2pf_repeat")]
+    if all(l2):
+        print(f"### Decode, L2 prefetch sites, two runs ({l2[0]['device']['gpu']}, {l2[0]['device']['date']} and "
+              f"{l2[1]['device']['date']}, bf16, 2.8B batch 1)\n")
+        print(table(l2[0]["rows"] + l2[1]["rows"], ["preset", "batch", "l2_prefetch", "fast_gpu_ms", "fast_wall_ms",
+                                                    "roofline_pct_spec"]))
+        print()
+    for name, title in (("decode_profile_pdl0", "one ungraphed 2.8B batch-1 step, PDL off (true kernel durations)"),):
+        prof = load(name, gpu)
+        if prof:
+            print(f"### Decode kernels, {title} ({prof['device']['gpu']}, {prof['device']['date']})\n")
+            print(table(prof["rows"][0]["profile"], ["kernel", "calls", "gpu_us"]))
+            print()
+    prof = load("prefill_bmm_profile", gpu)
+    if prof:
+        print(f"### Prefill kernels, 2.8B, 2048 tokens ({prof['device']['gpu']}, {prof['device']['date']})\n")
+        print(table(prof["rows"][0]["profile"], ["kernel", "calls", "gpu_us"]))
         print()
     for name, title in (("kernels", "PDL on, as the runner launches them"), ("kernels_pdl_off", "PDL off")):
         kernels = load(name, gpu)
@@ -61,7 +79,7 @@ def main():
               f"{scan['device']['date']})\n")
         print(table(scan["rows"], ["layout", "kernel", "config", "gpu_us", "max_diff_vs_default", "error"]))
         print()
-    for name in ("sweep_moe_2048", "sweep"):
+    for name in ("sweep_moe_tma_2048", "sweep_moe_2048", "sweep"):
         sweep = load(name, gpu)
         if sweep:
             print(f"### Expert GEMV / grouped GEMM configs ({sweep['device']['gpu']}, {sweep['device']['date']})\n")
