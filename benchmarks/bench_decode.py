@@ -17,8 +17,7 @@ datasheet bandwidth (3.35 TB/s); the copy rate measured in the same run is repor
 --triton-gemv on|off|both: the dense decode projections on the Triton GEMV (kernels/gemv.py) or cuBLAS; `both`
 measures each case both ways in the same run (column triton_gemv), and runs the fp32 check both ways.
 --l2-prefetch SPEC...: each case once per list of L2 prefetch sites (runtime/torch_fast.py L2_PREFETCH_SITES), e.g.
-`none xproj all`, in the same run (column l2_prefetch). --fuse-norms on off: each case with the norms in the
-projections' row tails and as their own launches (column fuse_norms).
+`none xproj all`, in the same run (column l2_prefetch).
 
 Run: python benchmarks/bench_decode.py [--presets blackmamba-2.8b] [--batches 1 8 64] [--triton-gemv both]
 """
@@ -98,7 +97,7 @@ def profile_step(fast, token, state, top=14) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     eager_fast = TorchFastRunner(fast.model, use_cuda_graph=False, check_inputs=False, triton_gemv=fast.triton_gemv,
-                                 l2_prefetch=",".join(fast.l2_prefetch) or "none", fuse_norms=fast.fuse_norms)
+                                 l2_prefetch=",".join(fast.l2_prefetch) or "none")
     scratch = state.clone()
     eager_fast.step(token, scratch)
     torch.cuda.synchronize()
@@ -114,17 +113,14 @@ def profile_step(fast, token, state, top=14) -> list[dict]:
     return rows[:top] + [{"kernel": "TOTAL", "calls": sum(r["calls"] for r in rows), "gpu_us": total}]
 
 
-def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gemv=True, l2_prefetch="all",
-               fuse_norms=True):
+def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gemv=True, l2_prefetch="all"):
     V = model.config.vocab_size
     g = torch.Generator(device="cuda").manual_seed(batch)
     prompt = torch.randint(0, V, (batch, 16), generator=g, device="cuda")
-    fast = TorchFastRunner(model, check_inputs=False, triton_gemv=triton_gemv, l2_prefetch=l2_prefetch,
-                           fuse_norms=fuse_norms)
+    fast = TorchFastRunner(model, check_inputs=False, triton_gemv=triton_gemv, l2_prefetch=l2_prefetch)
     eager = TorchEagerRunner(model)
     top1, err, sf, se, token = follow(fast, eager, prompt)
     row = {"preset": preset, "batch": batch, "triton_gemv": triton_gemv, "l2_prefetch": fast.describe()["l2_prefetch"],
-           "fuse_norms": fuse_norms,
            "pdl": os.environ.get("MAMBADEPLOY_PDL", "1") != "0", "bf16_top1_agreement": top1,
            "bf16_max_rel_err": err}
 
@@ -172,8 +168,6 @@ def main():
     parser.add_argument("--no-fp32-check", action="store_true")
     parser.add_argument("--triton-gemv", choices=["on", "off", "both"], default="on",
                         help="dense decode projections on the Triton GEMV (on), cuBLAS (off), or each case both ways")
-    parser.add_argument("--fuse-norms", nargs="+", choices=["on", "off"], default=["on"],
-                        help="norms in the projections' row tails (on), as their own launches (off), or both")
     parser.add_argument("--l2-prefetch", nargs="+", default=["all"],
                         help="L2 prefetch site lists to measure each case with (e.g. none xproj xproj,fc1 all)")
     args = parser.parse_args()
@@ -190,14 +184,12 @@ def main():
             for batch in args.batches:
                 for flag in flags:
                     for spec in args.l2_prefetch:
-                        for fuse in args.fuse_norms:
-                            rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile, flag,
-                                                   spec, fuse == "on"))
-                            torch.cuda.empty_cache()
+                        rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile, flag, spec))
+                        torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
     write_json(args.name, {"device": facts, "ceilings": ceil, "dtype": "bf16", "fp32_checks": checks, "rows": rows})
-    print(table(rows, ["preset", "batch", "triton_gemv", "pdl", "l2_prefetch", "fuse_norms", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
+    print(table(rows, ["preset", "batch", "triton_gemv", "pdl", "l2_prefetch", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
                        "bytes_per_token", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy",
                        "bf16_top1_agreement", "bf16_max_rel_err"]))
     if checks:

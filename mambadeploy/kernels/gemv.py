@@ -36,13 +36,11 @@ from .common import (
     sigmoid,
 )
 from .interpret import is_interpreted, kernel_for
-from .row_tail import row_tail, tail_arguments
 
 MAX_ROWS = 16  # rows of x one launch takes (the accumulator holds all of them); callers use cuBLAS above
 # Split-K is only chosen while the row blocks alone give fewer than TARGET_PROGRAMS programs, so the number of row
 # blocks that need an arrival counter is bounded by this.
 COUNTER_SLOTS = 1024
-TAIL_SLOT = COUNTER_SLOTS - 1  # the row tail's arrival counter (kernels/row_tail.py); split-K uses the slots below
 _counters: dict = {}
 
 
@@ -90,10 +88,6 @@ def gemv_kernel(
     cs_ptr=None, cw_ptr=None, cb_ptr=None, conv_dim=0, s_cs_b=0, s_cs_d=0, s_cs_k=0, s_cw_d=0, s_cw_k=0,
     CONV_K: tl.constexpr = 0, HAS_CONV_BIAS: tl.constexpr = False,
     pf_ptr=None, pf_share=0, pf_piece=0, PREFETCH: tl.constexpr = False,
-    tail_count_ptr=None, res_ptr=None, nw_ptr=None, xo_ptr=None, rw_ptr=None, rb_ptr=None, rwts_ptr=None,
-    rexp_ptr=None, eps=0.0, E=0, s_r=0, s_xo=0, s_rw_e=0, s_rw_d=0,
-    TAIL: tl.constexpr = 0, TAIL_BIAS: tl.constexpr = False, TAIL_SOFTMAX: tl.constexpr = False,
-    TAIL_TOP_K: tl.constexpr = 1, TAIL_BLOCK: tl.constexpr = 1, TAIL_BLOCK_E: tl.constexpr = 2,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -144,10 +138,6 @@ def gemv_kernel(
             out = _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, y_ptr.dtype.element_ty, cs_ptr, cw_ptr, cb_ptr,
                                  conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
         tl.store(y_at, out.to(y_ptr.dtype.element_ty), mask=mask)
-        if TAIL > 0:  # the next norm (+ router) by the last program to finish (kernels/row_tail.py)
-            row_tail(tail_count_ptr, tl.num_programs(0), y_ptr, s_ym, res_ptr, s_r, nw_ptr, xo_ptr, s_xo, rw_ptr,
-                     s_rw_e, s_rw_d, rb_ptr, rwts_ptr, rexp_ptr, M, N, E, eps, TAIL, TAIL_BIAS, TAIL_SOFTMAX,
-                     TAIL_TOP_K, TAIL_BLOCK, TAIL_BLOCK_E)
     else:
         part_at = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # workspace (SPLIT_K, M, N) fp32
         tl.store(part_at + pid_k * M * N, out, mask=mask)
@@ -161,10 +151,6 @@ def gemv_kernel(
                 total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(y_at, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.store(count_ptr + pid_n, 0)
-            if TAIL > 0:
-                row_tail(tail_count_ptr, tl.num_programs(0), y_ptr, s_ym, res_ptr, s_r, nw_ptr, xo_ptr, s_xo, rw_ptr,
-                         s_rw_e, s_rw_d, rb_ptr, rwts_ptr, rexp_ptr, M, N, E, eps, TAIL, TAIL_BIAS, TAIL_SOFTMAX,
-                         TAIL_TOP_K, TAIL_BLOCK, TAIL_BLOCK_E)
 
 
 def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = True) -> dict:
@@ -213,17 +199,14 @@ def _counter_buffer(device) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: dict | None = None,
-         out: torch.Tensor | None = None, conv: tuple | None = None, prefetch: tuple | None = None,
-         tail: dict | None = None):
+         out: torch.Tensor | None = None, conv: tuple | None = None, prefetch: tuple | None = None) -> torch.Tensor:
     """Same contract as gemv_ref: x (M, K) with M <= MAX_ROWS, weight (N, K), bias (N,) -> (M, N) in x.dtype, fp32
     accumulation. Rows of x and weight must be contiguous along K (row strides are free).
     conv = (conv_state (M, C, d_conv) fp32, conv_weight (C, d_conv), conv_bias (C,) or None): Mamba's decode step
     fused in (in_proj): the first C outputs go through causal_conv1d_update with SiLU (conv_state shifted in place)
     and come back as its output; the rest (z) as projected. Equal to gemv_ref then causal_conv1d_update_ref.
     prefetch = (tensor, nbytes): the programs also warm L2 with that many leading bytes of a weight that a later kernel
-    reads (Hopper only; see common.l2_prefetch_args).
-    tail = {"residual", "weight", "eps"[, "router"]} (kernels/row_tail.py): the last program to finish also runs the
-    next add_rms_norm (+ router) on y; returns (y, normed, route weights | None, experts | None) instead of y."""
+    reads (Hopper only; see common.l2_prefetch_args)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit (x (M, K), "
                          f"weight (N, K))")
@@ -247,21 +230,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             raise ValueError("gemv: the fused conv needs a launch config without split-K")
     split = cfg["constexprs"]["SPLIT_K"]
     if split > 1:
-        if cfg["grid"][0] > TAIL_SLOT:
-            raise ValueError(f"gemv: split-K over {cfg['grid'][0]} row blocks, at most {TAIL_SLOT}")
+        if cfg["grid"][0] > COUNTER_SLOTS:
+            raise ValueError(f"gemv: split-K over {cfg['grid'][0]} row blocks, at most {COUNTER_SLOTS}")
         part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
         counters = _counter_buffer(x.device)
     else:
         part = counters = y  # unused
-    tail_args, tail_out = tail_arguments(tail, y, _counter_buffer(x.device), TAIL_SLOT) if tail else ({}, None)
     kernel[cfg["grid"]](
         x, weight, bias if bias is not None else y, y, part, counters,
         M, N, K, cfg["k_per_split"], x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, UPCAST=dot_upcast(x.dtype, is_interpreted(kernel)), PRECISION=dot_precision(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(x), **conv_args,
-        **_prefetch_arguments(prefetch, cfg), **tail_args,
+        **_prefetch_arguments(prefetch, cfg),
     )
-    return y if tail_out is None else (y, *tail_out)
+    return y
 
 
 def _prefetch_arguments(prefetch, cfg) -> dict:

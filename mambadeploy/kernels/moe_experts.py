@@ -31,9 +31,7 @@ from .common import (
     pdl_wait,
 )
 from .interpret import is_interpreted, kernel_for
-from .moe_routing import add_rms_norm_route, moe_align
-from .rms_norm import add_rms_norm
-from .row_tail import row_tail, tail_arguments
+from .moe_routing import moe_align
 
 # Pairs (tokens * k) up to this many use the GEMV launch; above, the grouped GEMM. Measured on the H100 (2.8B shapes):
 # with 8 pairs the GEMV re-read the shared expert once per pair (55 us for one expert's 34 MB, against 17 us for one
@@ -77,10 +75,6 @@ def moe_gemv_fc2_kernel(
     d, F,
     s_h_p, s_w_e, s_w_d, s_w_f, s_y_r,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-    tail_count_ptr=None, res_ptr=None, nw_ptr=None, xo_ptr=None, rw_ptr=None, rb_ptr=None, rwts_ptr=None,
-    rexp_ptr=None, eps=0.0, E=0, s_r=0, s_xo=0, s_rw_e=0, s_rw_d=0, M=1,
-    TAIL: tl.constexpr = 0, TAIL_BIAS: tl.constexpr = False, TAIL_SOFTMAX: tl.constexpr = False,
-    TAIL_TOP_K: tl.constexpr = 1, TAIL_BLOCK: tl.constexpr = 1, TAIL_BLOCK_E: tl.constexpr = 2,
 ):
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,10 +98,6 @@ def moe_gemv_fc2_kernel(
     out = fsum(acc, 1) * tl.load(weights_ptr + pair)
     # row = pair: with top-1 that is the token's row of y (T, d); with top-k the pair's row of the fp32 (P, d) buffer
     tl.store(y_ptr + pair.to(tl.int64) * s_y_r + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
-    if TAIL > 0:  # the next norm (+ router) by the last program to finish (kernels/row_tail.py; top-1: y rows = M)
-        row_tail(tail_count_ptr, tl.num_programs(0) * tl.num_programs(1), y_ptr, s_y_r, res_ptr, s_r, nw_ptr, xo_ptr,
-                 s_xo, rw_ptr, s_rw_e, s_rw_d, rb_ptr, rwts_ptr, rexp_ptr, M, d, E, eps, TAIL, TAIL_BIAS,
-                 TAIL_SOFTMAX, TAIL_TOP_K, TAIL_BLOCK, TAIL_BLOCK_E)
 
 
 # --------------------------------------------------------------------------- grouped GEMM (prefill, large batch)
@@ -313,12 +303,9 @@ def tma_usable(x, w1, w2) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | None = None, tail: dict | None = None):
+def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | None = None):
     """Same contract as expert_gather_ref: x (T, d); w1 (E, 2F, d); w2 (E, d, F); experts (T, k) int; weights (T, k).
-    Returns sum_j weights[:, j] * ffn_{experts[:, j]}(x) as (T, d) in x.dtype (fp32 accumulation).
-    tail = {"residual", "weight", "eps"[, "router"]} (kernels/row_tail.py): also the next add_rms_norm (+ router) on
-    the output -- inside fc2 on the GEMV launch (batch-1 top-1), as its own launch otherwise; returns (y, normed,
-    route weights | None, experts | None) instead of y."""
+    Returns sum_j weights[:, j] * ffn_{experts[:, j]}(x) as (T, d) in x.dtype (fp32 accumulation)."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unknown activation {activation!r} (supported: {', '.join(ACTIVATION_CODES)})")
     T, d = x.shape
@@ -331,7 +318,7 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     P = T * k
     y = torch.empty(T, d, dtype=x.dtype, device=x.device)
     if T == 0:
-        return y if tail is None else _tail_apart(y, tail)
+        return y
     if x.stride(1) != 1:
         x = x.contiguous()
     experts = experts.contiguous()
@@ -348,18 +335,9 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
         kernel1[c1["grid"]](x, w1, experts, h, F, d, x.stride(0), *w1.stride(), h.stride(0),
                             TOP_K=k, ACTIVATION=act, num_warps=c1["num_warps"], num_stages=c1["num_stages"],
                             **c1["constexprs"], **pdl_launch(x))
-        tail_args, tail_out = ({}, None)
-        if tail is not None and k == 1:  # (top-k > 1 sums the slots after fc2: the tail runs apart)
-            from .gemv import TAIL_SLOT, _counter_buffer
-
-            tail_args, tail_out = tail_arguments(tail, y, _counter_buffer(x.device), TAIL_SLOT)
-            tail_args["M"] = T
         kernel_for(moe_gemv_fc2_kernel, x)[c2["grid"]](
             h, w2, experts, weights, out, d, F, h.stride(0), *w2.stride(), out.stride(0),
-            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **pdl_launch(x),
-            **tail_args)
-        if tail_out is not None:
-            return (y, *tail_out)
+            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **pdl_launch(x))
     elif cfg["path"] == "gemm":
         sorted_pairs, block_expert = moe_align(experts, E, cfg["align"]["block_m"])
         common = {"UPCAST": dot_upcast(x.dtype, interpreted), "PRECISION": dot_precision(x.dtype)}
@@ -392,15 +370,4 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
             num_warps=c2["num_warps"], num_stages=c2["num_stages"], **k2, **common)
     if k > 1:
         y.copy_(out.view(T, k, d).sum(1))
-    return y if tail is None else _tail_apart(y, tail)
-
-
-def _tail_apart(y, tail):
-    """The row tail as its own launch (the paths whose last kernel does not take it)."""
-    router = tail.get("router")
-    if router is None:
-        normed, _ = add_rms_norm(y, tail["residual"], tail["weight"], tail["eps"], residual_out=tail["residual"])
-        return y, normed, None, None
-    normed, _, route_w, route_e = add_rms_norm_route(y, tail["residual"], tail["weight"], tail["eps"], *router,
-                                                     residual_out=tail["residual"])
-    return y, normed, route_w, route_e
+    return y

@@ -111,16 +111,13 @@ class TorchFastRunner(Runner):
     backend = "torch-fast"
 
     def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
-                 prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None,
-                 fuse_norms: bool = True):
+                 prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None):
         """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
         prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
         shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU).
         triton_gemv: the dense decode projections on the Triton GEMV at batch <= TRITON_GEMV_MAX_BATCH (else cuBLAS).
         l2_prefetch: the L2 prefetch sites of the batch-1 step (see L2_PREFETCH_SITES; None: MAMBADEPLOY_L2_PREFETCH,
-        default all); Hopper only, a hint that changes no result.
-        fuse_norms: in the decode step, the norm (+ router) after out_proj and after the expert FFN run in the last
-        program of those projections (kernels/row_tail.py) instead of their own launches, where the layer allows."""
+        default all); Hopper only, a hint that changes no result."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import (
             causal_conv1d,
@@ -146,7 +143,6 @@ class TorchFastRunner(Runner):
         self.routing_trace: list | None = None  # set to a list to record each MoE layer's experts (eager calls only)
         self.layers = [self._prepare(i, block) for i, block in enumerate(model.layers)]
         self.l2_prefetch = prefetch_sites(l2_prefetch)
-        self.fuse_norms = fuse_norms
         self.eps = self.config.norm_eps
 
     # ------------------------------------------------------------------ setup
@@ -203,22 +199,13 @@ class TorchFastRunner(Runner):
             C = self._k_norm.rms_norm(C, m.C_norm.weight, m.C_norm.eps)
         return dt, B, C
 
-    def _ffn(self, layer, pending, residual, normed=None, tail=None):
-        """residual += pending, then the block's feed-forward on its norm -> (T, d) in model dtype.
-        normed = (x, route weights, experts) when the previous projection's row tail already did the norm (+ router).
-        tail: the next norm for expert_gather's row tail (decode); then returns (y, normed next x)."""
+    def _ffn(self, layer, pending, residual):
+        """residual += pending, then the block's feed-forward on its norm -> (T, d) in model dtype."""
         moe = layer.moe
         if moe is None:
-            x = normed[0] if normed is not None else self._norm(pending, residual, layer.ffn_norm)
-            y = ref_ops.gated_ffn_ref(x, layer.mlp.w1, layer.mlp.w2, layer.mlp.activation)
-            return y if tail is None else (y, None)
-        if normed is not None and normed[2] is not None:
-            x, weights, experts = normed
-        elif normed is not None:
-            x = normed[0]
-            weights, experts = self._k_route.route_hidden(x, moe.router.weight, moe.router.bias, moe.router_kind,
-                                                          moe.top_k)
-        elif layer.fused_route:
+            x = self._norm(pending, residual, layer.ffn_norm)
+            return ref_ops.gated_ffn_ref(x, layer.mlp.w1, layer.mlp.w2, layer.mlp.activation)
+        if layer.fused_route:
             x, _, weights, experts = self._k_route.add_rms_norm_route(
                 pending, residual, layer.ffn_norm, self.eps, moe.router.weight, moe.router.bias, moe.router_kind,
                 moe.top_k, residual_out=residual)
@@ -228,10 +215,7 @@ class TorchFastRunner(Runner):
                                                           moe.top_k)
         if self.routing_trace is not None:
             self.routing_trace.append((layer.index, experts.clone()))
-        if tail is None:
-            return self._k_moe.expert_gather(x, moe.w1, moe.w2, experts, weights, moe.activation)
-        y, x_next, _, _ = self._k_moe.expert_gather(x, moe.w1, moe.w2, experts, weights, moe.activation, tail=tail)
-        return y, x_next
+        return self._k_moe.expert_gather(x, moe.w1, moe.w2, experts, weights, moe.activation)
 
     def _head(self, h):
         """h (B, d) fp32 residual stream -> logits (B, V) fp32 (the reference's final norm and tied/untied head)."""
@@ -336,9 +320,7 @@ class TorchFastRunner(Runner):
         return logits.clone(), OrderedDict((k, v.clone()) for k, v in tensors.items())
 
     # ------------------------------------------------------------------ step
-    def _mamba_step(self, layer, x, conv_state, ssm_state, tail=None):
-        """One token through the Mamba mixer -> (out_proj's output, normed) where normed = (x, route weights,
-        experts) when `tail` (the block's ffn norm, + router) ran in out_proj's last program, else None."""
+    def _mamba_step(self, layer, x, conv_state, ssm_state):
         m = layer.mamba
         di = m.d_inner
         if self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH:  # in_proj with the conv update in its epilogue
@@ -356,10 +338,7 @@ class TorchFastRunner(Runner):
             dt, dt_w = F.linear(dt_low, m.dt_proj.weight), None
         y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt, layer.A, B, C, layer.D, xz[:, di:],
                                                   dt_bias=layer.dt_bias, dt_softplus=True, dt_proj_weight=dt_w)
-        if tail is not None and self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH:
-            out, normed, weights, experts = self._k_gemv.gemv(y, m.out_proj.weight, m.out_proj.bias, tail=tail)
-            return out, (normed, weights, experts)
-        return self._linear(y, m.out_proj.weight, m.out_proj.bias), None
+        return self._linear(y, m.out_proj.weight, m.out_proj.bias)
 
     @staticmethod
     def _attention_step(attn, x, key, value, pos):
@@ -381,46 +360,20 @@ class TorchFastRunner(Runner):
         writes st.logits. Everything here is capturable (no host syncs, no allocations that depend on values)."""
         t = st.tensors
         st.residual.copy_(F.embedding(st.tokens, self.model.embedding.weight))
-        pending, x_next = None, None  # x_next: the next mixer's normed input, when a row tail computed it
-        for index, layer in enumerate(self.layers):
+        pending = None
+        for layer in self.layers:
             i = layer.index
-            following = self.layers[index + 1] if index + 1 < len(self.layers) else None
-            normed = None
-            if layer.mixer in ("mamba", "attention"):
-                x = x_next if x_next is not None else self._norm(pending, st.residual, layer.mixer_norm)
-            x_next = None
             if layer.mixer == "mamba":
-                pending, normed = self._mamba_step(layer, x, t[f"L{i}.conv"], t[f"L{i}.ssm"],
-                                                   self._ffn_norm_tail(layer, st.residual))
+                x = self._norm(pending, st.residual, layer.mixer_norm)
+                pending = self._mamba_step(layer, x, t[f"L{i}.conv"], t[f"L{i}.ssm"])
             elif layer.mixer == "attention":
+                x = self._norm(pending, st.residual, layer.mixer_norm)
                 pending = self._attention_step(layer.attention, x, t[f"L{i}.key"], t[f"L{i}.value"], t["pos"])
             if layer.ffn != "none":
-                tail = self._mixer_norm_tail(layer, following, st.residual)
-                pending = self._ffn(layer, pending, st.residual, normed, tail)
-                if tail is not None:
-                    pending, x_next = pending
+                pending = self._ffn(layer, pending, st.residual)
         if "pos" in t:
             t["pos"].add_(1)
         st.logits.copy_(self._head(st.residual + pending.float()))
-
-    def _ffn_norm_tail(self, layer, residual):
-        """The row tail for out_proj: this block's ffn norm (+ its router), when fused norms are on and the block has
-        an ffn that starts from it."""
-        if not self.fuse_norms or layer.ffn == "none" or (layer.moe is not None and not layer.fused_route):
-            return None
-        tail = {"residual": residual, "weight": layer.ffn_norm, "eps": self.eps}
-        if layer.moe is not None:
-            moe = layer.moe
-            tail["router"] = (moe.router.weight, moe.router.bias, moe.router_kind, moe.top_k)
-        return tail
-
-    def _mixer_norm_tail(self, layer, following, residual):
-        """The row tail for the expert FFN: the next block's mixer norm (the last block's final norm is the model's
-        own module, run apart)."""
-        if not self.fuse_norms or layer.moe is None or following is None or following.mixer not in ("mamba",
-                                                                                                    "attention"):
-            return None
-        return {"residual": residual, "weight": following.mixer_norm, "eps": self.eps}
 
     def _ensure_buffers(self, st: FastState):
         if st.tokens is None:
@@ -495,7 +448,6 @@ class TorchFastRunner(Runner):
                 # programmatic dependent launch of the decode kernels (sm_90+, unless MAMBADEPLOY_PDL=0)
                 "pdl": bool(self._k_gemv.pdl_launch(torch.empty(0, device=d))),
                 "l2_prefetch": ",".join(s for s in L2_PREFETCH_SITES if s in self.l2_prefetch) or "none",
-                "fuse_norms": self.fuse_norms,
                 "kernels": "Triton" if d.type == "cuda" else "Triton (CPU interpreter)",
                 "gpu": torch.cuda.get_device_name(d) if d.type == "cuda" else None}
 

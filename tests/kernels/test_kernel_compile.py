@@ -103,11 +103,6 @@ def _calls(dtype):
     yield "gemv (split-K)", lambda: gemv.gemv(r(1, 2944), r(124, 2944))
     yield "gemv (batch 8, bias)", lambda: gemv.gemv(r(8, 2944), r(1472, 2944), r(1472))
     yield "gemv (L2 prefetch)", lambda: gemv.gemv(r(1, 2944), r(124, 2944), prefetch=(r(1472, 2944), 1472 * 2944 * 2))
-    tail = lambda router: {"residual": torch.randn(1, 1472), "weight": r(1472), "eps": 1e-5,  # noqa: E731
-                           **({"router": (r(E, 1472), r(E), "sigmoid_top1", 1)} if router else {})}
-    yield "gemv (row tail: norm + router)", lambda: gemv.gemv(r(1, 2944), r(1472, 2944), tail=tail(True))
-    yield "expert_gather (gemv, row tail: norm)", lambda: moe_experts.expert_gather(
-        r(1, 1472), r(E, 2 * F, 1472), r(E, 1472, F), one, torch.rand(1, 1), "gelu", tail=tail(False))
     yield "gemv (in_proj + conv)", lambda: gemv.gemv(r(1, 1472), r(5888, 1472), None,
                                                      conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
 
@@ -123,8 +118,7 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
 
 
 PDL_CALLS = ("selective_state_update", "selective_state_update (dt_proj fused)", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
-             "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)",
-             "gemv (row tail: norm + router)", "expert_gather (gemv, row tail: norm)")
+             "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)")
 
 
 def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):

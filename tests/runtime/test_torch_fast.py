@@ -180,21 +180,3 @@ def test_l2_prefetch_sites_are_parsed_and_checked(tiny, monkeypatch):
     assert TorchFastRunner(model).describe()["l2_prefetch"] == "none"
     with pytest.raises(ConfigError, match="xproj"):
         TorchFastRunner(model, l2_prefetch="xproj,bogus")
-
-
-def test_fused_norms_follow_the_separate_launches(tiny):
-    """fuse_norms (the norm + router after out_proj and the next norm after the expert FFN, run in those
-    projections' last program) computes what the separate norm launches compute: same logits over several steps."""
-    model = _model(tiny, "blackmamba-tiny")
-    prompt = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3)).to(
-        model.device)
-    fused, apart = TorchFastRunner(model), TorchFastRunner(model, fuse_norms=False)
-    (lf, sf), (la, sa) = fused.prefill(prompt), apart.prefill(prompt)
-    for _ in range(6):
-        token = la.argmax(-1)
-        lf, sf = fused.step(token, sf)
-        la, sa = apart.step(token, sa)
-        err = (lf - la).abs().max().item()
-        print(f"fused vs apart: max |diff| {err:.3g}")
-        torch.testing.assert_close(lf, la, rtol=1e-5, atol=1e-5)
-    assert fused.describe()["fuse_norms"] is True
