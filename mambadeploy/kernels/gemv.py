@@ -41,6 +41,10 @@ MAX_ROWS = 16  # rows of x one launch takes (the accumulator holds all of them);
 # Split-K is only chosen while the row blocks alone give fewer than TARGET_PROGRAMS programs, so the number of row
 # blocks that need an arrival counter is bounded by this.
 COUNTER_SLOTS = 1024
+# One row of x on a GPU: (widest BLOCK_N, BLOCK_K, warps or None = 8 from 4096 tile elements, else 4); BLOCK_N halves
+# (down to 4) until there are TARGET_PROGRAMS programs. A module constant so that benchmarks/sweep_decode_tiles.py can
+# measure other tiles inside a whole decode step.
+ROW_TILE = (16, 512, None)
 _counters: dict = {}
 
 
@@ -176,11 +180,11 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = 
         if use_dot:
             block_k, block_n, warps, stages = 128, 32, 4, 4
         else:
-            block_k = min(512, max(64, next_pow2(K)))
-            block_n = 16
+            block_n, block_k, warps = ROW_TILE
+            block_k = min(block_k, max(64, next_pow2(K)))
             while block_n > 4 and cdiv(N, block_n) < TARGET_PROGRAMS:
                 block_n //= 2
-            warps = 8 if block_n * block_k >= 4096 else 4
+            warps = warps or (8 if block_n * block_k >= 4096 else 4)
         chunks = cdiv(K, block_k)
         split = min(chunks, max(1, cdiv(TARGET_PROGRAMS, cdiv(N, block_n)))) if split_k else 1
     per_split = cdiv(chunks, split)

@@ -37,6 +37,11 @@ from .moe_routing import moe_align
 # with 8 pairs the GEMV re-read the shared expert once per pair (55 us for one expert's 34 MB, against 17 us for one
 # pair), so only a single pair — batch-1 top-1 decode — takes the GEMV.
 GEMV_MAX_PAIRS = 1
+# GEMV tiles on a GPU, (BLOCK_N, BLOCK_K, warps): the best of benchmarks/sweep_kernels.py on the H100 at 2.8B shapes
+# (14.5 us for one expert's 34 MB, weights warm in L2); module constants so that benchmarks/sweep_decode_tiles.py can
+# measure others inside a whole decode step
+GEMV_FC1_TILE = (16, 512, 8)
+GEMV_FC2_TILE = (8, 1024, 8)
 
 
 # --------------------------------------------------------------------------- GEMV (decode)
@@ -255,14 +260,14 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, tma: bool = Fals
         if interpret:
             n1, k1 = min(next_pow2(F), 128), min(next_pow2(d), 256)
             n2, k2 = min(next_pow2(d), 128), min(next_pow2(F), 256)
-        else:  # the best of benchmarks/sweep_kernels.py on the H100 at 2.8B shapes: 14.5 us for one expert (34 MB)
-            n1, k1, n2, k2 = 16, 512, 8, 1024
-        warps = 4 if interpret else 8
+            w1 = w2 = 4
+        else:
+            (n1, k1, w1), (n2, k2, w2) = GEMV_FC1_TILE, GEMV_FC2_TILE
         return {
             "path": "gemv",
-            "fc1": {"kernel": "moe_gemv_fc1_kernel", "grid": (P, triton.cdiv(F, n1)), "num_warps": warps,
+            "fc1": {"kernel": "moe_gemv_fc1_kernel", "grid": (P, triton.cdiv(F, n1)), "num_warps": w1,
                     "num_stages": 3, "constexprs": {"BLOCK_N": n1, "BLOCK_K": k1}},
-            "fc2": {"kernel": "moe_gemv_fc2_kernel", "grid": (P, triton.cdiv(d, n2)), "num_warps": warps,
+            "fc2": {"kernel": "moe_gemv_fc2_kernel", "grid": (P, triton.cdiv(d, n2)), "num_warps": w2,
                     "num_stages": 3, "constexprs": {"BLOCK_N": n2, "BLOCK_K": k2}},
         }
     # tiles: (BLOCK_M, fc1 (BLOCK_N, BLOCK_K, warps, stages), fc2 (...)); the best of the H100 sweep per regime:

@@ -1,0 +1,89 @@
+"""Decode GEMV tiles measured inside the whole batch-1 decode step (GPU): the dense projections' one-row tile
+(kernels/gemv.py ROW_TILE) and the expert GEMV tiles (kernels/moe_experts.py GEMV_FC1_TILE / GEMV_FC2_TILE).
+
+A kernel-level sweep re-reads the same weights call after call, so part of them sit in L2; in a real step every layer's
+weights are cold, and a tile's registers decide how many programs share an SM and hence how many waves a launch takes.
+So each variant here is the GPU time of one captured decode step (CUDA-graph replay, events, median of 50) of the same
+model, with the tiles set before the runner is built; every variant's logits are checked against the default's.
+
+Run: python benchmarks/sweep_decode_tiles.py [--preset blackmamba-2.8b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from _bench import device_facts, table, write_json
+
+from mambadeploy.kernels import gemv, moe_experts
+from mambadeploy.models.checkpoint import build_preset
+from mambadeploy.runtime.torch_fast import TorchFastRunner
+
+# (ROW_TILE, GEMV_FC1_TILE, GEMV_FC2_TILE); the first is the default
+VARIANTS = [
+    ((16, 512, None), (16, 512, 8), (8, 1024, 8)),
+    ((8, 512, 4), (16, 512, 8), (8, 1024, 8)),
+    ((16, 256, 8), (16, 512, 8), (8, 1024, 8)),
+    ((8, 256, 4), (16, 512, 8), (8, 1024, 8)),
+    ((16, 512, None), (16, 256, 8), (8, 1024, 8)),
+    ((16, 512, None), (16, 256, 8), (8, 512, 4)),
+    ((16, 512, None), (8, 512, 4), (8, 512, 4)),
+    ((16, 512, None), (32, 256, 8), (16, 512, 8)),
+    ((16, 512, None), (8, 256, 4), (4, 1024, 4)),
+    ((8, 512, 4), (16, 256, 8), (8, 512, 4)),
+]
+
+
+def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
+    runner = TorchFastRunner(model, check_inputs=False)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=g, device="cuda")
+    logits, state = runner.prefill(prompt)
+    token = logits.argmax(-1)
+    first, state = runner.step(token, state)
+    first = first.clone()
+    for _ in range(3):
+        runner.step(token, state)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        state.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), first
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="blackmamba-2.8b")
+    parser.add_argument("--name", default="sweep_decode_tiles")
+    args = parser.parse_args()
+    facts = device_facts()
+    model = build_preset(args.preset, dtype=torch.bfloat16, device="cuda")
+    saved = (gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE)
+    rows, reference = [], None
+    with torch.no_grad():
+        for row_tile, fc1, fc2 in VARIANTS:
+            gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = row_tile, fc1, fc2
+            row = {"preset": args.preset, "row_tile": str(row_tile), "fc1_tile": str(fc1), "fc2_tile": str(fc2)}
+            try:
+                row["step_gpu_ms"], logits = step_gpu_ms(model)
+                if reference is None:
+                    reference = logits
+                row["max_logit_diff_vs_default"] = (logits - reference).abs().max().item()
+            except Exception as exc:  # a tile the compiler refuses is reported, not fatal
+                row["error"] = str(exc).splitlines()[0][:120]
+            rows.append(row)
+            print(row, flush=True)
+            torch.cuda.empty_cache()
+    gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = saved
+    write_json(args.name, {"device": facts, "dtype": "bf16", "rows": rows})
+    print(table(rows, ["row_tile", "fc1_tile", "fc2_tile", "step_gpu_ms", "max_logit_diff_vs_default", "error"]))
+
+
+if __name__ == "__main__":
+    main()
