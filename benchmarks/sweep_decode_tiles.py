@@ -34,6 +34,10 @@ VARIANTS = [
     ((16, 512, None), (8, 256, 4), (4, 1024, 4)),
     ((8, 512, 4), (16, 256, 8), (8, 512, 4)),
 ]
+# --variants row: the one-row tile alone around the first sweep's winner (8, 512, 4 warps), expert tiles default
+ROW_VARIANTS = [(row, (16, 512, 8), (8, 1024, 8)) for row in (
+    (16, 512, None), (8, 512, 4), (8, 512, 8), (8, 1024, 4), (8, 1024, 8), (4, 512, 4), (4, 1024, 4), (16, 512, 4),
+    (8, 512, 2), (4, 512, 2), (8, 512, 4))]
 
 
 def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
@@ -61,13 +65,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="blackmamba-2.8b")
     parser.add_argument("--name", default="sweep_decode_tiles")
+    parser.add_argument("--variants", choices=["mixed", "row"], default="mixed")
     args = parser.parse_args()
     facts = device_facts()
     model = build_preset(args.preset, dtype=torch.bfloat16, device="cuda")
     saved = (gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE)
     rows, reference = [], None
     with torch.no_grad():
-        for row_tile, fc1, fc2 in VARIANTS:
+        for row_tile, fc1, fc2 in (VARIANTS if args.variants == "mixed" else ROW_VARIANTS):
             gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = row_tile, fc1, fc2
             row = {"preset": args.preset, "row_tile": str(row_tile), "fc1_tile": str(fc1), "fc2_tile": str(fc2)}
             try:
