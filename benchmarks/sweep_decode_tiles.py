@@ -21,8 +21,8 @@ from mambadeploy.kernels import gemv, moe_experts
 from mambadeploy.models.checkpoint import build_preset
 from mambadeploy.runtime.torch_fast import TorchFastRunner
 
-# (ROW_TILE, GEMV_FC1_TILE, GEMV_FC2_TILE); the first is the default
-VARIANTS = [
+# (ROW_TILE, GEMV_FC1_TILE, GEMV_FC2_TILE); logits are compared with each list's first
+VARIANTS = [  # the first sweep, with the earlier defaults first
     ((16, 512, None), (16, 512, 8), (8, 1024, 8)),
     ((8, 512, 4), (16, 512, 8), (8, 1024, 8)),
     ((16, 256, 8), (16, 512, 8), (8, 1024, 8)),
@@ -38,6 +38,11 @@ VARIANTS = [
 ROW_VARIANTS = [(row, (16, 512, 8), (8, 1024, 8)) for row in (
     (16, 512, None), (8, 512, 4), (8, 512, 8), (8, 1024, 4), (8, 1024, 8), (4, 512, 4), (4, 1024, 4), (16, 512, 4),
     (8, 512, 2), (4, 512, 2), (8, 512, 4))]
+# --variants moe: the expert GEMV tiles with the chosen one-row tile
+MOE_VARIANTS = [((8, 512, 4), fc1, fc2) for fc1, fc2 in (
+    ((16, 512, 8), (8, 1024, 8)), ((16, 512, 4), (8, 1024, 8)), ((8, 1024, 4), (8, 1024, 8)),
+    ((32, 512, 8), (8, 1024, 8)), ((16, 512, 8), (8, 1024, 4)), ((16, 512, 8), (16, 1024, 8)),
+    ((16, 512, 8), (4, 1024, 4)), ((16, 512, 8), (8, 512, 4)), ((8, 512, 4), (8, 1024, 8)))]
 
 
 def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
@@ -65,14 +70,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="blackmamba-2.8b")
     parser.add_argument("--name", default="sweep_decode_tiles")
-    parser.add_argument("--variants", choices=["mixed", "row"], default="mixed")
+    parser.add_argument("--variants", choices=["mixed", "row", "moe"], default="mixed")
     args = parser.parse_args()
     facts = device_facts()
     model = build_preset(args.preset, dtype=torch.bfloat16, device="cuda")
     saved = (gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE)
     rows, reference = [], None
     with torch.no_grad():
-        for row_tile, fc1, fc2 in (VARIANTS if args.variants == "mixed" else ROW_VARIANTS):
+        for row_tile, fc1, fc2 in {"mixed": VARIANTS, "row": ROW_VARIANTS, "moe": MOE_VARIANTS}[args.variants]:
             gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = row_tile, fc1, fc2
             row = {"preset": args.preset, "row_tile": str(row_tile), "fc1_tile": str(fc1), "fc2_tile": str(fc2)}
             try:

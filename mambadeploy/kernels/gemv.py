@@ -42,9 +42,11 @@ MAX_ROWS = 16  # rows of x one launch takes (the accumulator holds all of them);
 # blocks that need an arrival counter is bounded by this.
 COUNTER_SLOTS = 1024
 # One row of x on a GPU: (widest BLOCK_N, BLOCK_K, warps or None = 8 from 4096 tile elements, else 4); BLOCK_N halves
-# (down to 4) until there are TARGET_PROGRAMS programs. A module constant so that benchmarks/sweep_decode_tiles.py can
-# measure other tiles inside a whole decode step.
-ROW_TILE = (16, 512, None)
+# (down to 4) until there are TARGET_PROGRAMS programs. Measured inside whole 2.8B batch-1 decode steps on the H100
+# (benchmarks/sweep_decode_tiles.py, results/sweep_decode_*tiles_*.json): (8, 512, 4 warps) 0.808-0.811 ms against
+# 0.856 ms for the earlier (16, 512, 8 warps), whose 113 registers a thread left 2 programs an SM, so in_proj's 368
+# programs took 1.4 waves; a module constant so that the sweep can set others.
+ROW_TILE = (8, 512, 4)
 _counters: dict = {}
 
 
