@@ -43,6 +43,9 @@ MOE_VARIANTS = [((8, 512, 4), fc1, fc2) for fc1, fc2 in (
     ((16, 512, 8), (8, 1024, 8)), ((16, 512, 4), (8, 1024, 8)), ((8, 1024, 4), (8, 1024, 8)),
     ((32, 512, 8), (8, 1024, 8)), ((16, 512, 8), (8, 1024, 4)), ((16, 512, 8), (16, 1024, 8)),
     ((16, 512, 8), (4, 1024, 4)), ((16, 512, 8), (8, 512, 4)), ((8, 512, 4), (8, 1024, 8)))]
+# --variants fc1: the expert fc1 tile around the moe sweep's winner (8, 512, 4 warps)
+FC1_VARIANTS = [((8, 512, 4), fc1, (8, 1024, 8)) for fc1 in (
+    (16, 512, 8), (8, 512, 4), (4, 512, 4), (8, 512, 2), (4, 512, 2), (8, 256, 4), (4, 1024, 4), (8, 512, 4))]
 
 
 def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
@@ -70,14 +73,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="blackmamba-2.8b")
     parser.add_argument("--name", default="sweep_decode_tiles")
-    parser.add_argument("--variants", choices=["mixed", "row", "moe"], default="mixed")
+    parser.add_argument("--variants", choices=["mixed", "row", "moe", "fc1"], default="mixed")
     args = parser.parse_args()
     facts = device_facts()
     model = build_preset(args.preset, dtype=torch.bfloat16, device="cuda")
     saved = (gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE)
     rows, reference = [], None
     with torch.no_grad():
-        for row_tile, fc1, fc2 in {"mixed": VARIANTS, "row": ROW_VARIANTS, "moe": MOE_VARIANTS}[args.variants]:
+        for row_tile, fc1, fc2 in {"mixed": VARIANTS, "row": ROW_VARIANTS, "moe": MOE_VARIANTS,
+                                 "fc1": FC1_VARIANTS}[args.variants]:
             gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = row_tile, fc1, fc2
             row = {"preset": args.preset, "row_tile": str(row_tile), "fc1_tile": str(fc1), "fc2_tile": str(fc2)}
             try:
