@@ -10,7 +10,7 @@ nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version_
 for stage in $stages; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    tests) timeout 330 python3 -m pytest -q -rfE -p no:cacheprovider tests/kernels tests/runtime/test_torch_fast.py \
+    tests) timeout 480 python3 -m pytest -q -rfE -p no:cacheprovider tests/kernels tests/runtime/test_torch_fast.py \
              2>&1 | tee "$OUT/tests.log" | tail -40 ;;
     tests-quick) timeout 300 python3 -m pytest -q -rfE -p no:cacheprovider tests/kernels/test_kernel_state_update.py \
              tests/kernels/test_kernel_moe.py tests/runtime/test_torch_fast.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;

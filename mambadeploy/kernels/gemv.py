@@ -161,8 +161,8 @@ def gemv_kernel(
 
 def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = True) -> dict:
     """shapes: (x (M, K), weight (N, K)). A plain function of the shapes: grid (N / BLOCK_N, SPLIT_K), warps, stages,
-    constexprs, and K_PER_SPLIT (a runtime argument). One row of x: fp32 FMAs, an accumulator of 8192 fp32 per program
-    (the expert GEMV's best tile on the H100 was 16 x 512 at 8 warps), BLOCK_N shrinks to 4 rows before K splits.
+    constexprs, and K_PER_SPLIT (a runtime argument). One row of x: fp32 FMAs into a ROW_TILE accumulator (8 x 512
+    at 4 warps, see ROW_TILE), BLOCK_N shrinks to 4 rows before K splits.
     Several rows: tl.dot on x padded to 16 rows, (32 x 128) weight tiles, 4 stages (the expert GEMM's decode tile).
     Then K splits until there are TARGET_PROGRAMS programs (unless split_k=False: the fused conv epilogue needs every
     output column finished by one program). The interpreter takes narrow K tiles so that CPU tests
