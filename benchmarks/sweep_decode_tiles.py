@@ -17,7 +17,7 @@ import statistics
 import torch
 from _bench import device_facts, table, write_json
 
-from mambadeploy.kernels import gemv, moe_experts
+from mambadeploy.kernels import gemv, moe_experts, selective_state_update
 from mambadeploy.models.checkpoint import build_preset
 from mambadeploy.runtime.torch_fast import TorchFastRunner
 
@@ -46,6 +46,8 @@ MOE_VARIANTS = [((8, 512, 4), fc1, fc2) for fc1, fc2 in (
 # --variants fc1: the expert fc1 tile around the moe sweep's winner (8, 512, 4 warps)
 FC1_VARIANTS = [((8, 512, 4), fc1, (8, 1024, 8)) for fc1 in (
     (16, 512, 8), (8, 512, 4), (4, 512, 4), (8, 512, 2), (4, 512, 2), (8, 256, 4), (4, 1024, 4), (8, 512, 4))]
+# --variants ssu: the state update's batch-1 (BLOCK_D, warps) (selective_state_update.BATCH1_TILE; None = its rule)
+SSU_VARIANTS = [None, (32, 2), (32, 4), (64, 4), (16, 1), (8, 1), (32, 1), (64, 2), None]
 
 
 def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
@@ -73,17 +75,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="blackmamba-2.8b")
     parser.add_argument("--name", default="sweep_decode_tiles")
-    parser.add_argument("--variants", choices=["mixed", "row", "moe", "fc1"], default="mixed")
+    parser.add_argument("--variants", choices=["mixed", "row", "moe", "fc1", "ssu"], default="mixed")
     args = parser.parse_args()
     facts = device_facts()
     model = build_preset(args.preset, dtype=torch.bfloat16, device="cuda")
     saved = (gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE)
     rows, reference = [], None
     with torch.no_grad():
-        for row_tile, fc1, fc2 in {"mixed": VARIANTS, "row": ROW_VARIANTS, "moe": MOE_VARIANTS,
-                                 "fc1": FC1_VARIANTS}[args.variants]:
+        variants = [saved + (v,) for v in SSU_VARIANTS] if args.variants == "ssu" else [
+            v + (None,) for v in {"mixed": VARIANTS, "row": ROW_VARIANTS, "moe": MOE_VARIANTS,
+                                  "fc1": FC1_VARIANTS}[args.variants]]
+        for row_tile, fc1, fc2, ssu in variants:
             gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = row_tile, fc1, fc2
-            row = {"preset": args.preset, "row_tile": str(row_tile), "fc1_tile": str(fc1), "fc2_tile": str(fc2)}
+            selective_state_update.BATCH1_TILE = ssu
+            row = {"preset": args.preset, "row_tile": str(row_tile), "fc1_tile": str(fc1), "fc2_tile": str(fc2),
+                   "ssu_tile": str(ssu)}
             try:
                 row["step_gpu_ms"], logits = step_gpu_ms(model)
                 if reference is None:
@@ -95,8 +101,9 @@ def main():
             print(row, flush=True)
             torch.cuda.empty_cache()
     gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = saved
+    selective_state_update.BATCH1_TILE = None
     write_json(args.name, {"device": facts, "dtype": "bf16", "rows": rows})
-    print(table(rows, ["row_tile", "fc1_tile", "fc2_tile", "step_gpu_ms", "max_logit_diff_vs_default", "error"]))
+    print(table(rows, ["row_tile", "fc1_tile", "fc2_tile", "ssu_tile", "step_gpu_ms", "max_logit_diff_vs_default", "error"]))
 
 
 if __name__ == "__main__":

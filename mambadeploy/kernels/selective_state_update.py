@@ -78,6 +78,11 @@ def selective_state_update_kernel(
     tl.store(y_ptr + pid_b * s_y_b + offs_d * s_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
+# (BLOCK_D, warps) for batch 1 on a GPU, or None for the rule below; a module constant so that
+# benchmarks/sweep_decode_tiles.py can measure tiles inside a whole decode step
+BATCH1_TILE = None
+
+
 def launch_config(shapes, dtypes=None, interpret: bool = False, dt_rank: int = 0) -> dict:
     """shapes: (state (batch, dim, N), x (batch, dim), ...) in the reference's argument order; only state matters.
     dt_rank: R when dt arrives low-rank (fused dt projection), else 0."""
@@ -87,10 +92,13 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, dt_rank: int = 0
         block_d = min(next_pow2(dim), 128)
     else:
         block_d = block_for_programs(dim, batch, choices=(64, 32, 16))
+    warps = 4 if block_d * block_n >= 1024 else 2
+    if BATCH1_TILE is not None and batch == 1 and not interpret:
+        block_d, warps = BATCH1_TILE
     return {
         "kernel": "selective_state_update_kernel",
         "grid": (batch, triton.cdiv(dim, block_d)),
-        "num_warps": 4 if block_d * block_n >= 1024 else 2,
+        "num_warps": warps,
         "num_stages": 1,
         "constexprs": {"BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_R": next_pow2(max(dt_rank, 1)),
                        "DT_LOW_RANK": dt_rank > 0},
