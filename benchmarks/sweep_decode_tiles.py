@@ -46,8 +46,10 @@ MOE_VARIANTS = [((8, 512, 4), fc1, fc2) for fc1, fc2 in (
 # --variants fc1: the expert fc1 tile around the moe sweep's winner (8, 512, 4 warps)
 FC1_VARIANTS = [((8, 512, 4), fc1, (8, 1024, 8)) for fc1 in (
     (16, 512, 8), (8, 512, 4), (4, 512, 4), (8, 512, 2), (4, 512, 2), (8, 256, 4), (4, 1024, 4), (8, 512, 4))]
-# --variants ssu: the state update's batch-1 (BLOCK_D, warps) (selective_state_update.BATCH1_TILE; None = its rule)
+# --variants ssu / ssu2: the state update's batch-1 (BLOCK_D, warps) (selective_state_update.BATCH1_TILE; None = its
+# rule, (16, 2) at this shape); ssu2 ran with (8, 1) as the default
 SSU_VARIANTS = [None, (32, 2), (32, 4), (64, 4), (16, 1), (8, 1), (32, 1), (64, 2), None]
+SSU2_VARIANTS = [(8, 1), (16, 2), (4, 1), (8, 2), (8, 1)]
 
 
 def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
@@ -75,15 +77,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="blackmamba-2.8b")
     parser.add_argument("--name", default="sweep_decode_tiles")
-    parser.add_argument("--variants", choices=["mixed", "row", "moe", "fc1", "ssu"], default="mixed")
+    parser.add_argument("--variants", choices=["mixed", "row", "moe", "fc1", "ssu", "ssu2"], default="mixed")
     args = parser.parse_args()
     facts = device_facts()
     model = build_preset(args.preset, dtype=torch.bfloat16, device="cuda")
     saved = (gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE)
+    saved_ssu = selective_state_update.BATCH1_TILE
     rows, reference = [], None
     with torch.no_grad():
-        variants = [saved + (v,) for v in SSU_VARIANTS] if args.variants == "ssu" else [
-            v + (None,) for v in {"mixed": VARIANTS, "row": ROW_VARIANTS, "moe": MOE_VARIANTS,
+        ssu_lists = {"ssu": SSU_VARIANTS, "ssu2": SSU2_VARIANTS}
+        variants = [saved + (v,) for v in ssu_lists[args.variants]] if args.variants in ssu_lists else [
+            v + (saved_ssu,) for v in {"mixed": VARIANTS, "row": ROW_VARIANTS, "moe": MOE_VARIANTS,
                                   "fc1": FC1_VARIANTS}[args.variants]]
         for row_tile, fc1, fc2, ssu in variants:
             gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = row_tile, fc1, fc2
@@ -101,7 +105,7 @@ def main():
             print(row, flush=True)
             torch.cuda.empty_cache()
     gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = saved
-    selective_state_update.BATCH1_TILE = None
+    selective_state_update.BATCH1_TILE = saved_ssu
     write_json(args.name, {"device": facts, "dtype": "bf16", "rows": rows})
     print(table(rows, ["row_tile", "fc1_tile", "fc2_tile", "ssu_tile", "step_gpu_ms", "max_logit_diff_vs_default", "error"]))
 

@@ -78,9 +78,11 @@ def selective_state_update_kernel(
     tl.store(y_ptr + pid_b * s_y_b + offs_d * s_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
-# (BLOCK_D, warps) for batch 1 on a GPU, or None for the rule below; a module constant so that
-# benchmarks/sweep_decode_tiles.py can measure tiles inside a whole decode step
-BATCH1_TILE = None
+# (BLOCK_D, warps) for batch 1 on a GPU (None: the rule below, which gives (16, 2) at the 2.8B shape). Measured inside
+# whole 2.8B batch-1 decode steps on the H100 (benchmarks/sweep_decode_tiles.py --variants ssu,
+# results/sweep_decode_ssu_tiles*_*.json): (8, 1) 0.787 ms against 0.797-0.799 ms for the rule's (16, 2): more
+# programs (368) of one warp each. A module constant so that the sweep can set others.
+BATCH1_TILE = (8, 1)
 
 
 def launch_config(shapes, dtypes=None, interpret: bool = False, dt_rank: int = 0) -> dict:
