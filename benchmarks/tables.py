@@ -60,13 +60,15 @@ def main():
             print(table(prof["rows"][0]["profile"], ["kernel", "calls", "gpu_us"]))
             print()
     for name, what in (("sweep_decode_tiles", "first sweep"), ("sweep_decode_row_tiles", "one-row GEMV tile"),
-                       ("sweep_decode_moe_tiles", "expert GEMV tiles"), ("sweep_decode_fc1_tiles", "expert fc1 tile")):
+                       ("sweep_decode_moe_tiles", "expert GEMV tiles"), ("sweep_decode_fc1_tiles", "expert fc1 tile"),
+                       ("sweep_decode_ssu_tiles", "state update tile"),
+                       ("sweep_decode_ssu2_tiles", "state update tile, (8, 1) as the default")):
         sweep = load(name, gpu)
         if sweep:
             print(f"### Decode tiles inside the whole 2.8B batch-1 step, {what} ({sweep['device']['gpu']}, "
                   f"{sweep['device']['date']})\n")
-            print(table(sweep["rows"], ["row_tile", "fc1_tile", "fc2_tile", "step_gpu_ms", "max_logit_diff_vs_default",
-                                        "error"]))
+            print(table(sweep["rows"], ["row_tile", "fc1_tile", "fc2_tile", "ssu_tile", "step_gpu_ms",
+                                        "max_logit_diff_vs_default", "error"]))
             print()
     prof = load("prefill_bmm_profile", gpu)
     if prof:
