@@ -144,6 +144,15 @@ def moe_gemm_fc1_kernel(
 
 
 @triton.jit
+def _store_weighted_rows(acc, pairs, valid, offs_n, mask_n, weights_ptr, y_ptr, s_y_r):
+    """fc2's epilogue: each pair's row times its routing weight, stored at row = pair (the token's row of y with
+    top-1, the pair's row of the fp32 (P, d) buffer with top-k); padding rows (not valid) are skipped."""
+    out = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+    tl.store(y_ptr + pairs.to(tl.int64)[:, None] * s_y_r + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def moe_gemm_fc2_kernel(
     h_ptr, w2_ptr, sorted_ptr, block_expert_ptr, weights_ptr, y_ptr,
     P, d, F, E,
@@ -170,11 +179,7 @@ def moe_gemm_fc2_kernel(
             if UPCAST:
                 a, w = a.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        scale = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
-        out = acc * scale[:, None]
-        # row = pair: the token's row of y with top-1, the pair's row of the fp32 (P, d) buffer with top-k
-        tl.store(y_ptr + pairs.to(tl.int64)[:, None] * s_y_r + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-                 mask=valid[:, None] & mask_n[None, :])
+        _store_weighted_rows(acc, pairs, valid, offs_n, mask_n, weights_ptr, y_ptr, s_y_r)
 
 
 # --------------------------------------------------------------------------- grouped GEMM, weights by TMA
@@ -240,9 +245,7 @@ def moe_gemm_fc2_tma_kernel(
             if UPCAST:
                 a, w = a.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-        out = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
-        tl.store(y_ptr + pairs.to(tl.int64)[:, None] * s_y_r + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (offs_n < d)[None, :])
+        _store_weighted_rows(acc, pairs, valid, offs_n, offs_n < d, weights_ptr, y_ptr, s_y_r)
 
 
 # --------------------------------------------------------------------------- launch configs
