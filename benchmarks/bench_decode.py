@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
-from _bench import device_facts, host_us_per_call, measured_ceilings, table, wall_ms, write_json
+from _bench import device_facts, gpu_ms, host_us_per_call, measured_ceilings, table, wall_ms, write_json
 
 from mambadeploy.models.checkpoint import build_preset
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
@@ -136,15 +135,7 @@ def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gem
     token = torch.randint(0, V, (batch,), generator=g, device="cuda")
     for _ in range(3):
         fast.step(token, sf)
-    times = []
-    for _ in range(50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        sf.graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    row["fast_gpu_ms"] = statistics.median(times)
+    row["fast_gpu_ms"] = gpu_ms(sf.graph.replay, reps=50, warmup=0)
     row["fast_host_us"] = host_us_per_call(lambda: fast.step(token, sf), calls=20)
     row["fast_wall_ms"] = wall_ms(lambda: fast.step(token, sf), 20)
     row["eager_ms"] = wall_ms(lambda: eager.step(token, se), eager_reps)

@@ -12,10 +12,9 @@ Run: python benchmarks/sweep_decode_tiles.py [--preset blackmamba-2.8b]
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
-from _bench import device_facts, table, write_json
+from _bench import device_facts, gpu_ms, table, write_json
 
 from mambadeploy.kernels import gemv, moe_experts, selective_state_update
 from mambadeploy.models.checkpoint import build_preset
@@ -62,15 +61,7 @@ def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
     first = first.clone()
     for _ in range(3):
         runner.step(token, state)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        state.graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), first
+    return gpu_ms(state.graph.replay, reps=reps, warmup=0), first
 
 
 def main():
