@@ -303,7 +303,8 @@ def tma_usable(x, w1, w2) -> bool:
     weights and rows of a multiple of 16 bytes (what a tensor descriptor needs)."""
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
         return False
-    if not (w1.is_contiguous() and w2.is_contiguous()) or (w1.shape[2] * 2) % 16 or (w2.shape[2] * 2) % 16:
+    row_bytes = (w1.shape[2] * w1.element_size(), w2.shape[2] * w2.element_size())
+    if not (w1.is_contiguous() and w2.is_contiguous()) or row_bytes[0] % 16 or row_bytes[1] % 16:
         return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
@@ -336,20 +337,39 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     interpreted = is_interpreted(kernel1)
     cfg = config or launch_config((x.shape, w1.shape, w2.shape, experts.shape, weights.shape), (x.dtype,),
                                   interpret=interpreted, tma=tma_usable(x, w1, w2))
-    h = torch.empty(P, F, dtype=x.dtype, device=x.device)
     out = y if k == 1 else torch.empty(P, d, dtype=torch.float32, device=x.device)
     act = ACTIVATION_CODES[activation]
     c1, c2 = cfg["fc1"], cfg["fc2"]
     if cfg["path"] == "gemv":
+        h = torch.empty(P, F, dtype=x.dtype, device=x.device)
         kernel1[c1["grid"]](x, w1, experts, h, F, d, x.stride(0), *w1.stride(), h.stride(0),
                             TOP_K=k, ACTIVATION=act, num_warps=c1["num_warps"], num_stages=c1["num_stages"],
                             **c1["constexprs"], **pdl_launch(x))
         kernel_for(moe_gemv_fc2_kernel, x)[c2["grid"]](
             h, w2, experts, weights, out, d, F, h.stride(0), *w2.stride(), out.stride(0),
             TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **pdl_launch(x))
-    elif cfg["path"] == "gemm":
-        sorted_pairs, block_expert = moe_align(experts, E, cfg["align"]["block_m"])
-        common = {"UPCAST": dot_upcast(x.dtype, interpreted), "PRECISION": dot_precision(x.dtype)}
+    else:
+        _grouped_gemm(cfg, x, w1, w2, experts, weights, out, act, interpreted)
+    if k > 1:
+        y.copy_(out.view(T, k, d).sum(1))
+    return y
+
+
+def _grouped_gemm(cfg, x, w1, w2, experts, weights, out, act, interpreted):
+    """The grouped-GEMM launches (paths gemm / gemm_tma) of expert_gather: pairs grouped by expert, fc1 into h, fc2
+    into out."""
+    T, d = x.shape
+    E, two_f, _ = w1.shape
+    F, k = two_f // 2, experts.shape[1]
+    P = T * k
+    c1, c2 = cfg["fc1"], cfg["fc2"]
+    if cfg["path"] == "gemm_tma" and x.is_cuda and x.dtype == torch.float32:  # (its fp32 tiles were wrong on the H100)
+        raise ValueError("expert_gather: the TMA grouped GEMM takes 16-bit operands on a GPU (see tma_usable)")
+    block_m = cfg["align"]["block_m"]
+    sorted_pairs, block_expert = moe_align(experts, E, block_m)
+    common = {"UPCAST": dot_upcast(x.dtype, interpreted), "PRECISION": dot_precision(x.dtype)}
+    if cfg["path"] == "gemm":
+        h = torch.empty(P, F, dtype=x.dtype, device=x.device)
         kernel_for(moe_gemm_fc1_kernel, x)[c1["grid"]](
             x, w1, sorted_pairs, block_expert, h, P, F, d, E, x.stride(0), *w1.stride(), h.stride(0),
             TOP_K=k, ACTIVATION=act, num_warps=c1["num_warps"], num_stages=c1["num_stages"], **c1["constexprs"],
@@ -360,14 +380,8 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     else:  # gemm_tma
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        if x.is_cuda and x.dtype == torch.float32:  # (its fp32 tiles gave wrong results on the H100)
-            raise ValueError("expert_gather: the TMA grouped GEMM takes 16-bit operands on a GPU (see tma_usable)")
-
-        block_m = cfg["align"]["block_m"]
-        sorted_pairs, block_expert = moe_align(experts, E, block_m)
         h = torch.empty(sorted_pairs.numel(), F, dtype=x.dtype, device=x.device)  # grouped rows, padding included
         k1, k2 = c1["constexprs"], c2["constexprs"]
-        common = {"UPCAST": dot_upcast(x.dtype, interpreted), "PRECISION": dot_precision(x.dtype)}
         w1_desc = TensorDescriptor.from_tensor(w1.reshape(E * 2 * F, d), [k1["BLOCK_N"], k1["BLOCK_K"]])
         kernel_for(moe_gemm_fc1_tma_kernel, x)[c1["grid"]](
             x, w1_desc, sorted_pairs, block_expert, h, P, F, d, E, x.stride(0), h.stride(0),
@@ -377,6 +391,3 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
         kernel_for(moe_gemm_fc2_tma_kernel, x)[c2["grid"]](
             h_desc, w2_desc, sorted_pairs, block_expert, weights, out, P, d, F, E, out.stride(0),
             num_warps=c2["num_warps"], num_stages=c2["num_stages"], **k2, **common)
-    if k > 1:
-        y.copy_(out.view(T, k, d).sum(1))
-    return y
