@@ -56,9 +56,10 @@ L2_PREFETCH_SITES = ("xproj",)
 def prefetch_sites(spec: str | None) -> frozenset:
     """The L2 prefetch sites named by spec (None: the MAMBADEPLOY_L2_PREFETCH variable, default all)."""
     spec = os.environ.get("MAMBADEPLOY_L2_PREFETCH", "1") if spec is None else spec
-    if spec.strip().lower() in ("0", "", "none", "off"):
+    word = spec.strip().lower()
+    if word in ("0", "", "none", "off"):
         return frozenset()
-    if spec.strip().lower() in ("1", "all", "on"):
+    if word in ("1", "all", "on"):
         return frozenset(L2_PREFETCH_SITES)
     sites = frozenset(part.strip() for part in spec.split(",") if part.strip())
     unknown = sites - set(L2_PREFETCH_SITES)
@@ -178,20 +179,23 @@ class TorchFastRunner(Runner):
         out, _ = self._k_norm.add_rms_norm(pending, residual, weight, self.eps, residual_out=residual)
         return out
 
-    def _linear(self, x, weight, bias=None):
-        """x (B, K) @ weight.T (+ bias) for decode rows: the Triton GEMV when switched on and B is small, else cuBLAS."""
-        if self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH:
-            return self._k_gemv.gemv(x, weight, bias)
+    def _on_gemv(self, x) -> bool:
+        """Whether decode rows x take the Triton GEMV (switched on, and few rows) rather than cuBLAS."""
+        return self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH
+
+    def _linear(self, x, weight, bias=None, prefetch=None):
+        """x (B, K) @ weight.T (+ bias) for decode rows: the Triton GEMV when _on_gemv (which then also warms L2 with
+        `prefetch` = (tensor, nbytes), see gemv), else cuBLAS."""
+        if self._on_gemv(x):
+            return self._k_gemv.gemv(x, weight, bias, prefetch=prefetch)
         return F.linear(x, weight, bias)
 
     def _ssm_params(self, m, xc):
         """xc (..., d_inner) -> low-rank dt (..., R), B, C (..., N) (views of one x_proj output); dt_proj (no bias)
         is applied by the caller: a Linear in prefill, fused into the state-update kernel in decode."""
-        if "xproj" in self.l2_prefetch and self.triton_gemv and xc.shape[0] <= TRITON_GEMV_MAX_BATCH:
-            w = m.out_proj.weight
-            xdbl = self._k_gemv.gemv(xc, m.x_proj.weight, prefetch=(w, w.numel() * w.element_size()))
-        else:
-            xdbl = self._linear(xc, m.x_proj.weight)
+        w = m.out_proj.weight
+        prefetch = (w, w.numel() * w.element_size()) if "xproj" in self.l2_prefetch else None
+        xdbl = self._linear(xc, m.x_proj.weight, prefetch=prefetch)
         dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
         if m.dt_norm is not None:  # Jamba
             dt = self._k_norm.rms_norm(dt, m.dt_norm.weight, m.dt_norm.eps)
@@ -233,7 +237,7 @@ class TorchFastRunner(Runner):
         di, Bsz, L = m.d_inner, x.shape[0], x.shape[1]
         w_in, b_in = m.in_proj.weight, m.in_proj.bias
         xs = F.linear(x, w_in[:di], None if b_in is None else b_in[:di])  # (B, L, di): the conv reads it token-major
-        z = _weight_times(w_in[di:], x.transpose(1, 2))  # (B, di, L)
+        z = _rowwise_mm(w_in[di:].expand(Bsz, -1, -1), x.transpose(1, 2))  # (B, di, L)
         if b_in is not None:
             z = z + b_in[di:, None]
         if valid is not None:
@@ -241,19 +245,19 @@ class TorchFastRunner(Runner):
         xc = torch.empty(Bsz, di, L, dtype=x.dtype, device=x.device)
         _, conv_state = self._k_conv.causal_conv1d(xs.transpose(1, 2), layer.conv_weight, m.conv1d.bias, None, "silu",
                                                    out=xc)
-        xdbl = _weight_times(m.x_proj.weight, xc)  # (B, R + 2N, L)
+        xdbl = _rowwise_mm(m.x_proj.weight.expand(Bsz, -1, -1), xc)  # (B, R + 2N, L)
         dt_low, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=1)
         if m.dt_norm is not None:  # Jamba: RMSNorm over the feature axis, which is dim 1 here
             norm = self._k_norm.rms_norm
             dt_low = norm(dt_low.transpose(1, 2), m.dt_norm.weight, m.dt_norm.eps).transpose(1, 2)
             B = norm(B.transpose(1, 2), m.B_norm.weight, m.B_norm.eps).transpose(1, 2)
             C = norm(C.transpose(1, 2), m.C_norm.weight, m.C_norm.eps).transpose(1, 2)
-        dt = _weight_times(m.dt_proj.weight, dt_low)  # (B, di, L)
+        dt = _rowwise_mm(m.dt_proj.weight.expand(Bsz, -1, -1), dt_low)  # (B, di, L)
         if valid is not None:  # softplus(-inf) = 0: pad steps leave the state untouched
             dt = torch.where(valid[:, None, :], dt, torch.full_like(dt, float("-inf")))
         y, ssm_state = self._k_scan.selective_scan(xc, dt, layer.A, B, C, layer.D, z, delta_bias=layer.dt_bias,
                                                    delta_softplus=True)
-        out = _times_weight_t(y.transpose(1, 2), m.out_proj.weight)  # (B, L, d), no copy of y
+        out = _rowwise_mm(y.transpose(1, 2), m.out_proj.weight.t().expand(Bsz, -1, -1))  # (B, L, d), no copy of y
         if m.out_proj.bias is not None:
             out += m.out_proj.bias
         return out, conv_state, ssm_state
@@ -323,7 +327,7 @@ class TorchFastRunner(Runner):
     def _mamba_step(self, layer, x, conv_state, ssm_state):
         m = layer.mamba
         di = m.d_inner
-        if self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH:  # in_proj with the conv update in its epilogue
+        if self._on_gemv(x):  # in_proj with the conv update in its epilogue
             xz = self._k_gemv.gemv(x, m.in_proj.weight, m.in_proj.bias,
                                    conv=(conv_state, layer.conv_weight, m.conv1d.bias))
             xc = xz[:, :di]
@@ -452,23 +456,15 @@ class TorchFastRunner(Runner):
                 "gpu": torch.cuda.get_device_name(d) if d.type == "cuda" else None}
 
 
-def _weight_times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight (N, K) @ x (B, K, L) -> (B, N, L) contiguous: one plain GEMM per batch row, written in place. (torch.matmul
-    of a 2-D by a 3-D tensor computes the transposed product and then copies it into this layout: on the H100 those
-    copies were 1.7 of the 2.8B's 10.4 ms of prefill kernels at 2048 tokens. A bmm over the broadcast weight avoided
-    them too but moved fp32 results by 1.5e-3 of the logit scale against 1e-5 for these GEMMs.)"""
-    out = torch.empty(x.shape[0], weight.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
-    for b in range(x.shape[0]):
-        torch.mm(weight, x[b], out=out[b])
-    return out
-
-
-def _times_weight_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (B, L, K) in any layout @ weight (N, K).T -> (B, L, N) contiguous, one GEMM per batch row (F.linear would
-    first copy a non-contiguous x of several rows)."""
-    out = torch.empty(x.shape[0], x.shape[1], weight.shape[0], dtype=x.dtype, device=x.device)
-    for b in range(x.shape[0]):
-        torch.mm(x[b], weight.t(), out=out[b])
+def _rowwise_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (B, M, K) @ b (B, K, N) -> (B, M, N) contiguous, one plain GEMM per batch row written in place; either side
+    may be any strided or broadcast (expanded weight) view. Used for W @ x^T with channel-major outputs and for
+    y^T @ W^T from a channel-major y: torch.matmul of a 2-D weight by a 3-D tensor computes the transposed product
+    and copies it back into this layout (on the H100 those copies were 1.7 of the 2.8B's 10.4 ms of prefill kernels at
+    2048 tokens), and F.linear copies a non-contiguous input of several rows first."""
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    for i in range(a.shape[0]):
+        torch.mm(a[i], b[i], out=out[i])
     return out
 
 
