@@ -157,6 +157,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["scan", "moe"])
     parser.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 64, 2048], choices=[1, 8, 64, 2048])
+    parser.add_argument("--name", default="sweep", help="results file stem (a partial sweep should not replace the "
+                                                        "full one's results/sweep_*.json)")
     args = parser.parse_args()
     facts = device_facts()
     rows: list[dict] = []
@@ -164,7 +166,7 @@ def main():
         sweep_scan(rows)
     if args.only in (None, "moe"):
         sweep_moe(rows, tokens=args.moe_tokens)
-    write_json("sweep", {"device": facts, "rows": rows})
+    write_json(args.name, {"device": facts, "rows": rows})
     print(table([r for r in rows if r["sweep"] == "selective_scan"],
                 ["layout", "kernel", "config", "default", "gpu_us", "max_diff_vs_default", "error"]))
     print(table([r for r in rows if r["sweep"] != "selective_scan"],
