@@ -17,7 +17,7 @@ datasheet bandwidth (3.35 TB/s); the copy rate measured in the same run is repor
 --triton-gemv on|off|both: the dense decode projections on the Triton GEMV (kernels/gemv.py) or cuBLAS; `both`
 measures each case both ways in the same run (column triton_gemv), and runs the fp32 check both ways.
 --l2-prefetch SPEC...: each case once per list of L2 prefetch sites (runtime/torch_fast.py L2_PREFETCH_SITES), e.g.
-`none xproj xproj,norm:4,route:8`, sizes in MiB, in the same run (column l2_prefetch).
+`none xproj all`, in the same run (column l2_prefetch).
 
 Run: python benchmarks/bench_decode.py [--presets blackmamba-2.8b] [--batches 1 8 64] [--triton-gemv both]
 """
@@ -96,7 +96,7 @@ def profile_step(fast, token, state, top=14) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     eager_fast = TorchFastRunner(fast.model, use_cuda_graph=False, check_inputs=False, triton_gemv=fast.triton_gemv,
-                                 l2_prefetch=fast.describe()["l2_prefetch"])
+                                 l2_prefetch=",".join(fast.l2_prefetch) or "none")
     scratch = state.clone()
     eager_fast.step(token, scratch)
     torch.cuda.synchronize()
@@ -112,7 +112,7 @@ def profile_step(fast, token, state, top=14) -> list[dict]:
     return rows[:top] + [{"kernel": "TOTAL", "calls": sum(r["calls"] for r in rows), "gpu_us": total}]
 
 
-def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gemv=True, l2_prefetch="on"):
+def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gemv=True, l2_prefetch="all"):
     V = model.config.vocab_size
     g = torch.Generator(device="cuda").manual_seed(batch)
     prompt = torch.randint(0, V, (batch, 16), generator=g, device="cuda")
@@ -159,8 +159,8 @@ def main():
     parser.add_argument("--no-fp32-check", action="store_true")
     parser.add_argument("--triton-gemv", choices=["on", "off", "both"], default="on",
                         help="dense decode projections on the Triton GEMV (on), cuBLAS (off), or each case both ways")
-    parser.add_argument("--l2-prefetch", nargs="+", default=["on"],
-                        help="L2 prefetch site lists to measure each case with (e.g. none xproj xproj,route:8 all)")
+    parser.add_argument("--l2-prefetch", nargs="+", default=["all"],
+                        help="L2 prefetch site lists to measure each case with (e.g. none xproj xproj,fc1 all)")
     args = parser.parse_args()
     flags = {"on": (True,), "off": (False,), "both": (False, True)}[args.triton_gemv]
     facts, ceil = device_facts(), measured_ceilings()

@@ -49,6 +49,10 @@ FC1_VARIANTS = [((8, 512, 4), fc1, (8, 1024, 8)) for fc1 in (
 # rule, (16, 2) at this shape); ssu2 ran with (8, 1) as the default
 SSU_VARIANTS = [None, (32, 2), (32, 4), (64, 4), (16, 1), (8, 1), (32, 1), (64, 2), None]
 SSU2_VARIANTS = [(8, 1), (16, 2), (4, 1), (8, 2), (8, 1)]
+# --variants rowdot: one row of x on the GEMV's tl.dot path (gemv.ROW_DOT_TILE: BLOCK_N, BLOCK_K, warps, stages; None =
+# the FMA path with ROW_TILE), expert tiles as chosen
+ROWDOT_VARIANTS = [None, (32, 128, 4, 4), (16, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 3), (16, 128, 4, 6),
+                   (64, 128, 4, 4), (16, 256, 8, 3), (8, 256, 4, 4), None]
 
 
 def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
@@ -68,23 +72,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="blackmamba-2.8b")
     parser.add_argument("--name", default="sweep_decode_tiles")
-    parser.add_argument("--variants", choices=["mixed", "row", "moe", "fc1", "ssu", "ssu2"], default="mixed")
+    parser.add_argument("--variants", choices=["mixed", "row", "moe", "fc1", "ssu", "ssu2", "rowdot"], default="mixed")
     args = parser.parse_args()
     facts = device_facts()
     model = build_preset(args.preset, dtype=torch.bfloat16, device="cuda")
     saved = (gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE)
-    saved_ssu = selective_state_update.BATCH1_TILE
+    saved_ssu, saved_dot = selective_state_update.BATCH1_TILE, gemv.ROW_DOT_TILE
     rows, reference = [], None
     with torch.no_grad():
         ssu_lists = {"ssu": SSU_VARIANTS, "ssu2": SSU2_VARIANTS}
-        variants = [saved + (v,) for v in ssu_lists[args.variants]] if args.variants in ssu_lists else [
-            v + (saved_ssu,) for v in {"mixed": VARIANTS, "row": ROW_VARIANTS, "moe": MOE_VARIANTS,
-                                  "fc1": FC1_VARIANTS}[args.variants]]
-        for row_tile, fc1, fc2, ssu in variants:
+        if args.variants in ssu_lists:
+            variants = [saved + (v, saved_dot) for v in ssu_lists[args.variants]]
+        elif args.variants == "rowdot":
+            variants = [saved + (saved_ssu, v) for v in ROWDOT_VARIANTS]
+        else:
+            variants = [v + (saved_ssu, saved_dot) for v in {"mixed": VARIANTS, "row": ROW_VARIANTS,
+                                                             "moe": MOE_VARIANTS, "fc1": FC1_VARIANTS}[args.variants]]
+        for row_tile, fc1, fc2, ssu, row_dot in variants:
             gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = row_tile, fc1, fc2
-            selective_state_update.BATCH1_TILE = ssu
+            selective_state_update.BATCH1_TILE, gemv.ROW_DOT_TILE = ssu, row_dot
             row = {"preset": args.preset, "row_tile": str(row_tile), "fc1_tile": str(fc1), "fc2_tile": str(fc2),
-                   "ssu_tile": str(ssu)}
+                   "ssu_tile": str(ssu), "row_dot_tile": str(row_dot)}
             try:
                 row["step_gpu_ms"], logits = step_gpu_ms(model)
                 if reference is None:
@@ -96,9 +104,10 @@ def main():
             print(row, flush=True)
             torch.cuda.empty_cache()
     gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE = saved
-    selective_state_update.BATCH1_TILE = saved_ssu
+    selective_state_update.BATCH1_TILE, gemv.ROW_DOT_TILE = saved_ssu, saved_dot
     write_json(args.name, {"device": facts, "dtype": "bf16", "rows": rows})
-    print(table(rows, ["row_tile", "fc1_tile", "fc2_tile", "ssu_tile", "step_gpu_ms", "max_logit_diff_vs_default", "error"]))
+    print(table(rows, ["row_tile", "fc1_tile", "fc2_tile", "ssu_tile", "row_dot_tile", "step_gpu_ms",
+                       "max_logit_diff_vs_default", "error"]))
 
 
 if __name__ == "__main__":

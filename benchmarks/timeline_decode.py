@@ -11,11 +11,11 @@ name and place in the layer (the GEMVs of a Mamba layer in order: in_proj (+conv
 - `gbps`: its weight bytes over incr_us (the weight-streaming kernels only).
 Medians over the Mamba+MoE layers of the last profiled replay. Each --l2-prefetch spec gets its own runner, its step's
 GPU time (events around 50 replays, median) and its timeline.
-Each variant is `L2PREFETCH/EARLY` (runtime/torch_fast.py: L2 prefetch sites with sizes, early-launch sites), e.g.
-`on/none xproj,norm:4/norm,ssu`. All variants are timed before any is profiled: once the profiler has run in a
-process, every graph replay after it is slower (seen: +40 us a step on the H100).
+Each variant is an L2 prefetch spec of the runner (runtime/torch_fast.py L2_PREFETCH_SITES), e.g. `all none`. All
+variants are timed before any is profiled: once the profiler has run in a process, every graph replay after it is
+slower (seen: +40 us a step on the H100).
 
-Run: python benchmarks/timeline_decode.py [--preset blackmamba-2.8b] [--variants on/none xproj/norm ...]
+Run: python benchmarks/timeline_decode.py [--preset blackmamba-2.8b] [--variants all none]
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ SHORT = {"selective_state_update_kernel": "state_update", "add_rms_norm_route_ke
 
 
 def captured_step(model, variant):
-    prefetch, _, early = variant.partition("/")
-    runner = TorchFastRunner(model, check_inputs=False, l2_prefetch=prefetch or None, early_launch=early or None)
+    runner = TorchFastRunner(model, check_inputs=False, l2_prefetch=variant)
     g = torch.Generator(device="cuda").manual_seed(1)
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=g, device="cuda")
     logits, state = runner.prefill(prompt)
@@ -124,7 +123,7 @@ def summarise(kernels: list[dict], nbytes: dict) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="blackmamba-2.8b")
-    parser.add_argument("--variants", nargs="+", default=["on/none"], help="L2PREFETCH/EARLY pairs")
+    parser.add_argument("--variants", nargs="+", default=["all"], help="L2 prefetch specs")
     parser.add_argument("--name", default="timeline_decode")
     args = parser.parse_args()
     facts = device_facts()
@@ -140,7 +139,6 @@ def main():
             logits = state.logits.clone()
             reference = logits if reference is None else reference
             results.append({"preset": args.preset, "variant": variant, "l2_prefetch": described["l2_prefetch"],
-                            "early_launch": described["early_launch"],
                             # the same prompt and steps: the hints must leave the logits exactly as they were
                             "max_logit_diff_vs_first": (logits - reference).abs().max().item(),
                             "step_gpu_ms": gpu_ms(state.graph.replay, reps=50, warmup=0)})
@@ -151,12 +149,12 @@ def main():
             rows = summarise(kernels, nbytes)
             span = kernels[-1]["end"] - kernels[0]["ts"]
             row.update({"profiled_span_us": span, "kernels": len(kernels), "roles": rows})
-            print(f"== {args.preset} {variant} (l2_prefetch={row['l2_prefetch']}, early_launch={row['early_launch']}): "
+            print(f"== {args.preset} {variant} (l2_prefetch={row['l2_prefetch']}): "
                   f"step {row['step_gpu_ms']:.4f} ms (events), profiled span {span:.1f} us, {len(kernels)} kernels",
                   flush=True)
             print(table(rows, ["role", "launches", "incr_us", "dur_us", "gap_us", "total_incr_us", "share_pct",
                                "gbps"]), flush=True)
-    print(table(results, ["variant", "l2_prefetch", "early_launch", "step_gpu_ms", "profiled_span_us",
+    print(table(results, ["variant", "l2_prefetch", "step_gpu_ms", "profiled_span_us",
                           "max_logit_diff_vs_first"]))
     write_json(args.name, {"device": facts, "dtype": "bf16", "batch": 1, "results": results})
 

@@ -57,39 +57,30 @@ def dot_precision(dtype: torch.dtype) -> str:
 _PDL_DEVICES: dict = {}  # device index -> whether it can launch with PDL (sm_90+, and a Triton that has gdc_wait)
 
 
-def pdl_launch(tensor: torch.Tensor, early: bool = False) -> dict:
+def pdl_launch(tensor: torch.Tensor) -> dict:
     """Launch arguments for Hopper's programmatic dependent launch (PDL) of a decode kernel that takes `PDL`: the
     kernel may then start while its predecessor on the stream is still finishing (launch latency and its first weight
     loads overlap that tail) and waits (pdl_wait) before touching anything a predecessor writes. Empty — a plain
     launch — on CPU (the interpreter), below sm_90, with a Triton without grid-dependency control, or with
-    MAMBADEPLOY_PDL=0. early: the kernel (one that takes PDL_EARLY) lets its successor launch before its own wait,
-    see pdl_wait."""
+    MAMBADEPLOY_PDL=0."""
     if not tensor.is_cuda or os.environ.get("MAMBADEPLOY_PDL", "1") == "0":
         return {}
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     if index not in _PDL_DEVICES:
         cuda = getattr(getattr(tl, "extra", None), "cuda", None)
         _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(cuda, "gdc_wait")
-    if not _PDL_DEVICES[index]:
-        return {}
-    return {"PDL": True, "launch_pdl": True, **({"PDL_EARLY": True} if early else {})}
+    return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
 
 
 @triton.jit
-def pdl_wait(PDL: tl.constexpr, EARLY: tl.constexpr = False):
+def pdl_wait(PDL: tl.constexpr):
     """Under PDL: wait until the previous kernel on the stream has finished and its writes are visible, then let the
     next kernel launch. Everything a kernel does before this point may read only weights (constants of the model):
     never activations, states, routing or workspaces. Allowing dependents only after the wait keeps at most two
-    kernels in flight. A no-op without PDL.
-    EARLY: let the next kernel launch first, then wait: its programs can start (and issue their weight loads) while
-    this kernel still waits on its own predecessor. Only for a kernel whose successor reads nothing but weights before
-    its own wait: that successor can no longer rely on the kernels before this one having finished."""
+    kernels in flight. A no-op without PDL."""
     if PDL:
-        if EARLY:
-            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        if not EARLY:
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -171,10 +162,6 @@ add.u64 pf_a, pf_a, $1;
 mov.u32 $0, 0;
 }""")
 L2_PREFETCH_MIN_PIECE = 1024  # bytes: fewer, larger requests; a share below this is not prefetched
-# Programs a short kernel (a norm: one program a row) launches to carry an L2 prefetch. One program's bulk prefetches
-# went at ~0.24 TB/s on the H100 (4 MiB kept a one-program norm busy for 17 us, benchmarks/results/timeline_decode_*),
-# so the prefetch is spread over about one program an SM; the extra programs only prefetch.
-L2_PREFETCH_PROGRAMS = 128
 
 
 @triton.jit

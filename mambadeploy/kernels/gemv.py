@@ -47,6 +47,11 @@ COUNTER_SLOTS = 1024
 # 0.856 ms for the earlier (16, 512, 8 warps), whose 113 registers a thread left 2 programs an SM, so in_proj's 368
 # programs took 1.4 waves; a module constant so that the sweep can set others.
 ROW_TILE = (8, 512, 4)
+# One row of x on the tl.dot path instead (x padded to 16 rows; Triton pipelines the weight loads that feed a dot, so
+# each program keeps `stages` tiles in flight): (BLOCK_N, BLOCK_K, warps, stages), or None (the default) for the FMA
+# path above. A sweep knob: every tile tried made the 2.8B batch-1 step slower (0.857-1.04 ms against 0.782-0.790 ms,
+# H100, benchmarks/results/sweep_decode_rowdot_tiles_*.json).
+ROW_DOT_TILE = None
 _counters: dict = {}
 
 
@@ -90,7 +95,7 @@ def gemv_kernel(
     s_xm, s_wn, s_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
+    PDL: tl.constexpr = False,
     cs_ptr=None, cw_ptr=None, cb_ptr=None, conv_dim=0, s_cs_b=0, s_cs_d=0, s_cs_k=0, s_cw_d=0, s_cw_k=0,
     CONV_K: tl.constexpr = 0, HAS_CONV_BIAS: tl.constexpr = False,
     pf_ptr=None, pf_share=0, pf_piece=0, PREFETCH: tl.constexpr = False,
@@ -110,7 +115,7 @@ def gemv_kernel(
     w_first = tl.load(w_rows + k_first[None, :], mask=mask_n[:, None] & (k_first < K)[None, :], other=0.0)
     if PREFETCH:  # a weight of a later kernel into L2 (a hint; see common.l2_prefetch)
         l2_prefetch(pf_ptr, pid_n + pid_k * tl.num_programs(0), pf_share, pf_piece)
-    pdl_wait(PDL, PDL_EARLY)
+    pdl_wait(PDL)
     x_first = tl.load(x_rows + k_first[None, :], mask=mask_m[:, None] & (k_first < K)[None, :], other=0.0)
     if USE_DOT:  # several rows of x: tensor-core MMA on x padded to BLOCK_M >= 16 rows; its loads are pipelined
         if UPCAST:
@@ -171,7 +176,8 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = 
     N = shapes[1][0]
     if M > MAX_ROWS:
         raise ValueError(f"gemv: {M} rows of x, at most {MAX_ROWS} (use a GEMM)")
-    use_dot = M > 1
+    row_dot = M == 1 and ROW_DOT_TILE is not None and not interpret
+    use_dot = M > 1 or row_dot
     block_m = max(16, next_pow2(M)) if use_dot else 1
     stages = 1
     if interpret:
@@ -179,7 +185,9 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = 
         chunks = cdiv(K, block_k)
         split = min(chunks, 3) if split_k else 1
     else:
-        if use_dot:
+        if row_dot:
+            block_n, block_k, warps, stages = ROW_DOT_TILE
+        elif use_dot:
             block_k, block_n, warps, stages = 128, 32, 4, 4
         else:
             block_n, block_k, warps = ROW_TILE
@@ -205,16 +213,14 @@ def _counter_buffer(device) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: dict | None = None,
-         out: torch.Tensor | None = None, conv: tuple | None = None, prefetch: tuple | None = None,
-         early_launch: bool = False) -> torch.Tensor:
+         out: torch.Tensor | None = None, conv: tuple | None = None, prefetch: tuple | None = None) -> torch.Tensor:
     """Same contract as gemv_ref: x (M, K) with M <= MAX_ROWS, weight (N, K), bias (N,) -> (M, N) in x.dtype, fp32
     accumulation. Rows of x and weight must be contiguous along K (row strides are free).
     conv = (conv_state (M, C, d_conv) fp32, conv_weight (C, d_conv), conv_bias (C,) or None): Mamba's decode step
     fused in (in_proj): the first C outputs go through causal_conv1d_update with SiLU (conv_state shifted in place)
     and come back as its output; the rest (z) as projected. Equal to gemv_ref then causal_conv1d_update_ref.
     prefetch = (tensor, nbytes): the programs also warm L2 with that many leading bytes of a weight that a later kernel
-    reads (Hopper only; see common.l2_prefetch_args).
-    early_launch: under PDL let the next kernel launch before this one waits (see common.pdl_wait EARLY)."""
+    reads (Hopper only; see common.l2_prefetch_args)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit (x (M, K), "
                          f"weight (N, K))")
@@ -248,8 +254,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, bias if bias is not None else y, y, part, counters,
         M, N, K, cfg["k_per_split"], x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, UPCAST=dot_upcast(x.dtype, is_interpreted(kernel)), PRECISION=dot_precision(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(x, early_launch),
-        **conv_args,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(x), **conv_args,
         **_prefetch_arguments(prefetch, cfg),
     )
     return y

@@ -18,20 +18,7 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import route_ref  # noqa: F401  (the reference, re-exported)
 
-from .common import (
-    L2_PREFETCH_PROGRAMS,
-    argmax,
-    cdiv,
-    cumsum,
-    fmax,
-    fsum,
-    l2_prefetch,
-    l2_prefetch_args,
-    next_pow2,
-    pdl_launch,
-    pdl_wait,
-    sigmoid,
-)
+from .common import argmax, cdiv, cumsum, fmax, fsum, next_pow2, pdl_launch, pdl_wait, sigmoid
 from .interpret import is_interpreted, kernel_for
 
 ROUTERS = {"sigmoid_top1": 0, "softmax_topk": 1}
@@ -94,17 +81,9 @@ def add_rms_norm_route_kernel(
     s_x, s_r, s_o, s_ro, s_rw_e, s_rw_d,
     HAS_X: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTMAX: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False,
-    pf_ptr=None, pf_expert_stride=0, pf_half=0, pf_share=0, pf_piece=0, PREFETCH: tl.constexpr = False,
 ):
     """residual (+= x) and RMSNorm of one row, then the router on the normed row as the model dtype stores it (what a
-    separate router Linear would read), in the same program: one launch for norm + router GEMV + expert choice.
-    PREFETCH: the grid's second axis has L2_PREFETCH_PROGRAMS programs a row; each computes the same route and warms
-    L2 with its share of the first chosen expert's fc1 weight (pf_ptr + expert * pf_expert_stride; pf_share bytes
-    from the gate rows and pf_share from the up rows, pf_half elements further), which the expert GEMV launched next
-    streams. Only the axis' program 0 writes outputs. With PREFETCH every program reads the residual before its PDL
-    wait, so before program 0 can update it in place (the caller promises that the kernel launched just before does
-    not write it); a program that started after program 0's write would prefetch for another route: a hint, never a
-    result."""
+    separate router Linear would read), in the same program: one launch for norm + router GEMV + expert choice."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
@@ -114,31 +93,20 @@ def add_rms_norm_route_kernel(
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     wr = tl.load(rw_ptr + offs_e[:, None] * s_rw_e + offs[None, :] * s_rw_d, mask=mask_e[:, None] & mask[None, :],
                  other=0.0).to(tl.float32)
-    if PREFETCH:  # the caller's promise: the kernel launched just before this one does not write the residual
-        v = tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
     pdl_wait(PDL)
-    if not PREFETCH:
-        v = tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
-    writer = tl.program_id(1) == 0
+    v = tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_X:
         v += tl.load(x_ptr + row * s_x + offs, mask=mask, other=0.0).to(tl.float32)
-        if writer:
-            tl.store(res_out_ptr + row * s_ro + offs, v, mask=mask)
+        tl.store(res_out_ptr + row * s_ro + offs, v, mask=mask)
     rstd = 1.0 / tl.sqrt(fsum(v * v, 0) / d + eps)
     normed = (v * rstd * w).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * s_o + offs, normed, mask=mask)
+
     logits = fsum(wr * normed.to(tl.float32)[None, :], 1)
     if HAS_BIAS:
         logits += tl.load(rb_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-    if writer:
-        tl.store(out_ptr + row * s_o + offs, normed, mask=mask)
-        rows = row + tl.arange(0, 1)
-        _pick_experts(logits[None, :], mask_e, rows, rows >= 0, weights_ptr, experts_ptr, SOFTMAX, TOP_K)
-    if PREFETCH:  # the first choice of either router is the largest logit (softmax and sigmoid are monotonic)
-        _, first = argmax(tl.where(mask_e, logits, float("-inf")), offs_e, 0)
-        expert = pf_ptr + first.to(tl.int64) * pf_expert_stride
-        share = row * tl.num_programs(1) + tl.program_id(1)
-        l2_prefetch(expert, share, pf_share, pf_piece)
-        l2_prefetch(expert + pf_half, share, pf_share, pf_piece)
+    rows = row + tl.arange(0, 1)
+    _pick_experts(logits[None, :], mask_e, rows, rows >= 0, weights_ptr, experts_ptr, SOFTMAX, TOP_K)
 
 
 @triton.jit
@@ -265,14 +233,10 @@ def moe_align(experts: torch.Tensor, n_experts: int, block_m: int):
     return sorted_pairs, block_expert
 
 
-def add_rms_norm_route(x, residual, weight, eps, router_weight, router_bias, router, top_k, *, residual_out=None,
-                       prefetch=None):
+def add_rms_norm_route(x, residual, weight, eps, router_weight, router_bias, router, top_k, *, residual_out=None):
     """add_rms_norm (x may be None: norm of the residual alone) and route_hidden of its output, in one launch.
     Returns (normed (T, d) in the model dtype, residual' fp32, weights (T, k) fp32, experts (T, k) int64), equal to
     add_rms_norm_ref then route_ref(normed @ router_weight.T + router_bias) with fp32 logits.
-    prefetch = (w1 (E, 2F, d), nbytes): also warm L2 with nbytes of each row's first chosen expert's fc1 weight, half
-    from the gate rows, half from the up rows (a hint, Hopper only; meant for one row). Only when the kernel launched
-    just before this one does not write `residual` (the kernel then reads it before its PDL wait).
     Raises ValueError when the router tile is too large to fuse (see norm_route_launch_config)."""
     if router not in ROUTERS or (router == "sigmoid_top1" and top_k != 1):
         raise ValueError(f"router {router!r} with top_k={top_k} is not supported")
@@ -288,8 +252,7 @@ def add_rms_norm_route(x, residual, weight, eps, router_weight, router_bias, rou
     weights = torch.empty(T, top_k, dtype=torch.float32, device=ref.device)
     experts = torch.empty(T, top_k, dtype=torch.int64, device=ref.device)
     kernel = kernel_for(add_rms_norm_route_kernel, ref)
-    pf = _expert_prefetch_arguments(prefetch, cfg)
-    kernel[(T, L2_PREFETCH_PROGRAMS) if pf else cfg["grid"]](
+    kernel[cfg["grid"]](
         x if x is not None else ref, residual, weight, out, residual_out if x is not None else ref, router_weight,
         router_bias if router_bias is not None else router_weight, weights, experts,
         d, router_weight.shape[0], float(eps),
@@ -297,18 +260,6 @@ def add_rms_norm_route(x, residual, weight, eps, router_weight, router_bias, rou
         residual_out.stride(0) if x is not None else 0, *router_weight.stride(),
         HAS_X=x is not None, HAS_BIAS=router_bias is not None,
         SOFTMAX=router == "softmax_topk", TOP_K=top_k,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(ref), **pf,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(ref),
     )
     return out, (residual_out if x is not None else residual), weights, experts
-
-
-def _expert_prefetch_arguments(prefetch, cfg) -> dict:
-    if prefetch is None:
-        return {}
-    w1, nbytes = prefetch
-    F = w1.shape[1] // 2
-    # each of the T * L2_PREFETCH_PROGRAMS programs takes a share of each half
-    args = l2_prefetch_args(w1[0, :F], nbytes // 2, cfg["grid"][0] * L2_PREFETCH_PROGRAMS, cfg["num_warps"])
-    if args:
-        args.update(pf_ptr=w1, pf_expert_stride=w1.stride(0), pf_half=F * w1.stride(1))
-    return args

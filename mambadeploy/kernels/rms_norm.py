@@ -13,7 +13,7 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import add_rms_norm_ref, rms_norm_ref  # noqa: F401  (the references, re-exported)
 
-from .common import L2_PREFETCH_PROGRAMS, fsum, l2_prefetch, l2_prefetch_args, next_pow2, pdl_launch, pdl_wait
+from .common import fsum, next_pow2, pdl_launch, pdl_wait
 from .interpret import kernel_for
 
 
@@ -23,24 +23,20 @@ def add_rms_norm_kernel(
     d, eps,
     s_x, s_r, s_o, s_ro,
     HAS_X: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-    PDL_EARLY: tl.constexpr = False, pf_ptr=None, pf_share=0, pf_piece=0, PREFETCH: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a weight: before the PDL wait
-    pdl_wait(PDL, PDL_EARLY)
-    if PREFETCH:  # after the wait: the predecessor has stopped streaming, so HBM is idle while this short kernel runs
-        l2_prefetch(pf_ptr, row * tl.num_programs(1) + tl.program_id(1), pf_share, pf_piece)
-    if tl.program_id(1) == 0:  # the grid's second axis holds programs that only prefetch (PREFETCH)
-        v = tl.full((BLOCK,), 0.0, tl.float32)
-        if HAS_X:
-            v += tl.load(x_ptr + row * s_x + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            v += tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(res_out_ptr + row * s_ro + offs, v, mask=mask)
-        rstd = 1.0 / tl.sqrt(fsum(v * v, 0) / d + eps)
-        tl.store(out_ptr + row * s_o + offs, (v * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+    pdl_wait(PDL)
+    v = tl.full((BLOCK,), 0.0, tl.float32)
+    if HAS_X:
+        v += tl.load(x_ptr + row * s_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        v += tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(res_out_ptr + row * s_ro + offs, v, mask=mask)
+    rstd = 1.0 / tl.sqrt(fsum(v * v, 0) / d + eps)
+    tl.store(out_ptr + row * s_o + offs, (v * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
@@ -61,7 +57,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _launch(x, residual, weight, eps, out, residual_out, prefetch=None, early_launch=False):
+def _launch(x, residual, weight, eps, out, residual_out):
     ref = x if x is not None else residual
     d = ref.shape[-1]
     x2 = _rows(x) if x is not None else None
@@ -71,35 +67,20 @@ def _launch(x, residual, weight, eps, out, residual_out, prefetch=None, early_la
     rows = o2.shape[0]
     kernel = kernel_for(add_rms_norm_kernel, ref)
     cfg = launch_config(((rows, d),))
-    pf = _prefetch_arguments(prefetch, cfg)
-    grid = (rows, L2_PREFETCH_PROGRAMS) if pf else cfg["grid"]
-    kernel[grid](
+    kernel[cfg["grid"]](
         x2 if x2 is not None else o2, r2 if r2 is not None else o2, weight, o2, ro2 if ro2 is not None else o2,
         d, float(eps),
         x2.stride(0) if x2 is not None else 0, r2.stride(0) if r2 is not None else 0, o2.stride(0),
         ro2.stride(0) if ro2 is not None else 0,
         HAS_X=x is not None, HAS_RESIDUAL=residual is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pf,
-        **pdl_launch(ref, early_launch),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(ref),
     )
 
 
-def _prefetch_arguments(prefetch, cfg) -> dict:
-    """prefetch = (weight, nbytes): L2_PREFETCH_PROGRAMS programs a row warm L2 with that weight's leading nbytes,
-    split between them all (Hopper only; see common.l2_prefetch_args)."""
-    if prefetch is None:
-        return {}
-    region, nbytes = prefetch
-    return l2_prefetch_args(region, nbytes, cfg["grid"][0] * L2_PREFETCH_PROGRAMS, cfg["num_warps"])
-
-
-def add_rms_norm(x, residual, weight, eps, *, residual_out=None, out=None, prefetch=None, early_launch=False):
+def add_rms_norm(x, residual, weight, eps, *, residual_out=None, out=None):
     """Same contract as add_rms_norm_ref: returns (rms_norm(residual + x) in x.dtype, residual + x in fp32).
     residual_out: where to write the new residual (pass `residual` itself to update it in place; it must be
-    contiguous fp32); default a new tensor. out: where to write the normalised rows (default new).
-    prefetch = (weight, nbytes): also warm L2 with the leading bytes of a weight the next kernel streams (a hint).
-    early_launch: under PDL let the next kernel launch before this one waits (common.pdl_wait EARLY): only when that
-    kernel reads nothing but weights before its own wait."""
+    contiguous fp32); default a new tensor. out: where to write the normalised rows (default new)."""
     if x.shape != residual.shape:
         raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
     if residual_out is None:
@@ -108,14 +89,13 @@ def add_rms_norm(x, residual, weight, eps, *, residual_out=None, out=None, prefe
         raise ValueError("add_rms_norm: residual_out must be a contiguous fp32 tensor")
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, residual, weight, eps, out, residual_out, prefetch, early_launch)
+    _launch(x, residual, weight, eps, out, residual_out)
     return out, residual_out
 
 
-def rms_norm(x, weight, eps, *, out=None, out_dtype=None, prefetch=None, early_launch=False):
-    """Same contract as rms_norm_ref: x (..., d) -> rms_norm(x) in x.dtype (or out_dtype). prefetch,
-    early_launch: as in add_rms_norm."""
+def rms_norm(x, weight, eps, *, out=None, out_dtype=None):
+    """Same contract as rms_norm_ref: x (..., d) -> rms_norm(x) in x.dtype (or out_dtype)."""
     if out is None:
         out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
-    _launch(x, None, weight, eps, out, None, prefetch, early_launch)
+    _launch(x, None, weight, eps, out, None)
     return out

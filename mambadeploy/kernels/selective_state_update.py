@@ -28,7 +28,7 @@ def selective_state_update_kernel(
     s_B_b, s_B_n, s_C_b, s_C_n, s_A_d, s_A_n, s_w_d, s_w_r,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     DT_LOW_RANK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -51,7 +51,7 @@ def selective_state_update_kernel(
     Dv = tl.full((BLOCK_D,), 0.0, tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    pdl_wait(PDL, PDL_EARLY)
+    pdl_wait(PDL)
     state_ptrs = state_ptr + pid_b * s_st_b + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
     h = tl.load(state_ptrs, mask=mask_dn, other=0.0)
     x = tl.load(x_ptr + pid_b * s_x_b + offs_d * s_x_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -108,12 +108,11 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, dt_rank: int = 0
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True,
-                           *, dt_proj_weight=None, config: dict | None = None, early_launch: bool = False):
+                           *, dt_proj_weight=None, config: dict | None = None):
     """Same contract as selective_state_update_ref, except that `state` (batch, dim, N) fp32 is updated in place and
     returned: x, dt, z: (batch, dim); A: (dim, N); B, C: (batch, N); D, dt_bias: (dim,). Returns (y (batch, dim) in
     x.dtype, state). With dt_proj_weight (dim, R), dt is the low-rank (batch, R) input of the dt projection, which the
-    kernel applies (== selective_state_update_ref(..., dt=dt @ dt_proj_weight.T, ...) with fp32 accumulation).
-    early_launch: under PDL let the next kernel launch before this one waits (see common.pdl_wait EARLY)."""
+    kernel applies (== selective_state_update_ref(..., dt=dt @ dt_proj_weight.T, ...) with fp32 accumulation)."""
     batch, dim, d_state = state.shape
     if state.dtype != torch.float32:
         raise ValueError(f"selective_state_update: the state must be fp32, got {state.dtype}")
@@ -138,7 +137,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         dim, d_state, rank, *state.stride(), *x.stride(), *dt.stride(), *zs, *y.stride(), *B.stride(), *C.stride(),
         *A.stride(), *(w.stride() if w is not None else (0, 0)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"],
-        **pdl_launch(x, early_launch),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(x),
     )
     return y, state

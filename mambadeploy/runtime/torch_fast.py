@@ -46,66 +46,27 @@ TRITON_GEMV_MAX_BATCH = 8
 # L2 prefetch sites of the batch-1 decode step (Hopper; kernels/common.l2_prefetch): a kernel warms L2 with the weights
 # of a kernel that runs after it, so that HBM keeps streaming through the short kernels and launch gaps in between.
 #   xproj: the x_proj GEMV (a short kernel) prefetches out_proj's weight, read two launches later.
-#   norm:  the mixer's add_rms_norm prefetches the leading bytes of in_proj's weight (after its PDL wait).
-#   route: the fused norm + router prefetches the leading bytes of the chosen expert's fc1 weight (gate and up halves).
 # Measured and dropped (H100, 2.8B batch 1, benchmarks/results/decode_l2pf_*.json): the expert fc1 GEMV prefetching
 # the same expert's fc2 weights (0.854 -> 0.889 ms) and fc2 prefetching 8 MB of the next layer's in_proj (-> 0.896):
 # both compete with a kernel that already streams at full rate.
-# Chosen by TorchFastRunner(l2_prefetch=...) or MAMBADEPLOY_L2_PREFETCH: "1"/"on" (the defaults), "all", "0"/"none",
-# or a comma list of sites, each optionally with its size in MiB ("norm:4,route:8").
-L2_PREFETCH_SITES = {"xproj": None, "norm": 8 << 20, "route": 8 << 20}  # site -> bytes (None: the whole weight)
-L2_PREFETCH_DEFAULT = ("xproj",)
+# Chosen by TorchFastRunner(l2_prefetch=...) or MAMBADEPLOY_L2_PREFETCH: "1"/"all", "0"/"none", or a comma list.
+L2_PREFETCH_SITES = ("xproj",)
 
 
-def prefetch_sites(spec: str | None) -> dict:
-    """{site: bytes or None (whole weight)} named by spec (None: the MAMBADEPLOY_L2_PREFETCH variable, default on)."""
+def prefetch_sites(spec: str | None) -> frozenset:
+    """The L2 prefetch sites named by spec (None: the MAMBADEPLOY_L2_PREFETCH variable, default all)."""
     spec = os.environ.get("MAMBADEPLOY_L2_PREFETCH", "1") if spec is None else spec
     word = spec.strip().lower()
     if word in ("0", "", "none", "off"):
-        return {}
-    if word in ("1", "on", "default"):
-        return {site: L2_PREFETCH_SITES[site] for site in L2_PREFETCH_DEFAULT}
-    if word == "all":
-        return dict(L2_PREFETCH_SITES)
-    sites = {}
-    for part in filter(None, (p.strip() for p in word.split(","))):
-        name, _, size = part.partition(":")
-        if name not in L2_PREFETCH_SITES:
-            raise ConfigError(f"unknown L2 prefetch site {name!r}; known: {', '.join(L2_PREFETCH_SITES)} (or on / "
-                              f"all / none)")
-        try:
-            sites[name] = int(float(size) * (1 << 20)) if size else L2_PREFETCH_SITES[name]
-        except ValueError:
-            raise ConfigError(f"L2 prefetch site {part!r}: the size after ':' is MiB, a number") from None
-    return sites
-
-
-# Decode kernels that let their successor launch before their own PDL wait (kernels/common.pdl_wait EARLY), so that the
-# successor's programs are resident and have issued their first weight loads while this kernel still waits:
-#   norm: the mixer norm (-> in_proj), ssu: the state update (-> out_proj), xproj: the x_proj GEMV (-> state update).
-# Each successor reads only weights before its own wait. MAMBADEPLOY_EARLY_LAUNCH: a comma list, "all" or "none".
-EARLY_LAUNCH_SITES = ("norm", "ssu", "xproj")
-EARLY_LAUNCH_DEFAULT = ""
-
-
-def early_launch_sites(spec: str | None) -> frozenset:
-    spec = os.environ.get("MAMBADEPLOY_EARLY_LAUNCH", EARLY_LAUNCH_DEFAULT) if spec is None else spec
-    word = spec.strip().lower()
-    if word in ("", "0", "none", "off"):
         return frozenset()
-    if word == "all":
-        return frozenset(EARLY_LAUNCH_SITES)
-    sites = frozenset(filter(None, (p.strip() for p in word.split(","))))
-    unknown = sites - set(EARLY_LAUNCH_SITES)
+    if word in ("1", "all", "on"):
+        return frozenset(L2_PREFETCH_SITES)
+    sites = frozenset(part.strip() for part in spec.split(",") if part.strip())
+    unknown = sites - set(L2_PREFETCH_SITES)
     if unknown:
-        raise ConfigError(f"unknown early-launch site(s) {', '.join(sorted(unknown))}; known: "
-                          f"{', '.join(EARLY_LAUNCH_SITES)} (or all / none)")
+        raise ConfigError(f"unknown L2 prefetch site(s) {', '.join(sorted(unknown))}; known: "
+                          f"{', '.join(L2_PREFETCH_SITES)} (or all / none)")
     return sites
-
-
-def describe_sites(sites: dict) -> str:
-    return ",".join(name if sites[name] is None else f"{name}:{sites[name] / (1 << 20):g}" for name in
-                    L2_PREFETCH_SITES if name in sites) or "none"
 
 
 @dataclass
@@ -151,16 +112,13 @@ class TorchFastRunner(Runner):
     backend = "torch-fast"
 
     def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
-                 prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None,
-                 early_launch: str | None = None):
+                 prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None):
         """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
         prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
         shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU).
         triton_gemv: the dense decode projections on the Triton GEMV at batch <= TRITON_GEMV_MAX_BATCH (else cuBLAS).
         l2_prefetch: the L2 prefetch sites of the batch-1 step (see L2_PREFETCH_SITES; None: MAMBADEPLOY_L2_PREFETCH,
-        default L2_PREFETCH_DEFAULT); Hopper only, a hint that changes no result.
-        early_launch: the decode kernels that let their successor launch early (see EARLY_LAUNCH_SITES; None:
-        MAMBADEPLOY_EARLY_LAUNCH, default EARLY_LAUNCH_DEFAULT); PDL only, changes no result."""
+        default all); Hopper only, a hint that changes no result."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import (
             causal_conv1d,
@@ -186,7 +144,6 @@ class TorchFastRunner(Runner):
         self.routing_trace: list | None = None  # set to a list to record each MoE layer's experts (eager calls only)
         self.layers = [self._prepare(i, block) for i, block in enumerate(model.layers)]
         self.l2_prefetch = prefetch_sites(l2_prefetch)
-        self.early_launch = early_launch_sites(early_launch)
         self.eps = self.config.norm_eps
 
     # ------------------------------------------------------------------ setup
@@ -215,39 +172,30 @@ class TorchFastRunner(Runner):
         return layer
 
     # ------------------------------------------------------------------ shared pieces
-    def _norm(self, pending, residual, weight, prefetch=None, early_launch=False):
-        """residual += pending (in place, fp32), then RMSNorm -> model dtype. pending None: norm of residual alone.
-        prefetch, early_launch: see rms_norm.add_rms_norm."""
+    def _norm(self, pending, residual, weight):
+        """residual += pending (in place, fp32), then RMSNorm -> model dtype. pending None: norm of residual alone."""
         if pending is None:
-            return self._k_norm.rms_norm(residual, weight, self.eps, out_dtype=self.dtype, prefetch=prefetch,
-                                         early_launch=early_launch)
-        out, _ = self._k_norm.add_rms_norm(pending, residual, weight, self.eps, residual_out=residual,
-                                           prefetch=prefetch, early_launch=early_launch)
+            return self._k_norm.rms_norm(residual, weight, self.eps, out_dtype=self.dtype)
+        out, _ = self._k_norm.add_rms_norm(pending, residual, weight, self.eps, residual_out=residual)
         return out
-
-    def _prefetch(self, site, weight, x):
-        """(weight, bytes) for a kernel's prefetch argument when `site` is on and this is a batch-1 step, else None."""
-        if site not in self.l2_prefetch or x.shape[0] != 1:
-            return None
-        size = self.l2_prefetch[site]
-        return weight, weight.numel() * weight.element_size() if size is None else size
 
     def _on_gemv(self, x) -> bool:
         """Whether decode rows x take the Triton GEMV (switched on, and few rows) rather than cuBLAS."""
         return self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH
 
-    def _linear(self, x, weight, bias=None, prefetch=None, early_launch=False):
+    def _linear(self, x, weight, bias=None, prefetch=None):
         """x (B, K) @ weight.T (+ bias) for decode rows: the Triton GEMV when _on_gemv (which then also warms L2 with
-        `prefetch` = (tensor, nbytes) and takes early_launch, see gemv), else cuBLAS."""
+        `prefetch` = (tensor, nbytes), see gemv), else cuBLAS."""
         if self._on_gemv(x):
-            return self._k_gemv.gemv(x, weight, bias, prefetch=prefetch, early_launch=early_launch)
+            return self._k_gemv.gemv(x, weight, bias, prefetch=prefetch)
         return F.linear(x, weight, bias)
 
     def _ssm_params(self, m, xc):
         """xc (..., d_inner) -> low-rank dt (..., R), B, C (..., N) (views of one x_proj output); dt_proj (no bias)
         is applied by the caller: a Linear in prefill, fused into the state-update kernel in decode."""
-        prefetch = self._prefetch("xproj", m.out_proj.weight, xc)
-        xdbl = self._linear(xc, m.x_proj.weight, prefetch=prefetch, early_launch="xproj" in self.early_launch)
+        w = m.out_proj.weight
+        prefetch = (w, w.numel() * w.element_size()) if "xproj" in self.l2_prefetch else None
+        xdbl = self._linear(xc, m.x_proj.weight, prefetch=prefetch)
         dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
         if m.dt_norm is not None:  # Jamba
             dt = self._k_norm.rms_norm(dt, m.dt_norm.weight, m.dt_norm.eps)
@@ -264,9 +212,7 @@ class TorchFastRunner(Runner):
         if layer.fused_route:
             x, _, weights, experts = self._k_route.add_rms_norm_route(
                 pending, residual, layer.ffn_norm, self.eps, moe.router.weight, moe.router.bias, moe.router_kind,
-                moe.top_k, residual_out=residual,
-                # only behind a mixer: its last kernel (out_proj) does not write the residual, see add_rms_norm_route
-                prefetch=self._prefetch("route", moe.w1, residual) if layer.mixer != "none" else None)
+                moe.top_k, residual_out=residual)
         else:
             x = self._norm(pending, residual, layer.ffn_norm)
             weights, experts = self._k_route.route_hidden(x, moe.router.weight, moe.router.bias, moe.router_kind,
@@ -395,8 +341,7 @@ class TorchFastRunner(Runner):
         else:
             dt, dt_w = F.linear(dt_low, m.dt_proj.weight), None
         y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt, layer.A, B, C, layer.D, xz[:, di:],
-                                                  dt_bias=layer.dt_bias, dt_softplus=True, dt_proj_weight=dt_w,
-                                                  early_launch="ssu" in self.early_launch)
+                                                  dt_bias=layer.dt_bias, dt_softplus=True, dt_proj_weight=dt_w)
         return self._linear(y, m.out_proj.weight, m.out_proj.bias)
 
     @staticmethod
@@ -423,9 +368,7 @@ class TorchFastRunner(Runner):
         for layer in self.layers:
             i = layer.index
             if layer.mixer == "mamba":
-                in_w = layer.mamba.in_proj.weight
-                x = self._norm(pending, st.residual, layer.mixer_norm, self._prefetch("norm", in_w, st.residual),
-                               early_launch="norm" in self.early_launch)
+                x = self._norm(pending, st.residual, layer.mixer_norm)
                 pending = self._mamba_step(layer, x, t[f"L{i}.conv"], t[f"L{i}.ssm"])
             elif layer.mixer == "attention":
                 x = self._norm(pending, st.residual, layer.mixer_norm)
@@ -508,8 +451,7 @@ class TorchFastRunner(Runner):
                 "cuda_graph": self.use_cuda_graph, "triton_gemv": self.triton_gemv,
                 # programmatic dependent launch of the decode kernels (sm_90+, unless MAMBADEPLOY_PDL=0)
                 "pdl": bool(self._k_gemv.pdl_launch(torch.empty(0, device=d))),
-                "l2_prefetch": describe_sites(self.l2_prefetch),
-                "early_launch": ",".join(s for s in EARLY_LAUNCH_SITES if s in self.early_launch) or "none",
+                "l2_prefetch": ",".join(s for s in L2_PREFETCH_SITES if s in self.l2_prefetch) or "none",
                 "kernels": "Triton" if d.type == "cuda" else "Triton (CPU interpreter)",
                 "gpu": torch.cuda.get_device_name(d) if d.type == "cuda" else None}
 

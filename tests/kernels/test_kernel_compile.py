@@ -103,10 +103,6 @@ def _calls(dtype):
     yield "gemv (split-K)", lambda: gemv.gemv(r(1, 2944), r(124, 2944))
     yield "gemv (batch 8, bias)", lambda: gemv.gemv(r(8, 2944), r(1472, 2944), r(1472))
     yield "gemv (L2 prefetch)", lambda: gemv.gemv(r(1, 2944), r(124, 2944), prefetch=(r(1472, 2944), 1472 * 2944 * 2))
-    yield "add_rms_norm (L2 prefetch)", lambda: rms_norm.add_rms_norm(r(1, d), torch.randn(1, d), r(d), 1e-5,
-                                                                      prefetch=(r(5888, 1472), 4 << 20))
-    yield "add_rms_norm_route (L2 prefetch)", lambda: moe_routing.add_rms_norm_route(
-        r(1, d), torch.randn(1, d), r(d), 1e-5, r(E, d), r(E), "sigmoid_top1", 1, prefetch=(r(E, 2 * 8192, d), 4 << 20))  # wide F: a share a program
     yield "gemv (in_proj + conv)", lambda: gemv.gemv(r(1, 1472), r(5888, 1472), None,
                                                      conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
 
@@ -130,7 +126,7 @@ def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):
     pdl = {"PDL": True, "launch_pdl": True}
     for module in MODULES:
         if hasattr(module, "pdl_launch"):
-            monkeypatch.setattr(module, "pdl_launch", lambda tensor, early=False: dict(pdl))
+            monkeypatch.setattr(module, "pdl_launch", lambda tensor: dict(pdl))
     calls = dict(_calls(torch.bfloat16))
     compiled = set()
     for what in PDL_CALLS:
@@ -143,41 +139,13 @@ def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):
     assert len(compiled) == 7
 
 
-EARLY_CALLS = {  # the runner's early-launch sites (runtime/torch_fast.py EARLY_LAUNCH_SITES)
-    "norm": lambda r: rms_norm.add_rms_norm(r(1, 40), torch.randn(1, 40), r(40), 1e-5, early_launch=True),
-    "xproj": lambda r: gemv.gemv(r(1, 2944), r(124, 2944), early_launch=True),
-    "ssu": lambda r: selective_state_update.selective_state_update(
-        torch.randn(1, 40, 16), r(1, 40), r(1, 40), -torch.rand(40, 16), r(1, 16), r(1, 16), early_launch=True),
-}
-
-
-@pytest.mark.parametrize("site", sorted(EARLY_CALLS))
-def test_early_launch_lets_dependents_go_before_the_wait(monkeypatch, site):
-    """PDL_EARLY on sm_90: griddepcontrol.launch_dependents comes before griddepcontrol.wait in the kernel."""
+def test_l2_prefetch_compiles_to_the_bulk_prefetch(monkeypatch):
+    """What the x_proj GEMV launches on sm_90 with its L2 prefetch site: Hopper's cp.async.bulk.prefetch.L2."""
     from mambadeploy.kernels import common
 
-    for module in MODULES:
-        if hasattr(module, "pdl_launch"):
-            monkeypatch.setattr(module, "pdl_launch", lambda tensor, early=False: {
-                "PDL": True, "launch_pdl": True, **({"PDL_EARLY": True} if early else {})})
-    monkeypatch.setattr(common, "_PDL_DEVICES", {})
-    r = lambda *shape: torch.randn(*shape).to(torch.bfloat16)  # noqa: E731
-    (kernel, args, kwargs), = _record(monkeypatch, lambda: EARLY_CALLS[site](r))
-    assert kwargs.get("PDL_EARLY") is True
-    ptx = _compile(kernel, args, dict(kwargs)).asm["ptx"]
-    assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait"), site
-
-
-@pytest.mark.parametrize("what", ["gemv (L2 prefetch)", "add_rms_norm (L2 prefetch)", "add_rms_norm_route (L2 prefetch)"])
-def test_l2_prefetch_compiles_to_the_bulk_prefetch(monkeypatch, what):
-    """What the L2 prefetch sites launch on sm_90 (x_proj GEMV, mixer norm, norm + router): Hopper's
-    cp.async.bulk.prefetch.L2."""
-    from mambadeploy.kernels import common
-
-    for module in (gemv, rms_norm, moe_routing):
-        monkeypatch.setattr(module, "l2_prefetch_args", common.l2_prefetch_split)  # as on an sm_90 GPU
+    monkeypatch.setattr(gemv, "l2_prefetch_args", common.l2_prefetch_split)  # as on an sm_90 GPU
     calls = dict(_calls(torch.bfloat16))
-    (kernel, args, kwargs), = _record(monkeypatch, calls[what])
+    (kernel, args, kwargs), = _record(monkeypatch, calls["gemv (L2 prefetch)"])
     assert kwargs.get("PREFETCH") is True
     ptx = _compile(kernel, args, dict(kwargs)).asm["ptx"]
     assert "cp.async.bulk.prefetch.L2.global" in ptx

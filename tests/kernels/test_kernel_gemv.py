@@ -100,3 +100,28 @@ def test_fused_conv_refuses_a_mismatched_state():
     x, w = torch.randn(2, 16), torch.randn(40, 16)
     with pytest.raises(ValueError, match="conv state"):
         gemv(x, w, conv=(torch.zeros(2, 20, 4, dtype=torch.float16), torch.randn(20, 4), None))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the L2 prefetch is Hopper PTX)")
+def test_l2_prefetch_of_another_weight_changes_nothing():
+    """prefetch=(weight, nbytes) only warms L2 (x_proj warming out_proj's weight, the runner's site): same result."""
+    g = make_gen(11)
+    x, w = randn(g, 1, 2944, dtype=torch.bfloat16), randn(g, 124, 2944, dtype=torch.bfloat16)
+    other = randn(g, 1472, 2944, dtype=torch.bfloat16)
+    plain = gemv(x, w)
+    warmed = gemv(x, w, prefetch=(other, other.numel() * other.element_size()))
+    torch.testing.assert_close(warmed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ROW_DOT_TILE is a GPU launch choice (the interpreter keeps FMA)")
+def test_one_row_on_the_dot_path_matches_ref(monkeypatch):
+    """gemv.ROW_DOT_TILE (a sweep knob, off by default): one row of x through the tl.dot path, in_proj with its conv."""
+    import mambadeploy.kernels.gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "ROW_DOT_TILE", (32, 128, 4, 4))
+    g = make_gen(21)
+    x, w = randn(g, 1, 1472, dtype=torch.bfloat16), randn(g, 5888, 1472, dtype=torch.bfloat16, scale=0.03)
+    assert launch_config((x.shape, w.shape))["constexprs"]["USE_DOT"]
+    assert_close_op(gemv(x, w), gemv_ref(x, w), torch.bfloat16, "gemv (one row, dot path)")
