@@ -146,9 +146,10 @@ def gemv_kernel(
         if HAS_BIAS:
             out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if CONV_K > 0:
-            out = _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, y_ptr.dtype.element_ty, cs_ptr, cw_ptr, cb_ptr,
+            out = _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, x_ptr.dtype.element_ty, cs_ptr, cw_ptr, cb_ptr,
                                  conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
-        tl.store(y_at, out.to(y_ptr.dtype.element_ty), mask=mask)
+        # rounded to x's dtype first: an fp32 y holds what a model-dtype projection then .float() would
+        tl.store(y_at, out.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=mask)
     else:
         part_at = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # workspace (SPLIT_K, M, N) fp32
         tl.store(part_at + pid_k * M * N, out, mask=mask)
@@ -160,7 +161,7 @@ def gemv_kernel(
                 total += tl.load(part_at + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_at, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_at, total.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=mask)
             tl.store(count_ptr + pid_n, 0)
 
 
@@ -220,7 +221,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     fused in (in_proj): the first C outputs go through causal_conv1d_update with SiLU (conv_state shifted in place)
     and come back as its output; the rest (z) as projected. Equal to gemv_ref then causal_conv1d_update_ref.
     prefetch = (tensor, nbytes): the programs also warm L2 with that many leading bytes of a weight that a later kernel
-    reads (Hopper only; see common.l2_prefetch_args)."""
+    reads (Hopper only; see common.l2_prefetch_args).
+    out: (M, N), x.dtype or fp32; an fp32 out holds the x.dtype result widened (what gemv(...).float() gives, without
+    the extra launch: the LM head writes its fp32 logits buffer directly)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit (x (M, K), "
                          f"weight (N, K))")
@@ -232,6 +235,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
+    if out is not None and (out.shape != (M, N) or out.dtype not in (x.dtype, torch.float32) or out.stride(1) != 1):
+        raise ValueError(f"gemv: out {out.dtype} {tuple(out.shape)} must be ({M}, {N}), {x.dtype} or fp32, with "
+                         f"contiguous rows")
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y

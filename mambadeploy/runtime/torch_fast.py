@@ -221,11 +221,23 @@ class TorchFastRunner(Runner):
             self.routing_trace.append((layer.index, experts.clone()))
         return self._k_moe.expert_gather(x, moe.w1, moe.w2, experts, weights, moe.activation)
 
-    def _head(self, h):
-        """h (B, d) fp32 residual stream -> logits (B, V) fp32 (the reference's final norm and tied/untied head)."""
-        x = self.model.final_norm(h.to(self.dtype))
+    def _head(self, residual, pending, out=None):
+        """residual (B, d) fp32 + pending (B, d) model dtype (or None) -> logits (B, V) fp32, written into `out` when
+        given: the reference's final norm of (residual + pending) in the model dtype (one kernel) and its tied/untied
+        head (on the GEMV, which writes the widened logits itself)."""
+        fn = self.model.final_norm
+        if pending is None:
+            x = fn(residual.to(self.dtype))
+        else:
+            x = self._k_norm.final_norm(pending, residual, fn.weight, getattr(fn, "bias", None), fn.eps,
+                                        self.config.final_norm)
         w = self.model.embedding.weight if self.model.lm_head is None else self.model.lm_head.weight
-        return self._linear(x, w).float()
+        if self._on_gemv(x):
+            if out is None:
+                out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+            return self._k_gemv.gemv(x, w, out=out)
+        logits = F.linear(x, w)
+        return logits.float() if out is None else out.copy_(logits)
 
     # ------------------------------------------------------------------ prefill
     def _mamba_prefill(self, layer, x, valid):
@@ -300,8 +312,8 @@ class TorchFastRunner(Runner):
                 pending = self._ffn(layer, pending, residual)
         if pos is not None:
             tensors["pos"] = pos.to(torch.int64)
-        last = residual.view(Bsz, L, d)[:, -1] + pending.view(Bsz, L, d)[:, -1].float()
-        return self._head(last), tensors
+        last = None if pending is None else pending.view(Bsz, L, d)[:, -1]
+        return self._head(residual.view(Bsz, L, d)[:, -1], last), tensors
 
     def _prefill_graphed(self, ids):
         """Prefill replayed from a CUDA graph captured once per prompt shape (B, L): the eager prefill's time is mostly
@@ -363,21 +375,28 @@ class TorchFastRunner(Runner):
         """One decode step on st's static buffers: reads st.tokens, updates st.tensors and st.residual in place,
         writes st.logits. Everything here is capturable (no host syncs, no allocations that depend on values)."""
         t = st.tensors
-        st.residual.copy_(F.embedding(st.tokens, self.model.embedding.weight))
+        table = self.model.embedding.weight
+        first = None  # the first mixer's normed input, straight from the ids (lookup + widening + norm in one kernel)
+        if self.layers and self.layers[0].mixer != "none":
+            first = self._k_norm.embed_rms_norm(st.tokens, table, self.layers[0].mixer_norm, self.eps,
+                                                residual_out=st.residual)
+        else:
+            st.residual.copy_(F.embedding(st.tokens, table))
         pending = None
         for layer in self.layers:
             i = layer.index
+            if layer.mixer != "none":
+                x = first if first is not None else self._norm(pending, st.residual, layer.mixer_norm)
+                first = None
             if layer.mixer == "mamba":
-                x = self._norm(pending, st.residual, layer.mixer_norm)
                 pending = self._mamba_step(layer, x, t[f"L{i}.conv"], t[f"L{i}.ssm"])
             elif layer.mixer == "attention":
-                x = self._norm(pending, st.residual, layer.mixer_norm)
                 pending = self._attention_step(layer.attention, x, t[f"L{i}.key"], t[f"L{i}.value"], t["pos"])
             if layer.ffn != "none":
                 pending = self._ffn(layer, pending, st.residual)
         if "pos" in t:
             t["pos"].add_(1)
-        st.logits.copy_(self._head(st.residual + pending.float()))
+        self._head(st.residual, pending, out=st.logits)
 
     def _ensure_buffers(self, st: FastState):
         if st.tokens is None:

@@ -125,3 +125,22 @@ def test_one_row_on_the_dot_path_matches_ref(monkeypatch):
     x, w = randn(g, 1, 1472, dtype=torch.bfloat16), randn(g, 5888, 1472, dtype=torch.bfloat16, scale=0.03)
     assert launch_config((x.shape, w.shape))["constexprs"]["USE_DOT"]
     assert_close_op(gemv(x, w), gemv_ref(x, w), torch.bfloat16, "gemv (one row, dot path)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K", small((1, 40, 72), (3, 37, 150)) + full((1, 50304, 1472)))
+def test_fp32_out_holds_the_model_dtype_result_widened(M, N, K, dtype):
+    """out fp32 (the LM head's logits buffer): exactly gemv(...).float(), split-K or not."""
+    g = make_gen(31)
+    x, w = randn(g, M, K, dtype=dtype), randn(g, N, K, dtype=dtype, scale=0.05)
+    out = torch.full((M, N), float("nan"), device=x.device)
+    gemv(x, w, out=out)
+    torch.testing.assert_close(out, gemv(x, w).float(), rtol=0, atol=0)
+
+
+def test_bad_out_is_refused():
+    x, w = torch.randn(2, 16), torch.randn(40, 16)
+    with pytest.raises(ValueError, match="out"):
+        gemv(x, w, out=torch.empty(2, 41))
+    with pytest.raises(ValueError, match="out"):
+        gemv(x.half(), w.half(), out=torch.empty(2, 40, dtype=torch.bfloat16))
