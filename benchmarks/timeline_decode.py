@@ -81,6 +81,13 @@ def label(kernels: list[dict]) -> None:
             gemvs += 1
         k["role"] = short or k["name"][:48]
         k["layer"] = layer
+    # the step ends with the final norm (the norm kernel again) and the LM head (the GEMV again)
+    gemv_at = [i for i, k in enumerate(kernels) if k["name"].startswith("gemv_kernel")]
+    if gemv_at:
+        kernels[gemv_at[-1]].update(role="head_gemv", layer=-1)
+        norms = [i for i, k in enumerate(kernels[:gemv_at[-1]]) if k["role"] == "norm"]
+        if norms:
+            kernels[norms[-1]].update(role="final_norm", layer=-1)
 
 
 def role_bytes(model) -> dict:
@@ -107,8 +114,7 @@ def summarise(kernels: list[dict], nbytes: dict) -> list[dict]:
     rows = []
     span = kernels[-1]["end"] - kernels[0]["ts"]
     for role, ks in roles.items():
-        layered = [k for k in ks if k["layer"] >= 0] if role not in ("head_gemv",) else ks
-        ks = layered or ks
+        ks = [k for k in ks if k["layer"] >= 0] or ks
         incr = statistics.median(k["incr"] for k in ks)
         row = {"role": role, "launches": len(ks), "incr_us": incr, "dur_us": statistics.median(k["dur"] for k in ks),
                "gap_us": statistics.median(k["gap"] for k in ks), "total_incr_us": sum(k["incr"] for k in ks),
