@@ -32,6 +32,15 @@ def main():
         print()
         print(table(decode["fp32_checks"], ["preset", "fp32_top1_agreement", "fp32_max_rel_err"]))
         print()
+    timeline = load("timeline_decode", gpu)
+    if timeline:
+        for res in timeline["results"]:
+            print(f"### Decode step timeline, {res['preset']} batch 1, L2 prefetch {res['l2_prefetch']} "
+                  f"({timeline['device']['gpu']}, {timeline['device']['date']}): {res['step_gpu_ms']:.4f} ms, "
+                  f"{res['kernels']} kernels\n")
+            print(table(res["roles"], ["role", "launches", "incr_us", "dur_us", "gap_us", "total_incr_us",
+                                       "share_pct", "gbps"]))
+            print()
     pdl = [load(f"decode_pdl{flag}", gpu) for flag in (0, 1)]
     if all(pdl):
         print(f"### Decode with PDL off / on ({pdl[0]['device']['gpu']}, {pdl[0]['device']['date']}, bf16)\n")
