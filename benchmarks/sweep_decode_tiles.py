@@ -51,10 +51,6 @@ SSU_VARIANTS = [None, (32, 2), (32, 4), (64, 4), (16, 1), (8, 1), (32, 1), (64, 
 SSU2_VARIANTS = [(8, 1), (16, 2), (4, 1), (8, 2), (8, 1)]
 # --variants rowdot: one row of x on the GEMV's tl.dot path (gemv.ROW_DOT_TILE: BLOCK_N, BLOCK_K, warps, stages; None =
 # the FMA path with ROW_TILE), expert tiles as chosen
-# --variants pipe: (gemv.PIPELINE_LOADS, gemv.REDUCE_EACH_TILE, moe_experts.PIPELINE_LOADS,
-# moe_experts.REDUCE_EACH_TILE) with the chosen tiles: two weight tiles in flight / a per-tile K reduction
-PIPE_VARIANTS = [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (1, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 0, 1, 1),
-                 (1, 1, 1, 1), (0, 0, 0, 0)]
 ROWDOT_VARIANTS = [None, (32, 128, 4, 4), (16, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 3), (16, 128, 4, 6),
                    (64, 128, 4, 4), (16, 256, 8, 3), (8, 256, 4, 4), None]
 
@@ -72,44 +68,17 @@ def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
     return gpu_ms(state.graph.replay, reps=reps, warmup=0), first
 
 
-def sweep_pipe(model) -> list[dict]:
-    saved = (gemv.PIPELINE_LOADS, gemv.REDUCE_EACH_TILE, moe_experts.PIPELINE_LOADS, moe_experts.REDUCE_EACH_TILE)
-    rows, reference = [], None
-    with torch.no_grad():
-        for flags in PIPE_VARIANTS:
-            (gemv.PIPELINE_LOADS, gemv.REDUCE_EACH_TILE, moe_experts.PIPELINE_LOADS,
-             moe_experts.REDUCE_EACH_TILE) = map(bool, flags)
-            row = dict(zip(("pipe_gemv", "reduce_gemv", "pipe_moe", "reduce_moe"), flags))
-            try:
-                row["step_gpu_ms"], logits = step_gpu_ms(model)
-                reference = logits if reference is None else reference
-                row["max_logit_diff_vs_default"] = (logits - reference).abs().max().item()
-            except Exception as exc:  # a variant the compiler refuses is reported, not fatal
-                row["error"] = str(exc).splitlines()[0][:120]
-            rows.append(row)
-            print(row, flush=True)
-            torch.cuda.empty_cache()
-    (gemv.PIPELINE_LOADS, gemv.REDUCE_EACH_TILE, moe_experts.PIPELINE_LOADS, moe_experts.REDUCE_EACH_TILE) = saved
-    return rows
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="blackmamba-2.8b")
     parser.add_argument("--name", default="sweep_decode_tiles")
-    parser.add_argument("--variants", choices=["mixed", "row", "moe", "fc1", "ssu", "ssu2", "rowdot", "pipe"], default="mixed")
+    parser.add_argument("--variants", choices=["mixed", "row", "moe", "fc1", "ssu", "ssu2", "rowdot"], default="mixed")
     args = parser.parse_args()
     facts = device_facts()
     model = build_preset(args.preset, dtype=torch.bfloat16, device="cuda")
     saved = (gemv.ROW_TILE, moe_experts.GEMV_FC1_TILE, moe_experts.GEMV_FC2_TILE)
     saved_ssu, saved_dot = selective_state_update.BATCH1_TILE, gemv.ROW_DOT_TILE
     rows, reference = [], None
-    if args.variants == "pipe":
-        rows = sweep_pipe(model)
-        write_json(args.name, {"device": facts, "dtype": "bf16", "rows": rows})
-        print(table(rows, ["pipe_gemv", "reduce_gemv", "pipe_moe", "reduce_moe", "step_gpu_ms",
-                           "max_logit_diff_vs_default", "error"]))
-        return
     with torch.no_grad():
         ssu_lists = {"ssu": SSU_VARIANTS, "ssu2": SSU2_VARIANTS}
         if args.variants in ssu_lists:

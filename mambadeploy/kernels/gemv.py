@@ -52,10 +52,6 @@ ROW_TILE = (8, 512, 4)
 # path above. A sweep knob: every tile tried made the 2.8B batch-1 step slower (0.857-1.04 ms against 0.782-0.790 ms,
 # H100, benchmarks/results/sweep_decode_rowdot_tiles_*.json).
 ROW_DOT_TILE = None
-# One row of x: keep two weight tiles in flight (software pipelining in registers; Triton leaves a loop without tl.dot
-# unpipelined). A module constant so that the sweep can compare.
-PIPELINE_LOADS = False
-REDUCE_EACH_TILE = False  # one row: reduce every tile over K (small accumulator, fewer registers) -- a sweep knob
 _counters: dict = {}
 
 
@@ -99,7 +95,7 @@ def gemv_kernel(
     s_xm, s_wn, s_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False, PIPELINE: tl.constexpr = False, REDUCE_EACH: tl.constexpr = False,
+    PDL: tl.constexpr = False,
     cs_ptr=None, cw_ptr=None, cb_ptr=None, conv_dim=0, s_cs_b=0, s_cs_d=0, s_cs_k=0, s_cw_d=0, s_cw_k=0,
     CONV_K: tl.constexpr = 0, HAS_CONV_BIAS: tl.constexpr = False,
     pf_ptr=None, pf_share=0, pf_piece=0, PREFETCH: tl.constexpr = False,
@@ -117,11 +113,6 @@ def gemv_kernel(
     # previous kernel's tail; without PDL the wait is a no-op and this is simply the loop's first iteration, peeled.
     k_first = k_start + tl.arange(0, BLOCK_K)
     w_first = tl.load(w_rows + k_first[None, :], mask=mask_n[:, None] & (k_first < K)[None, :], other=0.0)
-    if PIPELINE:  # (one-row path) the second tile too: from here on each iteration loads the tile after its own
-        k_second = k_first + BLOCK_K
-        w_next = tl.load(w_rows + k_second[None, :],
-                         mask=mask_n[:, None] & ((k_second < K) & (k_second < k_start + K_PER_SPLIT))[None, :],
-                         other=0.0)
     if PREFETCH:  # a weight of a later kernel into L2 (a hint; see common.l2_prefetch)
         l2_prefetch(pf_ptr, pid_n + pid_k * tl.num_programs(0), pf_share, pf_piece)
     pdl_wait(PDL)
@@ -142,25 +133,13 @@ def gemv_kernel(
         out = acc2
     else:  # one row: fp32 FMAs into a (BLOCK_M, BLOCK_N, BLOCK_K) accumulator, reduced over K once at the end
         acc = w_first.to(tl.float32)[None, :, :] * x_first.to(tl.float32)[:, None, :]
-        if REDUCE_EACH:  # reduce each tile over K at once: a (BLOCK_M, BLOCK_N) accumulator instead of a full tile
-            acc = fsum(acc, 2)
         for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
             kk = k_start + k0 + tl.arange(0, BLOCK_K)
             mk = kk < K
-            if PIPELINE:  # software pipelining: two weight tiles in flight (Triton does not pipeline non-dot loops)
-                w = w_next.to(tl.float32)
-                kn = kk + BLOCK_K
-                w_next = tl.load(w_rows + kn[None, :],
-                                 mask=mask_n[:, None] & ((kn < K) & (kn < k_start + K_PER_SPLIT))[None, :],
-                                 other=0.0)
-            else:
-                w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32)
             xv = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            if REDUCE_EACH:
-                acc += fsum(w[None, :, :] * xv[:, None, :], 2)
-            else:
-                acc += w[None, :, :] * xv[:, None, :]
-        out = acc if REDUCE_EACH else fsum(acc, 2)  # (BLOCK_M, BLOCK_N)
+            acc += w[None, :, :] * xv[:, None, :]
+        out = fsum(acc, 2)  # (BLOCK_M, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
     y_at = y_ptr + offs_m[:, None] * s_ym + offs_n[None, :]
     if SPLIT_K == 1:
@@ -224,8 +203,7 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = 
     return {"kernel": "gemv_kernel", "grid": (cdiv(N, block_n), split), "num_warps": warps, "num_stages": stages,
             "k_per_split": per_split * block_k,
             "constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
-                           "USE_DOT": use_dot, "PIPELINE": PIPELINE_LOADS and not use_dot,
-                           "REDUCE_EACH": REDUCE_EACH_TILE and not use_dot}}
+                           "USE_DOT": use_dot}}
 
 
 def _counter_buffer(device) -> torch.Tensor:

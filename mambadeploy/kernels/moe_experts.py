@@ -43,9 +43,6 @@ GEMV_MAX_PAIRS = 1
 # fc2 (8, 1024, 8) stays (every other tile tried was slower). Module constants so that the sweep can set others.
 GEMV_FC1_TILE = (8, 512, 4)
 GEMV_FC2_TILE = (8, 1024, 8)
-# The expert GEMVs keep two weight tiles in flight (software pipelining, as gemv.PIPELINE_LOADS); a sweep knob.
-PIPELINE_LOADS = False
-REDUCE_EACH_TILE = False  # the expert GEMVs reduce every tile over K at once (as gemv.REDUCE_EACH_TILE); a sweep knob
 
 
 # --------------------------------------------------------------------------- GEMV (decode)
@@ -55,7 +52,7 @@ def moe_gemv_fc1_kernel(
     F, d,
     s_x_t, s_w_e, s_w_f, s_w_d, s_h_p,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr = False, PIPELINE: tl.constexpr = False, REDUCE_EACH: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,40 +62,16 @@ def moe_gemv_fc1_kernel(
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * s_x_t
     gate_rows = w1_ptr + e * s_w_e + offs_n[:, None] * s_w_f
     up_rows = gate_rows + F * s_w_f
-    if REDUCE_EACH:  # every tile reduced over K at once: (BLOCK_N,) accumulators instead of full tiles
-        acc_g = tl.full((BLOCK_N,), 0.0, tl.float32)
-        acc_u = tl.full((BLOCK_N,), 0.0, tl.float32)
-    else:
-        acc_g = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
-        acc_u = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
-    if PIPELINE:  # software pipelining: each iteration loads the next tiles before it computes (two in flight)
-        k_first = tl.arange(0, BLOCK_K)
-        m_first = mask_n[:, None] & (k_first < d)[None, :]
-        g_next = tl.load(gate_rows + k_first[None, :] * s_w_d, mask=m_first, other=0.0)
-        u_next = tl.load(up_rows + k_first[None, :] * s_w_d, mask=m_first, other=0.0)
+    acc_g = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    acc_u = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
     for k0 in range(0, d, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < d
         xv = tl.load(x_row + kk, mask=mk, other=0.0).to(tl.float32)
         m = mask_n[:, None] & mk[None, :]
-        if PIPELINE:
-            g, u = g_next, u_next
-            kn = kk + BLOCK_K
-            mn = mask_n[:, None] & (kn < d)[None, :]
-            g_next = tl.load(gate_rows + kn[None, :] * s_w_d, mask=mn, other=0.0)
-            u_next = tl.load(up_rows + kn[None, :] * s_w_d, mask=mn, other=0.0)
-        else:
-            g = tl.load(gate_rows + kk[None, :] * s_w_d, mask=m, other=0.0)
-            u = tl.load(up_rows + kk[None, :] * s_w_d, mask=m, other=0.0)
-        if REDUCE_EACH:
-            acc_g += fsum(g.to(tl.float32) * xv[None, :], 1)
-            acc_u += fsum(u.to(tl.float32) * xv[None, :], 1)
-        else:
-            acc_g += g.to(tl.float32) * xv[None, :]
-            acc_u += u.to(tl.float32) * xv[None, :]
-    if not REDUCE_EACH:
-        acc_g, acc_u = fsum(acc_g, 1), fsum(acc_u, 1)
-    h = activate(acc_g, ACTIVATION) * acc_u
+        acc_g += tl.load(gate_rows + kk[None, :] * s_w_d, mask=m, other=0.0).to(tl.float32) * xv[None, :]
+        acc_u += tl.load(up_rows + kk[None, :] * s_w_d, mask=m, other=0.0).to(tl.float32) * xv[None, :]
+    h = activate(fsum(acc_g, 1), ACTIVATION) * fsum(acc_u, 1)
     tl.store(h_ptr + pair.to(tl.int64) * s_h_p + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -108,7 +81,6 @@ def moe_gemv_fc2_kernel(
     d, F,
     s_h_p, s_w_e, s_w_d, s_w_f, s_y_r,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-    PIPELINE: tl.constexpr = False, REDUCE_EACH: tl.constexpr = False,
 ):
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,28 +93,15 @@ def moe_gemv_fc2_kernel(
     w_rows = w2_ptr + e * s_w_e + offs_n[:, None] * s_w_d
     k_first = tl.arange(0, BLOCK_K)
     w_first = tl.load(w_rows + k_first[None, :] * s_w_f, mask=mask_n[:, None] & (k_first < F)[None, :], other=0.0)
-    if PIPELINE:  # the second tile before the wait too; then each iteration loads the tile after its own
-        k_second = k_first + BLOCK_K
-        w_next = tl.load(w_rows + k_second[None, :] * s_w_f, mask=mask_n[:, None] & (k_second < F)[None, :], other=0.0)
     pdl_wait(PDL)
     acc = w_first.to(tl.float32) * tl.load(h_row + k_first, mask=k_first < F, other=0.0).to(tl.float32)[None, :]
-    if REDUCE_EACH:
-        acc = fsum(acc, 1)
     for k0 in range(BLOCK_K, F, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < F
         hv = tl.load(h_row + kk, mask=mk, other=0.0).to(tl.float32)
-        if PIPELINE:
-            w = w_next
-            kn = kk + BLOCK_K
-            w_next = tl.load(w_rows + kn[None, :] * s_w_f, mask=mask_n[:, None] & (kn < F)[None, :], other=0.0)
-        else:
-            w = tl.load(w_rows + kk[None, :] * s_w_f, mask=mask_n[:, None] & mk[None, :], other=0.0)
-        if REDUCE_EACH:
-            acc += fsum(w.to(tl.float32) * hv[None, :], 1)
-        else:
-            acc += w.to(tl.float32) * hv[None, :]
-    out = (acc if REDUCE_EACH else fsum(acc, 1)) * tl.load(weights_ptr + pair)
+        acc += tl.load(w_rows + kk[None, :] * s_w_f, mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32) \
+            * hv[None, :]
+    out = fsum(acc, 1) * tl.load(weights_ptr + pair)
     # row = pair: with top-1 that is the token's row of y (T, d); with top-k the pair's row of the fp32 (P, d) buffer
     tl.store(y_ptr + pair.to(tl.int64) * s_y_r + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
@@ -311,11 +270,9 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, tma: bool = Fals
         return {
             "path": "gemv",
             "fc1": {"kernel": "moe_gemv_fc1_kernel", "grid": (P, triton.cdiv(F, n1)), "num_warps": w1,
-                    "num_stages": 3, "constexprs": {"BLOCK_N": n1, "BLOCK_K": k1, "PIPELINE": PIPELINE_LOADS,
-                                                   "REDUCE_EACH": REDUCE_EACH_TILE}},
+                    "num_stages": 3, "constexprs": {"BLOCK_N": n1, "BLOCK_K": k1}},
             "fc2": {"kernel": "moe_gemv_fc2_kernel", "grid": (P, triton.cdiv(d, n2)), "num_warps": w2,
-                    "num_stages": 3, "constexprs": {"BLOCK_N": n2, "BLOCK_K": k2, "PIPELINE": PIPELINE_LOADS,
-                                                   "REDUCE_EACH": REDUCE_EACH_TILE}},
+                    "num_stages": 3, "constexprs": {"BLOCK_N": n2, "BLOCK_K": k2}},
         }
     # tiles: (BLOCK_M, fc1 (BLOCK_N, BLOCK_K, warps, stages), fc2 (...)); the best of the H100 sweep per regime:
     # decode batches (P <= 16 E: 16-row blocks, weight-streaming) and prefill (128-row blocks)
