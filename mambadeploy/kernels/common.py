@@ -84,6 +84,15 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def load_or_zeros(ptr, offs, mask, PRESENT: tl.constexpr, BLOCK: tl.constexpr):
+    """An optional per-channel vector (a bias, D) as fp32 (0 where masked), or zeros when it is absent."""
+    v = tl.full((BLOCK,), 0.0, tl.float32)
+    if PRESENT:
+        v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def softplus(x):
     # log(1 + e^x), its two tails taken exactly enough for fp32: x for x > 20, e^x for x < -15 (which maps -inf to 0)
     return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import selective_scan_ref  # noqa: F401  (the reference, re-exported beside the kernel)
 
-from .common import LOG2E, fsum, next_pow2, sigmoid, softplus
+from .common import LOG2E, fsum, load_or_zeros, next_pow2, sigmoid, softplus
 from .interpret import is_interpreted, kernel_for
 
 # (BLOCK_D, CHUNK, num_warps) on a GPU: the best of benchmarks/sweep_kernels.py on the H100 (2.8B, L = 2048,
@@ -263,12 +263,8 @@ def selective_scan_seg_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A2 = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
     A2 = A2 * LOG2E
-    bias = tl.full((BLOCK_D,), 0.0, tl.float32)
-    if HAS_DELTA_BIAS:
-        bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.full((BLOCK_D,), 0.0, tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = load_or_zeros(delta_bias_ptr, offs_d, mask_d, HAS_DELTA_BIAS, BLOCK_D)
+    Dv = load_or_zeros(D_ptr, offs_d, mask_d, HAS_D, BLOCK_D)
     ws_dn = (pid_b * n_seg * dim + offs_d[:, None]) * BLOCK_N + offs_n[None, :]  # workspace (b, 0, d, n)
     h = tl.full((BLOCK_D, BLOCK_N), 0.0, tl.float32)
     if not STATE_PASS:

@@ -15,7 +15,17 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import selective_state_update_ref  # noqa: F401  (the reference, re-exported)
 
-from .common import LOG2E, block_for_programs, fsum, next_pow2, pdl_launch, pdl_wait, sigmoid, softplus
+from .common import (
+    LOG2E,
+    block_for_programs,
+    fsum,
+    load_or_zeros,
+    next_pow2,
+    pdl_launch,
+    pdl_wait,
+    sigmoid,
+    softplus,
+)
 from .interpret import is_interpreted, kernel_for
 
 
@@ -45,12 +55,8 @@ def selective_state_update_kernel(
         mask_r = offs_r < rank
         w = tl.load(dt_w_ptr + offs_d[:, None] * s_w_d + offs_r[None, :] * s_w_r,
                     mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-    bias = tl.full((BLOCK_D,), 0.0, tl.float32)
-    if HAS_DT_BIAS:
-        bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.full((BLOCK_D,), 0.0, tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = load_or_zeros(dt_bias_ptr, offs_d, mask_d, HAS_DT_BIAS, BLOCK_D)
+    Dv = load_or_zeros(D_ptr, offs_d, mask_d, HAS_D, BLOCK_D)
     pdl_wait(PDL)
     state_ptrs = state_ptr + pid_b * s_st_b + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
     h = tl.load(state_ptrs, mask=mask_dn, other=0.0)
