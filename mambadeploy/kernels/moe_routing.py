@@ -93,6 +93,9 @@ def add_rms_norm_route_kernel(
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     wr = tl.load(rw_ptr + offs_e[:, None] * s_rw_e + offs[None, :] * s_rw_d, mask=mask_e[:, None] & mask[None, :],
                  other=0.0).to(tl.float32)
+    rb = tl.full((BLOCK_E,), 0.0, tl.float32)
+    if HAS_BIAS:  # (here, not after the stores below: a load there could not be hoisted over them)
+        rb = tl.load(rb_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     pdl_wait(PDL)
     v = tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_X:
@@ -102,9 +105,7 @@ def add_rms_norm_route_kernel(
     normed = (v * rstd * w).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * s_o + offs, normed, mask=mask)
 
-    logits = fsum(wr * normed.to(tl.float32)[None, :], 1)
-    if HAS_BIAS:
-        logits += tl.load(rb_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    logits = fsum(wr * normed.to(tl.float32)[None, :], 1) + rb
     rows = row + tl.arange(0, 1)
     _pick_experts(logits[None, :], mask_e, rows, rows >= 0, weights_ptr, experts_ptr, SOFTMAX, TOP_K)
 

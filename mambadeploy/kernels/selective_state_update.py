@@ -58,19 +58,24 @@ def selective_state_update_kernel(
     bias = load_or_zeros(dt_bias_ptr, offs_d, mask_d, HAS_DT_BIAS, BLOCK_D)
     Dv = load_or_zeros(D_ptr, offs_d, mask_d, HAS_D, BLOCK_D)
     pdl_wait(PDL)
+    # every activation load is issued here, together: a load after the state store below could not be hoisted over
+    # it (the compiler cannot rule out aliasing), so it would add a memory round trip to this latency-bound kernel
     state_ptrs = state_ptr + pid_b * s_st_b + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
     h = tl.load(state_ptrs, mask=mask_dn, other=0.0)
     x = tl.load(x_ptr + pid_b * s_x_b + offs_d * s_x_d, mask=mask_d, other=0.0).to(tl.float32)
     if DT_LOW_RANK:  # dt = dt_low @ W.T for this block's channels
         low = tl.load(dt_ptr + pid_b * s_dt_b + offs_r * s_dt_d, mask=mask_r, other=0.0).to(tl.float32)
-        dt = fsum(w * low[None, :], 1)
     else:
         dt = tl.load(dt_ptr + pid_b * s_dt_b + offs_d * s_dt_d, mask=mask_d, other=0.0).to(tl.float32)
+    B = tl.load(B_ptr + pid_b * s_B_b + offs_n * s_B_n, mask=mask_n, other=0.0).to(tl.float32)
+    C = tl.load(C_ptr + pid_b * s_C_b + offs_n * s_C_n, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * s_z_b + offs_d * s_z_d, mask=mask_d, other=0.0).to(tl.float32)
+    if DT_LOW_RANK:
+        dt = fsum(w * low[None, :], 1)
     dt += bias
     if DT_SOFTPLUS:
         dt = softplus(dt)
-    B = tl.load(B_ptr + pid_b * s_B_b + offs_n * s_B_n, mask=mask_n, other=0.0).to(tl.float32)
-    C = tl.load(C_ptr + pid_b * s_C_b + offs_n * s_C_n, mask=mask_n, other=0.0).to(tl.float32)
 
     h = tl.exp2(dt[:, None] * A * LOG2E) * h + (dt * x)[:, None] * B[None, :]
     tl.store(state_ptrs, h, mask=mask_dn)
@@ -79,7 +84,6 @@ def selective_state_update_kernel(
     if HAS_D:
         y += x * Dv
     if HAS_Z:
-        z = tl.load(z_ptr + pid_b * s_z_b + offs_d * s_z_d, mask=mask_d, other=0.0).to(tl.float32)
         y *= z * sigmoid(z)
     tl.store(y_ptr + pid_b * s_y_b + offs_d * s_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
 

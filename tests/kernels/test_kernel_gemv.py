@@ -77,15 +77,18 @@ def test_bad_shapes_are_refused():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,C,K,conv_bias", [(1, 40, 24, True), (3, 37, 40, False), (8, 24, 33, True)])
-def test_fused_conv_epilogue_matches_projection_then_conv_update(M, C, K, conv_bias, dtype):
+@pytest.mark.parametrize("M,C,K,conv_bias,d_conv", [(1, 40, 24, True, 4), (3, 37, 40, False, 4), (8, 24, 33, True, 4),
+                                                    (1, 40, 24, True, 3), (3, 37, 40, False, 2)] + full(
+    (1, 2944, 1472, True, 4)))
+def test_fused_conv_epilogue_matches_projection_then_conv_update(M, C, K, conv_bias, d_conv, dtype):
     """in_proj with Mamba's decode conv in its epilogue == gemv_ref, then causal_conv1d_update_ref on the first C
-    outputs (channels off block multiples, batch 1 / 3 / 8, with and without the conv bias); the state shifts."""
+    outputs (channels off block multiples, batch 1 / 3 / 8, with and without the conv bias, conv widths 4 / 3 / 2);
+    the state shifts."""
     g = make_gen(7)
     N = 2 * C
     x, w, b = randn(g, M, K, dtype=dtype), randn(g, N, K, dtype=dtype, scale=K ** -0.5), randn(g, N, dtype=dtype)
-    state = randn(g, M, C, 4)
-    cw, cb = randn(g, C, 4, dtype=dtype), randn(g, C, dtype=dtype) if conv_bias else None
+    state = randn(g, M, C, d_conv)
+    cw, cb = randn(g, C, d_conv, dtype=dtype), randn(g, C, dtype=dtype) if conv_bias else None
     xz_ref = gemv_ref(x, w, b)
     xc_ref, state_ref = causal_conv1d_update_ref(xz_ref[:, :C], state.clone(), cw, cb, "silu")
     out = gemv(x, w, b, conv=(state, cw, cb))
