@@ -61,49 +61,30 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
 
 @triton.jit
-def _conv_window(offs_m, mask_m, offs_n, mask_n, cs_ptr, cw_ptr, cb_ptr, conv_dim,
-                 s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K: tl.constexpr, KP: tl.constexpr,
-                 HAS_CONV_BIAS: tl.constexpr):
-    """What Mamba's decode conv (in_proj's epilogue) reads besides this step's output, loaded before the PDL wait:
-    the taps and bias are weights, and the conv state was last written by this kernel in the previous step, so no
-    kernel in flight writes it. Returns (window: the state's slots 1..CONV_K-1 at positions 1..CONV_K-1 of a (BLOCK_M,
-    BLOCK_N, KP) tile, taps: tap k-1 at position k, the last tap, bias)."""
-    cols = mask_n & (offs_n < conv_dim)
-    offs_k = tl.arange(0, KP)
-    keep = (offs_k >= 1) & (offs_k < CONV_K)  # the slots that stay in the window, shifted down by one
-    rows = cs_ptr + offs_m.to(tl.int64)[:, None, None] * s_cs_b + offs_n[None, :, None] * s_cs_d
-    window = tl.load(rows + offs_k[None, None, :] * s_cs_k,
-                     mask=mask_m[:, None, None] & cols[None, :, None] & keep[None, None, :], other=0.0)
-    taps = tl.load(cw_ptr + offs_n[:, None] * s_cw_d + (offs_k - 1)[None, :] * s_cw_k, mask=cols[:, None] & keep[None, :],
-                   other=0.0).to(tl.float32)
-    last = tl.load(cw_ptr + offs_n * s_cw_d + (CONV_K - 1) * s_cw_k, mask=cols, other=0.0).to(tl.float32)
-    bias = tl.full(last.shape, 0.0, tl.float32)
-    if HAS_CONV_BIAS:
-        bias = tl.load(cb_ptr + offs_n, mask=cols, other=0.0).to(tl.float32)
-    return window, taps, last, bias
-
-
-@triton.jit
-def _conv_epilogue(out, window, taps, last, bias, offs_m, mask_m, offs_n, mask_n, y_dtype, cs_ptr, conv_dim,
-                   s_cs_b, s_cs_d, s_cs_k, CONV_K: tl.constexpr, KP: tl.constexpr):
+def _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, y_dtype, cs_ptr, cw_ptr, cb_ptr, conv_dim,
+                   s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
     """Mamba's decode conv on the projection's first conv_dim outputs (in_proj's x half), in the GEMV's epilogue:
     the window (conv state (M, conv_dim, CONV_K) fp32, then this step's output rounded to the model dtype, as a
-    separate projection would store it) times the taps, + bias, SiLU; the state shifts by one in place (slot k-1
-    takes the old slot k from registers, the last slot this step's value). A channel belongs to exactly one program
-    (no split-K here), so its state is read and written by that program alone. Returns out with those columns
-    replaced by the conv output; the others (z) pass through."""
+    separate projection would store it) times the taps, + bias, SiLU; the state shifts by one in place. A channel
+    belongs to exactly one program (no split-K here), so its state is read and written by that program alone.
+    Returns out with those columns replaced by the conv output; the others (z) pass through."""
     conv_cols = offs_n < conv_dim
-    cols = mask_n & conv_cols
+    m2 = mask_m[:, None] & (mask_n & conv_cols)[None, :]
     new = out.to(y_dtype).to(tl.float32)
-    acc = fsum(window * taps[None, :, :], 2) + new * last[None, :] + bias[None, :]
-    offs_k = tl.arange(0, KP)
-    keep = (offs_k >= 1) & (offs_k < CONV_K)
-    rows = cs_ptr + offs_m.to(tl.int64)[:, None, None] * s_cs_b + offs_n[None, :, None] * s_cs_d
-    tl.debug_barrier()  # every thread's window has arrived before any thread overwrites a slot
-    tl.store(rows + (offs_k - 1)[None, None, :] * s_cs_k, window,
-             mask=mask_m[:, None, None] & cols[None, :, None] & keep[None, None, :])
-    tl.store(cs_ptr + offs_m.to(tl.int64)[:, None] * s_cs_b + offs_n[None, :] * s_cs_d + (CONV_K - 1) * s_cs_k, new,
-             mask=mask_m[:, None] & cols[None, :])
+    rows = cs_ptr + offs_m.to(tl.int64)[:, None] * s_cs_b + offs_n[None, :] * s_cs_d
+    acc = new * tl.load(cw_ptr + offs_n * s_cw_d + (CONV_K - 1) * s_cw_k, mask=mask_n & conv_cols,
+                        other=0.0).to(tl.float32)[None, :]
+    if HAS_CONV_BIAS:
+        acc += tl.load(cb_ptr + offs_n, mask=mask_n & conv_cols, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(CONV_K - 1):
+        old = tl.load(rows + (k + 1) * s_cs_k, mask=m2, other=0.0)
+        acc += old * tl.load(cw_ptr + offs_n * s_cw_d + k * s_cw_k, mask=mask_n & conv_cols,
+                             other=0.0).to(tl.float32)[None, :]
+    tl.debug_barrier()  # every thread has read the old window before any thread shifts it
+    for k in tl.static_range(CONV_K - 1):  # the state keeps the last CONV_K inputs, this step's the newest
+        tl.store(rows + k * s_cs_k, tl.load(rows + (k + 1) * s_cs_k, mask=m2, other=0.0), mask=m2)
+        tl.debug_barrier()
+    tl.store(rows + (CONV_K - 1) * s_cs_k, new, mask=m2)
     return tl.where(conv_cols[None, :], acc * sigmoid(acc), out)
 
 
@@ -116,7 +97,7 @@ def gemv_kernel(
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     PDL: tl.constexpr = False,
     cs_ptr=None, cw_ptr=None, cb_ptr=None, conv_dim=0, s_cs_b=0, s_cs_d=0, s_cs_k=0, s_cw_d=0, s_cw_k=0,
-    CONV_K: tl.constexpr = 0, CONV_KP: tl.constexpr = 1, HAS_CONV_BIAS: tl.constexpr = False,
+    CONV_K: tl.constexpr = 0, HAS_CONV_BIAS: tl.constexpr = False,
     pf_ptr=None, pf_share=0, pf_piece=0, PREFETCH: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
@@ -132,10 +113,6 @@ def gemv_kernel(
     # previous kernel's tail; without PDL the wait is a no-op and this is simply the loop's first iteration, peeled.
     k_first = k_start + tl.arange(0, BLOCK_K)
     w_first = tl.load(w_rows + k_first[None, :], mask=mask_n[:, None] & (k_first < K)[None, :], other=0.0)
-    if CONV_K > 0:  # the conv's taps, bias and old window: none is written by a kernel in flight
-        window, taps, last, cbias = _conv_window(offs_m, mask_m, offs_n, mask_n, cs_ptr, cw_ptr, cb_ptr, conv_dim,
-                                                 s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K, CONV_KP,
-                                                 HAS_CONV_BIAS)
     if PREFETCH:  # a weight of a later kernel into L2 (a hint; see common.l2_prefetch)
         l2_prefetch(pf_ptr, pid_n + pid_k * tl.num_programs(0), pf_share, pf_piece)
     pdl_wait(PDL)
@@ -169,8 +146,8 @@ def gemv_kernel(
         if HAS_BIAS:
             out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if CONV_K > 0:
-            out = _conv_epilogue(out, window, taps, last, cbias, offs_m, mask_m, offs_n, mask_n,
-                                 x_ptr.dtype.element_ty, cs_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k, CONV_K, CONV_KP)
+            out = _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, x_ptr.dtype.element_ty, cs_ptr, cw_ptr, cb_ptr,
+                                 conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
         # rounded to x's dtype first: an fp32 y holds what a model-dtype projection then .float() would
         tl.store(y_at, out.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=mask)
     else:
@@ -305,5 +282,5 @@ def _conv_arguments(conv, M: int, N: int) -> dict:
                          f"fit {M} rows and {N} outputs (state fp32 (M, C, d_conv), C <= N)")
     return {"cs_ptr": state, "cw_ptr": weight, "cb_ptr": bias if bias is not None else weight, "conv_dim": C,
             "s_cs_b": state.stride(0), "s_cs_d": state.stride(1), "s_cs_k": state.stride(2),
-            "s_cw_d": weight.stride(0), "s_cw_k": weight.stride(1), "CONV_K": d_conv, "CONV_KP": next_pow2(d_conv),
+            "s_cw_d": weight.stride(0), "s_cw_k": weight.stride(1), "CONV_K": d_conv,
             "HAS_CONV_BIAS": bias is not None}

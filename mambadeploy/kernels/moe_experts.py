@@ -89,7 +89,6 @@ def moe_gemv_fc2_kernel(
     # after every fc1 program has passed its own wait, i.e. after the router finished, so the id may be read before
     # fc2's wait -- from L2 (.cg), the coherent level -- and with it the first tile of the expert's weights.
     e = tl.load(experts_ptr + pair, cache_modifier=".cg").to(tl.int64)
-    gate = tl.load(weights_ptr + pair, cache_modifier=".cg")  # the route's weight, by the same argument
     h_row = h_ptr + pair.to(tl.int64) * s_h_p
     w_rows = w2_ptr + e * s_w_e + offs_n[:, None] * s_w_d
     k_first = tl.arange(0, BLOCK_K)
@@ -102,7 +101,7 @@ def moe_gemv_fc2_kernel(
         hv = tl.load(h_row + kk, mask=mk, other=0.0).to(tl.float32)
         acc += tl.load(w_rows + kk[None, :] * s_w_f, mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32) \
             * hv[None, :]
-    out = fsum(acc, 1) * gate
+    out = fsum(acc, 1) * tl.load(weights_ptr + pair)
     # row = pair: with top-1 that is the token's row of y (T, d); with top-k the pair's row of the fp32 (P, d) buffer
     tl.store(y_ptr + pair.to(tl.int64) * s_y_r + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
