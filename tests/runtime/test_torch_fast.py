@@ -52,6 +52,19 @@ def test_greedy_tokens_match_the_reference(tiny, preset):
     assert fast.tokens == ref.tokens
 
 
+def test_cublas_projections_and_wide_batches_match_the_reference(tiny):
+    """triton_gemv=False (cuBLAS projections, the separate conv-update kernel, the LM head through F.linear into the
+    logits buffer), and a batch wider than TRITON_GEMV_MAX_BATCH on the default runner: the reference's greedy tokens."""
+    from mambadeploy.runtime.torch_fast import TRITON_GEMV_MAX_BATCH
+
+    model = _model(tiny, "blackmamba-tiny")
+    n = 64 if GPU else 4
+    ref = generate(TorchEagerRunner(model), PROMPTS, n)
+    assert generate(TorchFastRunner(model, triton_gemv=False), PROMPTS, n).tokens == ref.tokens
+    wide = [PROMPTS[i % 2] for i in range(TRITON_GEMV_MAX_BATCH + 1)]
+    assert generate(TorchFastRunner(model), wide, n).tokens == generate(TorchEagerRunner(model), wide, n).tokens
+
+
 def test_prefill_and_step_logits_and_state_match(tiny, preset):
     model = _model(tiny, preset)
     fast, ref = TorchFastRunner(model), TorchEagerRunner(model)
