@@ -62,6 +62,23 @@ def gpu_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def captured_decode_step(model, **runner_kwargs):
+    """A torch-fast runner on `model` with its batch-1 decode step captured: a seeded 16-token prompt prefilled, then
+    4 steps of its greedy token (the first captures the graph). Returns (runner, state, the first step's logits)."""
+    from mambadeploy.runtime.torch_fast import TorchFastRunner
+
+    runner = TorchFastRunner(model, check_inputs=False, **runner_kwargs)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=g, device="cuda")
+    logits, state = runner.prefill(prompt)
+    token = logits.argmax(-1)
+    first = runner.step(token, state)[0].clone()
+    for _ in range(3):
+        runner.step(token, state)
+    torch.cuda.synchronize()
+    return runner, state, first
+
+
 def wall_ms(fn, reps: int) -> float:
     """Median host wall time of `fn` in ms, synchronised before and after (includes launch cost)."""
     times = []

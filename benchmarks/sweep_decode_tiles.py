@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _bench import device_facts, gpu_ms, table, write_json
+from _bench import captured_decode_step, device_facts, gpu_ms, table, write_json
 
 from mambadeploy.kernels import gemv, moe_experts, selective_state_update
 from mambadeploy.models.checkpoint import build_preset
-from mambadeploy.runtime.torch_fast import TorchFastRunner
 
 # (ROW_TILE, GEMV_FC1_TILE, GEMV_FC2_TILE); logits are compared with each list's first
 VARIANTS = [  # the first sweep, with the earlier defaults first
@@ -56,15 +55,7 @@ ROWDOT_VARIANTS = [None, (32, 128, 4, 4), (16, 128, 4, 4), (16, 256, 4, 4), (32,
 
 
 def step_gpu_ms(model, reps=50) -> tuple[float, torch.Tensor]:
-    runner = TorchFastRunner(model, check_inputs=False)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=g, device="cuda")
-    logits, state = runner.prefill(prompt)
-    token = logits.argmax(-1)
-    first, state = runner.step(token, state)
-    first = first.clone()
-    for _ in range(3):
-        runner.step(token, state)
+    _, state, first = captured_decode_step(model)
     return gpu_ms(state.graph.replay, reps=reps, warmup=0), first
 
 

@@ -27,27 +27,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _bench import device_facts, gpu_ms, table, write_json
+from _bench import captured_decode_step, device_facts, gpu_ms, table, write_json
 
 from mambadeploy.models.checkpoint import build_preset
-from mambadeploy.runtime.torch_fast import TorchFastRunner
 
 LAYER_START = "add_rms_norm_kernel"  # the mixer norm opens each layer (the FFN norm is add_rms_norm_route_kernel)
 GEMV_ROLES = ("in_proj", "x_proj", "out_proj")
 SHORT = {"selective_state_update_kernel": "state_update", "add_rms_norm_route_kernel": "norm_route",
          "moe_gemv_fc1_kernel": "fc1", "moe_gemv_fc2_kernel": "fc2", LAYER_START: "norm"}
-
-
-def captured_step(model, variant):
-    runner = TorchFastRunner(model, check_inputs=False, l2_prefetch=variant)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=g, device="cuda")
-    logits, state = runner.prefill(prompt)
-    token = logits.argmax(-1)
-    for _ in range(4):
-        runner.step(token, state)
-    torch.cuda.synchronize()
-    return runner, state
 
 
 def kernel_events(replay, replays: int = 3) -> list[dict]:
@@ -138,7 +125,7 @@ def main():
     results, steps, reference = [], [], None
     with torch.no_grad():
         for variant in args.variants:  # all timed first (see the docstring)
-            runner, state = captured_step(model, variant)
+            runner, state, _ = captured_decode_step(model, l2_prefetch=variant)
             steps.append((variant, runner, state))
             described = runner.describe()
             state.graph.replay()

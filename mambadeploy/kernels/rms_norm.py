@@ -137,8 +137,7 @@ def final_norm(x, residual, weight, bias, eps, kind, *, out=None):
         raise ValueError("final_norm: layernorm needs its bias")
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, residual, weight, eps, out, None, ROUND_IN=True, LAYER=kind == "layernorm",
-            **({"b_ptr": bias} if kind == "layernorm" else {}))
+    _launch(x, residual, weight, eps, out, None, ROUND_IN=True, LAYER=kind == "layernorm", b_ptr=bias)
     return out
 
 

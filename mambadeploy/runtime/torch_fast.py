@@ -183,12 +183,14 @@ class TorchFastRunner(Runner):
         """Whether decode rows x take the Triton GEMV (switched on, and few rows) rather than cuBLAS."""
         return self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH
 
-    def _linear(self, x, weight, bias=None, prefetch=None):
+    def _linear(self, x, weight, bias=None, prefetch=None, out=None):
         """x (B, K) @ weight.T (+ bias) for decode rows: the Triton GEMV when _on_gemv (which then also warms L2 with
-        `prefetch` = (tensor, nbytes), see gemv), else cuBLAS."""
+        `prefetch` = (tensor, nbytes), see gemv), else cuBLAS. out: written when given; it may be fp32 (the model-dtype
+        result widened, as gemv's fp32 out)."""
         if self._on_gemv(x):
-            return self._k_gemv.gemv(x, weight, bias, prefetch=prefetch)
-        return F.linear(x, weight, bias)
+            return self._k_gemv.gemv(x, weight, bias, prefetch=prefetch, out=out)
+        y = F.linear(x, weight, bias)
+        return y if out is None else out.copy_(y)
 
     def _ssm_params(self, m, xc):
         """xc (..., d_inner) -> low-rank dt (..., R), B, C (..., N) (views of one x_proj output); dt_proj (no bias)
@@ -224,7 +226,7 @@ class TorchFastRunner(Runner):
     def _head(self, residual, pending, out=None):
         """residual (B, d) fp32 + pending (B, d) model dtype (or None) -> logits (B, V) fp32, written into `out` when
         given: the reference's final norm of (residual + pending) in the model dtype (one kernel) and its tied/untied
-        head (on the GEMV, which writes the widened logits itself)."""
+        head (through _linear into the fp32 buffer: the GEMV writes the widened logits itself)."""
         fn = self.model.final_norm
         if pending is None:
             x = fn(residual.to(self.dtype))
@@ -232,12 +234,9 @@ class TorchFastRunner(Runner):
             x = self._k_norm.final_norm(pending, residual, fn.weight, getattr(fn, "bias", None), fn.eps,
                                         self.config.final_norm)
         w = self.model.embedding.weight if self.model.lm_head is None else self.model.lm_head.weight
-        if self._on_gemv(x):
-            if out is None:
-                out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
-            return self._k_gemv.gemv(x, w, out=out)
-        logits = F.linear(x, w)
-        return logits.float() if out is None else out.copy_(logits)
+        if out is None:
+            out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+        return self._linear(x, w, out=out)
 
     # ------------------------------------------------------------------ prefill
     def _mamba_prefill(self, layer, x, valid):
