@@ -52,6 +52,27 @@ TRITON_GEMV_MAX_BATCH = 8
 # Chosen by TorchFastRunner(l2_prefetch=...) or MAMBADEPLOY_L2_PREFETCH: "1"/"all", "0"/"none", or a comma list.
 L2_PREFETCH_SITES = ("xproj",)
 
+# The batch-1 step of a Mamba + top-1 MoE model (BlackMamba, MoE-Mamba) as ONE persistent launch
+# (kernels/decode_persistent.py) followed by the final norm and the LM head, instead of ~8 launches a block.
+# TorchFastRunner(persistent=None) takes it where the model fits (persistent_unsupported) and the step runs on a GPU,
+# unless MAMBADEPLOY_PERSISTENT=0.
+PERSISTENT_DEFAULT = True
+
+
+def persistent_unsupported(config) -> str | None:
+    """Why the persistent batch-1 step cannot run this model (None: it can): every block must be a Mamba mixer alone
+    or a top-1 MoE alone, without Jamba's dt/B/C norms."""
+    for i, spec in enumerate(config.layers):
+        if (spec.mixer, spec.ffn) not in (("mamba", "none"), ("none", "moe")):
+            return f"block {i} is {spec.mixer} + {spec.ffn} (needs Mamba-only or MoE-only blocks)"
+    if any(s.mixer == "mamba" for s in config.layers) and config.mamba.bcdt_norm:
+        return "the Mamba mixers normalise dt/B/C (Jamba)"
+    if any(s.ffn == "moe" for s in config.layers):
+        moe = config.moe
+        if moe.top_k != 1 or moe.router not in ("sigmoid_top1", "softmax_topk"):
+            return f"the router is {moe.router} top-{moe.top_k} (needs top-1)"
+    return None
+
 
 def prefetch_sites(spec: str | None) -> frozenset:
     """The L2 prefetch sites named by spec (None: the MAMBADEPLOY_L2_PREFETCH variable, default all)."""
@@ -100,6 +121,7 @@ class FastState:
         self.residual: torch.Tensor | None = None  # (B, d) fp32
         self.logits: torch.Tensor | None = None  # (B, V) fp32
         self.graph = None
+        self.persistent = None  # the persistent step's launcher over this state's tensors (batch 1)
 
     def clone(self) -> "FastState":
         twin = FastState(OrderedDict((k, v.clone()) for k, v in self.tensors.items()), self.batch, self.filled)
@@ -112,13 +134,16 @@ class TorchFastRunner(Runner):
     backend = "torch-fast"
 
     def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
-                 prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None):
+                 prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None,
+                 persistent: bool | None = None):
         """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
         prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
         shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU).
         triton_gemv: the dense decode projections on the Triton GEMV at batch <= TRITON_GEMV_MAX_BATCH (else cuBLAS).
         l2_prefetch: the L2 prefetch sites of the batch-1 step (see L2_PREFETCH_SITES; None: MAMBADEPLOY_L2_PREFETCH,
-        default all); Hopper only, a hint that changes no result."""
+        default all); Hopper only, a hint that changes no result.
+        persistent: the batch-1 step as one persistent launch (see PERSISTENT_DEFAULT); None: where the model fits and
+        the step runs on a GPU, unless MAMBADEPLOY_PERSISTENT=0; True where it does not fit is an error."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import (
             causal_conv1d,
@@ -145,6 +170,16 @@ class TorchFastRunner(Runner):
         self.layers = [self._prepare(i, block) for i, block in enumerate(model.layers)]
         self.l2_prefetch = prefetch_sites(l2_prefetch)
         self.eps = self.config.norm_eps
+        self.persistent = self._persistent_choice(persistent)
+
+    def _persistent_choice(self, persistent) -> bool:
+        reason = persistent_unsupported(self.config)
+        if persistent is None:
+            wanted = os.environ.get("MAMBADEPLOY_PERSISTENT", "1" if PERSISTENT_DEFAULT else "0") != "0"
+            return wanted and reason is None and self.device.type == "cuda"
+        if persistent and reason is not None:
+            raise ConfigError(f"persistent decode step: {reason}; use persistent=False")
+        return bool(persistent)
 
     # ------------------------------------------------------------------ setup
     @torch.no_grad()
@@ -370,9 +405,43 @@ class TorchFastRunner(Runner):
         out = attn._attend(q, key, value, mask).squeeze(2).flatten(1)
         return attn.o_proj(out)
 
+    def _persistent_for(self, st: FastState):
+        """The persistent step's launcher over st's state tensors (its block table points at them)."""
+        from ..kernels import decode_persistent as kp
+
+        t, cfg = st.tensors, self.config
+        blocks = []
+        spec = {"d": cfg.d_model, "eps": self.eps, "in_bias": False, "conv_bias": False, "out_bias": False,
+                "router_bias": False, "router": "sigmoid_top1", "activation": "silu", "d_inner": 1, "dt_rank": 1,
+                "d_state": 1, "d_conv": 1, "n_experts": 1, "ffn": 1}
+        for layer in self.layers:
+            i = layer.index
+            if layer.mixer == "mamba":
+                m = layer.mamba
+                blocks.append({"kind": kp.MAMBA, "norm_w": layer.mixer_norm, "in_w": m.in_proj.weight,
+                               "in_b": m.in_proj.bias, "conv_state": t[f"L{i}.conv"], "conv_w": layer.conv_weight,
+                               "conv_b": m.conv1d.bias, "xproj_w": m.x_proj.weight, "dtproj_w": m.dt_proj.weight,
+                               "dt_bias": layer.dt_bias, "A": layer.A, "D": layer.D, "ssm_state": t[f"L{i}.ssm"],
+                               "out_w": m.out_proj.weight, "out_b": m.out_proj.bias})
+                spec.update(d_inner=m.d_inner, dt_rank=m.dt_rank, d_state=m.d_state, d_conv=m.d_conv,
+                            in_bias=m.in_proj.bias is not None, conv_bias=m.conv1d.bias is not None,
+                            out_bias=m.out_proj.bias is not None)
+            else:
+                moe = layer.moe
+                blocks.append({"kind": kp.MOE, "norm_w": layer.ffn_norm, "router_w": moe.router.weight,
+                               "router_b": moe.router.bias, "w1": moe.w1, "w2": moe.w2})
+                spec.update(n_experts=moe.w1.shape[0], ffn=moe.w2.shape[2], router=moe.router_kind,
+                            top_k=moe.top_k, activation=moe.activation, router_bias=moe.router.bias is not None)
+        table = kp.block_table(blocks, self.device, self.dtype)
+        return kp.PersistentDecode(spec, table, self.model.embedding.weight)
+
     def _step_body(self, st: FastState):
         """One decode step on st's static buffers: reads st.tokens, updates st.tensors and st.residual in place,
         writes st.logits. Everything here is capturable (no host syncs, no allocations that depend on values)."""
+        if st.persistent is not None:  # batch 1: every block in one launch, then the final norm and the head
+            pending, residual = st.persistent(st.tokens)
+            self._head(residual, pending, out=st.logits)
+            return
         t = st.tensors
         table = self.model.embedding.weight
         first = None  # the first mixer's normed input, straight from the ids (lookup + widening + norm in one kernel)
@@ -402,11 +471,15 @@ class TorchFastRunner(Runner):
             st.tokens = torch.zeros(st.batch, dtype=torch.int64, device=self.device)
             st.residual = torch.zeros(st.batch, self.config.d_model, dtype=torch.float32, device=self.device)
             st.logits = torch.zeros(st.batch, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        if self.persistent and st.batch == 1 and st.persistent is None:  # (not inside a capture: it copies the table)
+            st.persistent = self._persistent_for(st)
 
     def _capture(self, st: FastState):
         """Warm up (compiles every kernel) on a throwaway copy of the state, then capture the step over st's buffers.
         Capturing runs nothing, so st is not advanced."""
         scratch = st.clone()
+        if st.persistent is not None:
+            scratch.persistent = self._persistent_for(scratch)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -470,6 +543,7 @@ class TorchFastRunner(Runner):
                 # programmatic dependent launch of the decode kernels (sm_90+, unless MAMBADEPLOY_PDL=0)
                 "pdl": bool(self._k_gemv.pdl_launch(torch.empty(0, device=d))),
                 "l2_prefetch": ",".join(s for s in L2_PREFETCH_SITES if s in self.l2_prefetch) or "none",
+                "persistent": self.persistent,
                 "kernels": "Triton" if d.type == "cuda" else "Triton (CPU interpreter)",
                 "gpu": torch.cuda.get_device_name(d) if d.type == "cuda" else None}
 

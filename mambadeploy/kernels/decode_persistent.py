@@ -1,0 +1,370 @@
+"""The whole batch-1 decode step of a Mamba + MoE model (BlackMamba, MoE-Mamba) in ONE persistent launch.
+
+Why: at batch 1 a decode step is a chain of weight streams (in_proj, out_proj, experts) and short dependent kernels
+(x_proj, state update, norms, router). As separate launches each stream ramps up and drains, and each short kernel
+costs a dependent hop (H100, benchmarks/README.md: ~300 us of the 2.8B's 0.76 ms step above its bytes at the copy
+rate). Here a fixed set of programs (one per SM, all resident) runs every block's phases in order, separated by
+grid-wide barriers, and each program loads its first weight tile of a phase BEFORE waiting at that phase's barrier
+(weights are constants), so HBM keeps streaming through the hops.
+
+Per block, the phases (a barrier before each, none before the very first):
+  Mamba: A  residual (+ previous block's output) and RMSNorm, recomputed by every program (program 0 stores the
+            residual), then in_proj rows with the conv update (+ SiLU) fused on the x half, the conv window read with
+            the weight tile; B  x_proj rows; C  the selective state update (dt_proj, softplus, D, gate) on the program's
+            channels; D  out_proj rows -> the block's output.
+  MoE:   E  residual + RMSNorm + router (top-1: sigmoid or softmax), recomputed by every program, then fc1 rows
+            (gate and up, activation); F  fc2 rows of the chosen expert times the route weight -> the block's output.
+The numerics are those of the separate kernels (the same fp32 accumulations, rounded to the model dtype at the same
+points), checked against the reference model in tests/runtime/test_torch_fast_persistent.py.
+
+Grid barrier: an arrival counter and a generation word (sync[0], sync[1]). Each program adds 1 to the counter (acq_rel);
+the last to arrive resets it to 0 and bumps the generation (release); the others spin on the generation (acquire).
+The counter is back at 0 after every barrier, so no memset launch is needed between steps. The barrier is only
+correct when every program is resident at once: one program per SM of 8 warps always fits on the GPUs this targets
+(sm_90), and the launcher never starts more programs than SMs. A bounded spin sets sync[2] instead of hanging forever
+(the launcher's `check` reports it). In Triton's CPU interpreter programs run one after another, so it runs with a
+single program (every phase's rows looped by that program): the maths is tested on CPU, the partition on the GPU.
+
+Block table: int64 (n_blocks, N_COLS), one row per block: its kind and the addresses of its tensors (columns below),
+so one launch reaches every layer's separate parameter tensors without copying them. All rows contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, ACTIVATION_CODES, activate, argmax, cdiv, fmax, fsum, next_pow2, pdl_launch, sigmoid, softplus
+from .interpret import is_interpreted, kernel_for
+
+# block-table columns (constexpr: read inside the kernel)
+COLUMNS = ("kind", "norm_w", "in_w", "in_b", "conv_state", "conv_w", "conv_b", "xproj_w", "dtproj_w", "dt_bias", "A",
+           "D", "ssm_state", "out_w", "out_b", "router_w", "router_b", "w1", "w2")
+KIND, NORM_W, IN_W, IN_B, CONV_STATE, CONV_W, CONV_B, XPROJ_W, DTPROJ_W, DT_BIAS, A_MAT, D_SKIP, SSM_STATE, OUT_W, \
+    OUT_B, ROUTER_W, ROUTER_B, W1, W2 = (tl.constexpr(i) for i in range(len(COLUMNS)))
+N_COLS = tl.constexpr(20)  # (one spare column: rows of 160 bytes)
+MAMBA, MOE = 0, 1
+SPIN_LIMIT = tl.constexpr(1 << 24)  # barrier polls before giving up (seconds on a GPU): a flag instead of a hang
+WARPS = 8
+# rows of one weight tile per phase, (in_proj, x_proj, out_proj, fc1 (gate and up each), fc2): full-K tiles of
+# BN x next_pow2(K) elements, two in flight a program (the one computed and the next)
+TILE_ROWS = {"in": 8, "x": 2, "out": 4, "fc1": 4, "fc2": 4}
+
+
+@triton.jit
+def _ptr(row, col: tl.constexpr, ty: tl.constexpr):
+    """The address in column col of a block-table row, as a pointer to ty."""
+    return tl.load(row + col).to(tl.pointer_type(ty))
+
+
+@triton.jit
+def _grid_sync(sync_ptr, gen0, passed, nprog):
+    """Grid-wide barrier number `passed` (0-based, counted by every program alike) -> passed + 1. Every store this
+    program made before it is visible to every program after it (bar.sync, then release / acquire at gpu scope)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == nprog - 1:  # the last to arrive: counter back to 0, then open the barrier
+        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
+    g = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while ((g - gen0) <= passed) & (spins < SPIN_LIMIT):
+        g = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if spins >= SPIN_LIMIT:
+        tl.atomic_xchg(sync_ptr + 2, 1, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+    return passed + 1
+
+
+@triton.jit
+def _rows(w_ptr, rows, row_hi, offs_k, K):
+    """A full-K weight tile: rows (BN,) of a row-major (N, K) matrix, zeros past row_hi / K (no memory read there)."""
+    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + offs_k[None, :],
+                   mask=(rows < row_hi)[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _share(n, pid, nprog):
+    """This program's contiguous share [lo, hi) of n rows."""
+    per = (n + nprog - 1) // nprog
+    lo = pid * per
+    return lo, tl.minimum(lo + per, n)
+
+
+@triton.jit
+def _residual_norm(b, tok, emb_ptr, res_ptr, pend_ptr, norm_w, offs, mask, d, eps, pid, ty: tl.constexpr):
+    """Block b's input: residual (block 0: the token's embedding row; else residual + the previous block's output),
+    stored by program 0 into the other residual buffer, and its RMSNorm rounded to ty (every program computes it)."""
+    if b == 0:
+        v = tl.load(emb_ptr + tok * d + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        v = tl.load(res_ptr + (b % 2) * d + offs, mask=mask, other=0.0, cache_modifier=".cg") + \
+            tl.load(pend_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if pid == 0:
+        tl.store(res_ptr + ((b + 1) % 2) * d + offs, v, mask=mask)
+    rstd = 1.0 / tl.sqrt(fsum(v * v, 0) / d + eps)
+    return (v * rstd * norm_w).to(ty)
+
+
+@triton.jit
+def persistent_decode_kernel(
+    table_ptr, tok_ptr, emb_ptr, res_ptr, pend_ptr, xz_ptr, xdbl_ptr, y_ptr, h_ptr, sync_ptr,
+    n_blocks, d, DI, R, NS, E, FF, eps,
+    KC: tl.constexpr, D_BLOCK: tl.constexpr, DI_BLOCK: tl.constexpr, FF_BLOCK: tl.constexpr, R_BLOCK: tl.constexpr,
+    NS_BLOCK: tl.constexpr, E_BLOCK: tl.constexpr, KC_BLOCK: tl.constexpr, BC: tl.constexpr,
+    BN_IN: tl.constexpr, BN_X: tl.constexpr, BN_OUT: tl.constexpr, BN_F1: tl.constexpr, BN_F2: tl.constexpr,
+    HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
+    HAS_ROUTER_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr = False,
+):
+    ty = pend_ptr.dtype.element_ty  # the model dtype
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if PDL:  # the step's first kernel: wait for whatever ran before it on the stream
+        tl.extra.cuda.gdc_wait()
+    gen0 = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")  # cannot move before this program arrives
+    tok = tl.load(tok_ptr).to(tl.int64)
+    offs_d = tl.arange(0, D_BLOCK)
+    mask_d = offs_d < d
+    offs_di = tl.arange(0, DI_BLOCK)
+    offs_ff = tl.arange(0, FF_BLOCK)
+    offs_kc = tl.arange(0, KC_BLOCK)
+    passed = pid * 0  # barriers passed so far (an int32 every program counts alike)
+    for b in range(n_blocks):
+        row = table_ptr + b * N_COLS
+        kind = tl.load(row + KIND)
+        norm_w = tl.load(_ptr(row, NORM_W, ty) + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if kind == 0:
+            # ---- A: norm, in_proj (+ conv on the x half) -------------------------------------------------------
+            in_w = _ptr(row, IN_W, ty)
+            cs = _ptr(row, CONV_STATE, tl.float32)
+            cw = _ptr(row, CONV_W, ty)
+            lo, hi = _share(2 * DI, pid, nprog)
+            rows = lo + tl.arange(0, BN_IN)
+            w_cur = _rows(in_w, rows, hi, offs_d, d)
+            if b > 0:
+                passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            x = _residual_norm(b, tok, emb_ptr, res_ptr, pend_ptr, norm_w, offs_d, mask_d, d, eps, pid, ty)
+            xf = x.to(tl.float32)
+            for r0 in range(lo, hi, BN_IN):
+                rows = r0 + tl.arange(0, BN_IN)
+                conv = (rows < hi) & (rows < DI)
+                # the conv window shifted by one (the state's columns 1.., this step's input goes last) and the taps
+                cmask = conv[:, None] & (offs_kc < KC)[None, :]
+                crow = rows.to(tl.int64)[:, None] * KC
+                win = tl.load(cs + crow + offs_kc[None, :] + 1, mask=cmask & (offs_kc < KC - 1)[None, :], other=0.0)
+                taps = tl.load(cw + crow + offs_kc[None, :], mask=cmask, other=0.0).to(tl.float32)
+                w_next = _rows(in_w, rows + BN_IN, hi, offs_d, d)
+                out = fsum(w_cur.to(tl.float32) * xf[None, :], 1)
+                if HAS_IN_BIAS:
+                    out += tl.load(_ptr(row, IN_B, ty) + rows, mask=rows < hi, other=0.0).to(tl.float32)
+                new = out.to(ty).to(tl.float32)  # the conv reads the projection as the model dtype stores it
+                win = tl.where((offs_kc == KC - 1)[None, :], new[:, None], win)
+                acc = fsum(win * taps, 1)
+                if HAS_CONV_BIAS:
+                    acc += tl.load(_ptr(row, CONV_B, ty) + rows, mask=conv, other=0.0).to(tl.float32)
+                tl.store(cs + crow + offs_kc[None, :], win, mask=cmask)
+                out = tl.where(conv, acc * sigmoid(acc), out)
+                tl.store(xz_ptr + rows, out.to(ty), mask=rows < hi)
+                w_cur = w_next
+            # ---- B: x_proj -----------------------------------------------------------------------------------
+            xp_w = _ptr(row, XPROJ_W, ty)
+            XD = R + 2 * NS
+            lo, hi = _share(XD, pid, nprog)
+            rows = lo + tl.arange(0, BN_X)
+            w_cur = _rows(xp_w, rows, hi, offs_di, DI)
+            passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            xc = tl.load(xz_ptr + offs_di, mask=offs_di < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
+            for r0 in range(lo, hi, BN_X):
+                rows = r0 + tl.arange(0, BN_X)
+                w_next = _rows(xp_w, rows + BN_X, hi, offs_di, DI)
+                out = fsum(w_cur.to(tl.float32) * xc[None, :], 1)
+                tl.store(xdbl_ptr + rows, out.to(ty), mask=rows < hi)
+                w_cur = w_next
+            # ---- C: state update on this program's channels ---------------------------------------------------
+            c_lo, c_hi = _share(DI, pid, nprog)
+            ch = c_lo + tl.arange(0, BC)
+            mc = ch < c_hi
+            offs_n = tl.arange(0, NS_BLOCK)
+            mn = offs_n < NS
+            offs_r = tl.arange(0, R_BLOCK)
+            mr = offs_r < R
+            m_cn = mc[:, None] & mn[None, :]
+            A = tl.load(_ptr(row, A_MAT, tl.float32) + ch[:, None] * NS + offs_n[None, :], mask=m_cn, other=0.0)
+            dtw = tl.load(_ptr(row, DTPROJ_W, ty) + ch[:, None] * R + offs_r[None, :], mask=mc[:, None] & mr[None, :],
+                          other=0.0).to(tl.float32)
+            dtb = tl.load(_ptr(row, DT_BIAS, tl.float32) + ch, mask=mc, other=0.0)
+            Dv = tl.load(_ptr(row, D_SKIP, tl.float32) + ch, mask=mc, other=0.0)
+            st_at = _ptr(row, SSM_STATE, tl.float32) + ch[:, None] * NS + offs_n[None, :]
+            h = tl.load(st_at, mask=m_cn, other=0.0)  # this program's own channels: no other program touches them
+            passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            low = tl.load(xdbl_ptr + offs_r, mask=mr, other=0.0, cache_modifier=".cg").to(tl.float32)
+            Bv = tl.load(xdbl_ptr + R + offs_n, mask=mn, other=0.0, cache_modifier=".cg").to(tl.float32)
+            Cv = tl.load(xdbl_ptr + R + NS + offs_n, mask=mn, other=0.0, cache_modifier=".cg").to(tl.float32)
+            xv = tl.load(xz_ptr + ch, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
+            zv = tl.load(xz_ptr + DI + ch, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
+            dt = softplus(fsum(dtw * low[None, :], 1) + dtb)
+            h = tl.exp2(dt[:, None] * A * LOG2E) * h + (dt * xv)[:, None] * Bv[None, :]
+            tl.store(st_at, h, mask=m_cn)
+            yv = (fsum(h * Cv[None, :], 1) + xv * Dv) * (zv * sigmoid(zv))
+            tl.store(y_ptr + ch, yv.to(ty), mask=mc)
+            # ---- D: out_proj -> the block's output ------------------------------------------------------------
+            o_w = _ptr(row, OUT_W, ty)
+            lo, hi = _share(d, pid, nprog)
+            rows = lo + tl.arange(0, BN_OUT)
+            w_cur = _rows(o_w, rows, hi, offs_di, DI)
+            passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            yf = tl.load(y_ptr + offs_di, mask=offs_di < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
+            for r0 in range(lo, hi, BN_OUT):
+                rows = r0 + tl.arange(0, BN_OUT)
+                w_next = _rows(o_w, rows + BN_OUT, hi, offs_di, DI)
+                out = fsum(w_cur.to(tl.float32) * yf[None, :], 1)
+                if HAS_OUT_BIAS:
+                    out += tl.load(_ptr(row, OUT_B, ty) + rows, mask=rows < hi, other=0.0).to(tl.float32)
+                tl.store(pend_ptr + rows, out.to(ty), mask=rows < hi)
+                w_cur = w_next
+        else:
+            # ---- E: norm, router, fc1 ----------------------------------------------------------------------------
+            offs_e = tl.arange(0, E_BLOCK)
+            me = offs_e < E
+            wr = tl.load(_ptr(row, ROUTER_W, ty) + offs_e[:, None] * d + offs_d[None, :],
+                         mask=me[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            rb = tl.full((E_BLOCK,), 0.0, tl.float32)
+            if HAS_ROUTER_BIAS:
+                rb = tl.load(_ptr(row, ROUTER_B, ty) + offs_e, mask=me, other=0.0).to(tl.float32)
+            if b > 0:
+                passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            x = _residual_norm(b, tok, emb_ptr, res_ptr, pend_ptr, norm_w, offs_d, mask_d, d, eps, pid, ty)
+            xf = x.to(tl.float32)
+            logits = tl.where(me, fsum(wr * xf[None, :], 1) + rb, float("-inf"))
+            index = offs_e
+            if SOFTMAX:
+                p = tl.exp(logits - fmax(logits, 0))
+                p = p / fsum(p, 0)
+                wgt, e = argmax(p, index, 0)
+            else:
+                top, e = argmax(logits, index, 0)
+                wgt = sigmoid(top)
+            e64 = e.to(tl.int64)
+            w1 = _ptr(row, W1, ty) + e64 * (2 * FF) * d
+            w2 = _ptr(row, W2, ty) + e64 * d * FF
+            lo, hi = _share(FF, pid, nprog)
+            rows = lo + tl.arange(0, BN_F1)
+            g_cur = _rows(w1, rows, hi, offs_d, d)
+            u_cur = _rows(w1 + FF * d, rows, hi, offs_d, d)
+            for r0 in range(lo, hi, BN_F1):
+                rows = r0 + tl.arange(0, BN_F1)
+                g_next = _rows(w1, rows + BN_F1, hi, offs_d, d)
+                u_next = _rows(w1 + FF * d, rows + BN_F1, hi, offs_d, d)
+                hv = activate(fsum(g_cur.to(tl.float32) * xf[None, :], 1), ACTIVATION) * \
+                    fsum(u_cur.to(tl.float32) * xf[None, :], 1)
+                tl.store(h_ptr + rows, hv.to(ty), mask=rows < hi)
+                g_cur = g_next
+                u_cur = u_next
+            # ---- F: fc2 of the chosen expert, times the route weight -> the block's output ----------------------
+            lo, hi = _share(d, pid, nprog)
+            rows = lo + tl.arange(0, BN_F2)
+            w_cur = _rows(w2, rows, hi, offs_ff, FF)
+            passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            hf = tl.load(h_ptr + offs_ff, mask=offs_ff < FF, other=0.0, cache_modifier=".cg").to(tl.float32)
+            for r0 in range(lo, hi, BN_F2):
+                rows = r0 + tl.arange(0, BN_F2)
+                w_next = _rows(w2, rows + BN_F2, hi, offs_ff, FF)
+                out = fsum(w_cur.to(tl.float32) * hf[None, :], 1) * wgt
+                tl.store(pend_ptr + rows, out.to(ty), mask=rows < hi)
+                w_cur = w_next
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+# --------------------------------------------------------------------------- host side
+class PersistentTimeout(RuntimeError):
+    """A grid barrier gave up waiting (programs were not all resident): the step's results are not valid."""
+
+
+FP32_COLUMNS = ("conv_state", "dt_bias", "A", "D", "ssm_state")  # the rest are in the model dtype
+
+
+def block_table(blocks: list[dict], device, dtype: torch.dtype) -> torch.Tensor:
+    """blocks: one dict a block, {"kind": MAMBA | MOE, column name: tensor or None} (columns in COLUMNS; absent or
+    None: 0). Every tensor must be contiguous (the kernel indexes rows of K elements) on `device`, fp32 in
+    FP32_COLUMNS and `dtype` (the model's) elsewhere; the caller keeps them alive for as long as the table is used.
+    -> int64 (n_blocks, N_COLS) on device."""
+    table = torch.zeros(len(blocks), N_COLS.value, dtype=torch.int64)
+    for i, block in enumerate(blocks):
+        table[i, 0] = int(block["kind"])
+        for j, name in enumerate(COLUMNS[1:], start=1):
+            t = block.get(name)
+            if t is None:
+                continue
+            want = torch.float32 if name in FP32_COLUMNS else dtype
+            if not t.is_contiguous() or t.dtype != want or t.device != torch.device(device):
+                raise ValueError(f"persistent decode: block {i} {name} {t.dtype} {tuple(t.shape)} on {t.device} must "
+                                 f"be contiguous {want} on {device}")
+            table[i, j] = t.data_ptr()
+    return table.to(device)
+
+
+def launch_config(spec: dict, programs: int, interpret: bool = False) -> dict:
+    """spec: the model's sizes (d, d_inner, dt_rank, d_state, n_experts, ffn, d_conv). programs: how many run (one per
+    SM on a GPU; 1 in the interpreter, which runs programs one after another and would wait forever at a barrier)."""
+    P = 1 if interpret else int(programs)
+    rows = dict(TILE_ROWS)
+    return {"kernel": "persistent_decode_kernel", "grid": (P,), "num_warps": 4 if interpret else WARPS,
+            "num_stages": 1,
+            "constexprs": {"KC": spec["d_conv"], "D_BLOCK": next_pow2(spec["d"]),
+                           "DI_BLOCK": next_pow2(spec["d_inner"]), "FF_BLOCK": next_pow2(spec["ffn"]),
+                           "R_BLOCK": next_pow2(spec["dt_rank"]), "NS_BLOCK": next_pow2(spec["d_state"]),
+                           "E_BLOCK": next_pow2(spec["n_experts"]), "KC_BLOCK": next_pow2(spec["d_conv"]),
+                           "BC": next_pow2(cdiv(spec["d_inner"], P)),
+                           "BN_IN": rows["in"], "BN_X": rows["x"], "BN_OUT": rows["out"], "BN_F1": rows["fc1"],
+                           "BN_F2": rows["fc2"]}}
+
+
+class PersistentDecode:
+    """The buffers and launch of one persistent batch-1 step over a fixed block table (one per decode state: the
+    table holds that state's conv / SSM tensors). spec: sizes (see launch_config) and the model's options: eps,
+    in_bias, conv_bias, out_bias, router_bias (bools), router ("sigmoid_top1" | "softmax_topk", top-1 only),
+    activation (a key of ACTIVATION_CODES)."""
+
+    def __init__(self, spec: dict, table: torch.Tensor, embedding: torch.Tensor, programs: int | None = None):
+        if spec["router"] not in ("sigmoid_top1", "softmax_topk") or spec.get("top_k", 1) != 1:
+            raise ValueError(f"persistent decode: router {spec['router']} top-{spec.get('top_k', 1)} (top-1 only)")
+        if spec["activation"] not in ACTIVATION_CODES:
+            raise ValueError(f"persistent decode: unknown activation {spec['activation']!r}")
+        self.spec, self.table, self.embedding = spec, table, embedding
+        dev, dt = embedding.device, embedding.dtype
+        self.kernel = kernel_for(persistent_decode_kernel, embedding)
+        if programs is None:
+            programs = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+        self.config = launch_config(spec, programs, interpret=is_interpreted(self.kernel))
+        d, di = spec["d"], spec["d_inner"]
+        self.residual = torch.zeros(2, d, dtype=torch.float32, device=dev)  # ping-pong
+        self.pending = torch.zeros(d, dtype=dt, device=dev)  # each block's output
+        self.xz = torch.zeros(2 * di, dtype=dt, device=dev)
+        self.xdbl = torch.zeros(spec["dt_rank"] + 2 * spec["d_state"], dtype=dt, device=dev)
+        self.y = torch.zeros(di, dtype=dt, device=dev)
+        self.h = torch.zeros(spec["ffn"], dtype=dt, device=dev)
+        self.sync = torch.zeros(4, dtype=torch.int32, device=dev)  # arrivals, generation, timeout flag, spare
+
+    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (1,) int64 -> (the last block's output (1, d), the residual before it (1, d) fp32): what the
+        model's final norm takes. Both are this object's buffers (overwritten by the next call)."""
+        s, cfg = self.spec, self.config
+        n_blocks = self.table.shape[0]
+        self.kernel[cfg["grid"]](
+            self.table, tokens, self.embedding, self.residual, self.pending, self.xz, self.xdbl, self.y, self.h,
+            self.sync, n_blocks, s["d"], s["d_inner"], s["dt_rank"], s["d_state"], s["n_experts"], s["ffn"],
+            float(s["eps"]),
+            HAS_IN_BIAS=bool(s["in_bias"]), HAS_CONV_BIAS=bool(s["conv_bias"]), HAS_OUT_BIAS=bool(s["out_bias"]),
+            HAS_ROUTER_BIAS=bool(s["router_bias"]), SOFTMAX=s["router"] == "softmax_topk",
+            ACTIVATION=ACTIVATION_CODES[s["activation"]], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **cfg["constexprs"], **pdl_launch(tokens))
+        return self.pending.view(1, -1), self.residual[n_blocks % 2].view(1, -1)
+
+    def check(self):
+        """Raise PersistentTimeout if a barrier of any earlier call gave up (a device sync)."""
+        if int(self.sync[2]) != 0:
+            raise PersistentTimeout("persistent decode: a grid barrier timed out (were all programs resident? another "
+                                    "process sharing the GPU can prevent it); run with persistent=False")

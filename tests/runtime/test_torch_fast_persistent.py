@@ -1,0 +1,152 @@
+"""torch-fast's persistent batch-1 decode step (kernels/decode_persistent.py: every block in one launch) against the
+reference and against torch-fast's per-kernel step.
+
+On CPU the kernel runs in Triton's interpreter with one program (programs run one after another there, so a grid
+barrier with more than one could never open): the maths and the block table are checked, the multi-program partition
+and the barriers only on a GPU (marked gpu), where the full checks run (256 fp32 tokens, real BlackMamba-2.8B widths)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambadeploy.errors import ConfigError
+from mambadeploy.kernels import decode_persistent as kp
+from mambadeploy.models.checkpoint import build_preset, empty_model, init_random_
+from mambadeploy.models.presets import blackmamba_config
+from mambadeploy.runtime.generate import generate
+from mambadeploy.runtime.torch_eager import TorchEagerRunner
+from mambadeploy.runtime.torch_fast import TorchFastRunner, persistent_unsupported
+from mambadeploy.validate.tolerances import assert_logits_close, rel_to_scale
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+FITS = ("blackmamba-tiny", "moe-mamba-tiny")  # the tiny presets the persistent step takes (Jamba does not fit)
+PROMPT = [[5, 17, 3, 99, 42, 7, 250]]
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+def _model(tiny, name, dtype="fp32"):
+    model = tiny(name, dtype)
+    if DEVICE == "cpu":
+        return model
+    import copy
+
+    return copy.deepcopy(model).to("cuda")
+
+
+@pytest.mark.parametrize("name", FITS)
+def test_greedy_tokens_match_the_reference(tiny, name):
+    """fp32, batch 1: the reference's greedy tokens (256 on a GPU; 12 on CPU, where the interpreter is slow), and no
+    barrier timed out."""
+    model = _model(tiny, name)
+    runner = TorchFastRunner(model, persistent=True)
+    n = 256 if GPU else 12
+    fast = generate(runner, PROMPT, n)
+    ref = generate(TorchEagerRunner(model), PROMPT, n)
+    print(f"{name}: {n} tokens, first {fast.tokens[0][:8]}")
+    assert fast.tokens == ref.tokens
+    assert runner.persistent
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", FITS)
+def test_step_equals_the_per_kernel_step(tiny, name, dtype):
+    """Each step's logits against torch-fast's per-kernel step (the same roundings, only summation orders differ),
+    for 40 steps on a GPU (6 on CPU), following the per-kernel runner's greedy tokens; the state tensors too."""
+    model = _model(tiny, name, dtype)
+    per_kernel, persistent = TorchFastRunner(model, persistent=False), TorchFastRunner(model, persistent=True)
+    prompt = torch.tensor(PROMPT)
+    (la, sa), (lb, sb) = per_kernel.prefill(prompt), persistent.prefill(prompt)
+    torch_dtype = model.dtype
+    for _ in range(40 if GPU else 6):
+        token = la.argmax(-1)
+        la, sa = per_kernel.step(token, sa)
+        lb, sb = persistent.step(token, sb)
+        err, mean = rel_to_scale(lb, la)
+        print(f"{name} {dtype}: max err/scale {err:.2e}, mean {mean:.2e}")
+        assert_logits_close(lb, la, torch_dtype, what=f"{name} {dtype} persistent step")
+    assert sb.persistent is not None and sa.persistent is None
+    sb.persistent.check()
+    for key, value in sa.tensors.items():
+        assert_logits_close(sb.tensors[key].flatten()[None], value.flatten()[None], torch_dtype, what=key)
+
+
+def test_wider_batches_keep_the_per_kernel_step(tiny):
+    """Batch 2 on a persistent runner takes the per-kernel step (the persistent step is batch 1 only)."""
+    runner = TorchFastRunner(_model(tiny, "blackmamba-tiny"), persistent=True)
+    _, state = runner.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    runner.step(torch.tensor([7, 8]), state)
+    assert state.persistent is None
+
+
+def test_models_that_do_not_fit_are_refused(tiny, monkeypatch):
+    """Jamba (attention, dense MLP blocks, dt/B/C norms, top-2 router) is refused when asked for, and the default
+    choice leaves it off; the default is also off on CPU and with MAMBADEPLOY_PERSISTENT=0."""
+    jamba = tiny("jamba-tiny")
+    assert "Mamba-only or MoE-only" in persistent_unsupported(jamba.config)
+    with pytest.raises(ConfigError, match="persistent=False"):
+        TorchFastRunner(jamba, persistent=True)
+    assert TorchFastRunner(jamba).persistent is False
+    assert TorchFastRunner(tiny("blackmamba-tiny")).persistent is False  # CPU models: off unless asked for
+    monkeypatch.setenv("MAMBADEPLOY_PERSISTENT", "0")
+    assert TorchFastRunner(_model(tiny, "blackmamba-tiny")).persistent is False
+    monkeypatch.delenv("MAMBADEPLOY_PERSISTENT")
+    assert TorchFastRunner(_model(tiny, "blackmamba-tiny")).persistent is GPU
+
+
+def test_block_table_refuses_bad_tensors():
+    """Every tensor the kernel reaches through the table must be contiguous, on the device, fp32 for the state and
+    SSM vectors and the model dtype elsewhere; the table holds their addresses."""
+    w = torch.randn(8, 4)
+    table = kp.block_table([{"kind": kp.MAMBA, "in_w": w, "A": torch.randn(4, 2)}], "cpu", torch.float32)
+    assert table.shape == (1, kp.N_COLS.value) and table[0, kp.IN_W.value] == w.data_ptr()
+    assert table[0, kp.CONV_B.value] == 0
+    with pytest.raises(ValueError, match="contiguous"):
+        kp.block_table([{"kind": kp.MAMBA, "in_w": w.t()}], "cpu", torch.float32)
+    with pytest.raises(ValueError, match="torch.float32"):
+        kp.block_table([{"kind": kp.MAMBA, "in_w": w.bfloat16(), "A": torch.randn(4, 2).bfloat16()}], "cpu",
+                       torch.bfloat16)
+    with pytest.raises(ValueError, match="top-1"):
+        kp.PersistentDecode({"router": "softmax_topk", "top_k": 2, "activation": "silu"}, table, w)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_full_width_blocks_on_the_gpu():
+    """BlackMamba-2.8B widths (d 1472, d_inner 2944, 8 experts of 3872), four blocks, bf16 and fp32: the persistent
+    step (one program per SM: every row share and channel share in use) against the per-kernel step for 32 steps."""
+    for dtype in (torch.bfloat16, torch.float32):
+        config = blackmamba_config(4, 1472, 3872, name="bm-2.8b-wide-4")
+        model = init_random_(empty_model(config, dtype, "cuda"), seed=0).eval()
+        per_kernel, persistent = TorchFastRunner(model, persistent=False), TorchFastRunner(model, persistent=True)
+        prompt = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
+        (la, sa), (lb, sb) = per_kernel.prefill(prompt), persistent.prefill(prompt)
+        for _ in range(32):
+            token = la.argmax(-1)
+            la, sa = per_kernel.step(token, sa)
+            lb, sb = persistent.step(token, sb)
+            err, mean = rel_to_scale(lb, la)
+            print(f"{dtype}: max err/scale {err:.2e}, mean {mean:.2e}")
+            assert_logits_close(lb, la, dtype, what=f"2.8B-wide {dtype} persistent step")
+        sb.persistent.check()
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_seeded_preset_shape_runs_on_the_gpu():
+    """The real blackmamba-1.5b preset (seeded weights, bf16): graph-captured persistent steps equal uncaptured ones."""
+    model = build_preset("blackmamba-1.5b", dtype=torch.bfloat16, device="cuda")
+    graphed = TorchFastRunner(model, persistent=True)
+    plain = TorchFastRunner(model, persistent=True, use_cuda_graph=False)
+    prompt = torch.tensor([[11, 2, 301, 7]], device="cuda")
+    (la, sa), (lb, sb) = graphed.prefill(prompt), plain.prefill(prompt)
+    for _ in range(8):
+        token = la.argmax(-1)
+        la, sa = graphed.step(token, sa)
+        lb, sb = plain.step(token, sb)
+        torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    assert sa.graph is not None
+    sa.persistent.check()
