@@ -17,9 +17,9 @@ Per block, the phases (a barrier before each, none before the very first):
 The numerics are those of the separate kernels (the same fp32 accumulations, rounded to the model dtype at the same
 points), checked against the reference model in tests/runtime/test_torch_fast_persistent.py.
 
-Grid barrier: an arrival counter and a generation word (sync[0], sync[1]). Each program adds 1 to the counter (acq_rel);
-the last to arrive resets it to 0 and bumps the generation (release); the others spin on the generation (acquire).
-The counter is back at 0 after every barrier, so no memset launch is needed between steps. The barrier is only
+Grid barrier: an arrival counter (sync[0]) over the whole launch: each program adds 1 (acq_rel) and polls (acquire)
+until barrier k's (k + 1) * programs arrivals; the last program to leave the kernel resets it (and the exit count,
+sync[1]), so no memset launch is needed between steps. The barrier is only
 correct when every program is resident at once: one program per SM of 8 warps always fits on the GPUs this targets
 (sm_90), and the launcher never starts more programs than SMs. A bounded spin sets sync[2] instead of hanging forever
 (the launcher's `check` reports it). In Triton's CPU interpreter programs run one after another, so it runs with a
@@ -54,28 +54,52 @@ TILE_ROWS = {"in": 8, "x": 2, "out": 4, "fc1": 4, "fc2": 4}
 
 @triton.jit
 def _ptr(row, col: tl.constexpr, ty: tl.constexpr):
-    """The address in column col of a block-table row, as a pointer to ty."""
-    return tl.load(row + col).to(tl.pointer_type(ty))
+    """The address in column col of a block-table row, as a pointer to ty. 16-byte aligned (block_table checks): without
+    the hint the compiler cannot vectorise loads through an address it read from memory (scalar 2-byte loads)."""
+    return tl.multiple_of(tl.load(row + col).to(tl.pointer_type(ty)), 16)
+
+
+_GLOBALTIMER = tl.constexpr("mov.u64 $0, %globaltimer;")
 
 
 @triton.jit
-def _grid_sync(sync_ptr, gen0, passed, nprog):
+def _stamp(trace_ptr, slot, pid, TRACE: tl.constexpr):
+    """TRACE: program 0 records the GPU's global timer (ns) in trace[slot] (how long phases and barriers take)."""
+    if TRACE:
+        if pid == 0:
+            t = tl.inline_asm_elementwise(_GLOBALTIMER, "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+            tl.store(trace_ptr + slot, t)
+
+
+@triton.jit
+def _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE: tl.constexpr):
     """Grid-wide barrier number `passed` (0-based, counted by every program alike) -> passed + 1. Every store this
-    program made before it is visible to every program after it (bar.sync, then release / acquire at gpu scope)."""
+    program made before it is visible to every program after it (bar.sync, then release / acquire at gpu scope).
+    sync[0] counts arrivals over the whole launch (barrier k opens at (k + 1) * nprog); it is reset by the last
+    program to leave the kernel (_leave), when nobody polls it any more."""
+    _stamp(trace_ptr, 1 + 2 * passed, pid, TRACE)
     tl.debug_barrier()
-    arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == nprog - 1:  # the last to arrive: counter back to 0, then open the barrier
-        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
-    g = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+    target = (passed + 1) * nprog
+    seen = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") + 1
     spins = 0
-    while ((g - gen0) <= passed) & (spins < SPIN_LIMIT):
-        g = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+    while (seen < target) & (spins < SPIN_LIMIT):
+        seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
         spins += 1
     if spins >= SPIN_LIMIT:
         tl.atomic_xchg(sync_ptr + 2, 1, sem="relaxed", scope="gpu")
     tl.debug_barrier()
+    _stamp(trace_ptr, 2 + 2 * passed, pid, TRACE)
     return passed + 1
+
+
+@triton.jit
+def _leave(sync_ptr, nprog):
+    """The last program out resets the arrival and exit counters for the next launch."""
+    tl.debug_barrier()
+    left = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
+    if left == nprog - 1:
+        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -117,14 +141,15 @@ def persistent_decode_kernel(
     BN_IN: tl.constexpr, BN_X: tl.constexpr, BN_OUT: tl.constexpr, BN_F1: tl.constexpr, BN_F2: tl.constexpr,
     HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
     HAS_ROUTER_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr = False,
+    trace_ptr=None, TRACE: tl.constexpr = False,
 ):
     ty = pend_ptr.dtype.element_ty  # the model dtype
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     if PDL:  # the step's first kernel: wait for whatever ran before it on the stream
         tl.extra.cuda.gdc_wait()
-    gen0 = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")  # cannot move before this program arrives
     tok = tl.load(tok_ptr).to(tl.int64)
+    _stamp(trace_ptr, 0, pid, TRACE)  # (TRACE: slot 0 the start, then an entry / exit pair a barrier, then the end)
     offs_d = tl.arange(0, D_BLOCK)
     mask_d = offs_d < d
     offs_di = tl.arange(0, DI_BLOCK)
@@ -144,7 +169,7 @@ def persistent_decode_kernel(
             rows = lo + tl.arange(0, BN_IN)
             w_cur = _rows(in_w, rows, hi, offs_d, d)
             if b > 0:
-                passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+                passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             x = _residual_norm(b, tok, emb_ptr, res_ptr, pend_ptr, norm_w, offs_d, mask_d, d, eps, pid, ty)
             xf = x.to(tl.float32)
             for r0 in range(lo, hi, BN_IN):
@@ -174,7 +199,7 @@ def persistent_decode_kernel(
             lo, hi = _share(XD, pid, nprog)
             rows = lo + tl.arange(0, BN_X)
             w_cur = _rows(xp_w, rows, hi, offs_di, DI)
-            passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             xc = tl.load(xz_ptr + offs_di, mask=offs_di < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
             for r0 in range(lo, hi, BN_X):
                 rows = r0 + tl.arange(0, BN_X)
@@ -198,7 +223,7 @@ def persistent_decode_kernel(
             Dv = tl.load(_ptr(row, D_SKIP, tl.float32) + ch, mask=mc, other=0.0)
             st_at = _ptr(row, SSM_STATE, tl.float32) + ch[:, None] * NS + offs_n[None, :]
             h = tl.load(st_at, mask=m_cn, other=0.0)  # this program's own channels: no other program touches them
-            passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             low = tl.load(xdbl_ptr + offs_r, mask=mr, other=0.0, cache_modifier=".cg").to(tl.float32)
             Bv = tl.load(xdbl_ptr + R + offs_n, mask=mn, other=0.0, cache_modifier=".cg").to(tl.float32)
             Cv = tl.load(xdbl_ptr + R + NS + offs_n, mask=mn, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -214,7 +239,7 @@ def persistent_decode_kernel(
             lo, hi = _share(d, pid, nprog)
             rows = lo + tl.arange(0, BN_OUT)
             w_cur = _rows(o_w, rows, hi, offs_di, DI)
-            passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             yf = tl.load(y_ptr + offs_di, mask=offs_di < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
             for r0 in range(lo, hi, BN_OUT):
                 rows = r0 + tl.arange(0, BN_OUT)
@@ -234,7 +259,7 @@ def persistent_decode_kernel(
             if HAS_ROUTER_BIAS:
                 rb = tl.load(_ptr(row, ROUTER_B, ty) + offs_e, mask=me, other=0.0).to(tl.float32)
             if b > 0:
-                passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+                passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             x = _residual_norm(b, tok, emb_ptr, res_ptr, pend_ptr, norm_w, offs_d, mask_d, d, eps, pid, ty)
             xf = x.to(tl.float32)
             logits = tl.where(me, fsum(wr * xf[None, :], 1) + rb, float("-inf"))
@@ -266,7 +291,7 @@ def persistent_decode_kernel(
             lo, hi = _share(d, pid, nprog)
             rows = lo + tl.arange(0, BN_F2)
             w_cur = _rows(w2, rows, hi, offs_ff, FF)
-            passed = _grid_sync(sync_ptr, gen0, passed, nprog)
+            passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             hf = tl.load(h_ptr + offs_ff, mask=offs_ff < FF, other=0.0, cache_modifier=".cg").to(tl.float32)
             for r0 in range(lo, hi, BN_F2):
                 rows = r0 + tl.arange(0, BN_F2)
@@ -274,6 +299,8 @@ def persistent_decode_kernel(
                 out = fsum(w_cur.to(tl.float32) * hf[None, :], 1) * wgt
                 tl.store(pend_ptr + rows, out.to(ty), mask=rows < hi)
                 w_cur = w_next
+    _stamp(trace_ptr, 1 + 2 * passed, pid, TRACE)
+    _leave(sync_ptr, nprog)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -299,9 +326,9 @@ def block_table(blocks: list[dict], device, dtype: torch.dtype) -> torch.Tensor:
             if t is None:
                 continue
             want = torch.float32 if name in FP32_COLUMNS else dtype
-            if not t.is_contiguous() or t.dtype != want or t.device != torch.device(device):
+            if not t.is_contiguous() or t.dtype != want or t.device != torch.device(device) or t.data_ptr() % 16:
                 raise ValueError(f"persistent decode: block {i} {name} {t.dtype} {tuple(t.shape)} on {t.device} must "
-                                 f"be contiguous {want} on {device}")
+                                 f"be contiguous {want} on {device}, 16-byte aligned")
             table[i, j] = t.data_ptr()
     return table.to(device)
 
@@ -328,7 +355,8 @@ class PersistentDecode:
     in_bias, conv_bias, out_bias, router_bias (bools), router ("sigmoid_top1" | "softmax_topk", top-1 only),
     activation (a key of ACTIVATION_CODES)."""
 
-    def __init__(self, spec: dict, table: torch.Tensor, embedding: torch.Tensor, programs: int | None = None):
+    def __init__(self, spec: dict, table: torch.Tensor, embedding: torch.Tensor, programs: int | None = None,
+                 trace: bool = False):
         if spec["router"] not in ("sigmoid_top1", "softmax_topk") or spec.get("top_k", 1) != 1:
             raise ValueError(f"persistent decode: router {spec['router']} top-{spec.get('top_k', 1)} (top-1 only)")
         if spec["activation"] not in ACTIVATION_CODES:
@@ -346,7 +374,12 @@ class PersistentDecode:
         self.xdbl = torch.zeros(spec["dt_rank"] + 2 * spec["d_state"], dtype=dt, device=dev)
         self.y = torch.zeros(di, dtype=dt, device=dev)
         self.h = torch.zeros(spec["ffn"], dtype=dt, device=dev)
-        self.sync = torch.zeros(4, dtype=torch.int32, device=dev)  # arrivals, generation, timeout flag, spare
+        self.sync = torch.zeros(4, dtype=torch.int32, device=dev)  # arrivals, exits, timeout flag, spare
+        kinds = table[:, 0].tolist()
+        # the phase after each barrier (none before the first block's first phase), in launch order
+        self.phases = [name for k in kinds for name in (("in_proj", "x_proj", "state_update", "out_proj")
+                                                          if k == MAMBA else ("norm_route_fc1", "fc2"))]
+        self.trace = torch.zeros(2 * len(self.phases) + 2, dtype=torch.int64, device=dev) if trace else None
 
     def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (1,) int64 -> (the last block's output (1, d), the residual before it (1, d) fp32): what the
@@ -360,8 +393,25 @@ class PersistentDecode:
             HAS_IN_BIAS=bool(s["in_bias"]), HAS_CONV_BIAS=bool(s["conv_bias"]), HAS_OUT_BIAS=bool(s["out_bias"]),
             HAS_ROUTER_BIAS=bool(s["router_bias"]), SOFTMAX=s["router"] == "softmax_topk",
             ACTIVATION=ACTIVATION_CODES[s["activation"]], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            **cfg["constexprs"], **pdl_launch(tokens))
+            **cfg["constexprs"], **pdl_launch(tokens),
+            **({"trace_ptr": self.trace, "TRACE": True} if self.trace is not None else {}))
         return self.pending.view(1, -1), self.residual[n_blocks % 2].view(1, -1)
+
+    def timeline(self) -> list[dict]:
+        """After a call with trace=True: program 0's view of each phase, in order: {"phase", "work_us" (from passing
+        its barrier to arriving at the next), "wait_us" (at the barrier before it: the slowest program's lag plus the
+        barrier's own latency)}. A device sync."""
+        if self.trace is None:
+            raise ValueError("timeline: this launcher was made without trace=True")
+        t = self.trace.tolist()
+        rows = []
+        # slot 0: start; barrier k: entry 1 + 2k, exit 2 + 2k; the end: the slot after the last exit
+        starts = [t[0]] + [t[2 + 2 * k] for k in range(len(self.phases) - 1)]
+        ends = [t[1 + 2 * k] for k in range(len(self.phases) - 1)] + [t[2 * len(self.phases) - 1]]
+        waits = [0.0] + [(t[2 + 2 * k] - t[1 + 2 * k]) / 1e3 for k in range(len(self.phases) - 1)]
+        for name, start, end, wait in zip(self.phases, starts, ends, waits):
+            rows.append({"phase": name, "work_us": (end - start) / 1e3, "wait_us": wait})
+        return rows
 
     def check(self):
         """Raise PersistentTimeout if a barrier of any earlier call gave up (a device sync)."""

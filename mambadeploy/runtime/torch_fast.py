@@ -405,8 +405,9 @@ class TorchFastRunner(Runner):
         out = attn._attend(q, key, value, mask).squeeze(2).flatten(1)
         return attn.o_proj(out)
 
-    def _persistent_for(self, st: FastState):
-        """The persistent step's launcher over st's state tensors (its block table points at them)."""
+    def _persistent_for(self, st: FastState, trace: bool = False):
+        """The persistent step's launcher over st's state tensors (its block table points at them); trace: it records
+        program 0's phase timeline (benchmarks/trace_persistent.py)."""
         from ..kernels import decode_persistent as kp
 
         t, cfg = st.tensors, self.config
@@ -433,7 +434,7 @@ class TorchFastRunner(Runner):
                 spec.update(n_experts=moe.w1.shape[0], ffn=moe.w2.shape[2], router=moe.router_kind,
                             top_k=moe.top_k, activation=moe.activation, router_bias=moe.router.bias is not None)
         table = kp.block_table(blocks, self.device, self.dtype)
-        return kp.PersistentDecode(spec, table, self.model.embedding.weight)
+        return kp.PersistentDecode(spec, table, self.model.embedding.weight, trace=trace)
 
     def _step_body(self, st: FastState):
         """One decode step on st's static buffers: reads st.tokens, updates st.tensors and st.residual in place,
