@@ -31,6 +31,8 @@ so one launch reaches every layer's separate parameter tensors without copying t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -102,6 +104,43 @@ def _leave(sync_ptr, nprog):
         tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
+_PREFETCH_ASM = tl.constexpr("""{
+.reg .pred pf_p;
+setp.gt.s32 pf_p, $2, 0;
+@pf_p cp.async.bulk.prefetch.L2.global [$1], $2;
+mov.u32 $0, 0;
+}""")
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, lo, hi, K, NP: tl.constexpr, ON: tl.constexpr):
+    """ON (sm_90+, never in the interpreter): ask the copy engine to bring rows [lo, hi) of a row-major (N, K) weight
+    into L2, in NP pieces (one a thread). A hint: it changes no result. The program's own rows of a phase are in
+    flight at once, however few registers it has for tiles; its tile loads then hit L2 or join these requests.
+    (K * element size must be a multiple of 16 bytes: the launcher checks.)"""
+    if ON:
+        elt = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        nbytes = (hi - lo).to(tl.int64) * K * elt
+        piece = ((nbytes + NP - 1) // NP + 15) // 16 * 16
+        off = tl.arange(0, NP).to(tl.int64) * piece
+        size = tl.maximum(tl.minimum(piece, nbytes - off), 0).to(tl.int32)
+        start = (w_ptr + lo.to(tl.int64) * K).to(tl.pointer_type(tl.int8))
+        tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r", [start + off, size], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+
+@triton.jit
+def _conv_window(cs, cw, rows, hi, DI, offs_kc, KC: tl.constexpr):
+    """The conv state of rows (< DI) shifted by one (its columns 1.. at 0..; the last column is left for this step's
+    input) and the taps, fp32 (BN, KC_BLOCK). Only this program reads or writes these rows' state."""
+    conv = (rows < hi) & (rows < DI)
+    cmask = conv[:, None] & (offs_kc < KC)[None, :]
+    crow = rows.to(tl.int64)[:, None] * KC
+    win = tl.load(cs + crow + offs_kc[None, :] + 1, mask=cmask & (offs_kc < KC - 1)[None, :], other=0.0)
+    taps = tl.load(cw + crow + offs_kc[None, :], mask=cmask, other=0.0).to(tl.float32)
+    return win, taps
+
+
 @triton.jit
 def _rows(w_ptr, rows, row_hi, offs_k, K):
     """A full-K weight tile: rows (BN,) of a row-major (N, K) matrix, zeros past row_hi / K (no memory read there)."""
@@ -141,7 +180,7 @@ def persistent_decode_kernel(
     BN_IN: tl.constexpr, BN_X: tl.constexpr, BN_OUT: tl.constexpr, BN_F1: tl.constexpr, BN_F2: tl.constexpr,
     HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
     HAS_ROUTER_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr = False,
-    trace_ptr=None, TRACE: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, NP: tl.constexpr = 256, trace_ptr=None, TRACE: tl.constexpr = False,
 ):
     ty = pend_ptr.dtype.element_ty  # the model dtype
     pid = tl.program_id(0)
@@ -166,8 +205,10 @@ def persistent_decode_kernel(
             cs = _ptr(row, CONV_STATE, tl.float32)
             cw = _ptr(row, CONV_W, ty)
             lo, hi = _share(2 * DI, pid, nprog)
+            _prefetch_rows(in_w, lo, hi, d, NP, PREFETCH)
             rows = lo + tl.arange(0, BN_IN)
             w_cur = _rows(in_w, rows, hi, offs_d, d)
+            win_cur, taps_cur = _conv_window(cs, cw, rows, hi, DI, offs_kc, KC)
             if b > 0:
                 passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             x = _residual_norm(b, tok, emb_ptr, res_ptr, pend_ptr, norm_w, offs_d, mask_d, d, eps, pid, ty)
@@ -175,12 +216,13 @@ def persistent_decode_kernel(
             for r0 in range(lo, hi, BN_IN):
                 rows = r0 + tl.arange(0, BN_IN)
                 conv = (rows < hi) & (rows < DI)
-                # the conv window shifted by one (the state's columns 1.., this step's input goes last) and the taps
                 cmask = conv[:, None] & (offs_kc < KC)[None, :]
                 crow = rows.to(tl.int64)[:, None] * KC
-                win = tl.load(cs + crow + offs_kc[None, :] + 1, mask=cmask & (offs_kc < KC - 1)[None, :], other=0.0)
-                taps = tl.load(cw + crow + offs_kc[None, :], mask=cmask, other=0.0).to(tl.float32)
+                # the next tile's weights and conv window are loaded before this tile is computed (two in flight)
                 w_next = _rows(in_w, rows + BN_IN, hi, offs_d, d)
+                win_next, taps_next = _conv_window(cs, cw, rows + BN_IN, hi, DI, offs_kc, KC)
+                win = win_cur
+                taps = taps_cur
                 out = fsum(w_cur.to(tl.float32) * xf[None, :], 1)
                 if HAS_IN_BIAS:
                     out += tl.load(_ptr(row, IN_B, ty) + rows, mask=rows < hi, other=0.0).to(tl.float32)
@@ -193,12 +235,17 @@ def persistent_decode_kernel(
                 out = tl.where(conv, acc * sigmoid(acc), out)
                 tl.store(xz_ptr + rows, out.to(ty), mask=rows < hi)
                 w_cur = w_next
+                win_cur = win_next
+                taps_cur = taps_next
             # ---- B: x_proj -----------------------------------------------------------------------------------
             xp_w = _ptr(row, XPROJ_W, ty)
             XD = R + 2 * NS
             lo, hi = _share(XD, pid, nprog)
             rows = lo + tl.arange(0, BN_X)
             w_cur = _rows(xp_w, rows, hi, offs_di, DI)
+            o_w = _ptr(row, OUT_W, ty)
+            o_lo, o_hi = _share(d, pid, nprog)
+            _prefetch_rows(o_w, o_lo, o_hi, DI, NP, PREFETCH)  # out_proj's rows stream in during B, C and barriers
             passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             xc = tl.load(xz_ptr + offs_di, mask=offs_di < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
             for r0 in range(lo, hi, BN_X):
@@ -235,7 +282,6 @@ def persistent_decode_kernel(
             yv = (fsum(h * Cv[None, :], 1) + xv * Dv) * (zv * sigmoid(zv))
             tl.store(y_ptr + ch, yv.to(ty), mask=mc)
             # ---- D: out_proj -> the block's output ------------------------------------------------------------
-            o_w = _ptr(row, OUT_W, ty)
             lo, hi = _share(d, pid, nprog)
             rows = lo + tl.arange(0, BN_OUT)
             w_cur = _rows(o_w, rows, hi, offs_di, DI)
@@ -275,6 +321,10 @@ def persistent_decode_kernel(
             w1 = _ptr(row, W1, ty) + e64 * (2 * FF) * d
             w2 = _ptr(row, W2, ty) + e64 * d * FF
             lo, hi = _share(FF, pid, nprog)
+            _prefetch_rows(w1, lo, hi, d, NP, PREFETCH)
+            _prefetch_rows(w1 + FF * d, lo, hi, d, NP, PREFETCH)
+            f_lo, f_hi = _share(d, pid, nprog)
+            _prefetch_rows(w2, f_lo, f_hi, FF, NP, PREFETCH)
             rows = lo + tl.arange(0, BN_F1)
             g_cur = _rows(w1, rows, hi, offs_d, d)
             u_cur = _rows(w1 + FF * d, rows, hi, offs_d, d)
@@ -333,11 +383,13 @@ def block_table(blocks: list[dict], device, dtype: torch.dtype) -> torch.Tensor:
     return table.to(device)
 
 
-def launch_config(spec: dict, programs: int, interpret: bool = False) -> dict:
+def launch_config(spec: dict, programs: int, interpret: bool = False, prefetch_ok: bool = True) -> dict:
     """spec: the model's sizes (d, d_inner, dt_rank, d_state, n_experts, ffn, d_conv). programs: how many run (one per
     SM on a GPU; 1 in the interpreter, which runs programs one after another and would wait forever at a barrier)."""
     P = 1 if interpret else int(programs)
     rows = dict(TILE_ROWS)
+    # per-program L2 prefetch of each phase's rows: Hopper's bulk prefetch, rows of whole 16-byte pieces
+    prefetch = (not interpret and prefetch_ok and all(spec[k] % 8 == 0 for k in ("d", "d_inner", "ffn")))
     return {"kernel": "persistent_decode_kernel", "grid": (P,), "num_warps": 4 if interpret else WARPS,
             "num_stages": 1,
             "constexprs": {"KC": spec["d_conv"], "D_BLOCK": next_pow2(spec["d"]),
@@ -346,7 +398,7 @@ def launch_config(spec: dict, programs: int, interpret: bool = False) -> dict:
                            "E_BLOCK": next_pow2(spec["n_experts"]), "KC_BLOCK": next_pow2(spec["d_conv"]),
                            "BC": next_pow2(cdiv(spec["d_inner"], P)),
                            "BN_IN": rows["in"], "BN_X": rows["x"], "BN_OUT": rows["out"], "BN_F1": rows["fc1"],
-                           "BN_F2": rows["fc2"]}}
+                           "BN_F2": rows["fc2"], "PREFETCH": prefetch, "NP": 32 * WARPS}}
 
 
 class PersistentDecode:
@@ -366,7 +418,10 @@ class PersistentDecode:
         self.kernel = kernel_for(persistent_decode_kernel, embedding)
         if programs is None:
             programs = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-        self.config = launch_config(spec, programs, interpret=is_interpreted(self.kernel))
+        interpret = is_interpreted(self.kernel)
+        hopper = dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+        self.config = launch_config(spec, programs, interpret=interpret, prefetch_ok=hopper and
+                                    os.environ.get("MAMBADEPLOY_L2_PREFETCH", "1") != "0")
         d, di = spec["d"], spec["d_inner"]
         self.residual = torch.zeros(2, d, dtype=torch.float32, device=dev)  # ping-pong
         self.pending = torch.zeros(d, dtype=dt, device=dev)  # each block's output
