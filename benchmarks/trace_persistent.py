@@ -9,6 +9,7 @@ Run: python benchmarks/trace_persistent.py [--presets blackmamba-2.8b] [--reps 2
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -41,13 +42,22 @@ def trace_preset(preset, reps) -> dict:
         idx = [i for i, p in enumerate(traced.phases) if p == name]
         work = [statistics.median(run[i]["work_us"] for run in runs) for i in idx]
         wait = [statistics.median(run[i]["wait_us"] for run in runs) for i in idx]
-        rows.append({"preset": preset, "phase": name, "count": len(idx), "work_us": statistics.median(work),
-                     "wait_us": statistics.median(wait), "total_us": sum(work) + sum(wait)})
+        row = {"preset": preset, "phase": name, "count": len(idx), "work_us": statistics.median(work),
+               "wait_us": statistics.median(wait), "total_us": sum(work) + sum(wait)}
+        for part in ("prologue_us", "loop_us"):
+            if part in runs[0][idx[0]]:
+                row[part] = statistics.median(run[i][part] for run in runs for i in idx)
+        rows.append(row)
     span = [sum(r["work_us"] + r["wait_us"] for r in run) for run in runs]
-    print(table(rows, ["preset", "phase", "count", "work_us", "wait_us", "total_us"]))
+    print(table(rows, ["preset", "phase", "count", "work_us", "prologue_us", "loop_us", "wait_us", "total_us"]))
+    compiled = traced.compiled
+    regs = {"n_regs": getattr(compiled, "n_regs", None), "n_spills": getattr(compiled, "n_spills", None),
+            "tiles": os.environ.get("MAMBADEPLOY_PERSISTENT_TILES", ""),
+            "prefetch": traced.config["constexprs"]["PREFETCH"]}
+    print(regs)
     print(f"{preset}: program 0's span {statistics.median(span):.1f} us; persistent launch {kernel_ms * 1e3:.1f} us "
           f"(traced, uncaptured); captured step {step_ms:.4f} ms")
-    return {"preset": preset, "rows": rows, "span_us": statistics.median(span), "kernel_ms_traced": kernel_ms,
+    return {"preset": preset, "rows": rows, **regs, "span_us": statistics.median(span), "kernel_ms_traced": kernel_ms,
             "step_ms": step_ms, "runs": runs[:3]}
 
 

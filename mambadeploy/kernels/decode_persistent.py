@@ -181,6 +181,7 @@ def persistent_decode_kernel(
     HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
     HAS_ROUTER_BIAS: tl.constexpr, SOFTMAX: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, NP: tl.constexpr = 256, trace_ptr=None, TRACE: tl.constexpr = False,
+    TRACE_BASE=0,
 ):
     ty = pend_ptr.dtype.element_ty  # the model dtype
     pid = tl.program_id(0)
@@ -213,6 +214,7 @@ def persistent_decode_kernel(
                 passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             x = _residual_norm(b, tok, emb_ptr, res_ptr, pend_ptr, norm_w, offs_d, mask_d, d, eps, pid, ty)
             xf = x.to(tl.float32)
+            _stamp(trace_ptr, TRACE_BASE + 2 * b, pid, TRACE)
             for r0 in range(lo, hi, BN_IN):
                 rows = r0 + tl.arange(0, BN_IN)
                 conv = (rows < hi) & (rows < DI)
@@ -237,6 +239,7 @@ def persistent_decode_kernel(
                 w_cur = w_next
                 win_cur = win_next
                 taps_cur = taps_next
+            _stamp(trace_ptr, TRACE_BASE + 2 * b + 1, pid, TRACE)
             # ---- B: x_proj -----------------------------------------------------------------------------------
             xp_w = _ptr(row, XPROJ_W, ty)
             XD = R + 2 * NS
@@ -325,6 +328,7 @@ def persistent_decode_kernel(
             _prefetch_rows(w1 + FF * d, lo, hi, d, NP, PREFETCH)
             f_lo, f_hi = _share(d, pid, nprog)
             _prefetch_rows(w2, f_lo, f_hi, FF, NP, PREFETCH)
+            _stamp(trace_ptr, TRACE_BASE + 2 * b, pid, TRACE)
             rows = lo + tl.arange(0, BN_F1)
             g_cur = _rows(w1, rows, hi, offs_d, d)
             u_cur = _rows(w1 + FF * d, rows, hi, offs_d, d)
@@ -337,6 +341,7 @@ def persistent_decode_kernel(
                 tl.store(h_ptr + rows, hv.to(ty), mask=rows < hi)
                 g_cur = g_next
                 u_cur = u_next
+            _stamp(trace_ptr, TRACE_BASE + 2 * b + 1, pid, TRACE)
             # ---- F: fc2 of the chosen expert, times the route weight -> the block's output ----------------------
             lo, hi = _share(d, pid, nprog)
             rows = lo + tl.arange(0, BN_F2)
@@ -388,8 +393,14 @@ def launch_config(spec: dict, programs: int, interpret: bool = False, prefetch_o
     SM on a GPU; 1 in the interpreter, which runs programs one after another and would wait forever at a barrier)."""
     P = 1 if interpret else int(programs)
     rows = dict(TILE_ROWS)
+    for item in filter(None, os.environ.get("MAMBADEPLOY_PERSISTENT_TILES", "").split(",")):  # a sweep knob
+        key, _, value = item.partition("=")
+        if key.strip() not in rows:
+            raise ValueError(f"MAMBADEPLOY_PERSISTENT_TILES: unknown phase {key!r} (known: {', '.join(rows)})")
+        rows[key.strip()] = int(value)
     # per-program L2 prefetch of each phase's rows: Hopper's bulk prefetch, rows of whole 16-byte pieces
-    prefetch = (not interpret and prefetch_ok and all(spec[k] % 8 == 0 for k in ("d", "d_inner", "ffn")))
+    prefetch = (not interpret and prefetch_ok and all(spec[k] % 8 == 0 for k in ("d", "d_inner", "ffn"))
+                and os.environ.get("MAMBADEPLOY_PERSISTENT_PREFETCH", "1") != "0")
     return {"kernel": "persistent_decode_kernel", "grid": (P,), "num_warps": 4 if interpret else WARPS,
             "num_stages": 1,
             "constexprs": {"KC": spec["d_conv"], "D_BLOCK": next_pow2(spec["d"]),
@@ -434,14 +445,18 @@ class PersistentDecode:
         # the phase after each barrier (none before the first block's first phase), in launch order
         self.phases = [name for k in kinds for name in (("in_proj", "x_proj", "state_update", "out_proj")
                                                           if k == MAMBA else ("norm_route_fc1", "fc2"))]
-        self.trace = torch.zeros(2 * len(self.phases) + 2, dtype=torch.int64, device=dev) if trace else None
+        # trace: an entry / exit pair a barrier (+ start, end), then two stamps a block (A: after the norm, after
+        # in_proj; E: after routing, after fc1)
+        self.trace_base = 2 * len(self.phases) + 2
+        self.trace = torch.zeros(self.trace_base + 2 * len(kinds), dtype=torch.int64, device=dev) if trace else None
+        self.compiled = None
 
     def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (1,) int64 -> (the last block's output (1, d), the residual before it (1, d) fp32): what the
         model's final norm takes. Both are this object's buffers (overwritten by the next call)."""
         s, cfg = self.spec, self.config
         n_blocks = self.table.shape[0]
-        self.kernel[cfg["grid"]](
+        self.compiled = self.kernel[cfg["grid"]](
             self.table, tokens, self.embedding, self.residual, self.pending, self.xz, self.xdbl, self.y, self.h,
             self.sync, n_blocks, s["d"], s["d_inner"], s["dt_rank"], s["d_state"], s["n_experts"], s["ffn"],
             float(s["eps"]),
@@ -449,7 +464,8 @@ class PersistentDecode:
             HAS_ROUTER_BIAS=bool(s["router_bias"]), SOFTMAX=s["router"] == "softmax_topk",
             ACTIVATION=ACTIVATION_CODES[s["activation"]], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **cfg["constexprs"], **pdl_launch(tokens),
-            **({"trace_ptr": self.trace, "TRACE": True} if self.trace is not None else {}))
+            **({"trace_ptr": self.trace, "TRACE": True, "TRACE_BASE": self.trace_base} if self.trace is not None
+               else {}))
         return self.pending.view(1, -1), self.residual[n_blocks % 2].view(1, -1)
 
     def timeline(self) -> list[dict]:
@@ -466,6 +482,13 @@ class PersistentDecode:
         waits = [0.0] + [(t[2 + 2 * k] - t[1 + 2 * k]) / 1e3 for k in range(len(self.phases) - 1)]
         for name, start, end, wait in zip(self.phases, starts, ends, waits):
             rows.append({"phase": name, "work_us": (end - start) / 1e3, "wait_us": wait})
+        # inside A and E (each block's first phase): the norm (+ route) part, then the weight loop
+        first = 0
+        for b, kind in enumerate(self.table[:, 0].tolist()):
+            mid, end = t[self.trace_base + 2 * b], t[self.trace_base + 2 * b + 1]
+            rows[first]["prologue_us"] = (mid - starts[first]) / 1e3
+            rows[first]["loop_us"] = (end - mid) / 1e3
+            first += 4 if kind == MAMBA else 2
         return rows
 
     def check(self):
