@@ -47,6 +47,7 @@ KIND, NORM_W, IN_W, IN_B, CONV_STATE, CONV_W, CONV_B, XPROJ_W, DTPROJ_W, DT_BIAS
     OUT_B, ROUTER_W, ROUTER_B, W1, W2 = (tl.constexpr(i) for i in range(len(COLUMNS)))
 N_COLS = tl.constexpr(20)  # (one spare column: rows of 160 bytes)
 MAMBA, MOE = 0, 1
+PER_SM = 1  # programs an SM
 SPIN_LIMIT = tl.constexpr(1 << 24)  # barrier polls before giving up (seconds on a GPU): a flag instead of a hang
 WARPS = 8
 # rows of one weight tile per phase, (in_proj, x_proj, out_proj, fc1 (gate and up each), fc2): full-K tiles of
@@ -388,10 +389,14 @@ def block_table(blocks: list[dict], device, dtype: torch.dtype) -> torch.Tensor:
     return table.to(device)
 
 
-def launch_config(spec: dict, programs: int, interpret: bool = False, prefetch_ok: bool = True) -> dict:
-    """spec: the model's sizes (d, d_inner, dt_rank, d_state, n_experts, ffn, d_conv). programs: how many run (one per
-    SM on a GPU; 1 in the interpreter, which runs programs one after another and would wait forever at a barrier)."""
-    P = 1 if interpret else int(programs)
+def launch_config(spec: dict, sms: int, interpret: bool = False, prefetch_ok: bool = True) -> dict:
+    """spec: the model's sizes (d, d_inner, dt_rank, d_state, n_experts, ffn, d_conv). sms: the GPU's SM count;
+    PER_SM programs of WARPS warps run on each (MAMBADEPLOY_PERSISTENT_PER_SM / _WARPS override them for sweeps; the
+    launcher checks that they fit). The interpreter runs one program (it runs programs one after another, so a second
+    would wait forever at the first barrier)."""
+    per_sm = int(os.environ.get("MAMBADEPLOY_PERSISTENT_PER_SM", PER_SM))
+    warps = 4 if interpret else int(os.environ.get("MAMBADEPLOY_PERSISTENT_WARPS", WARPS))
+    P = 1 if interpret else int(sms) * per_sm
     rows = dict(TILE_ROWS)
     for item in filter(None, os.environ.get("MAMBADEPLOY_PERSISTENT_TILES", "").split(",")):  # a sweep knob
         key, _, value = item.partition("=")
@@ -401,15 +406,15 @@ def launch_config(spec: dict, programs: int, interpret: bool = False, prefetch_o
     # per-program L2 prefetch of each phase's rows: Hopper's bulk prefetch, rows of whole 16-byte pieces
     prefetch = (not interpret and prefetch_ok and all(spec[k] % 8 == 0 for k in ("d", "d_inner", "ffn"))
                 and os.environ.get("MAMBADEPLOY_PERSISTENT_PREFETCH", "1") != "0")
-    return {"kernel": "persistent_decode_kernel", "grid": (P,), "num_warps": 4 if interpret else WARPS,
-            "num_stages": 1,
+    return {"kernel": "persistent_decode_kernel", "grid": (P,), "num_warps": warps, "num_stages": 1,
+            "per_sm": 1 if interpret else per_sm,
             "constexprs": {"KC": spec["d_conv"], "D_BLOCK": next_pow2(spec["d"]),
                            "DI_BLOCK": next_pow2(spec["d_inner"]), "FF_BLOCK": next_pow2(spec["ffn"]),
                            "R_BLOCK": next_pow2(spec["dt_rank"]), "NS_BLOCK": next_pow2(spec["d_state"]),
                            "E_BLOCK": next_pow2(spec["n_experts"]), "KC_BLOCK": next_pow2(spec["d_conv"]),
                            "BC": next_pow2(cdiv(spec["d_inner"], P)),
                            "BN_IN": rows["in"], "BN_X": rows["x"], "BN_OUT": rows["out"], "BN_F1": rows["fc1"],
-                           "BN_F2": rows["fc2"], "PREFETCH": prefetch, "NP": 32 * WARPS}}
+                           "BN_F2": rows["fc2"], "PREFETCH": prefetch, "NP": 32 * warps}}
 
 
 class PersistentDecode:
@@ -418,7 +423,7 @@ class PersistentDecode:
     in_bias, conv_bias, out_bias, router_bias (bools), router ("sigmoid_top1" | "softmax_topk", top-1 only),
     activation (a key of ACTIVATION_CODES)."""
 
-    def __init__(self, spec: dict, table: torch.Tensor, embedding: torch.Tensor, programs: int | None = None,
+    def __init__(self, spec: dict, table: torch.Tensor, embedding: torch.Tensor, sms: int | None = None,
                  trace: bool = False):
         if spec["router"] not in ("sigmoid_top1", "softmax_topk") or spec.get("top_k", 1) != 1:
             raise ValueError(f"persistent decode: router {spec['router']} top-{spec.get('top_k', 1)} (top-1 only)")
@@ -427,11 +432,11 @@ class PersistentDecode:
         self.spec, self.table, self.embedding = spec, table, embedding
         dev, dt = embedding.device, embedding.dtype
         self.kernel = kernel_for(persistent_decode_kernel, embedding)
-        if programs is None:
-            programs = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+        if sms is None:
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
         interpret = is_interpreted(self.kernel)
         hopper = dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
-        self.config = launch_config(spec, programs, interpret=interpret, prefetch_ok=hopper and
+        self.config = launch_config(spec, sms, interpret=interpret, prefetch_ok=hopper and
                                     os.environ.get("MAMBADEPLOY_L2_PREFETCH", "1") != "0")
         d, di = spec["d"], spec["d_inner"]
         self.residual = torch.zeros(2, d, dtype=torch.float32, device=dev)  # ping-pong
@@ -450,13 +455,40 @@ class PersistentDecode:
         self.trace_base = 2 * len(self.phases) + 2
         self.trace = torch.zeros(self.trace_base + 2 * len(kinds), dtype=torch.int64, device=dev) if trace else None
         self.compiled = None
+        self._resident = False  # checked at the first GPU call
 
     def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (1,) int64 -> (the last block's output (1, d), the residual before it (1, d) fp32): what the
         model's final norm takes. Both are this object's buffers (overwritten by the next call)."""
+        if tokens.is_cuda and not self._resident:  # compiled (not run) first: every program must fit at once
+            self._check_resident(self._launch(tokens, warmup=True))
+            self._resident = True
+        self.compiled = self._launch(tokens)
+        return self.pending.view(1, -1), self.residual[self.table.shape[0] % 2].view(1, -1)
+
+    def _check_resident(self, compiled):
+        """Raise unless PER_SM programs fit on one SM together (registers, shared memory, threads): a grid barrier
+        over programs that are not all resident would never open."""
+        cfg = self.config
+        if hasattr(compiled, "_init_handles"):
+            compiled._init_handles()  # (fills n_regs)
+        props = torch.cuda.get_device_properties(self.embedding.device)
+        threads = 32 * cfg["num_warps"]
+        per_sm, regs, smem = cfg["per_sm"], compiled.n_regs * threads, compiled.metadata.shared
+        fits = (regs <= 65536 and regs * per_sm <= getattr(props, "regs_per_multiprocessor", 65536)
+                and smem * per_sm <= getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+                and threads * per_sm <= getattr(props, "max_threads_per_multi_processor", 2048))
+        if not fits:
+            raise ValueError(f"persistent decode: {per_sm} program(s) of {cfg['num_warps']} warps ({compiled.n_regs} "
+                             f"registers a thread, {smem} bytes of shared memory) do not fit on one SM together; the "
+                             f"grid barrier needs every program resident")
+
+    def _launch(self, tokens, warmup=False):
+        """Launch (or with warmup only compile) the kernel; returns the compiled kernel."""
         s, cfg = self.spec, self.config
         n_blocks = self.table.shape[0]
-        self.compiled = self.kernel[cfg["grid"]](
+        launch, kwargs = (self.kernel.warmup, {"grid": cfg["grid"]}) if warmup else (self.kernel[cfg["grid"]], {})
+        return launch(
             self.table, tokens, self.embedding, self.residual, self.pending, self.xz, self.xdbl, self.y, self.h,
             self.sync, n_blocks, s["d"], s["d_inner"], s["dt_rank"], s["d_state"], s["n_experts"], s["ffn"],
             float(s["eps"]),
@@ -465,8 +497,7 @@ class PersistentDecode:
             ACTIVATION=ACTIVATION_CODES[s["activation"]], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **cfg["constexprs"], **pdl_launch(tokens),
             **({"trace_ptr": self.trace, "TRACE": True, "TRACE_BASE": self.trace_base} if self.trace is not None
-               else {}))
-        return self.pending.view(1, -1), self.residual[n_blocks % 2].view(1, -1)
+               else {}), **kwargs)
 
     def timeline(self) -> list[dict]:
         """After a call with trace=True: program 0's view of each phase, in order: {"phase", "work_us" (from passing
