@@ -3,9 +3,12 @@
 Why: at batch 1 a decode step is a chain of weight streams (in_proj, out_proj, experts) and short dependent kernels
 (x_proj, state update, norms, router). As separate launches each stream ramps up and drains, and each short kernel
 costs a dependent hop (H100, benchmarks/README.md: ~300 us of the 2.8B's 0.76 ms step above its bytes at the copy
-rate). Here a fixed set of programs (one per SM, all resident) runs every block's phases in order, separated by
+rate). Here a fixed set of programs (PER_SM per SM, all resident) runs every block's phases in order, separated by
 grid-wide barriers, and each program loads its first weight tile of a phase BEFORE waiting at that phase's barrier
-(weights are constants), so HBM keeps streaming through the hops.
+(weights are constants), so that the hops need no launches. Measured on the H100 it is NOT faster than the per-kernel
+step (2.8B batch 1: 0.870 ms against 0.754 ms; benchmarks/README.md): a grid barrier costs about what a PDL hop
+costs (1-2.5 us with the slowest program's lag), and a few programs an SM stream a phase's rows no faster than many
+short-lived ones. torch-fast therefore runs it only when asked (TorchFastRunner(persistent=True)).
 
 Per block, the phases (a barrier before each, none before the very first):
   Mamba: A  residual (+ previous block's output) and RMSNorm, recomputed by every program (program 0 stores the
@@ -20,8 +23,8 @@ points), checked against the reference model in tests/runtime/test_torch_fast_pe
 Grid barrier: an arrival counter (sync[0]) over the whole launch: each program adds 1 (acq_rel) and polls (acquire)
 until barrier k's (k + 1) * programs arrivals; the last program to leave the kernel resets it (and the exit count,
 sync[1]), so no memset launch is needed between steps. The barrier is only
-correct when every program is resident at once: one program per SM of 8 warps always fits on the GPUs this targets
-(sm_90), and the launcher never starts more programs than SMs. A bounded spin sets sync[2] instead of hanging forever
+correct when every program is resident at once: the launcher compiles the kernel first and refuses a launch whose
+PER_SM programs do not fit on one SM together (registers, shared memory, threads). A bounded spin sets sync[2] instead of hanging forever
 (the launcher's `check` reports it). In Triton's CPU interpreter programs run one after another, so it runs with a
 single program (every phase's rows looped by that program): the maths is tested on CPU, the partition on the GPU.
 
@@ -47,12 +50,20 @@ KIND, NORM_W, IN_W, IN_B, CONV_STATE, CONV_W, CONV_B, XPROJ_W, DTPROJ_W, DT_BIAS
     OUT_B, ROUTER_W, ROUTER_B, W1, W2 = (tl.constexpr(i) for i in range(len(COLUMNS)))
 N_COLS = tl.constexpr(20)  # (one spare column: rows of 160 bytes)
 MAMBA, MOE = 0, 1
-PER_SM = 1  # programs an SM
+# Launch shape, measured on the H100 (2.8B batch 1, captured step; benchmarks/trace_persistent.py,
+# results/trace_persistent_*.json): 2 programs of 4 warps an SM with the tile rows below 0.870-0.874 ms; 1 program of
+# 8 warps (twice the rows a tile) 1.08 ms: one program an SM serialises load, reduction and epilogue of each tile, a
+# second program overlaps them (in_proj 15.5 -> 8.0 us a layer). 2 warps x 3-4 programs spill (208 registers).
+PER_SM = 2  # programs an SM
 SPIN_LIMIT = tl.constexpr(1 << 24)  # barrier polls before giving up (seconds on a GPU): a flag instead of a hang
-WARPS = 8
+WARPS = 4
 # rows of one weight tile per phase, (in_proj, x_proj, out_proj, fc1 (gate and up each), fc2): full-K tiles of
-# BN x next_pow2(K) elements, two in flight a program (the one computed and the next)
-TILE_ROWS = {"in": 8, "x": 2, "out": 4, "fc1": 4, "fc2": 4}
+# BN x next_pow2(K) elements, two in flight a program (the one computed and the next). Twice these at 4 warps spill.
+TILE_ROWS = {"in": 4, "x": 1, "out": 2, "fc1": 2, "fc2": 2}
+# Per-program L2 prefetch of each phase's rows (Hopper's bulk prefetch, _prefetch_rows): off. Measured on the H100
+# with the launch above: 0.970 ms on against 0.874 ms off (fc1 and fc2 slower: the prefetches compete with the tile
+# loads); with one 8-warp program an SM 1.128 against 1.080 ms. MAMBADEPLOY_PERSISTENT_PREFETCH=1 turns it on.
+PREFETCH_DEFAULT = False
 
 
 @triton.jit
@@ -405,7 +416,7 @@ def launch_config(spec: dict, sms: int, interpret: bool = False, prefetch_ok: bo
         rows[key.strip()] = int(value)
     # per-program L2 prefetch of each phase's rows: Hopper's bulk prefetch, rows of whole 16-byte pieces
     prefetch = (not interpret and prefetch_ok and all(spec[k] % 8 == 0 for k in ("d", "d_inner", "ffn"))
-                and os.environ.get("MAMBADEPLOY_PERSISTENT_PREFETCH", "1") != "0")
+                and os.environ.get("MAMBADEPLOY_PERSISTENT_PREFETCH", "1" if PREFETCH_DEFAULT else "0") != "0")
     return {"kernel": "persistent_decode_kernel", "grid": (P,), "num_warps": warps, "num_stages": 1,
             "per_sm": 1 if interpret else per_sm,
             "constexprs": {"KC": spec["d_conv"], "D_BLOCK": next_pow2(spec["d"]),

@@ -54,9 +54,10 @@ L2_PREFETCH_SITES = ("xproj",)
 
 # The batch-1 step of a Mamba + top-1 MoE model (BlackMamba, MoE-Mamba) as ONE persistent launch
 # (kernels/decode_persistent.py) followed by the final norm and the LM head, instead of ~8 launches a block.
-# TorchFastRunner(persistent=None) takes it where the model fits (persistent_unsupported) and the step runs on a GPU,
-# unless MAMBADEPLOY_PERSISTENT=0.
-PERSISTENT_DEFAULT = True
+# Off by default: on the H100 it measured 0.870 ms a 2.8B step against 0.754 ms for the per-kernel step
+# (benchmarks/README.md). TorchFastRunner(persistent=True) or MAMBADEPLOY_PERSISTENT=1 (where the model fits,
+# persistent_unsupported, and the step runs on a GPU) turn it on.
+PERSISTENT_DEFAULT = False
 
 
 def persistent_unsupported(config) -> str | None:
@@ -142,8 +143,9 @@ class TorchFastRunner(Runner):
         triton_gemv: the dense decode projections on the Triton GEMV at batch <= TRITON_GEMV_MAX_BATCH (else cuBLAS).
         l2_prefetch: the L2 prefetch sites of the batch-1 step (see L2_PREFETCH_SITES; None: MAMBADEPLOY_L2_PREFETCH,
         default all); Hopper only, a hint that changes no result.
-        persistent: the batch-1 step as one persistent launch (see PERSISTENT_DEFAULT); None: where the model fits and
-        the step runs on a GPU, unless MAMBADEPLOY_PERSISTENT=0; True where it does not fit is an error."""
+        persistent: the batch-1 step as one persistent launch (see PERSISTENT_DEFAULT); None: PERSISTENT_DEFAULT or
+        MAMBADEPLOY_PERSISTENT, and only where the model fits and the step runs on a GPU; True where the model does
+        not fit is an error."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import (
             causal_conv1d,
