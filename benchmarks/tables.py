@@ -79,6 +79,33 @@ def main():
             print(table(sweep["rows"], ["row_tile", "fc1_tile", "fc2_tile", "ssu_tile", "step_gpu_ms",
                                         "max_logit_diff_vs_default", "error"]))
             print()
+    final = load("decode_persistent_final", gpu)
+    if final:
+        print(f"### Decode batch 1, persistent step vs per-kernel step, same run ({final['device']['gpu']}, "
+              f"{final['device']['date']}, bf16)\n")
+        print(table(final["rows"], ["preset", "batch", "persistent", "fast_gpu_ms", "fast_wall_ms", "roofline_pct_spec",
+                                    "speedup_vs_eager"]))
+        print()
+    trace = load("trace_persistent_final", gpu)
+    if trace:
+        for res in trace["presets"]:
+            print(f"### Persistent step, program 0's timeline, {res['preset']} batch 1 ({trace['device']['gpu']}, "
+                  f"{trace['device']['date']}): {res['step_ms']:.4f} ms captured, {res['n_regs']} registers, "
+                  f"{res['n_spills']} spills\n")
+            print(table(res["rows"], ["phase", "count", "work_us", "prologue_us", "loop_us", "wait_us", "total_us"]))
+            print()
+    sweeps = sorted(RESULTS.glob(f"trace_persistent_*_{gpu}.json"))
+    if sweeps:
+        print("### Persistent step launch shapes (2.8B batch 1, captured step)\n")
+        rows = []
+        for path in sweeps:
+            data = json.loads(path.read_text())
+            for res in data["presets"]:
+                rows.append({"file": path.name.replace(f"_{gpu}.json", ""), "step_ms": res["step_ms"],
+                             "n_regs": res.get("n_regs"), "n_spills": res.get("n_spills"),
+                             "tiles": res.get("tiles", ""), "prefetch": res.get("prefetch")})
+        print(table(rows, ["file", "tiles", "prefetch", "n_regs", "n_spills", "step_ms"]))
+        print()
     prof = load("prefill_bmm_profile", gpu)
     if prof:
         print(f"### Prefill kernels, 2.8B, 2048 tokens ({prof['device']['gpu']}, {prof['device']['date']})\n")
