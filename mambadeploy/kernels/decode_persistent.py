@@ -40,7 +40,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, ACTIVATION_CODES, activate, argmax, cdiv, fmax, fsum, next_pow2, pdl_launch, sigmoid, softplus
+from .common import (
+    ACTIVATION_CODES,
+    LOG2E,
+    activate,
+    argmax,
+    cdiv,
+    fmax,
+    fsum,
+    next_pow2,
+    pdl_launch,
+    sigmoid,
+    softplus,
+)
 from .interpret import is_interpreted, kernel_for
 
 # block-table columns (constexpr: read inside the kernel)
@@ -79,7 +91,7 @@ _GLOBALTIMER = tl.constexpr("mov.u64 $0, %globaltimer;")
 @triton.jit
 def _stamp(trace_ptr, slot, pid, TRACE: tl.constexpr):
     """TRACE: program 0 records the GPU's global timer (ns) in trace[slot] (how long phases and barriers take)."""
-    if TRACE:
+    if TRACE:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if pid == 0:
             t = tl.inline_asm_elementwise(_GLOBALTIMER, "=l", [], dtype=tl.int64, is_pure=False, pack=1)
             tl.store(trace_ptr + slot, t)
