@@ -65,7 +65,7 @@ MAMBA, MOE = 0, 1
 # Launch shape, measured on the H100 (2.8B batch 1, captured step; benchmarks/trace_persistent.py,
 # results/trace_persistent_*.json): 2 programs of 4 warps an SM with the tile rows below 0.870-0.874 ms; 1 program of
 # 8 warps (twice the rows a tile) 1.08 ms: one program an SM serialises load, reduction and epilogue of each tile, a
-# second program overlaps them (in_proj 15.5 -> 8.0 us a layer). 2 warps x 3-4 programs spill (208 registers).
+# second program overlaps them (in_proj 15.5 -> 8.0 us a layer). 2 warps x 3-4 programs spill (ptxas: 208 spills).
 PER_SM = 2  # programs an SM
 SPIN_LIMIT = tl.constexpr(1 << 24)  # barrier polls before giving up (seconds on a GPU): a flag instead of a hang
 WARPS = 4
