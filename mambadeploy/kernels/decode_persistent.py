@@ -229,40 +229,49 @@ def persistent_decode_kernel(
             in_w = _ptr(row, IN_W, ty)
             cs = _ptr(row, CONV_STATE, tl.float32)
             cw = _ptr(row, CONV_W, ty)
-            lo, hi = _share(2 * DI, pid, nprog)
+            # each program takes the same share of the x half (with the conv) and of the z half, so that the conv
+            # work is spread evenly (a contiguous share of all 2 * DI rows left half the programs with all of it)
+            lo, hi = _share(DI, pid, nprog)
             _prefetch_rows(in_w, lo, hi, d, NP, PREFETCH)
+            _prefetch_rows(in_w, DI + lo, DI + hi, d, NP, PREFETCH)
             rows = lo + tl.arange(0, BN_IN)
             w_cur = _rows(in_w, rows, hi, offs_d, d)
             win_cur, taps_cur = _conv_window(cs, cw, rows, hi, DI, offs_kc, KC)
+            z_cur = _rows(in_w, DI + rows, DI + hi, offs_d, d)
             if b > 0:
                 passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             x = _residual_norm(b, tok, emb_ptr, res_ptr, pend_ptr, norm_w, offs_d, mask_d, d, eps, pid, ty)
             xf = x.to(tl.float32)
             _stamp(trace_ptr, TRACE_BASE + 2 * b, pid, TRACE)
-            for r0 in range(lo, hi, BN_IN):
+            for r0 in range(lo, hi, BN_IN):  # x half: projection, then the conv update + SiLU
                 rows = r0 + tl.arange(0, BN_IN)
-                conv = (rows < hi) & (rows < DI)
+                conv = rows < hi
                 cmask = conv[:, None] & (offs_kc < KC)[None, :]
                 crow = rows.to(tl.int64)[:, None] * KC
                 # the next tile's weights and conv window are loaded before this tile is computed (two in flight)
                 w_next = _rows(in_w, rows + BN_IN, hi, offs_d, d)
                 win_next, taps_next = _conv_window(cs, cw, rows + BN_IN, hi, DI, offs_kc, KC)
-                win = win_cur
-                taps = taps_cur
                 out = fsum(w_cur.to(tl.float32) * xf[None, :], 1)
                 if HAS_IN_BIAS:
-                    out += tl.load(_ptr(row, IN_B, ty) + rows, mask=rows < hi, other=0.0).to(tl.float32)
+                    out += tl.load(_ptr(row, IN_B, ty) + rows, mask=conv, other=0.0).to(tl.float32)
                 new = out.to(ty).to(tl.float32)  # the conv reads the projection as the model dtype stores it
-                win = tl.where((offs_kc == KC - 1)[None, :], new[:, None], win)
-                acc = fsum(win * taps, 1)
+                win = tl.where((offs_kc == KC - 1)[None, :], new[:, None], win_cur)
+                acc = fsum(win * taps_cur, 1)
                 if HAS_CONV_BIAS:
                     acc += tl.load(_ptr(row, CONV_B, ty) + rows, mask=conv, other=0.0).to(tl.float32)
                 tl.store(cs + crow + offs_kc[None, :], win, mask=cmask)
-                out = tl.where(conv, acc * sigmoid(acc), out)
-                tl.store(xz_ptr + rows, out.to(ty), mask=rows < hi)
+                tl.store(xz_ptr + rows, (acc * sigmoid(acc)).to(ty), mask=conv)
                 w_cur = w_next
                 win_cur = win_next
                 taps_cur = taps_next
+            for r0 in range(DI + lo, DI + hi, BN_IN):  # z half: the projection alone
+                rows = r0 + tl.arange(0, BN_IN)
+                z_next = _rows(in_w, rows + BN_IN, DI + hi, offs_d, d)
+                out = fsum(z_cur.to(tl.float32) * xf[None, :], 1)
+                if HAS_IN_BIAS:
+                    out += tl.load(_ptr(row, IN_B, ty) + rows, mask=rows < DI + hi, other=0.0).to(tl.float32)
+                tl.store(xz_ptr + rows, out.to(ty), mask=rows < DI + hi)
+                z_cur = z_next
             _stamp(trace_ptr, TRACE_BASE + 2 * b + 1, pid, TRACE)
             # ---- B: x_proj -----------------------------------------------------------------------------------
             xp_w = _ptr(row, XPROJ_W, ty)
