@@ -6,7 +6,7 @@ costs a dependent hop (H100, benchmarks/README.md: ~300 us of the 2.8B's 0.76 ms
 rate). Here a fixed set of programs (PER_SM per SM, all resident) runs every block's phases in order, separated by
 grid-wide barriers, and each program loads its first weight tile of a phase BEFORE waiting at that phase's barrier
 (weights are constants), so that the hops need no launches. Measured on the H100 it is NOT faster than the per-kernel
-step (2.8B batch 1: 0.870 ms against 0.754 ms; benchmarks/README.md): a grid barrier costs about what a PDL hop
+step (2.8B batch 1: 0.843 ms against 0.751 ms; benchmarks/README.md): a grid barrier costs about what a PDL hop
 costs (1-2.5 us with the slowest program's lag), and a few programs an SM stream a phase's rows no faster than many
 short-lived ones. torch-fast therefore runs it only when asked (TorchFastRunner(persistent=True)).
 
@@ -63,7 +63,8 @@ KIND, NORM_W, IN_W, IN_B, CONV_STATE, CONV_W, CONV_B, XPROJ_W, DTPROJ_W, DT_BIAS
 N_COLS = tl.constexpr(20)  # (one spare column: rows of 160 bytes)
 MAMBA, MOE = 0, 1
 # Launch shape, measured on the H100 (2.8B batch 1, captured step; benchmarks/trace_persistent.py,
-# results/trace_persistent_*.json): 2 programs of 4 warps an SM with the tile rows below 0.870-0.874 ms; 1 program of
+# results/trace_persistent_*.json): 2 programs of 4 warps an SM with the tile rows below 0.870-0.874 ms (0.843 ms
+# once in_proj's conv rows were shared evenly); 1 program of
 # 8 warps (twice the rows a tile) 1.08 ms: one program an SM serialises load, reduction and epilogue of each tile, a
 # second program overlaps them (in_proj 15.5 -> 8.0 us a layer). 2 warps x 3-4 programs spill (ptxas: 208 spills).
 PER_SM = 2  # programs an SM

@@ -54,7 +54,7 @@ L2_PREFETCH_SITES = ("xproj",)
 
 # The batch-1 step of a Mamba + top-1 MoE model (BlackMamba, MoE-Mamba) as ONE persistent launch
 # (kernels/decode_persistent.py) followed by the final norm and the LM head, instead of ~8 launches a block.
-# Off by default: on the H100 it measured 0.870 ms a 2.8B step against 0.754 ms for the per-kernel step
+# Off by default: on the H100 it measured 0.843 ms a 2.8B step against 0.751 ms for the per-kernel step
 # (benchmarks/README.md). TorchFastRunner(persistent=True) or MAMBADEPLOY_PERSISTENT=1 (where the model fits,
 # persistent_unsupported, and the step runs on a GPU) turn it on.
 PERSISTENT_DEFAULT = False
