@@ -174,6 +174,21 @@ def _rows(w_ptr, rows, row_hi, offs_k, K):
 
 
 @triton.jit
+def _gemv_rows(w_ptr, w_cur, v, lo, hi, K, offs_k, out_ptr, scale, b_ptr, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
+               ty: tl.constexpr):
+    """Rows [lo, hi) of a row-major (N, K) weight times v (fp32, offs_k wide) -> out[rows] = ((W v + bias) * scale) in
+    ty. w_cur: the first tile, loaded by the caller (before the phase's barrier); the next tile is always in flight."""
+    for r0 in range(lo, hi, BN):
+        rows = r0 + tl.arange(0, BN)
+        w_next = _rows(w_ptr, rows + BN, hi, offs_k, K)
+        out = fsum(w_cur.to(tl.float32) * v[None, :], 1)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rows, mask=rows < hi, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, (out * scale).to(ty), mask=rows < hi)
+        w_cur = w_next
+
+
+@triton.jit
 def _share(n, pid, nprog):
     """This program's contiguous share [lo, hi) of n rows."""
     per = (n + nprog - 1) // nprog
@@ -265,14 +280,8 @@ def persistent_decode_kernel(
                 w_cur = w_next
                 win_cur = win_next
                 taps_cur = taps_next
-            for r0 in range(DI + lo, DI + hi, BN_IN):  # z half: the projection alone
-                rows = r0 + tl.arange(0, BN_IN)
-                z_next = _rows(in_w, rows + BN_IN, DI + hi, offs_d, d)
-                out = fsum(z_cur.to(tl.float32) * xf[None, :], 1)
-                if HAS_IN_BIAS:
-                    out += tl.load(_ptr(row, IN_B, ty) + rows, mask=rows < DI + hi, other=0.0).to(tl.float32)
-                tl.store(xz_ptr + rows, out.to(ty), mask=rows < DI + hi)
-                z_cur = z_next
+            _gemv_rows(in_w, z_cur, xf, DI + lo, DI + hi, d, offs_d, xz_ptr, 1.0, _ptr(row, IN_B, ty), HAS_IN_BIAS,
+                       BN_IN, ty)  # z half: the projection alone
             _stamp(trace_ptr, TRACE_BASE + 2 * b + 1, pid, TRACE)
             # ---- B: x_proj -----------------------------------------------------------------------------------
             xp_w = _ptr(row, XPROJ_W, ty)
@@ -285,12 +294,7 @@ def persistent_decode_kernel(
             _prefetch_rows(o_w, o_lo, o_hi, DI, NP, PREFETCH)  # out_proj's rows stream in during B, C and barriers
             passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             xc = tl.load(xz_ptr + offs_di, mask=offs_di < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
-            for r0 in range(lo, hi, BN_X):
-                rows = r0 + tl.arange(0, BN_X)
-                w_next = _rows(xp_w, rows + BN_X, hi, offs_di, DI)
-                out = fsum(w_cur.to(tl.float32) * xc[None, :], 1)
-                tl.store(xdbl_ptr + rows, out.to(ty), mask=rows < hi)
-                w_cur = w_next
+            _gemv_rows(xp_w, w_cur, xc, lo, hi, DI, offs_di, xdbl_ptr, 1.0, xdbl_ptr, False, BN_X, ty)
             # ---- C: state update on this program's channels ---------------------------------------------------
             c_lo, c_hi = _share(DI, pid, nprog)
             ch = c_lo + tl.arange(0, BC)
@@ -324,14 +328,8 @@ def persistent_decode_kernel(
             w_cur = _rows(o_w, rows, hi, offs_di, DI)
             passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             yf = tl.load(y_ptr + offs_di, mask=offs_di < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
-            for r0 in range(lo, hi, BN_OUT):
-                rows = r0 + tl.arange(0, BN_OUT)
-                w_next = _rows(o_w, rows + BN_OUT, hi, offs_di, DI)
-                out = fsum(w_cur.to(tl.float32) * yf[None, :], 1)
-                if HAS_OUT_BIAS:
-                    out += tl.load(_ptr(row, OUT_B, ty) + rows, mask=rows < hi, other=0.0).to(tl.float32)
-                tl.store(pend_ptr + rows, out.to(ty), mask=rows < hi)
-                w_cur = w_next
+            _gemv_rows(o_w, w_cur, yf, lo, hi, DI, offs_di, pend_ptr, 1.0, _ptr(row, OUT_B, ty), HAS_OUT_BIAS, BN_OUT,
+                       ty)
         else:
             # ---- E: norm, router, fc1 ----------------------------------------------------------------------------
             offs_e = tl.arange(0, E_BLOCK)
@@ -382,12 +380,7 @@ def persistent_decode_kernel(
             w_cur = _rows(w2, rows, hi, offs_ff, FF)
             passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             hf = tl.load(h_ptr + offs_ff, mask=offs_ff < FF, other=0.0, cache_modifier=".cg").to(tl.float32)
-            for r0 in range(lo, hi, BN_F2):
-                rows = r0 + tl.arange(0, BN_F2)
-                w_next = _rows(w2, rows + BN_F2, hi, offs_ff, FF)
-                out = fsum(w_cur.to(tl.float32) * hf[None, :], 1) * wgt
-                tl.store(pend_ptr + rows, out.to(ty), mask=rows < hi)
-                w_cur = w_next
+            _gemv_rows(w2, w_cur, hf, lo, hi, FF, offs_ff, pend_ptr, wgt, pend_ptr, False, BN_F2, ty)
     _stamp(trace_ptr, 1 + 2 * passed, pid, TRACE)
     _leave(sync_ptr, nprog)
     if PDL:
