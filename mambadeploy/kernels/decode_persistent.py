@@ -472,7 +472,7 @@ class PersistentDecode:
         self.y = torch.zeros(di, dtype=dt, device=dev)
         self.h = torch.zeros(spec["ffn"], dtype=dt, device=dev)
         self.sync = torch.zeros(4, dtype=torch.int32, device=dev)  # arrivals, exits, timeout flag, spare
-        kinds = table[:, 0].tolist()
+        self.kinds = kinds = table[:, 0].tolist()  # (read once: the table lives on the device)
         # the phase after each barrier (none before the first block's first phase), in launch order
         self.phases = [name for k in kinds for name in (("in_proj", "x_proj", "state_update", "out_proj")
                                                           if k == MAMBA else ("norm_route_fc1", "fc2"))]
@@ -541,7 +541,7 @@ class PersistentDecode:
             rows.append({"phase": name, "work_us": (end - start) / 1e3, "wait_us": wait})
         # inside A and E (each block's first phase): the norm (+ route) part, then the weight loop
         first = 0
-        for b, kind in enumerate(self.table[:, 0].tolist()):
+        for b, kind in enumerate(self.kinds):
             mid, end = t[self.trace_base + 2 * b], t[self.trace_base + 2 * b + 1]
             rows[first]["prologue_us"] = (mid - starts[first]) / 1e3
             rows[first]["loop_us"] = (end - mid) / 1e3
