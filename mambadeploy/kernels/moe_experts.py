@@ -108,6 +108,17 @@ def moe_gemv_fc2_kernel(
 
 # --------------------------------------------------------------------------- grouped GEMM (prefill, large batch)
 @triton.jit
+def _block_pairs(sorted_ptr, block_expert_ptr, P, BLOCK_M: tl.constexpr):
+    """The grouped GEMM's row block (program_id 0): its expert (E for blocks past the last expert's segment, which
+    do nothing), its slots in sorted_pairs, the pairs there and which of them are real (padding rows are not)."""
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ptr + slots)
+    return e, slots, pairs, pairs < P
+
+
+@triton.jit
 def moe_gemm_fc1_kernel(
     x_ptr, w1_ptr, sorted_ptr, block_expert_ptr, h_ptr,
     P, F, d, E,
@@ -115,11 +126,8 @@ def moe_gemm_fc1_kernel(
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e < E:  # blocks past the last expert's segment do nothing
-        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        valid = pairs < P
+    e, _, pairs, valid = _block_pairs(sorted_ptr, block_expert_ptr, P, BLOCK_M)
+    if e < E:
         tok = (pairs // TOP_K).to(tl.int64)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < F
@@ -160,11 +168,8 @@ def moe_gemm_fc2_kernel(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    e = tl.load(block_expert_ptr + pid_m)
+    e, _, pairs, valid = _block_pairs(sorted_ptr, block_expert_ptr, P, BLOCK_M)
     if e < E:
-        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        valid = pairs < P
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < d
         w_base = w2_ptr + e.to(tl.int64) * s_w_e
@@ -196,12 +201,8 @@ def moe_gemm_fc1_tma_kernel(
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    e = tl.load(block_expert_ptr + pid_m)
+    e, slots, pairs, valid = _block_pairs(sorted_ptr, block_expert_ptr, P, BLOCK_M)
     if e < E:
-        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pairs = tl.load(sorted_ptr + slots)
-        valid = pairs < P
         tok = (pairs // TOP_K).to(tl.int64)
         n0 = tl.program_id(1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -231,16 +232,13 @@ def moe_gemm_fc2_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    e = tl.load(block_expert_ptr + pid_m)
+    e, _, pairs, valid = _block_pairs(sorted_ptr, block_expert_ptr, P, BLOCK_M)
     if e < E:
-        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        valid = pairs < P
         n0 = tl.program_id(1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for k0 in range(0, F, BLOCK_K):
-            a = h_desc.load([pid_m * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K) of the grouped h
+            a = h_desc.load([tl.program_id(0) * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K) of the grouped h
             w = w2_desc.load([e * d + n0, k0])  # (BLOCK_N, BLOCK_K)
             if UPCAST:
                 a, w = a.to(tl.float32), w.to(tl.float32)
