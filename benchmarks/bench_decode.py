@@ -115,16 +115,16 @@ def profile_step(fast, token, state, top=14) -> list[dict]:
 
 
 def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gemv=True, l2_prefetch="all",
-               persistent=None, gate_with_xproj=None):
+               persistent=None):
     V = model.config.vocab_size
     g = torch.Generator(device="cuda").manual_seed(batch)
     prompt = torch.randint(0, V, (batch, 16), generator=g, device="cuda")
     fast = TorchFastRunner(model, check_inputs=False, triton_gemv=triton_gemv, l2_prefetch=l2_prefetch,
-                           persistent=persistent, gate_with_xproj=gate_with_xproj)
+                           persistent=persistent)
     eager = TorchEagerRunner(model)
     top1, err, sf, se, token = follow(fast, eager, prompt)
     row = {"preset": preset, "batch": batch, "triton_gemv": triton_gemv, "l2_prefetch": fast.describe()["l2_prefetch"],
-           "persistent": sf.persistent is not None, "gate_with_xproj": fast.gate_with_xproj,
+           "persistent": sf.persistent is not None,
            "pdl": os.environ.get("MAMBADEPLOY_PDL", "1") != "0", "bf16_top1_agreement": top1,
            "bf16_max_rel_err": err}
 
@@ -171,12 +171,9 @@ def main():
                         help="L2 prefetch site lists to measure each case with (e.g. none xproj xproj,fc1 all)")
     parser.add_argument("--persistent", choices=["auto", "on", "off", "both"], default="auto",
                         help="the batch-1 step as one persistent launch (auto: the runner's default)")
-    parser.add_argument("--gate-with-xproj", choices=["auto", "on", "off", "both"], default="auto")
-    parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
     flags = {"on": (True,), "off": (False,), "both": (False, True)}[args.triton_gemv]
     modes = {"auto": (None,), "on": (True,), "off": (False,), "both": (False, True)}[args.persistent]
-    gates = {"auto": (None,), "on": (True,), "off": (False,), "both": (False, True)}[args.gate_with_xproj]
     facts, ceil = device_facts(), measured_ceilings()
     print(facts, ceil, flush=True)
     rows, checks = [], []
@@ -189,18 +186,14 @@ def main():
             for batch in args.batches:
                 for flag in flags:
                     for spec in args.l2_prefetch:
-                        cases = [(m, gt) for m in (modes if batch == 1 else (None,))
-                                 for gt in (gates if batch == 1 else (None,))]
-                        for _ in range(args.repeat):
-                            for mode, gate in cases:
-                                rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile,
-                                                       flag, spec, mode, gate))
-                                torch.cuda.empty_cache()
+                        for mode in (modes if batch == 1 else (None,)):
+                            rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile, flag,
+                                                   spec, mode))
+                            torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
     write_json(args.name, {"device": facts, "ceilings": ceil, "dtype": "bf16", "fp32_checks": checks, "rows": rows})
-    print(table(rows, ["preset", "batch", "triton_gemv", "pdl", "l2_prefetch", "persistent", "gate_with_xproj",
-                       "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
+    print(table(rows, ["preset", "batch", "triton_gemv", "pdl", "l2_prefetch", "persistent", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
                        "bytes_per_token", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy",
                        "bf16_top1_agreement", "bf16_max_rel_err"]))
     if checks:

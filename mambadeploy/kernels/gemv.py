@@ -89,18 +89,19 @@ def _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, y_dtype, cs_ptr, cw_ptr,
 
 
 @triton.jit
-def _row_block(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, pid_n, pid_k,
+def gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, K_PER_SPLIT,
     s_xm, s_wn, s_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
-    cs_ptr, cw_ptr, cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k,
-    CONV_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-    pf_ptr, pf_program, pf_share, pf_piece, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr = False,
+    cs_ptr=None, cw_ptr=None, cb_ptr=None, conv_dim=0, s_cs_b=0, s_cs_d=0, s_cs_k=0, s_cw_d=0, s_cw_k=0,
+    CONV_K: tl.constexpr = 0, HAS_CONV_BIAS: tl.constexpr = False,
+    pf_ptr=None, pf_share=0, pf_piece=0, PREFETCH: tl.constexpr = False,
 ):
-    """One program's work: BLOCK_N rows of W (row block pid_n) over split pid_k of K, times the M rows of x."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,7 +114,7 @@ def _row_block(
     k_first = k_start + tl.arange(0, BLOCK_K)
     w_first = tl.load(w_rows + k_first[None, :], mask=mask_n[:, None] & (k_first < K)[None, :], other=0.0)
     if PREFETCH:  # a weight of a later kernel into L2 (a hint; see common.l2_prefetch)
-        l2_prefetch(pf_ptr, pf_program, pf_share, pf_piece)
+        l2_prefetch(pf_ptr, pid_n + pid_k * tl.num_programs(0), pf_share, pf_piece)
     pdl_wait(PDL)
     x_first = tl.load(x_rows + k_first[None, :], mask=mask_m[:, None] & (k_first < K)[None, :], other=0.0)
     if USE_DOT:  # several rows of x: tensor-core MMA on x padded to BLOCK_M >= 16 rows; its loads are pipelined
@@ -162,45 +163,6 @@ def _row_block(
                 total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(y_at, total.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=mask)
             tl.store(count_ptr + pid_n, 0)
-
-
-@triton.jit
-def gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
-    M, N, K, K_PER_SPLIT,
-    s_xm, s_wn, s_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False,
-    cs_ptr=None, cw_ptr=None, cb_ptr=None, conv_dim=0, s_cs_b=0, s_cs_d=0, s_cs_k=0, s_cw_d=0, s_cw_k=0,
-    CONV_K: tl.constexpr = 0, HAS_CONV_BIAS: tl.constexpr = False,
-    pf_ptr=None, pf_share=0, pf_piece=0, PREFETCH: tl.constexpr = False,
-    x2_ptr=None, w2_ptr=None, b2_ptr=None, y2_ptr=None, N2=0, K2=0, s_x2m=0, s_w2n=0, s_y2m=0, N_BLOCKS=0,
-    SECOND: tl.constexpr = False, HAS_BIAS2: tl.constexpr = False, BLOCK_N2: tl.constexpr = 1,
-):
-    """Grid (row blocks, SPLIT_K); with SECOND a 1-D grid: the first N_BLOCKS * SPLIT_K programs are that grid
-    flattened, the rest each take BLOCK_N2 rows of the second GEMV (y2 = x2 @ W2.T + b2, one row, whole K2)."""
-    if SECOND:
-        pid = tl.program_id(0)
-        first = N_BLOCKS * SPLIT_K
-        if pid < first:
-            _row_block(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, pid % N_BLOCKS, pid // N_BLOCKS,
-                       M, N, K, K_PER_SPLIT, s_xm, s_wn, s_ym, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
-                       USE_DOT, UPCAST, PRECISION, PDL, cs_ptr, cw_ptr, cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k,
-                       s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS, pf_ptr, pid, pf_share, pf_piece, PREFETCH)
-        else:
-            _row_block(x2_ptr, w2_ptr, b2_ptr, y2_ptr, y2_ptr, y2_ptr, pid - first, 0,
-                       1, N2, K2, K2, s_x2m, s_w2n, s_y2m, HAS_BIAS2, 1, BLOCK_N2, BLOCK_K, 1,
-                       False, UPCAST, PRECISION, PDL, None, None, None, 0, 0, 0, 0, 0, 0, 0, False,
-                       None, pid, 0, 0, False)
-    else:
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        _row_block(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, pid_n, pid_k,
-                   M, N, K, K_PER_SPLIT, s_xm, s_wn, s_ym, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
-                   USE_DOT, UPCAST, PRECISION, PDL, cs_ptr, cw_ptr, cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k,
-                   s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS, pf_ptr, pid_n + pid_k * tl.num_programs(0), pf_share,
-                   pf_piece, PREFETCH)
 
 
 def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = True) -> dict:
@@ -252,8 +214,7 @@ def _counter_buffer(device) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: dict | None = None,
-         out: torch.Tensor | None = None, conv: tuple | None = None, prefetch: tuple | None = None,
-         also: tuple | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, conv: tuple | None = None, prefetch: tuple | None = None) -> torch.Tensor:
     """Same contract as gemv_ref: x (M, K) with M <= MAX_ROWS, weight (N, K), bias (N,) -> (M, N) in x.dtype, fp32
     accumulation. Rows of x and weight must be contiguous along K (row strides are free).
     conv = (conv_state (M, C, d_conv) fp32, conv_weight (C, d_conv), conv_bias (C,) or None): Mamba's decode step
@@ -262,9 +223,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     prefetch = (tensor, nbytes): the programs also warm L2 with that many leading bytes of a weight that a later kernel
     reads (Hopper only; see common.l2_prefetch_args).
     out: (M, N), x.dtype or fp32; an fp32 out holds the x.dtype result widened (what gemv(...).float() gives, without
-    the extra launch: the LM head writes its fp32 logits buffer directly).
-    also = (x2 (1, K2), weight2 (N2, K2), bias2 (N2,) or None, out2 (1, N2) in x2's dtype): a second, independent
-    projection of one row run by extra programs of the same launch (whole K2 a program)."""
+    the extra launch: the LM head writes its fp32 logits buffer directly)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit (x (M, K), "
                          f"weight (N, K))")
@@ -284,10 +243,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return y
     kernel = kernel_for(gemv_kernel, x)
     cfg = config or launch_config((x.shape, weight.shape), interpret=is_interpreted(kernel), split_k=conv is None)
-    prefetch_args = _prefetch_arguments(prefetch, cfg)
-    second = {}
-    if also is not None:
-        cfg, second = _second_arguments(also, x, cfg, is_interpreted(kernel))
     conv_args = {}
     if conv is not None:
         conv_args = _conv_arguments(conv, M, N)
@@ -306,24 +261,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         M, N, K, cfg["k_per_split"], x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, UPCAST=dot_upcast(x.dtype, is_interpreted(kernel)), PRECISION=dot_precision(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(x), **conv_args,
-        **prefetch_args, **second,
+        **_prefetch_arguments(prefetch, cfg),
     )
     return y
-
-
-def _second_arguments(also, x, cfg, interpret: bool) -> tuple[dict, dict]:
-    x2, w2, b2, y2 = also
-    if x.shape[0] != 1 or cfg["constexprs"]["USE_DOT"]:
-        raise ValueError("gemv: `also` takes one row of x on the FMA path")
-    N2 = w2.shape[0]
-    cfg2 = launch_config((x2.shape, w2.shape), interpret=interpret, split_k=False)
-    n_blocks, split = cfg["grid"]
-    blocks2 = cdiv(N2, cfg2["constexprs"]["BLOCK_N"])
-    cfg = {**cfg, "grid": (n_blocks * split + blocks2,)}
-    return cfg, {"x2_ptr": x2, "w2_ptr": w2, "b2_ptr": b2 if b2 is not None else w2, "y2_ptr": y2, "N2": N2,
-                 "K2": x2.shape[1], "s_x2m": x2.stride(0), "s_w2n": w2.stride(0), "s_y2m": y2.stride(0),
-                 "N_BLOCKS": n_blocks, "SECOND": True, "HAS_BIAS2": b2 is not None,
-                 "BLOCK_N2": cfg2["constexprs"]["BLOCK_N"]}
 
 
 def _prefetch_arguments(prefetch, cfg) -> dict:

@@ -136,7 +136,7 @@ class TorchFastRunner(Runner):
 
     def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
                  prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None,
-                 persistent: bool | None = None, gate_with_xproj: bool | None = None):
+                 persistent: bool | None = None):
         """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
         prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
         shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU).
@@ -173,9 +173,6 @@ class TorchFastRunner(Runner):
         self.l2_prefetch = prefetch_sites(l2_prefetch)
         self.eps = self.config.norm_eps
         self.persistent = self._persistent_choice(persistent)
-        if gate_with_xproj is None:
-            gate_with_xproj = os.environ.get("MAMBADEPLOY_GATE_WITH_XPROJ", "1") != "0"
-        self.gate_with_xproj = gate_with_xproj
 
     def _persistent_choice(self, persistent) -> bool:
         reason = persistent_unsupported(self.config)
@@ -223,21 +220,21 @@ class TorchFastRunner(Runner):
         """Whether decode rows x take the Triton GEMV (switched on, and few rows) rather than cuBLAS."""
         return self.triton_gemv and x.shape[0] <= TRITON_GEMV_MAX_BATCH
 
-    def _linear(self, x, weight, bias=None, prefetch=None, out=None, also=None):
+    def _linear(self, x, weight, bias=None, prefetch=None, out=None):
         """x (B, K) @ weight.T (+ bias) for decode rows: the Triton GEMV when _on_gemv (which then also warms L2 with
         `prefetch` = (tensor, nbytes), see gemv), else cuBLAS. out: written when given; it may be fp32 (the model-dtype
         result widened, as gemv's fp32 out)."""
         if self._on_gemv(x):
-            return self._k_gemv.gemv(x, weight, bias, prefetch=prefetch, out=out, also=also)
+            return self._k_gemv.gemv(x, weight, bias, prefetch=prefetch, out=out)
         y = F.linear(x, weight, bias)
         return y if out is None else out.copy_(y)
 
-    def _ssm_params(self, m, xc, also=None):
+    def _ssm_params(self, m, xc):
         """xc (..., d_inner) -> low-rank dt (..., R), B, C (..., N) (views of one x_proj output); dt_proj (no bias)
         is applied by the caller: a Linear in prefill, fused into the state-update kernel in decode."""
         w = m.out_proj.weight
         prefetch = (w, w.numel() * w.element_size()) if "xproj" in self.l2_prefetch else None
-        xdbl = self._linear(xc, m.x_proj.weight, prefetch=prefetch, also=also)
+        xdbl = self._linear(xc, m.x_proj.weight, prefetch=prefetch)
         dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
         if m.dt_norm is not None:  # Jamba
             dt = self._k_norm.rms_norm(dt, m.dt_norm.weight, m.dt_norm.eps)
@@ -379,22 +376,14 @@ class TorchFastRunner(Runner):
         m = layer.mamba
         di = m.d_inner
         if self._on_gemv(x):  # in_proj with the conv update in its epilogue
-            w, b = m.in_proj.weight, m.in_proj.bias
-            gate = None
-            if self.gate_with_xproj and x.shape[0] == 1:  # in_proj's z half is computed in x_proj's launch
-                xz = torch.empty(1, 2 * di, dtype=x.dtype, device=x.device)
-                self._k_gemv.gemv(x, w[:di], None if b is None else b[:di], out=xz[:, :di],
-                                  conv=(conv_state, layer.conv_weight, m.conv1d.bias))
-                gate = (x, w[di:], None if b is None else b[di:], xz[:, di:])
-            else:
-                xz = self._k_gemv.gemv(x, w, b, conv=(conv_state, layer.conv_weight, m.conv1d.bias))
+            xz = self._k_gemv.gemv(x, m.in_proj.weight, m.in_proj.bias,
+                                   conv=(conv_state, layer.conv_weight, m.conv1d.bias))
             xc = xz[:, :di]
         else:
-            gate = None
             xz = self._linear(x, m.in_proj.weight, m.in_proj.bias)
             xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias,
                                                       "silu")
-        dt_low, B, C = self._ssm_params(m, xc, also=gate)
+        dt_low, B, C = self._ssm_params(m, xc)
         if x.shape[0] <= FUSED_DT_MAX_BATCH:  # the state-update kernel applies dt_proj itself
             dt, dt_w = dt_low, m.dt_proj.weight
         else:
@@ -557,7 +546,7 @@ class TorchFastRunner(Runner):
                 # programmatic dependent launch of the decode kernels (sm_90+, unless MAMBADEPLOY_PDL=0)
                 "pdl": bool(self._k_gemv.pdl_launch(torch.empty(0, device=d))),
                 "l2_prefetch": ",".join(s for s in L2_PREFETCH_SITES if s in self.l2_prefetch) or "none",
-                "persistent": self.persistent, "gate_with_xproj": self.gate_with_xproj,
+                "persistent": self.persistent,
                 "kernels": "Triton" if d.type == "cuda" else "Triton (CPU interpreter)",
                 "gpu": torch.cuda.get_device_name(d) if d.type == "cuda" else None}
 
