@@ -171,6 +171,8 @@ def main():
                         help="L2 prefetch site lists to measure each case with (e.g. none xproj xproj,fc1 all)")
     parser.add_argument("--persistent", choices=["auto", "on", "off", "both"], default="auto",
                         help="the batch-1 step as one persistent launch (auto: the runner's default)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each batch-1 variant list this many times, alternating (an A/B in one process)")
     args = parser.parse_args()
     flags = {"on": (True,), "off": (False,), "both": (False, True)}[args.triton_gemv]
     modes = {"auto": (None,), "on": (True,), "off": (False,), "both": (False, True)}[args.persistent]
@@ -186,10 +188,11 @@ def main():
             for batch in args.batches:
                 for flag in flags:
                     for spec in args.l2_prefetch:
-                        for mode in (modes if batch == 1 else (None,)):
-                            rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile, flag,
-                                                   spec, mode))
-                            torch.cuda.empty_cache()
+                        for _ in range(args.repeat if batch == 1 else 1):
+                            for mode in (modes if batch == 1 else (None,)):
+                                rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile,
+                                                       flag, spec, mode))
+                                torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
     write_json(args.name, {"device": facts, "ceilings": ceil, "dtype": "bf16", "fp32_checks": checks, "rows": rows})
