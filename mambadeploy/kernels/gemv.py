@@ -61,38 +61,31 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
 
 @triton.jit
-def _conv_window(offs_m, mask_m, offs_n, mask_n, cs_ptr, cw_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k,
-                 CONV_K: tl.constexpr):
-    """The conv state shifted by one as one (BLOCK_M, BLOCK_N, KC) fp32 tile and the taps (BLOCK_N, KC)."""
-    KC: tl.constexpr = triton.next_power_of_2(CONV_K)
-    offs_k = tl.arange(0, KC)
-    conv_n = mask_n & (offs_n < conv_dim)
-    at = cs_ptr + offs_m.to(tl.int64)[:, None, None] * s_cs_b + offs_n[None, :, None] * s_cs_d + \
-        offs_k[None, None, :] * s_cs_k
-    m3 = mask_m[:, None, None] & conv_n[None, :, None]
-    win = tl.load(at + s_cs_k, mask=m3 & (offs_k < CONV_K - 1)[None, None, :], other=0.0)
-    taps = tl.load(cw_ptr + offs_n[:, None] * s_cw_d + offs_k[None, :] * s_cw_k,
-                   mask=conv_n[:, None] & (offs_k < CONV_K)[None, :], other=0.0).to(tl.float32)
-    return win, taps
-
-
-@triton.jit
-def _conv_epilogue(out, win, taps, offs_m, mask_m, offs_n, mask_n, y_dtype, cs_ptr, cb_ptr, conv_dim,
-                   s_cs_b, s_cs_d, s_cs_k, CONV_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
-    """The conv from the window tile; the window stored back as the new state in one store."""
-    KC: tl.constexpr = triton.next_power_of_2(CONV_K)
-    offs_k = tl.arange(0, KC)
-    conv_n = mask_n & (offs_n < conv_dim)
+def _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, y_dtype, cs_ptr, cw_ptr, cb_ptr, conv_dim,
+                   s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
+    """Mamba's decode conv on the projection's first conv_dim outputs (in_proj's x half), in the GEMV's epilogue:
+    the window (conv state (M, conv_dim, CONV_K) fp32, then this step's output rounded to the model dtype, as a
+    separate projection would store it) times the taps, + bias, SiLU; the state shifts by one in place. A channel
+    belongs to exactly one program (no split-K here), so its state is read and written by that program alone.
+    Returns out with those columns replaced by the conv output; the others (z) pass through."""
+    conv_cols = offs_n < conv_dim
+    m2 = mask_m[:, None] & (mask_n & conv_cols)[None, :]
     new = out.to(y_dtype).to(tl.float32)
-    win = tl.where((offs_k == CONV_K - 1)[None, None, :], new[:, :, None], win)
-    acc = fsum(win * taps[None, :, :], 2)
+    rows = cs_ptr + offs_m.to(tl.int64)[:, None] * s_cs_b + offs_n[None, :] * s_cs_d
+    acc = new * tl.load(cw_ptr + offs_n * s_cw_d + (CONV_K - 1) * s_cw_k, mask=mask_n & conv_cols,
+                        other=0.0).to(tl.float32)[None, :]
     if HAS_CONV_BIAS:
-        acc += tl.load(cb_ptr + offs_n, mask=conv_n, other=0.0).to(tl.float32)[None, :]
-    at = cs_ptr + offs_m.to(tl.int64)[:, None, None] * s_cs_b + offs_n[None, :, None] * s_cs_d + \
-        offs_k[None, None, :] * s_cs_k
-    tl.debug_barrier()
-    tl.store(at, win, mask=mask_m[:, None, None] & conv_n[None, :, None] & (offs_k < CONV_K)[None, None, :])
-    return tl.where((offs_n < conv_dim)[None, :], acc * sigmoid(acc), out)
+        acc += tl.load(cb_ptr + offs_n, mask=mask_n & conv_cols, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(CONV_K - 1):
+        old = tl.load(rows + (k + 1) * s_cs_k, mask=m2, other=0.0)
+        acc += old * tl.load(cw_ptr + offs_n * s_cw_d + k * s_cw_k, mask=mask_n & conv_cols,
+                             other=0.0).to(tl.float32)[None, :]
+    tl.debug_barrier()  # every thread has read the old window before any thread shifts it
+    for k in tl.static_range(CONV_K - 1):  # the state keeps the last CONV_K inputs, this step's the newest
+        tl.store(rows + k * s_cs_k, tl.load(rows + (k + 1) * s_cs_k, mask=m2, other=0.0), mask=m2)
+        tl.debug_barrier()
+    tl.store(rows + (CONV_K - 1) * s_cs_k, new, mask=m2)
+    return tl.where(conv_cols[None, :], acc * sigmoid(acc), out)
 
 
 @triton.jit
@@ -123,9 +116,6 @@ def gemv_kernel(
     if PREFETCH:  # a weight of a later kernel into L2 (a hint; see common.l2_prefetch)
         l2_prefetch(pf_ptr, pid_n + pid_k * tl.num_programs(0), pf_share, pf_piece)
     pdl_wait(PDL)
-    if CONV_K > 0:
-        win, taps = _conv_window(offs_m, mask_m, offs_n, mask_n, cs_ptr, cw_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k,
-                                 s_cw_d, s_cw_k, CONV_K)
     x_first = tl.load(x_rows + k_first[None, :], mask=mask_m[:, None] & (k_first < K)[None, :], other=0.0)
     if USE_DOT:  # several rows of x: tensor-core MMA on x padded to BLOCK_M >= 16 rows; its loads are pipelined
         if UPCAST:
@@ -156,8 +146,8 @@ def gemv_kernel(
         if HAS_BIAS:
             out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if CONV_K > 0:
-            out = _conv_epilogue(out, win, taps, offs_m, mask_m, offs_n, mask_n, x_ptr.dtype.element_ty, cs_ptr,
-                                 cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k, CONV_K, HAS_CONV_BIAS)
+            out = _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, x_ptr.dtype.element_ty, cs_ptr, cw_ptr, cb_ptr,
+                                 conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
         # rounded to x's dtype first: an fp32 y holds what a model-dtype projection then .float() would
         tl.store(y_at, out.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=mask)
     else:
