@@ -19,84 +19,76 @@ def load(name, gpu):
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def where(data) -> str:
+    """'GPU, date' of a results file: every table's heading names them."""
+    return f"{data['device']['gpu']}, {data['device']['date']}"
+
+
+def section(heading: str, rows: list, columns: list) -> None:
+    print(f"### {heading}\n")
+    print(table(rows, columns))
+    print()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", default="nvidia_h100_80gb_hbm3")
     gpu = parser.parse_args().gpu
     decode = load("decode", gpu)
     if decode:
-        print(f"### Decode ({decode['device']['gpu']}, {decode['device']['date']}, bf16)\n")
         rows = [dict(r, gb_read=r["bytes_per_token"] / 1e9) for r in decode["rows"]]
-        print(table(rows, ["preset", "batch", "pdl", "l2_prefetch", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms",
-                           "speedup_vs_eager", "gb_read", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy"]))
-        print()
+        section(f"Decode ({where(decode)}, bf16)", rows,
+                ["preset", "batch", "pdl", "l2_prefetch", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms",
+                 "speedup_vs_eager", "gb_read", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy"])
         print(table(decode["fp32_checks"], ["preset", "fp32_top1_agreement", "fp32_max_rel_err"]))
         print()
     timeline = load("timeline_decode", gpu)
     if timeline:
         for res in timeline["results"]:
-            print(f"### Decode step timeline, {res['preset']} batch 1, L2 prefetch {res['l2_prefetch']} "
-                  f"({timeline['device']['gpu']}, {timeline['device']['date']}): {res['step_gpu_ms']:.4f} ms, "
-                  f"{res['kernels']} kernels\n")
-            print(table(res["roles"], ["role", "launches", "incr_us", "dur_us", "gap_us", "total_incr_us",
-                                       "share_pct", "gbps"]))
-            print()
+            section(f"Decode step timeline, {res['preset']} batch 1, L2 prefetch {res['l2_prefetch']} "
+                    f"({where(timeline)}): {res['step_gpu_ms']:.4f} ms, {res['kernels']} kernels", res["roles"],
+                    ["role", "launches", "incr_us", "dur_us", "gap_us", "total_incr_us", "share_pct", "gbps"])
     pdl = [load(f"decode_pdl{flag}", gpu) for flag in (0, 1)]
     if all(pdl):
-        print(f"### Decode with PDL off / on ({pdl[0]['device']['gpu']}, {pdl[0]['device']['date']}, bf16)\n")
-        print(table(pdl[0]["rows"] + pdl[1]["rows"], ["preset", "batch", "pdl", "fast_gpu_ms", "fast_wall_ms",
-                                                      "roofline_pct_spec"]))
-        print()
+        section(f"Decode with PDL off / on ({where(pdl[0])}, bf16)", pdl[0]["rows"] + pdl[1]["rows"],
+                ["preset", "batch", "pdl", "fast_gpu_ms", "fast_wall_ms", "roofline_pct_spec"])
     prefill = load("prefill", gpu)
     if prefill:
-        print(f"### Prefill ({prefill['device']['gpu']}, {prefill['device']['date']}, bf16, batch 1)\n")
-        print(table(prefill["rows"], ["preset", "tokens", "fast_ms", "fast_graphed_ms",
-                                      "fast_gpu_kernel_ms", "eager_ms", "speedup_vs_eager", "matmul_tflop",
-                                      "roofline_pct_spec", "roofline_pct_measured", "check_max_rel_err",
-                                      "check_top1_equal"]))
-        print()
+        section(f"Prefill ({where(prefill)}, bf16, batch 1)", prefill["rows"],
+                ["preset", "tokens", "fast_ms", "fast_graphed_ms", "fast_gpu_kernel_ms", "eager_ms",
+                 "speedup_vs_eager", "matmul_tflop", "roofline_pct_spec", "roofline_pct_measured", "check_max_rel_err",
+                 "check_top1_equal"])
     l2 = [load(name, gpu) for name in ("decode_l2pf", "decode_l2pf_repeat")]
     if all(l2):
-        print(f"### Decode, L2 prefetch sites, two runs ({l2[0]['device']['gpu']}, {l2[0]['device']['date']} and "
-              f"{l2[1]['device']['date']}, bf16, 2.8B batch 1)\n")
-        print(table(l2[0]["rows"] + l2[1]["rows"], ["preset", "batch", "l2_prefetch", "fast_gpu_ms", "fast_wall_ms",
-                                                    "roofline_pct_spec"]))
-        print()
-    for name, title in (("decode_profile_pdl0", "one ungraphed 2.8B batch-1 step, PDL off (true kernel durations)"),):
-        prof = load(name, gpu)
-        if prof:
-            print(f"### Decode kernels, {title} ({prof['device']['gpu']}, {prof['device']['date']})\n")
-            print(table(prof["rows"][0]["profile"], ["kernel", "calls", "gpu_us"]))
-            print()
+        section(f"Decode, L2 prefetch sites, two runs ({where(l2[0])} and {l2[1]['device']['date']}, bf16, 2.8B "
+                f"batch 1)", l2[0]["rows"] + l2[1]["rows"],
+                ["preset", "batch", "l2_prefetch", "fast_gpu_ms", "fast_wall_ms", "roofline_pct_spec"])
+    prof = load("decode_profile_pdl0", gpu)
+    if prof:
+        section(f"Decode kernels, one ungraphed 2.8B batch-1 step, PDL off (true kernel durations) ({where(prof)})",
+                prof["rows"][0]["profile"], ["kernel", "calls", "gpu_us"])
     for name, what in (("sweep_decode_tiles", "first sweep"), ("sweep_decode_row_tiles", "one-row GEMV tile"),
                        ("sweep_decode_moe_tiles", "expert GEMV tiles"), ("sweep_decode_fc1_tiles", "expert fc1 tile"),
                        ("sweep_decode_ssu_tiles", "state update tile"),
                        ("sweep_decode_ssu2_tiles", "state update tile, (8, 1) as the default")):
         sweep = load(name, gpu)
         if sweep:
-            print(f"### Decode tiles inside the whole 2.8B batch-1 step, {what} ({sweep['device']['gpu']}, "
-                  f"{sweep['device']['date']})\n")
-            print(table(sweep["rows"], ["row_tile", "fc1_tile", "fc2_tile", "ssu_tile", "step_gpu_ms",
-                                        "max_logit_diff_vs_default", "error"]))
-            print()
+            section(f"Decode tiles inside the whole 2.8B batch-1 step, {what} ({where(sweep)})", sweep["rows"],
+                    ["row_tile", "fc1_tile", "fc2_tile", "ssu_tile", "step_gpu_ms", "max_logit_diff_vs_default",
+                     "error"])
     final = load("decode_persistent_final", gpu)
     if final:
-        print(f"### Decode batch 1, persistent step vs per-kernel step, same run ({final['device']['gpu']}, "
-              f"{final['device']['date']}, bf16)\n")
-        print(table(final["rows"], ["preset", "batch", "persistent", "fast_gpu_ms", "fast_wall_ms", "roofline_pct_spec",
-                                    "speedup_vs_eager"]))
-        print()
+        section(f"Decode batch 1, persistent step vs per-kernel step, same run ({where(final)}, bf16)", final["rows"],
+                ["preset", "batch", "persistent", "fast_gpu_ms", "fast_wall_ms", "roofline_pct_spec",
+                 "speedup_vs_eager"])
     trace = load("trace_persistent_final", gpu)
     if trace:
         for res in trace["presets"]:
-            print(f"### Persistent step, program 0's timeline, {res['preset']} batch 1 ({trace['device']['gpu']}, "
-                  f"{trace['device']['date']}): {res['step_ms']:.4f} ms captured, {res['n_regs']} registers, "
-                  f"{res['n_spills']} spills\n")
-            print(table(res["rows"], ["phase", "count", "work_us", "prologue_us", "loop_us", "wait_us", "total_us"]))
-            print()
+            section(f"Persistent step, program 0's timeline, {res['preset']} batch 1 ({where(trace)}): "
+                    f"{res['step_ms']:.4f} ms captured, {res['n_regs']} registers, {res['n_spills']} spills",
+                    res["rows"], ["phase", "count", "work_us", "prologue_us", "loop_us", "wait_us", "total_us"])
     sweeps = sorted(RESULTS.glob(f"trace_persistent_*_{gpu}.json"))
     if sweeps:
-        print("### Persistent step launch shapes (2.8B batch 1, captured step)\n")
         rows = []
         for path in sweeps:
             data = json.loads(path.read_text())
@@ -104,35 +96,30 @@ def main():
                 rows.append({"file": path.name.replace(f"_{gpu}.json", ""), "step_ms": res["step_ms"],
                              "n_regs": res.get("n_regs"), "n_spills": res.get("n_spills"),
                              "tiles": res.get("tiles", ""), "prefetch": res.get("prefetch")})
-        print(table(rows, ["file", "tiles", "prefetch", "n_regs", "n_spills", "step_ms"]))
-        print()
+        section("Persistent step launch shapes (2.8B batch 1, captured step)", rows,
+                ["file", "tiles", "prefetch", "n_regs", "n_spills", "step_ms"])
     prof = load("prefill_bmm_profile", gpu)
     if prof:
-        print(f"### Prefill kernels, 2.8B, 2048 tokens ({prof['device']['gpu']}, {prof['device']['date']})\n")
-        print(table(prof["rows"][0]["profile"], ["kernel", "calls", "gpu_us"]))
-        print()
+        section(f"Prefill kernels, 2.8B, 2048 tokens ({where(prof)})", prof["rows"][0]["profile"],
+                ["kernel", "calls", "gpu_us"])
     for name, title in (("kernels", "PDL on, as the runner launches them"), ("kernels_pdl_off", "PDL off")):
         kernels = load(name, gpu)
         if kernels:
-            print(f"### Kernels, {title} ({kernels['device']['gpu']}, {kernels['device']['date']}; "
-                  f"peer {kernels['peer']})\n")
-            print(table(kernels["rows"], ["kernel", "batch", "dim", "L", "ours_gpu_us", "peer_gpu_us",
-                                          "speedup_vs_peer", "peer_ref_gpu_us", "torch_ref_gpu_us", "ours_host_us",
-                                          "peer_host_us", "ours_roofline_pct", "ours_rel_err"]))
-            print()
+            section(f"Kernels, {title} ({where(kernels)}; peer {kernels['peer']})", kernels["rows"],
+                    ["kernel", "batch", "dim", "L", "ours_gpu_us", "peer_gpu_us", "speedup_vs_peer",
+                     "peer_ref_gpu_us", "torch_ref_gpu_us", "ours_host_us", "peer_host_us", "ours_roofline_pct",
+                     "ours_rel_err"])
     scan = load("sweep_scan_seg_graphed", gpu)
     if scan:
-        print(f"### Scan launch configs, L = 2048, CUDA-graph timing ({scan['device']['gpu']}, "
-              f"{scan['device']['date']})\n")
-        print(table(scan["rows"], ["layout", "kernel", "config", "gpu_us", "max_diff_vs_default", "error"]))
-        print()
+        section(f"Scan launch configs, L = 2048, CUDA-graph timing ({where(scan)})", scan["rows"],
+                ["layout", "kernel", "config", "gpu_us", "max_diff_vs_default", "error"])
     for name in ("sweep_moe_tma_2048", "sweep_moe_2048", "sweep"):
         sweep = load(name, gpu)
         if sweep:
-            print(f"### Expert GEMV / grouped GEMM configs ({sweep['device']['gpu']}, {sweep['device']['date']})\n")
-            print(table([r for r in sweep["rows"] if r["sweep"] != "selective_scan"],
-                        ["sweep", "T", "config", "gpu_us", "gbytes_per_s", "tflops", "error"]))
-            print()
+            section(f"Expert GEMV / grouped GEMM configs ({where(sweep)})",
+                    [r for r in sweep["rows"] if r["sweep"] != "selective_scan"],
+                    ["sweep", "T", "config", "gpu_us", "gbytes_per_s", "tflops", "error"])
+
 
 if __name__ == "__main__":
     main()
