@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stepping import follow_greedy
 
 from mambadeploy.errors import ConfigError, InputError
 from mambadeploy.runtime.generate import generate
@@ -150,12 +151,8 @@ def test_cuda_graph_replay_equals_eager_steps(tiny, preset):
     model = _model(tiny, preset, "bf16")
     graphed, eager = TorchFastRunner(model), TorchFastRunner(model, use_cuda_graph=False)
     prompt = torch.tensor(PROMPTS[:1])
-    (la, sa), (lb, sb) = graphed.prefill(prompt), eager.prefill(prompt)
-    for t in range(20):
-        token = la.argmax(-1)
-        la, sa = graphed.step(token, sa)
-        lb, sb = eager.step(token, sb)
-        torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    sa, sb = follow_greedy(graphed, eager, prompt, 20,
+                           lambda lb, la: torch.testing.assert_close(la, lb, rtol=0, atol=0))
     assert sa.graph is not None and sb.graph is None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stepping import follow_greedy
 
 from mambadeploy.errors import ConfigError
 from mambadeploy.kernels import decode_persistent as kp
@@ -41,13 +42,9 @@ def _follow_the_per_kernel_step(model, prompt, steps, what):
     """torch-fast per kernel and persistent, both following the per-kernel runner's greedy tokens from prompt for
     `steps` steps; each step's logits within the model dtype's bound of the per-kernel ones (max / mean error printed),
     no barrier timed out. -> (per-kernel state, persistent state)."""
-    per_kernel, persistent = TorchFastRunner(model, persistent=False), TorchFastRunner(model, persistent=True)
-    (la, sa), (lb, sb) = per_kernel.prefill(prompt), persistent.prefill(prompt)
-    for _ in range(steps):
-        token = la.argmax(-1)
-        la, sa = per_kernel.step(token, sa)
-        lb, sb = persistent.step(token, sb)
-        assert_logits_close(lb, la, model.dtype, what=f"{what} persistent step")
+    sa, sb = follow_greedy(TorchFastRunner(model, persistent=False), TorchFastRunner(model, persistent=True), prompt,
+                           steps, lambda lb, la: assert_logits_close(lb, la, model.dtype,
+                                                                        what=f"{what} persistent step"))
     sb.persistent.check()
     return sa, sb
 
@@ -137,11 +134,7 @@ def test_seeded_preset_shape_runs_on_the_gpu():
     graphed = TorchFastRunner(model, persistent=True)
     plain = TorchFastRunner(model, persistent=True, use_cuda_graph=False)
     prompt = torch.tensor([[11, 2, 301, 7]], device="cuda")
-    (la, sa), (lb, sb) = graphed.prefill(prompt), plain.prefill(prompt)
-    for _ in range(8):
-        token = la.argmax(-1)
-        la, sa = graphed.step(token, sa)
-        lb, sb = plain.step(token, sb)
-        torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    sa, _ = follow_greedy(graphed, plain, prompt, 8,
+                          lambda lb, la: torch.testing.assert_close(la, lb, rtol=0, atol=0))
     assert sa.graph is not None
     sa.persistent.check()
