@@ -48,6 +48,7 @@ from .common import (
     cdiv,
     fmax,
     fsum,
+    load_or_zeros,
     next_pow2,
     pdl_launch,
     sigmoid,
@@ -336,9 +337,7 @@ def persistent_decode_kernel(
             me = offs_e < E
             wr = tl.load(_ptr(row, ROUTER_W, ty) + offs_e[:, None] * d + offs_d[None, :],
                          mask=me[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            rb = tl.full((E_BLOCK,), 0.0, tl.float32)
-            if HAS_ROUTER_BIAS:
-                rb = tl.load(_ptr(row, ROUTER_B, ty) + offs_e, mask=me, other=0.0).to(tl.float32)
+            rb = load_or_zeros(_ptr(row, ROUTER_B, ty), offs_e, me, HAS_ROUTER_BIAS, E_BLOCK)
             if b > 0:
                 passed = _grid_sync(sync_ptr, passed, nprog, trace_ptr, pid, TRACE)
             x = _residual_norm(b, tok, emb_ptr, res_ptr, pend_ptr, norm_w, offs_d, mask_d, d, eps, pid, ty)

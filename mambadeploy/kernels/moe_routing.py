@@ -18,7 +18,7 @@ import triton.language as tl
 
 from mambadeploy.models.ref_ops import route_ref  # noqa: F401  (the reference, re-exported)
 
-from .common import argmax, cdiv, cumsum, fmax, fsum, next_pow2, pdl_launch, pdl_wait, sigmoid
+from .common import argmax, cdiv, cumsum, fmax, fsum, load_or_zeros, next_pow2, pdl_launch, pdl_wait, sigmoid
 from .interpret import is_interpreted, kernel_for
 
 ROUTERS = {"sigmoid_top1": 0, "softmax_topk": 1}
@@ -93,9 +93,8 @@ def add_rms_norm_route_kernel(
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     wr = tl.load(rw_ptr + offs_e[:, None] * s_rw_e + offs[None, :] * s_rw_d, mask=mask_e[:, None] & mask[None, :],
                  other=0.0).to(tl.float32)
-    rb = tl.full((BLOCK_E,), 0.0, tl.float32)
-    if HAS_BIAS:  # (here, not after the stores below: a load there could not be hoisted over them)
-        rb = tl.load(rb_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    # the bias here, not after the stores below: a load there could not be hoisted over them
+    rb = load_or_zeros(rb_ptr, offs_e, mask_e, HAS_BIAS, BLOCK_E)
     pdl_wait(PDL)
     v = tl.load(res_ptr + row * s_r + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_X:
