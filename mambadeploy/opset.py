@@ -145,20 +145,95 @@ register(OpEntry(
 ))
 
 
+# --------------------------------------------------------------------------- the decode step's ops (one token per row)
+# Router kinds carried as an int attribute of RoutedMoE (the model config's names).
+ROUTER_CODES = {"sigmoid_top1": 0, "softmax_topk": 1}
+
+register(OpEntry(
+    name="CausalConv1dUpdate", version=1,
+    inputs=("x", "conv_state", "weight", "bias"),
+    outputs=("y", "new_state"),
+    attributes={"activation": ("int", 1)},  # 1 = SiLU, 0 = none
+    # x (b, d), conv_state (b, d, K) -> y (b, d), new_state (b, d, K) fp32
+    shape_rule=_same(0, 1),
+    optional_inputs=("bias",),
+    dtype_rule=_first_dtype_and_fp32,
+    reference="mambadeploy.models.ref_ops:causal_conv1d_update_ref",
+    input_types={"x": "T", "conv_state": "float32", "weight": "float", "bias": "float"},
+    doc="One decode step of the causal depthwise conv: shift the (b, d, K) state by the new input, dot with the "
+        "weight, bias, optional SiLU.",
+))
+
+register(OpEntry(
+    name="SelectiveStateUpdate", version=1,
+    inputs=("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias"),
+    outputs=("y", "new_state"),
+    attributes={"dt_softplus": ("int", 1)},
+    # state (b, d, N), x (b, d) -> y (b, d), new_state (b, d, N) fp32
+    shape_rule=_same(1, 0),
+    optional_inputs=("D", "z", "dt_bias"),
+    dtype_rule=lambda dtypes, attrs: (dtypes[1], "float32"),
+    reference="mambadeploy.models.ref_ops:selective_state_update_ref",
+    input_types={"state": "float32", "x": "T", "dt": "T", "A": "float", "B": "T", "C": "T", "D": "float", "z": "T",
+                 "dt_bias": "float"},
+    doc="One decode step of the Mamba-1 recurrence: softplus(dt + dt_bias), h = exp(dt*A) h + dt*B*x, "
+        "y = <h, C> + D*x, y *= silu(z); fp32 state.",
+))
+
+register(OpEntry(
+    name="AddRMSNorm", version=1,
+    inputs=("x", "residual", "weight"),
+    outputs=("y", "residual_out"),
+    attributes={"epsilon": ("float", 1e-5)},
+    # x (b, d) in T, residual (b, d) fp32 -> y (b, d) in T, residual_out (b, d) fp32
+    shape_rule=_same(0, 1),
+    dtype_rule=_first_dtype_and_fp32,
+    reference="mambadeploy.models.ref_ops:add_rms_norm_ref",
+    input_types={"x": "T", "residual": "float32", "weight": "float"},
+    doc="Residual add in fp32 (residual + x) then RMSNorm of the sum: returns (the norm in x's dtype, the sum).",
+))
+
+register(OpEntry(
+    name="RoutedMoE", version=1,
+    inputs=("x", "router_weight", "router_bias", "w1", "w2"),
+    outputs=("y",),
+    attributes={"router": ("int", ROUTER_CODES["sigmoid_top1"]), "top_k": ("int", 1),
+                "activation": ("int", ACTIVATION_CODES["gelu"])},
+    # x (T, d), router_weight (E, d), w1 (E, 2F, d), w2 (E, d, F) -> y (T, d)
+    shape_rule=_same(0),
+    optional_inputs=("router_bias",),
+    dtype_rule=lambda dtypes, attrs: (dtypes[0],),
+    reference="mambadeploy.models.ref_ops:routed_moe_ref",
+    input_types={"x": "T", "router_weight": "float", "router_bias": "float", "w1": "float", "w2": "float"},
+    doc="A whole MoE layer for few tokens: router logits (in x's dtype), sigmoid top-1 or softmax top-k, then only "
+        "the chosen experts' weight rows are read, in place (no gathered copy).",
+))
+
+
 # --------------------------------------------------------------------------- links: export (ONNX emitter, portable expansion)
 for _name, _emit, _portable in (("SelectiveScan", "emit_selective_scan", "expand_selective_scan"),
                                 ("CausalConv1d", "emit_causal_conv1d", "expand_causal_conv1d"),
                                 ("TopKExpertGather", "emit_expert_gather", "expand_expert_gather")):
     link(_name, "onnx_emitter", f"mambadeploy.export.onnx_ops:{_emit}")
     link(_name, "portable", f"mambadeploy.export.portable:{_portable}")
+for _name, _emit, _portable in (("CausalConv1dUpdate", "emit_conv_update", "expand_conv_update"),
+                                ("SelectiveStateUpdate", "emit_state_update", "expand_state_update"),
+                                ("AddRMSNorm", "emit_add_rms_norm", "expand_add_rms_norm"),
+                                ("RoutedMoE", "emit_routed_moe", "expand_routed_moe")):
+    link(_name, "onnx_emitter", f"mambadeploy.export.onnx_ops:{_emit}")
+    link(_name, "portable", f"mambadeploy.export.portable_decode:{_portable}")
 
 # --------------------------------------------------------------------------- links: plugins (ORT library, TensorRT plugin)
-for _name in ("SelectiveScan", "CausalConv1d", "TopKExpertGather"):
-    link(_name, "ort", "mambadeploy.plugins.ort.build:register")  # one library holds all three CPU kernels
+for _name in REGISTRY:
+    link(_name, "ort", "mambadeploy.plugins.ort.build:register")  # one library holds every op's CPU and CUDA kernels
     link(_name, "trt", "mambadeploy.plugins.trt_v3:plugin_classes")  # IPluginV3 (TensorRT-RTX and TensorRT 10)
+for _name in ("SelectiveScan", "CausalConv1d", "TopKExpertGather"):  # the decode ops have no tensorrt.plugin form yet
     link(_name, "trt_qdp", "mambadeploy.plugins.trt_qdp:register_qdp")  # tensorrt.plugin + aot_impl (full TensorRT)
 
 # --------------------------------------------------------------------------- links: Triton kernels (kernels/, same signature as the reference)
 link("SelectiveScan", "triton", "mambadeploy.kernels.selective_scan:selective_scan")
 link("CausalConv1d", "triton", "mambadeploy.kernels.causal_conv1d:causal_conv1d")
 link("TopKExpertGather", "triton", "mambadeploy.kernels.moe_experts:expert_gather")
+link("CausalConv1dUpdate", "triton", "mambadeploy.kernels.causal_conv1d:causal_conv1d_update")
+link("SelectiveStateUpdate", "triton", "mambadeploy.kernels.selective_state_update:selective_state_update")
+link("AddRMSNorm", "triton", "mambadeploy.kernels.rms_norm:add_rms_norm")

@@ -69,6 +69,8 @@ def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: Exp
     batch = torch.export.Dim("batch", min=1, max=desc.max_batch)
     table = onnx_ops.translation_table()
     with contextlib.ExitStack() as patches:
+        if graph == "decode":  # first, so that contrib's own patches of the same functions win
+            patches.enter_context(torch_ops.decode_patches())
         if ops == "contrib":
             contrib.register_schemas()
             table.update(contrib.translation_table())
@@ -81,7 +83,6 @@ def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: Exp
             args = (torch.zeros(B, L, dtype=torch.int64), torch.tensor(desc.dummy_lengths, dtype=torch.int64))
             dynamic = ({0: batch, 1: length}, {0: batch})
         else:
-            patches.enter_context(torch_ops.decode_patches())
             wrapper = DecodeGraph(model)
             args = (torch.zeros(B, 1, dtype=torch.int64),
                     *(torch.zeros(s.concrete_shape(B), dtype=s.dtype) for s in specs))

@@ -118,6 +118,24 @@ def emit_expert_gather(x, w1, w2, experts, weights, activation: int, top_k: int)
     return _domain().TopKExpertGather(x, w1, w2, experts, weights, activation=int(activation), top_k=int(top_k))
 
 
+def emit_conv_update(x, conv_state, weight, bias, activation: int):
+    return _domain().CausalConv1dUpdate(x, conv_state, weight, bias, activation=int(activation), _outputs=2)
+
+
+def emit_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: int):
+    return _domain().SelectiveStateUpdate(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=int(dt_softplus),
+                                          _outputs=2)
+
+
+def emit_add_rms_norm(x, residual, weight, epsilon: float):
+    return _domain().AddRMSNorm(x, residual, weight, epsilon=float(epsilon), _outputs=2)
+
+
+def emit_routed_moe(x, router_weight, router_bias, w1, w2, router: int, top_k: int, activation: int):
+    return _domain().RoutedMoE(x, router_weight, router_bias, w1, w2, router=int(router), top_k=int(top_k),
+                               activation=int(activation))
+
+
 def translation_table() -> dict:
     """torch custom op -> the registry entry's emitter, for torch.onnx.export(custom_translation_table=...)."""
     import torch

@@ -12,12 +12,15 @@ import contextlib
 import torch
 
 from ..models import ref_ops
-from ..opset import ACTIVATION_CODES
+from ..opset import ACTIVATION_CODES, ROUTER_CODES
 
 _ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 _CONV_ACTIVATIONS = {0: None, 1: "silu"}  # CausalConv1d's `activation` attribute
+_ROUTER_NAMES = {code: name for name, code in ROUTER_CODES.items()}
 # torch custom op -> the opset.py entry it exports to
-REGISTRY_NAMES = {"selective_scan": "SelectiveScan", "causal_conv1d": "CausalConv1d", "expert_gather": "TopKExpertGather"}
+REGISTRY_NAMES = {"selective_scan": "SelectiveScan", "causal_conv1d": "CausalConv1d", "expert_gather": "TopKExpertGather",
+                  "conv_update": "CausalConv1dUpdate", "state_update": "SelectiveStateUpdate",
+                  "add_rms_norm": "AddRMSNorm", "routed_moe": "RoutedMoE"}
 
 
 @torch.library.custom_op("mambadeploy::selective_scan", mutates_args=())
@@ -55,6 +58,53 @@ def _expert_gather_fake(x, w1, w2, experts, weights, activation, top_k):
     return torch.empty_like(x)
 
 
+# --------------------------------------------------------------------------- the decode step's ops
+@torch.library.custom_op("mambadeploy::conv_update", mutates_args=())
+def conv_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                activation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return ref_ops.causal_conv1d_update_ref(x, conv_state, weight, bias, _CONV_ACTIVATIONS[activation])
+
+
+@conv_update.register_fake
+def _conv_update_fake(x, conv_state, weight, bias, activation):
+    return torch.empty_like(x), torch.empty_like(conv_state, dtype=torch.float32)
+
+
+@torch.library.custom_op("mambadeploy::state_update", mutates_args=())
+def state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                 dt_softplus: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return ref_ops.selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+
+
+@state_update.register_fake
+def _state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x), torch.empty_like(state, dtype=torch.float32)
+
+
+@torch.library.custom_op("mambadeploy::add_rms_norm", mutates_args=())
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return ref_ops.add_rms_norm_ref(x, residual, weight, epsilon)
+
+
+@add_rms_norm.register_fake
+def _add_rms_norm_fake(x, residual, weight, epsilon):
+    return torch.empty_like(x), torch.empty_like(residual, dtype=torch.float32)
+
+
+@torch.library.custom_op("mambadeploy::routed_moe", mutates_args=())
+def routed_moe(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, w1: torch.Tensor,
+               w2: torch.Tensor, router: int, top_k: int, activation: int) -> torch.Tensor:
+    return ref_ops.routed_moe_ref(x, router_weight, router_bias, w1, w2, _ROUTER_NAMES[router], top_k,
+                                  _ACTIVATION_NAMES[activation])
+
+
+@routed_moe.register_fake
+def _routed_moe_fake(x, router_weight, router_bias, w1, w2, router, top_k, activation):
+    return torch.empty_like(x)
+
+
 # --------------------------------------------------------------------------- the patches
 def _scan_via_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
     return torch.ops.mambadeploy.selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, int(delta_softplus))
@@ -68,21 +118,6 @@ def _conv_via_op(x, weight, bias=None, initial_state=None, activation=None):
 def _gather_via_op(x, w1, w2, experts, weights, activation):
     return torch.ops.mambadeploy.expert_gather(x, w1, w2, experts, weights, ACTIVATION_CODES[activation],
                                                experts.shape[1])
-
-
-def gather_path_only(x, w1, w2, experts, weights, activation):
-    """expert_gather_ref's gather branch, whatever the token count: a decode step (few tokens) reads only the chosen
-    experts' weights. The reference picks its branch from T*k >= E, a guard on the dynamic batch size that torch.export
-    must not specialise on. index_select on the stacked weights exports as one Gather reading the parameter itself
-    (advanced indexing would export a transformed copy of the weights)."""
-    T, k = experts.shape
-    idx = experts.reshape(-1)
-    xk = x.unsqueeze(1).expand(T, k, x.shape[-1]).reshape(T * k, x.shape[-1], 1)
-    h = torch.matmul(w1.index_select(0, idx), xk).squeeze(-1)  # (T*k, 2F)
-    gate, up = h.chunk(2, dim=-1)
-    a = (ref_ops.activation_ref(gate, activation) * up).unsqueeze(-1)
-    y = torch.matmul(w2.index_select(0, idx), a).squeeze(-1).reshape(T, k, -1)  # (T, k, d)
-    return (y.float() * weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
 
 
 @contextlib.contextmanager
@@ -109,6 +144,26 @@ def custom_op_patches():
                    expert_gather_ref=_gather_via_op)
 
 
+def _conv_update_via_op(x, conv_state, weight, bias=None, activation=None):
+    return torch.ops.mambadeploy.conv_update(x, conv_state, weight, bias, {None: 0, "silu": 1}[activation])
+
+
+def _state_update_via_op(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
+    return torch.ops.mambadeploy.state_update(state, x, dt, A, B, C, D, z, dt_bias, int(dt_softplus))
+
+
+def _add_rms_norm_via_op(x, residual, weight, eps):
+    return torch.ops.mambadeploy.add_rms_norm(x, residual, weight, float(eps))
+
+
+def _routed_moe_via_op(x, router_weight, router_bias, w1, w2, router, top_k, activation):
+    return torch.ops.mambadeploy.routed_moe(x, router_weight, router_bias, w1, w2, ROUTER_CODES[router], int(top_k),
+                                            ACTIVATION_CODES[activation])
+
+
 def decode_patches():
-    """Decode: standard ops only; the MoE always gathers the chosen experts' weights."""
-    return patched(ref_ops, expert_gather_ref=gather_path_only)
+    """Decode: the conv step, the state update, each residual add + RMSNorm and each MoE layer become single custom-op
+    nodes (expanded into standard ops afterwards for --ops portable)."""
+    return patched(ref_ops, causal_conv1d_update_ref=_conv_update_via_op,
+                   selective_state_update_ref=_state_update_via_op, add_rms_norm_ref=_add_rms_norm_via_op,
+                   routed_moe_ref=_routed_moe_via_op)

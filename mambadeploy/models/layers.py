@@ -192,5 +192,5 @@ class MoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
-        weights, experts = self.route(x2d)
-        return ref_ops.expert_gather_ref(x2d, self.w1, self.w2, experts, weights, self.activation).reshape(shape)
+        return ref_ops.routed_moe_ref(x2d, self.router.weight, self.router.bias, self.w1, self.w2, self.router_kind,
+                                      self.top_k, self.activation).reshape(shape)

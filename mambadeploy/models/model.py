@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from .config import ModelConfig
+from . import ref_ops
 from .layers import Attention, GatedMLP, LayerNorm, MambaMixer, MoE, RMSNorm
 from .state import state_specs
 
@@ -124,18 +125,21 @@ class MambaMoELM(nn.Module):
         dtype = self.dtype
         h = self.embedding(token_ids).float()
         new = OrderedDict()
+        pending = None  # the last sub-layer's output, added to h by the next norm (one fused add + RMSNorm op)
         for i, block in enumerate(self.layers):
             if block.kind.mixer == "mamba":
-                out, conv, ssm = block.mixer.step(block.mixer_norm(h).to(dtype), state[f"L{i}.conv"], state[f"L{i}.ssm"])
-                h = h + out.float()
+                x, h = _add_norm(pending, h, block.mixer_norm, dtype)
+                pending, conv, ssm = block.mixer.step(x, state[f"L{i}.conv"], state[f"L{i}.ssm"])
                 new[f"L{i}.conv"], new[f"L{i}.ssm"] = conv, ssm
             elif block.kind.mixer == "attention":
-                out, k, v = block.mixer.step(
-                    block.mixer_norm(h).to(dtype), state[f"L{i}.key"], state[f"L{i}.value"], state["pos"]
-                )
-                h = h + out.float()
+                x, h = _add_norm(pending, h, block.mixer_norm, dtype)
+                pending, k, v = block.mixer.step(x, state[f"L{i}.key"], state[f"L{i}.value"], state["pos"])
                 new[f"L{i}.key"], new[f"L{i}.value"] = k, v
-            h = block._ffn(h, dtype)
+            if block.ffn is not None:
+                x, h = _add_norm(pending, h, block.ffn_norm, dtype)
+                pending = block.ffn(x)
+        if pending is not None:
+            h = h + pending.float()
         if "pos" in state:
             new["pos"] = state["pos"] + 1
         return self._head(h), new
@@ -153,6 +157,14 @@ class MambaMoELM(nn.Module):
                 per_expert = block.ffn.w1[0].numel() + block.ffn.w2[0].numel()
                 inactive += per_expert * (block.ffn.w1.shape[0] - block.ffn.top_k)
         return total, total - inactive
+
+
+def _add_norm(pending, h, norm, dtype):
+    """h += pending (fp32), then the block norm in the model dtype: the same numbers as `h = h + out.float()` followed
+    by `norm(h).to(dtype)`, written as one ref_ops.add_rms_norm_ref call so the decode export makes it one node."""
+    if pending is None:
+        return norm(h).to(dtype), h
+    return ref_ops.add_rms_norm_ref(pending, h, norm.weight, norm.eps)
 
 
 @torch.no_grad()

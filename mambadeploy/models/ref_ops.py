@@ -175,3 +175,10 @@ def expert_gather_ref(x, w1, w2, experts, weights, activation):
     gate, up = h.chunk(2, dim=-1)
     y = torch.einsum("tkf,tkdf->tkd", activation_ref(gate, activation) * up, g2)
     return (y.float() * weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+def routed_moe_ref(x, router_weight, router_bias, w1, w2, router, top_k, activation):
+    """A whole MoE layer: router Linear (logits in x.dtype, as the model's nn.Linear gives them), route_ref, then the
+    chosen experts. x: (T, d); router_weight: (E, d); router_bias: (E,) or None. Returns (T, d) in x.dtype."""
+    weights, experts = route_ref(F.linear(x, router_weight, router_bias), router, top_k)
+    return expert_gather_ref(x, w1, w2, experts, weights, activation)
