@@ -24,7 +24,7 @@ from pathlib import Path
 from ...errors import MambaDeployError
 
 HERE = Path(__file__).resolve().parent
-CPU_SOURCES = ("ops_cpu.cc", "register.cc")
+CPU_SOURCES = ("ops_cpu.cc", "ops_cpu_decode.cc", "register.cc")
 CUDA_SOURCES = (*CPU_SOURCES, "ops_cuda.cc", "ops_cuda_kernels.cu")
 HEADERS = ("ops.h", "ops_cuda_kernels.h")
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")

@@ -12,6 +12,8 @@
 namespace mambadeploy_ort {
 void AddCpuOps(Ort::CustomOpDomain& domain);   // ops_cpu.cc: fp32 CPU kernels
 void AddCudaOps(Ort::CustomOpDomain& domain);  // ops_cuda.cc: fp32/fp16/bf16 CUDA kernels (CUDA build only)
+void AddCpuDecodeOps(Ort::CustomOpDomain& domain);   // ops_cpu_decode.cc: the decode step's ops, fp32 CPU
+void AddCudaDecodeOps(Ort::CustomOpDomain& domain);  // ops_cuda_decode.cc: the decode step's ops on CUDA
 }  // namespace mambadeploy_ort
 
 namespace mambadeploy_ort {
@@ -69,5 +71,52 @@ inline GatherDims CheckGatherShapes(const Shape& x, const Shape& w1, const Shape
           "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
   Require(experts.size() == 2 && experts[0] == T && weights == experts, "TopKExpertGather: experts/weights (T, k)");
   return {T, d, E, F, experts[1]};
+}
+
+// --- the decode step's ops (one token per row) ---------------------------------------------------------------------
+struct ConvUpdateDims { int64_t b, d, K; };
+// x: (b, d); conv_state: (b, d, K); weight: (d, K); bias: (d)
+inline ConvUpdateDims CheckConvUpdateShapes(const Shape& x, const Shape& s, const Shape& w, const Shape* bias) {
+  Require(x.size() == 2 && s.size() == 3 && w.size() == 2, "CausalConv1dUpdate: x (b, d), conv_state (b, d, K), weight (d, K)");
+  const int64_t b = x[0], d = x[1], K = w[1];
+  Require(s == Shape{b, d, K} && w[0] == d, "CausalConv1dUpdate: conv_state/weight do not match x");
+  Require(!bias || *bias == Shape{d}, "CausalConv1dUpdate: bias must be (d)");
+  return {b, d, K};
+}
+
+struct StateUpdateDims { int64_t b, d, N; };
+// state: (b, d, N); x, dt, z: (b, d); A: (d, N); B, C: (b, N); D, dt_bias: (d)
+inline StateUpdateDims CheckStateUpdateShapes(const Shape& h, const Shape& x, const Shape& dt, const Shape& A,
+                                              const Shape& B, const Shape& C, const Shape* D, const Shape* z,
+                                              const Shape* bias) {
+  Require(x.size() == 2 && A.size() == 2, "SelectiveStateUpdate: x must be (b, d), A (d, N)");
+  const int64_t b = x[0], d = x[1], N = A[1];
+  Require(h == Shape{b, d, N} && dt == x && A[0] == d, "SelectiveStateUpdate: state/dt/A do not match x");
+  Require(B == Shape{b, N} && C == B, "SelectiveStateUpdate: B/C must be (b, N)");
+  Require(!z || *z == x, "SelectiveStateUpdate: z must match x");
+  Require(!D || *D == Shape{d}, "SelectiveStateUpdate: D must be (d)");
+  Require(!bias || *bias == Shape{d}, "SelectiveStateUpdate: dt_bias must be (d)");
+  return {b, d, N};
+}
+
+struct NormDims { int64_t rows, d; };
+// x, residual: (..., d); weight: (d)
+inline NormDims CheckAddNormShapes(const Shape& x, const Shape& r, const Shape& w) {
+  Require(!x.empty() && x == r && w == Shape{x.back()}, "AddRMSNorm: x and residual must match, weight must be (d)");
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) rows *= x[i];
+  return {rows, x.back()};
+}
+
+struct MoEDims { int64_t T, d, E, F; };
+// x: (T, d); router_weight: (E, d); router_bias: (E); w1: (E, 2F, d); w2: (E, d, F)
+inline MoEDims CheckRoutedMoEShapes(const Shape& x, const Shape& rw, const Shape* rb, const Shape& w1,
+                                    const Shape& w2, int64_t top_k) {
+  Require(x.size() == 2 && rw.size() == 2 && w1.size() == 3 && w2.size() == 3, "RoutedMoE: bad ranks");
+  const int64_t T = x[0], d = x[1], E = rw[0], F = w1[1] / 2;
+  Require(rw[1] == d && (!rb || *rb == Shape{E}), "RoutedMoE: router_weight must be (E, d), router_bias (E)");
+  Require(w1 == Shape{E, 2 * F, d} && w2 == Shape{E, d, F}, "RoutedMoE: w1 must be (E, 2F, d) and w2 (E, d, F)");
+  Require(top_k >= 1 && top_k <= E, "RoutedMoE: top_k must be in [1, E]");
+  return {T, d, E, F};
 }
 }  // namespace mambadeploy_ort

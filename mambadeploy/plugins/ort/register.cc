@@ -17,8 +17,10 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   try {
     Ort::CustomOpDomain domain{"mambadeploy"};
     mambadeploy_ort::AddCpuOps(domain);
+    mambadeploy_ort::AddCpuDecodeOps(domain);
 #ifdef MAMBADEPLOY_WITH_CUDA
     mambadeploy_ort::AddCudaOps(domain);
+    mambadeploy_ort::AddCudaDecodeOps(domain);
 #endif
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(g_mutex);

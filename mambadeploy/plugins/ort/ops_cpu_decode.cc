@@ -1,0 +1,239 @@
+// ONNX Runtime CPU kernels (fp32) for the decode step's mambadeploy ops: CausalConv1dUpdate, SelectiveStateUpdate,
+// AddRMSNorm, RoutedMoE — the math of mambadeploy/models/ref_ops.py (causal_conv1d_update_ref,
+// selective_state_update_ref, add_rms_norm_ref, routed_moe_ref), fp32 accumulation. Registered by register.cc.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+namespace {
+
+using mambadeploy_ort::AttrOr;
+using mambadeploy_ort::Require;
+constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+
+struct In {
+  const float* data = nullptr;  // nullptr: optional input left out
+  std::vector<int64_t> shape;
+  const std::vector<int64_t>* shape_or_null() const { return data ? &shape : nullptr; }
+};
+
+In input(Ort::KernelContext& ctx, size_t i) {
+  In in;
+  if (i >= ctx.GetInputCount()) return in;
+  Ort::ConstValue v = ctx.GetInput(i);
+  if (!static_cast<const OrtValue*>(v)) return in;
+  in.shape = v.GetTensorTypeAndShapeInfo().GetShape();
+  in.data = v.GetTensorData<float>();
+  return in;
+}
+
+float AttrFloatOr(const OrtKernelInfo* info, const char* name, float fallback) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<float>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
+inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+inline float activate(float x, int64_t code) {
+  if (code == 0) return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));  // exact GELU
+  if (code == 1) return silu(x);
+  return 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));  // tanh GELU
+}
+
+// Every input and output fp32; `optional_from`: the first optional input (all later ones are optional too).
+template <typename Op>
+struct Fp32Op {
+  size_t GetInputTypeCount() const { return Op::kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return kF32; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return Op::IsOptional(i) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return Op::kOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return kF32; }
+};
+
+// --- CausalConv1dUpdate: x (b, d), conv_state (b, d, K), weight (d, K), bias (d) -> y (b, d), new_state (b, d, K)
+struct ConvUpdateKernel {
+  int64_t activation_;
+  explicit ConvUpdateKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 1)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), s = input(ctx, 1), w = input(ctx, 2), bias = input(ctx, 3);
+    const auto [b, d, K] = mambadeploy_ort::CheckConvUpdateShapes(x.shape, s.shape, w.shape, bias.shape_or_null());
+    float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
+    float* ns = ctx.GetOutput(1, s.shape).GetTensorMutableData<float>();
+    for (int64_t r = 0; r < b * d; ++r) {
+      const int64_t c = r % d;
+      std::vector<float> win(s.data + r * K + 1, s.data + r * K + K);
+      win.push_back(x.data[r]);  // may alias nothing: the output is a separate buffer unless ORT reuses the input
+      float acc = bias.data ? bias.data[c] : 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += win[k] * w.data[c * K + k];
+      std::copy(win.begin(), win.end(), ns + r * K);
+      y[r] = activation_ == 1 ? silu(acc) : acc;
+    }
+  }
+};
+struct ConvUpdateOp : Ort::CustomOpBase<ConvUpdateOp, ConvUpdateKernel>, Fp32Op<ConvUpdateOp> {
+  static constexpr size_t kInputs = 4, kOutputs = 2;
+  static bool IsOptional(size_t i) { return i == 3; }
+  using Fp32Op::GetInputCharacteristic, Fp32Op::GetInputType, Fp32Op::GetInputTypeCount, Fp32Op::GetOutputType,
+      Fp32Op::GetOutputTypeCount;
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ConvUpdateKernel(info); }
+  const char* GetName() const { return "CausalConv1dUpdate"; }
+};
+
+// --- SelectiveStateUpdate: state (b, d, N), x dt z (b, d), A (d, N), B C (b, N), D dt_bias (d) -> y, new_state
+struct StateUpdateKernel {
+  int64_t softplus_;
+  explicit StateUpdateKernel(const OrtKernelInfo* info) : softplus_(AttrOr(info, "dt_softplus", 1)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In h = input(ctx, 0), x = input(ctx, 1), dt = input(ctx, 2), A = input(ctx, 3), B = input(ctx, 4);
+    In C = input(ctx, 5), D = input(ctx, 6), z = input(ctx, 7), bias = input(ctx, 8);
+    const auto [b, d, N] = mambadeploy_ort::CheckStateUpdateShapes(
+        h.shape, x.shape, dt.shape, A.shape, B.shape, C.shape, D.shape_or_null(), z.shape_or_null(),
+        bias.shape_or_null());
+    float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
+    float* hn = ctx.GetOutput(1, h.shape).GetTensorMutableData<float>();
+    for (int64_t r = 0; r < b * d; ++r) {
+      const int64_t bi = r / d, c = r % d;
+      float delta = dt.data[r] + (bias.data ? bias.data[c] : 0.f);
+      if (softplus_) delta = softplus(delta);
+      const float xv = x.data[r];
+      float acc = 0.f;
+      for (int64_t n = 0; n < N; ++n) {
+        const float v = std::exp(delta * A.data[c * N + n]) * h.data[r * N + n] + delta * xv * B.data[bi * N + n];
+        hn[r * N + n] = v;
+        acc += v * C.data[bi * N + n];
+      }
+      if (D.data) acc += xv * D.data[c];
+      if (z.data) acc *= silu(z.data[r]);
+      y[r] = acc;
+    }
+  }
+};
+struct StateUpdateOp : Ort::CustomOpBase<StateUpdateOp, StateUpdateKernel>, Fp32Op<StateUpdateOp> {
+  static constexpr size_t kInputs = 9, kOutputs = 2;
+  static bool IsOptional(size_t i) { return i >= 6; }
+  using Fp32Op::GetInputCharacteristic, Fp32Op::GetInputType, Fp32Op::GetInputTypeCount, Fp32Op::GetOutputType,
+      Fp32Op::GetOutputTypeCount;
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new StateUpdateKernel(info); }
+  const char* GetName() const { return "SelectiveStateUpdate"; }
+};
+
+// --- AddRMSNorm: x, residual (..., d), weight (d) -> y = rms_norm(residual + x) * weight, residual_out = residual + x
+struct AddNormKernel {
+  float eps_;
+  explicit AddNormKernel(const OrtKernelInfo* info) : eps_(AttrFloatOr(info, "epsilon", 1e-5f)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), res = input(ctx, 1), w = input(ctx, 2);
+    const auto [rows, d] = mambadeploy_ort::CheckAddNormShapes(x.shape, res.shape, w.shape);
+    float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
+    float* ro = ctx.GetOutput(1, x.shape).GetTensorMutableData<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      float sq = 0.f;
+      for (int64_t i = 0; i < d; ++i) {
+        const float v = res.data[r * d + i] + x.data[r * d + i];
+        ro[r * d + i] = v;
+        sq += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sq / static_cast<float>(d) + eps_);
+      for (int64_t i = 0; i < d; ++i) y[r * d + i] = ro[r * d + i] * inv * w.data[i];
+    }
+  }
+};
+struct AddNormOp : Ort::CustomOpBase<AddNormOp, AddNormKernel>, Fp32Op<AddNormOp> {
+  static constexpr size_t kInputs = 3, kOutputs = 2;
+  static bool IsOptional(size_t) { return false; }
+  using Fp32Op::GetInputCharacteristic, Fp32Op::GetInputType, Fp32Op::GetInputTypeCount, Fp32Op::GetOutputType,
+      Fp32Op::GetOutputTypeCount;
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new AddNormKernel(info); }
+  const char* GetName() const { return "AddRMSNorm"; }
+};
+
+// --- RoutedMoE: x (T, d), router_weight (E, d), router_bias (E), w1 (E, 2F, d), w2 (E, d, F) -> y (T, d)
+// router 0: argmax, weight = sigmoid(logit); 1: softmax, top-k (ties: lower expert first). Only chosen experts are read.
+struct MoEKernel {
+  int64_t router_, top_k_, activation_;
+  explicit MoEKernel(const OrtKernelInfo* info)
+      : router_(AttrOr(info, "router", 0)), top_k_(AttrOr(info, "top_k", 1)), activation_(AttrOr(info, "activation", 0)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), rw = input(ctx, 1), rb = input(ctx, 2), w1 = input(ctx, 3), w2 = input(ctx, 4);
+    const int64_t k = router_ == 0 ? 1 : top_k_;
+    const auto [T, d, E, F] = mambadeploy_ort::CheckRoutedMoEShapes(x.shape, rw.shape, rb.shape_or_null(), w1.shape,
+                                                                     w2.shape, k);
+    float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
+    std::vector<float> logits(E), h(2 * F), a(F);
+    std::vector<int64_t> order(E);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x.data + t * d;
+      for (int64_t e = 0; e < E; ++e) {
+        float acc = rb.data ? rb.data[e] : 0.f;
+        for (int64_t i = 0; i < d; ++i) acc += rw.data[e * d + i] * xt[i];
+        logits[e] = acc;
+      }
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return logits[p] > logits[q]; });
+      std::vector<float> gates(k);
+      if (router_ == 0) {
+        gates[0] = 1.f / (1.f + std::exp(-logits[order[0]]));
+      } else {
+        const float top = logits[order[0]];
+        float total = 0.f;
+        for (int64_t e = 0; e < E; ++e) total += std::exp(logits[e] - top);
+        for (int64_t j = 0; j < k; ++j) gates[j] = std::exp(logits[order[j]] - top) / total;
+      }
+      float* yt = y + t * d;
+      std::fill(yt, yt + d, 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float* W1 = w1.data + order[j] * 2 * F * d;
+        const float* W2 = w2.data + order[j] * d * F;
+        for (int64_t f = 0; f < 2 * F; ++f) {
+          float acc = 0.f;
+          for (int64_t i = 0; i < d; ++i) acc += W1[f * d + i] * xt[i];
+          h[f] = acc;
+        }
+        for (int64_t f = 0; f < F; ++f) a[f] = activate(h[f], activation_) * h[F + f];
+        for (int64_t i = 0; i < d; ++i) {
+          float acc = 0.f;
+          for (int64_t f = 0; f < F; ++f) acc += W2[i * F + f] * a[f];
+          yt[i] += gates[j] * acc;
+        }
+      }
+    }
+  }
+};
+struct MoEOp : Ort::CustomOpBase<MoEOp, MoEKernel>, Fp32Op<MoEOp> {
+  static constexpr size_t kInputs = 5, kOutputs = 1;
+  static bool IsOptional(size_t i) { return i == 2; }
+  using Fp32Op::GetInputCharacteristic, Fp32Op::GetInputType, Fp32Op::GetInputTypeCount, Fp32Op::GetOutputType,
+      Fp32Op::GetOutputTypeCount;
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new MoEKernel(info); }
+  const char* GetName() const { return "RoutedMoE"; }
+};
+
+ConvUpdateOp g_conv_update;
+StateUpdateOp g_state_update;
+AddNormOp g_add_norm;
+MoEOp g_moe;
+
+}  // namespace
+
+namespace mambadeploy_ort {
+void AddCpuDecodeOps(Ort::CustomOpDomain& domain) {
+  domain.Add(&g_conv_update);
+  domain.Add(&g_state_update);
+  domain.Add(&g_add_norm);
+  domain.Add(&g_moe);
+}
+}  // namespace mambadeploy_ort
