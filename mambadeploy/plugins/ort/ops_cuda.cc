@@ -9,61 +9,14 @@
 #include <vector>
 
 #include "ops.h"
-#include "ops_cuda_kernels.h"
+#include "ops_cuda_glue.h"
 
 namespace {
 
 using mambadeploy_cuda::DType;
 using mambadeploy_ort::AttrOr;
 using mambadeploy_ort::Require;
-constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-constexpr const char* kCudaProvider = "CUDAExecutionProvider";
-
-template <ONNXTensorElementDataType TT>
-constexpr DType dtype_of() {
-  return TT == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? DType::kFloat32
-         : TT == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? DType::kFloat16
-                                                       : DType::kBFloat16;
-}
-
-struct In {
-  const void* data = nullptr;  // device pointer; nullptr: optional input left out
-  std::vector<int64_t> shape;
-};
-
-In input(Ort::KernelContext& ctx, size_t i) {
-  In in;
-  if (i >= ctx.GetInputCount()) return in;
-  Ort::ConstValue v = ctx.GetInput(i);
-  if (!static_cast<const OrtValue*>(v)) return in;
-  in.shape = v.GetTensorTypeAndShapeInfo().GetShape();
-  in.data = v.GetTensorRawData();
-  return in;
-}
-
-void check_launch(const char* error, const char* op) {
-  if (error) ORT_CXX_API_THROW(std::string(op) + ": CUDA kernel launch failed: " + error, ORT_RUNTIME_EXCEPTION);
-}
-
-// A device buffer from the CUDA EP's allocator, returned to it when the kernel's Compute ends. Work queued on the
-// EP's one compute stream before the return runs before any later user of the memory.
-struct DeviceScratch {
-  OrtAllocator* allocator = nullptr;
-  void* ptr = nullptr;
-  DeviceScratch(Ort::KernelContext& ctx, int device_id, size_t bytes) {
-    Ort::MemoryInfo info("Cuda", OrtArenaAllocator, device_id, OrtMemTypeDefault);
-    allocator = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(info));
-    Require(allocator != nullptr, "TopKExpertGather: the CUDA provider gave no allocator for the workspace");
-    ptr = allocator->Alloc(allocator, bytes);
-    Require(ptr != nullptr || bytes == 0, "TopKExpertGather: out of device memory for the workspace");
-  }
-  ~DeviceScratch() {
-    if (allocator) {
-      if (ptr) allocator->Free(allocator, ptr);
-      Ort::GetApi().ReleaseAllocator(allocator);
-    }
-  }
-};
+using namespace mambadeploy_ort_cuda;
 
 // --- SelectiveScan -------------------------------------------------------------------------------------------------
 template <ONNXTensorElementDataType TT>
@@ -155,7 +108,7 @@ struct GatherKernel {
     a.tokens = T, a.d = d, a.E = E, a.F = F, a.k = k, a.activation = int(activation_);
     if (T == 0) return;
     const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
-    DeviceScratch scratch(ctx, device, mambadeploy_cuda::GatherWorkspaceBytes(t, T, d, E, F, k));
+    DeviceScratch scratch(ctx, device, mambadeploy_cuda::GatherWorkspaceBytes(t, T, d, E, F, k), "TopKExpertGather");
     a.workspace = scratch.ptr;
     check_launch(mambadeploy_cuda::LaunchExpertGather(t, a, ctx.GetGPUComputeStream()), "TopKExpertGather");
   }
@@ -174,8 +127,6 @@ struct GatherOp : Ort::CustomOpBase<GatherOp<TT>, GatherKernel<TT>> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return TT; }
 };
 
-constexpr ONNXTensorElementDataType kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-constexpr ONNXTensorElementDataType kBF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
 ScanOp<kF32> g_scan_f32;
 ScanOp<kF16> g_scan_f16;
 ScanOp<kBF16> g_scan_bf16;

@@ -14,39 +14,10 @@
 #include <cuda_runtime.h>
 
 #include "ops_cuda_kernels.h"
+#include "ops_cuda_math.cuh"
 
 namespace mambadeploy_cuda {
 namespace {
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float softplus(float x) {
-  return x > 20.f ? x : (x < -15.f ? expf(x) : log1pf(expf(x)));
-}
-__device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
-__device__ __forceinline__ float activate(float x, int code) {
-  if (code == 0) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
-  if (code == 1) return silu(x);
-  const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  return 0.5f * x * (1.f + tanhf(inner));
-}
-
-const char* last_error() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ------------------------------------------------------------------------------------------------ SelectiveScan
 constexpr int kLanes = 16, kChannels = 8, kChunk = 32;

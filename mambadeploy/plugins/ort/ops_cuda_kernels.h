@@ -50,4 +50,55 @@ struct GatherArgs {
 size_t GatherWorkspaceBytes(DType t, int64_t tokens, int64_t d, int64_t E, int64_t F, int64_t k);
 const char* LaunchExpertGather(DType t, const GatherArgs& a, void* stream);
 
+// --- the decode step's ops (ops_cuda_decode_kernels.cu); parameters in T, states fp32 ----------------------------------
+// CausalConv1dUpdate: x, y (b, dim) in T; conv_state, new_state (b, dim, K) fp32; weight (dim, K), bias (dim) in T.
+struct ConvUpdateArgs {
+  const void* x;
+  const float* conv_state;
+  const void *weight, *bias;  // bias may be null
+  void* y;
+  float* new_state;
+  int64_t batch, dim, K;
+  bool silu;
+};
+const char* LaunchConvUpdate(DType t, const ConvUpdateArgs& a, void* stream);
+
+// SelectiveStateUpdate: state, new_state (b, dim, N) fp32; x, dt, z, y (b, dim) in T; A (dim, N) fp32; B, C (b, N) in
+// T; D, dt_bias (dim) in T. D, z, dt_bias may be null.
+struct StateUpdateArgs {
+  const float* state;
+  const void *x, *dt;
+  const float* A;
+  const void *B, *C, *D, *z, *dt_bias;
+  void* y;
+  float* new_state;
+  int64_t batch, dim, N;
+  bool softplus;
+};
+const char* LaunchStateUpdate(DType t, const StateUpdateArgs& a, void* stream);
+
+// AddRMSNorm: x, y (rows, d) in T; residual, residual_out (rows, d) fp32; weight (d) in T.
+struct AddNormArgs {
+  const void* x;
+  const float* residual;
+  const void* weight;
+  void* y;
+  float* residual_out;
+  int64_t rows, d;
+  float eps;
+};
+const char* LaunchAddRMSNorm(DType t, const AddNormArgs& a, void* stream);
+
+// RoutedMoE: x, y (T, d) in T; router_weight (E, d), router_bias (E) in T (bias may be null); w1 (E, 2F, d),
+// w2 (E, d, F) in T. router 0 = sigmoid top-1, 1 = softmax top-k. Needs MoEWorkspaceBytes(...) bytes of workspace.
+struct MoEArgs {
+  const void *x, *router_weight, *router_bias, *w1, *w2;
+  void* y;
+  int64_t tokens, d, E, F, k;
+  int router, activation;
+  void* workspace;
+};
+size_t MoEWorkspaceBytes(DType t, int64_t tokens, int64_t d, int64_t E, int64_t F, int64_t k);
+const char* LaunchRoutedMoE(DType t, const MoEArgs& a, void* stream);
+
 }  // namespace mambadeploy_cuda

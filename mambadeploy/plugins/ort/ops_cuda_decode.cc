@@ -1,0 +1,153 @@
+// ONNX Runtime CUDA glue for the decode step's mambadeploy ops (kernels in ops_cuda_decode_kernels.cu). One op object
+// per activation dtype T in {fp32, fp16, bf16}; the dtypes an export gives ("T" = the model dtype, "F" = fp32):
+//   CausalConv1dUpdate    x T, conv_state F, weight T, bias T                    -> y T, new_state F
+//   SelectiveStateUpdate  state F, x dt T, A F, B C D z dt_bias T                -> y T, new_state F
+//   AddRMSNorm            x T, residual F, weight T                              -> y T, residual_out F
+//   RoutedMoE             x router_weight router_bias w1 w2 T                    -> y T
+// Compiled only in the CUDA build of the library (build.py --cuda).
+#include <string>
+#include <vector>
+
+#include "ops_cuda_glue.h"
+
+namespace {
+
+using mambadeploy_ort::AttrOr;
+using namespace mambadeploy_ort_cuda;
+
+float AttrFloatOr(const OrtKernelInfo* info, const char* name, float fallback) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<float>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
+const std::vector<int64_t>* shape_if(const In& in) { return in.data ? &in.shape : nullptr; }
+
+// The ORT op object of a kernel K: inputs and outputs typed by K's signature strings ('T' model dtype, 'F' fp32; a
+// lower-case letter marks an optional input).
+template <typename K, ONNXTensorElementDataType TT>
+struct DecodeOp : Ort::CustomOpBase<DecodeOp<K, TT>, K> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new K(info, dtype_of<TT>()); }
+  const char* GetName() const { return K::kName; }
+  const char* GetExecutionProviderType() const { return kCudaProvider; }
+  size_t GetInputTypeCount() const { return std::char_traits<char>::length(K::kInputs); }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return (K::kInputs[i] | 0x20) == 'f' ? kF32 : TT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return (K::kInputs[i] & 0x20) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return std::char_traits<char>::length(K::kOutputs); }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return K::kOutputs[i] == 'F' ? kF32 : TT; }
+};
+
+struct ConvUpdateKernel {
+  static constexpr const char *kName = "CausalConv1dUpdate", *kInputs = "TFTt", *kOutputs = "TF";
+  DType t_;
+  int64_t activation_;
+  ConvUpdateKernel(const OrtKernelInfo* info, DType t) : t_(t), activation_(AttrOr(info, "activation", 1)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), s = input(ctx, 1), w = input(ctx, 2), bias = input(ctx, 3);
+    const auto [b, d, K] = mambadeploy_ort::CheckConvUpdateShapes(x.shape, s.shape, w.shape, shape_if(bias));
+    mambadeploy_cuda::ConvUpdateArgs a{};
+    a.x = x.data, a.conv_state = static_cast<const float*>(s.data), a.weight = w.data, a.bias = bias.data;
+    a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
+    a.new_state = ctx.GetOutput(1, s.shape).GetTensorMutableData<float>();
+    a.batch = b, a.dim = d, a.K = K, a.silu = activation_ == 1;
+    check_launch(mambadeploy_cuda::LaunchConvUpdate(t_, a, ctx.GetGPUComputeStream()), kName);
+  }
+};
+
+struct StateUpdateKernel {
+  static constexpr const char *kName = "SelectiveStateUpdate", *kInputs = "FTTFTTttt", *kOutputs = "TF";
+  DType t_;
+  int64_t softplus_;
+  StateUpdateKernel(const OrtKernelInfo* info, DType t) : t_(t), softplus_(AttrOr(info, "dt_softplus", 1)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In h = input(ctx, 0), x = input(ctx, 1), dt = input(ctx, 2), A = input(ctx, 3), B = input(ctx, 4);
+    In C = input(ctx, 5), D = input(ctx, 6), z = input(ctx, 7), bias = input(ctx, 8);
+    const auto [b, d, N] = mambadeploy_ort::CheckStateUpdateShapes(h.shape, x.shape, dt.shape, A.shape, B.shape,
+                                                                   C.shape, shape_if(D), shape_if(z), shape_if(bias));
+    mambadeploy_cuda::StateUpdateArgs a{};
+    a.state = static_cast<const float*>(h.data), a.x = x.data, a.dt = dt.data;
+    a.A = static_cast<const float*>(A.data), a.B = B.data, a.C = C.data, a.D = D.data, a.z = z.data;
+    a.dt_bias = bias.data;
+    a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
+    a.new_state = ctx.GetOutput(1, h.shape).GetTensorMutableData<float>();
+    a.batch = b, a.dim = d, a.N = N, a.softplus = softplus_ != 0;
+    check_launch(mambadeploy_cuda::LaunchStateUpdate(t_, a, ctx.GetGPUComputeStream()), kName);
+  }
+};
+
+struct AddNormKernel {
+  static constexpr const char *kName = "AddRMSNorm", *kInputs = "TFT", *kOutputs = "TF";
+  DType t_;
+  float eps_;
+  AddNormKernel(const OrtKernelInfo* info, DType t) : t_(t), eps_(AttrFloatOr(info, "epsilon", 1e-5f)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), r = input(ctx, 1), w = input(ctx, 2);
+    const auto [rows, d] = mambadeploy_ort::CheckAddNormShapes(x.shape, r.shape, w.shape);
+    mambadeploy_cuda::AddNormArgs a{};
+    a.x = x.data, a.residual = static_cast<const float*>(r.data), a.weight = w.data;
+    a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
+    a.residual_out = ctx.GetOutput(1, x.shape).GetTensorMutableData<float>();
+    a.rows = rows, a.d = d, a.eps = eps_;
+    check_launch(mambadeploy_cuda::LaunchAddRMSNorm(t_, a, ctx.GetGPUComputeStream()), kName);
+  }
+};
+
+struct MoEKernel {
+  static constexpr const char *kName = "RoutedMoE", *kInputs = "TTtTT", *kOutputs = "T";
+  DType t_;
+  int64_t router_, top_k_, activation_;
+  MoEKernel(const OrtKernelInfo* info, DType t)
+      : t_(t), router_(AttrOr(info, "router", 0)), top_k_(AttrOr(info, "top_k", 1)),
+        activation_(AttrOr(info, "activation", 0)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), rw = input(ctx, 1), rb = input(ctx, 2), w1 = input(ctx, 3), w2 = input(ctx, 4);
+    const int64_t k = router_ == 0 ? 1 : top_k_;
+    const auto [T, d, E, F] = mambadeploy_ort::CheckRoutedMoEShapes(x.shape, rw.shape, shape_if(rb), w1.shape,
+                                                                     w2.shape, k);
+    mambadeploy_cuda::MoEArgs a{};
+    a.x = x.data, a.router_weight = rw.data, a.router_bias = rb.data, a.w1 = w1.data, a.w2 = w2.data;
+    a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
+    a.tokens = T, a.d = d, a.E = E, a.F = F, a.k = k, a.router = int(router_), a.activation = int(activation_);
+    if (T == 0) return;
+    const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
+    DeviceScratch scratch(ctx, device, mambadeploy_cuda::MoEWorkspaceBytes(t_, T, d, E, F, k), kName);
+    a.workspace = scratch.ptr;
+    check_launch(mambadeploy_cuda::LaunchRoutedMoE(t_, a, ctx.GetGPUComputeStream()), kName);
+  }
+};
+
+template <typename K>
+struct AllDtypes {
+  DecodeOp<K, kF32> f32;
+  DecodeOp<K, kF16> f16;
+  DecodeOp<K, kBF16> bf16;
+  void AddTo(Ort::CustomOpDomain& domain) {
+    domain.Add(&f32);
+    domain.Add(&f16);
+    domain.Add(&bf16);
+  }
+};
+
+AllDtypes<ConvUpdateKernel> g_conv_update;
+AllDtypes<StateUpdateKernel> g_state_update;
+AllDtypes<AddNormKernel> g_add_norm;
+AllDtypes<MoEKernel> g_moe;
+
+}  // namespace
+
+namespace mambadeploy_ort {
+void AddCudaDecodeOps(Ort::CustomOpDomain& domain) {
+  g_conv_update.AddTo(domain);
+  g_state_update.AddTo(domain);
+  g_add_norm.AddTo(domain);
+  g_moe.AddTo(domain);
+}
+}  // namespace mambadeploy_ort

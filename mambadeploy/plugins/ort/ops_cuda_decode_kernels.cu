@@ -1,0 +1,377 @@
+// CUDA kernels for the decode step's mambadeploy ORT ops: the math of models/ref_ops.py, fp32 inside for every dtype.
+//
+// CausalConv1dUpdate, SelectiveStateUpdate: one thread per (row, channel); states fp32.
+// AddRMSNorm: one block per row (sum of squares reduced over the block).
+// RoutedMoE: (1) a block per token computes the router logits (rounded to T, as the model's Linear gives them) and picks
+//   its experts; (2) fc1 and (3) fc2 run on a grid of (row blocks, experts): each block lists the (token, slot) pairs
+//   that chose its expert (an empty list exits at once), and each warp streams whole weight rows of that expert with
+//   16-byte loads, dotting every row with all of the expert's pairs (up to kPairChunk at a time). So every chosen
+//   expert's weights are read once per step, in place — no gathered copy — whatever the batch. (4) k > 1: a combine sums
+//   each token's k rows, weighted, in slot order.
+#include "ops_cuda_kernels.h"
+#include "ops_cuda_math.cuh"
+
+namespace mambadeploy_cuda {
+namespace {
+
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+
+// ------------------------------------------------------------------------------------------------ conv / state update
+template <typename T>
+__global__ void conv_update_kernel(ConvUpdateArgs a) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= a.batch * a.dim) return;
+  const int64_t c = i % a.dim, K = a.K;
+  const T* w = static_cast<const T*>(a.weight) + c * K;
+  const float* s = a.conv_state + i * K;
+  float* ns = a.new_state + i * K;
+  const float xv = to_f(static_cast<const T*>(a.x)[i]);
+  float acc = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = k + 1 < K ? s[k + 1] : xv;
+    ns[k] = v;
+    acc += v * to_f(w[k]);
+  }
+  if (a.bias) acc += to_f(static_cast<const T*>(a.bias)[c]);
+  static_cast<T*>(a.y)[i] = from_f<T>(a.silu ? silu(acc) : acc);
+}
+
+template <typename T>
+__global__ void state_update_kernel(StateUpdateArgs a) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= a.batch * a.dim) return;
+  const int64_t b = i / a.dim, c = i % a.dim, N = a.N;
+  float dt = to_f(static_cast<const T*>(a.dt)[i]);
+  if (a.dt_bias) dt += to_f(static_cast<const T*>(a.dt_bias)[c]);
+  if (a.softplus) dt = softplus(dt);
+  const float x = to_f(static_cast<const T*>(a.x)[i]);
+  const T* B = static_cast<const T*>(a.B) + b * N;
+  const T* C = static_cast<const T*>(a.C) + b * N;
+  float acc = 0.f;
+  for (int64_t n = 0; n < N; ++n) {
+    const float h = expf(dt * a.A[c * N + n]) * a.state[i * N + n] + dt * x * to_f(B[n]);
+    a.new_state[i * N + n] = h;
+    acc += h * to_f(C[n]);
+  }
+  if (a.D) acc += x * to_f(static_cast<const T*>(a.D)[c]);
+  if (a.z) acc *= silu(to_f(static_cast<const T*>(a.z)[i]));
+  static_cast<T*>(a.y)[i] = from_f<T>(acc);
+}
+
+// ------------------------------------------------------------------------------------------------ add + RMSNorm
+__device__ float block_sum(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < kWarps ? scratch[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(AddNormArgs a) {
+  __shared__ float scratch[kWarps];
+  const int64_t off = int64_t(blockIdx.x) * a.d;
+  const T* x = static_cast<const T*>(a.x) + off;
+  const float* r = a.residual + off;
+  float* ro = a.residual_out + off;
+  float sq = 0.f;
+  for (int64_t i = threadIdx.x; i < a.d; i += kThreads) {
+    const float v = r[i] + to_f(x[i]);
+    ro[i] = v;
+    sq += v * v;
+  }
+  const float inv = rsqrtf(block_sum(sq, scratch) / float(a.d) + a.eps);
+  const T* w = static_cast<const T*>(a.weight);
+  T* y = static_cast<T*>(a.y) + off;
+  for (int64_t i = threadIdx.x; i < a.d; i += kThreads) y[i] = from_f<T>(ro[i] * inv * to_f(w[i]));
+}
+
+// ------------------------------------------------------------------------------------------------ RoutedMoE
+constexpr int kRowsPerWarp = 2, kRowsPerBlock = kWarps * kRowsPerWarp, kPairChunk = 4;
+constexpr int64_t kMaxPairs = 12288;  // the per-expert pair list lives in shared memory (48 KiB)
+
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);  // elements in one 16-byte load
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec<T>; ++i) out[i] = to_f(e[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// acc_r[p] += <rows[r], vs[p]> over n elements for R weight rows and np (<= P) vectors, lane-strided; VEC: 16-byte
+// loads (n a multiple of kVec and every pointer 16-byte aligned, checked by the launcher). Sums are per lane.
+template <typename T, bool VEC, int R, int P>
+__device__ __forceinline__ void warp_dots(const T* const (&rows)[R], const T* const (&vs)[P], int np, int64_t n,
+                                          float (&acc)[R][P]) {
+  const int lane = threadIdx.x % 32;
+  if constexpr (VEC) {
+    constexpr int V = kVec<T>;
+#pragma unroll 2
+    for (int64_t i = int64_t(lane) * V; i < n; i += 32 * V) {
+      float w[R][V];
+#pragma unroll
+      for (int r = 0; r < R; ++r) load_vec(rows[r] + i, w[r]);
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        if (p >= np) break;
+        float v[V];
+        load_vec(vs[p] + i, v);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[r][p] += w[r][j] * v[j];
+      }
+    }
+  } else {
+    for (int64_t i = lane; i < n; i += 32) {
+      float w[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) w[r] = to_f(rows[r][i]);
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        if (p >= np) break;
+        const float v = to_f(vs[p][i]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][p] += w[r] * v;
+      }
+    }
+  }
+}
+
+// The (token, slot) pairs whose expert is `e`, into shared memory; returns their count (block-uniform).
+__device__ int pairs_of_expert(const int* experts, int64_t P, int e, int* list) {
+  __shared__ int count;
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x)
+    if (experts[p] == e) list[atomicAdd(&count, 1)] = int(p);
+  __syncthreads();
+  return count;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) route_kernel(MoEArgs a, int* experts, float* gates) {
+  extern __shared__ float logits[];  // (E)
+  const int64_t t = blockIdx.x, d = a.d, E = a.E;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* x = static_cast<const T*>(a.x) + t * d;
+  for (int64_t e = warp; e < E; e += kWarps) {
+    const T* rows[1] = {static_cast<const T*>(a.router_weight) + e * d};
+    const T* vs[1] = {x};
+    float acc[1][1] = {{0.f}};
+    warp_dots<T, false, 1, 1>(rows, vs, 1, d, acc);
+    const float s = warp_sum(acc[0][0]);
+    const float bias = a.router_bias ? to_f(static_cast<const T*>(a.router_bias)[e]) : 0.f;
+    if (lane == 0) logits[e] = to_f(from_f<T>(s + bias));  // logits in x's dtype, as the model's nn.Linear gives them
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  int best = 0;
+  for (int e = 1; e < E; ++e)
+    if (logits[e] > logits[best]) best = e;  // first maximum, as argmax
+  if (a.router == 0) {
+    experts[t] = best;
+    gates[t] = 1.f / (1.f + expf(-logits[best]));
+    return;
+  }
+  const float top = logits[best];
+  float total = 0.f;
+  for (int e = 0; e < E; ++e) total += expf(logits[e] - top);
+  for (int j = 0; j < a.k; ++j) {  // k largest, ties to the lower expert; chosen ones are marked -inf
+    int pick = 0;
+    for (int e = 1; e < E; ++e)
+      if (logits[e] > logits[pick]) pick = e;
+    experts[t * a.k + j] = pick;
+    gates[t * a.k + j] = expf(logits[pick] - top) / total;
+    logits[pick] = -INFINITY;
+  }
+}
+
+// fc1: for each pair of expert e and each hidden unit f: h = act(x.gate_f) * (x.up_f), rounded to T like the reference.
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads) fc1_kernel(MoEArgs a, const int* experts, T* H) {
+  extern __shared__ int list[];
+  const int e = blockIdx.y;
+  const int64_t P = a.tokens * a.k, d = a.d, F = a.F;
+  const int count = pairs_of_expert(experts, P, e, list);
+  if (count == 0) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* w1 = static_cast<const T*>(a.w1) + int64_t(e) * 2 * F * d;
+  const T* x = static_cast<const T*>(a.x);
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t f = int64_t(blockIdx.x) * kRowsPerBlock + warp * kRowsPerWarp + r;
+    if (f >= F) break;
+    const T* rows[2] = {w1 + f * d, w1 + (F + f) * d};
+    for (int c0 = 0; c0 < count; c0 += kPairChunk) {
+      const int np = min(kPairChunk, count - c0);
+      const T* vs[kPairChunk];
+      for (int p = 0; p < kPairChunk; ++p) vs[p] = x + (list[c0 + min(p, np - 1)] / a.k) * d;
+      float acc[2][kPairChunk] = {};
+      warp_dots<T, VEC, 2, kPairChunk>(rows, vs, np, d, acc);
+      for (int p = 0; p < np; ++p) {
+        const float g = to_f(from_f<T>(warp_sum(acc[0][p]))), u = to_f(from_f<T>(warp_sum(acc[1][p])));
+        if (lane == 0) H[int64_t(list[c0 + p]) * F + f] = from_f<T>(to_f(from_f<T>(activate(g, a.activation))) * u);
+      }
+    }
+  }
+}
+
+// fc2: y_pair = w2_e . h_pair, rounded to T; k == 1 writes y = gate * y_pair directly, else fp32 rows for the combine.
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads) fc2_kernel(MoEArgs a, const int* experts, const float* gates, const T* H,
+                                                       float* rows_out) {
+  extern __shared__ int list[];
+  const int e = blockIdx.y;
+  const int64_t P = a.tokens * a.k, d = a.d, F = a.F;
+  const int count = pairs_of_expert(experts, P, e, list);
+  if (count == 0) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* w2 = static_cast<const T*>(a.w2) + int64_t(e) * d * F;
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + warp * kRowsPerWarp + r;
+    if (i >= d) break;
+    const T* rows[1] = {w2 + i * F};
+    for (int c0 = 0; c0 < count; c0 += kPairChunk) {
+      const int np = min(kPairChunk, count - c0);
+      const T* vs[kPairChunk];
+      for (int p = 0; p < kPairChunk; ++p) vs[p] = H + int64_t(list[c0 + min(p, np - 1)]) * F;
+      float acc[1][kPairChunk] = {};
+      warp_dots<T, VEC, 1, kPairChunk>(rows, vs, np, F, acc);
+      for (int p = 0; p < np; ++p) {
+        const float v = to_f(from_f<T>(warp_sum(acc[0][p])));
+        const int pair = list[c0 + p];
+        if (lane != 0) continue;
+        if (a.k == 1)
+          static_cast<T*>(a.y)[int64_t(pair) * d + i] = from_f<T>(v * gates[pair]);
+        else
+          rows_out[int64_t(pair) * d + i] = v;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void combine_rows_kernel(MoEArgs a, const float* gates, const float* rows) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= a.tokens * a.d) return;
+  const int64_t t = idx / a.d, i = idx % a.d;
+  float acc = 0.f;
+  for (int64_t j = 0; j < a.k; ++j) acc += rows[(t * a.k + j) * a.d + i] * gates[t * a.k + j];
+  static_cast<T*>(a.y)[idx] = from_f<T>(acc);
+}
+
+// ------------------------------------------------------------------------------------------------ launchers
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+struct MoEWorkspace {
+  int* experts;
+  float* gates;
+  void* H;
+  float* rows;
+};
+
+MoEWorkspace carve(void* base, size_t elem, int64_t P, int64_t d, int64_t F) {
+  char* p = static_cast<char*>(base);
+  MoEWorkspace w{};
+  w.experts = reinterpret_cast<int*>(p);
+  p += align256(P * sizeof(int));
+  w.gates = reinterpret_cast<float*>(p);
+  p += align256(P * sizeof(float));
+  w.H = p;
+  p += align256(P * F * elem);
+  w.rows = reinterpret_cast<float*>(p);
+  return w;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+size_t elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+template <typename T>
+void launch_moe(const MoEArgs& a, cudaStream_t s) {
+  const int64_t P = a.tokens * a.k;
+  const MoEWorkspace w = carve(a.workspace, sizeof(T), P, a.d, a.F);
+  route_kernel<T><<<unsigned(a.tokens), kThreads, size_t(a.E) * sizeof(float), s>>>(a, w.experts, w.gates);
+  const size_t list_bytes = size_t(P) * sizeof(int);
+  const bool vec1 = a.d % kVec<T> == 0 && aligned16(a.x) && aligned16(a.w1);
+  const dim3 g1(unsigned(cdiv(a.F, kRowsPerBlock)), unsigned(a.E));
+  if (vec1)
+    fc1_kernel<T, true><<<g1, kThreads, list_bytes, s>>>(a, w.experts, static_cast<T*>(w.H));
+  else
+    fc1_kernel<T, false><<<g1, kThreads, list_bytes, s>>>(a, w.experts, static_cast<T*>(w.H));
+  const bool vec2 = a.F % kVec<T> == 0 && aligned16(a.w2);
+  const dim3 g2(unsigned(cdiv(a.d, kRowsPerBlock)), unsigned(a.E));
+  if (vec2)
+    fc2_kernel<T, true><<<g2, kThreads, list_bytes, s>>>(a, w.experts, w.gates, static_cast<T*>(w.H), w.rows);
+  else
+    fc2_kernel<T, false><<<g2, kThreads, list_bytes, s>>>(a, w.experts, w.gates, static_cast<T*>(w.H), w.rows);
+  if (a.k > 1)
+    combine_rows_kernel<T><<<unsigned(cdiv(a.tokens * a.d, kThreads)), kThreads, 0, s>>>(a, w.gates, w.rows);
+}
+
+template <typename T>
+void launch_conv_update(const ConvUpdateArgs& a, cudaStream_t s) {
+  conv_update_kernel<T><<<unsigned(cdiv(a.batch * a.dim, kThreads)), kThreads, 0, s>>>(a);
+}
+template <typename T>
+void launch_state_update(const StateUpdateArgs& a, cudaStream_t s) {
+  state_update_kernel<T><<<unsigned(cdiv(a.batch * a.dim, kThreads)), kThreads, 0, s>>>(a);
+}
+template <typename T>
+void launch_add_norm(const AddNormArgs& a, cudaStream_t s) {
+  add_rms_norm_kernel<T><<<unsigned(a.rows), kThreads, 0, s>>>(a);
+}
+
+template <typename Args, void (*F32)(const Args&, cudaStream_t), void (*F16)(const Args&, cudaStream_t),
+          void (*BF16)(const Args&, cudaStream_t)>
+const char* dispatch(DType t, const Args& a, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (t == DType::kFloat32) F32(a, s);
+  else if (t == DType::kFloat16) F16(a, s);
+  else BF16(a, s);
+  return last_error();
+}
+
+}  // namespace
+
+const char* LaunchConvUpdate(DType t, const ConvUpdateArgs& a, void* stream) {
+  if (a.batch * a.dim == 0) return nullptr;
+  return dispatch<ConvUpdateArgs, launch_conv_update<float>, launch_conv_update<__half>,
+                  launch_conv_update<__nv_bfloat16>>(t, a, stream);
+}
+
+const char* LaunchStateUpdate(DType t, const StateUpdateArgs& a, void* stream) {
+  if (a.batch * a.dim == 0) return nullptr;
+  return dispatch<StateUpdateArgs, launch_state_update<float>, launch_state_update<__half>,
+                  launch_state_update<__nv_bfloat16>>(t, a, stream);
+}
+
+const char* LaunchAddRMSNorm(DType t, const AddNormArgs& a, void* stream) {
+  if (a.rows == 0) return nullptr;
+  return dispatch<AddNormArgs, launch_add_norm<float>, launch_add_norm<__half>, launch_add_norm<__nv_bfloat16>>(
+      t, a, stream);
+}
+
+size_t MoEWorkspaceBytes(DType t, int64_t tokens, int64_t d, int64_t E, int64_t F, int64_t k) {
+  const int64_t P = tokens * k;
+  return align256(P * sizeof(int)) + align256(P * sizeof(float)) + align256(P * F * elem_size(t)) +
+         (k > 1 ? align256(P * d * sizeof(float)) : 0);
+}
+
+const char* LaunchRoutedMoE(DType t, const MoEArgs& a, void* stream) {
+  if (a.tokens == 0) return nullptr;
+  if (a.tokens * a.k > kMaxPairs) return "RoutedMoE: more than 12288 (token, expert) pairs in one call";
+  return dispatch<MoEArgs, launch_moe<float>, launch_moe<__half>, launch_moe<__nv_bfloat16>>(t, a, stream);
+}
+
+}  // namespace mambadeploy_cuda
