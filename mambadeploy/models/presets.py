@@ -56,12 +56,27 @@ def _jamba_tiny():
     )
 
 
+def _jamba_mini():
+    """Jamba-1.5-Mini's shape (52B, AI21's config.json): 32 layers, 1 attention : 7 Mamba, MoE every other layer."""
+    return ModelConfig(
+        family="jamba", name="jamba-1.5-mini", vocab_size=65536, d_model=4096, layers=jamba_layers(32),
+        mamba=MambaConfig(d_inner=8192, d_state=16, d_conv=4, dt_rank=256, conv_bias=True, proj_bias=False,
+                          bcdt_norm=True),
+        attention=AttentionConfig(n_heads=32, n_kv_heads=8, head_dim=128),
+        moe=MoEConfig(n_experts=16, ffn_size=14336, top_k=2, router="softmax_topk", router_bias=False,
+                      activation="silu"),
+        mlp=MLPConfig(ffn_size=14336, activation="silu"),
+        final_norm="rmsnorm", tie_embeddings=False, norm_eps=1e-6, max_seq_len=4096,
+    )
+
+
 PRESETS = {
     "blackmamba-tiny": _blackmamba_tiny,
     "moe-mamba-tiny": _moe_mamba_tiny,
     "jamba-tiny": _jamba_tiny,
     "blackmamba-1.5b": lambda: blackmamba_config(30, 1152, 3072, name="blackmamba-1.5b"),
     "blackmamba-2.8b": lambda: blackmamba_config(36, 1472, 3872, name="blackmamba-2.8b"),
+    "jamba-1.5-mini": _jamba_mini,
 }
 TINY_PRESETS = ("blackmamba-tiny", "moe-mamba-tiny", "jamba-tiny")
 DEFAULT_PRESET = "blackmamba-tiny"

@@ -6,7 +6,9 @@ CUDA-graph mode (the default on CUDA; `cuda_graph=False` turns it off): the deco
 and replayed. On the H100 it gave the same logits as plain runs (max difference 0.0) at 3.8 vs 11.0 ms per step for the
 blackmamba-1.5b shape at batch 1 (benchmarks/results/bench_ort_h100.json). Capture needs fixed buffers, so states
 ping-pong between two preallocated sets and a state object is valid until the step after next (a stale state is
-refused, never silently read).
+refused, never silently read). The fixed buffers are torch CUDA tensors bound to ORT by address (any dtype, bf16
+included): the states never leave the GPU and are never copied, token ids go up as B integers, and the logits stay on
+the GPU (a torch tensor, as torch-fast returns them).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
              "int64": "tensor(int64)", "int32": "tensor(int32)"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+# IO binding by address takes a numpy type, or an ONNX type number where numpy has none (bf16)
+_ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bfloat16: 16}
 
 
 def _ort():
@@ -59,8 +63,11 @@ class OrtRunner(Runner):
             raise MambaDeployError("CUDA-graph mode needs --provider cuda")
         self.manifest = Manifest.read(self.directory)
         self.manifest.check_files(self.directory, hash_graphs=check_hashes)
-        if cuda_graph is None:  # default: on for CUDA, except bf16 states (no numpy dtype for the fixed buffers)
-            cuda_graph = provider == "cuda" and all(s.dtype != "bfloat16" for s in self.manifest.state)
+        if cuda_graph is None:  # default: on for CUDA (the fixed buffers are torch CUDA tensors)
+            cuda_graph = provider == "cuda" and torch.cuda.is_available()
+        if cuda_graph and not torch.cuda.is_available():
+            raise MambaDeployError("CUDA-graph mode keeps its buffers in torch CUDA tensors: install a CUDA build of "
+                                   "torch, or pass cuda_graph=False")
         self.config = self.manifest.model_config
         self.provider, self.device_id, self.cuda_graph = provider, device_id, cuda_graph
         self.id = next(self._instances)
@@ -176,13 +183,13 @@ class OrtRunner(Runner):
         targets = self._graph_buffers(B, 0) if self.cuda_graph else None
         for n in self.state_names:
             if targets is not None:
-                io.bind_ortvalue_output(PRESENT + n, targets[n])
+                self._bind(io, "output", PRESENT + n, targets[n])
             else:
                 io.bind_output(PRESENT + n, self._device, self.device_id)
         self._run(sess, io)
         outs = io.get_outputs()
         logits = torch.from_numpy(outs[0].numpy())
-        values = dict(zip(self.state_names, outs[1:]))
+        values = dict(targets) if targets is not None else dict(zip(self.state_names, outs[1:]))
         slot = self._advance_epoch(B, 0) if self.cuda_graph else None
         return logits, OrtState(values, B, int(L), self.id, slot)
 
@@ -226,23 +233,23 @@ class OrtRunner(Runner):
 
     # ------------------------------------------------------------------ CUDA graph mode
     def _graph_buffers(self, batch: int, which: int) -> dict:
-        """Preallocated device buffers for (batch, buffer set 0/1): input ids, logits and both state sets."""
+        """Preallocated torch CUDA buffers for (batch, buffer set 0/1): input ids, logits and both state sets."""
         if batch not in self._graph_sets:
-            ort = _ort()
+            device = torch.device("cuda", self.device_id)
 
             def alloc(shape, dtype):
-                return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self.device_id)
+                return torch.zeros(shape, dtype=TORCH_DTYPES[dtype], device=device)
 
-            sets = []
-            for _ in range(2):
-                sets.append({s.name: alloc([batch if d == "batch" else d for d in s.shape], _np_dtype(s.dtype))
-                             for s in self.manifest.state})
-            self._graph_sets[batch] = {
-                "states": sets,
-                "ids": alloc([batch, 1], np.int64),
-                "logits": alloc([batch, self.config.vocab_size], np.float32),
-            }
+            sets = [{s.name: alloc([batch if d == "batch" else d for d in s.shape], s.dtype) for s in self.manifest.state}
+                    for _ in range(2)]
+            self._graph_sets[batch] = {"states": sets, "ids": alloc([batch, 1], "int64"),
+                                       "logits": alloc([batch, self.config.vocab_size], "float32")}
         return self._graph_sets[batch]["states"][which]
+
+    def _bind(self, io, kind: str, name: str, tensor: torch.Tensor) -> None:
+        """Bind a contiguous torch CUDA tensor to a graph input or output by its address (no copy)."""
+        bind = io.bind_input if kind == "input" else io.bind_output
+        bind(name, "cuda", self.device_id, _ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
 
     def _advance_epoch(self, batch, which):
         key = (batch, which)
@@ -255,21 +262,22 @@ class OrtRunner(Runner):
         src = state.slot[1]
         dst = 1 - src
         bufs = self._graph_sets[B]
-        bufs["ids"].update_inplace(tok.reshape(B, 1))
+        bufs["ids"].copy_(torch.from_numpy(tok).view(B, 1))
+        torch.cuda.current_stream(bufs["ids"].device).synchronize()  # ORT reads the ids on its own stream
         sess = self.sessions["decode"]
         io = sess.io_binding()
-        io.bind_ortvalue_input("input_ids", bufs["ids"])
+        self._bind(io, "input", "input_ids", bufs["ids"])
         for n in self.state_names:
-            io.bind_ortvalue_input(PAST + n, bufs["states"][src][n])
-        io.bind_ortvalue_output("logits", bufs["logits"])
+            self._bind(io, "input", PAST + n, bufs["states"][src][n])
+        self._bind(io, "output", "logits", bufs["logits"])
         for n in self.state_names:
-            io.bind_ortvalue_output(PRESENT + n, bufs["states"][dst][n])
+            self._bind(io, "output", PRESENT + n, bufs["states"][dst][n])
         opts = ort.RunOptions()
         # one captured graph per (batch size, direction of the ping-pong): ids must be positive
         opts.add_run_config_entry("gpu_graph_id", str(1 + 2 * (B - 1) + dst))
-        self._run(sess, io, opts)
-        logits = torch.from_numpy(bufs["logits"].numpy())
-        return logits, OrtState(dict(bufs["states"][dst]), B, state.tokens + 1, self.id, self._advance_epoch(B, dst))
+        self._run(sess, io, opts)  # returns once ORT's stream is done: the buffers are ready
+        return (bufs["logits"].clone(),
+                OrtState(dict(bufs["states"][dst]), B, state.tokens + 1, self.id, self._advance_epoch(B, dst)))
 
     # ------------------------------------------------------------------ the rest of the Runner interface
     def state_to_torch(self, state: OrtState) -> dict:
@@ -291,13 +299,9 @@ class OrtRunner(Runner):
                 "onnxruntime": ort.__version__, "mambadeploy": __version__, "gpu": gpu}
 
 
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        raise MambaDeployError("CUDA-graph buffers for bf16 states are not supported (numpy has no bfloat16)")
-    return {"float32": np.float32, "float16": np.float16, "int64": np.int64}[name]
-
-
 def _to_torch(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):  # CUDA-graph mode: the state lives in the runner's own torch buffers
+        return value
     if value.data_type() == "tensor(bfloat16)":
         # numpy has no bf16: reinterpret the raw 16-bit words
         raw = value.numpy()

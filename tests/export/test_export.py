@@ -98,8 +98,9 @@ def test_manifest_and_graph_io(exported, preset, tiny):
 
 
 def test_custom_mode_nodes_and_shapes(tmp_path):
-    """--ops custom: one node per Mamba scan / conv and per MoE layer in prefill, attributes per the registry; the
-    decode graph stays standard; shape inference types every output (the schemas come from opset.py)."""
+    """--ops custom: one node per Mamba scan / conv and per MoE layer in prefill, attributes per the registry; in decode
+    one conv update, state update and routed MoE per layer and one add + RMSNorm per norm after the first, and no
+    Gather of expert weights; shape inference types every output (the schemas come from opset.py)."""
     config = two_layer("softmax_topk", 2, "silu", "moe-mamba")
     m = exporter.export_model(small_model(config), tmp_path / "x", ops="custom")
     assert m.ops == "custom" and m.domains == {opset.DOMAIN: opset.OPSET_VERSION}
@@ -121,7 +122,20 @@ def test_custom_mode_nodes_and_shapes(tmp_path):
         for o in node.output:
             assert typed[o].type.tensor_type.shape.dim, f"{node.op_type} output {o} has no inferred shape"
     dec = onnx.load(str(tmp_path / "x" / "decode.onnx"), load_external_data=False)
-    assert {n.domain for n in dec.graph.node} == {""}
+    ops = [n.op_type for n in dec.graph.node if n.domain == opset.DOMAIN]
+    assert {t: ops.count(t) for t in set(ops)} == {"CausalConv1dUpdate": 1, "SelectiveStateUpdate": 1,
+                                                    "AddRMSNorm": 1, "RoutedMoE": 1}
+    moe = next(n for n in dec.graph.node if n.op_type == "RoutedMoE")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in moe.attribute}
+    assert attrs == {"router": opset.ROUTER_CODES["softmax_topk"], "top_k": 2,
+                     "activation": opset.ACTIVATION_CODES["silu"]}
+    weights = {i.name for i in dec.graph.initializer if len(i.dims) == 3}  # the stacked expert weights
+    assert not [n for n in dec.graph.node if n.op_type == "Gather" and set(n.input) & weights]
+    inferred = onnx.shape_inference.infer_shapes(dec, strict_mode=True)
+    typed = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for node in dec.graph.node:
+        if node.domain == opset.DOMAIN:
+            assert all(typed[o].type.tensor_type.shape.dim for o in node.output), node.op_type
 
 
 # --------------------------------------------------------------------------- contrib mode, numerically

@@ -28,6 +28,18 @@ def op_input_specs(name: str, dim=6, n=4, k=4, d=8, f=5, experts=3, top_k=1, dty
     if name == "TopKExpertGather":
         return {"x": (("tokens", d), dtype), "w1": ((experts, 2 * f, d), p), "w2": ((experts, d, f), p),
                 "experts": (("tokens", top_k), "int64"), "weights": (("tokens", top_k), "float32")}
+    if name == "CausalConv1dUpdate":
+        return {"x": (("batch", dim), dtype), "conv_state": (("batch", dim, k), "float32"), "weight": ((dim, k), p),
+                "bias": ((dim,), p)}
+    if name == "SelectiveStateUpdate":
+        return {"state": (("batch", dim, n), "float32"), "x": (("batch", dim), dtype), "dt": (("batch", dim), dtype),
+                "A": ((dim, n), "float32"), "B": (("batch", n), dtype), "C": (("batch", n), dtype), "D": ((dim,), p),
+                "z": (("batch", dim), dtype), "dt_bias": ((dim,), p)}
+    if name == "AddRMSNorm":
+        return {"x": (("batch", d), dtype), "residual": (("batch", d), "float32"), "weight": ((d,), p)}
+    if name == "RoutedMoE":
+        return {"x": (("tokens", d), dtype), "router_weight": ((experts, d), p), "router_bias": ((experts,), p),
+                "w1": ((experts, 2 * f, d), p), "w2": ((experts, d, f), p)}
     raise KeyError(name)
 
 
@@ -46,7 +58,7 @@ def single_op_model(name: str, attrs: dict | None = None, weights_as_initializer
         node_inputs.append(inp)
         if weights_as_initializers and all(isinstance(s, int) for s in shape):
             arr = rng.standard_normal(shape).astype(np.float32)
-            if name == "SelectiveScan" and inp == "A":
+            if name in ("SelectiveScan", "SelectiveStateUpdate") and inp == "A":
                 arr = -np.exp(arr * 0.5)
             tensor = numpy_helper.from_array(arr, inp)
             if dtype != "float32":

@@ -96,7 +96,7 @@ def _compare(name, dtype, case, outs, refs):
 
 def _ref_inputs(t, dtype):
     """The reference takes the node's inputs in the node's dtype (T inputs rounded; fp32 ones as they are)."""
-    return {k: (v.to(TORCH[dtype]) if v.is_floating_point() and k not in ("A", "initial_state", "weights") else v)
+    return {k: (v.to(TORCH[dtype]) if v.is_floating_point() and k not in ("A", "initial_state", "weights", "state", "conv_state", "residual") else v)
             for k, v in t.items()}
 
 
@@ -144,6 +144,59 @@ def test_expert_gather_cuda(library, dtype, tokens, d, f, experts, top_k, activa
     scale = max(refs[0].float().abs().max().item(), 1.0)
     _compare("TopKExpertGather", dtype, f"T{tokens} d{d} F{f} E{experts} k{top_k} act{activation}",
              [outs[0] / scale], [refs[0].float() / scale])
+
+
+# --------------------------------------------------------------------------- the decode step's ops
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,dim,omit,activation", [(1, 33, (), 1), (3, 130, ("bias",), 1), (64, 2944, (), 0)])
+def test_conv_update_cuda(library, dtype, batch, dim, omit, activation):
+    outs, t = _run("CausalConv1dUpdate", dtype, {"batch": batch}, dim, library, omit=omit,
+                   attrs={"activation": activation}, dim=dim, k=4)
+    r = _ref_inputs(t, dtype)
+    refs = get_op("CausalConv1dUpdate").resolve("reference")(r["x"], r["conv_state"], r["weight"], r.get("bias"),
+                                                             "silu" if activation else None)
+    _compare("CausalConv1dUpdate", dtype, f"b{batch} d{dim} omit{list(omit)} act{activation}", outs, refs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,dim,n,omit", [(1, 40, 16, ()), (3, 67, 5, ("D", "z", "dt_bias")), (64, 2944, 16, ())])
+def test_state_update_cuda(library, dtype, batch, dim, n, omit):
+    outs, t = _run("SelectiveStateUpdate", dtype, {"batch": batch}, dim, library, omit=omit,
+                   attrs={"dt_softplus": 1}, dim=dim, n=n)
+    r = _ref_inputs(t, dtype)
+    refs = get_op("SelectiveStateUpdate").resolve("reference")(
+        r["state"], r["x"], r["dt"], r["A"], r["B"], r["C"], r.get("D"), r.get("z"), r.get("dt_bias"), True)
+    _compare("SelectiveStateUpdate", dtype, f"b{batch} d{dim} N{n} omit{list(omit)}", outs, refs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,d", [(1, 33), (3, 1472), (64, 4096)])
+def test_add_rms_norm_cuda(library, dtype, batch, d):
+    outs, t = _run("AddRMSNorm", dtype, {"batch": batch}, d, library, attrs={"epsilon": 1e-5}, d=d)
+    r = _ref_inputs(t, dtype)
+    refs = get_op("AddRMSNorm").resolve("reference")(r["x"], r["residual"], r["weight"], 1e-5)
+    _compare("AddRMSNorm", dtype, f"b{batch} d{d}", outs, refs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,d,f,experts,router,top_k,activation,omit", [
+    (1, 24, 10, 3, "sigmoid_top1", 1, 0, ()), (5, 67, 33, 4, "softmax_topk", 1, 1, ("router_bias",)),
+    (9, 128, 48, 8, "softmax_topk", 2, 1, ("router_bias",)), (64, 96, 40, 8, "sigmoid_top1", 1, 0, ()),
+    (64, 130, 70, 16, "softmax_topk", 2, 2, ("router_bias",)),
+])
+def test_routed_moe_cuda(library, dtype, tokens, d, f, experts, router, top_k, activation, omit):
+    from mambadeploy.opset import ROUTER_CODES
+
+    outs, t = _run("RoutedMoE", dtype, {"tokens": tokens}, tokens, library, omit=omit,
+                   attrs={"router": ROUTER_CODES[router], "top_k": top_k, "activation": activation},
+                   d=d, f=f, experts=experts)
+    r = _ref_inputs(t, dtype)
+    names = {0: "gelu", 1: "silu", 2: "gelu_tanh"}
+    ref = get_op("RoutedMoE").resolve("reference")(r["x"], r["router_weight"], r.get("router_bias"), r["w1"],
+                                                   r["w2"], router, top_k, names[activation])
+    scale = max(ref.float().abs().max().item(), 1.0)  # unit-normal weights: outputs of size ~sqrt(d F)
+    _compare("RoutedMoE", dtype, f"T{tokens} d{d} F{f} E{experts} {router} k{top_k} act{activation}",
+             [outs[0] / scale], [ref.float() / scale])
 
 
 def test_state_size_above_the_cuda_limit_fails_with_a_message(library):
