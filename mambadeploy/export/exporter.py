@@ -206,13 +206,13 @@ def _finish_graph(path: Path, ops: str, external: bool, reused: set, prefill_pat
 
     data = path.with_name(path.name + ".data")
     proto = onnx.load(str(path), load_external_data=not external)
+    if external and reused:  # first: the expansions below read these weights' types
+        donor = {t.name: t for t in onnx.load(str(prefill_path), load_external_data=False).graph.initializer}
+        proto.graph.initializer.extend(donor[name] for name in sorted(reused))
     if ops != "custom":
         n = expand_custom_nodes(proto)
         if n:
             say(f"        expanded {n} {opset.DOMAIN} nodes into standard ops")
-    if external and reused:
-        donor = {t.name: t for t in onnx.load(str(prefill_path), load_external_data=False).graph.initializer}
-        proto.graph.initializer.extend(donor[name] for name in sorted(reused))
     proto.producer_name, proto.producer_version = "mambadeploy", __version__
     if not external and data.exists():
         data.unlink()

@@ -142,13 +142,15 @@ class Attention(nn.Module):
         out = self._attend(q, k, v, mask[:, None])
         out = self.o_proj(out.transpose(1, 2).flatten(2))
         lengths = valid.sum(-1)
-        src = (ar[None, :] + (L - lengths)[:, None]).clamp(max=L - 1)  # slot s <- position s + pad
-        keep = (ar[None, :] < lengths[:, None])[:, None, :, None]
+        # The whole (max_len) cache in one gather: slot s <- position s + pad for s < len, zeros after. No Pad op:
+        # ONNX Runtime has no bf16 Pad kernel.
+        slots = torch.arange(self.max_len, device=x.device)
+        src = (slots[None, :] + (L - lengths)[:, None]).clamp(max=L - 1)
+        keep = (slots[None, :] < lengths[:, None])[:, None, :, None]
         idx = src[:, None, :, None].expand(-1, self.n_kv, -1, self.head_dim)
-        kc = torch.where(keep, k.gather(2, idx), torch.zeros_like(k))
-        vc = torch.where(keep, v.gather(2, idx), torch.zeros_like(v))
-        pad = (0, 0, 0, self.max_len - L)
-        return out, F.pad(kc, pad), F.pad(vc, pad), lengths
+        kc = torch.where(keep, k.gather(2, idx), torch.zeros((), dtype=k.dtype, device=x.device))
+        vc = torch.where(keep, v.gather(2, idx), torch.zeros((), dtype=v.dtype, device=x.device))
+        return out, kc, vc, lengths
 
     def step(self, x, key_cache, value_cache, pos):
         """x: (B, d); caches (B, KV, max_len, hd); pos (B,) int64 = valid slots. Writes slot pos, attends to <= pos."""

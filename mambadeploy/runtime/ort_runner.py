@@ -85,6 +85,7 @@ class OrtRunner(Runner):
             self._check_io(name, sess)
         self._device = "cuda" if provider == "cuda" else "cpu"
         self._graph_sets: dict = {}  # CUDA-graph buffers per batch size
+        self._bindings: dict = {}  # CUDA-graph IO bindings per (batch size, buffer set written)
         self._epochs: dict = {}
 
     @classmethod
@@ -257,27 +258,35 @@ class OrtRunner(Runner):
         return (batch, which, self._epochs[key])
 
     def _step_graph(self, tok: np.ndarray, state: OrtState):
-        ort = _ort()
         B = state.batch
-        src = state.slot[1]
-        dst = 1 - src
+        dst = 1 - state.slot[1]
         bufs = self._graph_sets[B]
         bufs["ids"].copy_(torch.from_numpy(tok).view(B, 1))
         torch.cuda.current_stream(bufs["ids"].device).synchronize()  # ORT reads the ids on its own stream
-        sess = self.sessions["decode"]
-        io = sess.io_binding()
-        self._bind(io, "input", "input_ids", bufs["ids"])
-        for n in self.state_names:
-            self._bind(io, "input", PAST + n, bufs["states"][src][n])
-        self._bind(io, "output", "logits", bufs["logits"])
-        for n in self.state_names:
-            self._bind(io, "output", PRESENT + n, bufs["states"][dst][n])
-        opts = ort.RunOptions()
-        # one captured graph per (batch size, direction of the ping-pong): ids must be positive
-        opts.add_run_config_entry("gpu_graph_id", str(1 + 2 * (B - 1) + dst))
-        self._run(sess, io, opts)  # returns once ORT's stream is done: the buffers are ready
+        io, opts = self._graph_binding(B, dst)
+        self._run(self.sessions["decode"], io, opts)  # returns once ORT's stream is done: the buffers are ready
         return (bufs["logits"].clone(),
                 OrtState(dict(bufs["states"][dst]), B, state.tokens + 1, self.id, self._advance_epoch(B, dst)))
+
+    def _graph_binding(self, B: int, dst: int):
+        """The decode IO binding reading buffer set 1 - dst and writing set dst, made once and reused: the buffers
+        never move, and binding ~2 tensors per layer from Python on every step costs more than the captured step."""
+        key = (B, dst)
+        if key not in self._bindings:
+            ort = _ort()
+            bufs = self._graph_sets[B]
+            io = self.sessions["decode"].io_binding()
+            self._bind(io, "input", "input_ids", bufs["ids"])
+            for n in self.state_names:
+                self._bind(io, "input", PAST + n, bufs["states"][1 - dst][n])
+            self._bind(io, "output", "logits", bufs["logits"])
+            for n in self.state_names:
+                self._bind(io, "output", PRESENT + n, bufs["states"][dst][n])
+            opts = ort.RunOptions()
+            # one captured graph per (batch size, direction of the ping-pong): ids must be positive
+            opts.add_run_config_entry("gpu_graph_id", str(1 + 2 * (B - 1) + dst))
+            self._bindings[key] = (io, opts)
+        return self._bindings[key]
 
     # ------------------------------------------------------------------ the rest of the Runner interface
     def state_to_torch(self, state: OrtState) -> dict:

@@ -194,9 +194,17 @@ def test_routed_moe_cuda(library, dtype, tokens, d, f, experts, router, top_k, a
     names = {0: "gelu", 1: "silu", 2: "gelu_tanh"}
     ref = get_op("RoutedMoE").resolve("reference")(r["x"], r["router_weight"], r.get("router_bias"), r["w1"],
                                                    r["w2"], router, top_k, names[activation])
+    # A token whose k-th and (k+1)-th router logits are within 4 units of the dtype's last place may route either
+    # way (the kernel and the reference sum the logits in different orders): such rows are left out, and counted.
+    logits = torch.nn.functional.linear(r["x"], r["router_weight"], r.get("router_bias")).float()
+    top = logits.topk(min(top_k + 1, experts), dim=-1).values
+    ulp = top[:, top_k - 1].abs() * torch.finfo(TORCH[dtype]).eps
+    clear = (top[:, top_k - 1] - top[:, top_k]) > 4 * ulp
+    print(f"RoutedMoE: {int((~clear).sum())} of {tokens} rows left out as near-ties")
+    assert clear.float().mean() >= 0.75
     scale = max(ref.float().abs().max().item(), 1.0)  # unit-normal weights: outputs of size ~sqrt(d F)
     _compare("RoutedMoE", dtype, f"T{tokens} d{d} F{f} E{experts} {router} k{top_k} act{activation}",
-             [outs[0] / scale], [ref.float() / scale])
+             [outs[0][clear] / scale], [ref.float()[clear] / scale])
 
 
 def test_state_size_above_the_cuda_limit_fails_with_a_message(library):

@@ -250,6 +250,8 @@ def test_cuda_graph_decode_matches_plain_and_refuses_stale_states(exported, tiny
     want, ref_state = model.prefill(ids)
     first = sg
     for step in range(24):
+        assert lg.device.type == ("cuda" if step else "cpu"), "CUDA-graph steps leave the logits on the GPU"
+        lg = lg.cpu()
         assert_logits_close(lg, lp, torch.float32, f"graph vs plain, step {step}")
         assert_logits_close(lg, want, torch.float32, f"graph vs torch, step {step}")
         tok = want.argmax(-1)

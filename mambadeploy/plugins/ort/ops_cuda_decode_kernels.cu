@@ -36,26 +36,33 @@ __global__ void conv_update_kernel(ConvUpdateArgs a) {
   static_cast<T*>(a.y)[i] = from_f<T>(a.silu ? silu(acc) : acc);
 }
 
+// kStateLanes lanes per (row, channel): lane l holds states n = l, l + kStateLanes, ...; <h, C> reduced by shuffles.
+constexpr int kStateLanes = 16;
+
 template <typename T>
-__global__ void state_update_kernel(StateUpdateArgs a) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= a.batch * a.dim) return;
-  const int64_t b = i / a.dim, c = i % a.dim, N = a.N;
-  float dt = to_f(static_cast<const T*>(a.dt)[i]);
+__global__ void __launch_bounds__(kThreads) state_update_kernel(StateUpdateArgs a) {
+  const int lane = threadIdx.x % kStateLanes;
+  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / kStateLanes;  // (row, channel)
+  const bool valid = i < a.batch * a.dim;  // invalid lanes still take part in the shuffles
+  const int64_t r = valid ? i : 0, b = r / a.dim, c = r % a.dim, N = a.N;
+  float dt = to_f(static_cast<const T*>(a.dt)[r]);
   if (a.dt_bias) dt += to_f(static_cast<const T*>(a.dt_bias)[c]);
   if (a.softplus) dt = softplus(dt);
-  const float x = to_f(static_cast<const T*>(a.x)[i]);
+  const float x = to_f(static_cast<const T*>(a.x)[r]);
   const T* B = static_cast<const T*>(a.B) + b * N;
   const T* C = static_cast<const T*>(a.C) + b * N;
   float acc = 0.f;
-  for (int64_t n = 0; n < N; ++n) {
-    const float h = expf(dt * a.A[c * N + n]) * a.state[i * N + n] + dt * x * to_f(B[n]);
-    a.new_state[i * N + n] = h;
+  for (int64_t n = lane; n < N; n += kStateLanes) {
+    const float h = expf(dt * a.A[c * N + n]) * a.state[r * N + n] + dt * x * to_f(B[n]);
+    if (valid) a.new_state[r * N + n] = h;
     acc += h * to_f(C[n]);
   }
+#pragma unroll
+  for (int o = kStateLanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (!valid || lane != 0) return;
   if (a.D) acc += x * to_f(static_cast<const T*>(a.D)[c]);
-  if (a.z) acc *= silu(to_f(static_cast<const T*>(a.z)[i]));
-  static_cast<T*>(a.y)[i] = from_f<T>(acc);
+  if (a.z) acc *= silu(to_f(static_cast<const T*>(a.z)[r]));
+  static_cast<T*>(a.y)[r] = from_f<T>(acc);
 }
 
 // ------------------------------------------------------------------------------------------------ add + RMSNorm
@@ -89,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(AddNormArgs a) {
 }
 
 // ------------------------------------------------------------------------------------------------ RoutedMoE
-constexpr int kRowsPerWarp = 2, kRowsPerBlock = kWarps * kRowsPerWarp, kPairChunk = 4;
+constexpr int kRowsPerWarp = 1, kRowsPerBlock = kWarps * kRowsPerWarp, kPairChunk = 4;
 constexpr int64_t kMaxPairs = 12288;  // the per-expert pair list lives in shared memory (48 KiB)
 
 template <typename T>
@@ -109,15 +116,38 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // acc_r[p] += <rows[r], vs[p]> over n elements for R weight rows and np (<= P) vectors, lane-strided; VEC: 16-byte
-// loads (n a multiple of kVec and every pointer 16-byte aligned, checked by the launcher). Sums are per lane.
+// loads (n a multiple of kVec and every pointer 16-byte aligned, checked by the launcher), kUnroll of them per row in
+// flight before any is used (a GEMV at batch 1 is bound by the loads in flight). Sums are per lane.
+constexpr int kUnroll = 4;
+
 template <typename T, bool VEC, int R, int P>
 __device__ __forceinline__ void warp_dots(const T* const (&rows)[R], const T* const (&vs)[P], int np, int64_t n,
                                           float (&acc)[R][P]) {
   const int lane = threadIdx.x % 32;
   if constexpr (VEC) {
-    constexpr int V = kVec<T>;
-#pragma unroll 2
-    for (int64_t i = int64_t(lane) * V; i < n; i += 32 * V) {
+    constexpr int V = kVec<T>, STEP = 32 * V;
+    int64_t i = int64_t(lane) * V;
+    for (; i + (kUnroll - 1) * STEP < n; i += kUnroll * STEP) {
+      float w[R][kUnroll][V];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) load_vec(rows[r] + i + u * STEP, w[r][u]);
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        if (p >= np) break;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          float v[V];
+          load_vec(vs[p] + i + u * STEP, v);
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int j = 0; j < V; ++j) acc[r][p] += w[r][u][j] * v[j];
+        }
+      }
+    }
+    for (; i < n; i += STEP) {
       float w[R][V];
 #pragma unroll
       for (int r = 0; r < R; ++r) load_vec(rows[r] + i, w[r]);
@@ -159,7 +189,7 @@ __device__ int pairs_of_expert(const int* experts, int64_t P, int e, int* list) 
   return count;
 }
 
-template <typename T>
+template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads) route_kernel(MoEArgs a, int* experts, float* gates) {
   extern __shared__ float logits[];  // (E)
   const int64_t t = blockIdx.x, d = a.d, E = a.E;
@@ -169,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(MoEArgs a, int* experts
     const T* rows[1] = {static_cast<const T*>(a.router_weight) + e * d};
     const T* vs[1] = {x};
     float acc[1][1] = {{0.f}};
-    warp_dots<T, false, 1, 1>(rows, vs, 1, d, acc);
+    warp_dots<T, VEC, 1, 1>(rows, vs, 1, d, acc);
     const float s = warp_sum(acc[0][0]);
     const float bias = a.router_bias ? to_f(static_cast<const T*>(a.router_bias)[e]) : 0.f;
     if (lane == 0) logits[e] = to_f(from_f<T>(s + bias));  // logits in x's dtype, as the model's nn.Linear gives them
@@ -301,9 +331,12 @@ template <typename T>
 void launch_moe(const MoEArgs& a, cudaStream_t s) {
   const int64_t P = a.tokens * a.k;
   const MoEWorkspace w = carve(a.workspace, sizeof(T), P, a.d, a.F);
-  route_kernel<T><<<unsigned(a.tokens), kThreads, size_t(a.E) * sizeof(float), s>>>(a, w.experts, w.gates);
-  const size_t list_bytes = size_t(P) * sizeof(int);
+  const size_t list_bytes = size_t(P) * sizeof(int), logit_bytes = size_t(a.E) * sizeof(float);
   const bool vec1 = a.d % kVec<T> == 0 && aligned16(a.x) && aligned16(a.w1);
+  if (vec1 && aligned16(a.router_weight))
+    route_kernel<T, true><<<unsigned(a.tokens), kThreads, logit_bytes, s>>>(a, w.experts, w.gates);
+  else
+    route_kernel<T, false><<<unsigned(a.tokens), kThreads, logit_bytes, s>>>(a, w.experts, w.gates);
   const dim3 g1(unsigned(cdiv(a.F, kRowsPerBlock)), unsigned(a.E));
   if (vec1)
     fc1_kernel<T, true><<<g1, kThreads, list_bytes, s>>>(a, w.experts, static_cast<T*>(w.H));
@@ -325,7 +358,7 @@ void launch_conv_update(const ConvUpdateArgs& a, cudaStream_t s) {
 }
 template <typename T>
 void launch_state_update(const StateUpdateArgs& a, cudaStream_t s) {
-  state_update_kernel<T><<<unsigned(cdiv(a.batch * a.dim, kThreads)), kThreads, 0, s>>>(a);
+  state_update_kernel<T><<<unsigned(cdiv(a.batch * a.dim * kStateLanes, kThreads)), kThreads, 0, s>>>(a);
 }
 template <typename T>
 void launch_add_norm(const AddNormArgs& a, cudaStream_t s) {
