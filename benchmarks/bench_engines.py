@@ -211,33 +211,48 @@ def parity_part(res: Results, args):
     res.put("parity_fp32_ort_cuda_custom", table)
 
 
-def profile_part(res: Results, args, spec: str, dtype: str, batch: int = 1, steps: int = 5):
-    """Per-kernel GPU time of ORT decode steps (torch profiler / CUPTI sees ORT's kernels too)."""
+def profile_part(res: Results, args, spec: str, dtype: str, what: str, reps: int = 5):
+    """Per-kernel GPU time of ORT decode steps (`what` = "b1", "b64") or of one prefill ("L2048"): the torch profiler
+    (CUPTI) records ORT's kernels too, also inside its CUDA graph."""
     from torch.profiler import ProfilerActivity, profile
 
     from mambadeploy.runtime.ort_runner import OrtRunner
 
     runner = OrtRunner(export_dir(Path(args.work), spec, dtype), "cuda")
     vocab = runner.config.vocab_size
-    logits, state = runner.prefill(torch.randint(0, vocab, (batch, 16)))
-    tok = logits.argmax(-1)
-    for _ in range(3):
-        logits, state = runner.step(tok, state)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
+    g = torch.Generator().manual_seed(3)
+    if what.startswith("b"):
+        logits, state = runner.prefill(torch.randint(0, vocab, (int(what[1:]), 16), generator=g))
+        tok = logits.argmax(-1)
+        for _ in range(3):
             logits, state = runner.step(tok, state)
+
+        def work():
+            nonlocal logits, state
+            logits, state = runner.step(tok, state)
+    else:
+        ids = torch.randint(0, vocab, (1, int(what[1:])), generator=g)
+        runner.prefill(ids)
+
+        def work():
+            runner.prefill(ids)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            work()
         sync()
     kernels = {}
     for ev in prof.key_averages():
-        if ev.device_type.name == "CUDA" or getattr(ev, "device_time_total", 0):
-            t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
-            if t:
-                kernels[ev.key[:120]] = {"us_per_step": t / steps, "calls_per_step": ev.count / steps}
-    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])[:40])
-    total = sum(k["us_per_step"] for k in kernels.values())
-    res.data.setdefault("profiles", {})[f"{spec}:{dtype}:b{batch}"] = {"gpu_us_per_step": total, "kernels": top}
+        t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+        if t:
+            kernels[ev.key[:120]] = {"us_per_call": t / reps, "launches_per_call": ev.count / reps}
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_call"])[:30])
+    total = sum(k["us_per_call"] for k in kernels.values())
+    res.data.setdefault("profiles", {})[f"{spec}:{dtype}:{what}"] = {"gpu_us_per_call": total, "kernels": top}
     res.save()
-    print("profile", spec, dtype, f"{total:.0f} us/step on the GPU", flush=True)
+    print("profile", spec, dtype, what, f"{total:.0f} us on the GPU per call", flush=True)
+    for name, k in list(top.items())[:12]:
+        print(f"   {k['us_per_call']:8.1f} us {k['launches_per_call']:6.1f}x  {name[:90]}", flush=True)
 
 
 def main():
@@ -250,6 +265,7 @@ def main():
     p.add_argument("--lengths", nargs="+", type=int, default=[512, 2048])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--parts", nargs="+", default=["parity", "shapes", "profile"])
+    p.add_argument("--profile", nargs="+", default=["b1", "b64", "L2048"], help="what the profile part records")
     p.add_argument("--export-only", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: a dry run of the script")
     args = p.parse_args()
@@ -284,11 +300,11 @@ def main():
                 res.error(spec, exc)
     if "profile" in args.parts and gpu:
         for spec in args.models[:1]:
-            for dtype in args.dtypes[:1]:
+            for what in args.profile:
                 try:
-                    profile_part(res, args, spec, dtype)
+                    profile_part(res, args, spec, args.dtypes[0], what)
                 except Exception as exc:  # noqa: BLE001
-                    res.error(f"profile {spec}", exc)
+                    res.error(f"profile {spec} {what}", exc)
     print(json.dumps({k: v for k, v in res.data.items() if k != "profiles"}, indent=1)[-5000:])
 
 
