@@ -3,13 +3,16 @@
 // CausalConv1dUpdate, SelectiveStateUpdate: one thread per (row, channel); states fp32.
 // AddRMSNorm: one block per row (sum of squares reduced over the block).
 // RoutedMoE: (1) a block per token computes the router logits (rounded to T, as the model's Linear gives them) and picks
-//   its experts; (2) fc1 and (3) fc2 run on a grid of (row blocks, experts): each block lists the (token, slot) pairs
-//   that chose its expert (an empty list exits at once), and each warp streams whole weight rows of that expert with
-//   16-byte loads, dotting every row with all of the expert's pairs (up to kPairChunk at a time). So every chosen
-//   expert's weights are read once per step, in place — no gathered copy — whatever the batch. (4) k > 1: a combine sums
-//   each token's k rows, weighted, in slot order.
+//   its experts; (2) fc1 and (3) fc2 run on a grid of (row blocks, distinct chosen experts): each block lists the
+//   (token, slot) pairs that chose its expert, and each warp streams a weight row of that expert with 16-byte loads,
+//   dotting it with the expert's pairs (up to kPairChunk at a time); with more pairs than that (fp16/bf16) the block
+//   multiplies its 8 rows by 32 pairs at a time on tensor cores (ops_cuda_moe_mma.cuh). So every chosen expert's weights
+//   are read in place — no gathered copy — once per step at batch 1. (4) k > 1: a combine sums each token's k rows,
+//   weighted, in slot order.
 #include "ops_cuda_kernels.h"
 #include "ops_cuda_math.cuh"
+
+#include <algorithm>
 
 namespace mambadeploy_cuda {
 namespace {
@@ -36,13 +39,13 @@ __global__ void conv_update_kernel(ConvUpdateArgs a) {
   static_cast<T*>(a.y)[i] = from_f<T>(a.silu ? silu(acc) : acc);
 }
 
-// kStateLanes lanes per (row, channel): lane l holds states n = l, l + kStateLanes, ...; <h, C> reduced by shuffles.
-constexpr int kStateLanes = 16;
-
-template <typename T>
+// LANES lanes per (row, channel); lane l holds S consecutive states n = l*S .. l*S+S-1 (S = 4: one 16-byte load of the
+// state and of A), <h, C> reduced by shuffles over the channel's lanes. The generic form (S = 1, LANES = 16, n = l,
+// l + 16, ...) takes any N; the vector form N = 4 * LANES exactly (N in 4, 8, 16, 32), 4x the bytes in flight.
+template <typename T, int LANES, int S>
 __global__ void __launch_bounds__(kThreads) state_update_kernel(StateUpdateArgs a) {
-  const int lane = threadIdx.x % kStateLanes;
-  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / kStateLanes;  // (row, channel)
+  const int lane = threadIdx.x % LANES;
+  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / LANES;  // (row, channel)
   const bool valid = i < a.batch * a.dim;  // invalid lanes still take part in the shuffles
   const int64_t r = valid ? i : 0, b = r / a.dim, c = r % a.dim, N = a.N;
   float dt = to_f(static_cast<const T*>(a.dt)[r]);
@@ -52,13 +55,27 @@ __global__ void __launch_bounds__(kThreads) state_update_kernel(StateUpdateArgs 
   const T* B = static_cast<const T*>(a.B) + b * N;
   const T* C = static_cast<const T*>(a.C) + b * N;
   float acc = 0.f;
-  for (int64_t n = lane; n < N; n += kStateLanes) {
-    const float h = expf(dt * a.A[c * N + n]) * a.state[r * N + n] + dt * x * to_f(B[n]);
-    if (valid) a.new_state[r * N + n] = h;
-    acc += h * to_f(C[n]);
+  if constexpr (S == 4) {
+    const int64_t n0 = int64_t(lane) * 4;
+    const float4 A4 = *reinterpret_cast<const float4*>(a.A + c * N + n0);
+    const float4 h4 = *reinterpret_cast<const float4*>(a.state + r * N + n0);
+    const float Av[4] = {A4.x, A4.y, A4.z, A4.w}, hv[4] = {h4.x, h4.y, h4.z, h4.w};
+    float out[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[j] = expf(dt * Av[j]) * hv[j] + dt * x * to_f(B[n0 + j]);
+      acc += out[j] * to_f(C[n0 + j]);
+    }
+    if (valid) *reinterpret_cast<float4*>(a.new_state + r * N + n0) = make_float4(out[0], out[1], out[2], out[3]);
+  } else {
+    for (int64_t n = lane; n < N; n += LANES) {
+      const float h = expf(dt * a.A[c * N + n]) * a.state[r * N + n] + dt * x * to_f(B[n]);
+      if (valid) a.new_state[r * N + n] = h;
+      acc += h * to_f(C[n]);
+    }
   }
 #pragma unroll
-  for (int o = kStateLanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  for (int o = LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   if (!valid || lane != 0) return;
   if (a.D) acc += x * to_f(static_cast<const T*>(a.D)[c]);
   if (a.z) acc *= silu(to_f(static_cast<const T*>(a.z)[r]));
@@ -96,8 +113,7 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(AddNormArgs a) {
 }
 
 // ------------------------------------------------------------------------------------------------ RoutedMoE
-constexpr int kRowsPerWarp = 1, kRowsPerBlock = kWarps * kRowsPerWarp, kPairChunk = 4;
-constexpr int64_t kMaxPairs = 12288;  // the per-expert pair list lives in shared memory (48 KiB)
+constexpr int kRowsPerWarp = 1, kRowsPerBlock = kWarps * kRowsPerWarp, kPairChunk = 4;  // the MMA path: 8 rows too
 
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);  // elements in one 16-byte load
@@ -178,15 +194,48 @@ __device__ __forceinline__ void warp_dots(const T* const (&rows)[R], const T* co
   }
 }
 
-// The (token, slot) pairs whose expert is `e`, into shared memory; returns their count (block-uniform).
-__device__ int pairs_of_expert(const int* experts, int64_t P, int e, int* list) {
-  __shared__ int count;
-  if (threadIdx.x == 0) count = 0;
+// The pairs grouped by expert, in global memory (one block; any number of pairs): counts[e], offsets[e] (exclusive
+// prefix sum) and sorted[offsets[e] .. + counts[e]) = the pairs of expert e (in no fixed order: each pair's result is
+// computed on its own, so the outputs do not depend on it).
+__global__ void __launch_bounds__(kThreads) group_kernel(const int* experts, int64_t P, int E, int* counts,
+                                                         int* offsets, int* sorted) {
+  extern __shared__ int fill[];  // (E): next free slot of each expert
+  for (int e = threadIdx.x; e < E; e += kThreads) fill[e] = 0;
   __syncthreads();
-  for (int64_t p = threadIdx.x; p < P; p += blockDim.x)
-    if (experts[p] == e) list[atomicAdd(&count, 1)] = int(p);
+  for (int64_t p = threadIdx.x; p < P; p += kThreads) atomicAdd(&fill[experts[p]], 1);
   __syncthreads();
-  return count;
+  if (threadIdx.x == 0) {
+    int run = 0;
+    for (int e = 0; e < E; ++e) {
+      counts[e] = fill[e];
+      offsets[e] = run;
+      fill[e] = run;
+      run += counts[e];
+    }
+  }
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < P; p += kThreads) sorted[atomicAdd(&fill[experts[p]], 1)] = int(p);
+}
+
+// Block y of a GEMV grid serves the y-th distinct expert that any pair chose (in expert order): the grid has
+// min(E, pairs) rows of blocks, so a batch-1 step launches blocks for its one expert only, not for all E. Returns that
+// expert, or -1 (fewer distinct experts than y + 1); `list` and `count` are its pairs.
+__device__ int expert_and_pairs(const int* counts, const int* offsets, const int* sorted, int E, const int*& list,
+                                int& count) {
+  __shared__ int s_expert;
+  if (threadIdx.x == 0) {
+    int seen = -1, found = -1;
+    for (int e = 0; e < E && found < 0; ++e)
+      if (counts[e] && ++seen == int(blockIdx.y)) found = e;
+    s_expert = found;
+  }
+  __syncthreads();
+  const int e = s_expert;
+  if (e >= 0) {
+    list = sorted + offsets[e];
+    count = counts[e];
+  }
+  return e;
 }
 
 template <typename T, bool VEC>
@@ -227,14 +276,19 @@ __global__ void __launch_bounds__(kThreads) route_kernel(MoEArgs a, int* experts
   }
 }
 
+#include "ops_cuda_moe_mma.cuh"
+
 // fc1: for each pair of expert e and each hidden unit f: h = act(x.gate_f) * (x.up_f), rounded to T like the reference.
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads) fc1_kernel(MoEArgs a, const int* experts, T* H) {
-  extern __shared__ int list[];
-  const int e = blockIdx.y;
-  const int64_t P = a.tokens * a.k, d = a.d, F = a.F;
-  const int count = pairs_of_expert(experts, P, e, list);
-  if (count == 0) return;
+__global__ void __launch_bounds__(kThreads) fc1_kernel(MoEArgs a, const int* groups, T* H) {
+  const int64_t d = a.d, F = a.F;
+  const int* list = nullptr;
+  int count = 0;
+  const int e = expert_and_pairs(groups, groups + a.E, groups + 2 * a.E, int(a.E), list, count);
+  if (e < 0) return;
+  if constexpr (kHasMma<T>) {
+    if (VEC && use_mma<T>(count, d, F)) return fc1_mma<T>(a, e, list, count, H);
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* w1 = static_cast<const T*>(a.w1) + int64_t(e) * 2 * F * d;
   const T* x = static_cast<const T*>(a.x);
@@ -258,13 +312,16 @@ __global__ void __launch_bounds__(kThreads) fc1_kernel(MoEArgs a, const int* exp
 
 // fc2: y_pair = w2_e . h_pair, rounded to T; k == 1 writes y = gate * y_pair directly, else fp32 rows for the combine.
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads) fc2_kernel(MoEArgs a, const int* experts, const float* gates, const T* H,
+__global__ void __launch_bounds__(kThreads) fc2_kernel(MoEArgs a, const int* groups, const float* gates, const T* H,
                                                        float* rows_out) {
-  extern __shared__ int list[];
-  const int e = blockIdx.y;
-  const int64_t P = a.tokens * a.k, d = a.d, F = a.F;
-  const int count = pairs_of_expert(experts, P, e, list);
-  if (count == 0) return;
+  const int64_t d = a.d, F = a.F;
+  const int* list = nullptr;
+  int count = 0;
+  const int e = expert_and_pairs(groups, groups + a.E, groups + 2 * a.E, int(a.E), list, count);
+  if (e < 0) return;
+  if constexpr (kHasMma<T>) {
+    if (VEC && use_mma<T>(count, F, d)) return fc2_mma<T>(a, e, list, count, gates, H, rows_out);
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* w2 = static_cast<const T*>(a.w2) + int64_t(e) * d * F;
   for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -306,17 +363,20 @@ size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 struct MoEWorkspace {
   int* experts;
   float* gates;
+  int* groups;  // counts (E), offsets (E), sorted pairs (P)
   void* H;
   float* rows;
 };
 
-MoEWorkspace carve(void* base, size_t elem, int64_t P, int64_t d, int64_t F) {
+MoEWorkspace carve(void* base, size_t elem, int64_t P, int64_t E, int64_t F) {
   char* p = static_cast<char*>(base);
   MoEWorkspace w{};
   w.experts = reinterpret_cast<int*>(p);
   p += align256(P * sizeof(int));
   w.gates = reinterpret_cast<float*>(p);
   p += align256(P * sizeof(float));
+  w.groups = reinterpret_cast<int*>(p);
+  p += align256((2 * E + P) * sizeof(int));
   w.H = p;
   p += align256(P * F * elem);
   w.rows = reinterpret_cast<float*>(p);
@@ -330,24 +390,27 @@ size_t elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 template <typename T>
 void launch_moe(const MoEArgs& a, cudaStream_t s) {
   const int64_t P = a.tokens * a.k;
-  const MoEWorkspace w = carve(a.workspace, sizeof(T), P, a.d, a.F);
-  const size_t list_bytes = size_t(P) * sizeof(int), logit_bytes = size_t(a.E) * sizeof(float);
+  const MoEWorkspace w = carve(a.workspace, sizeof(T), P, a.E, a.F);
+  const size_t logit_bytes = size_t(a.E) * sizeof(float);
+  const unsigned blocks_y = unsigned(std::min<int64_t>(a.E, P));  // distinct experts chosen: at most this many
   const bool vec1 = a.d % kVec<T> == 0 && aligned16(a.x) && aligned16(a.w1);
   if (vec1 && aligned16(a.router_weight))
     route_kernel<T, true><<<unsigned(a.tokens), kThreads, logit_bytes, s>>>(a, w.experts, w.gates);
   else
     route_kernel<T, false><<<unsigned(a.tokens), kThreads, logit_bytes, s>>>(a, w.experts, w.gates);
-  const dim3 g1(unsigned(cdiv(a.F, kRowsPerBlock)), unsigned(a.E));
+  group_kernel<<<1, kThreads, size_t(a.E) * sizeof(int), s>>>(w.experts, P, int(a.E), w.groups, w.groups + a.E,
+                                                              w.groups + 2 * a.E);
+  const dim3 g1(unsigned(cdiv(a.F, kRowsPerBlock)), blocks_y);
   if (vec1)
-    fc1_kernel<T, true><<<g1, kThreads, list_bytes, s>>>(a, w.experts, static_cast<T*>(w.H));
+    fc1_kernel<T, true><<<g1, kThreads, 0, s>>>(a, w.groups, static_cast<T*>(w.H));
   else
-    fc1_kernel<T, false><<<g1, kThreads, list_bytes, s>>>(a, w.experts, static_cast<T*>(w.H));
+    fc1_kernel<T, false><<<g1, kThreads, 0, s>>>(a, w.groups, static_cast<T*>(w.H));
   const bool vec2 = a.F % kVec<T> == 0 && aligned16(a.w2);
-  const dim3 g2(unsigned(cdiv(a.d, kRowsPerBlock)), unsigned(a.E));
+  const dim3 g2(unsigned(cdiv(a.d, kRowsPerBlock)), blocks_y);
   if (vec2)
-    fc2_kernel<T, true><<<g2, kThreads, list_bytes, s>>>(a, w.experts, w.gates, static_cast<T*>(w.H), w.rows);
+    fc2_kernel<T, true><<<g2, kThreads, 0, s>>>(a, w.groups, w.gates, static_cast<T*>(w.H), w.rows);
   else
-    fc2_kernel<T, false><<<g2, kThreads, list_bytes, s>>>(a, w.experts, w.gates, static_cast<T*>(w.H), w.rows);
+    fc2_kernel<T, false><<<g2, kThreads, 0, s>>>(a, w.groups, w.gates, static_cast<T*>(w.H), w.rows);
   if (a.k > 1)
     combine_rows_kernel<T><<<unsigned(cdiv(a.tokens * a.d, kThreads)), kThreads, 0, s>>>(a, w.gates, w.rows);
 }
@@ -358,7 +421,14 @@ void launch_conv_update(const ConvUpdateArgs& a, cudaStream_t s) {
 }
 template <typename T>
 void launch_state_update(const StateUpdateArgs& a, cudaStream_t s) {
-  state_update_kernel<T><<<unsigned(cdiv(a.batch * a.dim * kStateLanes, kThreads)), kThreads, 0, s>>>(a);
+  const int64_t rows = a.batch * a.dim;
+  const bool vec = a.N % 4 == 0 && aligned16(a.A) && aligned16(a.state) && aligned16(a.new_state);
+  auto grid = [&](int lanes) { return unsigned(cdiv(rows * lanes, kThreads)); };
+  if (vec && a.N == 4) state_update_kernel<T, 1, 4><<<grid(1), kThreads, 0, s>>>(a);
+  else if (vec && a.N == 8) state_update_kernel<T, 2, 4><<<grid(2), kThreads, 0, s>>>(a);
+  else if (vec && a.N == 16) state_update_kernel<T, 4, 4><<<grid(4), kThreads, 0, s>>>(a);
+  else if (vec && a.N == 32) state_update_kernel<T, 8, 4><<<grid(8), kThreads, 0, s>>>(a);
+  else state_update_kernel<T, 16, 1><<<grid(16), kThreads, 0, s>>>(a);
 }
 template <typename T>
 void launch_add_norm(const AddNormArgs& a, cudaStream_t s) {
@@ -397,13 +467,13 @@ const char* LaunchAddRMSNorm(DType t, const AddNormArgs& a, void* stream) {
 
 size_t MoEWorkspaceBytes(DType t, int64_t tokens, int64_t d, int64_t E, int64_t F, int64_t k) {
   const int64_t P = tokens * k;
-  return align256(P * sizeof(int)) + align256(P * sizeof(float)) + align256(P * F * elem_size(t)) +
+  return align256(P * sizeof(int)) + align256(P * sizeof(float)) + align256((2 * E + P) * sizeof(int)) +
+         align256(P * F * elem_size(t)) +
          (k > 1 ? align256(P * d * sizeof(float)) : 0);
 }
 
 const char* LaunchRoutedMoE(DType t, const MoEArgs& a, void* stream) {
   if (a.tokens == 0) return nullptr;
-  if (a.tokens * a.k > kMaxPairs) return "RoutedMoE: more than 12288 (token, expert) pairs in one call";
   return dispatch<MoEArgs, launch_moe<float>, launch_moe<__half>, launch_moe<__nv_bfloat16>>(t, a, stream);
 }
 
