@@ -77,7 +77,7 @@ def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: Exp
             patches.enter_context(contrib.contrib_patches(model.config, graph))
         if graph == "prefill":
             length = torch.export.Dim("length", min=1, max=max_length or 1 << 24)
-            patches.enter_context(torch_ops.custom_op_patches(ops))
+            patches.enter_context(torch_ops.custom_op_patches())
             patches.enter_context(last_position_head(model))
             wrapper = PrefillGraph(model)
             args = (torch.zeros(B, L, dtype=torch.int64), torch.tensor(desc.dummy_lengths, dtype=torch.int64))

@@ -138,16 +138,12 @@ def patched(obj, **replacements):
                 delattr(obj, name)
 
 
-def custom_op_patches(ops: str = "custom"):
-    """Prefill: the scan, the causal conv and the expert gather become single custom-op nodes; with --ops custom the
-    whole MoE layer (router included) is one RoutedMoE node instead, whose CUDA kernels group the tokens by expert.
-    (Other modes keep TopKExpertGather, whose portable expansion is the dense all-experts combine that suits long
-    prompts, where RoutedMoE's would gather a copy of the chosen experts' weights per token.)"""
-    replacements = dict(selective_scan_ref=_scan_via_op, causal_conv1d_ref=_conv_via_op,
-                        expert_gather_ref=_gather_via_op)
-    if ops == "custom":
-        replacements["routed_moe_ref"] = _routed_moe_via_op
-    return patched(ref_ops, **replacements)
+def custom_op_patches():
+    """Prefill: the scan, the causal conv and the expert gather become single custom-op nodes. (The MoE layer stays
+    router in standard ops + TopKExpertGather: RoutedMoE's grouped GEMV dots 4 tokens per weight read, which suits a
+    decode batch, not a prompt.)"""
+    return patched(ref_ops, selective_scan_ref=_scan_via_op, causal_conv1d_ref=_conv_via_op,
+                   expert_gather_ref=_gather_via_op)
 
 
 def _conv_update_via_op(x, conv_state, weight, bias=None, activation=None):

@@ -98,8 +98,7 @@ def test_manifest_and_graph_io(exported, preset, tiny):
 
 
 def test_custom_mode_nodes_and_shapes(tmp_path):
-    """--ops custom: one node per Mamba scan / conv and per MoE layer (RoutedMoE, router included) in prefill, attributes
-    per the registry; in decode
+    """--ops custom: one node per Mamba scan / conv and per MoE layer in prefill, attributes per the registry; in decode
     one conv update, state update and routed MoE per layer and one add + RMSNorm per norm after the first, and no
     Gather of expert weights; shape inference types every output (the schemas come from opset.py)."""
     config = two_layer("softmax_topk", 2, "silu", "moe-mamba")
@@ -107,13 +106,13 @@ def test_custom_mode_nodes_and_shapes(tmp_path):
     assert m.ops == "custom" and m.domains == {opset.DOMAIN: opset.OPSET_VERSION}
     proto = onnx.load(str(tmp_path / "x" / "prefill.onnx"))
     custom = [n for n in proto.graph.node if n.domain == opset.DOMAIN]
-    counts = {t: sum(n.op_type == t for n in custom) for t in ("SelectiveScan", "CausalConv1d", "RoutedMoE")}
-    assert counts == {"SelectiveScan": 1, "CausalConv1d": 1, "RoutedMoE": 1}
+    counts = {t: sum(n.op_type == t for n in custom) for t in ("SelectiveScan", "CausalConv1d", "TopKExpertGather")}
+    assert counts == {"SelectiveScan": 1, "CausalConv1d": 1, "TopKExpertGather": 1}
     for node in custom:
         entry = opset.get_op(node.op_type)
         attrs = entry.check_attributes({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
         assert len(node.input) <= len(entry.inputs) and len(node.output) == len(entry.outputs)
-        if node.op_type == "RoutedMoE":
+        if node.op_type == "TopKExpertGather":
             assert attrs["top_k"] == 2 and attrs["activation"] == opset.ACTIVATION_CODES["silu"]
         if node.op_type == "SelectiveScan":
             assert attrs["delta_softplus"] == 1 and node.input[8:] in ([], [""]), "prefill starts from zero state"

@@ -5,10 +5,10 @@
 // RoutedMoE: (1) a block per token computes the router logits (rounded to T, as the model's Linear gives them) and picks
 //   its experts; (2) fc1 and (3) fc2 run on a grid of (row blocks, distinct chosen experts): each block lists the
 //   (token, slot) pairs that chose its expert, and each warp streams a weight row of that expert with 16-byte loads,
-//   dotting it with the expert's pairs (up to kPairChunk at a time); with more pairs than that (fp16/bf16) the block
-//   multiplies its 8 rows by 32 pairs at a time on tensor cores (ops_cuda_moe_mma.cuh). So every chosen expert's weights
-//   are read in place — no gathered copy — once per step at batch 1. (4) k > 1: a combine sums each token's k rows,
-//   weighted, in slot order.
+//   dotting it with the expert's pairs (kPairChunk at a time). So every chosen expert's weights are read in place — no
+//   gathered copy — once per step at batch 1. (4) k > 1: a combine sums each token's k rows, weighted, in slot order.
+//   A tensor-core (wmma m8n32k16) path for experts with many pairs was measured slower on the H200 (batch 64 1.5b: 4.61
+//   against 3.98 ms a step; see benchmarks/README.md) and removed.
 #include "ops_cuda_kernels.h"
 #include "ops_cuda_math.cuh"
 
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(AddNormArgs a) {
 }
 
 // ------------------------------------------------------------------------------------------------ RoutedMoE
-constexpr int kRowsPerWarp = 1, kRowsPerBlock = kWarps * kRowsPerWarp, kPairChunk = 4;  // the MMA path: 8 rows too
+constexpr int kRowsPerWarp = 1, kRowsPerBlock = kWarps * kRowsPerWarp, kPairChunk = 4;
 
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);  // elements in one 16-byte load
@@ -276,8 +276,6 @@ __global__ void __launch_bounds__(kThreads) route_kernel(MoEArgs a, int* experts
   }
 }
 
-#include "ops_cuda_moe_mma.cuh"
-
 // fc1: for each pair of expert e and each hidden unit f: h = act(x.gate_f) * (x.up_f), rounded to T like the reference.
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads) fc1_kernel(MoEArgs a, const int* groups, T* H) {
@@ -286,9 +284,6 @@ __global__ void __launch_bounds__(kThreads) fc1_kernel(MoEArgs a, const int* gro
   int count = 0;
   const int e = expert_and_pairs(groups, groups + a.E, groups + 2 * a.E, int(a.E), list, count);
   if (e < 0) return;
-  if constexpr (kHasMma<T>) {
-    if (VEC && use_mma<T>(count, d, F)) return fc1_mma<T>(a, e, list, count, H);
-  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* w1 = static_cast<const T*>(a.w1) + int64_t(e) * 2 * F * d;
   const T* x = static_cast<const T*>(a.x);
@@ -319,9 +314,6 @@ __global__ void __launch_bounds__(kThreads) fc2_kernel(MoEArgs a, const int* gro
   int count = 0;
   const int e = expert_and_pairs(groups, groups + a.E, groups + 2 * a.E, int(a.E), list, count);
   if (e < 0) return;
-  if constexpr (kHasMma<T>) {
-    if (VEC && use_mma<T>(count, F, d)) return fc2_mma<T>(a, e, list, count, gates, H, rows_out);
-  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* w2 = static_cast<const T*>(a.w2) + int64_t(e) * d * F;
   for (int r = 0; r < kRowsPerWarp; ++r) {
