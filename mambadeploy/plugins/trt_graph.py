@@ -4,7 +4,8 @@ TensorRT's ONNX parser hands a plugin node's omitted optional input ("" in ONNX)
 it refuses ("Parameter check failed, condition: (input) != nullptr" — seen with TensorRT-RTX 1.7). The registry's optional
 inputs all have a zero default that means "absent" in the reference (no D skip, no delta bias, no conv bias, a zero
 initial state), so each omitted one becomes a ConstantOfShape of zeros shaped from the node's other inputs. The one
-exception is SelectiveScan's gate `z`, whose absence has no zero equivalent: such a node is refused with the reason.
+exception is the gate `z` (SelectiveScan, SelectiveStateUpdate), whose absence has no zero equivalent: such a node is
+refused with the reason.
 Only the graph structure changes; external weight files are not read (the parser reads them from the original path).
 """
 
@@ -25,6 +26,9 @@ ZERO_DEFAULTS = {
         "bias": [("x", 1, 2)],
         "initial_state": [("x", 0, 2), ("weight", 1, 2)],
     },
+    "CausalConv1dUpdate": {"bias": [("x", 1, 2)]},
+    "SelectiveStateUpdate": {"D": [("x", 1, 2)], "dt_bias": [("x", 1, 2)]},  # z: no zero equivalent, as in the scan
+    "RoutedMoE": {"router_bias": [("router_weight", 0, 1)]},
 }
 
 

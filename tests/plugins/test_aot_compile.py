@@ -80,7 +80,10 @@ def test_every_registry_op_has_an_aot_kernel(monkeypatch):
     from mambadeploy.errors import MambaDeployError
     from mambadeploy.opset import REGISTRY
 
-    assert set(aot.SPECS) == set(REGISTRY)  # a new op without an adapter fails here
+    # a new op without an adapter fails here; the decode step's ops are the known gap (their TensorRT plugins parse and
+    # build into plans, but have no enqueue kernel yet: ORT runs them with CUDA kernels of their own)
+    assert set(REGISTRY) - set(aot.SPECS) == set(aot.NO_AOT_KERNEL_YET)
+    assert set(aot.SPECS) <= set(REGISTRY)
     monkeypatch.delitem(aot.SPECS, "CausalConv1d")
     with pytest.raises(MambaDeployError, match="no ahead-of-time kernel yet"):
         aot.spec_for("CausalConv1d")

@@ -38,6 +38,9 @@ CASES = [  # (op, graph kwargs): every op in each activation dtype, parameters i
     ("SelectiveScan", {"dtype": "float16", "omit": ("D", "delta_bias", "initial_state")}),
     ("CausalConv1d", {"dtype": "float32"}), ("CausalConv1d", {"dtype": "bfloat16", "omit": ("bias", "initial_state")}),
     ("TopKExpertGather", {"dtype": "float32"}), ("TopKExpertGather", {"dtype": "float16", "top_k": 2}),
+    ("CausalConv1dUpdate", {"dtype": "float16", "omit": ("bias",)}), ("SelectiveStateUpdate", {"dtype": "bfloat16"}),
+    ("SelectiveStateUpdate", {"dtype": "float32", "omit": ("D", "dt_bias")}), ("AddRMSNorm", {"dtype": "float16"}),
+    ("RoutedMoE", {"dtype": "float32"}), ("RoutedMoE", {"dtype": "bfloat16", "omit": ("router_bias",)}),
 ]
 
 
@@ -120,12 +123,15 @@ def test_build_command_caches_detects_corruption_and_refuses_bad_versions(tmp_pa
 
 
 @pytest.mark.slow
-def test_real_custom_op_export_builds(tmp_path, tiny):
-    """spine2's exporter, --ops custom, blackmamba-tiny: prefill (with our plugin nodes) and decode plans build."""
+@pytest.mark.parametrize("preset", ["blackmamba-tiny", "jamba-tiny"])
+def test_real_custom_op_export_builds(tmp_path, tiny, preset):
+    """The exporter, --ops custom: prefill and decode plans build with every plugin of the registry registered; the
+    decode plan holds the decode step's plugins (conv / state update, add + RMSNorm, routed MoE)."""
     export_model = pytest.importorskip("mambadeploy.export.exporter").export_model
-    export_model(tiny("blackmamba-tiny"), tmp_path / "export", ops="custom")
+    export_model(tiny(preset), tmp_path / "export", ops="custom")
     manifest = tb.build_engines(tmp_path / "export", tmp_path / "engines", target="rtx", max_batch=2, max_prompt=32,
                                 progress=print)
-    prefill = manifest["engines"]["prefill"]
+    prefill, decode = manifest["engines"]["prefill"], manifest["engines"]["decode"]
     assert set(prefill["custom_ops"]) == {"SelectiveScan", "CausalConv1d", "TopKExpertGather"}
-    assert prefill["layers"]["PLUGIN_V3"] >= 3 and manifest["engines"]["decode"]["bytes"] > 0
+    assert set(decode["custom_ops"]) == {"CausalConv1dUpdate", "SelectiveStateUpdate", "AddRMSNorm", "RoutedMoE"}
+    assert prefill["layers"]["PLUGIN_V3"] >= 3 and decode["layers"]["PLUGIN_V3"] >= 4 and decode["bytes"] > 0

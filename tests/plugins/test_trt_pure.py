@@ -22,8 +22,9 @@ def test_fields_round_trip_with_defaults(name):
     entry = get_op(name)
     packed = trt_fields.pack(entry, {})
     assert [n for n, _ in packed] == list(entry.attributes)
-    assert all(a.dtype == np.int32 and a.shape == (1,) for _, a in packed)
-    assert trt_fields.unpack(entry, packed) == entry.check_attributes({})
+    kinds = {n: kind for n, (kind, _) in entry.attributes.items()}
+    assert all(a.dtype == (np.float32 if kinds[n] == "float" else np.int32) and a.shape == (1,) for n, a in packed)
+    assert trt_fields.unpack(entry, packed) == pytest.approx(entry.check_attributes({}), rel=1e-7)  # float fields: fp32
 
 
 def test_fields_carry_values_and_refuse_unknown_or_bad():
@@ -58,6 +59,29 @@ def _ref_outputs(name, dtype):
         args = dict(x=torch.randn(b, d, L, generator=g).to(t), weight=torch.randn(d, k, generator=g).to(t),
                     bias=torch.randn(d, generator=g).to(t), initial_state=torch.randn(b, d, k, generator=g))
         outs = get_op(name).resolve("reference")(**args, activation="silu")
+    elif name == "CausalConv1dUpdate":
+        b, d, k = 3, 5, 4
+        args = dict(x=torch.randn(b, d, generator=g).to(t), conv_state=torch.randn(b, d, k, generator=g),
+                    weight=torch.randn(d, k, generator=g).to(t), bias=torch.randn(d, generator=g).to(t))
+        outs = get_op(name).resolve("reference")(**args, activation="silu")
+    elif name == "SelectiveStateUpdate":
+        b, d, n = 3, 5, 4
+        args = dict(state=torch.randn(b, d, n, generator=g), x=torch.randn(b, d, generator=g).to(t),
+                    dt=torch.randn(b, d, generator=g).to(t), A=-torch.rand(d, n, generator=g),
+                    B=torch.randn(b, n, generator=g).to(t), C=torch.randn(b, n, generator=g).to(t),
+                    D=torch.randn(d, generator=g).to(t), z=torch.randn(b, d, generator=g).to(t),
+                    dt_bias=torch.randn(d, generator=g).to(t))
+        outs = get_op(name).resolve("reference")(**args, dt_softplus=True)
+    elif name == "AddRMSNorm":
+        args = dict(x=torch.randn(3, 8, generator=g).to(t), residual=torch.randn(3, 8, generator=g),
+                    weight=torch.randn(8, generator=g).to(t))
+        outs = get_op(name).resolve("reference")(**args, eps=1e-5)
+    elif name == "RoutedMoE":
+        T, d, f, e = 6, 8, 5, 3
+        args = dict(x=torch.randn(T, d, generator=g).to(t), router_weight=torch.randn(e, d, generator=g).to(t),
+                    router_bias=torch.randn(e, generator=g).to(t), w1=torch.randn(e, 2 * f, d, generator=g).to(t),
+                    w2=torch.randn(e, d, f, generator=g).to(t))
+        outs = (get_op(name).resolve("reference")(**args, router="softmax_topk", top_k=2, activation="silu"),)
     else:
         T, d, f, e = 6, 8, 5, 3
         args = dict(x=torch.randn(T, d, generator=g).to(t), w1=torch.randn(e, 2 * f, d, generator=g).to(t),
