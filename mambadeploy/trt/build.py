@@ -107,6 +107,13 @@ def build_engines(export_dir, out_dir, target: str = "trt", precision: str | Non
     target = trt_lib.check_target(target)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     export_manifest = read_export(export_dir)
+    ops = export_manifest.get("ops", "portable")
+    if ops != "custom":
+        # The portable graphs hold what TensorRT's parser refuses (ScatterElements with reduction, an ONNX Scan over
+        # time) and would be slow where it did not; our plugins replace exactly those pieces.
+        raise MambaDeployError(
+            f"{export_dir} was exported with --ops {ops}; TensorRT builds need the custom-op graphs, whose scan, conv, "
+            f"MoE and decode-step nodes run as our plugins. Export again: mambadeploy export MODEL --ops custom --out DIR")
     if not trt_lib.is_available(target):
         trt_lib.import_trt(target)  # raises MissingDependencyError with the install command
     if target == "trt" and gpu_description(target).startswith("no CUDA"):

@@ -83,8 +83,19 @@ def _fake_export(tmp_path):
     export.mkdir()
     save(single_op_model("SelectiveScan", omit=("initial_state",)), export / "prefill.onnx")
     save(single_op_model("CausalConv1d"), export / "decode.onnx")
-    (export / "manifest.json").write_text(j.dumps({"config": {}}))
+    (export / "manifest.json").write_text(j.dumps({"config": {}, "ops": "custom"}))
     return export
+
+
+def test_portable_export_is_refused_with_the_command_that_fixes_it(tmp_path):
+    """The default export (--ops portable) holds ScatterElements-with-reduction and a Scan that TensorRT's parser
+    refuses (a new user saw 'UNSUPPORTED_NODE_ATTR' and no hint): build says what to do instead, before any work."""
+    import json as j
+
+    export = _fake_export(tmp_path)
+    (export / "manifest.json").write_text(j.dumps({"config": {}, "ops": "portable"}))
+    with pytest.raises(MambaDeployError, match="exported with --ops portable.*--ops custom"):
+        tb.build_engines(export, tmp_path / "engines", target="rtx")
 
 
 def test_build_command_caches_detects_corruption_and_refuses_bad_versions(tmp_path):
