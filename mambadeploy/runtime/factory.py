@@ -65,10 +65,10 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
             raise MambaDeployError("backend trt runs on a CUDA GPU: use --device cuda")
         return TrtRunner(target, device=device, use_cuda_graph=options.get("cuda_graph", True))
     if backend in ("ort", "ort-cpu", "ort-cuda"):
-        from .ort_runner import OrtRunner, export_for
+        from .ort_runner import OrtRunner, default_ops, export_for
 
         provider = backend[4:] or options.get("provider") or ("cuda" if str(device).startswith("cuda") else "cpu")
-        directory = export_for(target, dtype=dtype, ops=options.get("ops"))
+        directory = export_for(target, dtype=dtype, ops=options.get("ops") or default_ops(provider))
         device_id = int(str(device).split(":")[1]) if str(device).startswith("cuda:") else 0
         return OrtRunner.from_dir(directory, provider, device_id=device_id,
                                   cuda_graph=options.get("cuda_graph"))  # None: on for CUDA (runner's default)

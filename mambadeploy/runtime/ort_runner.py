@@ -318,6 +318,28 @@ def _to_torch(value) -> torch.Tensor:
     return torch.from_numpy(value.numpy())
 
 
+def _exporter_hash() -> str:
+    """A hash of the code that decides what an export holds (the exporter, the reference model, the op registry): a
+    cached export made by other code is never served (the version number alone did not change with every edit)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted([*(root / "export").glob("*.py"), *(root / "models").glob("*.py"), root / "opset.py"]):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def default_ops(provider: str) -> str:
+    """The op mode an export made for this provider gets when the user names none: `custom` for CUDA where our CUDA
+    custom-op library can be had (built already, or nvcc here to build it), else `portable` (stock ONNX Runtime)."""
+    if provider != "cuda":
+        return "portable"
+    from ..plugins.ort import build
+
+    return "custom" if build.cuda_library_available() else "portable"
+
+
 # --------------------------------------------------------------------------- a model that is not exported yet
 def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> Path:
     """The export directory for `target`: itself when it is one; otherwise an export of the preset / checkpoint made
@@ -349,7 +371,7 @@ def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> P
         files = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
                        for p in path.rglob("*") if p.is_file())
         identity = {"checkpoint": str(path.resolve()), "files": files}
-    identity.update(dtype=str(dtype), ops=ops or "portable", mambadeploy=__version__)
+    identity.update(dtype=str(dtype), ops=ops or "portable", mambadeploy=__version__, exporter=_exporter_hash())
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(os.environ.get("MAMBADEPLOY_CACHE", Path.home() / ".cache" / "mambadeploy"))
     out = root / "exports" / f"{Path(str(target)).name}-{key}"

@@ -52,9 +52,12 @@ class Exports:
                 raise InputError(f"export {self.given} holds {have} graphs but {req.label} asks for "
                                  f"{dtype_name(req.dtype)}; export again with --dtype {dtype_name(req.dtype)}")
             return self.given
+        from ..runtime.ort_runner import default_ops
+
         name = dtype_name(req.dtype)
-        made = [path for (dt, _), path in self.made.items() if dt == name]
-        return made[0] if made else self._export(self.temp_root / name, req.dtype)
+        ops = self.ops or default_ops("cuda" if req.name == "ort-cuda" else "cpu")
+        made = [path for (dt, made_ops), path in self.made.items() if dt == name and made_ops == ops]
+        return made[0] if made else self._export(self.temp_root / f"{name}-{ops}", req.dtype, ops)
 
     def dtype_of(self, directory: Path) -> str:
         """The export's dtype as fp32 / fp16 / bf16."""

@@ -153,6 +153,16 @@ def build_library(out_dir: Path | None = None, force: bool = False, cuda: bool =
     return lib
 
 
+def cuda_library_available() -> bool:
+    """True when the CUDA build of the library is cached already or can be compiled here (nvcc + ORT headers)."""
+    try:
+        find_nvcc()
+        header_dir()
+        return True
+    except MambaDeployError:
+        return any(CACHE.glob(f"ort-ops-*/{CUDA_LIBRARY_NAME}"))
+
+
 def register(session_options, library: Path | None = None, cuda: bool = False) -> Path:
     """Build (if needed) and register the library with an onnxruntime SessionOptions; returns its path. Use the CUDA
     build (cuda=True) for a session with the CUDA provider: it holds the CPU kernels too, in the same domain."""
