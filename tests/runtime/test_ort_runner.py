@@ -26,10 +26,10 @@ DECODE_STEPS = 128
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """exported(target) -> fp32 portable export directory, made once per session (the runtime's export cache)."""
+    """exported(target, ops="portable") -> fp32 export directory, made once per session (the runtime's export cache)."""
     old = os.environ.get("MAMBADEPLOY_CACHE")
     os.environ["MAMBADEPLOY_CACHE"] = str(tmp_path_factory.getbasetemp() / "mambadeploy-cache")
-    yield lambda target: export_for(str(target), "fp32")
+    yield lambda target, ops="portable": export_for(str(target), "fp32", ops=ops)
     if old is None:
         os.environ.pop("MAMBADEPLOY_CACHE")
     else:
@@ -70,11 +70,13 @@ def _prompts(vocab, lengths, seed=0):
 
 
 # --------------------------------------------------------------------------- numerics
-def test_prefill_and_128_decode_steps_match_torch(target, exported, tiny):
+@pytest.mark.parametrize("ops", ["portable", "custom"])
+def test_prefill_and_128_decode_steps_match_torch(target, ops, exported, tiny):
     """Left-padded batch of 3 prompts; ORT decodes the tokens torch picks (teacher forcing on torch's greedy path), so
-    one early disagreement cannot hide later ones; the greedy picks must agree at every step."""
+    one early disagreement cannot hide later ones; the greedy picks must agree at every step. `custom`: prefill and
+    decode through our ORT CPU kernels (scan, conv, expert gather; conv / state update, add + RMSNorm, routed MoE)."""
     model = tiny(target) if not os.path.isdir(target) else load_model(target)
-    runner = OrtRunner.from_dir(exported(target))
+    runner = OrtRunner.from_dir(exported(target, ops))
     from mambadeploy.runtime.generate import pad_prompts
 
     ids, lengths = pad_prompts(_prompts(model.config.vocab_size, [11, 4, 1]))
