@@ -223,6 +223,11 @@ for _name, _emit, _portable in (("CausalConv1dUpdate", "emit_conv_update", "expa
     link(_name, "onnx_emitter", f"mambadeploy.export.onnx_ops:{_emit}")
     link(_name, "portable", f"mambadeploy.export.portable_decode:{_portable}")
 
+# opset-27 standard ops (--ops standard): LinearAttention / CausalConvWithState; the other ops take their portable form
+for _name, _std in (("SelectiveScan", "expand_scan_standard"), ("SelectiveStateUpdate", "expand_state_update_standard"),
+                    ("CausalConv1d", "expand_conv_standard"), ("CausalConv1dUpdate", "expand_conv_update_standard")):
+    link(_name, "standard", f"mambadeploy.export.standard:{_std}")
+
 # --------------------------------------------------------------------------- links: plugins (ORT library, TensorRT plugin)
 for _name in REGISTRY:
     link(_name, "ort", "mambadeploy.plugins.ort.build:register")  # one library holds every op's CPU and CUDA kernels

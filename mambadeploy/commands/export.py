@@ -16,9 +16,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="graph dtype (fp32)")
     parser.add_argument("--ops", default="portable", choices=OPS_MODES,
                         help="portable: standard ONNX ops only (Scan for the recurrence; runs in any ONNX Runtime); "
-                             "custom: SelectiveScan / CausalConv1d / TopKExpertGather nodes in domain mambadeploy "
-                             "(for the ORT custom ops and TensorRT plugins); contrib: ONNX Runtime's com.microsoft "
-                             "CausalConvWithState and MoE where they fit (default: portable)")
+                             "custom: our nodes in domain mambadeploy (prefill scan / conv / expert gather, decode conv "
+                             "and state update, add + RMSNorm, routed MoE; for the ORT custom ops and TensorRT "
+                             "plugins); contrib: ONNX Runtime's com.microsoft CausalConvWithState and MoE where they "
+                             "fit; standard: opset 27's LinearAttention and CausalConvWithState for the Mamba layers "
+                             "(onnxruntime >= 1.32) (default: portable)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N", help=f"ONNX opset ({DEFAULT_OPSET})")
     parser.add_argument("--max-batch", type=int, metavar="N", help="largest batch the graphs accept (256)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it is an existing export")

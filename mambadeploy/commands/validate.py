@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--new-tokens", type=int, default=32, metavar="T", help="tokens generated per prompt (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--per-layer", action="store_true", help="hidden-state and state-tensor drift layer by layer")
-    p.add_argument("--ops", choices=("portable", "custom", "contrib"), help="op set of the export validate makes itself")
+    p.add_argument("--ops", choices=("portable", "custom", "contrib", "standard"), help="op set of the export validate makes itself")
     p.add_argument("--no-cache", action="store_true", help="export to a temporary directory instead of reusing / "
                    "filling the export cache ($MAMBADEPLOY_CACHE or ~/.cache/mambadeploy, shared with `generate`)")
     p.add_argument("--prefill-repeats", type=int, default=3, metavar="R", help="prefill timings taken (median reported)")

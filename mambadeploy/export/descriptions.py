@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ..errors import MambaDeployError
 from ..models.config import ModelConfig
 
-OPS_MODES = ("portable", "custom", "contrib")
+OPS_MODES = ("portable", "custom", "contrib", "standard")
 GRAPHS = ("prefill", "decode")
 DEFAULT_OPSET = 21  # Gelu (20) and ScatterElements reduction (16) need >= 20; ORT >= 1.18 runs 21
 MIN_OPSET = 20

@@ -159,7 +159,8 @@ def _export_into(model, tmp: Path, ops: str, opset_version: int, desc, say) -> M
             pending.result()
     specs = state_specs(config, model.dtype)
     manifest = Manifest(
-        family=config.family, config=config.to_dict(), dtype=dtype, opset=opset_version, ops=ops,
+        family=config.family, config=config.to_dict(), dtype=dtype, ops=ops,
+        opset=max(opset_version, 27) if ops == "standard" else opset_version,  # standard.STANDARD_OPSET
         state=[{"name": s.name, "shape": list(s.shape), "dtype": DTYPE_NAMES[s.dtype] if s.dtype in DTYPE_NAMES
                 else str(s.dtype).replace("torch.", "")} for s in specs],
         graphs=entries,
@@ -210,9 +211,13 @@ def _finish_graph(path: Path, ops: str, external: bool, reused: set, prefill_pat
         donor = {t.name: t for t in onnx.load(str(prefill_path), load_external_data=False).graph.initializer}
         proto.graph.initializer.extend(donor[name] for name in sorted(reused))
     if ops != "custom":
-        n = expand_custom_nodes(proto)
+        n = expand_custom_nodes(proto, piece="standard" if ops == "standard" else "portable")
         if n:
             say(f"        expanded {n} {opset.DOMAIN} nodes into standard ops")
+    if ops == "standard":
+        from .standard import to_standard_opset
+
+        to_standard_opset(proto)
     proto.producer_name, proto.producer_version = "mambadeploy", __version__
     if not external and data.exists():
         data.unlink()

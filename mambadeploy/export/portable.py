@@ -140,9 +140,10 @@ def expand_expert_gather(node: onnx.NodeProto, types: GraphTypes) -> list[onnx.N
 
 
 # --------------------------------------------------------------------------- driver
-def expand_custom_nodes(model: onnx.ModelProto, only: set[str] | None = None) -> int:
-    """Replace the graph's `mambadeploy` nodes (or those whose op type is in `only`) by their portable expansions,
-    found through the registry's "portable" link. Returns how many nodes were replaced."""
+def expand_custom_nodes(model: onnx.ModelProto, only: set[str] | None = None, piece: str = "portable") -> int:
+    """Replace the graph's `mambadeploy` nodes (or those whose op type is in `only`) by their expansions, found through
+    the registry: `piece` ("portable", or "standard" for opset-27 ops where an op has that link, portable otherwise).
+    Returns how many nodes were replaced."""
     from .onnx_ops import register_schemas
 
     register_schemas()
@@ -152,7 +153,8 @@ def expand_custom_nodes(model: onnx.ModelProto, only: set[str] | None = None) ->
     for idx, node in enumerate(model.graph.node):
         if node.domain != opset.DOMAIN or (only is not None and node.op_type not in only):
             continue
-        expand = opset.get_op(node.op_type).resolve("portable")
+        entry = opset.get_op(node.op_type)
+        expand = entry.resolve(piece if piece in entry.links else "portable")
         replacements[idx] = expand(node, types)
     replace_nodes(model, replacements)
     drop_unused_opset(model, opset.DOMAIN)
