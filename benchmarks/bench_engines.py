@@ -20,7 +20,6 @@ The exports are written by `--export-only` (CPU work; run it in the background w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import statistics
@@ -35,21 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mambadeploy.models.checkpoint import empty_model  # noqa: E402
-from mambadeploy.models.model import init_random_  # noqa: E402
-from mambadeploy.models.presets import TINY_PRESETS, preset_config  # noqa: E402
+from bench_ort import Results
+from bench_ort import same_decode as max_error
+from bench_ort_custom import build
+
+from mambadeploy.models.presets import TINY_PRESETS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODELS = ("blackmamba-1.5b", "blackmamba-2.8b", "jamba-1.5-mini:8")
-
-
-def build(spec: str, dtype: torch.dtype):
-    """`preset` or `preset:N` (its first N layers), seeded random weights, eval mode, on the CPU."""
-    name, _, n = spec.partition(":")
-    config = preset_config(name)
-    if n:
-        config = dataclasses.replace(config, layers=config.layers[: int(n)], name=f"{name}-{n}L")
-    return init_random_(empty_model(config, dtype), seed=0).eval()
 
 
 def export_dir(work: Path, spec: str, dtype: str) -> Path:
@@ -110,42 +102,6 @@ def time_runner(runner, vocab, lengths, batches, steps, reps):
         out["decode_ms"][str(B)] = statistics.median(times)
         del state
     return out
-
-
-@torch.no_grad()
-def max_error(a, b, vocab, batch=2, steps=8):
-    """Max |logits_a - logits_b| / logit scale over a prefill and `steps` steps fed b's greedy tokens."""
-    from mambadeploy.validate.tolerances import rel_to_scale
-
-    ids = torch.randint(0, vocab, (batch, 12), generator=torch.Generator().manual_seed(2))
-    la, sa = a.prefill(ids)
-    lb, sb = b.prefill(ids)
-    worst = rel_to_scale(la.float().cpu(), lb.float().cpu())[0]
-    for _ in range(steps):
-        tok = lb.argmax(-1)
-        la, sa = a.step(tok, sa)
-        lb, sb = b.step(tok, sb)
-        worst = max(worst, rel_to_scale(la.float().cpu(), lb.float().cpu())[0])
-    return worst
-
-
-class Results:
-    def __init__(self, path: Path, meta: dict):
-        self.path, self.data = path, {**meta, "errors": {}}
-        self.save()
-
-    def put(self, key, value):
-        self.data[key] = value
-        self.save()
-
-    def error(self, key, exc):
-        self.data["errors"][key] = f"{type(exc).__name__}: {exc}"[:2000]
-        traceback.print_exc()
-        self.save()
-
-    def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1))
 
 
 def shape_part(res: Results, args, spec: str):
@@ -279,7 +235,7 @@ def main():
 
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
-    from _bench import device_facts, measured_ceilings  # noqa: PLC0415  (benchmarks/ on sys.path when run as a script)
+    from _bench import device_facts, measured_ceilings
 
     gpu = torch.cuda.is_available()
     meta = {"what": "ORT-CUDA --ops custom vs torch-fast vs torch eager, same weights", "onnxruntime": ort.__version__,

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engines import build  # noqa: E402  (seeded random weights, preset:N)
+from bench_engines import build
 
-from mambadeploy.export.exporter import export_model  # noqa: E402
-from mambadeploy.runtime.ort_runner import OrtRunner  # noqa: E402
-from mambadeploy.validate.tolerances import LOGITS_REL, rel_to_scale  # noqa: E402
+from mambadeploy.export.exporter import export_model
+from mambadeploy.runtime.ort_runner import OrtRunner
+from mambadeploy.validate.tolerances import LOGITS_REL, rel_to_scale
 
 
 @torch.no_grad()

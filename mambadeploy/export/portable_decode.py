@@ -10,7 +10,7 @@ That copy is exactly what the custom node avoids; here it keeps a stock runtime 
 from __future__ import annotations
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from .. import opset
 from .graph_edit import INT64_MAX, GraphTypes, NodeEmitter

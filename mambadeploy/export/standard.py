@@ -13,7 +13,7 @@ query are (B, T, d_inner * d_state) tensors.
 from __future__ import annotations
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from .. import opset
 from .graph_edit import INT64_MAX, GraphTypes, NodeEmitter

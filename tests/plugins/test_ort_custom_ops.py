@@ -21,16 +21,6 @@ ort = pytest.importorskip("onnxruntime")
 from op_graphs import single_op_model  # noqa: E402  (tests/plugins is on sys.path)
 
 
-@pytest.fixture(scope="module")
-def library():
-    from mambadeploy.plugins.ort import build
-
-    try:
-        return build.build_library()
-    except MambaDeployError as exc:  # no network to Debian and no MAMBADEPLOY_ORT_INCLUDE: say so
-        pytest.skip(f"ORT custom-op library could not be built here: {exc}")
-
-
 def _session(model, library):
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(library))

@@ -26,6 +26,15 @@ inline int64_t AttrOr(const OrtKernelInfo* info, const char* name, int64_t fallb
   }
 }
 
+// A float attribute, or `fallback` when the node leaves it out.
+inline float AttrFloatOr(const OrtKernelInfo* info, const char* name, float fallback) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<float>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
 inline void Require(bool ok, const std::string& what) {
   if (!ok) ORT_CXX_API_THROW(std::string(what), ORT_INVALID_ARGUMENT);
 }

@@ -3,6 +3,7 @@
 // SessionOptions.register_custom_ops_library; built by mambadeploy/plugins/ort/build.py against ORT's C API headers
 // (API version 21, accepted by onnxruntime 1.21 and later). Registered by register.cc.
 #include "ops.h"
+#include "ops_cpu_common.h"
 
 #include <cmath>
 #include <cstdint>
@@ -12,39 +13,9 @@
 
 namespace {
 
-// --- small helpers ------------------------------------------------------------------------------------------------
-struct In {
-  const float* data = nullptr;  // nullptr: optional input left out
-  std::vector<int64_t> shape;
-};
-
-In input(Ort::KernelContext& ctx, size_t i) {
-  In in;
-  if (i >= ctx.GetInputCount()) return in;
-  Ort::ConstValue v = ctx.GetInput(i);
-  if (!static_cast<const OrtValue*>(v)) return in;
-  in.shape = v.GetTensorTypeAndShapeInfo().GetShape();
-  in.data = v.GetTensorData<float>();
-  return in;
-}
-
-const int64_t* input_i64(Ort::KernelContext& ctx, size_t i, std::vector<int64_t>& shape) {
-  Ort::ConstValue v = ctx.GetInput(i);
-  shape = v.GetTensorTypeAndShapeInfo().GetShape();
-  return v.GetTensorData<int64_t>();
-}
-
+using namespace mambadeploy_ort_cpu;
 using mambadeploy_ort::AttrOr;
 using mambadeploy_ort::Require;
-
-inline float softplus(float x) { return x > 20.f ? x : (x < -15.f ? std::exp(x) : std::log1p(std::exp(x))); }
-inline float silu(float x) { return x / (1.f + std::exp(-x)); }
-inline float activate(float x, int64_t code) {
-  if (code == 0) return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));  // exact GELU
-  if (code == 1) return silu(x);
-  const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);        // tanh GELU
-  return 0.5f * x * (1.f + std::tanh(inner));
-}
 
 // --- SelectiveScan -------------------------------------------------------------------------------------------------
 // u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L); D, delta_bias: (d); initial_state: (b, d, N) -> y, last_state

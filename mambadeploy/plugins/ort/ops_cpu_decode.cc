@@ -9,46 +9,18 @@
 #include <vector>
 
 #include "ops.h"
+#include "ops_cpu_common.h"
 
 namespace {
 
+using mambadeploy_ort::AttrFloatOr;
 using mambadeploy_ort::AttrOr;
 using mambadeploy_ort::Require;
 constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
-struct In {
-  const float* data = nullptr;  // nullptr: optional input left out
-  std::vector<int64_t> shape;
-  const std::vector<int64_t>* shape_or_null() const { return data ? &shape : nullptr; }
-};
+using namespace mambadeploy_ort_cpu;
 
-In input(Ort::KernelContext& ctx, size_t i) {
-  In in;
-  if (i >= ctx.GetInputCount()) return in;
-  Ort::ConstValue v = ctx.GetInput(i);
-  if (!static_cast<const OrtValue*>(v)) return in;
-  in.shape = v.GetTensorTypeAndShapeInfo().GetShape();
-  in.data = v.GetTensorData<float>();
-  return in;
-}
-
-float AttrFloatOr(const OrtKernelInfo* info, const char* name, float fallback) {
-  try {
-    return Ort::ConstKernelInfo(info).GetAttribute<float>(name);
-  } catch (const Ort::Exception&) {
-    return fallback;
-  }
-}
-
-inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
-inline float silu(float x) { return x / (1.f + std::exp(-x)); }
-inline float activate(float x, int64_t code) {
-  if (code == 0) return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));  // exact GELU
-  if (code == 1) return silu(x);
-  return 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));  // tanh GELU
-}
-
-// Every input and output fp32; `optional_from`: the first optional input (all later ones are optional too).
+// Every input and output fp32; Op::IsOptional(i) marks the optional inputs.
 template <typename Op>
 struct Fp32Op {
   size_t GetInputTypeCount() const { return Op::kInputs; }

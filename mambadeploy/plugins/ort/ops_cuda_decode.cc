@@ -12,16 +12,9 @@
 
 namespace {
 
+using mambadeploy_ort::AttrFloatOr;
 using mambadeploy_ort::AttrOr;
 using namespace mambadeploy_ort_cuda;
-
-float AttrFloatOr(const OrtKernelInfo* info, const char* name, float fallback) {
-  try {
-    return Ort::ConstKernelInfo(info).GetAttribute<float>(name);
-  } catch (const Ort::Exception&) {
-    return fallback;
-  }
-}
 
 const std::vector<int64_t>* shape_if(const In& in) { return in.data ? &in.shape : nullptr; }
 

@@ -1,0 +1,19 @@
+"""Shared fixtures of the plugin tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from mambadeploy.errors import MambaDeployError
+
+
+@pytest.fixture(scope="module")
+def library():
+    """The CPU build of our ORT custom-op library (built once, cached by source hash); a skip that says why where it
+    cannot be built (no network to Debian and no MAMBADEPLOY_ORT_INCLUDE). test_ort_cuda_ops.py has its own (CUDA)."""
+    from mambadeploy.plugins.ort import build
+
+    try:
+        return build.build_library()
+    except MambaDeployError as exc:
+        pytest.skip(f"ORT custom-op library could not be built here: {exc}")
