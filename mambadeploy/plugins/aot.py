@@ -69,13 +69,45 @@ SPECS = {
         grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_N"]), 1),
         attr_constexprs=lambda attrs: {"ACTIVATION": int(attrs["activation"])},
     ),
+    # the decode step's ops: the torch-fast kernels behind a pure (state in, new state out) adapter
+    "CausalConv1dUpdate": AotSpec(
+        op="CausalConv1dUpdate", adapter="conv_update_trt",
+        launch_config="mambadeploy.kernels.causal_conv1d:update_launch_config",
+        scalars=("dim",),
+        scalar_values=lambda s: (s[0][1],),
+        grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_D"]), 1),
+        attr_constexprs=lambda attrs: {"SILU": attrs["activation"] == 1},
+    ),
+    "SelectiveStateUpdate": AotSpec(
+        op="SelectiveStateUpdate", adapter="state_update_trt",
+        launch_config="mambadeploy.kernels.selective_state_update:launch_config",
+        scalars=("dim", "d_state"),
+        scalar_values=lambda s: (s[0][1], s[0][2]),
+        grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_D"]), 1),
+        attr_constexprs=lambda attrs: {"DT_SOFTPLUS": bool(attrs["dt_softplus"])},
+    ),
+    "AddRMSNorm": AotSpec(  # (rows, d) inputs, as the decode graphs give them
+        op="AddRMSNorm", adapter="add_rms_norm_trt",
+        launch_config="mambadeploy.plugins.aot_kernels:add_rms_norm_launch_config",
+        scalars=("d",),
+        scalar_values=lambda s: (s[0][1],),
+        grid=lambda s, c: (s[0][0], 1, 1),
+        attr_constexprs=lambda attrs: {"EPS": float(attrs["epsilon"])},
+    ),
+    "RoutedMoE": AotSpec(  # one fused launch, router included (a TensorRT AOT plugin has no workspace)
+        op="RoutedMoE", adapter="routed_moe_trt",
+        launch_config="mambadeploy.plugins.aot_kernels:routed_moe_launch_config",
+        scalars=("d", "F", "E"),
+        scalar_values=lambda s: (s[0][1], s[3][1] // 2, s[1][0]),
+        grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_N"]), 1),
+        attr_constexprs=lambda attrs: {"ROUTER": int(attrs["router"]), "ACTIVATION": int(attrs["activation"]),
+                                       "TOP_K": 1 if attrs["router"] == 0 else int(attrs["top_k"])},
+    ),
 }
 
 
-# Registry ops whose TensorRT plugin has no ahead-of-time kernel: the decode step's ops (issue 15). Their plugins parse
-# and build into plans (TensorRT-RTX, CI), but enqueue refuses with spec_for's message. ORT runs them on its own CUDA
-# kernels (plugins/ort/ops_cuda_decode_kernels.cu).
-NO_AOT_KERNEL_YET = ("CausalConv1dUpdate", "SelectiveStateUpdate", "AddRMSNorm", "RoutedMoE")
+# Registry ops whose TensorRT plugin has no ahead-of-time kernel (enqueue refuses with spec_for's message): none.
+NO_AOT_KERNEL_YET = ()
 
 
 @dataclass(frozen=True)

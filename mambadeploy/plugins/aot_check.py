@@ -58,8 +58,48 @@ def expert_gather_inputs(tokens, d, F, experts, top_k, dtype, device, seed=0, in
     return [x, w1, w2, chosen.to(device).contiguous(), weights.to(device).contiguous()]
 
 
+def _randn(seed, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = TORCH_DTYPES[dtype]
+
+    def r(*shape, scale=1.0, dt=t):
+        return (torch.randn(*shape, generator=g) * scale).to(dt).to(device).contiguous()
+
+    return g, r
+
+
+def conv_update_inputs(batch, dim, K, dtype, device, seed=0):
+    """x (batch, dim) in `dtype`, conv_state (batch, dim, K) fp32, weight (dim, K) and bias (dim,) in `dtype`."""
+    _, r = _randn(seed, dtype, device)
+    return [r(batch, dim), r(batch, dim, K, dt=torch.float32), r(dim, K, scale=0.5), r(dim, scale=0.5)]
+
+
+def state_update_inputs(batch, dim, d_state, dtype, device, seed=0):
+    """state (batch, dim, N) fp32, x / dt / z (batch, dim), A (dim, N) fp32, B / C (batch, N), D / dt_bias (dim,)."""
+    g, r = _randn(seed, dtype, device)
+    A = -torch.exp(torch.randn(dim, d_state, generator=g) * 0.5).to(device)
+    return [r(batch, dim, d_state, dt=torch.float32), r(batch, dim), r(batch, dim, scale=0.5), A,
+            r(batch, d_state), r(batch, d_state), r(dim), r(batch, dim), r(dim, scale=0.5)]
+
+
+def add_rms_norm_inputs(rows, d, dtype, device, seed=0):
+    """x (rows, d) in `dtype`, residual (rows, d) fp32, weight (d,) in `dtype`."""
+    _, r = _randn(seed, dtype, device)
+    return [r(rows, d), r(rows, d, dt=torch.float32), r(d, scale=0.2) + 1]
+
+
+def routed_moe_inputs(tokens, d, F, experts, dtype, device, seed=0):
+    """x (T, d), router_weight (E, d) scaled so logits spread, router_bias (E,), w1 (E, 2F, d), w2 (E, d, F)."""
+    _, r = _randn(seed, dtype, device)
+    return [r(tokens, d), r(experts, d, scale=2 * d ** -0.5), r(experts, scale=0.5),
+            r(experts, 2 * F, d, scale=d ** -0.5), r(experts, d, F, scale=F ** -0.5)]
+
+
 INPUT_MAKERS = {"SelectiveScan": selective_scan_inputs, "CausalConv1d": causal_conv1d_inputs,
-                "TopKExpertGather": expert_gather_inputs}
+                "TopKExpertGather": expert_gather_inputs, "CausalConv1dUpdate": conv_update_inputs,
+                "SelectiveStateUpdate": state_update_inputs, "AddRMSNorm": add_rms_norm_inputs,
+                "RoutedMoE": routed_moe_inputs}
+ROUTER_NAMES = {0: "sigmoid_top1", 1: "softmax_topk"}
 ACTIVATION_NAMES = {0: "gelu", 1: "silu", 2: "gelu_tanh"}
 
 
@@ -77,6 +117,14 @@ def reference(op: str, inputs, attrs):
     if op == "TopKExpertGather":
         x, w1, w2, experts, weights = inputs
         return (ref(x, w1, w2, experts.long(), weights, ACTIVATION_NAMES[attrs["activation"]]),)
+    if op == "CausalConv1dUpdate":
+        return ref(*inputs, "silu" if attrs["activation"] == 1 else None)
+    if op == "SelectiveStateUpdate":
+        return ref(*inputs, bool(attrs["dt_softplus"]))
+    if op == "AddRMSNorm":
+        return ref(*inputs, attrs["epsilon"])
+    if op == "RoutedMoE":
+        return (ref(*inputs, ROUTER_NAMES[attrs["router"]], attrs["top_k"], ACTIVATION_NAMES[attrs["activation"]]),)
     raise KeyError(op)
 
 

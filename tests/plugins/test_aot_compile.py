@@ -1,4 +1,4 @@
-"""The AOT compile without a GPU: triton.compile of each plugin adapter (all 3 ops) for sm_90, PTX entry with exactly
+"""The AOT compile without a GPU: triton.compile of each plugin adapter (every registry op) for sm_90, PTX entry with exactly
 the TensorRT parameter order (inputs, int32 scalars, outputs — Triton's unused scratch pointers stripped), and the
 stripped PTX still assembles (Triton's bundled ptxas-blackwell, which reads the PTX ISA Triton 3.9 writes). Runs in
 CI; the GPU launch of the same PTX is tests/plugins/test_aot_gpu.py."""
@@ -23,6 +23,13 @@ CASES = {
                      (33, 7), 2),
     "TopKExpertGather": ([(5, 24), (3, 20, 24), (3, 24, 10), (5, 2), (5, 2)],
                          lambda t: [t, t, t, "int64", "float32"], {"activation": 0, "top_k": 2}, (24, 10), 5),
+    "CausalConv1dUpdate": ([(3, 33), (3, 33, 4), (33, 4), (33,)], lambda t: [t, "float32", t, t], {"activation": 1},
+                           (33,), 3),
+    "SelectiveStateUpdate": ([(3, 40, 16), (3, 40), (3, 40), (40, 16), (3, 16), (3, 16), (40,), (3, 40), (40,)],
+                             lambda t: ["float32", t, t, "float32", t, t, t, t, t], {"dt_softplus": 1}, (40, 16), 3),
+    "AddRMSNorm": ([(3, 72), (3, 72), (72,)], lambda t: [t, "float32", t], {"epsilon": 1e-6}, (72,), 3),
+    "RoutedMoE": ([(5, 24), (4, 24), (4,), (4, 20, 24), (4, 24, 10)], lambda t: [t, t, t, t, t],
+                  {"router": 1, "top_k": 2, "activation": 1}, (24, 10, 4), 5),
 }
 
 

@@ -40,6 +40,16 @@ CASES = {
                     dict(tokens=4, d=40, F=20, experts=4, top_k=2)),
     "gather-wide": ("TopKExpertGather", dict(tokens=3, d=300, F=18, experts=3, top_k=1), {"activation": 2, "top_k": 1},
                     dict(tokens=4, d=300, F=18, experts=3, top_k=1)),  # d > BLOCK_N: two column blocks per token
+    # the decode step's ops: batch 1 and 3, widths off the blocks
+    "conv-update": ("CausalConv1dUpdate", dict(batch=3, dim=33, K=4), {"activation": 1},
+                    dict(batch=1, dim=33, K=4)),
+    "state-update": ("SelectiveStateUpdate", dict(batch=3, dim=21, d_state=16), {"dt_softplus": 1},
+                     dict(batch=1, dim=21, d_state=16)),
+    "add-rms-norm": ("AddRMSNorm", dict(rows=3, d=70), {"epsilon": 1e-5}, dict(rows=1, d=70)),
+    "moe-sigmoid": ("RoutedMoE", dict(tokens=1, d=24, F=10, experts=5), {"router": 0, "activation": 0},
+                    dict(tokens=4, d=24, F=10, experts=5)),
+    "moe-top2": ("RoutedMoE", dict(tokens=3, d=300, F=12, experts=6), {"router": 1, "top_k": 2, "activation": 1},
+                 dict(tokens=4, d=300, F=12, experts=6)),
 }
 DTYPES = ["float32", "bfloat16"]
 
