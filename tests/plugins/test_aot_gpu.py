@@ -63,6 +63,26 @@ def test_expert_gather_aot_matches_ref(tokens, d, F, experts, top_k, activation,
     _check("TopKExpertGather", dims, dtype, {"activation": activation, "top_k": top_k}, dict(dims, **GATHER_OPT))
 
 
+# the decode step's ops at the real decode widths (written 2026-12-02; not yet run on a GPU: the session's device time
+# was spent on the ORT benchmarks)
+DECODE_CASES = [  # (op, dims, attrs, the opt dims that fix the constexprs)
+    ("CausalConv1dUpdate", {"batch": 1, "dim": 2944, "K": 4}, {"activation": 1}, {"batch": 8, "dim": 2944, "K": 4}),
+    ("SelectiveStateUpdate", {"batch": 3, "dim": 2944, "d_state": 16}, {"dt_softplus": 1},
+     {"batch": 1, "dim": 2944, "d_state": 16}),
+    ("AddRMSNorm", {"rows": 3, "d": 1472}, {"epsilon": 1e-5}, {"rows": 1, "d": 1472}),
+    ("RoutedMoE", {"tokens": 1, "d": 1472, "F": 96, "experts": 8}, {"router": 0, "activation": 0},
+     {"tokens": 4, "d": 1472, "F": 96, "experts": 8}),
+    ("RoutedMoE", {"tokens": 3, "d": 256, "F": 64, "experts": 16}, {"router": 1, "top_k": 2, "activation": 1},
+     {"tokens": 4, "d": 256, "F": 64, "experts": 16}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op,dims,attrs,choice", DECODE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DECODE_CASES)])
+def test_decode_op_aot_matches_ref(op, dims, attrs, choice, dtype):
+    _check(op, dims, dtype, attrs, choice)
+
+
 def test_expert_gather_aot_takes_int32_experts():
     """ONNX allows int32 or int64 expert indices ("index" type class): the kernel is compiled for the one it gets."""
     dims = {"tokens": 5, "d": 48, "F": 20, "experts": 4, "top_k": 2}
