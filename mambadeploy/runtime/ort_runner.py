@@ -114,7 +114,8 @@ class OrtRunner(Runner):
         try:
             return ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise MambaDeployError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+            hint = missing_kernel_hint(str(exc), self.provider, self.manifest)
+            raise MambaDeployError(f"ONNX Runtime cannot load {path}: {exc}{hint}") from exc
 
     def _check_io(self, graph: str, sess) -> None:
         """The session's inputs and outputs must be what the manifest says, in order."""
@@ -316,6 +317,20 @@ def _to_torch(value) -> torch.Tensor:
         raw = value.numpy()
         return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(value.numpy())
+
+
+def missing_kernel_hint(message: str, provider: str, manifest) -> str:
+    """When ORT refused a graph because a node has no kernel for its dtype on this provider (its messages: "Could not
+    find an implementation for Pad(19) node ...", "Provider type for Pad node ... is not set"), a sentence naming the
+    op, the dtype and what to do instead; "" otherwise."""
+    import re
+
+    m = re.search(r"implementation for (\w+)\(|Provider type for (\w+) node", message)
+    if not m:
+        return ""
+    op = m.group(1) or m.group(2)
+    return (f" -- ONNX Runtime ({provider}) has no {op} kernel for this {manifest.dtype} graph; export in another dtype "
+            f"(--dtype), with --ops custom (our kernels for the Mamba and MoE ops), or run on the other provider")
 
 
 def _exporter_hash() -> str:

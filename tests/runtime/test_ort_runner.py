@@ -271,3 +271,20 @@ def test_cuda_graph_decode_matches_plain_and_refuses_stale_states(exported, tiny
         want, ref_state = model.step(tok, ref_state)
     with pytest.raises(InputError, match="stale state"):
         graph.step(tok, first)
+
+
+@pytest.mark.parametrize("message,op", [
+    ("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for MatMul(13) node with name 'm'",
+     "MatMul"),
+    ("bool TransformerMemcpyImpl::IsNodeCompatibleWithProvider ... Provider type for Pad node with name 'node_pad' is "
+     "not set.", "Pad"),
+])
+def test_a_missing_ort_kernel_is_named(message, op):
+    """What a user saw for Jamba in bf16 on ORT-CUDA (no bf16 Pad): the error names the op, the dtype and the ways out."""
+    from types import SimpleNamespace
+
+    from mambadeploy.runtime.ort_runner import missing_kernel_hint
+
+    hint = missing_kernel_hint(message, "cuda", SimpleNamespace(dtype="bfloat16"))
+    assert f"no {op} kernel for this bfloat16 graph" in hint and "--ops custom" in hint
+    assert missing_kernel_hint("some other failure", "cpu", SimpleNamespace(dtype="float32")) == ""
