@@ -17,6 +17,10 @@ class InputError(MambaDeployError):
     """Bad runtime input: empty prompt, token id outside the vocabulary, prompt longer than a KV cache."""
 
 
+class ManifestPathError(MambaDeployError):
+    """A path named by an export or engine directory's manifest that resolves outside that directory."""
+
+
 class MissingDependencyError(MambaDeployError):
     """An optional dependency is not installed; the message names the pip command."""
 

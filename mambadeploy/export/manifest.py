@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import MambaDeployError, read_json
+from ..paths import contained
 
 FORMAT = "mambadeploy-export"
 FORMAT_VERSION = 1
@@ -106,17 +107,30 @@ class Manifest:
         """Every graph and external-data file present with its recorded size (and the graph's sha256)."""
         directory = Path(directory)
         for name, g in self.graphs.items():
-            path = directory / g.file
+            path = contained(directory, g.file, f"{name} graph file")
             if not path.is_file():
                 raise ManifestError(f"{directory}: graph file {g.file} ({name}) listed in the manifest is missing")
             if path.stat().st_size != g.bytes or (hash_graphs and sha256_file(path) != g.sha256):
                 raise ManifestError(f"{path}: does not match the manifest (size or sha256 differs): the directory was "
                                     "modified after export; re-export it")
             for ext in g.external_data:
-                p = directory / ext["file"]
+                p = contained(directory, ext["file"], f"external data file of {g.file}")
                 if not p.is_file() or p.stat().st_size != ext["bytes"]:
                     raise ManifestError(f"{p}: external data of {g.file} missing or of the wrong size "
                                         f"(manifest: {ext['bytes']} bytes)")
+            check_external_locations(directory, path)
+
+
+def check_external_locations(directory: Path, graph_path: Path) -> None:
+    """Every initializer's external-data location inside the graph itself must stay inside the directory too (ONNX
+    Runtime would follow it; recent versions refuse it themselves, older ones did not)."""
+    import onnx
+
+    proto = onnx.load(str(graph_path), load_external_data=False)
+    for t in proto.graph.initializer:
+        for kv in t.external_data:
+            if kv.key == "location":
+                contained(directory, kv.value, f"external data of {graph_path.name} (tensor {t.name})")
 
 
 def sha256_file(path, chunk: int = 1 << 24) -> str:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import MambaDeployError
+from ..paths import contained
 from . import fingerprint as fp
 
 MANIFEST = "manifest.json"
@@ -62,7 +63,7 @@ def load_engine_bytes(engine_dir, manifest: dict, graph: str) -> bytes:
     hint = manifest.get("build_command", "mambadeploy build EXPORT_DIR --out ENGINE_DIR")
     if rec is None:
         raise MambaDeployError(f"engine directory {engine_dir} has no {graph} engine; rebuild with: {hint}")
-    path = engine_path(engine_dir, graph)
+    path = contained(engine_dir, engine_path(engine_dir, graph).name, f"{graph} engine")  # a symlink out is refused
     if not path.exists():
         raise MambaDeployError(f"{path} is missing; rebuild with: {hint}")
     data = path.read_bytes()

@@ -288,3 +288,59 @@ def test_a_missing_ort_kernel_is_named(message, op):
     hint = missing_kernel_hint(message, "cuda", SimpleNamespace(dtype="bfloat16"))
     assert f"no {op} kernel for this bfloat16 graph" in hint and "--ops custom" in hint
     assert missing_kernel_hint("some other failure", "cpu", SimpleNamespace(dtype="float32")) == ""
+
+
+# --------------------------------------------------------------------------- an export directory is untrusted input
+def _untrusted_copy(exported, tmp_path):
+    import shutil
+
+    src = tmp_path / "exp"
+    shutil.copytree(exported("blackmamba-tiny"), src)
+    return src
+
+
+def test_graph_path_outside_the_directory_is_refused(exported, tmp_path):
+    """A manifest naming ../elsewhere/evil.onnx, with the sha256 updated to match, is refused before ORT reads it."""
+    import json as j
+    import shutil
+
+    from mambadeploy.errors import ManifestPathError
+    from mambadeploy.export.manifest import sha256_file
+
+    src = _untrusted_copy(exported, tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    evil = tmp_path / "elsewhere" / "evil.onnx"
+    shutil.copy(src / "decode.onnx", evil)
+    m = j.loads((src / "manifest.json").read_text())
+    m["graphs"]["decode"].update(file="../elsewhere/evil.onnx", sha256=sha256_file(evil))
+    (src / "manifest.json").write_text(j.dumps(m))
+    with pytest.raises(ManifestPathError, match="resolves outside the directory"):
+        OrtRunner.from_dir(src)
+
+
+def test_symlinked_graph_and_external_data_outside_are_refused(exported, tmp_path):
+    import json as j
+
+    import onnx
+
+    from mambadeploy.errors import ManifestPathError
+    from mambadeploy.export.manifest import sha256_file
+
+    src = _untrusted_copy(exported, tmp_path)
+    outside = tmp_path / "outside.onnx"
+    (src / "decode.onnx").rename(outside)
+    (src / "decode.onnx").symlink_to(outside)
+    with pytest.raises(ManifestPathError, match="decode graph file"):
+        OrtRunner.from_dir(src, check_hashes=False)
+    (src / "decode.onnx").unlink()
+    outside.rename(src / "decode.onnx")
+    proto = onnx.load(str(src / "prefill.onnx"))
+    init = proto.graph.initializer[0]
+    init.data_location = onnx.TensorProto.EXTERNAL
+    init.external_data.add(key="location", value="../../etc/passwd")
+    (src / "prefill.onnx").write_bytes(proto.SerializeToString())  # onnx.save itself refuses ".."
+    m = j.loads((src / "manifest.json").read_text())  # the manifest updated to match, as an attacker would
+    m["graphs"]["prefill"].update(bytes=(src / "prefill.onnx").stat().st_size, sha256=sha256_file(src / "prefill.onnx"))
+    (src / "manifest.json").write_text(j.dumps(m))
+    with pytest.raises(ManifestPathError, match="external data of prefill.onnx"):
+        OrtRunner.from_dir(src)
