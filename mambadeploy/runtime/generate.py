@@ -57,10 +57,17 @@ def check_vocab(prompts, vocab_size: int) -> None:
         raise InputError(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
 
+# A recurrent model has no length limit of its own: this bounds a request anyway (2^30 tokens would take days to
+# generate); nothing is allocated in proportion to it up front.
+MAX_NEW_TOKENS = 1 << 30
+
+
 def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig | None = None,
              stop_tokens=(), pad_id: int = 0, progress: bool = False) -> GenerationResult:
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise InputError(f"max_new_tokens {max_new_tokens} is above the limit of {MAX_NEW_TOKENS} (2^30) new tokens")
     check_vocab(prompts, runner.config.vocab_size)
     ids, lengths = pad_prompts(prompts, pad_id)
     limit = runner.max_length
@@ -70,7 +77,7 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, samp
     sampler = Sampler(sampling or SamplingConfig())
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.int64)
     B = len(prompts)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.int64)
+    out = []  # one (B,) tensor per step: memory grows with what is generated, not with what was asked
     done = torch.zeros(B, dtype=torch.bool)
     n_out = torch.zeros(B, dtype=torch.int64)
 
@@ -89,7 +96,7 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, samp
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
         tok_cpu = token.cpu()
-        out[:, i] = torch.where(done, out[:, i], tok_cpu)
+        out.append(torch.where(done, torch.zeros_like(tok_cpu), tok_cpu))
         n_out += (~done).long()
         if len(stop):
             done |= torch.isin(tok_cpu, stop)
@@ -105,5 +112,6 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, samp
     decode_s = time.perf_counter() - t1
     if bar is not None:
         bar.close()
-    tokens = [out[b, : int(n_out[b])].tolist() for b in range(B)]
+    table = torch.stack(out, 1)
+    tokens = [table[b, : int(n_out[b])].tolist() for b in range(B)]
     return GenerationResult(tokens, lengths.tolist(), prefill_s, decode_s, steps)

@@ -61,10 +61,20 @@ def test_left_padding_layout():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and lengths.tolist() == [3, 1]
 
 
-@pytest.mark.parametrize("bad, fragment", [(0, "max_new_tokens must be >= 1"), (-3, "max_new_tokens must be >= 1")])
+@pytest.mark.parametrize("bad, fragment", [(0, "max_new_tokens must be >= 1"), (-3, "max_new_tokens must be >= 1"),
+                                           (100000000000, "above the limit of 1073741824")])
 def test_bad_max_new_tokens(tiny, bad, fragment):
     with pytest.raises(InputError, match=fragment):
         generate(TorchEagerRunner(tiny("blackmamba-tiny")), [[1]], bad)
+
+
+def test_a_large_max_new_tokens_allocates_nothing_up_front(tiny):
+    """A recurrent model has no length limit: 10^8 new tokens with a stop at the first one returns at once (a user saw
+    an 800 GB allocation and a traceback for --max-new-tokens 100000000000)."""
+    model = tiny("blackmamba-tiny")
+    first = generate(TorchEagerRunner(model), [[1, 2, 3]], 1).tokens[0][0]
+    result = generate(TorchEagerRunner(model), [[1, 2, 3]], 10 ** 8, stop_tokens=[first])
+    assert result.tokens == [[first]]
 
 
 def test_no_prompts(tiny):
