@@ -136,3 +136,35 @@ def test_bad_input_is_one_error_line(capsys, argv, fragment):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+
+
+def _engine_dir(tmp_path):
+    """An engine directory's manifest as `mambadeploy build` writes it (the engines themselves are not needed here)."""
+    from mambadeploy.trt import engine_dir as ed
+
+    out = tmp_path / "eng"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({
+        "format": ed.FORMAT, "format_version": ed.FORMAT_VERSION, "target": "trt", "trt": {"version": "10.6"},
+        "gpu": "NVIDIA H200", "export_dir": "/x/exp", "export_manifest": {"family": "blackmamba", "dtype": "float16",
+                                                                          "ops": "custom"},
+        "limits": {"max_batch": 8}, "engines": {"decode": {"bytes": 10, "fingerprint": "f"}},
+        "build_command": "mambadeploy build /x/exp --out eng --target trt"}))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_engine_directory_is_not_taken_for_an_export(capsys, tmp_path, backend):
+    """generate ENGINEDIR said "use --backend ort", and ORT then "not a mambadeploy export manifest": both now name the
+    engine directory and --backend trt."""
+    code, _, err = _run(capsys, "generate", str(_engine_dir(tmp_path)), "--backend", backend, "--prompt-ids", "1,2")
+    assert code == 2 and "TensorRT engine directory" in err and "--backend trt" in err
+
+
+def test_inspect_describes_an_engine_directory(capsys, tmp_path):
+    code, out, _ = _run(capsys, "inspect", str(_engine_dir(tmp_path)), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["kind"] == "engines" and info["gpu"] == "NVIDIA H200"
+    assert info["engines"]["decode"]["bytes"] == 10 and "--backend trt" in info["run_with"]
+    code, out, _ = _run(capsys, "inspect", str(tmp_path / "eng"))  # the table
+    assert code == 0 and "TensorRT engine directory" in out

@@ -88,12 +88,29 @@ def describe_export(path: Path) -> dict:
     from ..export.manifest import FORMAT, ManifestError
 
     raw = {"kind": "export", "path": str(path), "files": files, "manifest": manifest}
+    from ..trt.engine_dir import FORMAT as ENGINE_FORMAT
+
+    if isinstance(manifest, dict) and manifest.get("format") == ENGINE_FORMAT:
+        return _describe_engines(path, files, manifest)
     if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
         try:
             return _describe_onnx_export(path, files)
         except ManifestError as exc:  # inspect is for looking: show what is there and what is wrong with it
             raw["problem"] = str(exc)
     return raw
+
+
+def _describe_engines(path: Path, files: list[str], manifest: dict) -> dict:
+    """A TensorRT engine directory (mambadeploy build): what it was built from, for which GPU and TensorRT, its engines."""
+    export = manifest.get("export_manifest") or {}
+    return {"kind": "engines", "path": str(path), "files": files, "target": manifest.get("target"),
+            "trt": manifest.get("trt"), "gpu": manifest.get("gpu"), "limits": manifest.get("limits"),
+            "export_dir": manifest.get("export_dir"), "family": export.get("family"), "dtype": export.get("dtype"),
+            "ops": export.get("ops"),
+            "engines": {g: {k: e.get(k) for k in ("bytes", "fingerprint", "custom_ops")}
+                        for g, e in (manifest.get("engines") or {}).items()},
+            "run_with": f"mambadeploy generate {path} --backend trt --device cuda --prompt-ids 1,2,3",
+            "build_command": manifest.get("build_command")}
 
 
 def _describe_onnx_export(path: Path, files: list[str]) -> dict:
@@ -166,6 +183,13 @@ def _bytes(n: int) -> str:
 def _rows(info: dict) -> list[tuple[str, str]]:
     if info.get("kind") == "onnx-export":
         return _export_rows(info)
+    if info.get("kind") == "engines":
+        rows = [("kind", "TensorRT engine directory"), ("path", info["path"])]
+        for key in ("family", "dtype", "ops", "target", "trt", "gpu", "limits", "export_dir", "engines", "run_with",
+                    "build_command"):
+            value = info.get(key)
+            rows.append((key.replace("_", " "), json.dumps(value) if isinstance(value, (dict, list)) else str(value)))
+        return rows
     if info.get("kind") == "export":
         rows = [("kind", "export directory"), ("path", info["path"]), ("files", ", ".join(info["files"]))]
         rows += [("problem", info["problem"])] if "problem" in info else []

@@ -87,7 +87,8 @@ def load_model(path_or_preset, dtype="fp32", device="cpu") -> MambaMoELM:
 
         model = load_hf(path, dtype, device)
     else:
-        raise CheckpointError(f"{path} is an export directory (manifest.json), not a checkpoint: use --backend ort")
+        raise CheckpointError(f"{path} is an export or engine directory (manifest.json), not a checkpoint: run an "
+                              "export with --backend ort, engines (mambadeploy build) with --backend trt")
     return model.eval()
 
 

@@ -40,16 +40,44 @@ def _load(target, dtype, device):
     return copy.eval()
 
 
+def directory_kind(target) -> str | None:
+    """"export" (an ONNX export directory), "engines" (a TensorRT engine directory) or None, from its manifest.json."""
+    import json
+
+    path = Path(str(target)) / "manifest.json"
+    if isinstance(target, torch.nn.Module) or not path.is_file():
+        return None
+    try:
+        fmt = json.loads(path.read_text()).get("format")
+    except (json.JSONDecodeError, AttributeError):
+        return "export"  # a broken manifest: the export reader says what is wrong with it
+    from ..trt.engine_dir import FORMAT as ENGINE_FORMAT
+
+    return "engines" if fmt == ENGINE_FORMAT else "export"
+
+
+def _refuse_directory(target, backend: str) -> None:
+    kind = directory_kind(target)
+    wants = {"torch": None, "torch-fast": None, "trt": "engines"}.get(backend, "export")
+    if kind is None or kind == wants:
+        return
+    if kind == "engines":
+        raise MambaDeployError(f"{target} is a TensorRT engine directory (made by mambadeploy build): run it with "
+                               "--backend trt (inspect it with: mambadeploy inspect DIR)")
+    raise MambaDeployError(f"{target} is an ONNX export directory: run it with --backend ort"
+                           + (", or build engines from it first: mambadeploy build DIR --out ENGINES --target trt"
+                              if backend == "trt" else ""))
+
+
 def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **options) -> Runner:
     """target: preset name, checkpoint directory, export directory or engine directory (per backend); the torch
     backends also take a loaded MambaMoELM."""
     if backend not in BACKENDS:
         raise MambaDeployError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    _refuse_directory(target, backend)
     if backend == "torch":
         from .torch_eager import TorchEagerRunner
 
-        if isinstance(target, (str, Path)) and (Path(target) / "manifest.json").exists():
-            raise MambaDeployError(f"{target} is an export directory: use --backend ort")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise MambaDeployError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
         return TorchEagerRunner(_load(target, dtype, device))
