@@ -16,6 +16,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                         help="weight dtype for the byte counts (state: SSM/conv fp32, KV cache in this dtype)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--skip-weights", action="store_true",
+                        help="do not read a checkpoint's weights (by default they are loaded once, on the CPU in "
+                             "--dtype, to check they are complete and finite)")
 
 
 # --------------------------------------------------------------------------- model configs
@@ -210,6 +213,8 @@ def _rows(info: dict) -> list[tuple[str, str]]:
     if "kv_cache_len" in info:
         rows.append(("KV cache length (tokens)", str(info["kv_cache_len"])))
     rows.append(("final norm / tied head", f"{info['final_norm']} / {info['tie_embeddings']}"))
+    if "weights" in info:
+        rows.append(("weights", info["weights"]))
     return rows
 
 
@@ -222,6 +227,11 @@ def run(args) -> int:
         info = describe_export(path)
     else:
         info = describe_model(args.model, parse_dtype(args.dtype))
+        if args.model not in PRESETS and not args.skip_weights:
+            from ..models.checkpoint import load_model
+
+            load_model(path, dtype=args.dtype)  # raises CheckpointError naming a truncated file or non-finite tensor
+            info["weights"] = "read and checked: complete, every value finite"
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, read_json
+from ..errors import CheckpointError, MambaDeployError, read_json
 from .model import MambaMoELM, init_random_
 from .presets import PRESETS, preset_config
 
@@ -74,22 +74,45 @@ def load_model(path_or_preset, dtype="fp32", device="cpu") -> MambaMoELM:
         return build_preset(path_or_preset, dtype, device)
     path = Path(path_or_preset)
     fmt = detect_format(path)
+    if fmt == "export":
+        raise CheckpointError(f"{path} is an export or engine directory (manifest.json), not a checkpoint: run an "
+                              "export with --backend ort, engines (mambadeploy build) with --backend trt")
+    try:
+        model = _loader(fmt)(path, dtype, device)
+    except MambaDeployError:
+        raise
+    except Exception as exc:  # safetensors / torch.load / OS errors on the files themselves
+        raise CheckpointError(f"{path}: the checkpoint's weight files could not be read ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); a truncated or corrupt file?") from exc
+    check_weights_finite(model, path)
+    return model.eval()
+
+
+def _loader(fmt: str):
     if fmt == "native":
         from .loaders.native import load_native
 
-        model = load_native(path, dtype, device)
-    elif fmt == "blackmamba":
+        return load_native
+    if fmt == "blackmamba":
         from .loaders.blackmamba import load_blackmamba
 
-        model = load_blackmamba(path, dtype, device)
-    elif fmt in ("hf-mamba", "hf-jamba"):
-        from .loaders.hf import load_hf
+        return load_blackmamba
+    from .loaders.hf import load_hf
 
-        model = load_hf(path, dtype, device)
-    else:
-        raise CheckpointError(f"{path} is an export or engine directory (manifest.json), not a checkpoint: run an "
-                              "export with --backend ort, engines (mambadeploy build) with --backend trt")
-    return model.eval()
+    return load_hf
+
+
+@torch.no_grad()
+def check_weights_finite(model, source) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensors (one pass over each tensor, at load)."""
+    bad = []
+    for name, p in model.named_parameters():
+        n = int((~torch.isfinite(p)).sum())
+        if n:
+            bad.append(f"{name} ({n} of {p.numel()} values)")
+    if bad:
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise CheckpointError(f"{source}: non-finite weights (NaN or Inf) in {', '.join(bad[:3])}{more}")
 
 
 def save_model(model: MambaMoELM, directory) -> Path:

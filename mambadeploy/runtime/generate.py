@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, MambaDeployError
 from .base import Runner
 from .sampling import Sampler, SamplingConfig
 
@@ -57,6 +57,15 @@ def check_vocab(prompts, vocab_size: int) -> None:
         raise InputError(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
 
+def check_finite(logits: torch.Tensor, where: str) -> None:
+    """Refuse NaN / Inf logits with one error naming the step (a runner fed non-finite weights otherwise decodes token
+    0 forever and exits 0)."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise MambaDeployError(f"{where}: {bad} of {logits.numel()} logits are NaN or Inf; the weights or the runtime "
+                               "produced non-finite values (mambadeploy inspect CHECKPOINT checks the weights)")
+
+
 # A recurrent model has no length limit of its own: this bounds a request anyway (2^30 tokens would take days to
 # generate); nothing is allocated in proportion to it up front.
 MAX_NEW_TOKENS = 1 << 30
@@ -84,6 +93,7 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, samp
     runner.synchronize()
     t0 = time.perf_counter()
     logits, state = runner.prefill(ids, lengths)
+    check_finite(logits, "prefill")
     token = sampler(logits)
     runner.synchronize()
     prefill_s = time.perf_counter() - t0
@@ -106,6 +116,7 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, samp
             break
         ts = time.perf_counter()
         logits, state = runner.step(token, state)
+        check_finite(logits, f"decode step {i + 1}")
         token = sampler(logits)
         runner.synchronize()
         steps.append(time.perf_counter() - ts)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..runtime.base import Runner
-from ..runtime.generate import check_vocab, generate, pad_prompts
+from ..runtime.generate import check_finite, check_vocab, generate, pad_prompts
 from .metrics import logit_errors, worst
 
 
@@ -45,6 +45,7 @@ def trace_reference(runner: Runner, prompts, new_tokens: int, keep_states=False,
     check_vocab(prompts, runner.config.vocab_size)
     ids, lengths = pad_prompts(prompts)
     logits, state = runner.prefill(ids, lengths)
+    check_finite(logits, "the reference (torch fp32), prefill")
     all_logits, tokens, states = [logits.float().cpu()], [], {}
     if keep_states:
         states["prefill"] = _cpu_state(runner, state)
@@ -56,6 +57,7 @@ def trace_reference(runner: Runner, prompts, new_tokens: int, keep_states=False,
             if t == new_tokens - 1:
                 break
             logits, state = runner.step(token, state)
+            check_finite(logits, f"the reference (torch fp32), decode step {t + 1}")
             all_logits.append(logits.float().cpu())
     if keep_states:
         states["final"] = _cpu_state(runner, state)
@@ -73,6 +75,7 @@ def teacher_forced(runner: Runner, ref: ReferenceTrace, keep_states=False, progr
     T = ref.tokens.shape[1]
     with _bar(T, f"{label} teacher-forced", progress) as bar:
         for t in range(T):
+            check_finite(logits, f"{label or 'backend'}, " + (f"decode step {t}" if t else "prefill"))
             logits = logits.float().cpu()
             steps.append({"step": t, **logit_errors(logits, ref.logits[t])})
             agree += int((logits.argmax(-1) == ref.tokens[:, t]).sum())

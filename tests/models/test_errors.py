@@ -185,3 +185,54 @@ def test_bad_export_manifest_json(tmp_path):
     (tmp_path / "manifest.json").write_text("[1,")
     with pytest.raises(ManifestError, match="manifest.json: not valid JSON"):
         Manifest.read(tmp_path)
+
+
+# --------------------------------------------------------------------------- non-finite and truncated weights
+def _saved_tiny(tiny, tmp_path, poison=None):
+    import copy
+
+    from mambadeploy.models.checkpoint import save_model
+
+    model = copy.deepcopy(tiny("blackmamba-tiny"))  # the fixture's model is shared: poison a copy
+    if poison:
+        with torch.no_grad():
+            dict(model.named_parameters())[poison].view(-1)[3] = float("nan")
+    save_model(model, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_nan_weights_are_refused_at_load_naming_the_tensor(tiny, tmp_path):
+    """generate printed `0 0 0 ...` and exited 0 on a NaN checkpoint; validate blamed the reference."""
+    from mambadeploy.models.checkpoint import load_model
+
+    path = _saved_tiny(tiny, tmp_path, poison="layers.1.ffn.w1")
+    with pytest.raises(CheckpointError, match=r"non-finite weights .* layers\.1\.ffn\.w1 \(1 of"):
+        load_model(path)
+
+
+def test_inspect_fails_on_nan_and_truncated_checkpoints(tiny, tmp_path, capsys):
+    from mambadeploy.cli import main
+
+    path = _saved_tiny(tiny, tmp_path, poison="embedding.weight")
+    assert main(["inspect", str(path)]) == 2 and "non-finite weights" in capsys.readouterr().err
+    assert main(["inspect", str(path), "--skip-weights"]) == 0
+    capsys.readouterr()
+    clean = _saved_tiny(tiny, tmp_path / "c")
+    data = clean / "model.safetensors"
+    data.write_bytes(data.read_bytes()[:-1000])
+    assert main(["inspect", str(clean)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_non_finite_logits_stop_generate_naming_the_step(tiny):
+    from mambadeploy.errors import MambaDeployError
+    from mambadeploy.runtime.generate import generate
+    from mambadeploy.runtime.torch_eager import TorchEagerRunner
+
+    import copy
+
+    model = copy.deepcopy(tiny("blackmamba-tiny"))  # the fixture's model is shared: poison a copy
+    with torch.no_grad():
+        model.layers[0].mixer.out_proj.weight[0, 0] = float("inf")  # Inf reaches the logits through the residual
+    with pytest.raises(MambaDeployError, match="NaN or Inf"):
+        generate(TorchEagerRunner(model), [[1, 2, 3]], 4)
