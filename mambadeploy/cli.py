@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the real command line (tests call main([...]) in their own process: leave its signals alone)
+        from .interrupts import install
+
+        install()
     try:
         return int(args._run(args) or 0)
     except MambaDeployError as exc:

@@ -27,6 +27,7 @@ import torch
 
 from .. import __version__, opset
 from ..errors import MambaDeployError
+from ..interrupts import cleanup_on_interrupt
 from ..models.model import MambaMoELM
 from ..models.state import state_specs
 from . import checks, graphs
@@ -61,18 +62,40 @@ def export_model(model: MambaMoELM, out_dir, ops: str = "portable", opset_versio
     out = Path(out_dir)
     check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    sweep_stale_partials(out, say)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export directory gets the usual permissions
     try:
-        manifest = _export_into(model, tmp, ops, opset_version, desc, say)
-        _move_into_place(tmp, out)
+        with cleanup_on_interrupt(tmp):
+            manifest = _export_into(model, tmp, ops, opset_version, desc, say)
+            _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(f"wrote {out}")
     return manifest
+
+
+def sweep_stale_partials(out: Path, say) -> None:
+    """Remove `.OUT.partial-PID-*` directories of this export left by a process that no longer runs (a kill -9), and
+    older `.OUT.partial-*` ones (no PID in the name) untouched for an hour."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        rest = p.name[len(f".{out.name}.partial-"):]
+        pid = rest.split("-", 1)[0]
+        if pid.isdigit() and "-" in rest:
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running: another export of the same directory
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        elif time.time() - p.stat().st_mtime < 3600:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        say(f"removed {p}, left by an interrupted export")
 
 
 def check_target(out: Path, force: bool) -> None:

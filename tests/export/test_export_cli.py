@@ -2,6 +2,7 @@
 tokens as the torch backend on the checkpoint), and one-line errors with exit code 2."""
 
 import json
+import os
 
 import pytest
 
@@ -67,3 +68,48 @@ def test_export_inspect_generate(capsys, checkpoint, tmp_path):
 def test_export_bad_checkpoint(capsys, tmp_path):
     code, _, err = _run(capsys, "export", tmp_path / "nope", "--out", tmp_path / "x")
     assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- interruption
+def _start_export(out):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "mambadeploy.cli", "export", "blackmamba-tiny", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_export_leaves_no_directory_behind(tmp_path, signame):
+    """A user's `kill` of an export left a hidden 423 MB .OUT.partial-XXXX directory, and Ctrl-C took ~18 s: now both
+    remove it at once and exit with 128 + the signal number."""
+    import signal
+    import time
+
+    out = tmp_path / "exp"
+    proc = _start_export(out)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".exp.partial-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".exp.partial-*")), "the export never started writing"
+    time.sleep(0.5)
+    t0 = time.time()
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=30)
+    print(f"exit {proc.returncode} after {time.time() - t0:.2f} s; stderr: {err[-300:]}")
+    assert proc.returncode == 128 + getattr(signal, signame)
+    assert time.time() - t0 < 5
+    assert not list(tmp_path.iterdir()), f"left behind: {list(tmp_path.iterdir())}"
+
+
+def test_a_stale_partial_directory_is_swept(tmp_path):
+    """A partial directory of a process that no longer runs (kill -9) is removed by the next export, with a message."""
+    from mambadeploy.export.exporter import sweep_stale_partials
+
+    gone = tmp_path / ".exp.partial-999999999-abcd"
+    mine = tmp_path / f".exp.partial-{os.getpid()}-efgh"
+    gone.mkdir()
+    mine.mkdir()
+    said = []
+    sweep_stale_partials(tmp_path / "exp", said.append)
+    assert not gone.exists() and mine.exists() and "interrupted export" in said[0]
