@@ -50,3 +50,76 @@ def lazy_import(module: str, package: str | None = None, extra: str | None = Non
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(package or module.split(".")[0], extra, why) from exc
+
+
+def check_fields(cls, data, where: str, error=MambaDeployError):
+    """Check `data` (from a JSON file) against the dataclass `cls` before constructing it: every required field present,
+    no unknown field, each value of the annotated type (nested dataclasses and lists of them too). Raises `error` naming
+    the file, the field, the type expected and the value found; returns `data`."""
+    import dataclasses
+    import typing
+
+    problems: list[str] = []
+
+    def type_ok(value, hint, path) -> bool:
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if hint is typing.Any:
+            return True
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            return any(type_ok(value, a, path) for a in args if a is not type(None)) or (
+                value is None and type(None) in args)
+        if dataclasses.is_dataclass(hint):
+            if isinstance(value, hint):
+                return True
+            if isinstance(value, dict):
+                walk(hint, value, path + ".")
+                return True
+            return False
+        if origin is list:
+            if not isinstance(value, list):
+                return False
+            for i, item in enumerate(value):
+                if args and not type_ok(item, args[0], f"{path}[{i}]"):
+                    problems.append(f"{path}[{i}]: expected {_type_name(args[0])}, found {item!r}")
+            return True
+        if origin is dict or hint is dict:
+            return isinstance(value, dict)
+        if hint is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, hint) if isinstance(hint, type) else True
+
+    def walk(kind, values, prefix):
+        if not isinstance(values, dict):
+            problems.append(f"{prefix or 'the top level'}: expected an object, found {values!r}"[:200])
+            return
+        hints = typing.get_type_hints(kind)
+        fields = {f.name: f for f in dataclasses.fields(kind)}
+        for name in sorted(set(values) - set(fields)):
+            problems.append(f"{prefix}{name}: unknown field")
+        for name, f in fields.items():
+            path = f"{prefix}{name}"
+            if name not in values:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    problems.append(f"{path}: missing (expected {_type_name(hints[name])})")
+                continue
+            if not type_ok(values[name], hints[name], path):
+                problems.append(f"{path}: expected {_type_name(hints[name])}, found {values[name]!r}"[:200])
+
+    walk(cls, data, "")
+    if problems:
+        more = f"; ... and {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise error(f"{where}: " + "; ".join(problems[:6]) + more)
+    return data
+
+
+def _type_name(hint) -> str:
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and typing.get_origin(hint) is not list:
+        return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return getattr(hint, "__name__", str(hint)).replace("Config", " config").replace("LayerSpec", "layer spec")

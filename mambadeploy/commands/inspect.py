@@ -38,7 +38,7 @@ def read_model_config(target: str):
             meta = json.loads((path / "mambadeploy.json").read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path / 'mambadeploy.json'}: not valid JSON ({exc})") from exc
-        config = ModelConfig.from_dict(meta["config"])
+        config = ModelConfig.from_dict(meta["config"], f"{path / 'mambadeploy.json'}: config")
     elif fmt == "blackmamba":
         from ..models.loaders.blackmamba import read_config
 

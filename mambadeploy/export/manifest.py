@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import MambaDeployError, read_json
+from ..errors import MambaDeployError, check_fields, read_json
 from ..paths import contained
 
 FORMAT = "mambadeploy-export"
@@ -98,10 +98,8 @@ class Manifest:
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise ManifestError(f"{path}: format_version {data['format_version']} is newer than this mambadeploy "
                                 f"({FORMAT_VERSION}); upgrade mambadeploy or re-export")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ManifestError(f"{path}: malformed manifest ({exc})") from exc
+        check_fields(cls, data, f"{path} (malformed manifest)", ManifestError)
+        return cls(**data)
 
     def check_files(self, directory, hash_graphs: bool = True) -> None:
         """Every graph and external-data file present with its recorded size (and the graph's sha256)."""

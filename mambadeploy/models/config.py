@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_fields
 
 MIXERS = ("mamba", "attention", "none")
 FFNS = ("none", "mlp", "moe")
@@ -77,6 +77,8 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # source-format facts kept for provenance (not used by the math)
 
     def __post_init__(self):
+        # types first: a "36" where an int belongs otherwise surfaces as "'<=' not supported between 'str' and 'int'"
+        check_fields(type(self), dataclasses.asdict(self), "model config", ConfigError)
         self.layers = [l if isinstance(l, LayerSpec) else LayerSpec(**l) for l in self.layers]
         for kind, cls in (("mamba", MambaConfig), ("attention", AttentionConfig), ("moe", MoEConfig), ("mlp", MLPConfig)):
             value = getattr(self, kind)
@@ -147,12 +149,10 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+    def from_dict(cls, data: dict, where: str = "model config") -> "ModelConfig":
+        """`where` (the file it came from) leads every error, which names the field, the type expected and the value."""
+        check_fields(cls, data, where, ConfigError)
         try:
             return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"invalid model config: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc

@@ -236,3 +236,36 @@ def test_non_finite_logits_stop_generate_naming_the_step(tiny):
         model.layers[0].mixer.out_proj.weight[0, 0] = float("inf")  # Inf reaches the logits through the residual
     with pytest.raises(MambaDeployError, match="NaN or Inf"):
         generate(TorchEagerRunner(model), [[1, 2, 3]], 4)
+
+
+# --------------------------------------------------------------------------- config and manifest errors name the field
+@pytest.mark.parametrize("edit, fragments", [
+    (lambda c: c.pop("d_model"), ["mambadeploy.json", "d_model: missing (expected int)"]),
+    (lambda c: c.update(vocab_size="512"), ["vocab_size: expected int, found '512'"]),
+    (lambda c: c["moe"].update(top_k="1"), ["moe.top_k: expected int, found '1'"]),
+])
+def test_config_errors_name_file_field_type_and_value(tiny, tmp_path, edit, fragments):
+    """These read `ModelConfig.__init__() missing 1 required positional argument` and `'<=' not supported between
+    instances of 'str' and 'int'`."""
+    save_model(tiny("blackmamba-tiny"), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "mambadeploy.json").read_text())
+    edit(meta["config"])
+    (tmp_path / "m" / "mambadeploy.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError.__base__) as info:
+        load_model(tmp_path / "m")
+    print(info.value)
+    assert all(f in str(info.value) for f in fragments) and "__init__" not in str(info.value)
+
+
+def test_a_wrong_d_model_lists_a_few_keys_and_a_count(tiny, tmp_path):
+    """A d_model mismatch mis-shapes every tensor: the message names the first four and counts the rest."""
+    from mambadeploy.models.presets import blackmamba_config
+
+    model = tiny("blackmamba-tiny")
+    save_blackmamba(model, tmp_path / "bm")
+    cfg = json.loads((tmp_path / "bm" / "config.json").read_text())
+    cfg["hidden_size"] = 72
+    (tmp_path / "bm" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys \(\d+\): .*\.\.\. and \d+ more") as info:
+        load_model(tmp_path / "bm")
+    assert len(str(info.value)) < 700 and blackmamba_config

@@ -25,12 +25,17 @@ def raise_key_problems(source: str, missing, extra, shapes) -> None:
         return
     parts = []
     if missing:
-        parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        parts.append(f"missing keys ({len(missing)}): {_first(missing, ', ')}")
     if extra:
-        parts.append(f"unexpected keys ({len(extra)}): {', '.join(extra)}")
+        parts.append(f"unexpected keys ({len(extra)}): {_first(extra, ', ')}")
     if shapes:
-        parts.append(f"mis-shaped keys ({len(shapes)}): {'; '.join(shapes)}")
+        parts.append(f"mis-shaped keys ({len(shapes)}): {_first(shapes, '; ')}")
     raise CheckpointError(f"{source}: " + " | ".join(parts))
+
+
+def _first(items, sep: str, n: int = 4) -> str:
+    """The first n items and a count of the rest: a wrong d_model mis-shapes every tensor (one 1,126-character line)."""
+    return sep.join(items[:n]) + (f"{sep}... and {len(items) - n} more" if len(items) > n else "")
 
 
 def assign_weights(model, weights: dict, source: str, unexpected: list[str] | None = None) -> None:

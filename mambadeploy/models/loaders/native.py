@@ -44,7 +44,7 @@ def load_native(directory: Path, dtype: torch.dtype, device) -> MambaMoELM:
     meta = read_json(directory / "mambadeploy.json", CheckpointError)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{directory}: format_version {meta['format_version']} is newer than this mambadeploy")
-    config = ModelConfig.from_dict(meta["config"])
+    config = ModelConfig.from_dict(meta["config"], f"{Path(directory) / 'mambadeploy.json'}: config")
     wfile = directory / "model.safetensors"
     if not wfile.exists():
         raise CheckpointError(f"{directory}: model.safetensors is missing")
