@@ -23,7 +23,11 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="mambadeploy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mambadeploy",
+        description="Mamba + MoE language models (BlackMamba, MoE-Mamba, Jamba, Mamba) from checkpoints to ONNX Runtime "
+                    "and TensorRT, each artifact checked against a PyTorch reference. Run `mambadeploy COMMAND --help` "
+                    "for a command's options.")
     parser.add_argument("--version", action="version", version=f"mambadeploy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():

@@ -168,3 +168,37 @@ def test_inspect_describes_an_engine_directory(capsys, tmp_path):
     assert info["engines"]["decode"]["bytes"] == 10 and "--backend trt" in info["run_with"]
     code, out, _ = _run(capsys, "inspect", str(tmp_path / "eng"))  # the table
     assert code == 0 and "TensorRT engine directory" in out
+
+
+def test_help_is_whole_sentences(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "mambadeploy COMMAND --help" in out
+
+
+def test_stop_ids_outside_the_vocabulary_are_refused(capsys):
+    code, _, err = _run(capsys, "generate", "blackmamba-tiny", "--prompt-ids", "1,2", "--stop-ids", "3,99999")
+    assert code == 2 and "stop id(s) [99999] outside the vocabulary" in err
+
+
+def test_validate_takes_ort_as_a_backend_name():
+    from mambadeploy.validate.backends import parse_backends
+
+    (req,), chosen = parse_backends("ort:fp32", "fp32")
+    assert chosen and req.name == ("ort-cuda" if torch.cuda.is_available() else "ort-cpu")
+
+
+def test_saved_checkpoint_files_get_the_umask_mode(tiny, tmp_path):
+    import os
+    import stat
+
+    from mambadeploy import save_model
+
+    old = os.umask(0o022)
+    try:
+        save_model(tiny("blackmamba-tiny"), tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "mambadeploy.json": 0o644}

@@ -99,13 +99,15 @@ def sweep_stale_partials(out: Path, say) -> None:
 
 
 def check_target(out: Path, force: bool) -> None:
-    if not out.exists():
+    """An empty directory is fine; an export directory is replaced with --force; anything else is never replaced."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
-    if not force:
-        raise MambaDeployError(f"{out} already exists; pass --force to replace it")
-    is_export = out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))
+    is_export = out.is_dir() and (out / MANIFEST).is_file()
     if not is_export:
-        raise MambaDeployError(f"refusing to replace {out}: it is not an export directory (no {MANIFEST})")
+        raise MambaDeployError(f"refusing to write into {out}: it exists and is not an export directory (no {MANIFEST}); "
+                               "--force replaces only earlier exports, never other files: choose another --out")
+    if not force:
+        raise MambaDeployError(f"{out} already holds an export; pass --force to replace it")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -182,7 +182,11 @@ def init_random_(model: MambaMoELM, seed: int = 0) -> MambaMoELM:
     def normal_(t, std):
         t.copy_(randn(t.shape) * std)
 
-    for name, p in model.named_parameters():
+    from tqdm import tqdm
+
+    big = sum(p.numel() for p in model.parameters()) > (1 << 27)  # a bar for the full-size presets (~10 s)
+    for name, p in tqdm(list(model.named_parameters()), desc="random weights", unit="tensor", leave=False,
+                        disable=None if big else True):
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("norm.weight") or name.endswith("final_norm.weight"):
             p.copy_(1.0 + 0.1 * randn(p.shape))

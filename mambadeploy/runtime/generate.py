@@ -78,6 +78,9 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, samp
     if max_new_tokens > MAX_NEW_TOKENS:
         raise InputError(f"max_new_tokens {max_new_tokens} is above the limit of {MAX_NEW_TOKENS} (2^30) new tokens")
     check_vocab(prompts, runner.config.vocab_size)
+    bad_stops = sorted({t for t in stop_tokens if not 0 <= int(t) < runner.config.vocab_size})
+    if bad_stops:
+        raise InputError(f"stop id(s) {bad_stops[:5]} outside the vocabulary [0, {runner.config.vocab_size})")
     ids, lengths = pad_prompts(prompts, pad_id)
     limit = runner.max_length
     if limit is not None and ids.shape[1] + max_new_tokens - 1 > limit:

@@ -46,8 +46,11 @@ def parse_backends(text: str | None, default_dtype: str) -> tuple[list[BackendRe
         if not item:
             continue
         name, _, dt = item.partition(":")
+        if name == "ort":  # what generate calls it: the CUDA provider where a GPU is visible, else the CPU one
+            name = "ort-cuda" if torch.cuda.is_available() else "ort-cpu"
         if name not in ALL_BACKENDS:
-            raise InputError(f"unknown backend {name!r}; backends: {', '.join(ALL_BACKENDS)}")
+            raise InputError(f"unknown backend {name!r}; backends: {', '.join(ALL_BACKENDS)} (ort = ort-cuda with a "
+                             "GPU, ort-cpu without)")
         if dt and dt not in DTYPES:
             raise InputError(f"unknown dtype {dt!r} in backend {item!r}; use one of fp32, fp16, bf16")
         req = BackendRequest(name, parse_dtype(dt) if dt else base, bool(dt))

@@ -102,7 +102,8 @@ def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
             if opts.time_limit_s is not None and time.perf_counter() - started > opts.time_limit_s:
                 results.append(_skipped(req, f"not started: --time-limit of {opts.time_limit_s:g} s reached"))
                 continue
-            log(f"{req.label}: running")
+            log(f"{req.label}: running" + (" (its export is made first, or taken from the cache)"
+                                           if req.name in ONNX_BACKENDS and not opts.export_dir else ""))
             results.append(_run_backend(req, opts, model, reference, trace, ref_stream, exports, device, baselines))
             gc.collect()
             if torch.cuda.is_available():

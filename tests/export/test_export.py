@@ -182,15 +182,21 @@ def test_external_data_shared_between_graphs(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- files on disk
 def test_existing_directory_refused_without_force(tmp_path):
+    """A non-export directory is never replaced, and the first message already says that --force will not either; an
+    empty directory is taken as it is; an earlier export needs --force."""
     out = tmp_path / "x"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     model = small_model(two_layer())
-    with pytest.raises(MambaDeployError, match="already exists; pass --force"):
-        exporter.export_model(model, out)
-    with pytest.raises(MambaDeployError, match="not an export directory"):
-        exporter.export_model(model, out, force=True)
+    for force in (False, True):
+        with pytest.raises(MambaDeployError, match="not an export directory .* --force replaces only earlier exports"):
+            exporter.export_model(model, out, force=force)
     assert (out / "keep.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    exporter.export_model(model, empty)
+    with pytest.raises(MambaDeployError, match="already holds an export; pass --force"):
+        exporter.export_model(model, empty)
 
 
 def test_failed_export_leaves_nothing_and_keeps_the_old_one(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def test_export_inspect_generate(capsys, checkpoint, tmp_path):
     assert code == 2 and "batch of 5 exceeds the export's max batch 4" in err
 
     code, _, err = _run(capsys, "export", checkpoint, "--out", out)
-    assert code == 2 and err.strip().startswith("error:") and "already exists; pass --force" in err
+    assert code == 2 and err.strip().startswith("error:") and "already holds an export; pass --force" in err
 
 
 def test_export_bad_checkpoint(capsys, tmp_path):

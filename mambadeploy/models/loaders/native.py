@@ -32,6 +32,9 @@ def save_native(model, directory: Path) -> Path:
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as f:
         tmp_w = f.name
     save_file(tensors, tmp_w, metadata={"format": "mambadeploy"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_w, 0o666 & ~umask)  # NamedTemporaryFile makes it 0600; the checkpoint gets a plain file's mode
     os.replace(tmp_w, directory / "model.safetensors")
     (directory / "mambadeploy.json.tmp").write_text(json.dumps(meta, indent=2))
     os.replace(directory / "mambadeploy.json.tmp", directory / "mambadeploy.json")
