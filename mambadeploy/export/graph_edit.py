@@ -85,8 +85,3 @@ def drop_unused_opset(model: onnx.ModelProto, domain: str) -> None:
         keep = [o for o in model.opset_import if o.domain != domain]
         del model.opset_import[:]
         model.opset_import.extend(keep)
-
-
-def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
-    if not any(o.domain == domain for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(domain, version))

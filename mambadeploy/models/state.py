@@ -8,7 +8,6 @@ ONNX graphs and TensorRT bindings use the same names with `past.` / `present.` p
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +44,6 @@ def state_specs(config: ModelConfig, dtype: torch.dtype = torch.float32) -> list
     if config.has_attention:
         specs.append(StateSpec("pos", ("batch",), torch.int64))
     return specs
-
-
-def empty_state(config: ModelConfig, batch: int, dtype: torch.dtype = torch.float32, device="cpu") -> "OrderedDict":
-    return OrderedDict(
-        (s.name, torch.zeros(s.concrete_shape(batch), dtype=s.dtype, device=device)) for s in state_specs(config, dtype)
-    )
 
 
 def state_bytes_per_sequence(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
