@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import bench_ort_custom
 from bench_ort import Results
 from bench_ort import same_decode as max_error
 from bench_ort_custom import build
@@ -45,7 +46,7 @@ MODELS = ("blackmamba-1.5b", "blackmamba-2.8b", "jamba-1.5-mini:8")
 
 
 def export_dir(work: Path, spec: str, dtype: str) -> Path:
-    return work / f"{spec.replace(':', '-')}-{dtype}-custom"
+    return bench_ort_custom.export_dir(work, spec, dtype, "custom")
 
 
 def export_all(work: Path, models, dtypes) -> None:

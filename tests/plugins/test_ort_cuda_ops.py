@@ -183,7 +183,7 @@ def test_add_rms_norm_cuda(library, dtype, batch, d):
     (1, 24, 10, 3, "sigmoid_top1", 1, 0, ()), (5, 67, 33, 4, "softmax_topk", 1, 1, ("router_bias",)),
     (9, 128, 48, 8, "softmax_topk", 2, 1, ("router_bias",)), (64, 96, 40, 8, "sigmoid_top1", 1, 0, ()),
     (64, 130, 70, 16, "softmax_topk", 2, 2, ("router_bias",)),
-    # many pairs per expert, widths multiple of 16: the tensor-core path (fp16/bf16) next to the SIMT one
+    # many pairs per expert (more than one round of 4 pairs per weight read), widths multiple of 16
     (64, 128, 64, 4, "softmax_topk", 2, 1, ("router_bias",)), (40, 256, 96, 8, "sigmoid_top1", 1, 0, ()),
 ])
 def test_routed_moe_cuda(library, dtype, tokens, d, f, experts, router, top_k, activation, omit):

@@ -220,8 +220,8 @@ __global__ void __launch_bounds__(kThreads) group_kernel(const int* experts, int
 // Block y of a GEMV grid serves the y-th distinct expert that any pair chose (in expert order): the grid has
 // min(E, pairs) rows of blocks, so a batch-1 step launches blocks for its one expert only, not for all E. Returns that
 // expert, or -1 (fewer distinct experts than y + 1); `list` and `count` are its pairs.
-__device__ int expert_and_pairs(const int* counts, const int* offsets, const int* sorted, int E, const int*& list,
-                                int& count) {
+__device__ int expert_and_pairs(const int* groups, int E, const int*& list, int& count) {
+  const int *counts = groups, *offsets = groups + E, *sorted = groups + 2 * E;  // group_kernel's layout
   __shared__ int s_expert;
   if (threadIdx.x == 0) {
     int seen = -1, found = -1;
@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) fc1_kernel(MoEArgs a, const int* gro
   const int64_t d = a.d, F = a.F;
   const int* list = nullptr;
   int count = 0;
-  const int e = expert_and_pairs(groups, groups + a.E, groups + 2 * a.E, int(a.E), list, count);
+  const int e = expert_and_pairs(groups, int(a.E), list, count);
   if (e < 0) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* w1 = static_cast<const T*>(a.w1) + int64_t(e) * 2 * F * d;
@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) fc2_kernel(MoEArgs a, const int* gro
   const int64_t d = a.d, F = a.F;
   const int* list = nullptr;
   int count = 0;
-  const int e = expert_and_pairs(groups, groups + a.E, groups + 2 * a.E, int(a.E), list, count);
+  const int e = expert_and_pairs(groups, int(a.E), list, count);
   if (e < 0) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* w2 = static_cast<const T*>(a.w2) + int64_t(e) * d * F;
