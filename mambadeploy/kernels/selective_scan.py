@@ -40,6 +40,7 @@ SCAN_TILE = (1, 64, 2)
 # keep 64 (more segments, more programs); not swept.
 SEG_TILE = (32, 1, 64)
 SEG_LEN_LONG = 128
+SEG_LONG_FROM = 2048  # sequences from this length on use SEG_LEN_LONG
 FOLD_BLOCK = 1024  # (channel, state) pairs per program of the fold between the scan's two passes
 
 
@@ -327,7 +328,7 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
         block_d, warps, seg_len = min(next_pow2(dim), max(1, 256 // block_n)), 4, max(int(L), 1)
     else:
         block_d, warps, seg_len = SEG_TILE
-        if L >= 2048:
+        if L >= SEG_LONG_FROM:
             seg_len = SEG_LEN_LONG
     n_seg = triton.cdiv(max(int(L), 1), seg_len)
     return {

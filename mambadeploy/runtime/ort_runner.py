@@ -54,7 +54,7 @@ class OrtRunner(Runner):
     _instances = itertools.count()
 
     def __init__(self, directory, provider: str = "cpu", device_id: int = 0, cuda_graph: bool | None = None,
-                 threads: int | None = None, check_hashes: bool = True):
+                 threads: int | None = None, check_hashes: bool = True, aot_kernels: bool = True):
         ort = _ort()
         self.directory = Path(directory)
         if provider not in PROVIDERS:
@@ -80,7 +80,9 @@ class OrtRunner(Runner):
                 raise MambaDeployError("the CUDA provider is not available in this onnxruntime "
                                        f"({ort.__version__}: {', '.join(ort.get_available_providers())}); install "
                                        "onnxruntime-gpu: pip install 'mambadeploy[gpu]'")
+        self._library = None  # the custom-op library the sessions loaded (custom exports)
         self.sessions = {name: self._session(ort, name, threads) for name in ("prefill", "decode")}
+        self.aot = self._install_aot(aot_kernels) if provider == "cuda" and self._library else None
         for name, sess in self.sessions.items():
             self._check_io(name, sess)
         self._device = "cuda" if provider == "cuda" else "cpu"
@@ -109,13 +111,43 @@ class OrtRunner(Runner):
         if self.manifest.ops == "custom":  # mambadeploy-domain nodes: our kernel library (built once, cached)
             from ..plugins.ort.build import register
 
-            register(opts, cuda=self.provider == "cuda")
+            self._library = register(opts, cuda=self.provider == "cuda")
         path = self.directory / self.manifest.graphs[graph].file
         try:
             return ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             hint = missing_kernel_hint(str(exc), self.provider, self.manifest)
             raise MambaDeployError(f"ONNX Runtime cannot load {path}: {exc}{hint}") from exc
+
+    def _install_aot(self, on: bool) -> dict:
+        """One kernel source: register torch-fast's Triton kernels (compiled ahead of time for this GPU) with the
+        library, whose scan and MoE ops then launch them instead of their hand-written CUDA kernels. The switch is
+        process-wide (the library is loaded once per process): the last runner made decides."""
+        from ..plugins.ort import aot_table
+
+        if not on:
+            aot_table.enable(self._library, False)
+            return {"on": False}
+        try:
+            lazy_import("triton", "triton", "gpu", "the ORT library's Triton kernels (aot_kernels=False: without them)")
+        except MambaDeployError as exc:  # no Triton: the library's hand-written CUDA kernels run
+            aot_table.enable(self._library, False)
+            return {"on": False, "why": str(exc)}
+        specs = aot_table.plan_for(self.directory)
+        with torch.cuda.device(self.device_id):
+            torch.zeros(1, device="cuda")  # the device's primary context current here: modules load now, not in a capture
+            kernels = aot_table.compile_plan(specs)
+            aot_table.install(self._library, kernels)
+        aot_table.enable(self._library, True)
+        return {"on": True, "kernels": len(kernels), "plan": aot_table.plan_digest(specs)}
+
+    def aot_stats(self, reset: bool = False) -> dict | None:
+        """AOT launches and fallbacks since the last reset (None: not a CUDA session of a custom export)."""
+        if self.aot is None:
+            return None
+        from ..plugins.ort import aot_table
+
+        return aot_table.stats(self._library, reset)
 
     def _check_io(self, graph: str, sess) -> None:
         """The session's inputs and outputs must be what the manifest says, in order."""
@@ -306,7 +338,7 @@ class OrtRunner(Runner):
         return {"backend": f"ort-{self.provider}", "provider": PROVIDERS[self.provider],
                 "device": f"cuda:{self.device_id}" if self.provider == "cuda" else "cpu", "dtype": m.dtype,
                 "ops": m.ops, "opset": m.opset, "cuda_graph": self.cuda_graph, "export_dir": str(self.directory),
-                "onnxruntime": ort.__version__, "mambadeploy": __version__, "gpu": gpu}
+                "onnxruntime": ort.__version__, "mambadeploy": __version__, "gpu": gpu, "aot_kernels": self.aot}
 
 
 def _to_torch(value) -> torch.Tensor:

@@ -42,6 +42,33 @@ def library():
     return build.build_library(cuda=True)
 
 
+PATHS = ["cuda", "aot"]  # the library's hand-written CUDA kernel, or torch-fast's Triton kernel compiled ahead of time
+
+
+def _use_path(library, path, specs):
+    """Select the kernel path for the next session runs: "aot" compiles and registers `specs` (Triton caches the
+    compiles) and turns AOT launches on; "cuda" turns them off. The launch counters are reset."""
+    from mambadeploy.plugins.ort import aot_table
+
+    if path == "aot":
+        aot_table.install(library, aot_table.compile_plan(specs))
+    aot_table.enable(library, path == "aot")
+    aot_table.stats(library, reset=True)
+
+
+def _check_path(library, path, expect_aot: bool):
+    """The AOT path really launched its kernels (and no op fell back to the hand-written one)."""
+    from mambadeploy.plugins.ort import aot_table
+
+    st = aot_table.stats(library, reset=True)
+    print(f"AOT stats ({path}): {st}")
+    if path == "aot":
+        assert st["fallbacks"] == 0, st
+        assert (st["launches"] > 0) == expect_aot, st
+    else:
+        assert st["launches"] == 0, st
+
+
 def _session(model, library):
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(library))
@@ -104,15 +131,23 @@ def _ref_inputs(t, dtype):
 @pytest.mark.parametrize("batch,L,dim,n,omit", [
     (1, 1, 40, 16, ()), (3, 7, 67, 16, ("D", "delta_bias")), (1, 33, 43, 4, ("initial_state",)),
     (3, 154, 130, 16, ()), (2, 600, 24, 20, ()), (1, 70, 16, 40, ("D", "delta_bias", "initial_state")),
+    (1, 2100, 24, 16, ("initial_state",)),  # the long-sequence regime (128-step segments)
 ])
-def test_selective_scan_cuda(library, dtype, batch, L, dim, n, omit):
+@pytest.mark.parametrize("path", PATHS)
+def test_selective_scan_cuda(library, dtype, batch, L, dim, n, omit, path):
+    from mambadeploy.plugins.ort import aot_table
+
+    present = {k: k not in omit for k in ("D", "delta_bias", "initial_state")}
+    _use_path(library, path, aot_table.scan_specs(dtype, n, D=present["D"], z=True, bias=present["delta_bias"],
+                                                   h0=present["initial_state"], softplus=True))
     outs, t = _run("SelectiveScan", dtype, {"batch": batch, "length": L}, L, library, omit=omit,
                    attrs={"delta_softplus": 1}, dim=dim, n=n)
     r = _ref_inputs(t, dtype)
     refs = get_op("SelectiveScan").resolve("reference")(
         r["u"], r["delta"], r["A"], r["B"], r["C"], r.get("D"), r["z"], r.get("delta_bias"), True,
         r.get("initial_state"))
-    _compare("SelectiveScan", dtype, f"b{batch} L{L} d{dim} N{n} omit{list(omit)}", outs, refs)
+    _check_path(library, path, expect_aot=True)
+    _compare("SelectiveScan", dtype, f"{path} b{batch} L{L} d{dim} N{n} omit{list(omit)}", outs, refs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -132,7 +167,11 @@ def test_causal_conv1d_cuda(library, dtype, batch, L, dim, omit, activation):
 @pytest.mark.parametrize("tokens,d,f,experts,top_k,activation", [
     (1, 24, 10, 3, 1, 0), (7, 67, 33, 4, 1, 1), (33, 130, 50, 8, 2, 0), (154, 43, 17, 4, 2, 2), (300, 96, 70, 8, 1, 0),
 ])
-def test_expert_gather_cuda(library, dtype, tokens, d, f, experts, top_k, activation):
+@pytest.mark.parametrize("path", PATHS)
+def test_expert_gather_cuda(library, dtype, tokens, d, f, experts, top_k, activation, path):
+    from mambadeploy.plugins.ort import aot_table
+
+    _use_path(library, path, aot_table.moe_specs(dtype, d, f, experts, top_k, activation, experts_int64=True))
     outs, t = _run("TopKExpertGather", dtype, {"tokens": tokens, "experts": experts}, tokens, library,
                    attrs={"top_k": top_k, "activation": activation}, d=d, f=f, experts=experts, top_k=top_k)
     r = _ref_inputs(t, dtype)
@@ -142,7 +181,8 @@ def test_expert_gather_cuda(library, dtype, tokens, d, f, experts, top_k, activa
     refs = (get_op("TopKExpertGather").resolve("reference")(r["x"], r["w1"], r["w2"], r["experts"], r["weights"],
                                                             names[activation]),)
     scale = max(refs[0].float().abs().max().item(), 1.0)
-    _compare("TopKExpertGather", dtype, f"T{tokens} d{d} F{f} E{experts} k{top_k} act{activation}",
+    _check_path(library, path, expect_aot=tokens * top_k > 1)
+    _compare("TopKExpertGather", dtype, f"{path} T{tokens} d{d} F{f} E{experts} k{top_k} act{activation}",
              [outs[0] / scale], [refs[0].float() / scale])
 
 
@@ -186,8 +226,12 @@ def test_add_rms_norm_cuda(library, dtype, batch, d):
     # many pairs per expert (more than one round of 4 pairs per weight read), widths multiple of 16
     (64, 128, 64, 4, "softmax_topk", 2, 1, ("router_bias",)), (40, 256, 96, 8, "sigmoid_top1", 1, 0, ()),
 ])
-def test_routed_moe_cuda(library, dtype, tokens, d, f, experts, router, top_k, activation, omit):
+@pytest.mark.parametrize("path", PATHS)
+def test_routed_moe_cuda(library, dtype, tokens, d, f, experts, router, top_k, activation, omit, path):
     from mambadeploy.opset import ROUTER_CODES
+    from mambadeploy.plugins.ort import aot_table
+
+    _use_path(library, path, aot_table.moe_specs(dtype, d, f, experts, top_k, activation, experts_int64=False))
 
     outs, t = _run("RoutedMoE", dtype, {"tokens": tokens}, tokens, library, omit=omit,
                    attrs={"router": ROUTER_CODES[router], "top_k": top_k, "activation": activation},
@@ -205,7 +249,8 @@ def test_routed_moe_cuda(library, dtype, tokens, d, f, experts, router, top_k, a
     print(f"RoutedMoE: {int((~clear).sum())} of {tokens} rows left out as near-ties")
     assert clear.float().mean() >= 0.75
     scale = max(ref.float().abs().max().item(), 1.0)  # unit-normal weights: outputs of size ~sqrt(d F)
-    _compare("RoutedMoE", dtype, f"T{tokens} d{d} F{f} E{experts} {router} k{top_k} act{activation}",
+    _check_path(library, path, expect_aot=tokens * top_k > 1)
+    _compare("RoutedMoE", dtype, f"{path} T{tokens} d{d} F{f} E{experts} {router} k{top_k} act{activation}",
              [outs[0][clear] / scale], [ref.float()[clear] / scale])
 
 

@@ -25,8 +25,10 @@ from ...errors import MambaDeployError
 
 HERE = Path(__file__).resolve().parent
 CPU_SOURCES = ("ops_cpu.cc", "ops_cpu_decode.cc", "register.cc")
-CUDA_SOURCES = (*CPU_SOURCES, "ops_cuda.cc", "ops_cuda_kernels.cu", "ops_cuda_decode.cc", "ops_cuda_decode_kernels.cu")
-HEADERS = ("ops.h", "ops_cpu_common.h", "ops_cuda_kernels.h", "ops_cuda_glue.h", "ops_cuda_math.cuh")
+CUDA_SOURCES = (*CPU_SOURCES, "ops_cuda.cc", "ops_cuda_kernels.cu", "ops_cuda_decode.cc", "ops_cuda_decode_kernels.cu",
+                "ops_cuda_aot.cc", "aot_launch.cc")
+HEADERS = ("ops.h", "ops_cpu_common.h", "ops_cuda_kernels.h", "ops_cuda_glue.h", "ops_cuda_math.cuh", "ops_cuda_aot.h",
+           "aot_launch.h")
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")
 # SASS for Hopper, PTX for sm_80 that the driver JIT-compiles on any newer GPU; override with MAMBADEPLOY_CUDA_ARCHS
 # ("arch=compute_89,code=sm_89;...", nvcc -gencode values)
@@ -128,7 +130,7 @@ def compile_command(include: Path, out: Path, cuda: bool) -> list[str]:
     gencode = [a for arch in CUDA_ARCHS for a in ("-gencode", arch)]
     return [find_nvcc(), "-O3", "-std=c++17", "-shared", "--cudart", "static", "-Xcompiler",
             "-fPIC,-fvisibility=hidden,-Wall", "-DMAMBADEPLOY_WITH_CUDA", *gencode, f"-I{include}", f"-I{HERE}",
-            *[str(HERE / s) for s in CUDA_SOURCES], "-o", str(out)]
+            *[str(HERE / s) for s in CUDA_SOURCES], "-ldl", "-o", str(out)]
 
 
 def build_library(out_dir: Path | None = None, force: bool = False, cuda: bool = False) -> Path:

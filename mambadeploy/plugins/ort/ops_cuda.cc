@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "ops_cuda_aot.h"
 #include "ops_cuda_glue.h"
 
 namespace {
@@ -39,6 +40,11 @@ struct ScanKernel {
     a.y = ctx.GetOutput(0, u.shape).GetTensorMutableRawData();
     a.last_state = ctx.GetOutput(1, std::vector<int64_t>{b, d, N}).GetTensorMutableData<float>();
     a.batch = b, a.dim = d, a.L = L, a.N = N, a.softplus = softplus_ != 0;
+    const AotScanArgs s{u.data, dt.data, B.data, C.data, D.data, z.data, bias.data, a.A, a.initial_state,
+                        a.y, a.last_state, b, d, L, N, a.softplus};
+    if (AotSelectiveScan(ctx, ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId(), dtype_of<TT>(), s,
+                         ctx.GetGPUComputeStream()))
+      return;
     check_launch(mambadeploy_cuda::LaunchSelectiveScan(dtype_of<TT>(), a, ctx.GetGPUComputeStream()),
                  "SelectiveScan");
   }
@@ -108,6 +114,8 @@ struct GatherKernel {
     a.tokens = T, a.d = d, a.E = E, a.F = F, a.k = k, a.activation = int(activation_);
     if (T == 0) return;
     const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
+    const AotMoEArgs m{x.data, w1.data, w2.data, ex.data, true, a.weights, a.y, T, d, E, F, k, activation_};
+    if (T * k > 1 && AotGroupedMoE(ctx, device, t, m, ctx.GetGPUComputeStream(), "TopKExpertGather")) return;
     DeviceScratch scratch(ctx, device, mambadeploy_cuda::GatherWorkspaceBytes(t, T, d, E, F, k), "TopKExpertGather");
     a.workspace = scratch.ptr;
     check_launch(mambadeploy_cuda::LaunchExpertGather(t, a, ctx.GetGPUComputeStream()), "TopKExpertGather");

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "ops_cuda_aot.h"
 #include "ops_cuda_glue.h"
 
 namespace {
@@ -111,9 +112,23 @@ struct MoEKernel {
     a.tokens = T, a.d = d, a.E = E, a.F = F, a.k = k, a.router = int(router_), a.activation = int(activation_);
     if (T == 0) return;
     const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
+    if (T * k > 1 && AotDecode(ctx, device, a)) return;  // one pair (batch-1 top-1) keeps the SIMT GEMV below
     DeviceScratch scratch(ctx, device, mambadeploy_cuda::MoEWorkspaceBytes(t_, T, d, E, F, k), kName);
     a.workspace = scratch.ptr;
     check_launch(mambadeploy_cuda::LaunchRoutedMoE(t_, a, ctx.GetGPUComputeStream()), kName);
+  }
+
+  // The router here (logits rounded to T, as the reference), then torch-fast's grouped-GEMM experts (AOT Triton).
+  bool AotDecode(Ort::KernelContext& ctx, int device, const mambadeploy_cuda::MoEArgs& a) {
+    const int64_t P = a.tokens * a.k;
+    const size_t gates_at = (size_t(P) * 4 + 255) / 256 * 256;  // 16-byte aligned, as the AOT kernels assume
+    DeviceScratch route(ctx, device, gates_at + size_t(P) * 4, kName);  // experts int32 (P), then gates fp32 (P)
+    int* experts = static_cast<int*>(route.ptr);
+    float* gates = reinterpret_cast<float*>(static_cast<char*>(route.ptr) + gates_at);
+    AotMoEArgs m{a.x, a.w1, a.w2, experts, false, gates, a.y, a.tokens, a.d, a.E, a.F, a.k, a.activation};
+    void* stream = ctx.GetGPUComputeStream();
+    check_launch(mambadeploy_cuda::LaunchMoERouter(t_, a, experts, gates, stream), kName);
+    return AotGroupedMoE(ctx, device, t_, m, stream, kName);
   }
 };
 

@@ -380,16 +380,21 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 size_t elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 template <typename T>
+void launch_router(const MoEArgs& a, int* experts, float* gates, cudaStream_t s) {
+  const size_t logit_bytes = size_t(a.E) * sizeof(float);
+  if (a.d % kVec<T> == 0 && aligned16(a.x) && aligned16(a.router_weight))
+    route_kernel<T, true><<<unsigned(a.tokens), kThreads, logit_bytes, s>>>(a, experts, gates);
+  else
+    route_kernel<T, false><<<unsigned(a.tokens), kThreads, logit_bytes, s>>>(a, experts, gates);
+}
+
+template <typename T>
 void launch_moe(const MoEArgs& a, cudaStream_t s) {
   const int64_t P = a.tokens * a.k;
   const MoEWorkspace w = carve(a.workspace, sizeof(T), P, a.E, a.F);
-  const size_t logit_bytes = size_t(a.E) * sizeof(float);
   const unsigned blocks_y = unsigned(std::min<int64_t>(a.E, P));  // distinct experts chosen: at most this many
   const bool vec1 = a.d % kVec<T> == 0 && aligned16(a.x) && aligned16(a.w1);
-  if (vec1 && aligned16(a.router_weight))
-    route_kernel<T, true><<<unsigned(a.tokens), kThreads, logit_bytes, s>>>(a, w.experts, w.gates);
-  else
-    route_kernel<T, false><<<unsigned(a.tokens), kThreads, logit_bytes, s>>>(a, w.experts, w.gates);
+  launch_router<T>(a, w.experts, w.gates, s);
   group_kernel<<<1, kThreads, size_t(a.E) * sizeof(int), s>>>(w.experts, P, int(a.E), w.groups, w.groups + a.E,
                                                               w.groups + 2 * a.E);
   const dim3 g1(unsigned(cdiv(a.F, kRowsPerBlock)), blocks_y);
@@ -467,6 +472,15 @@ size_t MoEWorkspaceBytes(DType t, int64_t tokens, int64_t d, int64_t E, int64_t 
 const char* LaunchRoutedMoE(DType t, const MoEArgs& a, void* stream) {
   if (a.tokens == 0) return nullptr;
   return dispatch<MoEArgs, launch_moe<float>, launch_moe<__half>, launch_moe<__nv_bfloat16>>(t, a, stream);
+}
+
+const char* LaunchMoERouter(DType t, const MoEArgs& a, int* experts, float* gates, void* stream) {
+  if (a.tokens == 0) return nullptr;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (t == DType::kFloat32) launch_router<float>(a, experts, gates, s);
+  else if (t == DType::kFloat16) launch_router<__half>(a, experts, gates, s);
+  else launch_router<__nv_bfloat16>(a, experts, gates, s);
+  return last_error();
 }
 
 }  // namespace mambadeploy_cuda

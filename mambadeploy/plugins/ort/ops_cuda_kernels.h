@@ -100,5 +100,7 @@ struct MoEArgs {
 };
 size_t MoEWorkspaceBytes(DType t, int64_t tokens, int64_t d, int64_t E, int64_t F, int64_t k);
 const char* LaunchRoutedMoE(DType t, const MoEArgs& a, void* stream);
+// The router alone: experts (T, k) int32 and gates (T, k) fp32, as RoutedMoE picks them (a.workspace unused).
+const char* LaunchMoERouter(DType t, const MoEArgs& a, int* experts, float* gates, void* stream);
 
 }  // namespace mambadeploy_cuda
