@@ -125,6 +125,8 @@ def shape_part(res: Results, args, spec: str):
             if check is not None:
                 run["max_err_vs_torch_same_dtype"] = max_error(runner, check, vocab)
             run.update(time_runner(runner, vocab, lengths, batches, steps, reps))
+            if getattr(runner, "aot", None):  # did the ORT ops launch the AOT Triton kernels (and none fall back)?
+                run["aot_stats"] = runner.aot_stats()
             part["runs"][label] = run
             print(label, json.dumps({k: v for k, v in run.items() if k != "describe"}), flush=True)
         except Exception as exc:  # noqa: BLE001 - one runner failing must not lose the others' numbers
@@ -140,8 +142,10 @@ def shape_part(res: Results, args, spec: str):
     for dtype in args.dtypes:
         directory = export_dir(Path(args.work), spec, dtype)
         check = eager if dtype == "bf16" else TorchEagerRunner(build(spec, DTYPES[dtype]).to(device))
-        measure(f"ort-{provider}-custom:{dtype}", lambda d=directory: OrtRunner(d, provider), L, B, args.steps, 3,
-                check)
+        for kernels in args.ort_kernels:  # "aot": torch-fast's Triton kernels; "cuda": the hand-written ones
+            label = f"ort-{provider}-custom:{dtype}" + ("" if kernels == "aot" else "/cuda-kernels")
+            measure(label, lambda d=directory, k=kernels: OrtRunner(d, provider, aot_kernels=k == "aot"), L, B,
+                    args.steps, 3, check)
         del check
         gc.collect()
     measure("torch-eager:bf16", lambda: eager, L, B[:2], 3, 1)
@@ -223,6 +227,9 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--parts", nargs="+", default=["parity", "shapes", "profile"])
     p.add_argument("--profile", nargs="+", default=["b1", "b64", "L2048"], help="what the profile part records")
+    p.add_argument("--ort-kernels", nargs="+", choices=["aot", "cuda"], default=["aot", "cuda"],
+                   help="which kernels the ORT custom ops launch: torch-fast's Triton kernels compiled ahead of time "
+                        "(aot) and/or the library's hand-written CUDA kernels (cuda), each a run of its own")
     p.add_argument("--export-only", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: a dry run of the script")
     args = p.parse_args()

@@ -45,13 +45,14 @@ def library():
 PATHS = ["cuda", "aot"]  # the library's hand-written CUDA kernel, or torch-fast's Triton kernel compiled ahead of time
 
 
-def _use_path(library, path, specs):
-    """Select the kernel path for the next session runs: "aot" compiles and registers `specs` (Triton caches the
-    compiles) and turns AOT launches on; "cuda" turns them off. The launch counters are reset."""
+def _use_path(library, path, specs, size):
+    """Select the kernel path for the next session runs: "aot" compiles and registers those of `specs` whose range
+    holds `size` (pairs, or sequence length; Triton caches the compiles) and turns AOT launches on; "cuda" turns them
+    off. The launch counters are reset."""
     from mambadeploy.plugins.ort import aot_table
 
     if path == "aot":
-        aot_table.install(library, aot_table.compile_plan(specs))
+        aot_table.install(library, aot_table.compile_plan([s for s in specs if s.lo <= size <= s.hi]))
     aot_table.enable(library, path == "aot")
     aot_table.stats(library, reset=True)
 
@@ -139,7 +140,7 @@ def test_selective_scan_cuda(library, dtype, batch, L, dim, n, omit, path):
 
     present = {k: k not in omit for k in ("D", "delta_bias", "initial_state")}
     _use_path(library, path, aot_table.scan_specs(dtype, n, D=present["D"], z=True, bias=present["delta_bias"],
-                                                   h0=present["initial_state"], softplus=True))
+                                                   h0=present["initial_state"], softplus=True), L)
     outs, t = _run("SelectiveScan", dtype, {"batch": batch, "length": L}, L, library, omit=omit,
                    attrs={"delta_softplus": 1}, dim=dim, n=n)
     r = _ref_inputs(t, dtype)
@@ -171,7 +172,8 @@ def test_causal_conv1d_cuda(library, dtype, batch, L, dim, omit, activation):
 def test_expert_gather_cuda(library, dtype, tokens, d, f, experts, top_k, activation, path):
     from mambadeploy.plugins.ort import aot_table
 
-    _use_path(library, path, aot_table.moe_specs(dtype, d, f, experts, top_k, activation, experts_int64=True))
+    _use_path(library, path, aot_table.moe_specs(dtype, d, f, experts, top_k, activation, experts_int64=True),
+              tokens * top_k)
     outs, t = _run("TopKExpertGather", dtype, {"tokens": tokens, "experts": experts}, tokens, library,
                    attrs={"top_k": top_k, "activation": activation}, d=d, f=f, experts=experts, top_k=top_k)
     r = _ref_inputs(t, dtype)
@@ -231,7 +233,8 @@ def test_routed_moe_cuda(library, dtype, tokens, d, f, experts, router, top_k, a
     from mambadeploy.opset import ROUTER_CODES
     from mambadeploy.plugins.ort import aot_table
 
-    _use_path(library, path, aot_table.moe_specs(dtype, d, f, experts, top_k, activation, experts_int64=False))
+    _use_path(library, path, aot_table.moe_specs(dtype, d, f, experts, top_k, activation, experts_int64=False),
+              tokens * (1 if router == "sigmoid_top1" else top_k))
 
     outs, t = _run("RoutedMoE", dtype, {"tokens": tokens}, tokens, library, omit=omit,
                    attrs={"router": ROUTER_CODES[router], "top_k": top_k, "activation": activation},

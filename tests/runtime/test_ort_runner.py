@@ -273,6 +273,28 @@ def test_cuda_graph_decode_matches_plain_and_refuses_stale_states(exported, tiny
         graph.step(tok, first)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ort_cuda_available(), reason="needs a CUDA GPU and onnxruntime-gpu")
+@pytest.mark.parametrize("preset", ["blackmamba-tiny", "moe-mamba-tiny", "jamba-tiny"])
+def test_cuda_custom_ops_launch_the_aot_triton_kernels_and_match_torch(exported, tiny, preset):
+    """One kernel source: on CUDA the scan and MoE nodes launch torch-fast's Triton kernels (compiled ahead of time,
+    registered with the library); prefill (several pairs per expert) and batch-3 decode (inside ORT's CUDA graph)
+    follow the fp32 reference, and no op falls back to its hand-written kernel."""
+    runner = OrtRunner.from_dir(exported(preset, "custom"), "cuda")
+    assert runner.aot["on"] and runner.aot["kernels"] > 0, runner.aot
+    runner.aot_stats(reset=True)
+    model = tiny(preset)
+    ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(5))
+    (lg, sg), (want, ref_state) = runner.prefill(ids), model.prefill(ids)
+    for step in range(32):
+        assert_logits_close(lg.cpu(), want, torch.float32, f"{preset} ORT-CUDA (AOT kernels) vs torch, step {step}")
+        tok = want.argmax(-1)
+        (lg, sg), (want, ref_state) = runner.step(tok, sg), model.step(tok, ref_state)
+    stats = runner.aot_stats()
+    print(preset, "AOT", runner.aot, stats)
+    assert stats["launches"] > 0 and stats["fallbacks"] == 0, stats
+
+
 @pytest.mark.parametrize("message,op", [
     ("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for MatMul(13) node with name 'm'",
      "MatMul"),
