@@ -27,7 +27,7 @@ case $step in
   tests)
     [ -n "$1" ] && cp .device-wheels/part$1/* /tmp/stage/
     [ -d /tmp/site/onnxruntime ] || bash /tmp/stage/install.sh || { echo "install failed"; exit 1; }
-    timeout 300 python3 -m pytest -q -rfE -p no:cacheprovider tests/plugins/test_ort_cuda_ops.py \
+    timeout 540 python3 -m pytest -q -rfE -p no:cacheprovider tests/plugins/test_ort_cuda_ops.py \
       tests/runtime/test_ort_runner.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
     echo "--- exports"; grep -v -i warn /tmp/engines-export.log | grep -i "exported\|error" | tail -8 ;;
   bench)
