@@ -42,7 +42,8 @@ def test_plan_covers_every_custom_node(preset, top_k, scan_flags):
     for s in specs:
         keys.setdefault(s.key, []).append((s.lo, s.hi))
     roles = {k.split("|")[0] for k in keys}
-    expected = {"scan.state", "scan.out", "scan.fold", "moe.fc1", "moe.fc2", "moe.align.i64", "moe.align.i32"}
+    expected = {"scan.state", "scan.out", "scan.fold", "conv", "moe.fc1", "moe.fc2", "moe.align.i64",
+                "moe.align.i32"}
     assert expected | ({"moe.sum"} if top_k > 1 else set()) == roles
     fc1 = next(k for k in keys if k.startswith("moe.fc1"))
     assert f"k={top_k}" in fc1 and "|bf16|" in fc1

@@ -155,13 +155,19 @@ def test_selective_scan_cuda(library, dtype, batch, L, dim, n, omit, path):
 @pytest.mark.parametrize("batch,L,dim,omit,activation", [
     (1, 1, 33, (), 1), (3, 7, 130, ("bias",), 1), (3, 154, 67, ("initial_state",), 0), (2, 600, 40, (), 1),
 ])
-def test_causal_conv1d_cuda(library, dtype, batch, L, dim, omit, activation):
+@pytest.mark.parametrize("path", PATHS)
+def test_causal_conv1d_cuda(library, dtype, batch, L, dim, omit, activation, path):
+    from mambadeploy.plugins.ort import aot_table
+
+    _use_path(library, path, aot_table.conv_specs(dtype, 4, bias="bias" not in omit, init="initial_state" not in omit,
+                                                   silu=activation == 1), L)
     outs, t = _run("CausalConv1d", dtype, {"batch": batch, "length": L}, L, library, omit=omit,
                    attrs={"activation": activation}, dim=dim, k=4)
     r = _ref_inputs(t, dtype)
     refs = get_op("CausalConv1d").resolve("reference")(r["x"], r["weight"], r.get("bias"), r.get("initial_state"),
                                                        "silu" if activation else None)
-    _compare("CausalConv1d", dtype, f"b{batch} L{L} d{dim} omit{list(omit)} act{activation}", outs, refs)
+    _check_path(library, path, expect_aot=True)
+    _compare("CausalConv1d", dtype, f"{path} b{batch} L{L} d{dim} omit{list(omit)} act{activation}", outs, refs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

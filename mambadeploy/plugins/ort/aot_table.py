@@ -80,6 +80,9 @@ def plan_for(export_dir) -> list[KernelSpec]:
                 flags = dict(D=present[5], z=present[6], bias=present[7], h0=present[8],
                              softplus=bool(attrs["delta_softplus"]))
                 new = scan_specs(dtype, cfg.mamba.d_state, **flags)
+            elif node.op_type == "CausalConv1d":
+                K = _initializer_dim(model, node.input[1], 1) or cfg.mamba.d_conv
+                new = conv_specs(dtype, K, bias=present[2], init=present[3], silu=attrs["activation"] == 1)
             elif node.op_type in ("TopKExpertGather", "RoutedMoE"):
                 k = 1 if node.op_type == "RoutedMoE" and attrs["router"] == 0 else int(attrs["top_k"])
                 new = moe_specs(dtype, cfg.d_model, cfg.moe.ffn_size, cfg.moe.n_experts, k, int(attrs["activation"]),
@@ -88,6 +91,27 @@ def plan_for(export_dir) -> list[KernelSpec]:
                 continue
             specs.update({(s.key, s.lo): s for s in new})
     return list(specs.values())
+
+
+def _initializer_dim(model, name: str, axis: int) -> int | None:
+    """A dimension of an initializer's shape (None when `name` is computed in the graph)."""
+    for init in model.graph.initializer:
+        if init.name == name:
+            return int(init.dims[axis])
+    return None
+
+
+def conv_specs(dtype: str, K: int, *, bias: bool, init: bool, silu: bool) -> list[KernelSpec]:
+    """The prefill causal conv (one launch; its tile does not depend on the length)."""
+    from ...kernels.causal_conv1d import launch_config
+
+    t = TRITON_DTYPES[dtype]
+    cfg = launch_config(((1, 64, 64), (64, K)))
+    return [KernelSpec(kernel_key("conv", t, K=K, bias=bias, init=init, silu=silu), 1, MAX_SIZE, "conv_ort",
+                       {"x": "*" + t, "weight": "*" + t, "bias": "*" + t, "initial_state": "*fp32", "y": "*" + t,
+                        "final_state": "*fp32"},
+                       dict(cfg["constexprs"], HAS_BIAS=bias, HAS_INIT=init, SILU=silu), cfg["num_warps"],
+                       cfg["num_stages"], meta=dict(cfg["constexprs"]))]
 
 
 def moe_specs(dtype: str, d: int, F: int, E: int, k: int, activation: int, experts_int64: bool) -> list[KernelSpec]:

@@ -79,6 +79,7 @@ struct ConvKernel {
     a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
     a.final_state = ctx.GetOutput(1, std::vector<int64_t>{b, d, K}).GetTensorMutableData<float>();
     a.batch = b, a.dim = d, a.L = L, a.K = K, a.silu = activation_ == 1;
+    if (AotCausalConv1d(dtype_of<TT>(), a, ctx.GetGPUComputeStream())) return;
     check_launch(mambadeploy_cuda::LaunchCausalConv1d(dtype_of<TT>(), a, ctx.GetGPUComputeStream()), "CausalConv1d");
   }
 };

@@ -115,4 +115,22 @@ bool AotSelectiveScan(Ort::KernelContext& ctx, int device, DType t, const AotSca
   return true;
 }
 
+bool AotCausalConv1d(DType t, const mambadeploy_cuda::ConvArgs& a, void* stream) {
+  if (a.L <= 0 || a.batch * a.dim == 0) return false;
+  const auto* conv = Find(Key("conv", DtypeName(t), {{"K", a.K}, {"bias", a.bias != nullptr},
+                                                    {"init", a.initial_state != nullptr}, {"silu", a.silu}}), a.L);
+  if (!conv || !aligned16({a.x, a.weight, a.bias, a.initial_state, a.y, a.final_state})) {
+    mambadeploy_aot::CountFallback();
+    return false;
+  }
+  const void *x = a.x, *w = a.weight, *bias = a.bias ? a.bias : a.x;  // a left-out input is never read
+  const void* init = a.initial_state ? static_cast<const void*>(a.initial_state) : a.x;
+  void *y = a.y, *fin = a.final_state;
+  int32_t dim = int32_t(a.dim), L = int32_t(a.L);
+  check(Launch(conv, unsigned(a.batch), unsigned(cdiv(a.dim, Meta(conv, "BLOCK_D"))),
+               unsigned(cdiv(a.L, Meta(conv, "BLOCK_L"))), {&x, &w, &bias, &init, &y, &fin, &dim, &L}, stream),
+        "CausalConv1d");
+  return true;
+}
+
 }  // namespace mambadeploy_ort_cuda

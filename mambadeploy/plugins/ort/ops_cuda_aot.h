@@ -1,5 +1,5 @@
 // The ORT ops' launches of the AOT-compiled Triton kernels (aot_launch.h): the grouped-GEMM MoE (prefill and batched
-// decode) and the segment-parallel selective scan, the kernels torch-fast runs. Each returns true when it ran, false
+// decode), the segment-parallel selective scan and the prefill causal conv, the kernels torch-fast runs. Each returns true when it ran, false
 // when no kernel is registered for the key and size (the caller then runs its hand-written CUDA kernel).
 #pragma once
 
@@ -26,6 +26,8 @@ struct AotScanArgs {
   bool softplus;
 };
 bool AotSelectiveScan(Ort::KernelContext& ctx, int device, DType t, const AotScanArgs& a, void* stream);
+
+bool AotCausalConv1d(DType t, const mambadeploy_cuda::ConvArgs& a, void* stream);
 
 const char* DtypeName(DType t);  // "fp32" | "fp16" | "bf16", as aot_table.py names them
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...kernels.causal_conv1d import causal_conv1d_kernel
 from ...kernels.moe_experts import moe_gemm_fc1_kernel, moe_gemm_fc2_kernel
 from ...kernels.moe_routing import moe_align_kernel
 from ...kernels.selective_scan import selective_scan_fold_kernel, selective_scan_seg_kernel
@@ -83,3 +84,14 @@ def scan_fold_ort(A, h0, hseg, dseg, dim, n_seg,
                   d_state: tl.constexpr, HAS_H0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
     selective_scan_fold_kernel(A, h0, hseg, dseg, dim, d_state, n_seg, d_state, 1, dim * d_state, d_state, 1,
                                HAS_H0, BLOCK_N, BLOCK)
+
+
+@triton.jit
+def conv_ort(x, weight, bias, initial_state, y, final_state, dim, seqlen,
+             K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+             SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    # contiguous: x/y (b, dim, L); weight (dim, K); states (b, dim, K)
+    s_bdl = dim.to(tl.int64) * seqlen
+    causal_conv1d_kernel(x, weight, bias, initial_state, y, final_state, dim, seqlen,
+                         s_bdl, seqlen, 1, s_bdl, seqlen, 1, K, 1, dim * K, K, 1, dim * K, K, 1,
+                         K, BLOCK_K, HAS_BIAS, HAS_INIT, SILU, BLOCK_D, BLOCK_L)
