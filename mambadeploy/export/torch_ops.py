@@ -138,12 +138,21 @@ def patched(obj, **replacements):
                 delattr(obj, name)
 
 
+def _add_rms_norm_rows_via_op(x, residual, weight, eps):
+    """AddRMSNorm over the (B, L, d) activations of a prompt, as the op's (rows, d) form (what its TensorRT plugin and
+    CUDA kernels take): reshapes around one node."""
+    shape = residual.shape
+    y, r = torch.ops.mambadeploy.add_rms_norm(x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]), weight,
+                                              float(eps))
+    return y.reshape(shape), r.reshape(shape)
+
+
 def custom_op_patches():
-    """Prefill: the scan, the causal conv and the expert gather become single custom-op nodes. (The MoE layer stays
-    router in standard ops + TopKExpertGather: RoutedMoE's grouped GEMV dots 4 tokens per weight read, which suits a
-    decode batch, not a prompt.)"""
+    """Prefill: the scan, the causal conv, the expert gather and each residual add + RMSNorm become single custom-op
+    nodes. (The MoE layer stays router in standard ops + TopKExpertGather: the prompt's pairs are grouped by expert for
+    the grouped GEMM, which RoutedMoE's decode form does not need.)"""
     return patched(ref_ops, selective_scan_ref=_scan_via_op, causal_conv1d_ref=_conv_via_op,
-                   expert_gather_ref=_gather_via_op)
+                   expert_gather_ref=_gather_via_op, add_rms_norm_ref=_add_rms_norm_rows_via_op)
 
 
 def _conv_update_via_op(x, conv_state, weight, bias=None, activation=None):

@@ -30,11 +30,6 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps) if spec.ffn != "none" else None
         self.ffn = {"mlp": GatedMLP, "moe": MoE}.get(spec.ffn, lambda c: None)(config)
 
-    def _ffn(self, h, dtype):
-        if self.ffn is None:
-            return h
-        return h + self.ffn(self.ffn_norm(h).to(dtype)).float()
-
 
 class MambaMoELM(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -80,16 +75,21 @@ class MambaMoELM(nn.Module):
         h = self.embedding(input_ids).float()
         state = OrderedDict()
         pos = None
+        pending = None  # the last sub-layer's output, added to h by the next norm (one add + RMSNorm op, as in step)
         for i, block in enumerate(self.layers):
             if block.kind.mixer == "mamba":
-                out, conv, ssm = block.mixer(block.mixer_norm(h).to(dtype), valid)
-                h = h + out.float()
+                x, h = _add_norm(pending, h, block.mixer_norm, dtype)
+                pending, conv, ssm = block.mixer(x, valid)
                 state[f"L{i}.conv"], state[f"L{i}.ssm"] = conv, ssm
             elif block.kind.mixer == "attention":
-                out, k, v, pos = block.mixer(block.mixer_norm(h).to(dtype), valid)
-                h = h + out.float()
+                x, h = _add_norm(pending, h, block.mixer_norm, dtype)
+                pending, k, v, pos = block.mixer(x, valid)
                 state[f"L{i}.key"], state[f"L{i}.value"] = k, v
-            h = block._ffn(h, dtype)
+            if block.ffn is not None:
+                x, h = _add_norm(pending, h, block.ffn_norm, dtype)
+                pending = block.ffn(x)
+        if pending is not None:
+            h = h + pending.float()
         if pos is not None:
             state["pos"] = pos.to(torch.int64)
         return self._head(h), state

@@ -143,6 +143,6 @@ def test_real_custom_op_export_builds(tmp_path, tiny, preset):
     manifest = tb.build_engines(tmp_path / "export", tmp_path / "engines", target="rtx", max_batch=2, max_prompt=32,
                                 progress=print)
     prefill, decode = manifest["engines"]["prefill"], manifest["engines"]["decode"]
-    assert set(prefill["custom_ops"]) == {"SelectiveScan", "CausalConv1d", "TopKExpertGather"}
+    assert set(prefill["custom_ops"]) == {"SelectiveScan", "CausalConv1d", "TopKExpertGather", "AddRMSNorm"}
     assert set(decode["custom_ops"]) == {"CausalConv1dUpdate", "SelectiveStateUpdate", "AddRMSNorm", "RoutedMoE"}
     assert prefill["layers"]["PLUGIN_V3"] >= 3 and decode["layers"]["PLUGIN_V3"] >= 4 and decode["bytes"] > 0
