@@ -20,8 +20,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
         self.eps = eps
 
-    def forward(self, x):
-        return ref_ops.rms_norm_ref(x, self.weight, self.eps)
+    def forward(self, x, pending=None):
+        """RMSNorm of x; with `pending` (a sub-layer's output not yet added), x + pending in fp32 first, as one
+        add_rms_norm_ref call (one fused node in the exports): returns (normed, the new residual x + pending)."""
+        if pending is None:
+            return ref_ops.rms_norm_ref(x, self.weight, self.eps)
+        return ref_ops.add_rms_norm_ref(pending, x, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):

@@ -15,7 +15,6 @@ import torch.nn as nn
 
 from ..errors import InputError
 from .config import ModelConfig
-from . import ref_ops
 from .layers import Attention, GatedMLP, LayerNorm, MambaMixer, MoE, RMSNorm
 from .state import state_specs
 
@@ -164,7 +163,7 @@ def _add_norm(pending, h, norm, dtype):
     by `norm(h).to(dtype)`, written as one ref_ops.add_rms_norm_ref call so the decode export makes it one node."""
     if pending is None:
         return norm(h).to(dtype), h
-    return ref_ops.add_rms_norm_ref(pending, h, norm.weight, norm.eps)
+    return norm(h, pending)
 
 
 @torch.no_grad()

@@ -42,8 +42,9 @@ def residual_stream(model: MambaMoELM, ids: torch.Tensor, lengths: torch.Tensor)
     last = {"name": "embed"}  # the stream before the first layer is the embedding
 
     def capture(name):
-        def hook(_module, args):
-            snaps[name] = args[0].detach().float()
+        def hook(_module, args):  # args: (residual,) or (residual, pending sub-layer output): the stream is their sum
+            stream = args[0].float() if len(args) < 2 or args[1] is None else args[0] + args[1].float()
+            snaps[name] = stream.detach()
         return hook
 
     for i, block in enumerate(model.layers):
