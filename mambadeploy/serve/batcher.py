@@ -13,7 +13,6 @@ that call only.
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -25,6 +24,9 @@ from ..errors import InputError
 from ..runtime.generate import MAX_NEW_TOKENS, check_finite
 from ..runtime.sampling import Sampler, SamplingConfig
 from .slots import SlotPool
+
+# How often live sequences are asked whether their client cancelled (seconds): a freed slot waits at most this long.
+CANCEL_POLL_S = 0.02
 
 
 @dataclass
@@ -65,8 +67,9 @@ class BatcherStats:
 
 
 class InflightBatcher:
-    def __init__(self, runner, max_batch: int = 64, device=None, on_finish=None):
-        """on_finish(ttft_s, itl_list_s) is called per completed sequence (metrics)."""
+    def __init__(self, runner, max_batch: int = 64, device=None, on_finish=None, on_poll=None):
+        """on_finish(ttft_s, itl_list_s) is called per completed sequence, on_poll(live count, stats) at each
+        cancellation poll (metrics)."""
         self.runner = runner
         self.config = runner.config
         self.pool = SlotPool(runner, max_batch, device)
@@ -74,10 +77,11 @@ class InflightBatcher:
         self.live: list[_Live] = []  # row i of the pool holds live[i]
         self.stats = BatcherStats()
         self.on_finish = on_finish
+        self.on_poll = on_poll
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mambadeploy-batcher", daemon=True)
-        self._ids = itertools.count()
+        self._last_poll = 0.0
 
     # ------------------------------------------------------------------ caller side (any thread)
     def check(self, prompt, max_tokens: int, stop_ids=()) -> None:
@@ -128,23 +132,42 @@ class InflightBatcher:
                 waiting = [r for r in waiting if r is not None]  # None only wakes the worker
                 if self._stop.is_set():
                     break
-                self._drop_cancelled()
-                free = self.max_batch - len(self.live)
-                if waiting and free:
-                    admitted, waiting = waiting[:free], waiting[free:]
-                    self._admit([r for r in admitted if not _was_cancelled(r, self.stats)])
-                if self.live:
-                    self._step()
+                try:
+                    waiting = self._turn(waiting)
+                except Exception as exc:  # noqa: BLE001 - never let the worker die with streams open
+                    for seq in self.live:
+                        seq.request.fail(f"internal error: {exc!r}")
+                    self.live = []
         for seq in self.live:
             seq.request.fail("the server is shutting down")
         for r in waiting:
             r.fail("the server is shutting down")
         self.live = []
 
+    def _turn(self, waiting: list) -> list:
+        """Drop the cancelled, admit what fits, run one decode step; returns the requests still waiting."""
+        self._drop_cancelled()
+        free = self.max_batch - len(self.live)
+        if waiting and free:
+            admitted, waiting = waiting[:free], waiting[free:]
+            self._admit([r for r in admitted if not _was_cancelled(r, self.stats)])
+        if self.live:
+            self._step()
+        return waiting
+
     def _drop_cancelled(self) -> None:
+        """Free the rows of cancelled sequences. Asking is a round trip to the server from Triton's stub: at most
+        every CANCEL_POLL_S, not every step."""
+        now = time.perf_counter()
+        if now - self._last_poll < CANCEL_POLL_S:
+            return
+        self._last_poll = now
         for row in range(len(self.live) - 1, -1, -1):
             if _was_cancelled(self.live[row].request, self.stats):
+                self.live[row].request.fail("cancelled")  # closes the stream (FINAL) if the sender still takes it
                 self._free(row)
+        if self.on_poll is not None:
+            self.on_poll(len(self.live), self.stats)
 
     def _free(self, row: int) -> None:
         """Remove live[row]; the last live row moves into its place (rows stay [0, n))."""
