@@ -32,13 +32,14 @@ INPUTS = {
     "top_p": ("TYPE_FP32", [1]),
     "seed": ("TYPE_INT64", [1]),
     "stop_ids": ("TYPE_INT64", [-1]),
+    "stream": ("TYPE_BOOL", [1]),  # false: one response with every token (what the generate endpoint needs)
 }
 # one response per token: its id, its index in the sequence, and its latency (time to first token for index 0, the
-# inter-token gap after); text_output when the repository has a tokenizer
+# inter-token gap after); text_output when the repository has a tokenizer. With stream false: one response, all tokens.
 OUTPUTS = {
-    "output_ids": ("TYPE_INT64", [1]),
-    "index": ("TYPE_INT32", [1]),
-    "latency_ms": ("TYPE_FP32", [1]),
+    "output_ids": ("TYPE_INT64", [-1]),
+    "index": ("TYPE_INT32", [-1]),
+    "latency_ms": ("TYPE_FP32", [-1]),
     "text_output": ("TYPE_STRING", [1]),
 }
 TOKENIZER_FILE = "tokenizer.json"
@@ -202,18 +203,34 @@ def state_model_config(name, backend, state, vocab_size, max_batch, controls: bo
     return cfg
 
 
-def loadable_here(cfg):
-    """A copy of an implicit-state config on the Python backend (all the bundled server has), for checking that
-    Triton accepts its sequence batcher and state entries. The Python backend does not carry implicit state."""
+TWIN_MODEL_PY = '''"""Stand-in written by mambadeploy (serve/repo.py write_loadable_twin): it lets the bundled server (Python backend
+only) load an implicit-state configuration to check it; the Python backend does not carry implicit state."""
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        message = "implicit state is carried only by the onnxruntime / tensorrt backends of a full Triton install"
+        return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
+'''
+
+
+def write_loadable_twin(model_dir, out) -> Path:
+    """A copy of an implicit-state model on the Python backend (all the bundled server has), for checking that Triton
+    accepts its sequence batcher and state entries: out/<name>_twin/config.pbtxt + 1/model.py."""
     mc = _pb()
-    twin = mc.ModelConfig()
-    twin.CopyFrom(cfg)
+    twin = read_config(Path(model_dir) / "config.pbtxt")
+    twin.name = f"{twin.name}_twin"
     twin.backend = "python"
     twin.platform = ""
     twin.ClearField("model_operations")
     del twin.instance_group[:]
     twin.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
-    return twin
+    directory = Path(out) / twin.name
+    (directory / "1").mkdir(parents=True, exist_ok=True)
+    (directory / "config.pbtxt").write_text(_text(twin))
+    (directory / "1" / "model.py").write_text(TWIN_MODEL_PY)
+    return directory
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -108,6 +108,7 @@ class TritonServer:
         self.log_path = self.workdir / "server.log"
         self.shm_prefix = f"mambadeploy_{os.getpid()}_{self.workdir.name[-8:]}_"
         self.process: subprocess.Popen | None = None
+        self.stopping = False
 
     @property
     def http_url(self) -> str:
@@ -167,6 +168,7 @@ class TritonServer:
         """SIGTERM (Triton unloads its models and the stubs exit), SIGKILL to the process group if it hangs; then
         remove this server's shared-memory regions and its work directory."""
         code = None
+        self.stopping = True
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)

@@ -3,7 +3,9 @@ joins one InflightBatcher that runs the decode batch of all live sequences.
 
 Runs inside Triton's Python stub (imports triton_python_backend_utils, which only exists there). A request:
   input_ids INT64 [-1] or text_input STRING [1] (with the repository's tokenizer); max_tokens INT32 (16 when absent);
-  temperature FP32, top_k INT32, top_p FP32, seed INT64 (greedy when absent); stop_ids INT64 [-1].
+  temperature FP32, top_k INT32, top_p FP32, seed INT64 (greedy when absent); stop_ids INT64 [-1]; stream BOOL
+  (false: a single response with every token, as Triton's /generate endpoint needs; /generate_stream and gRPC
+  streaming take one response per token).
 Each response: output_ids INT64 [1], index INT32 [1], latency_ms FP32 [1] (index 0: time to first token from arrival;
 after: the gap since the previous token), text_output STRING [1] with a tokenizer. The last response carries the
 FINAL flag. Numbers cross the stub boundary through DLPack (works under numpy 1 and 2); strings need numpy < 2 there. A bad request gets one error response (with FINAL) and never reaches the batcher. Time to first token and
@@ -150,23 +152,35 @@ class MambaServeModel:
                                   top_p=scalar("top_p", 1.0, float), seed=scalar("seed", 0, int))
         stop = value("stop_ids")
         stop_ids = tuple(stop.reshape(-1).tolist()) if stop is not None else ()
-        emit, fail = self._responder(pb, sender)
+        streaming = value("stream")
+        emit, fail = self._responder(pb, sender, streaming is None or bool(streaming.reshape(-1)[0]))
         return Request(prompt, scalar("max_tokens", DEFAULT_MAX_TOKENS, int), emit, fail, sampling, stop_ids,
                        cancelled=sender.is_cancelled)
 
-    def _responder(self, pb, sender):
+    def _responder(self, pb, sender, streaming: bool):
+        """emit(token, index, latency_s, final): one response per token, or (streaming False) one at the end."""
         import torch
 
         final_flag = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        tokenizer = self.tokenizer
+        tokenizer = self.tokenizer if NUMPY_1 else None
+        kept = {"ids": [], "index": [], "latency": []}
+
+        def send(ids, index, latency_ms, flags):
+            outputs = [pb.Tensor.from_dlpack("output_ids", torch.tensor(ids, dtype=torch.int64)),
+                       pb.Tensor.from_dlpack("index", torch.tensor(index, dtype=torch.int32)),
+                       pb.Tensor.from_dlpack("latency_ms", torch.tensor(latency_ms, dtype=torch.float32))]
+            if tokenizer is not None:
+                outputs.append(pb.Tensor("text_output", np.array([tokenizer.decode(ids).encode()], dtype=object)))
+            sender.send(pb.InferenceResponse(output_tensors=outputs), flags=flags)
 
         def emit(token, index, latency_s, final):
-            outputs = [pb.Tensor.from_dlpack("output_ids", torch.tensor([token], dtype=torch.int64)),
-                       pb.Tensor.from_dlpack("index", torch.tensor([index], dtype=torch.int32)),
-                       pb.Tensor.from_dlpack("latency_ms", torch.tensor([latency_s * 1e3], dtype=torch.float32))]
-            if tokenizer is not None and NUMPY_1:
-                outputs.append(pb.Tensor("text_output", np.array([tokenizer.decode([token]).encode()], dtype=object)))
-            sender.send(pb.InferenceResponse(output_tensors=outputs), flags=final_flag if final else 0)
+            if streaming:
+                send([token], [index], [latency_s * 1e3], final_flag if final else 0)
+                return
+            for key, v in zip(kept, (token, index, latency_s * 1e3)):
+                kept[key].append(v)
+            if final:
+                send(kept["ids"], kept["index"], kept["latency"], final_flag)
 
         def fail(message):
             try:
