@@ -1,0 +1,202 @@
+"""A real tritonserver (from nvidia-pytriton), started once for this module by `mambadeploy serve` on loopback,
+serving blackmamba-tiny and jamba-tiny through the in-flight-batching Python model, plus the implicit-state decode
+config (its Python-backend twin: the bundled server has no onnxruntime backend). The last test stops it with SIGTERM."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("pytriton") is None:
+    pytest.skip("nvidia-pytriton is not installed (pip install nvidia-pytriton==0.7.0 --no-deps)",
+                allow_module_level=True)
+pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'tritonclient[grpc,http]')")
+
+from mambadeploy.runtime.factory import make_runner  # noqa: E402
+from mambadeploy.runtime.generate import generate  # noqa: E402
+from mambadeploy.serve.client import run_streams  # noqa: E402
+from mambadeploy.serve.repo import read_config, write_loadable_twin, write_repo, write_state_model  # noqa: E402
+from mambadeploy.serve.server import ServeError, TritonServer, free_port  # noqa: E402
+
+MODELS = {"bm": "blackmamba-tiny", "jt": "jamba-tiny"}
+MAX_BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def exported():
+    from mambadeploy.runtime.ort_runner import export_for
+
+    return export_for("blackmamba-tiny", dtype="fp32", ops="portable")  # cached across the test session
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, exported):
+    repo = tmp_path_factory.mktemp("repo")
+    for name, preset in MODELS.items():
+        write_repo(preset, repo, name=name, backend="torch", dtype="fp32", device="cpu", max_batch=MAX_BATCH,
+                   threads=1)
+    state_dir = write_state_model(exported, tmp_path_factory.mktemp("state"), "bm_decode", MAX_BATCH)
+    write_loadable_twin(state_dir, repo)
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    process = subprocess.Popen([sys.executable, "-m", "mambadeploy.cli", "serve", str(repo), "--http-port",
+                                str(ports["http"]), "--grpc-port", str(ports["grpc"]), "--metrics-port",
+                                str(ports["metrics"])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    info = {"process": process, "ports": ports, "state_dir": state_dir, "repo": repo,
+            "grpc": f"127.0.0.1:{ports['grpc']}", "http": f"http://127.0.0.1:{ports['http']}"}
+    deadline = time.monotonic() + 150
+    while not _ready(info["http"]):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"mambadeploy serve did not become ready: {process.stdout.read()}")
+        time.sleep(0.2)
+    yield info
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+
+
+def _ready(url) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _alone(tiny, preset, prompt, n):
+    return generate(make_runner(tiny(preset), "torch"), [prompt], n).tokens[0]
+
+
+def _prompts(seed, count, vocab=512):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(1, 9))] for _ in range(count)]
+
+
+def _metric(server, line_start) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server['ports']['metrics']}/metrics").read().decode()
+    values = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(line_start)]
+    assert values, f"no metric {line_start}"
+    return values[0]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_16_concurrent_streams_match_generate_alone(server, tiny, name):
+    prompts = _prompts(len(name), 16)
+    results = run_streams(server["grpc"], name, [dict(prompt=p, max_tokens=10) for p in prompts])
+    for prompt, result in zip(prompts, results):
+        assert result.error is None
+        assert result.tokens == _alone(tiny, MODELS[name], prompt, 10)
+        assert len(result.latency_ms) == 10 and all(v > 0 for v in result.latency_ms)
+
+
+def test_disconnected_client_frees_its_slot(server, tiny):
+    before = _metric(server, 'mambadeploy_cancelled_total{model="bm"}')
+    prompts = _prompts(7, 4)
+    jobs = [dict(prompt=prompts[0], max_tokens=100_000, cancel_after=3)]  # would hold its slot for minutes
+    jobs += [dict(prompt=p, max_tokens=12) for p in prompts[1:]]
+    results = run_streams(server["grpc"], "bm", jobs)
+    assert results[0].cancelled and len(results[0].tokens) >= 3
+    for prompt, result in zip(prompts[1:], results[1:]):
+        assert result.error is None and result.tokens == _alone(tiny, "blackmamba-tiny", prompt, 12)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _metric(server, 'mambadeploy_live_sequences{model="bm"}') == 0 and \
+                _metric(server, 'mambadeploy_cancelled_total{model="bm"}') > before:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the cancelled sequence still holds its slot")
+
+
+def test_bad_requests_fail_alone(server, tiny):
+    good = _prompts(3, 4)
+    bad = [dict(prompt=[1, 99999], max_tokens=4),
+           dict(prompt=[], max_tokens=4),
+           dict(prompt=[1] * 10, max_tokens=600),  # jamba-tiny's KV cache holds 512
+           dict(prompt=[1, 2], max_tokens=2.5, types={"max_tokens": "float32"}),
+           dict(max_tokens=4)]
+    expected = ["outside the vocabulary", "empty prompt", "KV cache", "data-type", "no prompt"]
+    results = run_streams(server["grpc"], "jt", [dict(prompt=p, max_tokens=8) for p in good] + bad)
+    for prompt, result in zip(good, results):
+        assert result.error is None and result.tokens == _alone(tiny, "jamba-tiny", prompt, 8)
+    for result, phrase in zip(results[len(good):], expected):
+        print(result.error)
+        assert result.tokens == [] and phrase in result.error
+
+
+def test_generate_extension(server, tiny):
+    prompt = [5, 2, 3]
+    want = _alone(tiny, "blackmamba-tiny", prompt, 5)
+    body = json.dumps({"input_ids": prompt, "max_tokens": 5, "stream": False}).encode()
+    whole = json.loads(urllib.request.urlopen(f"{server['http']}/v2/models/bm/generate", body).read())
+    assert whole["output_ids"] == want and whole["index"] == list(range(5))
+    body = json.dumps({"input_ids": prompt, "max_tokens": 5}).encode()
+    events = urllib.request.urlopen(f"{server['http']}/v2/models/bm/generate_stream", body).read().decode()
+    tokens = [json.loads(line[5:])["output_ids"] for line in events.splitlines() if line.startswith("data:")]
+    assert tokens == want
+
+
+def test_latency_metrics(server):
+    assert _metric(server, 'mambadeploy_time_to_first_token_seconds_count{model="bm"}') >= 16
+    assert _metric(server, 'mambadeploy_inter_token_latency_seconds_count{model="bm"}') >= 16 * 9
+    assert _metric(server, 'mambadeploy_generated_tokens_total{model="jt"}') >= 16 * 10
+
+
+def test_implicit_state_config_parses_and_loads(server, exported):
+    import numpy as np
+    import onnxruntime as ort
+
+    from mambadeploy.export.manifest import Manifest
+
+    config = read_config(server["state_dir"] / "config.pbtxt")
+    names = [s.name for s in Manifest.read(exported).state]
+    assert config.backend == "onnxruntime" and config.max_batch_size == MAX_BATCH
+    assert [s.input_name for s in config.sequence_batching.state] == [f"past.{n}" for n in names]
+    assert [s.output_name for s in config.sequence_batching.state] == [f"present.{n}" for n in names]
+    assert [c.name for c in config.sequence_batching.control_input] == ["START", "READY", "CORRID"]
+    index = json.loads(urllib.request.urlopen(urllib.request.Request(f"{server['http']}/v2/repository/index",
+                                                                     b"{}")).read())
+    assert {"name": "bm_decode_twin", "version": "1", "state": "READY"} in index
+    # the graph Triton would run: the export's decode plus the control inputs, same outputs
+    original = ort.InferenceSession(str(Path(exported) / "decode.onnx"))
+    edited = ort.InferenceSession(str(server["state_dir"] / "1" / "model.onnx"))
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal([3 if d == "batch" else d for d in i.shape]).astype(np.float32)
+             for i in original.get_inputs() if i.name != "input_ids"}
+    feeds["input_ids"] = np.array([[1], [2], [3]], dtype=np.int64)
+    controls = {"START": np.ones((3, 1), np.float32), "READY": np.ones((3, 1), np.float32),
+                "CORRID": np.arange(3, dtype=np.uint64)[:, None]}
+    for a, b in zip(original.run(None, feeds), edited.run(None, {**feeds, **controls})):
+        assert np.array_equal(a, b)
+
+
+def test_start_failure_names_the_reason(tmp_path, server):
+    """The bundled server has no onnxruntime backend: loading the real implicit-state model fails, with the reason."""
+    import shutil
+
+    shutil.copytree(server["state_dir"], tmp_path / "bm_decode")
+    with pytest.raises(ServeError, match="backend 'onnxruntime'"):
+        TritonServer(tmp_path, free_port(), free_port(), free_port()).start(60)
+
+
+def test_sigterm_stops_within_10s_without_shared_memory(server):
+    process = server["process"]
+    regions = sorted(Path("/dev/shm").glob(f"mambadeploy_{process.pid}_*"))
+    assert regions, "the server's Python backend regions should exist while it runs"
+    t0 = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(15)
+    elapsed = time.monotonic() - t0
+    print(f"stopped in {elapsed:.1f} s, exit code {process.returncode}")
+    assert elapsed < 10
+    assert not [r for r in regions if r.exists()]
+    assert not _ready(server["http"])
