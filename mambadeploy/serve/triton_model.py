@@ -17,6 +17,8 @@ mambadeploy_live_sequences and the counter mambadeploy_generated_tokens_total.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,9 @@ class MambaServeModel:
 
             self.tokenizer = Tokenizer.from_file(str(Path(args["model_repository"]) / TOKENIZER_FILE))
         self._metrics(pb)
+        self._outbox: queue.Queue = queue.Queue()
+        self._sender = threading.Thread(target=self._send_loop, name="mambadeploy-sender", daemon=True)
+        self._sender.start()
         self.batcher = InflightBatcher(self.runner, max_batch=int(params["max_batch"]),
                                        on_finish=self._observe, on_poll=self._poll).start()
 
@@ -173,22 +178,40 @@ class MambaServeModel:
                 outputs.append(pb.Tensor("text_output", np.array([tokenizer.decode(ids).encode()], dtype=object)))
             sender.send(pb.InferenceResponse(output_tensors=outputs), flags=flags)
 
+        def queue_send(*args):
+            self._outbox.put((send, args))
+
         def emit(token, index, latency_s, final):
             if streaming:
-                send([token], [index], [latency_s * 1e3], final_flag if final else 0)
+                queue_send([token], [index], [latency_s * 1e3], final_flag if final else 0)
                 return
             for key, v in zip(kept, (token, index, latency_s * 1e3)):
                 kept[key].append(v)
             if final:
-                send(kept["ids"], kept["index"], kept["latency"], final_flag)
+                queue_send(kept["ids"], kept["index"], kept["latency"], final_flag)
+
+        def send_error(message):
+            sender.send(pb.InferenceResponse(error=pb.TritonError(message)), flags=final_flag)
 
         def fail(message):
-            try:
-                sender.send(pb.InferenceResponse(error=pb.TritonError(message)), flags=final_flag)
-            except Exception:  # noqa: BLE001 - the client is already gone
-                pass
+            self._outbox.put((send_error, (message,)))
 
         return emit, fail
 
+    def _send_loop(self) -> None:
+        """Sends responses in order (one queue: a stream's tokens never overtake each other) while the batcher
+        thread runs the next decode step: the per-response cost of the stub (IPC to the server) overlaps the GPU."""
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - the client is gone (the batcher sees it cancelled)
+                pass
+
     def finalize(self) -> None:
-        self.batcher.stop()
+        self.batcher.stop()  # fails what is still live: those errors go through the outbox first
+        self._outbox.put(None)
+        self._sender.join(5)
