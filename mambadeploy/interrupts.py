@@ -69,7 +69,7 @@ def _watch(read_fd: int) -> None:
         data = os.read(read_fd, 1)
         if data and data[0] in (signal.SIGINT, signal.SIGTERM):
             break
-    for fn in list(_callbacks):
+    for fn in _callbacks:
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - still remove the paths and exit

@@ -107,7 +107,7 @@ class InflightBatcher:
         self.check(request.prompt, request.max_tokens, request.stop_ids)
         self._inbox.put(request)
 
-    def start(self) -> "InflightBatcher":
+    def start(self) -> InflightBatcher:
         self._thread.start()
         return self
 

@@ -19,6 +19,8 @@ class StreamResult:
     client_ms: list = field(default_factory=list)  # as this client saw them (since the request was sent)
     error: str | None = None
     cancelled: bool = False
+    sent_at: float = 0.0  # wall clock (time.time) when the request went out, and of its last token
+    last_at: float = 0.0
 
 
 def _grpc():
@@ -57,6 +59,7 @@ async def stream(client, model: str, request_id: str, cancel_after: int | None =
 
     sent = time.perf_counter()
     last = sent
+    result.sent_at = result.last_at = time.time()
     responses = client.stream_infer(requests())
     try:
         async for response, error in responses:
@@ -70,6 +73,7 @@ async def stream(client, model: str, request_id: str, cancel_after: int | None =
                 result.latency_ms.append(float(response.as_numpy("latency_ms")[0]))
                 result.client_ms.append((now - last) * 1e3)
                 last = now
+                result.last_at = time.time()
             if message.parameters["triton_final_response"].bool_param:
                 break
             if cancel_after is not None and len(result.tokens) >= cancel_after:

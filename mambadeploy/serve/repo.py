@@ -110,6 +110,7 @@ def write_repo(target, out, name: str = "mamba", backend: str = "torch-fast", dt
     """Write the repository; returns {model name: model directory}. state_config: also write the implicit-state
     model (default: when target is an export or engine directory)."""
     import mambadeploy
+
     from ..runtime.factory import BACKENDS, directory_kind
 
     if backend not in BACKENDS:

@@ -127,7 +127,7 @@ class TritonServer:
                 f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 f"--log-verbose={self.log_verbose}", f"--exit-timeout-secs={EXIT_TIMEOUT_S}", *self.extra_args]
 
-    def start(self, timeout: float = READY_TIMEOUT_S) -> "TritonServer":
+    def start(self, timeout: float = READY_TIMEOUT_S) -> TritonServer:
         b = bundle()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command(b), env=server_env(b), stdout=log, stderr=subprocess.STDOUT,

@@ -121,7 +121,7 @@ class MambaServeModel:
             except (MambaDeployError, ValueError, TypeError) as exc:  # this request alone fails
                 sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))),
                             flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None  # decoupled: responses go through the senders
+        # decoupled: responses go through the senders
 
     def _parse(self, pb, request, sender) -> Request:
         from ..errors import InputError
@@ -208,8 +208,8 @@ class MambaServeModel:
             fn, args = item
             try:
                 fn(*args)
-            except Exception:  # noqa: BLE001 - the client is gone (the batcher sees it cancelled)
-                pass
+            except Exception as exc:  # noqa: BLE001 - the client is gone (the batcher sees it cancelled)
+                _pb().Logger.log_verbose(f"mambadeploy: a response was not delivered ({exc})")
 
     def finalize(self) -> None:
         self.batcher.stop()  # fails what is still live: those errors go through the outbox first

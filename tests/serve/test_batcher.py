@@ -7,7 +7,6 @@ import random
 import threading
 
 import pytest
-import torch
 
 from mambadeploy.errors import InputError
 from mambadeploy.runtime.factory import make_runner

@@ -21,11 +21,11 @@ if importlib.util.find_spec("pytriton") is None:
                 allow_module_level=True)
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'tritonclient[grpc,http]')")
 
-from mambadeploy.runtime.factory import make_runner  # noqa: E402
-from mambadeploy.runtime.generate import generate  # noqa: E402
-from mambadeploy.serve.client import run_streams  # noqa: E402
-from mambadeploy.serve.repo import read_config, write_loadable_twin, write_repo, write_state_model  # noqa: E402
-from mambadeploy.serve.server import ServeError, TritonServer, free_port  # noqa: E402
+from mambadeploy.runtime.factory import make_runner
+from mambadeploy.runtime.generate import generate
+from mambadeploy.serve.client import run_streams
+from mambadeploy.serve.repo import read_config, write_loadable_twin, write_repo, write_state_model
+from mambadeploy.serve.server import ServeError, TritonServer, free_port
 
 MODELS = {"bm": "blackmamba-tiny", "jt": "jamba-tiny"}
 MAX_BATCH = 16
@@ -91,7 +91,7 @@ def _metric(server, line_start) -> float:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_16_concurrent_streams_match_generate_alone(server, tiny, name):
     prompts = _prompts(len(name), 16)
-    results = run_streams(server["grpc"], name, [dict(prompt=p, max_tokens=10) for p in prompts])
+    results = run_streams(server["grpc"], name, [{"prompt": p, "max_tokens": 10} for p in prompts])
     for prompt, result in zip(prompts, results):
         assert result.error is None
         assert result.tokens == _alone(tiny, MODELS[name], prompt, 10)
@@ -101,8 +101,8 @@ def test_16_concurrent_streams_match_generate_alone(server, tiny, name):
 def test_disconnected_client_frees_its_slot(server, tiny):
     before = _metric(server, 'mambadeploy_cancelled_total{model="bm"}')
     prompts = _prompts(7, 4)
-    jobs = [dict(prompt=prompts[0], max_tokens=100_000, cancel_after=3)]  # would hold its slot for minutes
-    jobs += [dict(prompt=p, max_tokens=12) for p in prompts[1:]]
+    jobs = [{"prompt": prompts[0], "max_tokens": 100_000, "cancel_after": 3}]  # would hold its slot for minutes
+    jobs += [{"prompt": p, "max_tokens": 12} for p in prompts[1:]]
     results = run_streams(server["grpc"], "bm", jobs)
     assert results[0].cancelled and len(results[0].tokens) >= 3
     for prompt, result in zip(prompts[1:], results[1:]):
@@ -119,13 +119,13 @@ def test_disconnected_client_frees_its_slot(server, tiny):
 
 def test_bad_requests_fail_alone(server, tiny):
     good = _prompts(3, 4)
-    bad = [dict(prompt=[1, 99999], max_tokens=4),
-           dict(prompt=[], max_tokens=4),
-           dict(prompt=[1] * 10, max_tokens=600),  # jamba-tiny's KV cache holds 512
-           dict(prompt=[1, 2], max_tokens=2.5, types={"max_tokens": "float32"}),
-           dict(max_tokens=4)]
+    bad = [{"prompt": [1, 99999], "max_tokens": 4},
+           {"prompt": [], "max_tokens": 4},
+           {"prompt": [1] * 10, "max_tokens": 600},  # jamba-tiny's KV cache holds 512
+           {"prompt": [1, 2], "max_tokens": 2.5, "types": {"max_tokens": "float32"}},
+           {"max_tokens": 4}]
     expected = ["outside the vocabulary", "empty prompt", "KV cache", "data-type", "no prompt"]
-    results = run_streams(server["grpc"], "jt", [dict(prompt=p, max_tokens=8) for p in good] + bad)
+    results = run_streams(server["grpc"], "jt", [{"prompt": p, "max_tokens": 8} for p in good] + bad)
     for prompt, result in zip(good, results):
         assert result.error is None and result.tokens == _alone(tiny, "jamba-tiny", prompt, 8)
     for result, phrase in zip(results[len(good):], expected):
