@@ -25,8 +25,10 @@ from ..runtime.generate import MAX_NEW_TOKENS, check_finite
 from ..runtime.sampling import Sampler, SamplingConfig
 from .slots import SlotPool
 
-# How often live sequences are asked whether their client cancelled (seconds): a freed slot waits at most this long.
-CANCEL_POLL_S = 0.02
+# Live sequences asked per turn whether their client went away (round robin; see _drop_cancelled).
+CANCEL_CHECKS_PER_TURN = 2
+# How often on_poll reports the live count (seconds).
+METRICS_EVERY_S = 0.05
 
 
 @dataclass
@@ -84,6 +86,7 @@ class InflightBatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mambadeploy-batcher", daemon=True)
         self._last_poll = 0.0
+        self._poll_cursor = -1
 
     # ------------------------------------------------------------------ caller side (any thread)
     def check(self, prompt, max_tokens: int, stop_ids=()) -> None:
@@ -158,17 +161,21 @@ class InflightBatcher:
         return waiting
 
     def _drop_cancelled(self) -> None:
-        """Free the rows of cancelled sequences. Asking is a round trip to the server from Triton's stub: at most
-        every CANCEL_POLL_S, not every step."""
-        now = time.perf_counter()
-        if now - self._last_poll < CANCEL_POLL_S:
-            return
-        self._last_poll = now
-        for row in range(len(self.live) - 1, -1, -1):
+        """Free the rows of cancelled sequences. Asking is a round trip to the server from Triton's stub (measured
+        0.3-1 ms each on the loaded 2-core CI machine), so each turn asks only CANCEL_CHECKS_PER_TURN sequences, in
+        turn: a cancelled one is found within n / CANCEL_CHECKS_PER_TURN steps."""
+        n = len(self.live)
+        for _ in range(min(CANCEL_CHECKS_PER_TURN, n)):
+            self._poll_cursor = (self._poll_cursor + 1) % len(self.live)
+            row = self._poll_cursor
             if _was_cancelled(self.live[row].request, self.stats):
                 self.live[row].request.fail("cancelled")  # closes the stream (FINAL) if the sender still takes it
                 self._free(row)
-        if self.on_poll is not None:
+                if not self.live:
+                    break
+        now = time.perf_counter()
+        if self.on_poll is not None and now - self._last_poll >= METRICS_EVERY_S:
+            self._last_poll = now
             self.on_poll(len(self.live), self.stats)
 
     def _free(self, row: int) -> None:

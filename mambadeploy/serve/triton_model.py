@@ -27,9 +27,10 @@ from torch.utils.dlpack import from_dlpack
 from ..errors import MambaDeployError
 from ..runtime.sampling import SamplingConfig
 from .batcher import InflightBatcher, Request
-from .repo import TOKENIZER_FILE
+from .repo import OUTPUTS, TOKENIZER_FILE
 
 DEFAULT_MAX_TOKENS = 16
+GIL_SWITCH_S = 2e-4
 NUMPY_1 = int(np.__version__.split(".")[0]) < 2  # strings need numpy 1.x in the stub (see _parse)
 # seconds; TTFT on a GPU is ms-scale, on the CPU tests 10-100 ms
 LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
@@ -43,10 +44,15 @@ def _pb():
 
 class MambaServeModel:
     def __init__(self, args: dict):
+        import sys
+
         import torch
 
         from ..runtime.factory import make_runner
 
+        # Two threads share the GIL here (batcher, response sender): at Python's default 5 ms switch interval the
+        # batcher could wait that long for the GIL between decode steps
+        sys.setswitchinterval(GIL_SWITCH_S)
         pb = _pb()
         config = json.loads(args["model_config"])
         if not pb.using_decoupled_model_transaction_policy(config):
@@ -158,11 +164,12 @@ class MambaServeModel:
         stop = value("stop_ids")
         stop_ids = tuple(stop.reshape(-1).tolist()) if stop is not None else ()
         streaming = value("stream")
-        emit, fail = self._responder(pb, sender, streaming is None or bool(streaming.reshape(-1)[0]))
+        emit, fail = self._responder(pb, sender, streaming is None or bool(streaming.reshape(-1)[0]),
+                                     request.requested_output_names())
         return Request(prompt, scalar("max_tokens", DEFAULT_MAX_TOKENS, int), emit, fail, sampling, stop_ids,
                        cancelled=sender.is_cancelled)
 
-    def _responder(self, pb, sender, streaming: bool):
+    def _responder(self, pb, sender, streaming: bool, requested=()):
         """emit(token, index, latency_s, final): one response per token, or (streaming False) one at the end."""
         import torch
 
@@ -170,11 +177,13 @@ class MambaServeModel:
         tokenizer = self.tokenizer if NUMPY_1 else None
         kept = {"ids": [], "index": [], "latency": []}
 
+        wanted = set(requested) if requested else set(OUTPUTS)  # build only what the client asked for
+
         def send(ids, index, latency_ms, flags):
-            outputs = [pb.Tensor.from_dlpack("output_ids", torch.tensor(ids, dtype=torch.int64)),
-                       pb.Tensor.from_dlpack("index", torch.tensor(index, dtype=torch.int32)),
-                       pb.Tensor.from_dlpack("latency_ms", torch.tensor(latency_ms, dtype=torch.float32))]
-            if tokenizer is not None:
+            outputs = [pb.Tensor.from_dlpack(name, torch.tensor(values, dtype=dtype)) for name, values, dtype in
+                       (("output_ids", ids, torch.int64), ("index", index, torch.int32),
+                        ("latency_ms", latency_ms, torch.float32)) if name in wanted]
+            if tokenizer is not None and "text_output" in wanted:
                 outputs.append(pb.Tensor("text_output", np.array([tokenizer.decode(ids).encode()], dtype=object)))
             sender.send(pb.InferenceResponse(output_tensors=outputs), flags=flags)
 
