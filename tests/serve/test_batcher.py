@@ -114,3 +114,17 @@ def test_torch_fast_pool_rows_match_eager(tiny):
     assert set(batcher.pool._fast_states) <= {1, 2}
     assert all(st.tensors["L0.ssm"].data_ptr() == batcher.pool.tensors["L0.ssm"].data_ptr()
                for st in batcher.pool._fast_states.values())  # in place: the bucket states ARE the pool's rows
+
+
+def test_ort_runner_behind_the_pool(tiny):
+    """ORT runs the pool's rows through OrtValues made from the views (slots.py): same tokens as ORT alone."""
+    pytest.importorskip("onnxruntime")
+    ort_runner = make_runner("blackmamba-tiny", "ort", cuda_graph=False)
+    prompts = [[4, 8, 15], [16, 23], [42], [7, 7, 7, 7]]
+    batcher = InflightBatcher(ort_runner, max_batch=3).start()
+    try:
+        outs, errors = _collect(batcher, prompts, [5, 3, 6, 4])
+    finally:
+        batcher.stop()
+    for prompt, n, out, err in zip(prompts, [5, 3, 6, 4], outs, errors):
+        assert err is None and out == generate(ort_runner, [prompt], n).tokens[0]
