@@ -9,7 +9,9 @@ REPO/<name>_decode/ (from an export or engine directory, or with state_config=Tr
 state entry per conv / ssm / KV tensor of the manifest, zero initial state, so a client feeds a sequence one token per
 request (prompt tokens first: from a zero state that is the prefill) and Triton carries the state between requests.
 The ONNX copy gets START / READY / CORRID inputs (unused by the graph: ONNX Runtime refuses feeds a graph does not
-declare) and its `pos` state as (batch, 1) (Triton state dims are per sequence and cannot be empty).
+declare) and its `pos` state as (batch, 1) (Triton state dims are per sequence and cannot be empty). The engine's
+config has no control inputs and keeps `pos` as the engine has it: a built engine cannot gain inputs (unverified: no
+TensorRT here).
 
 Every config is built as the ModelConfig protobuf message that tritonclient ships and written in its text format, so
 it parses by construction; `read_config` parses one back.
@@ -157,8 +159,11 @@ def write_state_model(source, out, name: str, max_batch: int) -> Path:
         from ..trt.engine_dir import engine_path, read_manifest
 
         manifest = read_manifest(source)
-        state = [(s["name"], s["shape"], s["dtype"]) for s in manifest["export"]["state"]]
-        vocab = manifest["export"]["config"]["vocab_size"]
+        export = manifest.get("export_manifest") or {}
+        state = [(s["name"], s["shape"], s["dtype"]) for s in export.get("state", [])]
+        vocab = (export.get("config") or {}).get("vocab_size")
+        if not state or not vocab:
+            raise InputError(f"{source}: its manifest has no export_manifest state / config; rebuild the engines")
         _link(engine_path(source, "decode"), model_dir / "1" / "model.plan")
         cfg = state_model_config(name, "tensorrt", state, vocab, max_batch, controls=False)
     else:

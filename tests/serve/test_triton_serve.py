@@ -46,11 +46,15 @@ def server(tmp_path_factory, exported):
                    threads=1)
     state_dir = write_state_model(exported, tmp_path_factory.mktemp("state"), "bm_decode", MAX_BATCH)
     write_loadable_twin(state_dir, repo)
+    engine_state_dir = write_state_model(_engine_dir(tmp_path_factory.mktemp("engines"), exported),
+                                         tmp_path_factory.mktemp("state"), "bm_engine", MAX_BATCH)
+    write_loadable_twin(engine_state_dir, repo)
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     process = subprocess.Popen([sys.executable, "-m", "mambadeploy.cli", "serve", str(repo), "--http-port",
                                 str(ports["http"]), "--grpc-port", str(ports["grpc"]), "--metrics-port",
                                 str(ports["metrics"])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    info = {"process": process, "ports": ports, "state_dir": state_dir, "repo": repo,
+    info = {"process": process, "ports": ports, "state_dir": state_dir, "engine_state_dir": engine_state_dir,
+            "repo": repo,
             "grpc": f"127.0.0.1:{ports['grpc']}", "http": f"http://127.0.0.1:{ports['http']}"}
     deadline = time.monotonic() + 150
     while not _ready(info["http"]):
@@ -62,6 +66,17 @@ def server(tmp_path_factory, exported):
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
+
+
+def _engine_dir(directory, exported):
+    """An engine directory as `mambadeploy build` lays it out (its manifest carries the export's), with a stand-in
+    decode.engine: TensorRT cannot be installed here, and the config only names the file."""
+    from mambadeploy.trt.engine_dir import FORMAT, FORMAT_VERSION, write_manifest
+
+    export_manifest = json.loads((Path(exported) / "manifest.json").read_text())
+    write_manifest(directory, {"format": FORMAT, "format_version": FORMAT_VERSION, "export_manifest": export_manifest})
+    (directory / "decode.engine").write_bytes(b"not a real plan")
+    return directory
 
 
 def _ready(url) -> bool:
@@ -166,6 +181,11 @@ def test_implicit_state_config_parses_and_loads(server, exported):
     index = json.loads(urllib.request.urlopen(urllib.request.Request(f"{server['http']}/v2/repository/index",
                                                                      b"{}")).read())
     assert {"name": "bm_decode_twin", "version": "1", "state": "READY"} in index
+    assert {"name": "bm_engine_twin", "version": "1", "state": "READY"} in index
+    engine_config = read_config(server["engine_state_dir"] / "config.pbtxt")
+    assert engine_config.backend == "tensorrt"
+    assert [s.input_name for s in engine_config.sequence_batching.state] == [f"past.{n}" for n in names]
+    assert (server["engine_state_dir"] / "1" / "model.plan").resolve().name == "decode.engine"
     # the graph Triton would run: the export's decode plus the control inputs, same outputs
     original = ort.InferenceSession(str(Path(exported) / "decode.onnx"))
     edited = ort.InferenceSession(str(server["state_dir"] / "1" / "model.onnx"))
