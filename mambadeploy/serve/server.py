@@ -109,6 +109,7 @@ class TritonServer:
         self.shm_prefix = f"mambadeploy_{os.getpid()}_{self.workdir.name[-8:]}_"
         self.process: subprocess.Popen | None = None
         self.stopping = False
+        self._was_ready = False
 
     @property
     def http_url(self) -> str:
@@ -139,6 +140,7 @@ class TritonServer:
                 raise ServeError(f"tritonserver exited with code {self.process.returncode}: {self.reason()} "
                                  f"(log: {self.log_path})")
             if self.ready():
+                self._was_ready = True
                 return self
             time.sleep(0.2)
         reason = self.reason()
@@ -166,7 +168,8 @@ class TritonServer:
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM (Triton unloads its models and the stubs exit), SIGKILL to the process group if it hangs; then
-        remove this server's shared-memory regions and its work directory."""
+        remove this server's shared-memory regions, and its work directory after a clean run (a failed one keeps its
+        log)."""
         code = None
         self.stopping = True
         if self.process is not None:
@@ -184,6 +187,8 @@ class TritonServer:
                 pass
         for region in self.shm_regions():
             region.unlink(missing_ok=True)
+        if self._was_ready and code == 0:  # a clean run: nothing to read in its log (a failed one keeps it)
+            self.cleanup_workdir()
         return code
 
     def shm_regions(self) -> list[Path]:

@@ -204,8 +204,12 @@ def test_start_failure_names_the_reason(tmp_path, server):
     import shutil
 
     shutil.copytree(server["state_dir"], tmp_path / "bm_decode")
-    with pytest.raises(ServeError, match="backend 'onnxruntime'"):
-        TritonServer(tmp_path, free_port(), free_port(), free_port()).start(60)
+    failing = TritonServer(tmp_path, free_port(), free_port(), free_port())
+    with pytest.raises(ServeError, match="backend 'onnxruntime'") as error:
+        failing.start(60)
+    assert str(failing.log_path) in str(error.value) and failing.log_path.is_file()  # kept for the user to read
+    assert not failing.shm_regions()
+    failing.cleanup_workdir()
 
 
 def test_sigterm_stops_within_10s_without_shared_memory(server):
