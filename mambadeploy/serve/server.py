@@ -84,6 +84,15 @@ def backend_dir(b: Bundle, workdir: Path) -> Path:
     return workdir / "backends"
 
 
+def http_ready(url: str) -> bool:
+    """Whether the server at url (http://host:port) reports ready (every model loaded)."""
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     import socket
 
@@ -148,11 +157,7 @@ class TritonServer:
         raise ServeError(f"tritonserver was not ready after {timeout:.0f} s: {reason} (log: {self.log_path})")
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ready(f"http://{self.http_url}")
 
     def reason(self) -> str:
         """The server log's error lines (Triton marks them E<date>), or its last line."""

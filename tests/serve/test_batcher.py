@@ -50,20 +50,27 @@ def _collect(batcher, prompts, max_tokens, cancel_after=None):
     return outs, errors
 
 
-@pytest.mark.parametrize("name", ["blackmamba-tiny", "jamba-tiny"])
-def test_joining_and_leaving_match_alone(tiny, name):
-    runner = make_runner(tiny(name), "torch")
-    rng = random.Random(1)
-    prompts = [[rng.randrange(runner.config.vocab_size) for _ in range(rng.randint(1, 7))] for _ in range(10)]
-    max_tokens = [rng.randint(1, 9) for _ in prompts]  # sequences leave at different steps; 10 > 4 slots: a queue
-    batcher = InflightBatcher(runner, max_batch=4).start()
+def _check_alone(runner, reference, prompts, max_tokens, max_batch):
+    """Serve every prompt through a batcher on `runner`; each must get reference's tokens for that prompt alone.
+    Returns the (stopped) batcher."""
+    batcher = InflightBatcher(runner, max_batch=max_batch).start()
     try:
         outs, errors = _collect(batcher, prompts, max_tokens)
     finally:
         batcher.stop()
     for prompt, n, out, err in zip(prompts, max_tokens, outs, errors):
         assert err is None
-        assert out == generate(runner, [prompt], n).tokens[0]
+        assert out == generate(reference, [prompt], n).tokens[0]
+    return batcher
+
+
+@pytest.mark.parametrize("name", ["blackmamba-tiny", "jamba-tiny"])
+def test_joining_and_leaving_match_alone(tiny, name):
+    runner = make_runner(tiny(name), "torch")
+    rng = random.Random(1)
+    prompts = [[rng.randrange(runner.config.vocab_size) for _ in range(rng.randint(1, 7))] for _ in range(10)]
+    max_tokens = [rng.randint(1, 9) for _ in prompts]  # sequences leave at different steps; 10 > 4 slots: a queue
+    batcher = _check_alone(runner, runner, prompts, max_tokens, max_batch=4)
     print("steps", batcher.stats.steps, "mean batch", batcher.stats.step_rows / batcher.stats.steps)
     assert batcher.stats.step_rows > batcher.stats.steps  # sequences really shared steps
     assert not batcher.live
@@ -104,13 +111,7 @@ def test_torch_fast_pool_rows_match_eager(tiny):
     eager = make_runner(model, "torch")
     prompts = [[5, 6, 7], [11], [2, 3]]
     max_tokens = [2, 4, 3]
-    batcher = InflightBatcher(fast, max_batch=2).start()
-    try:
-        outs, errors = _collect(batcher, prompts, max_tokens)
-    finally:
-        batcher.stop()
-    for prompt, n, out, err in zip(prompts, max_tokens, outs, errors):
-        assert err is None and out == generate(eager, [prompt], n).tokens[0]
+    batcher = _check_alone(fast, eager, prompts, max_tokens, max_batch=2)
     assert set(batcher.pool._fast_states) <= {1, 2}
     assert all(st.tensors["L0.ssm"].data_ptr() == batcher.pool.tensors["L0.ssm"].data_ptr()
                for st in batcher.pool._fast_states.values())  # in place: the bucket states ARE the pool's rows
@@ -121,10 +122,4 @@ def test_ort_runner_behind_the_pool(tiny):
     pytest.importorskip("onnxruntime")
     ort_runner = make_runner("blackmamba-tiny", "ort", cuda_graph=False)
     prompts = [[4, 8, 15], [16, 23], [42], [7, 7, 7, 7]]
-    batcher = InflightBatcher(ort_runner, max_batch=3).start()
-    try:
-        outs, errors = _collect(batcher, prompts, [5, 3, 6, 4])
-    finally:
-        batcher.stop()
-    for prompt, n, out, err in zip(prompts, [5, 3, 6, 4], outs, errors):
-        assert err is None and out == generate(ort_runner, [prompt], n).tokens[0]
+    _check_alone(ort_runner, ort_runner, prompts, [5, 3, 6, 4], max_batch=3)

@@ -25,7 +25,7 @@ from mambadeploy.runtime.factory import make_runner
 from mambadeploy.runtime.generate import generate
 from mambadeploy.serve.client import run_streams
 from mambadeploy.serve.repo import read_config, write_loadable_twin, write_repo, write_state_model
-from mambadeploy.serve.server import ServeError, TritonServer, free_port
+from mambadeploy.serve.server import ServeError, TritonServer, free_port, http_ready
 
 MODELS = {"bm": "blackmamba-tiny", "jt": "jamba-tiny"}
 MAX_BATCH = 16
@@ -57,7 +57,7 @@ def server(tmp_path_factory, exported):
             "repo": repo,
             "grpc": f"127.0.0.1:{ports['grpc']}", "http": f"http://127.0.0.1:{ports['http']}"}
     deadline = time.monotonic() + 150
-    while not _ready(info["http"]):
+    while not http_ready(info["http"]):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"mambadeploy serve did not become ready: {process.stdout.read()}")
@@ -77,14 +77,6 @@ def _engine_dir(directory, exported):
     write_manifest(directory, {"format": FORMAT, "format_version": FORMAT_VERSION, "export_manifest": export_manifest})
     (directory / "decode.engine").write_bytes(b"not a real plan")
     return directory
-
-
-def _ready(url) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _alone(tiny, preset, prompt, n):
@@ -223,4 +215,4 @@ def test_sigterm_stops_within_10s_without_shared_memory(server):
     print(f"stopped in {elapsed:.1f} s, exit code {process.returncode}")
     assert elapsed < 10
     assert not [r for r in regions if r.exists()]
-    assert not _ready(server["http"])
+    assert not http_ready(server["http"])
