@@ -56,13 +56,19 @@ def server(tmp_path_factory, exported):
     info = {"process": process, "ports": ports, "state_dir": state_dir, "engine_state_dir": engine_state_dir,
             "repo": repo,
             "grpc": f"127.0.0.1:{ports['grpc']}", "http": f"http://127.0.0.1:{ports['http']}"}
-    deadline = time.monotonic() + 150
-    while not http_ready(info["http"]):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"mambadeploy serve did not become ready: {process.stdout.read()}")
-        time.sleep(0.2)
-    yield info
+    try:  # SIGTERM to the CLI stops its server too (a SIGKILL would orphan it)
+        deadline = time.monotonic() + 150
+        while not http_ready(info["http"]):
+            if process.poll() is not None or time.monotonic() > deadline:
+                _stop(process)
+                pytest.fail(f"mambadeploy serve did not become ready: {process.stdout.read()}")
+            time.sleep(0.2)
+        yield info
+    finally:
+        _stop(process)
+
+
+def _stop(process):
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
