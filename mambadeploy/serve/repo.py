@@ -45,6 +45,7 @@ OUTPUTS = {
     "text_output": ("TYPE_STRING", [1]),
 }
 TOKENIZER_FILE = "tokenizer.json"
+TEXT_FIELDS = ("text_input", "text_output")
 CONTROLS = (("START", "CONTROL_SEQUENCE_START"), ("READY", "CONTROL_SEQUENCE_READY"))
 CORRID = "CORRID"
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64"}
@@ -91,14 +92,18 @@ def read_config(path):
     return text_format.Parse(Path(path).read_text(), _pb().ModelConfig())
 
 
-def python_model_config(name: str, parameters: dict):
+def python_model_config(name: str, parameters: dict, text: bool = False):
+    """text: declare text_input / text_output (a tokenizer in the repository). Without them Triton itself refuses a
+    string input, which matters: under numpy 2 the wheel's stub dies on receiving one."""
     mc = _pb()
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)  # batching is ours, not Triton's
     cfg.model_transaction_policy.decoupled = True
     for n, (dtype, dims) in INPUTS.items():
-        cfg.input.add(name=n, data_type=mc.DataType.Value(dtype), dims=dims, optional=True)
+        if text or n not in TEXT_FIELDS:
+            cfg.input.add(name=n, data_type=mc.DataType.Value(dtype), dims=dims, optional=True)
     for n, (dtype, dims) in OUTPUTS.items():
-        cfg.output.add(name=n, data_type=mc.DataType.Value(dtype), dims=dims)
+        if text or n not in TEXT_FIELDS:
+            cfg.output.add(name=n, data_type=mc.DataType.Value(dtype), dims=dims)
     # KIND_CPU: one instance that places the model itself (--device); Triton must not start one per GPU
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     for key, value in parameters.items():
@@ -129,9 +134,15 @@ def write_repo(target, out, name: str = "mamba", backend: str = "torch-fast", dt
     model_dir = out / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
+        import numpy as np
+
+        if int(np.__version__.split(".")[0]) >= 2:
+            raise InputError(f"--tokenizer: Triton's Python stub (nvidia-pytriton 0.7) passes strings through numpy "
+                             f"1.x and crashes on them under numpy {np.__version__}; pip install 'numpy<2' (the serve "
+                             "extra does), or serve token ids without --tokenizer")
         shutil.copyfile(tokenizer, model_dir / TOKENIZER_FILE)
         params["tokenizer"] = TOKENIZER_FILE
-    (model_dir / "config.pbtxt").write_text(_text(python_model_config(name, params)))
+    (model_dir / "config.pbtxt").write_text(_text(python_model_config(name, params, text=tokenizer is not None)))
     (model_dir / "1" / "model.py").write_text(MODEL_PY)
     written = {name: model_dir}
     if state_config is None:

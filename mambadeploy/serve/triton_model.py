@@ -8,7 +8,9 @@ Runs inside Triton's Python stub (imports triton_python_backend_utils, which onl
   streaming take one response per token).
 Each response: output_ids INT64 [1], index INT32 [1], latency_ms FP32 [1] (index 0: time to first token from arrival;
 after: the gap since the previous token), text_output STRING [1] with a tokenizer. The last response carries the
-FINAL flag. Numbers cross the stub boundary through DLPack (works under numpy 1 and 2); strings need numpy < 2 there. A bad request gets one error response (with FINAL) and never reaches the batcher. Time to first token and
+FINAL flag. Numbers cross the stub boundary through DLPack (works under numpy 1 and 2); strings need numpy < 2 there
+(the stub dies on a string tensor under numpy 2), so the text fields exist only in repositories written with a
+tokenizer, which serve-repo refuses under numpy 2. A bad request gets one error response (with FINAL) and never reaches the batcher. Time to first token and
 inter-token latency also go to Triton's metrics endpoint as histograms (custom metrics of the Python backend):
 mambadeploy_time_to_first_token_seconds, mambadeploy_inter_token_latency_seconds; plus the gauge
 mambadeploy_live_sequences and the counter mambadeploy_generated_tokens_total.
@@ -31,7 +33,6 @@ from .repo import OUTPUTS, TOKENIZER_FILE
 
 DEFAULT_MAX_TOKENS = 16
 GIL_SWITCH_S = 2e-4
-NUMPY_1 = int(np.__version__.split(".")[0]) < 2  # strings need numpy 1.x in the stub (see _parse)
 # seconds; TTFT on a GPU is ms-scale, on the CPU tests 10-100 ms
 LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 
@@ -145,9 +146,6 @@ class MambaServeModel:
         if text is not None:
             if self.tokenizer is None:
                 raise InputError("text_input needs a tokenizer: write the repository with serve-repo --tokenizer")
-            if not NUMPY_1:
-                raise InputError("text_input needs numpy < 2 in the server's Python (Triton's Python stub passes "
-                                 "strings through numpy 1.x); send input_ids, or pip install 'numpy<2'")
             raw = text.as_numpy().reshape(-1)[0]
             prompt = self.tokenizer.encode(raw.decode() if isinstance(raw, bytes) else str(raw)).ids
         elif ids is not None:
@@ -174,7 +172,7 @@ class MambaServeModel:
         import torch
 
         final_flag = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        tokenizer = self.tokenizer if NUMPY_1 else None
+        tokenizer = self.tokenizer
         kept = {"ids": [], "index": [], "latency": []}
 
         wanted = set(requested) if requested else set(OUTPUTS)  # build only what the client asked for

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 if importlib.util.find_spec("pytriton") is None:
@@ -21,6 +22,7 @@ if importlib.util.find_spec("pytriton") is None:
                 allow_module_level=True)
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'tritonclient[grpc,http]')")
 
+from mambadeploy.errors import InputError
 from mambadeploy.runtime.factory import make_runner
 from mambadeploy.runtime.generate import generate
 from mambadeploy.serve.client import run_streams
@@ -29,6 +31,7 @@ from mambadeploy.serve.server import ServeError, TritonServer, free_port, http_r
 
 MODELS = {"bm": "blackmamba-tiny", "jt": "jamba-tiny"}
 MAX_BATCH = 16
+NUMPY_1 = int(np.__version__.split(".")[0]) < 2  # strings need numpy < 2 in the server's stub (serve/repo.py)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +42,11 @@ def exported():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, exported):
+def server(tmp_path_factory, exported, tokenizer_json):
     repo = tmp_path_factory.mktemp("repo")
     for name, preset in MODELS.items():
         write_repo(preset, repo, name=name, backend="torch", dtype="fp32", device="cpu", max_batch=MAX_BATCH,
-                   threads=1)
+                   threads=1, tokenizer=tokenizer_json if name == "bm" and NUMPY_1 else None)
     state_dir = write_state_model(exported, tmp_path_factory.mktemp("state"), "bm_decode", MAX_BATCH)
     write_loadable_twin(state_dir, repo)
     engine_state_dir = write_state_model(_engine_dir(tmp_path_factory.mktemp("engines"), exported),
@@ -156,6 +159,20 @@ def test_generate_extension(server, tiny):
     events = urllib.request.urlopen(f"{server['http']}/v2/models/bm/generate_stream", body).read().decode()
     tokens = [json.loads(line[5:])["output_ids"] for line in events.splitlines() if line.startswith("data:")]
     assert tokens == want
+
+
+def test_text_prompt(server, tiny, tokenizer_json, tmp_path):
+    """Under numpy < 2 text goes through the repository's tokenizer; under numpy 2 (the stub would die on a string
+    tensor) serve-repo refuses --tokenizer, and Triton itself refuses text_input to a repository without one."""
+    result = run_streams(server["grpc"], "bm", [{"text": "w5 w2 w3", "max_tokens": 4}])[0]
+    if NUMPY_1:
+        assert result.error is None and result.tokens == _alone(tiny, "blackmamba-tiny", [5, 2, 3], 4)
+        return
+    assert result.tokens == [] and "text_input" in result.error
+    with pytest.raises(InputError, match="numpy"):
+        write_repo("blackmamba-tiny", tmp_path, tokenizer=tokenizer_json)
+    after = run_streams(server["grpc"], "bm", [{"prompt": [5, 2, 3], "max_tokens": 4}])[0]
+    assert after.error is None and after.tokens == _alone(tiny, "blackmamba-tiny", [5, 2, 3], 4)  # model alive
 
 
 def test_latency_metrics(server):
