@@ -110,7 +110,7 @@ def test_torch_fast_pool_rows_match_eager(tiny):
     fast = make_runner(model, "torch-fast")
     eager = make_runner(model, "torch")
     prompts = [[5, 6, 7], [11], [2, 3]]
-    max_tokens = [2, 4, 3]
+    max_tokens = [2, 3, 2]  # the third joins when the first leaves; the second moves to row 0
     batcher = _check_alone(fast, eager, prompts, max_tokens, max_batch=2)
     assert set(batcher.pool._fast_states) <= {1, 2}
     assert all(st.tensors["L0.ssm"].data_ptr() == batcher.pool.tensors["L0.ssm"].data_ptr()
