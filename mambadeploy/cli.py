@@ -17,6 +17,9 @@ COMMANDS = {
     "export": "export a model to ONNX (prefill + decode graphs, manifest.json) for ONNX Runtime and TensorRT",
     "build": "build TensorRT / TensorRT-RTX engines (prefill + decode) from an export directory",
     "validate": "check every backend against the fp32 torch reference: logits, tokens, per-layer drift, latency",
+    "serve-repo": "write a Triton Inference Server model repository (in-flight batching Python model, implicit-state "
+                  "decode config)",
+    "serve": "run the tritonserver bundled in nvidia-pytriton on a model repository",
 }
 
 

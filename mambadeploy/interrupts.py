@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 _paths: set[Path] = set()
+_callbacks: list = []
 _installed = False
 
 
@@ -31,6 +32,16 @@ def cleanup_on_interrupt(path):
         yield p
     finally:
         _paths.discard(p)
+
+
+@contextlib.contextmanager
+def call_on_interrupt(fn):
+    """Call fn() (e.g. stop a child server) if the process is interrupted while the block runs; before exiting."""
+    _callbacks.append(fn)
+    try:
+        yield fn
+    finally:
+        _callbacks.remove(fn)
 
 
 def install() -> None:
@@ -58,6 +69,11 @@ def _watch(read_fd: int) -> None:
         data = os.read(read_fd, 1)
         if data and data[0] in (signal.SIGINT, signal.SIGTERM):
             break
+    for fn in _callbacks:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - still remove the paths and exit
+            print(f"interrupted: cleanup failed: {exc}", file=sys.stderr, flush=True)
     for p in list(_paths):
         for _ in range(20):  # the main thread may still be adding files while the tree is removed
             shutil.rmtree(p, ignore_errors=True)

@@ -20,19 +20,6 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory):
-    """A tiny WordLevel tokenizer: word w{i} <-> id i for the 512 ids of the tiny presets."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(511)} | {"[UNK]": 511}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return str(path)
-
-
 # --------------------------------------------------------------------------- inspect
 def test_inspect_table(capsys):
     code, out, _ = _run(capsys, "inspect", "blackmamba-tiny")

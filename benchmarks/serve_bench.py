@@ -1,0 +1,229 @@
+"""Serving throughput and latency through Triton (the in-flight-batching Python model), beside the same runner driven
+directly at the same batch sizes.
+
+  python benchmarks/serve_bench.py --out $OUT                 # H200: blackmamba-2.8b, torch-fast bf16, 1/8/32/64 streams
+  python benchmarks/serve_bench.py --dry-run --out /tmp/sb    # CPU: blackmamba-tiny, torch eager, tiny sizes
+
+Direct: one batch of B prompts (128 tokens) prefilled together, one untimed step (its CUDA-graph capture), then 126
+timed greedy decode steps, each token brought to the host as the server does; tokens/s = B * 126 / their time, and
+the step's p50/p99. Served: B concurrent gRPC streams (clients spread over --client-procs
+processes, so the Python client is not the bottleneck), each a 128-token prompt asking 128 new tokens; tokens/s = all
+streamed tokens / (last token - first request) in wall time; time to first token and inter-token latency as the
+model measured them (latency_ms of each response) and as the clients saw them. Goals (issue 19): at 64 streams >= 80 %
+of the direct batch-64 rate; at 1 stream an inter-token latency <= 1.2x the direct step.
+Writes serve_<gpu>.json and serve_<gpu>.svg (throughput vs concurrency) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch
+
+FULL = {"preset": "blackmamba-2.8b", "backend": "torch-fast", "dtype": "bf16", "device": "cuda", "prompt_len": 128,
+            "new_tokens": 128, "streams": [1, 8, 32, 64], "max_batch": 64}
+DRY = {"preset": "blackmamba-tiny", "backend": "torch", "dtype": "fp32", "device": "cpu", "prompt_len": 8, "new_tokens": 8,
+           "streams": [1, 4], "max_batch": 4}
+
+
+def percentile(values, q):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def prompts_for(batch, length, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g).tolist()
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def direct(cfg) -> list[dict]:
+    from mambadeploy.runtime.factory import make_runner
+
+    runner = make_runner(cfg["preset"], backend=cfg["backend"], dtype=cfg["dtype"], device=cfg["device"])
+    if hasattr(runner, "check_inputs"):
+        runner.check_inputs = False  # as the served batcher runs it (ids checked once, at submission)
+    vocab = runner.config.vocab_size
+    rows = []
+    for batch in cfg["streams"]:
+        ids = torch.tensor(prompts_for(batch, cfg["prompt_len"], vocab, seed=batch))
+        for attempt in ("warm-up", "timed"):  # the warm-up compiles; each new state captures its graph at step 1
+            sync(cfg["device"])
+            t0 = time.perf_counter()
+            logits, state = runner.prefill(ids)
+            token = logits.argmax(-1)
+            sync(cfg["device"])
+            prefill_s = time.perf_counter() - t0
+            logits, state = runner.step(token, state)  # untimed: this state's CUDA-graph capture
+            token = logits.argmax(-1)
+            steps = []
+            t1 = time.perf_counter()
+            for _ in range(cfg["new_tokens"] - 2):
+                ts = time.perf_counter()
+                logits, state = runner.step(token, state)
+                token = logits.argmax(-1)
+                token.cpu()  # the served loop also brings every token to the host each step
+                steps.append(time.perf_counter() - ts)
+            decode_s = time.perf_counter() - t1
+        rows.append({"batch": batch, "prefill_ms": prefill_s * 1e3,
+                     "tokens_per_s": batch * len(steps) / decode_s,
+                     "step_ms_p50": percentile(steps, 50) * 1e3, "step_ms_p99": percentile(steps, 99) * 1e3})
+        print(f"direct batch {batch}: {rows[-1]['tokens_per_s']:.0f} tok/s, step p50 {rows[-1]['step_ms_p50']:.3f} ms")
+    describe = runner.describe()
+    del runner, state, logits
+    if str(cfg["device"]).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows, describe
+
+
+def _client_share(args):
+    """One client process: its share of the streams, as dicts."""
+    url, model, jobs = args
+    from mambadeploy.serve.client import run_streams
+
+    return [vars(r) for r in run_streams(url, model, jobs)]
+
+
+def served(cfg, server, vocab, client_procs) -> list[dict]:
+    rows = []
+    with multiprocessing.get_context("spawn").Pool(client_procs) as pool:
+        for streams in cfg["streams"]:
+            prompts = prompts_for(streams, cfg["prompt_len"], vocab, seed=1000 + streams)
+            for attempt in ("warm-up", "timed"):  # the warm-up captures the decode graph of every bucket <= streams
+                tokens = 4 if attempt == "warm-up" else cfg["new_tokens"]
+                jobs = [{"prompt": p, "max_tokens": tokens} for p in prompts]
+                shares = [(server.grpc_url, "mamba", jobs[i::client_procs]) for i in range(client_procs)]
+                outcome = pool.map(_client_share, [s for s in shares if s[2]])
+            results = [r for share in outcome for r in share]
+            errors = [r["error"] for r in results if r["error"]]
+            if errors:
+                raise RuntimeError(f"{len(errors)} streams failed, e.g. {errors[0]}")
+            wall = max(r["last_at"] for r in results) - min(r["sent_at"] for r in results)
+            total = sum(len(r["tokens"]) for r in results)
+            ttft = [r["latency_ms"][0] for r in results]
+            itl = [v for r in results for v in r["latency_ms"][1:]]
+            client_ttft = [r["client_ms"][0] for r in results]
+            client_itl = [v for r in results for v in r["client_ms"][1:]]
+            rows.append({"streams": streams, "tokens": total, "wall_s": wall, "tokens_per_s": total / wall,
+                         "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+                         "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
+                         "client_ttft_ms_p50": percentile(client_ttft, 50),
+                         "client_itl_ms_p50": percentile(client_itl, 50),
+                         "client_itl_ms_p99": percentile(client_itl, 99)})
+            r = rows[-1]
+            print(f"served {streams} streams: {r['tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_ms_p50']:.2f} ms, "
+                  f"ITL p50 {r['itl_ms_p50']:.3f} / p99 {r['itl_ms_p99']:.3f} ms")
+    return rows
+
+
+def svg_plot(direct_rows, served_rows, title) -> str:
+    """Throughput vs concurrency as a small self-contained SVG (no plotting library on the machines)."""
+    w, h, pad = 560, 360, 60
+    xs = [r["batch"] for r in direct_rows]
+    top = max([r["tokens_per_s"] for r in direct_rows + served_rows] + [1]) * 1.1
+    ticks = list(range(len(xs)))
+
+    def px(i):
+        return pad + i * (w - 2 * pad) / max(len(xs) - 1, 1)
+
+    def py(v):
+        return h - pad - v / top * (h - 2 * pad)
+
+    def line(rows, key, color, label, y_label):
+        pts = " ".join(f"{px(i):.1f},{py(r['tokens_per_s']):.1f}" for i, r in enumerate(rows))
+        dots = "".join(f'<circle cx="{px(i):.1f}" cy="{py(r["tokens_per_s"]):.1f}" r="3" fill="{color}"/>'
+                       for i, r in enumerate(rows))
+        return (f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>{dots}'
+                f'<text x="{w - pad - 150}" y="{y_label}" fill="{color}" font-size="12">{label}</text>')
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif">',
+             f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="13">{title}</text>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+             f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle" font-size="12">concurrent streams (batch)</text>',
+             (f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle" '
+             f'font-size="12">output tokens/s</text>')]
+    for i in ticks:
+        parts.append(f'<text x="{px(i):.1f}" y="{h - pad + 16}" text-anchor="middle" font-size="11">{xs[i]}</text>')
+    for k in range(5):
+        v = top * k / 4
+        parts.append(f'<text x="{pad - 6}" y="{py(v) + 4:.1f}" text-anchor="end" font-size="10">{v:.0f}</text>')
+    parts.append(line(direct_rows, "batch", "#1f77b4", "runner, direct", pad + 10))
+    parts.append(line(served_rows, "streams", "#d62728", "Triton, streamed", pad + 28))
+    return "".join(parts) + "</svg>"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for the JSON and the SVG plot")
+    parser.add_argument("--dry-run", action="store_true", help="tiny CPU preset (checks the script, measures nothing)")
+    parser.add_argument("--streams", type=int, nargs="+", help="concurrency levels (default 1 8 32 64)")
+    parser.add_argument("--client-procs", type=int, default=4, help="client processes (4)")
+    parser.add_argument("--ready-timeout", type=float, default=900, help="seconds for the model to load (900)")
+    args = parser.parse_args(argv)
+    cfg = dict(DRY if args.dry_run else FULL)
+    if args.dry_run:
+        torch.set_num_threads(1)  # as the served model (threads=1): a shared CPU otherwise decides the ratio
+    if args.streams:
+        cfg["streams"], cfg["max_batch"] = args.streams, max(args.streams)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from mambadeploy.serve.repo import write_repo
+    from mambadeploy.serve.server import TritonServer, free_port
+
+    direct_rows, describe = direct(cfg)
+    vocab = 512 if args.dry_run else 50304
+    repo = Path(tempfile.mkdtemp(prefix="serve-bench-repo-"))
+    write_repo(cfg["preset"], repo, name="mamba", backend=cfg["backend"], dtype=cfg["dtype"], device=cfg["device"],
+               max_batch=cfg["max_batch"], threads=1 if args.dry_run else None, state_config=False)
+    server = TritonServer(repo, free_port(), free_port(), free_port())
+    t0 = time.perf_counter()
+    server.start(args.ready_timeout)
+    load_s = time.perf_counter() - t0
+    try:
+        served_rows = served(cfg, server, vocab, min(args.client_procs, max(cfg["streams"])))
+    finally:
+        server.stop()
+    by_batch = {r["batch"]: r for r in direct_rows}
+    for r in served_rows:
+        d = by_batch[r["streams"]]
+        r["ratio_to_direct_tokens_per_s"] = r["tokens_per_s"] / d["tokens_per_s"]
+        r["itl_p50_over_direct_step_p50"] = r["itl_ms_p50"] / d["step_ms_p50"]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and cfg["device"] == "cuda" else "cpu"
+    top = max(cfg["streams"])
+    goals = {"served_over_direct_at_max_streams": by_batch and served_rows[-1]["ratio_to_direct_tokens_per_s"],
+             "goal_at_64": ">= 0.80", "itl_over_step_at_1_stream": served_rows[0]["itl_p50_over_direct_step_p50"],
+             "goal_at_1": "<= 1.2"}
+    data = {"config": cfg, "dry_run": args.dry_run, "device": {"gpu": gpu, "torch": torch.__version__,
+            "python": sys.version.split()[0]}, "runner": describe, "server_load_s": load_s, "direct": direct_rows,
+            "served": served_rows, "goals": goals, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "note": f"served at {top} streams vs direct batch {top}"}
+    stem = f"serve_{gpu.lower().replace(' ', '_')}" + ("_dry_run" if args.dry_run else "")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+    (out / f"{stem}.svg").write_text(svg_plot(direct_rows, served_rows, f"{cfg['preset']} {cfg['backend']} "
+                                                                        f"{cfg['dtype']} on {gpu}"))
+    print(json.dumps(goals))
+    print(f"wrote {out / stem}.json and .svg")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
