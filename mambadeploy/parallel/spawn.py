@@ -1,0 +1,213 @@
+"""SpawnedRunner: a tensor/expert-parallel run driven from one ordinary process (no torchrun), behind the Runner
+interface, so `generate --backend parallel`, `validate --backends parallel` and the tests compare it with the
+single-process reference in the same process.
+
+It starts `world` worker processes (torch.multiprocessing, spawn), one per rank (cuda:r on a GPU machine, gloo on the
+CPU), each holding a ParallelRunner; every call is sent to all of them, rank 0 answers with the logits. States live in
+the workers; the handle returned here names one. A worker that dies, or answers with an error, ends the call with one
+ParallelError naming the rank, within the collective timeout: the surviving workers see their collectives fail
+(gloo: at once; otherwise after the timeout), report it and exit.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import weakref
+
+import torch
+
+from ..errors import MambaDeployError, ParallelError
+from ..models.config import ModelConfig
+from ..runtime.base import Runner
+from .mesh import DEFAULT_TIMEOUT_S, parse_layout
+
+STARTUP_S = 300.0  # workers importing torch and loading their slices (a big checkpoint takes minutes)
+WORKER_FAILED = 2
+
+
+class StateHandle:
+    """A state held by the workers (advanced in place by step)."""
+
+    def __init__(self, runner: "SpawnedRunner", sid: int, batch: int):
+        self.sid, self.batch = sid, batch
+        weakref.finalize(self, runner._free, sid)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, conn, settings):
+    """One rank: join the group, load the slices, then serve calls until told to exit (or a collective fails)."""
+    import os
+
+    from .load import load_sharded
+    from .mesh import init_distributed
+    from .runner import ParallelRunner
+
+    torch.set_num_threads(settings["threads"])
+    device = f"cuda:{rank}" if settings["device"].startswith("cuda") else "cpu"
+    try:
+        if device != "cpu":
+            torch.cuda.set_device(device)
+        mesh = init_distributed(settings["layout"], rank, device, settings["timeout_s"], settings["init_method"])
+        model, fingerprint = load_sharded(settings["target"], mesh, settings["dtype"], device, settings["seed"],
+                                          settings["init"])
+        runner = ParallelRunner(model, mesh, cuda_graph=settings["cuda_graph"])
+        conn.send(("ok", {"describe": runner.describe(), "config": runner.config.to_dict(),
+                          "fingerprint": fingerprint}))
+    except MambaDeployError as exc:
+        conn.send(("error", str(exc)))
+        os._exit(WORKER_FAILED)
+    states, next_id = {}, 0
+    while True:
+        cmd, payload = conn.recv()
+        try:
+            if cmd == "exit":
+                break
+            if cmd == "free":
+                states.pop(payload, None)
+                continue
+            if cmd == "prefill":
+                logits, states[next_id] = runner.prefill(*payload)
+                reply = (logits.cpu() if rank == 0 else None, next_id)
+                next_id += 1
+            elif cmd == "step":
+                tokens, sid = payload
+                logits, states[sid] = runner.step(tokens, states[sid])
+                reply = logits.cpu() if rank == 0 else None
+            elif cmd == "state":
+                full = runner.state_to_torch(states[payload])
+                reply = {k: v.cpu() for k, v in full.items()} if rank == 0 else None
+            else:
+                raise ParallelError(f"rank {rank}: unknown command {cmd!r}")
+            conn.send(("ok", reply))
+        except ParallelError as exc:  # a collective failed: the group is unusable
+            conn.send(("error", str(exc)))
+            os._exit(WORKER_FAILED)
+        except MambaDeployError as exc:  # bad input: every rank refuses it alike, before any collective
+            conn.send(("error", str(exc)))
+    conn.close()
+
+
+class SpawnedRunner(Runner):
+    backend = "parallel"
+
+    def __init__(self, target, parallel: str = "tp=2", dtype="fp32", device="cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
+                 init: str = "exact", seed: int = 0, cuda_graph: bool = True, threads: int = 1):
+        """target: preset name or checkpoint directory (a path: workers load it themselves, slices only).
+        parallel: the layout ('tp=2,ep=2[,world=4][,dispatch=...]'). timeout_s: collective timeout."""
+        if not isinstance(target, str) and not hasattr(target, "__fspath__"):
+            raise ParallelError("the parallel backend loads the model in its workers: give a preset name or a "
+                                "checkpoint directory, not a loaded model")
+        self.layout = parse_layout(parallel)
+        if str(device).startswith("cuda") and torch.cuda.device_count() < self.layout.world:
+            raise ParallelError(f"--parallel needs {self.layout.world} GPUs, {torch.cuda.device_count()} visible")
+        self.timeout_s = timeout_s
+        settings = {"target": str(target), "layout": self.layout, "dtype": dtype, "device": str(device),
+                    "timeout_s": timeout_s, "init": init, "seed": seed, "cuda_graph": cuda_graph, "threads": threads,
+                    "init_method": f"tcp://127.0.0.1:{_free_port()}"}
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.conns, self.procs = [], []
+        for rank in range(self.layout.world):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(rank, child, settings), daemon=True,
+                               name=f"mambadeploy-rank{rank}")
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        try:
+            ready = self._collect(STARTUP_S + timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self.config = ModelConfig.from_dict(ready[0]["config"])
+        self._describe = ready[0]["describe"]
+
+    # ------------------------------------------------------------------ messaging
+    def _call(self, cmd, payload=None):
+        for conn in self.conns:
+            try:
+                conn.send((cmd, payload))
+            except (BrokenPipeError, OSError):
+                pass  # that worker is gone: _collect says which
+        return self._collect(self.timeout_s + 30.0)[0]
+
+    def _collect(self, limit_s: float) -> list:
+        """Every rank's reply; a dead rank or an error reply becomes one ParallelError (after the others answer, die
+        or the limit passes: their messages say what they saw)."""
+        replies, errors, deadline = {}, {}, time.monotonic() + limit_s
+        pending = set(range(len(self.conns)))
+        while pending and time.monotonic() < deadline:
+            for r in sorted(pending):
+                conn, proc = self.conns[r], self.procs[r]
+                try:
+                    has = conn.poll(0.02)
+                except (EOFError, OSError):
+                    has = False
+                if has:
+                    try:
+                        status, value = conn.recv()
+                    except (EOFError, OSError):
+                        status, value = "error", None
+                    pending.discard(r)
+                    (replies if status == "ok" else errors)[r] = value
+                elif not proc.is_alive():
+                    pending.discard(r)
+                    errors[r] = None
+        if pending:
+            errors.update({r: f"rank {r}: no answer within {limit_s:g} s" for r in pending})
+        if errors:
+            raise ParallelError(self._explain(errors))
+        return [replies[r] for r in range(len(self.conns))]
+
+    def _explain(self, errors: dict) -> str:
+        dead = [f"rank {r} died (exit code {self.procs[r].exitcode})" for r, msg in sorted(errors.items())
+                if msg is None]
+        said = [msg for _, msg in sorted(errors.items()) if msg]
+        return "; ".join(dead + said[:2]) or "a worker failed"
+
+    def _free(self, sid):
+        if all(p.is_alive() for p in self.procs):
+            for conn in self.conns:
+                try:
+                    conn.send(("free", sid))
+                except (BrokenPipeError, OSError):
+                    pass
+
+    def close(self):
+        for conn, proc in zip(self.conns, self.procs):
+            if proc.is_alive():
+                try:
+                    conn.send(("exit", None))
+                except (BrokenPipeError, OSError):
+                    pass
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    # ------------------------------------------------------------------ runner interface
+    def prefill(self, input_ids, lengths=None):
+        ids = input_ids.cpu()
+        logits, sid = self._call("prefill", (ids, None if lengths is None else lengths.cpu()))
+        return logits, StateHandle(self, sid, ids.shape[0])
+
+    def step(self, token_ids, state: StateHandle):
+        return self._call("step", (token_ids.reshape(-1).cpu(), state.sid)), state
+
+    def state_to_torch(self, state: StateHandle) -> dict:
+        return self._call("state", state.sid)
+
+    def describe(self) -> dict:
+        return dict(self._describe, launcher="spawn")
