@@ -22,6 +22,10 @@ class ParallelError(MambaDeployError):
     a rank that died or stopped answering (collective timeout)."""
 
 
+class RankFailure(ParallelError):
+    """A collective failed or timed out: a peer rank died, hung or left. The process group cannot be used again."""
+
+
 class ManifestPathError(MambaDeployError):
     """A path named by an export or engine directory's manifest that resolves outside that directory."""
 

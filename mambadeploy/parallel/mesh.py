@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ParallelError
+from ..errors import ParallelError, RankFailure
 
 DISPATCHES = ("auto", "mask", "alltoall")
 # dispatch "auto": token batches of at least this many rows use all-to-all (prefill), smaller ones (decode) the mask
@@ -114,14 +114,19 @@ class Mesh:
         self.tp_group = None  # None: the whole world (tp == world) or no group needed (tp == 1)
         self.capturing = False  # set by the runner while a CUDA graph is captured (no host-synchronising dispatch)
         self.where = ""  # what the model is doing (for error messages)
+
+    def make_groups(self) -> "Mesh":
+        """The tensor-parallel subgroups (only when 1 < tp < world); needs the joined process group. Every rank
+        creates every group, in the same order, as torch.distributed requires."""
         if 1 < self.tp < self.world:
             import torch.distributed as dist
 
-            # every rank creates every group, in the same order (torch.distributed requires it)
             for start in range(0, self.world, self.tp):
-                group = dist.new_group(list(range(start, start + self.tp)))
-                if start <= rank < start + self.tp:
+                group = self._run("creating the tensor-parallel groups",
+                                  lambda: dist.new_group(list(range(start, start + self.tp))))
+                if start <= self.rank < start + self.tp:
                     self.tp_group = group
+        return self
 
     def describe(self) -> dict:
         return {"rank": self.rank, "world": self.world, "tp": self.tp, "ep": self.ep, "dispatch": self.layout.dispatch,
@@ -134,7 +139,7 @@ class Mesh:
         except ParallelError:
             raise
         except Exception as exc:  # gloo / NCCL raise RuntimeError subclasses (DistBackendError, DistNetworkError)
-            raise ParallelError(
+            raise RankFailure(
                 f"rank {self.rank} of {self.world}: {what}{' in ' + self.where if self.where else ''} failed: another "
                 f"rank died, hung or left (collective timeout {self.timeout_s:g} s): {_first_line(exc)}") from exc
 
@@ -216,4 +221,4 @@ def init_distributed(layout: Layout, rank: int, device: str, timeout_s: float = 
             except Exception as exc:
                 raise ParallelError(f"rank {rank} of {layout.world}: could not join the process group within "
                                     f"{timeout_s:g} s ({_first_line(exc)})") from exc
-    return Mesh(layout, rank, timeout_s)
+    return Mesh(layout, rank, timeout_s).make_groups()

@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from ..errors import MambaDeployError, ParallelError
+from ..errors import MambaDeployError, ParallelError, RankFailure
 from ..models.config import ModelConfig
 from ..runtime.base import Runner
 from .mesh import DEFAULT_TIMEOUT_S, parse_layout
@@ -44,34 +44,34 @@ def _worker(rank, conn, settings):
     """One rank: join the group, load the slices, then serve calls until told to exit (or a collective fails)."""
     import os
 
-    from .load import load_sharded
-    from .mesh import init_distributed
-    from .runner import ParallelRunner
+    from .mesh import Mesh, init_distributed
 
     torch.set_num_threads(settings["threads"])
     device = f"cuda:{rank}" if settings["device"].startswith("cuda") else "cpu"
-    try:
-        if device != "cpu":
-            torch.cuda.set_device(device)
-        mesh = init_distributed(settings["layout"], rank, device, settings["timeout_s"], settings["init_method"])
-        model, fingerprint = load_sharded(settings["target"], mesh, settings["dtype"], device, settings["seed"],
-                                          settings["init"])
-        runner = ParallelRunner(model, mesh, cuda_graph=settings["cuda_graph"])
-        conn.send(("ok", {"describe": runner.describe(), "config": runner.config.to_dict(),
-                          "fingerprint": fingerprint}))
-    except MambaDeployError as exc:
-        conn.send(("error", str(exc)))
-        os._exit(WORKER_FAILED)
-    states, next_id = {}, 0
+    runner, states, next_id = None, {}, 0
+    cmd, payload = "load", settings
     while True:
-        cmd, payload = conn.recv()
         try:
             if cmd == "exit":
                 break
             if cmd == "free":
                 states.pop(payload, None)
+                cmd, payload = conn.recv()
                 continue
-            if cmd == "prefill":
+            if cmd == "load":
+                if runner is None:
+                    if device != "cpu":
+                        torch.cuda.set_device(device)
+                    mesh = init_distributed(payload["layout"], rank, device, settings["timeout_s"],
+                                            settings["init_method"])
+                else:
+                    mesh = Mesh(payload["layout"], rank, settings["timeout_s"]).make_groups()
+                runner, states = None, {}
+                runner, fingerprint = _load(payload, mesh, device, settings)
+                reply = {"describe": runner.describe(), "config": runner.config.to_dict(), "fingerprint": fingerprint}
+            elif runner is None:
+                raise ParallelError(f"rank {rank}: no model loaded (the last load failed)")
+            elif cmd == "prefill":
                 logits, states[next_id] = runner.prefill(*payload)
                 reply = (logits.cpu() if rank == 0 else None, next_id)
                 next_id += 1
@@ -85,12 +85,22 @@ def _worker(rank, conn, settings):
             else:
                 raise ParallelError(f"rank {rank}: unknown command {cmd!r}")
             conn.send(("ok", reply))
-        except ParallelError as exc:  # a collective failed: the group is unusable
+        except RankFailure as exc:  # a collective failed: the group is unusable
             conn.send(("error", str(exc)))
             os._exit(WORKER_FAILED)
-        except MambaDeployError as exc:  # bad input: every rank refuses it alike, before any collective
+        except MambaDeployError as exc:  # bad input or a refused load: every rank refuses alike; the group still works
             conn.send(("error", str(exc)))
+        cmd, payload = conn.recv()
     conn.close()
+
+
+def _load(payload, mesh, device, settings):
+    from .load import load_sharded
+    from .runner import ParallelRunner
+
+    model, fingerprint = load_sharded(payload["target"], mesh, payload["dtype"], device, payload["seed"],
+                                      payload["init"])
+    return ParallelRunner(model, mesh, cuda_graph=settings["cuda_graph"]), fingerprint
 
 
 class SpawnedRunner(Runner):
@@ -127,11 +137,23 @@ class SpawnedRunner(Runner):
         self.config = ModelConfig.from_dict(ready[0]["config"])
         self._describe = ready[0]["describe"]
 
+    def load(self, target, parallel: str | None = None, dtype="fp32", init: str = "exact", seed: int = 0,
+             targets: list | None = None):
+        """Load another model (or the same under another layout of the same world) into the running workers.
+        targets: one per rank instead of `target` (tests: ranks given different checkpoints must be refused)."""
+        layout = parse_layout(parallel, self.layout.world) if parallel else self.layout
+        payloads = [{"target": str(t), "layout": layout, "dtype": dtype, "init": init, "seed": seed}
+                    for t in (targets or [target] * self.layout.world)]
+        ready = self._call("load", payloads=payloads)
+        self.layout = layout
+        self.config = ModelConfig.from_dict(ready["config"])
+        self._describe = ready["describe"]
+
     # ------------------------------------------------------------------ messaging
-    def _call(self, cmd, payload=None):
-        for conn in self.conns:
+    def _call(self, cmd, payload=None, payloads=None):
+        for r, conn in enumerate(self.conns):
             try:
-                conn.send((cmd, payload))
+                conn.send((cmd, payload if payloads is None else payloads[r]))
             except (BrokenPipeError, OSError):
                 pass  # that worker is gone: _collect says which
         return self._collect(self.timeout_s + 30.0)[0]
