@@ -165,7 +165,8 @@ class Mesh:
         import torch.distributed as dist
 
         out = torch.empty((self.world * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-        self._run("all_gather (experts)", lambda: dist.all_gather_into_tensor(out, t.contiguous()))
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        self._run("all_gather (experts)", lambda: gather(out, t.contiguous()))
         return out
 
     def all_to_all(self, t: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:

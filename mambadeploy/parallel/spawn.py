@@ -92,6 +92,7 @@ def _worker(rank, conn, settings):
             conn.send(("error", str(exc)))
         cmd, payload = conn.recv()
     conn.close()
+    os._exit(0)  # at once: tearing down gloo's threads at interpreter exit waited seconds for the peers
 
 
 def _load(payload, mesh, device, settings):
