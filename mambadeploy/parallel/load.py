@@ -40,14 +40,7 @@ def load_sharded(target, mesh: Mesh, dtype="fp32", device="cpu", seed: int = 0, 
     if init not in INITS:
         raise ParallelError(f"unknown init {init!r}; one of {', '.join(INITS)}")
     if isinstance(target, str) and target in PRESETS:
-        config = preset_config(target)
-        check_layout(mesh.layout, config)
-        fingerprint = _digest({"preset": target, "seed": seed, "init": init, "config": config.to_dict()})
-        if compare:
-            mesh.check_same(fingerprint, "checkpoints (fingerprints of the model each rank was given)")
-        model = build_local_model(config, mesh, dtype, device)
-        with torch.no_grad():
-            (_init_exact if init == "exact" else _init_local)(model, config, mesh, seed)
+        model, fingerprint = build_sharded(preset_config(target), mesh, dtype, device, seed, init, compare)
         model.source = {"kind": "preset", "name": target, "seed": seed, "init": init}
         return model, fingerprint
     path = Path(target)
@@ -63,6 +56,21 @@ def load_sharded(target, mesh: Mesh, dtype="fp32", device="cpu", seed: int = 0, 
             _read_slices(model, config, mesh, pieces, slicer, str(path))
     check_weights_finite(model, path)
     model.source = {"kind": fmt, "path": str(path)}
+    return model, fingerprint
+
+
+def build_sharded(config, mesh: Mesh, dtype=torch.float32, device="cpu", seed: int = 0, init: str = "exact",
+                  compare: bool = True):
+    """This rank's share of a model of `config` with seeded random weights (a preset, or a shape of a benchmark)."""
+    dtype = parse_dtype(dtype)
+    check_layout(mesh.layout, config)
+    fingerprint = _digest({"seed": seed, "init": init, "config": config.to_dict()})
+    if compare:
+        mesh.check_same(fingerprint, "checkpoints (fingerprints of the model each rank was given)")
+    model = build_local_model(config, mesh, dtype, device)
+    with torch.no_grad():
+        (_init_exact if init == "exact" else _init_local)(model, config, mesh, seed)
+    model.source = {"kind": "random", "seed": seed, "init": init}
     return model, fingerprint
 
 
