@@ -10,11 +10,13 @@ jamba-1.5-large` is the 398B shape (72 layers, hidden 8192, 16 experts top-2, ff
 First a parity check (the benchmark's numbers mean nothing if the sharded model is wrong): the first 2 blocks at the
 same width, weights drawn exactly as the single-process model's ("exact" init), sharded run against the single-process
 model on rank 0's GPU, prefill + 8 decode steps, within the bf16 logits bound of validate/tolerances.py.
-Then, per layout and on 1 GPU (the same code at world 1; and torch-fast's Triton/CUDA-graph runner on that same
-1-GPU model, `--no-torch-fast` to skip): decode ms/token = GPU time of one CUDA-graph replay of the step (collectives
-inside the graph), median over 20, at batch 1 / 8 / 64 after a 16-token prompt; prefill of 2048 tokens at batch 1
-(eager, median of 3). The JSON holds the GPU names and count, every timing, and the 2-GPU / 1-GPU ratios (goal of
-issue 20: decode at batch 1 <= 0.6x).
+Then, per layout and on 1 GPU (the same code at world 1), two kernel sets: "parallel" = the sharded reference model
+(torch ops, its step captured in a CUDA graph), "torch_fast" = torch-fast's Triton step (1 GPU: TorchFastRunner;
+N GPUs: parallel/fast.ParallelFastRunner, collectives inside its graph; `--no-torch-fast` to skip). Decode ms/token =
+GPU time of one CUDA-graph replay of the step (collectives inside the graph), median over 20, at batch 1 / 8 / 64 after
+a 16-token prompt; prefill of 2048 tokens at batch 1 ("parallel" only: eager, median of 3). The JSON holds the GPU
+names and count, every timing, and each kernel set's N-GPU / 1-GPU ratios (goal of issue 20: decode at batch 1
+<= 0.6x).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mambadeploy.models.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig, MoEConfig  # noqa: E402
-from mambadeploy.models.presets import jamba_layers, preset_config  # noqa: E402
+from mambadeploy.models.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig, MoEConfig
+from mambadeploy.models.presets import jamba_layers, preset_config
 
 PROMPT = 16  # tokens before the timed decode steps
 PREFILL_LEN = 2048
@@ -151,11 +153,17 @@ def rank_main(rank: int, world: int, layout_text: str, args, port: int, result_p
         result["weights_gb_per_gpu"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
         runner = ParallelRunner(model, mesh, cuda_graph=True, sync_steps=False)
         result["parallel"] = time_runner(runner, config.vocab_size, args.batches, not args.no_prefill)
-        if world == 1 and not args.no_torch_fast:  # the same 1-GPU weights on torch-fast's Triton kernels
+        del runner
+        if not args.no_torch_fast:  # the same weights on torch-fast's Triton kernels (collectives in its graph)
+            from mambadeploy.parallel.fast import ParallelFastRunner
             from mambadeploy.runtime.torch_fast import TorchFastRunner
 
-            fast = TorchFastRunner(model, check_inputs=False, persistent=False)
-            result["torch_fast"] = time_runner(fast, config.vocab_size, args.batches, not args.no_prefill)
+            fast = (TorchFastRunner(model, check_inputs=False, persistent=False) if world == 1
+                    else ParallelFastRunner(model, mesh, check_inputs=False))
+            try:
+                result["torch_fast"] = time_runner(fast, config.vocab_size, args.batches, prefill=False)
+            except Exception:  # noqa: BLE001 - not yet run on several GPUs: record, keep the other numbers
+                result["torch_fast"] = {"error": traceback.format_exc(limit=8)}
         result["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     except Exception:  # noqa: BLE001 - the JSON says what failed
         result["error"] = traceback.format_exc(limit=8)
@@ -190,7 +198,7 @@ def main():
     p.add_argument("--layers", type=int, default=None, help="keep the first N layers (default: all)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--no-single", action="store_true", help="skip the 1-GPU baseline (a shape that needs > 1 GPU)")
-    p.add_argument("--no-torch-fast", action="store_true", help="skip torch-fast on the 1-GPU model")
+    p.add_argument("--no-torch-fast", action="store_true", help="skip the torch-fast (Triton) decode timings")
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--no-check", action="store_true", help="skip the 2-block parity check")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/parallel_bench.json)")
@@ -211,10 +219,10 @@ def main():
     if single and "parallel" in single:
         doc["ratios_vs_1gpu"] = {}
         for run in doc["runs"][1:]:
-            for base_name in ("parallel", "torch_fast"):
-                base = single.get(base_name, {}).get("decode_ms", {})
-                mine = run.get("parallel", {}).get("decode_ms", {})
-                doc["ratios_vs_1gpu"][f"{run['layout']} / 1-GPU {base_name}"] = {
+            for name in ("parallel", "torch_fast"):  # each kernel set against itself on 1 GPU
+                base = single.get(name, {}).get("decode_ms", {})
+                mine = run.get(name, {}).get("decode_ms", {})
+                doc["ratios_vs_1gpu"][f"{run['layout']} {name}"] = {
                     f"decode_b{b}": mine[b] / base[b] for b in mine if b in base}
     doc["goal"] = "issue 20: 2-GPU decode <= 0.6x the 1-GPU step at batch 1"
     out = Path(args.out or Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")) / "parallel_bench.json")

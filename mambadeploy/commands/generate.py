@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
                         help="tensor / expert parallel run (implies --backend parallel): tp=N,ep=M[,world=W]"
                              "[,dispatch=auto|mask|alltoall]; under torchrun one rank per process (rank 0 prints), "
                              "else W workers are spawned here")
+    parser.add_argument("--parallel-kernels", choices=("torch", "triton"), default="torch",
+                        help="parallel decode on the sharded reference model (torch, graphed on CUDA) or on torch-fast's "
+                             "Triton kernels with the collectives in its CUDA graph (triton; GPU)")
     parser.add_argument("--parallel-timeout", type=float, default=None, metavar="S",
                         help="collective timeout: a dead or hung rank ends the run with an error after S s (120)")
 
@@ -91,7 +94,8 @@ def run(args) -> int:
         from ..parallel.launch import make_parallel_runner
 
         timeout = {} if args.parallel_timeout is None else {"timeout_s": args.parallel_timeout}
-        runner, is_main = make_parallel_runner(args.model, args.parallel or "tp=2", args.dtype, args.device, **timeout)
+        runner, is_main = make_parallel_runner(args.model, args.parallel or "tp=2", args.dtype, args.device,
+                                               kernels=args.parallel_kernels, **timeout)
     else:
         runner = make_runner(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
     load_s = time.perf_counter() - t0

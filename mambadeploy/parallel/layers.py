@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..models import ref_ops
 from ..models.layers import GatedMLP, MoE
@@ -29,7 +29,8 @@ from .mesh import ALLTOALL_MIN_TOKENS, Mesh
 
 
 class RowParallelLinear(nn.Linear):
-    """A Linear whose input features are this rank's slice: partial product, all-reduce (tensor-parallel group), bias."""
+    """A Linear whose input features are this rank's slice: partial product, all-reduce over the tensor-parallel
+    group, then the bias (once)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, mesh: Mesh):
         super().__init__(in_features, out_features, bias=bias)

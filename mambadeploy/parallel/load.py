@@ -14,6 +14,7 @@ Each returns the model and a fingerprint of what was loaded; ranks compare finge
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -46,7 +47,7 @@ def load_sharded(target, mesh: Mesh, dtype="fp32", device="cpu", seed: int = 0, 
     path = Path(target)
     fmt = detect_format(path)
     with ExitStack() as stack:
-        config, pieces, available, slicer, header = _open_checkpoint(fmt, path, stack)
+        config, pieces, _, slicer, header = _open_checkpoint(fmt, path, stack)
         check_layout(mesh.layout, config)
         fingerprint = _digest({"format": fmt, "header": header, "config": config.to_dict()})
         if compare:
@@ -105,8 +106,8 @@ def _open_checkpoint(fmt, path: Path, stack: ExitStack):
     from ..models.model import MambaMoELM
 
     if fmt == "native":
-        from ..models.config import ModelConfig
         from ..errors import read_json
+        from ..models.config import ModelConfig
 
         meta = read_json(path / "mambadeploy.json", CheckpointError)
         config = ModelConfig.from_dict(meta["config"], f"{path / 'mambadeploy.json'}: config")
@@ -195,7 +196,7 @@ def read_piece(piece: Piece, full_shape: tuple, ranges, slicer) -> torch.Tensor:
     breaks[1:] = (source[1:] != source[:-1]) | (rows[1:] != rows[:-1] + 1)
     starts = torch.nonzero(breaks, as_tuple=True)[0].tolist() + [len(ids)]
     blocks = []
-    for a, b in zip(starts[:-1], starts[1:]):
+    for a, b in itertools.pairwise(starts):
         key, first = piece.sources[int(source[a])], int(rows[a])
         blocks.append(_read_block(slicer, key, first, first + (b - a), ranges[lead:]))
     out = torch.cat(blocks) if len(blocks) > 1 else blocks[0]

@@ -5,8 +5,8 @@ Ranks form a grid of `world` processes:
 - dense layers (Mamba mixers, attention, dense MLPs) are split over `tp` ranks: the tensor-parallel group of rank r is
   the `tp` consecutive ranks around it; with world > tp those groups are copies of each other;
 - each MoE layer's experts are split over `ep` expert groups of world / ep consecutive ranks; inside a group each
-  expert's hidden width is split over its world / ep ranks (expert tensor parallelism), so every (expert, slice) lives on
-  exactly one rank and one all-reduce over the world combines the MoE output.
+  expert's hidden width is split over its world / ep ranks (expert tensor parallelism), so every (expert, slice)
+  lives on exactly one rank and one all-reduce over the world combines the MoE output.
 tp=2,ep=2 on 2 ranks: both splits use the same two ranks; on 4 ranks: two TP pairs, experts split 2 x 2.
 """
 
@@ -115,7 +115,7 @@ class Mesh:
         self.capturing = False  # set by the runner while a CUDA graph is captured (no host-synchronising dispatch)
         self.where = ""  # what the model is doing (for error messages)
 
-    def make_groups(self) -> "Mesh":
+    def make_groups(self) -> Mesh:
         """The tensor-parallel subgroups (only when 1 < tp < world); needs the joined process group. Every rank
         creates every group, in the same order, as torch.distributed requires."""
         if 1 < self.tp < self.world:
@@ -123,7 +123,7 @@ class Mesh:
 
             for start in range(0, self.world, self.tp):
                 group = self._run("creating the tensor-parallel groups",
-                                  lambda: dist.new_group(list(range(start, start + self.tp))))
+                                  lambda start=start: dist.new_group(list(range(start, start + self.tp))))
                 if start <= self.rank < start + self.tp:
                     self.tp_group = group
         return self

@@ -63,7 +63,7 @@ class _Deadline:
 class GraphState:
     """A state whose decode step is a CUDA graph over its own buffers (advanced in place by step)."""
 
-    def __init__(self, tensors: "OrderedDict[str, torch.Tensor]", batch: int):
+    def __init__(self, tensors: OrderedDict[str, torch.Tensor], batch: int):
         self.tensors, self.batch = tensors, batch
         self.tokens = self.logits = self.graph = None
 

@@ -130,7 +130,8 @@ def build_local_model(config, mesh: Mesh, dtype=torch.float32, device="cpu") -> 
                 block.ffn = ParallelGatedMLP(local, mesh)
             elif block.kind.ffn == "moe":
                 block.ffn = ExpertParallelMoE(config, mesh)
-    model = model._apply(lambda t: torch.empty_like(t, device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+    model = model._apply(lambda t: torch.empty_like(t, device=device,
+                                                    dtype=dtype if t.is_floating_point() else t.dtype))
     model.full_config = config
     model.mesh = mesh
     return model.eval()
@@ -154,7 +155,7 @@ def gather_state(state: dict, config, mesh: Mesh) -> dict:
             out[name] = t
             continue
         parts = [torch.empty_like(t) for _ in range(mesh.world)]
-        mesh._run("all_gather (state)", lambda: dist.all_gather(parts, t.contiguous()))
+        mesh._run("all_gather (state)", lambda parts=parts, t=t: dist.all_gather(parts, t.contiguous()))
         group = parts[mesh.rank - mesh.tp_rank: mesh.rank - mesh.tp_rank + mesh.tp]  # this rank's TP group
         if name.endswith((".key", ".value")) and config.attention.n_kv_heads < mesh.tp:
             group = group[:: mesh.tp // config.attention.n_kv_heads]

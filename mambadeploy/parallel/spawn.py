@@ -29,7 +29,7 @@ WORKER_FAILED = 2
 class StateHandle:
     """A state held by the workers (advanced in place by step)."""
 
-    def __init__(self, runner: "SpawnedRunner", sid: int, batch: int):
+    def __init__(self, runner: SpawnedRunner, sid: int, batch: int):
         self.sid, self.batch = sid, batch
         weakref.finalize(self, runner._free, sid)
 
@@ -96,19 +96,20 @@ def _worker(rank, conn, settings):
 
 
 def _load(payload, mesh, device, settings):
+    from .launch import rank_runner
     from .load import load_sharded
-    from .runner import ParallelRunner
 
     model, fingerprint = load_sharded(payload["target"], mesh, payload["dtype"], device, payload["seed"],
                                       payload["init"])
-    return ParallelRunner(model, mesh, cuda_graph=settings["cuda_graph"]), fingerprint
+    return rank_runner(model, mesh, settings["cuda_graph"], settings["kernels"]), fingerprint
 
 
 class SpawnedRunner(Runner):
     backend = "parallel"
 
     def __init__(self, target, parallel: str = "tp=2", dtype="fp32", device="cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
-                 init: str = "exact", seed: int = 0, cuda_graph: bool = True, threads: int = 1):
+                 init: str = "exact", seed: int = 0, cuda_graph: bool = True, threads: int = 1,
+                 kernels: str = "torch"):
         """target: preset name or checkpoint directory (a path: workers load it themselves, slices only).
         parallel: the layout ('tp=2,ep=2[,world=4][,dispatch=...]'). timeout_s: collective timeout."""
         if not isinstance(target, str) and not hasattr(target, "__fspath__"):
@@ -120,6 +121,7 @@ class SpawnedRunner(Runner):
         self.timeout_s = timeout_s
         settings = {"target": str(target), "layout": self.layout, "dtype": dtype, "device": str(device),
                     "timeout_s": timeout_s, "init": init, "seed": seed, "cuda_graph": cuda_graph, "threads": threads,
+                    "kernels": kernels,
                     "init_method": f"tcp://127.0.0.1:{_free_port()}"}
         ctx = torch.multiprocessing.get_context("spawn")
         self.conns, self.procs = [], []
@@ -217,7 +219,7 @@ class SpawnedRunner(Runner):
     def __del__(self):
         try:
             self.close()
-        except Exception:  # interpreter shutdown
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown
             pass
 
     # ------------------------------------------------------------------ runner interface

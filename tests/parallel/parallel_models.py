@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hf_tiny import fan_in_init
 
 HF_VOCAB = 99

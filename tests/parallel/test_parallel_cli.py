@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -25,7 +24,7 @@ def test_torchrun_generate_matches_single_process(capsys):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "mambadeploy.cli", *ARGS,
                           "--parallel", "tp=2,ep=2", "--parallel-timeout", "60"],
-                         capture_output=True, text=True, timeout=240, env=env)
+                         capture_output=True, text=True, timeout=240, env=env, check=False)
     print(run.stderr[-2000:])
     assert run.returncode == 0
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]

@@ -5,8 +5,9 @@ Against the single-process reference as in test_parallel_runs.py (32 steps here:
 
 from __future__ import annotations
 
-from mambadeploy.parallel.spawn import SpawnedRunner
 from test_parallel_runs import TIMEOUT_S, compare_greedy
+
+from mambadeploy.parallel.spawn import SpawnedRunner
 
 
 def test_grid_matches_single_process(tiny):

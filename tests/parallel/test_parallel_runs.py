@@ -11,13 +11,13 @@ import time
 
 import pytest
 import torch
+from parallel_models import save_hf_jamba
 
 from mambadeploy.errors import ParallelError
 from mambadeploy.models.checkpoint import load_model
 from mambadeploy.models.presets import TINY_PRESETS
 from mambadeploy.parallel.spawn import WORKER_FAILED, SpawnedRunner
 from mambadeploy.validate.tolerances import PARALLEL_LOGITS_REL, rel_to_scale
-from parallel_models import save_hf_jamba
 
 TIMEOUT_S = 30.0  # collective timeout of the pool (a killed peer is seen at once by gloo; this bounds a hang)
 STEPS = 64
@@ -55,8 +55,10 @@ def compare_greedy(runner, reference, vocab: int, steps: int = STEPS, seed: int 
         logits, state = runner.step(mine, state)
         errors.append(rel_to_scale(logits, ref_logits))
     worst = max(e[0] for e in errors)
-    print(f"{runner.describe()['tp']=} {runner.describe()['ep']=}: logits max err / scale {worst:.3e}, mean abs err "
-          f"{max(e[1] for e in errors):.3e}, prefill state max abs err {state_err:.3e} (bound {PARALLEL_LOGITS_REL:.0e})")
+    d = runner.describe()
+    print(f"tp={d['tp']} ep={d['ep']} world={d['world']}: logits max err / scale {worst:.3e}, mean abs err "
+          f"{max(e[1] for e in errors):.3e}, prefill state max abs err {state_err:.3e} "
+          f"(bound {PARALLEL_LOGITS_REL:.0e})")
     assert worst <= PARALLEL_LOGITS_REL
     assert state_err <= PARALLEL_LOGITS_REL * 10  # states are O(1): the same reassociation bound, unscaled
     return worst

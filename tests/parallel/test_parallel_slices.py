@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parallel_models import save_hf_jamba
 
 from mambadeploy.errors import ParallelError
 from mambadeploy.models.checkpoint import load_model, save_model
@@ -14,7 +15,6 @@ from mambadeploy.models.presets import preset_config
 from mambadeploy.parallel.load import load_sharded, read_piece
 from mambadeploy.parallel.mesh import Mesh, check_layout, parse_layout
 from mambadeploy.parallel.shard import local_shape, param_ranges, take
-from parallel_models import save_hf_jamba
 
 LAYOUTS = ("tp=2", "ep=2", "tp=2,ep=2", "tp=2,ep=2,world=4", "tp=4,ep=2")
 
@@ -55,8 +55,8 @@ def test_checkpoint_slices_every_format(tmp_path, tiny, hf_dir, layout):
 
 def test_loader_reads_only_the_slices():
     """read_piece asks the file for exactly the local elements: stacked experts, [gate; up] halves, [x; z] rows."""
-    from mambadeploy.models.loaders.hf import _stack_gate_up
     from mambadeploy.models.loaders.common import Piece
+    from mambadeploy.models.loaders.hf import _stack_gate_up
 
     config = preset_config("jamba-tiny")
     E, F, d = config.moe.n_experts, config.moe.ffn_size, config.d_model
