@@ -60,6 +60,16 @@ class _Deadline:
                 os._exit(DEADLINE_EXIT_CODE)
 
 
+_DEADLINES: dict = {}
+
+
+def _deadline(seconds: float, rank: int) -> _Deadline:
+    """One watchdog thread per (timeout, rank) in a process, however many runners it builds (a worker reloads)."""
+    if (seconds, rank) not in _DEADLINES:
+        _DEADLINES[(seconds, rank)] = _Deadline(seconds, rank)
+    return _DEADLINES[(seconds, rank)]
+
+
 class GraphState:
     """A state whose decode step is a CUDA graph over its own buffers (advanced in place by step)."""
 
@@ -79,7 +89,7 @@ class ParallelRunner(Runner):
         self.device, self.dtype = model.device, model.dtype
         self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
         self.sync_steps = sync_steps
-        self.deadline = _Deadline(mesh.timeout_s + DEADLINE_MARGIN_S, mesh.rank)
+        self.deadline = _deadline(mesh.timeout_s + DEADLINE_MARGIN_S, mesh.rank)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         with self.deadline("startup"):
             self.devices = mesh.gather_object(name, "device names")
