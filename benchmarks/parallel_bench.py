@@ -7,8 +7,8 @@ Model: a Jamba at Jamba-1.5-Mini width with all 32 layers (or --layers N), bf16,
 on each GPU (parallel/load.build_sharded, init "local": no rank ever holds more than its slices). `--shape
 jamba-1.5-large` is the 398B shape (72 layers, hidden 8192, 16 experts top-2, ffn 24576, 64 / 8 heads, dt_rank 512):
 796 GB in bf16, so 8 H200s.
-First a parity check (the benchmark's numbers mean nothing if the sharded model is wrong): the first 2 blocks at the
-same width, weights drawn exactly as the single-process model's ("exact" init), sharded run against the single-process
+First a parity check (the benchmark's numbers mean nothing if the sharded model is wrong): 2 blocks (Mamba + MoE,
+attention + MLP) at the same width, weights drawn exactly as the single-process model's ("exact" init), sharded run against the single-process
 model on rank 0's GPU, prefill + 8 decode steps, within the bf16 logits bound of validate/tolerances.py.
 Then, per layout and on 1 GPU (the same code at world 1), two kernel sets: "parallel" = the sharded reference model
 (torch ops, its step captured in a CUDA graph), "torch_fast" = torch-fast's Triton step (1 GPU: TorchFastRunner;
@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -36,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from _bench import gpu_ms
 
 from mambadeploy.models.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig, MoEConfig
 from mambadeploy.models.presets import jamba_layers, preset_config
@@ -65,22 +66,6 @@ def model_config(shape: str, layers: int | None) -> ModelConfig:
     return config
 
 
-def _gpu_ms(fn, reps: int, warmup: int) -> float:
-    """Median GPU ms of fn() (CUDA events); every rank calls it the same number of times (collectives pair up)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def time_runner(runner, vocab: int, batches, prefill: bool) -> dict:
     out = {"decode_ms": {}, "errors": {}}
     g = torch.Generator().manual_seed(0)
@@ -89,7 +74,7 @@ def time_runner(runner, vocab: int, batches, prefill: bool) -> dict:
             ids = torch.randint(0, vocab, (b, PROMPT), generator=g)
             logits, state = runner.prefill(ids)
             logits, state = runner.step(logits.argmax(-1), state)  # captures the CUDA graph
-            out["decode_ms"][b] = _gpu_ms(state.graph.replay, reps=20, warmup=3)
+            out["decode_ms"][b] = gpu_ms(state.graph.replay, reps=20, warmup=3)
             del state
         except Exception as exc:  # noqa: BLE001 - an out-of-memory batch is recorded, the others still run
             out["errors"][b] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -97,14 +82,15 @@ def time_runner(runner, vocab: int, batches, prefill: bool) -> dict:
     if prefill:
         try:
             ids = torch.randint(0, vocab, (1, PREFILL_LEN), generator=g)
-            out["prefill_2048_ms"] = _gpu_ms(lambda: runner.prefill(ids), reps=3, warmup=1)
+            out["prefill_2048_ms"] = gpu_ms(lambda: runner.prefill(ids), reps=3, warmup=1)
         except Exception as exc:  # noqa: BLE001
             out["errors"]["prefill"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return out
 
 
 def parity_check(config, mesh, device) -> dict:
-    """2 blocks, exact weights: sharded vs single-process (rank 0 builds the reference), prefill + 8 steps."""
+    """2 blocks (Mamba + MoE, attention + MLP), exact weights: sharded vs single-process (rank 0 builds the reference),
+    prefill + 8 steps."""
     from mambadeploy.models.checkpoint import empty_model
     from mambadeploy.models.model import init_random_
     from mambadeploy.parallel.load import build_sharded
@@ -112,7 +98,8 @@ def parity_check(config, mesh, device) -> dict:
     from mambadeploy.validate.tolerances import LOGITS_REL, rel_to_scale
 
     small = copy.deepcopy(config)
-    small.layers = small.layers[:2]
+    small.layers = [next(s for s in config.layers if s.mixer == "mamba" and s.ffn == "moe"),
+                    next((s for s in config.layers if s.mixer == "attention"), config.layers[0])]
     model, _ = build_sharded(small, mesh, torch.bfloat16, device, init="exact")
     runner = ParallelRunner(model, mesh, cuda_graph=True)
     ids = torch.randint(0, small.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(1))
