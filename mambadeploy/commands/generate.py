@@ -90,6 +90,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     options = {"provider": args.provider} if args.provider else {}
     is_main = True
+    if args.parallel and args.backend not in ("torch", "parallel"):
+        raise InputError(f"--parallel runs the parallel backend; it cannot be combined with --backend {args.backend}")
     if args.parallel or args.backend == "parallel":
         from ..parallel.launch import make_parallel_runner
 

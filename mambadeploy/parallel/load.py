@@ -41,7 +41,8 @@ def load_sharded(target, mesh: Mesh, dtype="fp32", device="cpu", seed: int = 0, 
     if init not in INITS:
         raise ParallelError(f"unknown init {init!r}; one of {', '.join(INITS)}")
     if isinstance(target, str) and target in PRESETS:
-        model, fingerprint = build_sharded(preset_config(target), mesh, dtype, device, seed, init, compare)
+        model, fingerprint = build_sharded(preset_config(target), mesh, dtype, device, seed, init, compare,
+                                           label=f"preset {target}")
         model.source = {"kind": "preset", "name": target, "seed": seed, "init": init}
         return model, fingerprint
     path = Path(target)
@@ -51,7 +52,8 @@ def load_sharded(target, mesh: Mesh, dtype="fp32", device="cpu", seed: int = 0, 
         check_layout(mesh.layout, config)
         fingerprint = _digest({"format": fmt, "header": header, "config": config.to_dict()})
         if compare:
-            mesh.check_same(fingerprint, "checkpoints (fingerprints of each rank's config and weight-file headers)")
+            mesh.check_same(fingerprint, "checkpoints (compared: each rank's config and weight-file headers)",
+                            label=str(path))
         model = build_local_model(config, mesh, dtype, device)
         with torch.no_grad():
             _read_slices(model, config, mesh, pieces, slicer, str(path))
@@ -61,13 +63,14 @@ def load_sharded(target, mesh: Mesh, dtype="fp32", device="cpu", seed: int = 0, 
 
 
 def build_sharded(config, mesh: Mesh, dtype=torch.float32, device="cpu", seed: int = 0, init: str = "exact",
-                  compare: bool = True):
+                  compare: bool = True, label: str = ""):
     """This rank's share of a model of `config` with seeded random weights (a preset, or a shape of a benchmark)."""
     dtype = parse_dtype(dtype)
     check_layout(mesh.layout, config)
     fingerprint = _digest({"seed": seed, "init": init, "config": config.to_dict()})
     if compare:
-        mesh.check_same(fingerprint, "checkpoints (fingerprints of the model each rank was given)")
+        mesh.check_same(fingerprint, "checkpoints (compared: config, seed and init of the random weights)",
+                        label=label or config.name)
     model = build_local_model(config, mesh, dtype, device)
     with torch.no_grad():
         (_init_exact if init == "exact" else _init_local)(model, config, mesh, seed)
@@ -121,7 +124,8 @@ def _open_checkpoint(fmt, path: Path, stack: ExitStack):
         from ..models.loaders import hf
 
         config = hf.read_config(path)
-        where = _open_safetensors(stack, hf._weight_files(path))
+        files = hf._weight_files(path)
+        where = _open_safetensors(stack, files)
         with torch.device("meta"):
             full = MambaMoELM(config)
         plan = hf.mamba_plan if fmt == "hf-mamba" else hf.jamba_plan
@@ -137,8 +141,9 @@ def _open_checkpoint(fmt, path: Path, stack: ExitStack):
         pieces, ignored = blackmamba.plan(full), ()
         available = {k: tuple(v.shape) for k, v in state.items()}
         common.check_pieces(pieces, available, str(path), ignored)
-        return config, pieces, available, lambda key, sl: state[key][sl], sorted(
-            (k, list(v), str(state[k].dtype)) for k, v in available.items())
+        header = [sorted((k, list(v), str(state[k].dtype)) for k, v in available.items()),
+                  _sample_digest([path / "pytorch_model.bin"])]
+        return config, pieces, available, lambda key, sl: state[key][sl], header
     else:
         raise CheckpointError(f"{path}: the {fmt} format cannot be loaded sharded")
 
@@ -151,8 +156,26 @@ def _open_checkpoint(fmt, path: Path, stack: ExitStack):
 
     available = {k: tuple(h.get_slice(k).get_shape()) for k, (h, _) in where.items()}
     common.check_pieces(pieces, available, str(path), ignored)
-    header = sorted((k, list(v), where[k][0].get_slice(k).get_dtype()) for k, v in available.items())
+    header = [sorted((k, list(v), where[k][0].get_slice(k).get_dtype()) for k, v in available.items()),
+              _sample_digest(files)]
     return config, pieces, available, slicer, header
+
+
+SAMPLE_BYTES = 1 << 20
+
+
+def _sample_digest(files) -> str:
+    """Each weight file's size and its first and last MiB: two checkpoints of one shape (a base model and its
+    fine-tune) differ there, and reading 2 MiB a file keeps the check cheap for any size."""
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(SAMPLE_BYTES))
+            fh.seek(max(size - SAMPLE_BYTES, 0))
+            h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()
 
 
 def _open_safetensors(stack, files):

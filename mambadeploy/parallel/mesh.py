@@ -195,14 +195,15 @@ class Mesh:
         self._run(f"gathering {what}", lambda: dist.all_gather_object(values, value))
         return values
 
-    def check_same(self, value: str, what: str) -> None:
-        """Every rank must hold the same `value` (a fingerprint); otherwise one ParallelError naming the ranks."""
-        values = self.gather_object(value, what)
-        if len(set(values)) > 1:
+    def check_same(self, value: str, what: str, label: str = "") -> None:
+        """Every rank must hold the same `value` (a fingerprint); otherwise one ParallelError naming the ranks and
+        what each holds (`label`: a preset name or path, shown but not compared: copies at other paths are fine)."""
+        pairs = self.gather_object((value, label), what)
+        if len({v for v, _ in pairs}) > 1:
             groups: dict = {}
-            for r, v in enumerate(values):
-                groups.setdefault(v, []).append(r)
-            parts = [f"ranks {rs} have {v[:60]}" for v, rs in groups.items()]
+            for r, (v, lab) in enumerate(pairs):
+                groups.setdefault(v, ([], lab))[0].append(r)
+            parts = [f"ranks {rs} have {lab or 'a model'} (fingerprint {v[:12]})" for v, (rs, lab) in groups.items()]
             raise ParallelError(f"ranks were launched with different {what}: " + "; ".join(parts))
 
 

@@ -14,7 +14,7 @@ import torch
 from parallel_models import save_hf_jamba
 
 from mambadeploy.errors import ParallelError
-from mambadeploy.models.checkpoint import load_model
+from mambadeploy.models.checkpoint import load_model, save_model
 from mambadeploy.models.presets import TINY_PRESETS
 from mambadeploy.parallel.spawn import WORKER_FAILED, SpawnedRunner
 from mambadeploy.validate.tolerances import PARALLEL_LOGITS_REL, rel_to_scale
@@ -101,9 +101,32 @@ def test_ranks_given_different_checkpoints_are_refused(pool):
     with pytest.raises(ParallelError, match="different checkpoints") as err:
         pool.load(None, "tp=2", targets=["blackmamba-tiny", "moe-mamba-tiny"])
     print(err.value)
-    assert "ranks [0]" in str(err.value) and "ranks [1]" in str(err.value)
+    assert "ranks [0] have preset blackmamba-tiny" in str(err.value)
+    assert "ranks [1] have preset moe-mamba-tiny" in str(err.value)
     pool.load("blackmamba-tiny", "tp=2")  # the group survives a refused load
     assert pool.describe()["tp"] == 2
+
+
+def test_checkpoints_compared_by_content_not_path(pool, tiny, tmp_path):
+    """Same shapes, one weight changed (a fine-tune): refused; the same files at another path: accepted."""
+    import shutil
+
+    model = tiny("jamba-tiny")
+    base = save_model(model, tmp_path / "base")
+    shutil.copytree(base, tmp_path / "copy")
+    tuned = save_model(model, tmp_path / "tuned")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tuned / "model.safetensors")
+    weights["final_norm.weight"] = weights["final_norm.weight"] + 1e-3
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "mambadeploy"})
+    with pytest.raises(ParallelError, match="different checkpoints"):
+        pool.load(None, "tp=2", targets=[base, tuned])
+    pool.load(None, "tp=2", targets=[base, tmp_path / "copy"])
+    logits, _ = pool.prefill(torch.tensor([[1, 2, 3]]))
+    with torch.no_grad():
+        expected, _ = model.prefill(torch.tensor([[1, 2, 3]]))
+    assert rel_to_scale(logits, expected)[0] <= PARALLEL_LOGITS_REL
 
 
 def test_bad_input_is_one_error_and_the_run_goes_on(pool):
