@@ -193,8 +193,11 @@ class SpawnedRunner(Runner):
         return [replies[r] for r in range(len(self.conns))]
 
     def _explain(self, errors: dict) -> str:
-        dead = [f"rank {r} died (exit code {self.procs[r].exitcode})" for r, msg in sorted(errors.items())
-                if msg is None]
+        dead = []
+        for r in sorted(r for r, msg in errors.items() if msg is None):
+            self.procs[r].join(1)
+            code = self.procs[r].exitcode
+            dead.append(f"rank {r} died ({f'killed by signal {-code}' if code and code < 0 else f'exit code {code}'})")
         said = [msg for _, msg in sorted(errors.items()) if msg]
         return "; ".join(dead + said[:2]) or "a worker failed"
 

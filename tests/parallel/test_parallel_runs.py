@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from parallel_models import save_hf_jamba
+from parallel_models import TIMEOUT_S, compare_greedy, save_hf_jamba
 
 from mambadeploy.errors import ParallelError
 from mambadeploy.models.checkpoint import load_model, save_model
@@ -19,13 +19,14 @@ from mambadeploy.models.presets import TINY_PRESETS
 from mambadeploy.parallel.spawn import WORKER_FAILED, SpawnedRunner
 from mambadeploy.validate.tolerances import PARALLEL_LOGITS_REL, rel_to_scale
 
-TIMEOUT_S = 30.0  # collective timeout of the pool (a killed peer is seen at once by gloo; this bounds a hang)
 STEPS = 64
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return save_hf_jamba(tmp_path_factory.mktemp("hf_jamba_runs"))
+def hf_jamba(tmp_path_factory):
+    """(checkpoint directory, its single-process model)."""
+    path = save_hf_jamba(tmp_path_factory.mktemp("hf_jamba_runs"))
+    return path, load_model(path)
 
 
 @pytest.fixture(scope="module")
@@ -33,35 +34,6 @@ def pool():
     runner = SpawnedRunner("blackmamba-tiny", "tp=2", timeout_s=TIMEOUT_S)
     yield runner
     runner.close()
-
-
-def compare_greedy(runner, reference, vocab: int, steps: int = STEPS, seed: int = 0):
-    """Both prefill the same left-padded batch (lengths 9 and 5), then each decodes greedily on its own tokens;
-    logits compared every step, tokens required identical. -> (worst relative error, the two final states)."""
-    g = torch.Generator().manual_seed(seed)
-    ids, lengths = torch.randint(0, vocab, (2, 9), generator=g), torch.tensor([9, 5])
-    with torch.no_grad():
-        ref_logits, ref_state = reference.prefill(ids, lengths)
-    logits, state = runner.prefill(ids, lengths)
-    errors = [rel_to_scale(logits, ref_logits)]
-    gathered = runner.state_to_torch(state)
-    state_err = max((gathered[k].float() - v.float()).abs().max().item() for k, v in ref_state.items())
-    assert set(gathered) == set(ref_state) and all(gathered[k].shape == v.shape for k, v in ref_state.items())
-    for step in range(steps):
-        mine, theirs = logits.argmax(-1), ref_logits.argmax(-1)
-        assert torch.equal(mine, theirs), f"greedy tokens differ at step {step}: {mine.tolist()} vs {theirs.tolist()}"
-        with torch.no_grad():
-            ref_logits, ref_state = reference.step(theirs, ref_state)
-        logits, state = runner.step(mine, state)
-        errors.append(rel_to_scale(logits, ref_logits))
-    worst = max(e[0] for e in errors)
-    d = runner.describe()
-    print(f"tp={d['tp']} ep={d['ep']} world={d['world']}: logits max err / scale {worst:.3e}, mean abs err "
-          f"{max(e[1] for e in errors):.3e}, prefill state max abs err {state_err:.3e} "
-          f"(bound {PARALLEL_LOGITS_REL:.0e})")
-    assert worst <= PARALLEL_LOGITS_REL
-    assert state_err <= PARALLEL_LOGITS_REL * 10  # states are O(1): the same reassociation bound, unscaled
-    return worst
 
 
 # TP, EP, TP x EP (tp=2,ep=2 on 2 ranks: experts split over the same ranks as the mixers) for every model; the
@@ -73,9 +45,9 @@ CASES += [("blackmamba-tiny", "tp=2,ep=1,dispatch=alltoall"), ("moe-mamba-tiny",
 
 
 @pytest.mark.parametrize("name,layout", CASES)
-def test_matches_single_process(pool, tiny, hf_dir, name, layout):
+def test_matches_single_process(pool, tiny, hf_jamba, name, layout):
     if name == "hf-jamba":
-        target, reference = hf_dir, load_model(hf_dir)
+        target, reference = hf_jamba
     else:
         target, reference = name, tiny(name)
     pool.load(target, layout)
