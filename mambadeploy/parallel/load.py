@@ -62,6 +62,29 @@ def load_sharded(target, mesh: Mesh, dtype="fp32", device="cpu", seed: int = 0, 
     return model, fingerprint
 
 
+def config_of(target):
+    """The model config of a preset name or checkpoint directory (config files only, no weights)."""
+    if isinstance(target, str) and target in PRESETS:
+        return preset_config(target)
+    path = Path(target)
+    fmt = detect_format(path)
+    if fmt == "native":
+        from ..errors import read_json
+        from ..models.config import ModelConfig
+
+        meta = read_json(path / "mambadeploy.json", CheckpointError)
+        return ModelConfig.from_dict(meta["config"], f"{path / 'mambadeploy.json'}: config")
+    if fmt.startswith("hf-"):
+        from ..models.loaders import hf
+
+        return hf.read_config(path)
+    if fmt == "blackmamba":
+        from ..models.loaders import blackmamba
+
+        return blackmamba.read_config(path)
+    raise CheckpointError(f"{path}: the {fmt} format cannot be loaded sharded")
+
+
 def build_sharded(config, mesh: Mesh, dtype=torch.float32, device="cpu", seed: int = 0, init: str = "exact",
                   compare: bool = True, label: str = ""):
     """This rank's share of a model of `config` with seeded random weights (a preset, or a shape of a benchmark)."""
@@ -108,12 +131,8 @@ def _open_checkpoint(fmt, path: Path, stack: ExitStack):
     from ..models.loaders import common
     from ..models.model import MambaMoELM
 
+    config = config_of(path)
     if fmt == "native":
-        from ..errors import read_json
-        from ..models.config import ModelConfig
-
-        meta = read_json(path / "mambadeploy.json", CheckpointError)
-        config = ModelConfig.from_dict(meta["config"], f"{path / 'mambadeploy.json'}: config")
         files = [path / "model.safetensors"]
         if not files[0].exists():
             raise CheckpointError(f"{path}: model.safetensors is missing")
@@ -123,7 +142,6 @@ def _open_checkpoint(fmt, path: Path, stack: ExitStack):
     elif fmt.startswith("hf-"):
         from ..models.loaders import hf
 
-        config = hf.read_config(path)
         files = hf._weight_files(path)
         where = _open_safetensors(stack, files)
         with torch.device("meta"):
@@ -134,7 +152,6 @@ def _open_checkpoint(fmt, path: Path, stack: ExitStack):
     elif fmt == "blackmamba":
         from ..models.loaders import blackmamba
 
-        config = blackmamba.read_config(path)
         state = blackmamba._load_state_dict(path / "pytorch_model.bin")  # memory-mapped: slices read only their pages
         with torch.device("meta"):
             full = MambaMoELM(config)
@@ -144,8 +161,6 @@ def _open_checkpoint(fmt, path: Path, stack: ExitStack):
         header = [sorted((k, list(v), str(state[k].dtype)) for k, v in available.items()),
                   _sample_digest([path / "pytorch_model.bin"])]
         return config, pieces, available, lambda key, sl: state[key][sl], header
-    else:
-        raise CheckpointError(f"{path}: the {fmt} format cannot be loaded sharded")
 
     def slicer(key, slices):
         handle, f = where[key]

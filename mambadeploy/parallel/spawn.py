@@ -20,7 +20,7 @@ import torch
 from ..errors import MambaDeployError, ParallelError, RankFailure
 from ..models.config import ModelConfig
 from ..runtime.base import Runner
-from .mesh import DEFAULT_TIMEOUT_S, parse_layout
+from .mesh import DEFAULT_TIMEOUT_S, check_layout, parse_layout
 
 STARTUP_S = 300.0  # workers importing torch and loading their slices (a big checkpoint takes minutes)
 WORKER_FAILED = 2
@@ -117,6 +117,9 @@ class SpawnedRunner(Runner):
             raise ParallelError("the parallel backend loads the model in its workers: give a preset name or a "
                                 "checkpoint directory, not a loaded model")
         self.layout = parse_layout(parallel)
+        from .load import config_of
+
+        check_layout(self.layout, config_of(str(target)))  # refused here, before any worker starts
         if str(device).startswith("cuda") and torch.cuda.device_count() < self.layout.world:
             raise ParallelError(f"--parallel needs {self.layout.world} GPUs, {torch.cuda.device_count()} visible")
         self.timeout_s = timeout_s
@@ -198,7 +201,7 @@ class SpawnedRunner(Runner):
             self.procs[r].join(1)
             code = self.procs[r].exitcode
             dead.append(f"rank {r} died ({f'killed by signal {-code}' if code and code < 0 else f'exit code {code}'})")
-        said = [msg for _, msg in sorted(errors.items()) if msg]
+        said = list(dict.fromkeys(msg for _, msg in sorted(errors.items()) if msg))  # every rank may say the same
         return "; ".join(dead + said[:2]) or "a worker failed"
 
     def _free(self, sid):
