@@ -98,7 +98,7 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
         from ..parallel.launch import make_parallel_runner
 
         return make_parallel_runner(target, options.get("parallel") or "tp=2", dtype, device,
-                                    **{k: options[k] for k in ("timeout_s", "init", "seed", "cuda_graph")
+                                    **{k: options[k] for k in ("timeout_s", "init", "seed", "cuda_graph", "kernels")
                                        if options.get(k) is not None})[0]
     if backend in ("ort", "ort-cpu", "ort-cuda"):
         from .ort_runner import OrtRunner, default_ops, export_for
