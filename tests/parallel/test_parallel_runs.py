@@ -3,7 +3,7 @@ single-process reference: every tiny preset and a transformers-built Jamba under
 over the same 2 ranks), with both MoE dispatches; 64 greedy decode steps, logits within PARALLEL_LOGITS_REL of the
 logit scale, tokens identical, the gathered state equal to the reference state. Then the failure paths: ranks given
 different checkpoints, and a killed rank (the survivor exits within the collective timeout, saying why).
-The 4-rank grid (tp=2 x ep=2 on 4 processes) is in test_parallel_grid.py."""
+The 4-rank grid (tp=2 x ep=2 on 4 processes) runs through torchrun in test_parallel_cli.py."""
 
 from __future__ import annotations
 
