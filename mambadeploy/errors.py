@@ -17,6 +17,15 @@ class InputError(MambaDeployError):
     """Bad runtime input: empty prompt, token id outside the vocabulary, prompt longer than a KV cache."""
 
 
+class ParallelError(MambaDeployError):
+    """A multi-process run that cannot go on: a layout that does not fit the model, ranks given different checkpoints,
+    a rank that died or stopped answering (collective timeout)."""
+
+
+class RankFailure(ParallelError):
+    """A collective failed or timed out: a peer rank died, hung or left. The process group cannot be used again."""
+
+
 class ManifestPathError(MambaDeployError):
     """A path named by an export or engine directory's manifest that resolves outside that directory."""
 

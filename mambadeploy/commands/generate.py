@@ -34,6 +34,15 @@ def add_arguments(parser) -> None:
                              "busy machine")
     parser.add_argument("--stop-ids", metavar="IDS", help="comma-separated token ids that end a sequence")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--parallel", metavar="SPEC",
+                        help="tensor / expert parallel run (implies --backend parallel): tp=N,ep=M[,world=W]"
+                             "[,dispatch=auto|mask|alltoall]; under torchrun one rank per process (rank 0 prints), "
+                             "else W workers are spawned here")
+    parser.add_argument("--parallel-kernels", choices=("torch", "triton"), default="torch",
+                        help="parallel decode on the sharded reference model (torch, graphed on CUDA) or on torch-fast's "
+                             "Triton kernels with the collectives in its CUDA graph (triton; GPU)")
+    parser.add_argument("--parallel-timeout", type=float, default=None, metavar="S",
+                        help="collective timeout: a dead or hung rank ends the run with an error after S s (120)")
 
 
 def parse_ids(text: str, flag: str) -> list[int]:
@@ -80,7 +89,17 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     options = {"provider": args.provider} if args.provider else {}
-    runner = make_runner(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
+    is_main = True
+    if args.parallel and args.backend not in ("torch", "parallel"):
+        raise InputError(f"--parallel runs the parallel backend; it cannot be combined with --backend {args.backend}")
+    if args.parallel or args.backend == "parallel":
+        from ..parallel.launch import make_parallel_runner
+
+        timeout = {} if args.parallel_timeout is None else {"timeout_s": args.parallel_timeout}
+        runner, is_main = make_parallel_runner(args.model, args.parallel or "tp=2", args.dtype, args.device,
+                                               kernels=args.parallel_kernels, **timeout)
+    else:
+        runner = make_runner(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
     load_s = time.perf_counter() - t0
     result = generate(runner, prompts, args.max_new_tokens, sampling=sampling, stop_tokens=stop)
 
@@ -88,6 +107,8 @@ def run(args) -> int:
     timings = {"load_s": load_s, "prefill_s": result.prefill_s, "decode_s": result.decode_s,
                "new_tokens": result.new_tokens, "decode_tokens_per_s": result.decode_tokens_per_s,
                "tokens_per_s": result.new_tokens / total_s if total_s > 0 else float("nan")}
+    if not is_main:  # torchrun: the other ranks ran the same calls; rank 0 reports
+        return 0
     rows = []
     for prompt, tokens in zip(prompts, result.tokens):
         row = {"prompt_ids": prompt, "tokens": tokens}

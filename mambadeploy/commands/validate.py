@@ -36,6 +36,11 @@ def add_arguments(p) -> None:
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write the result (schema: "
                    "mambadeploy/validate/result.schema.json)")
     p.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report with plots")
+    p.add_argument("--parallel", default="tp=2", metavar="SPEC",
+                   help="layout of the `parallel` backend: tp=N,ep=M[,world=W][,dispatch=auto|mask|alltoall] (tp=2)")
+    p.add_argument("--parallel-kernels", choices=("torch", "triton"), default="torch",
+                   help="decode of the `parallel` backend: the sharded reference (torch) or torch-fast's Triton step "
+                        "with the collectives in its CUDA graph (triton)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
@@ -53,6 +58,7 @@ def run(args) -> int:
         prompt_len=16 if args.prompt_len is None else args.prompt_len,
         new_tokens=args.new_tokens, seed=args.seed, per_layer=args.per_layer, prefill_repeats=args.prefill_repeats,
         ops=args.ops, use_cache=not args.no_cache, time_limit_s=args.time_limit, progress=not args.quiet and sys.stderr.isatty(),
+        parallel=args.parallel, parallel_kernels=args.parallel_kernels,
     )
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_validation(opts, log=log)

@@ -172,39 +172,39 @@ def init_random_(model: MambaMoELM, seed: int = 0) -> MambaMoELM:
     (logits spread out, so greedy decoding is not a sequence of near-ties)."""
     # Always drawn on the CPU, one parameter at a time, then copied to the parameters' device: a preset is the same model
     # on every device (an export traced on the CPU and a GPU run must agree), at ~10 s of CPU time for the 2.8B shape.
-    device = "cpu"
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(shape):
-        return torch.randn(shape, generator=g, device=device)
-
-    def normal_(t, std):
-        t.copy_(randn(t.shape) * std)
-
+    g = torch.Generator(device="cpu").manual_seed(seed)
     from tqdm import tqdm
 
     big = sum(p.numel() for p in model.parameters()) > (1 << 27)  # a bar for the full-size presets (~10 s)
     for name, p in tqdm(list(model.named_parameters()), desc="random weights", unit="tensor", leave=False,
                         disable=None if big else True):
-        leaf = name.rsplit(".", 1)[-1]
-        if name.endswith("norm.weight") or name.endswith("final_norm.weight"):
-            p.copy_(1.0 + 0.1 * randn(p.shape))
-        elif name.endswith("final_norm.bias"):
-            normal_(p, 0.1)
-        elif leaf == "A_log":
-            n = p.shape[1]
-            p.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(p))
-        elif leaf == "D":
-            p.fill_(1.0)
-        elif name.endswith("dt_proj.bias"):
-            dt = torch.exp(torch.rand(p.shape, generator=g, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-            p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        elif name.endswith("embedding.weight"):
-            # small next to the blocks' outputs: with a tied head, a large embedding makes the model echo its input
-            normal_(p, 0.1)
-        elif leaf == "bias":
-            normal_(p, 0.02)
-        else:
-            fan_in = p.shape[-1]
-            normal_(p, 1.0 / math.sqrt(fan_in))
+        p.copy_(random_value(name, tuple(p.shape), g))
     return model
+
+
+def random_value(name: str, shape: tuple, g: torch.Generator, fan_in: int | None = None) -> torch.Tensor:
+    """The fp32 initial value of parameter `name` of `shape`, drawn from `g` (on g's device). fan_in: the full input
+    width when `shape` is one rank's slice (parallel/: its weights keep the single-process scale)."""
+    device = g.device
+    leaf = name.rsplit(".", 1)[-1]
+
+    def randn():
+        return torch.randn(shape, generator=g, device=device)
+
+    if name.endswith("norm.weight") or name.endswith("final_norm.weight"):
+        return 1.0 + 0.1 * randn()
+    if name.endswith("final_norm.bias"):
+        return randn() * 0.1
+    if leaf == "A_log":
+        return torch.log(torch.arange(1, shape[1] + 1, dtype=torch.float32, device=device)).expand(shape)
+    if leaf == "D":
+        return torch.ones(shape, device=device)
+    if name.endswith("dt_proj.bias"):
+        dt = torch.exp(torch.rand(shape, generator=g, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    if name.endswith("embedding.weight"):
+        # small next to the blocks' outputs: with a tied head, a large embedding makes the model echo its input
+        return randn() * 0.1
+    if leaf == "bias":
+        return randn() * 0.02
+    return randn() * (1.0 / math.sqrt(fan_in or shape[-1]))

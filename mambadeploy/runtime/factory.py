@@ -19,6 +19,8 @@ BACKENDS = {
     "ort": "ONNX Runtime on an export directory (--provider cpu|cuda); a preset/checkpoint is exported first (cached)",
     "ort-cpu": "ONNX Runtime, CPU provider (= ort --provider cpu)",
     "ort-cuda": "ONNX Runtime, CUDA provider (= ort --provider cuda; needs onnxruntime-gpu)",
+    "parallel": "tensor / expert parallel over torch.distributed (--parallel tp=N,ep=M): torchrun ranks, or workers "
+                "spawned here (gloo on CPU, NCCL on GPUs)",
 }
 
 
@@ -58,7 +60,7 @@ def directory_kind(target) -> str | None:
 
 def _refuse_directory(target, backend: str) -> None:
     kind = directory_kind(target)
-    wants = {"torch": None, "torch-fast": None, "trt": "engines"}.get(backend, "export")
+    wants = {"torch": None, "torch-fast": None, "parallel": None, "trt": "engines"}.get(backend, "export")
     if kind is None or kind == wants:
         return
     if kind == "engines":
@@ -92,6 +94,12 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
         if not str(device).startswith("cuda"):
             raise MambaDeployError("backend trt runs on a CUDA GPU: use --device cuda")
         return TrtRunner(target, device=device, use_cuda_graph=options.get("cuda_graph", True))
+    if backend == "parallel":
+        from ..parallel.launch import make_parallel_runner
+
+        return make_parallel_runner(target, options.get("parallel") or "tp=2", dtype, device,
+                                    **{k: options[k] for k in ("timeout_s", "init", "seed", "cuda_graph", "kernels")
+                                       if options.get(k) is not None})[0]
     if backend in ("ort", "ort-cpu", "ort-cuda"):
         from .ort_runner import OrtRunner, default_ops, export_for
 

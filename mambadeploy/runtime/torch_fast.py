@@ -234,7 +234,7 @@ class TorchFastRunner(Runner):
         is applied by the caller: a Linear in prefill, fused into the state-update kernel in decode."""
         w = m.out_proj.weight
         prefetch = (w, w.numel() * w.element_size()) if "xproj" in self.l2_prefetch else None
-        xdbl = self._linear(xc, m.x_proj.weight, prefetch=prefetch)
+        xdbl = self._partial_sum(self._linear(xc, m.x_proj.weight, prefetch=prefetch))
         dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
         if m.dt_norm is not None:  # Jamba
             dt = self._k_norm.rms_norm(dt, m.dt_norm.weight, m.dt_norm.eps)
@@ -247,7 +247,7 @@ class TorchFastRunner(Runner):
         moe = layer.moe
         if moe is None:
             x = self._norm(pending, residual, layer.ffn_norm)
-            return ref_ops.gated_ffn_ref(x, layer.mlp.w1, layer.mlp.w2, layer.mlp.activation)
+            return self._partial_sum(ref_ops.gated_ffn_ref(x, layer.mlp.w1, layer.mlp.w2, layer.mlp.activation))
         if layer.fused_route:
             x, _, weights, experts = self._k_route.add_rms_norm_route(
                 pending, residual, layer.ffn_norm, self.eps, moe.router.weight, moe.router.bias, moe.router_kind,
@@ -258,6 +258,16 @@ class TorchFastRunner(Runner):
                                                           moe.top_k)
         if self.routing_trace is not None:
             self.routing_trace.append((layer.index, experts.clone()))
+        return self._expert_mix(x, moe, experts, weights)
+
+    # Decode-step hooks where a rank of a sharded model (parallel/fast.py) meets the other ranks: identity / the plain
+    # expert gather here.
+    def _partial_sum(self, t):
+        """t: a partial sum of a row-split projection (x_proj, out_proj, the dense MLP's down): summed over ranks."""
+        return t
+
+    def _expert_mix(self, x, moe, experts, weights):
+        """The chosen experts' outputs mixed by their weights, (T, d) in the model dtype."""
         return self._k_moe.expert_gather(x, moe.w1, moe.w2, experts, weights, moe.activation)
 
     def _head(self, residual, pending, out=None):
@@ -390,7 +400,7 @@ class TorchFastRunner(Runner):
             dt, dt_w = F.linear(dt_low, m.dt_proj.weight), None
         y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt, layer.A, B, C, layer.D, xz[:, di:],
                                                   dt_bias=layer.dt_bias, dt_softplus=True, dt_proj_weight=dt_w)
-        return self._linear(y, m.out_proj.weight, m.out_proj.bias)
+        return self._partial_sum(self._linear(y, m.out_proj.weight, m.out_proj.bias))
 
     @staticmethod
     def _attention_step(attn, x, key, value, pos):

@@ -19,6 +19,7 @@ from ..models.checkpoint import DTYPES, parse_dtype
 ALL_BACKENDS = ("torch", "torch-fast", "ort-cpu", "ort-cuda", "trt")
 ONNX_BACKENDS = ("ort-cpu", "ort-cuda")  # run the graphs of an export directory
 GPU_BACKENDS = ("torch-fast", "ort-cuda", "trt")
+NAMED_ONLY = ("parallel",)  # run only when named in --backends (it starts worker processes)
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ def parse_backends(text: str | None, default_dtype: str) -> tuple[list[BackendRe
         name, _, dt = item.partition(":")
         if name == "ort":  # what generate calls it: the CUDA provider where a GPU is visible, else the CPU one
             name = "ort-cuda" if torch.cuda.is_available() else "ort-cpu"
-        if name not in ALL_BACKENDS:
-            raise InputError(f"unknown backend {name!r}; backends: {', '.join(ALL_BACKENDS)} (ort = ort-cuda with a "
+        if name not in ALL_BACKENDS + NAMED_ONLY:
+            raise InputError(f"unknown backend {name!r}; backends: {', '.join(ALL_BACKENDS + NAMED_ONLY)} (ort = ort-cuda with a "
                              "GPU, ort-cpu without)")
         if dt and dt not in DTYPES:
             raise InputError(f"unknown dtype {dt!r} in backend {item!r}; use one of fp32, fp16, bf16")

@@ -46,6 +46,8 @@ class ValidateOptions:
     use_cache: bool = True  # exports made here go through the ORT runtime's export cache (runtime/ort_runner.py)
     time_limit_s: float | None = None  # backends not started by then are reported as skipped
     progress: bool = False
+    parallel: str = "tp=2"  # layout of the `parallel` backend (parallel/mesh.parse_layout)
+    parallel_kernels: str = "torch"  # its decode: the sharded reference ("torch") or torch-fast's kernels ("triton")
 
 
 def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
@@ -209,6 +211,9 @@ def _make_runner(req, opts, reference, exports, device, trace: ReferenceTrace):
     if req.name == "torch-fast":
         return make_runner(reference.model, backend="torch-fast", dtype=dtype_name(req.dtype),
                            device="cuda" if torch.cuda.is_available() else "cpu")
+    if req.name == "parallel":  # its workers load MODEL themselves, each only its slices
+        return make_runner(opts.model, backend="parallel", dtype=dtype_name(req.dtype), device=device,
+                           parallel=opts.parallel, kernels=opts.parallel_kernels)
     if req.name == "trt":  # engines built from the export, with profiles covering this run's batch and prompt
         engine_dir = exports.engine(req, int(trace.ids.shape[0]), int(trace.ids.shape[1]))
         return make_runner(str(engine_dir), backend="trt", device="cuda")

@@ -80,16 +80,7 @@ def load_pieces(model, pieces: dict[str, Piece], available: dict[str, tuple], re
     unplanned = sorted(set(params) - set(pieces))
     if unplanned:  # a loader bug, not a checkpoint problem: say so plainly
         raise CheckpointError(f"{source}: internal error, no source planned for parameters {unplanned}")
-    missing, shapes, used = [], [], set()
-    for piece in pieces.values():
-        for key, shape in zip(piece.sources, piece.shapes):
-            used.add(key)
-            if key not in available:
-                missing.append(key)
-            elif tuple(available[key]) != tuple(shape):
-                shapes.append(f"{key}: checkpoint {tuple(available[key])} vs expected {tuple(shape)}")
-    extra = sorted(set(available) - used - set(ignored))
-    raise_key_problems(source, sorted(missing), extra, shapes)
+    check_pieces(pieces, available, source, ignored)
     from tqdm import tqdm
 
     # a bar over the tensors for big checkpoints (a 1.5B model took 21 s without a sign of life); none on a non-TTY
@@ -102,6 +93,21 @@ def load_pieces(model, pieces: dict[str, Piece], available: dict[str, tuple], re
                 raise CheckpointError(f"{source}: internal error, {name} built as {tuple(tensor.shape)}, "
                                       f"model has {tuple(params[name].shape)}")
             params[name].copy_(tensor)
+
+
+def check_pieces(pieces: dict[str, Piece], available: dict[str, tuple], source: str, ignored=()) -> None:
+    """Every source key of every piece present with its expected shape, and no unplanned key (except `ignored`):
+    all problems in one CheckpointError, in checkpoint key names, from the headers alone."""
+    missing, shapes, used = [], [], set()
+    for piece in pieces.values():
+        for key, shape in zip(piece.sources, piece.shapes):
+            used.add(key)
+            if key not in available:
+                missing.append(key)
+            elif tuple(available[key]) != tuple(shape):
+                shapes.append(f"{key}: checkpoint {tuple(available[key])} vs expected {tuple(shape)}")
+    extra = sorted(set(available) - used - set(ignored))
+    raise_key_problems(source, sorted(missing), extra, shapes)
 
 
 def read_json_config(directory, config_from_json: Callable):
