@@ -5,8 +5,9 @@
 #   bash benchmarks/engines_gpu.sh first        carry .device-wheels/part1 .device-build: the exports start in the
 #                                               background (setsid: they outlive the call), part 1 staged
 #   bash benchmarks/engines_gpu.sh stage N      carry .device-wheels/partN
-#   bash benchmarks/engines_gpu.sh tests N      carry .device-wheels/partN .device-build: install, the ORT CUDA op
-#                                               tests and the ORT runner's GPU tests (log in $OUT)
+#   bash benchmarks/engines_gpu.sh tests N [pytest args]  carry .device-wheels/partN .device-build: install, then the
+#                                               ORT CUDA op tests and the ORT runner's GPU tests, or the pytest
+#                                               arguments given (log in $OUT)
 #   bash benchmarks/engines_gpu.sh bench M...   the benchmark parts/models named (bench_engines.py arguments)
 # .device-build/cache holds the ORT headers and the prebuilt CUDA library (MAMBADEPLOY_CACHE): nothing is fetched.
 set -o pipefail
@@ -27,8 +28,8 @@ case $step in
   tests)
     [ -n "$1" ] && cp .device-wheels/part$1/* /tmp/stage/
     [ -d /tmp/site/onnxruntime ] || bash /tmp/stage/install.sh || { echo "install failed"; exit 1; }
-    timeout 540 python3 -m pytest -q -rfE -p no:cacheprovider tests/plugins/test_ort_cuda_ops.py \
-      tests/runtime/test_ort_runner.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+    shift; [ $# -gt 0 ] || set -- tests/plugins/test_ort_cuda_ops.py tests/runtime/test_ort_runner.py
+    timeout 540 python3 -m pytest -q -rfE -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
     echo "--- exports"; grep -v -i warn /tmp/engines-export.log | grep -i "exported\|error" | tail -8 ;;
   bench)
     timeout 560 python3 benchmarks/bench_engines.py --work $WORK --out "$OUT/bench_engines.json" "$@" 2>&1 \
