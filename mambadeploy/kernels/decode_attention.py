@@ -122,10 +122,12 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     """shapes: (q (B, H, hd), key_cache (B, KV, S, hd)). The split count depends only on shapes, never on the fill."""
     (batch, heads, head_dim), (_, kv_heads, slots, _) = shapes[0], shapes[1]
     group = heads // kv_heads
-    block_n = 16 if interpret else (32 if group <= 4 else 16)  # (G, N, hd) products stay within the registers
+    # GPU: (G, N, hd) products stay within the registers. The interpreter pays per op, not per element: few, wide
+    # blocks and at most two splits (still two, so the combine and an empty split are exercised).
+    block_n = 64 if interpret else (32 if group <= 4 else 16)
     splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // max(batch * kv_heads, 1), triton.cdiv(slots, block_n)))
     if interpret:
-        splits = min(splits, 4)
+        splits = min(splits, 2)
     return {
         "kernel": "decode_attention_split_kernel",
         "grid": (batch, kv_heads, splits),

@@ -15,6 +15,7 @@ CASES = small(
     (3, 4, 2, 50, 12, (1, 33, 50)),
     (3, 6, 1, 29, 8, (17, 2, 29)),
     (1, 3, 3, 70, 16, (69,)),
+    (3, 8, 2, 150, 12, (150, 64, 65)),
 ) + full((1, 32, 8, 262144, 128, (131071,)), (4, 32, 8, 32768, 128, (2048, 1, 32768, 7777)))
 
 
@@ -28,6 +29,17 @@ def test_decode_attention_matches_ref(batch, heads, kv, slots, hd, lengths, dtyp
     out = decode_attention(q, k, v, lens)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_op(out, decode_attention_ref(q, k, v, lens), dtype)
+
+
+def test_many_splits_some_empty():
+    """Eight splits of 16-slot blocks over fills of 1, 40 and 129: most of the short rows' splits are empty."""
+    g = make_gen(11)
+    q = randn(g, 3, 4, 12)
+    k, v = randn(g, 3, 2, 130, 12), randn(g, 3, 2, 130, 12)
+    lens = torch.tensor([1, 40, 129], device=DEVICE)
+    cfg = launch_config((q.shape, k.shape), interpret=True)
+    cfg = dict(cfg, grid=(3, 2, 8), splits=8, constexprs=dict(cfg["constexprs"], BLOCK_N=16))
+    assert_close_op(decode_attention(q, k, v, lens, config=cfg), decode_attention_ref(q, k, v, lens), torch.float32)
 
 
 def test_slots_past_the_fill_are_never_read():
@@ -60,6 +72,7 @@ def test_launch_does_not_depend_on_the_fill():
     a = launch_config(((1, 32, 128), (1, 8, 262144, 128)))
     assert a["grid"] == (1, 8, 32) and a["combine_grid"] == (1, 32)
     assert launch_config(((1, 4, 12), (1, 2, 20, 12)))["splits"] == 1  # 20 slots: one block of 32
+    assert launch_config(((1, 4, 12), (1, 2, 500, 12)), interpret=True)["splits"] == 2
 
 
 def test_bad_shapes_are_refused():

@@ -1,0 +1,142 @@
+"""Issue 21 on the CPU: chunked prefill (prompts crossing chunk boundaries, left-padded rows of different lengths),
+the length-aware decode attention kernel over 128 steps, and the fp8 KV cache's error, on jamba-tiny and a
+transformers-built Jamba. Every logit within LOGITS_REL[fp32] of the reference's scale, greedy tokens identical."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hf_tiny import save_tiny_jamba
+
+from mambadeploy.kernels.decode_attention import decode_attention
+from mambadeploy.models.checkpoint import load_model
+from mambadeploy.models.layers import Attention
+from mambadeploy.runtime import fast_attention
+from mambadeploy.runtime.torch_eager import TorchEagerRunner
+from mambadeploy.runtime.torch_fast import TorchFastRunner
+from mambadeploy.validate.tolerances import KV_FP8_LOGITS_REL, assert_logits_close, rel_to_scale
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+# left-padded to 11 tokens; with 4-token chunks the rows start in chunks 0, 1 and 2 and cross every boundary
+PROMPTS = [[5, 17, 3, 9, 42, 7, 25, 30, 2, 8, 13], [11, 2, 31, 4, 6, 19], [40]]
+
+
+@pytest.fixture(scope="module", params=["jamba-tiny", "hf-jamba"])
+def jamba(request, tmp_path_factory):
+    if request.param == "jamba-tiny":
+        return load_model("jamba-tiny")
+    pytest.importorskip("transformers")
+    return load_model(save_tiny_jamba(tmp_path_factory.mktemp("hf_jamba")))
+
+
+def _padded(prompts, vocab):
+    L = max(map(len, prompts))
+    ids = torch.tensor([[0] * (L - len(p)) + [t % vocab for t in p] for p in prompts])
+    return ids, torch.tensor([len(p) for p in prompts])
+
+
+def test_chunked_prefill_matches_the_reference(jamba):
+    """torch-fast prefill in 4-token chunks (Mamba state carried, KV appended) = the reference's one-pass prefill:
+    logits, every state tensor, then greedy decoding from it."""
+    ids, lengths = _padded(PROMPTS, jamba.config.vocab_size)
+    fast, ref = TorchFastRunner(jamba, prefill_chunk=4, triton_gemv=False), TorchEagerRunner(jamba)
+    logits, state = fast.prefill(ids, lengths)
+    logits_ref, state_ref = ref.prefill(ids, lengths)
+    assert_logits_close(logits, logits_ref, torch.float32, what="chunked prefill logits")
+    for name, value in state_ref.items():
+        torch.testing.assert_close(state.tensors[name].float(), value.float(), rtol=1e-4, atol=1e-5, msg=name)
+    for step in range(3):
+        token = logits_ref.argmax(-1)
+        assert torch.equal(logits.argmax(-1), token), f"greedy token differs at step {step}"
+        logits, state = fast.step(token, state)
+        logits_ref, state_ref = ref.step(token, state_ref)
+        assert_logits_close(logits, logits_ref, torch.float32, what=f"step {step} logits")
+
+
+def test_one_row_in_chunks_matches_the_reference(jamba):
+    """One unpadded row of 13 tokens in 5-token chunks (the batched path: later chunks attend to the cached prefix
+    through a bottom-right causal mask) = the reference's one-pass prefill."""
+    ids = torch.arange(1, 14).remainder(jamba.config.vocab_size)[None]
+    logits, state = TorchFastRunner(jamba, prefill_chunk=5, triton_gemv=False).prefill(ids)
+    logits_ref, state_ref = TorchEagerRunner(jamba).prefill(ids)
+    assert_logits_close(logits, logits_ref, torch.float32, what="5-token chunks")
+    for name, value in state_ref.items():
+        torch.testing.assert_close(state.tensors[name].float(), value.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _kernel_step(kv_dtype=None):
+    """Attention.step with the KV cache written in place and attended by the length-aware Triton kernel (what
+    torch-fast's decode step runs), the cache held in kv_dtype."""
+
+    def step(self, x, key_cache, value_cache, pos):
+        if kv_dtype is not None and key_cache.dtype != kv_dtype:
+            key_cache, value_cache = key_cache.to(kv_dtype), value_cache.to(kv_dtype)
+        key_cache, value_cache = key_cache.clone(), value_cache.clone()
+        out = fast_attention.decode_step(self, x, key_cache, value_cache, pos, decode_attention)
+        return out, key_cache, value_cache
+
+    return step
+
+
+def _decode(model, prompts, steps, teacher=None):
+    """Greedy decode of the (left-padded) prompts -> (tokens [steps] of (B,), logits [steps + 1] of (B, V)); with
+    `teacher` (a token list) the given tokens are fed instead of the model's own."""
+    ids, lengths = _padded(prompts, model.config.vocab_size)
+    logits, state = model.prefill(ids, lengths)
+    all_logits, tokens = [logits], []
+    for i in range(steps):
+        token = logits.argmax(-1) if teacher is None else teacher[i]
+        tokens.append(token)
+        logits, state = model.step(token, state)
+        all_logits.append(logits)
+    return tokens, all_logits
+
+
+def test_length_aware_decode_over_128_steps(jamba, monkeypatch):
+    """The model decodes 128 tokens with its attention on the Triton kernel (fill grows from the prompt's length to
+    128 more; rows of different fills in one batch): the reference's greedy tokens, logits within 1e-4 of scale."""
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    tokens_ref, logits_ref = _decode(jamba, prompts, 128)
+    monkeypatch.setattr(Attention, "step", _kernel_step())
+    tokens, logits = _decode(jamba, prompts, 128)
+    worst = max(rel_to_scale(a, b)[0] for a, b in zip(logits, logits_ref))
+    print(f"128 steps on the kernel: worst max err / scale {worst:.3e}")
+    assert all(torch.equal(a, b) for a, b in zip(tokens, tokens_ref)), "greedy tokens differ"
+    worst_step = max(range(len(logits)), key=lambda i: rel_to_scale(logits[i], logits_ref[i])[0])
+    assert_logits_close(logits[worst_step], logits_ref[worst_step], torch.float32, what=f"worst step {worst_step}")
+
+
+def test_fp8_kv_cache_error_against_bf16(jamba, monkeypatch):
+    """The e4m3 KV cache against a bf16 one, both against the fp32 reference, teacher-forced for 16 steps: the error
+    is measured and printed, and fp8 stays within KV_FP8_LOGITS_REL of the logit scale."""
+    model = copy.deepcopy(jamba)
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    teacher, logits_ref = _decode(model, prompts, 16)
+    errors = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+        monkeypatch.setattr(Attention, "step", _kernel_step(dtype))
+        _, logits = _decode(model, prompts, 16, teacher=teacher)
+        errors[name] = max(rel_to_scale(a, b)[0] for a, b in zip(logits[1:], logits_ref[1:]))
+    print(f"KV cache error over 16 steps, max err / scale: bf16 {errors['bf16']:.3e}, fp8 e4m3 {errors['fp8']:.3e}")
+    assert 0 < errors["bf16"] <= errors["fp8"] <= KV_FP8_LOGITS_REL
+
+
+def test_runner_fp8_cache_and_bad_settings(jamba):
+    """kv_dtype="fp8" holds the cache in e4m3 from prefill on; bad settings are one-line ConfigErrors."""
+    from mambadeploy.errors import ConfigError
+
+    fast = TorchFastRunner(jamba, kv_dtype="fp8", prefill_chunk=4, triton_gemv=False)
+    ids, lengths = _padded(PROMPTS[:2], jamba.config.vocab_size)
+    logits, state = fast.prefill(ids, lengths)
+    keys = [v for k, v in state.tensors.items() if k.endswith(".key")]
+    assert keys and all(k.dtype == torch.float8_e4m3fn for k in keys)
+    logits_ref, _ = TorchEagerRunner(jamba).prefill(ids, lengths)
+    print(f"fp8 KV prefill: max err / scale {rel_to_scale(logits, logits_ref)[0]:.3e}")
+    assert rel_to_scale(logits, logits_ref)[0] <= KV_FP8_LOGITS_REL
+    with pytest.raises(ConfigError, match="KV cache dtype"):
+        TorchFastRunner(jamba, kv_dtype="int4")
+    with pytest.raises(ConfigError, match="prefill chunk"):
+        TorchFastRunner(jamba, prefill_chunk=0)
