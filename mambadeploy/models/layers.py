@@ -102,6 +102,10 @@ class MambaMixer(nn.Module):
 
 
 # --------------------------------------------------------------------------- attention (Jamba: GQA, no positions)
+# The reference's fp32 score blocks stay under this many elements (1 GiB): a 128K-token prompt would otherwise need a
+# 128K x 128K matrix per head. The fast paths never build one (runtime/fast_attention.py).
+REFERENCE_SCORE_ELEMENTS = 1 << 28
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -117,7 +121,13 @@ class Attention(nn.Module):
         return t.unflatten(-1, (n, self.head_dim)).transpose(1, 2)  # (B, n, L, hd)
 
     def _attend(self, q, k, v, mask):
-        """q (B, H, Lq, hd); k, v (B, KV, Lk, hd); mask (B, 1, Lq, Lk) bool. fp32 softmax."""
+        """q (B, H, Lq, hd); k, v (B, KV, Lk, hd); mask (B, 1, Lq, Lk) bool. fp32 softmax.
+        Eager long prompts run in blocks of queries (the same numbers per row), so the fp32 scores stay under
+        REFERENCE_SCORE_ELEMENTS; a traced graph (export) keeps the one-block form."""
+        rows = max(1, REFERENCE_SCORE_ELEMENTS // (q.shape[0] * self.n_heads * k.shape[2]))
+        if q.shape[2] > rows and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            return torch.cat([self._attend(q[:, :, i:i + rows], k, v, mask[:, :, i:i + rows])
+                              for i in range(0, q.shape[2], rows)], dim=2)
         rep = self.n_heads // self.n_kv
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
