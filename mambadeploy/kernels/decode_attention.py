@@ -122,9 +122,10 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     """shapes: (q (B, H, hd), key_cache (B, KV, S, hd)). The split count depends only on shapes, never on the fill."""
     (batch, heads, head_dim), (_, kv_heads, slots, _) = shapes[0], shapes[1]
     group = heads // kv_heads
-    # GPU: (G, N, hd) products stay within the registers. The interpreter pays per op, not per element: few, wide
-    # blocks and at most two splits (still two, so the combine and an empty split are exercised).
-    block_n = 64 if interpret else (32 if group <= 4 else 16)
+    # GPU: the (G, N, hd) products of a block stay within ~64 fp32 registers a thread at 4 warps (Jamba: G 4, hd 128
+    # -> 16 slots a block). The interpreter pays per op, not per element: few, wide blocks and at most two splits
+    # (still two, so the combine and an empty split are exercised).
+    block_n = 64 if interpret else max(16, min(64, 8192 // (next_pow2(group) * next_pow2(head_dim))))
     splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // max(batch * kv_heads, 1), triton.cdiv(slots, block_n)))
     if interpret:
         splits = min(splits, 2)
