@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
-
 from bench_ort import Results
+
 from mambadeploy.models.checkpoint import build_preset, empty_model, set_max_context
 from mambadeploy.models.presets import TINY_PRESETS, preset_config
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
             continue
         try:
             run()
-        except Exception as exc:  # recorded; the other parts still run
+        except Exception as exc:  # noqa: BLE001  (recorded; the other parts still run)
             results.error(name, exc)
             if name == "check":
                 print("check failed: nothing is timed", file=sys.stderr)

@@ -223,8 +223,9 @@ def _rows(info: dict) -> list[tuple[str, str]]:
             rows.append((part, ", ".join(f"{k}={v}" for k, v in info[part].items())))
     if "kv_cache_len" in info:
         rows.append(("KV cache length (tokens)", str(info["kv_cache_len"])))
-        rows.append(("  Mamba state / KV per sequence", f"{_bytes(info['recurrent_state_bytes_per_sequence'])} / "
-                     f"{_bytes(info['kv_bytes_per_sequence'])} (fp8 KV: {_bytes(info['kv_bytes_per_sequence_fp8'])})"))
+        per_seq = (f"{_bytes(info['recurrent_state_bytes_per_sequence'])} / {_bytes(info['kv_bytes_per_sequence'])}"
+                   f" (fp8 KV: {_bytes(info['kv_bytes_per_sequence_fp8'])})")
+        rows.append(("  Mamba state / KV per sequence", per_seq))
     rows.append(("final norm / tied head", f"{info['final_norm']} / {info['tie_embeddings']}"))
     if "weights" in info:
         rows.append(("weights", info["weights"]))

@@ -34,7 +34,7 @@ def decode_attention_ref(q, key_cache, value_cache, lengths, scale=None):
     """q (B, H, hd); key_cache, value_cache (B, KV, S, hd); lengths (B,) int: valid slots per row (>= 1).
     Returns (B, H, hd) in q.dtype: softmax(q k^T * scale) v over slots [0, lengths[b]), fp32 math, GQA groups of
     H // KV consecutive query heads per KV head (as repeat_interleave)."""
-    Bsz, H, hd = q.shape
+    H, hd = q.shape[1], q.shape[2]
     kv, S = key_cache.shape[1], key_cache.shape[2]
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
     k = key_cache.float().repeat_interleave(H // kv, dim=1)

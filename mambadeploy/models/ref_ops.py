@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # --------------------------------------------------------------------------- selective scan
 SCAN_REF_BLOCK = 1024  # time steps whose decay / drive terms selective_scan_ref materialises at once
 

@@ -51,7 +51,7 @@ def _attend(q, k, v):
 def prefill_chunk(attn, x, key_cache, value_cache, rows: ChunkRows):
     """x (B, Lc, d) one chunk of left-padded prompts in the model dtype; the caches (B, KV, S, hd) are appended to in
     place. Returns the attention output (B, Lc, d); pad positions get zeros (nothing downstream reads them)."""
-    Bsz, Lc, _ = x.shape
+    Lc = x.shape[1]
     q = attn.q_proj(x).unflatten(-1, (attn.n_heads, attn.head_dim)).transpose(1, 2)  # (B, H, Lc, hd)
     k = attn.k_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim)).transpose(1, 2)
     v = attn.v_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim)).transpose(1, 2)

@@ -353,7 +353,7 @@ class TorchFastRunner(Runner):
             logits, tensors = self._prefill_body(ids, host_lengths)
         return logits, FastState(tensors, Bsz, filled if "pos" in tensors else 0)
 
-    def _empty_state(self, Bsz) -> "OrderedDict[str, torch.Tensor]":
+    def _empty_state(self, Bsz) -> OrderedDict[str, torch.Tensor]:
         """The attention layers' KV caches (zeros, kv_dtype, max_seq_len slots) and pos; the Mamba states start as
         None (zeros) and come from the first chunk."""
         tensors = OrderedDict()
