@@ -202,3 +202,21 @@ def test_gpu_long_prompt_in_chunks_follows_the_reference():
         logits, state = fast.step(token, state)
         logits_ref, state_ref = ref.step(token, state_ref)
         assert_logits_close(logits, logits_ref, torch.float32, what=f"step {step}")
+
+
+@pytest.mark.parametrize("name", ["jamba-tiny", "blackmamba-tiny"])
+def test_reference_prefill_continues_from_a_state(name):
+    """The reference model's own chunked prefill (forward(..., state=...)): a left-padded batch given in 4-token chunks
+    ends in the state and last logits of the one-pass prefill (rows with no real token in a chunk included)."""
+    model = load_model(name)
+    ids, lengths = _padded(PROMPTS, model.config.vocab_size)
+    L = ids.shape[1]
+    logits_ref, state_ref = model.prefill(ids, lengths)
+    state = {s.name: torch.zeros(s.concrete_shape(len(PROMPTS)), dtype=s.dtype) for s in model.state_specs()}
+    for start in range(0, L, 4):  # from an empty state: the first chunk continues it like every other
+        stop = min(start + 4, L)
+        real = (lengths - (L - stop)).clamp(0, stop - start)
+        logits, state = model.prefill(ids[:, start:stop], real, state=state)
+    assert_logits_close(logits, logits_ref, torch.float32, what="chunked reference prefill")
+    for key, value in state_ref.items():
+        torch.testing.assert_close(state[key].float(), value.float(), rtol=1e-5, atol=1e-6, msg=key)
