@@ -144,26 +144,35 @@ def test_runner_fp8_cache_and_bad_settings(jamba):
         TorchFastRunner(jamba, prefill_chunk=0)
 
 
-def test_ort_cpu_group_query_attention_over_128_steps(tmp_path):
+@pytest.fixture(scope="module")
+def hf_jamba_export(tmp_path_factory):
+    """(model, export directory): the transformers-built Jamba exported with `--ops contrib --prefill-state`."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    from mambadeploy.export.exporter import export_model
+
+    root = tmp_path_factory.mktemp("hf_jamba_export")
+    model = load_model(save_tiny_jamba(root / "hf"))
+    export_model(model, root / "x", ops="contrib", prefill_state=True)
+    return model, root / "x"
+
+
+def test_ort_cpu_group_query_attention_over_128_steps(hf_jamba_export):
     """`--ops contrib` exports the decode step's attention as com.microsoft.GroupQueryAttention over the fixed-length
     cache; ORT-CPU follows the reference for 128 greedy steps from left-padded prompts (tokens identical, logits within
     1e-4 of scale, the cache equal to the reference's, zeros past each row's fill included). jamba-tiny's head_dim of 12
     is refused by the op (a multiple of 8 is required), so it keeps the reference attention."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("onnxruntime")
     import onnx
 
     from mambadeploy.export.contrib import gqa_fits, what_fits
-    from mambadeploy.export.exporter import export_model
     from mambadeploy.runtime.ort_runner import OrtRunner
 
     assert not gqa_fits(load_model("jamba-tiny").config)
     assert what_fits(load_model("jamba-tiny").config)["GroupQueryAttention"].startswith("does not fit")
-    model = load_model(save_tiny_jamba(tmp_path / "hf"))
-    export_model(model, tmp_path / "x", ops="contrib")
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "x" / "decode.onnx")).graph.node if n.domain]
+    model, directory = hf_jamba_export
+    ops = [n.op_type for n in onnx.load(str(directory / "decode.onnx")).graph.node if n.domain]
     assert ops.count("GroupQueryAttention") == sum(b.kind.mixer == "attention" for b in model.layers) == 1
-    runner, ref = OrtRunner.from_dir(tmp_path / "x", "cpu"), TorchEagerRunner(model)
+    runner, ref = OrtRunner.from_dir(directory, "cpu"), TorchEagerRunner(model)
     ids, lengths = _padded(PROMPTS[:2], model.config.vocab_size)
     logits, state = runner.prefill(ids, lengths)
     logits_ref, state_ref = ref.prefill(ids, lengths)
@@ -220,3 +229,27 @@ def test_reference_prefill_continues_from_a_state(name):
     assert_logits_close(logits, logits_ref, torch.float32, what="chunked reference prefill")
     for key, value in state_ref.items():
         torch.testing.assert_close(state[key].float(), value.float(), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ort_chunked_prefill_through_the_prefill_state_graph(hf_jamba_export):
+    """prefill_state.onnx (export --prefill-state) continues an incoming state: the left-padded batch in 4-token
+    chunks from an all-zero state, in ONNX Runtime (CPU), ends in the reference's one-pass logits and state."""
+    import onnxruntime as ort
+
+    model, directory = hf_jamba_export
+    ids, lengths = _padded(PROMPTS, model.config.vocab_size)
+    L = ids.shape[1]
+    logits_ref, state_ref = model.prefill(ids, lengths)
+    session = ort.InferenceSession(str(directory / "prefill_state.onnx"), providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    state = {s.name: torch.zeros(s.concrete_shape(len(PROMPTS)), dtype=s.dtype) for s in model.state_specs()}
+    for start in range(0, L, 4):
+        stop = min(start + 4, L)
+        real = (lengths - (L - stop)).clamp(0, stop - start)
+        feed = {"input_ids": ids[:, start:stop].numpy(), "lengths": real.numpy(),
+                **{f"past.{k}": v.numpy() for k, v in state.items()}}
+        got = dict(zip(outputs, session.run(None, feed)))
+        state = {k: torch.from_numpy(got[f"present.{k}"]) for k in state}
+    assert_logits_close(torch.from_numpy(got["logits"]), logits_ref, torch.float32, what="ORT chunked prefill")
+    for key, value in state_ref.items():
+        torch.testing.assert_close(state[key].float(), value.float(), rtol=1e-4, atol=1e-5, msg=key)
