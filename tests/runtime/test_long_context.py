@@ -1,6 +1,8 @@
-"""Issue 21 on the CPU: chunked prefill (prompts crossing chunk boundaries, left-padded rows of different lengths),
-the length-aware decode attention kernel over 128 steps, and the fp8 KV cache's error, on jamba-tiny and a
-transformers-built Jamba. Every logit within LOGITS_REL[fp32] of the reference's scale, greedy tokens identical."""
+"""Issue 21 on the CPU: torch-fast's chunked prefill (prompts crossing chunk boundaries, left-padded rows of different
+lengths), the length-aware decode attention kernel over 128 steps and the fp8 KV cache's error, on jamba-tiny and a
+transformers-built Jamba; the reference's own prefill continued from a state; ORT-CPU with GroupQueryAttention over 128
+decode steps and chunked prefill through prefill_state.onnx. Every logit within LOGITS_REL[fp32] of the reference's
+scale, greedy tokens identical."""
 
 from __future__ import annotations
 
