@@ -17,6 +17,9 @@ reference computes — checked numerically, not assumed (tests/export/test_contr
   the reference attention: GQA reads a first prompt right-padded (ours are left-padded) and takes S > 1 new tokens
   beside a past cache at batch 1 only (ORT 1.32: "batch_size must be 1 when sequence_length > 1 and past context is
   given"). GQA wants head_dim a multiple of 8 (jamba-tiny's 12 is not: its decode keeps the reference attention).
+  ORT 1.32 CPU runs it in fp32 and fp16, not bf16. Opset-23 `Attention` also runs on ORT 1.32 CPU, but its present
+  cache is past concatenated with the new keys (it grows by one slot a step) and a mask spans the whole past: it fits
+  neither a fixed-length cache nor a cost that follows the fill, so GroupQueryAttention was chosen.
 * No selective-scan op exists in ORT: the scan stays portable (ONNX Scan).
 """
 
