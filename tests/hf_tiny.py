@@ -23,3 +23,19 @@ def fan_in_init(model, seed=0):
         else:
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
     return model.eval()
+
+
+def save_tiny_jamba(path, max_position_embeddings=256, seed=0):
+    """A random transformers-built JambaForCausalLM (vocab 99, hidden 32, 4 layers: attention at layer 1, MoE of 2
+    experts on odd layers, GQA 4 heads / 2 KV heads), fan-in initialised and saved with save_pretrained at `path`."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.JambaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+        num_experts=2, num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+        tie_word_embeddings=False, max_position_embeddings=max_position_embeddings, experts_implementation="eager",
+        attn_implementation="eager")
+    fan_in_init(transformers.JambaForCausalLM(config)).save_pretrained(path)
+    return path

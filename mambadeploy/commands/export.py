@@ -23,6 +23,11 @@ def add_arguments(parser) -> None:
                              "(onnxruntime >= 1.32) (default: portable)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N", help=f"ONNX opset ({DEFAULT_OPSET})")
     parser.add_argument("--max-batch", type=int, metavar="N", help="largest batch the graphs accept (256)")
+    parser.add_argument("--max-context", type=int, metavar="N", help="KV-cache slots per sequence of the attention layers, allocated up front (default: the checkpoint's "
+                   "context, e.g. Jamba's max_position_embeddings; no effect without attention)")
+    parser.add_argument("--prefill-state", action="store_true",
+                        help="also write prefill_state.onnx: a prompt chunk continuing an incoming state (chunked "
+                             "prefill of long prompts)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it is an existing export")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -50,10 +55,10 @@ def run(args) -> int:
     check_target(Path(args.out), args.force)  # before loading: a full-size model takes a while to build
     t0 = time.perf_counter()
     say(f"loading {args.model} ({args.dtype})")
-    model = load_model(args.model, dtype=args.dtype, device="cpu")
+    model = load_model(args.model, dtype=args.dtype, device="cpu", max_context=args.max_context)
     load_s = time.perf_counter() - t0
     manifest = export_model(model, args.out, ops=args.ops, opset_version=args.opset, max_batch=args.max_batch,
-                            force=args.force, progress=say)
+                            force=args.force, progress=say, prefill_state=args.prefill_state)
     total_s = time.perf_counter() - t0
     out = Path(args.out)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}

@@ -32,6 +32,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for torch (default: torch's choice); 1 is often fastest for tiny models on a "
                              "busy machine")
+    parser.add_argument("--max-context", type=int, metavar="N", help="KV-cache slots per sequence of the attention layers, allocated up front (default: the checkpoint's "
+                   "context, e.g. Jamba's max_position_embeddings; no effect without attention)")
+    parser.add_argument("--prefill-chunk", type=int, metavar="N",
+                        help="torch-fast: prompt tokens per prefill chunk (8192)")
+    parser.add_argument("--kv-dtype", choices=("model", "fp8"),
+                        help="torch-fast: KV cache element type (model: the model dtype; fp8: e4m3)")
     parser.add_argument("--stop-ids", metavar="IDS", help="comma-separated token ids that end a sequence")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--parallel", metavar="SPEC",
@@ -89,6 +95,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     options = {"provider": args.provider} if args.provider else {}
+    options.update({k: v for k, v in (("max_context", args.max_context), ("prefill_chunk", args.prefill_chunk),
+                                      ("kv_dtype", args.kv_dtype)) if v is not None})
     is_main = True
     if args.parallel and args.backend not in ("torch", "parallel"):
         raise InputError(f"--parallel runs the parallel backend; it cannot be combined with --backend {args.backend}")

@@ -15,6 +15,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", help="preset name, checkpoint directory, or export directory (manifest.json)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                         help="weight dtype for the byte counts (state: SSM/conv fp32, KV cache in this dtype)")
+    parser.add_argument("--max-context", type=int, metavar="N",
+                        help="count the KV cache at N tokens per sequence (default: the checkpoint's context)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--skip-weights", action="store_true",
                         help="do not read a checkpoint's weights (by default they are loaded once, on the CPU in "
@@ -50,13 +52,18 @@ def read_model_config(target: str):
     return config, {"kind": fmt, "path": str(path)}
 
 
-def describe_model(target: str, dtype) -> dict:
+def describe_model(target: str, dtype, max_context: int | None = None) -> dict:
     import torch
 
+    from ..errors import ConfigError
     from ..models.checkpoint import empty_model
-    from ..models.state import state_bytes_per_sequence
+    from ..models.state import state_bytes_by_kind, state_bytes_per_sequence
 
     config, source = read_model_config(target)
+    if max_context is not None:
+        if max_context < 1:
+            raise ConfigError(f"--max-context must be a positive number of tokens, got {max_context}")
+        config.max_seq_len = max_context
     model = empty_model(config, dtype, device="meta")  # shapes only: counting costs no memory
     total, active = model.parameter_counts()
     elem = torch.empty((), dtype=dtype).element_size()
@@ -74,6 +81,10 @@ def describe_model(target: str, dtype) -> dict:
             info[part] = dict(vars(sub))
     if config.has_attention:
         info["kv_cache_len"] = config.max_seq_len
+        kinds = state_bytes_by_kind(config, dtype)
+        info["recurrent_state_bytes_per_sequence"] = kinds["recurrent"]
+        info["kv_bytes_per_sequence"] = kinds["kv"]
+        info["kv_bytes_per_sequence_fp8"] = state_bytes_by_kind(config, dtype, torch.float8_e4m3fn)["kv"]
     return info
 
 
@@ -212,6 +223,9 @@ def _rows(info: dict) -> list[tuple[str, str]]:
             rows.append((part, ", ".join(f"{k}={v}" for k, v in info[part].items())))
     if "kv_cache_len" in info:
         rows.append(("KV cache length (tokens)", str(info["kv_cache_len"])))
+        per_seq = (f"{_bytes(info['recurrent_state_bytes_per_sequence'])} / {_bytes(info['kv_bytes_per_sequence'])}"
+                   f" (fp8 KV: {_bytes(info['kv_bytes_per_sequence_fp8'])})")
+        rows.append(("  Mamba state / KV per sequence", per_seq))
     rows.append(("final norm / tied head", f"{info['final_norm']} / {info['tie_embeddings']}"))
     if "weights" in info:
         rows.append(("weights", info["weights"]))
@@ -226,7 +240,7 @@ def run(args) -> int:
     if args.model not in PRESETS and (path / "manifest.json").exists():
         info = describe_export(path)
     else:
-        info = describe_model(args.model, parse_dtype(args.dtype))
+        info = describe_model(args.model, parse_dtype(args.dtype), args.max_context)
         if args.model not in PRESETS and not args.skip_weights:
             from ..models.checkpoint import load_model
 

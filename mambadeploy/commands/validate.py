@@ -26,6 +26,10 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-len", type=int, metavar="L", help="tokens per random prompt (default 16)")
     p.add_argument("--new-tokens", type=int, default=32, metavar="T", help="tokens generated per prompt (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--max-context", type=int, metavar="N", help="KV-cache slots per sequence of the attention layers, allocated up front (default: the checkpoint's "
+                   "context, e.g. Jamba's max_position_embeddings; no effect without attention)")
+    p.add_argument("--prefill-chunk", type=int, metavar="N", help="torch-fast prefill chunk in tokens (8192): long "
+                   "prompts are prefilled in chunks, so memory follows the chunk")
     p.add_argument("--per-layer", action="store_true", help="hidden-state and state-tensor drift layer by layer")
     p.add_argument("--ops", choices=("portable", "custom", "contrib", "standard"), help="op set of the export validate makes itself")
     p.add_argument("--no-cache", action="store_true", help="export to a temporary directory instead of reusing / "
@@ -57,7 +61,8 @@ def run(args) -> int:
         prompts_file=args.prompts_file, num_prompts=2 if args.num_prompts is None else args.num_prompts,
         prompt_len=16 if args.prompt_len is None else args.prompt_len,
         new_tokens=args.new_tokens, seed=args.seed, per_layer=args.per_layer, prefill_repeats=args.prefill_repeats,
-        ops=args.ops, use_cache=not args.no_cache, time_limit_s=args.time_limit, progress=not args.quiet and sys.stderr.isatty(),
+        ops=args.ops, use_cache=not args.no_cache, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+        time_limit_s=args.time_limit, progress=not args.quiet and sys.stderr.isatty(),
         parallel=args.parallel, parallel_kernels=args.parallel_kernels,
     )
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

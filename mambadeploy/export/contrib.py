@@ -10,6 +10,16 @@ reference computes — checked numerically, not assumed (tests/export/test_contr
   top-1 fits as k=1 with normalize_routing_weights=1 (weight 1 on the argmax expert) times sigmoid(max logit) outside.
   Does NOT fit: erf-GELU gated experts (BlackMamba's released code): ORT MoE has no gated exact GELU ("gelu" is ungated;
   "geglu" is tanh-GELU and CUDA-only). Those layers keep the portable expert gather.
+* GroupQueryAttention computes the decode step's attention (Jamba): the new K/V are written at slot pos[b] of the
+  preallocated cache (past and present both (B, KV, max_len, hd); seqlens_k = pos, total_sequence_length =
+  max(pos) + 1) and only slots [0, pos[b]] are attended, GQA inside the op (flash / memory-efficient on CUDA). ORT's
+  CPU kernel leaves the slots past each row's fill zero, as the reference's cache holds them. The prefill graph keeps
+  the reference attention: GQA reads a first prompt right-padded (ours are left-padded) and takes S > 1 new tokens
+  beside a past cache at batch 1 only (ORT 1.32: "batch_size must be 1 when sequence_length > 1 and past context is
+  given"). GQA wants head_dim a multiple of 8 (jamba-tiny's 12 is not: its decode keeps the reference attention).
+  ORT 1.32 CPU runs it in fp32 and fp16, not bf16. Opset-23 `Attention` also runs on ORT 1.32 CPU, but its present
+  cache is past concatenated with the new keys (it grows by one slot a step) and a mask spans the whole past: it fits
+  neither a fixed-length cache nor a cost that follows the fill, so GroupQueryAttention was chosen.
 * No selective-scan op exists in ORT: the scan stays portable (ONNX Scan).
 """
 
@@ -33,12 +43,20 @@ def moe_fits(config: ModelConfig) -> bool:
     return config.moe is not None and config.moe.activation == "silu" and config.moe.router in _ROUTERS
 
 
+def gqa_fits(config: ModelConfig) -> bool:
+    """Whether com.microsoft.GroupQueryAttention computes this model's decode attention (head_dim % 8 == 0)."""
+    return config.has_attention and config.attention.head_dim % 8 == 0
+
+
 def what_fits(config: ModelConfig) -> dict:
     """For the manifest: which contrib op replaces what, and why not where it does not."""
     has_mamba = any(l.mixer == "mamba" for l in config.layers)
     has_moe = any(l.ffn == "moe" for l in config.layers)
     out = {"CausalConvWithState": "mamba conv (prefill and decode)" if has_mamba else "unused (no Mamba layer)",
-           "SelectiveScan": "no ORT op: portable Scan"}
+           "SelectiveScan": "no ORT op: portable Scan",
+           "GroupQueryAttention": "decode attention (prefill: reference attention)" if gqa_fits(config)
+           else "unused (no attention layer)" if not config.has_attention
+           else f"does not fit (head_dim {config.attention.head_dim}, ORT wants a multiple of 8): reference attention"}
     if not has_moe:
         out["MoE"] = "unused (no MoE layer)"
     elif moe_fits(config):
@@ -76,6 +94,11 @@ def register_schemas() -> None:
             dims[2].dim_value = w.tensor_type.shape.dim[2].dim_value - 1
         ctx.set_output_type(1, state)
 
+    def gqa_infer(ctx):  # output like the query; present like the past (a cache of fixed length)
+        ctx.set_output_type(0, ctx.get_input_type(0))
+        ctx.set_output_type(1, ctx.get_input_type(3))
+        ctx.set_output_type(2, ctx.get_input_type(4))
+
     def optional(name):
         return P(name, "T", "", param_option=Opt.Optional)
 
@@ -88,6 +111,12 @@ def register_schemas() -> None:
                        attributes=[A("k", INT, ""), A("activation_type", STR, ""),
                                    A("normalize_routing_weights", INT, ""), A("swiglu_fusion", INT, ""),
                                    A("activation_alpha", FLT, ""), A("activation_beta", FLT, "")]), same_as_input),
+        (defs.OpSchema("GroupQueryAttention", MS_DOMAIN, 1,
+                       inputs=[P("query", "T", ""), optional("key"), optional("value"), optional("past_key"),
+                               optional("past_value"), P("seqlens_k", "M", ""), P("total_sequence_length", "M", "")],
+                       outputs=[P("output", "T", ""), P("present_key", "T", ""), P("present_value", "T", "")],
+                       type_constraints=T + [("M", ["tensor(int32)"], "")],
+                       attributes=[A("num_heads", INT, ""), A("kv_num_heads", INT, "")]), gqa_infer),
         (defs.OpSchema("CausalConvWithState", MS_DOMAIN, 1,
                        inputs=[P("input", "T", ""), P("weight", "T", ""), optional("bias"), optional("past_state")],
                        outputs=[P("output", "T", ""), P("present_state", "T", "")], type_constraints=T,
@@ -133,6 +162,34 @@ def _moe_forward(self, x):
     return y.reshape(shape)
 
 
+@torch.library.custom_op("mambadeploy::ort_gqa_decode", mutates_args=())
+def ort_gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, hd); k, v (B, KV, hd); caches (B, KV, max_len, hd); pos (B,) int64. The new K/V written at slot pos,
+    then attention over slots [0, pos]: (out (B, H, hd), key_cache, value_cache) — Attention.step's math."""
+    from ..kernels.decode_attention import decode_attention_ref
+
+    rows = torch.arange(q.shape[0])
+    key_cache, value_cache = key_cache.clone(), value_cache.clone()
+    key_cache[rows, :, pos] = k.to(key_cache.dtype)
+    value_cache[rows, :, pos] = v.to(value_cache.dtype)
+    return decode_attention_ref(q, key_cache, value_cache, pos + 1), key_cache, value_cache
+
+
+@ort_gqa_decode.register_fake
+def _ort_gqa_decode_fake(q, k, v, key_cache, value_cache, pos):
+    return torch.empty_like(q), torch.empty_like(key_cache), torch.empty_like(value_cache)
+
+
+def _attention_step(self, x, key_cache, value_cache, pos):
+    """layers.Attention.step through one ort_gqa_decode node."""
+    q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
+    k = self.k_proj(x).unflatten(-1, (self.n_kv, self.head_dim)).to(key_cache.dtype)
+    v = self.v_proj(x).unflatten(-1, (self.n_kv, self.head_dim)).to(value_cache.dtype)
+    out, key_cache, value_cache = torch.ops.mambadeploy.ort_gqa_decode(q, k, v, key_cache, value_cache, pos)
+    return self.o_proj(out.flatten(1)), key_cache, value_cache
+
+
 def _conv_step_via_sequence_op(x, conv_state, weight, bias=None, activation=None):
     """A decode conv step is the sequence conv over one column with the state as its left context."""
     y, state = torch.ops.mambadeploy.causal_conv1d(x.unsqueeze(-1), weight, bias, conv_state,
@@ -149,6 +206,8 @@ def contrib_patches(config: ModelConfig, graph: str):
         stack.enter_context(patched(layers.MoE, forward=_moe_forward))
     if graph == "decode":
         stack.enter_context(patched(ref_ops, causal_conv1d_update_ref=_conv_step_via_sequence_op))
+        if gqa_fits(config):
+            stack.enter_context(patched(layers.Attention, step=_attention_step))
     return stack
 
 
@@ -187,6 +246,20 @@ def emit_moe(x, router_logits, w1, w2, router: int, top_k: int, activation: str)
     return y
 
 
+def emit_gqa_decode(q, k, v, key_cache, value_cache, pos):
+    """ort_gqa_decode as com.microsoft.GroupQueryAttention over the fixed-length cache (see the module docstring)."""
+    from onnxscript import opset18 as op
+
+    heads, kv_heads = q.shape[1], key_cache.shape[1]
+    flat = op.Constant(value_ints=[0, 1, -1])  # (B, n, hd) -> (B, 1, n * hd): one new token per row
+    total = op.Cast(op.Add(op.ReduceMax(pos, keepdims=0), op.Constant(value_int=1)), to=6)
+    out, key_cache, value_cache = _ms().GroupQueryAttention(
+        op.Reshape(q, flat), op.Reshape(k, flat), op.Reshape(v, flat), key_cache, value_cache, op.Cast(pos, to=6),
+        total, num_heads=int(heads), kv_num_heads=int(kv_heads), _outputs=3)
+    return op.Reshape(out, op.Shape(q)), key_cache, value_cache
+
+
 def translation_table() -> dict:
     return {torch.ops.mambadeploy.causal_conv1d.default: emit_causal_conv,
-            torch.ops.mambadeploy.ort_moe.default: emit_moe}
+            torch.ops.mambadeploy.ort_moe.default: emit_moe,
+            torch.ops.mambadeploy.ort_gqa_decode.default: emit_gqa_decode}

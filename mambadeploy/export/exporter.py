@@ -43,8 +43,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def export_model(model: MambaMoELM, out_dir, ops: str = "portable", opset_version: int = DEFAULT_OPSET,
-                 max_batch: int | None = None, force: bool = False, progress=None) -> Manifest:
-    """Export `model` (any dtype, on the CPU) to `out_dir`; returns the manifest written there."""
+                 max_batch: int | None = None, force: bool = False, progress=None,
+                 prefill_state: bool = False) -> Manifest:
+    """Export `model` (any dtype, on the CPU) to `out_dir`; returns the manifest written there. prefill_state: also a
+    third graph, prefill_state.onnx, whose prompt continues an incoming state (chunked prefill of long prompts)."""
     say = progress or (lambda msg: None)
     config = model.config
     desc = description_for(config)
@@ -59,6 +61,8 @@ def export_model(model: MambaMoELM, out_dir, ops: str = "portable", opset_versio
         if max_batch < 1:
             raise MambaDeployError(f"max batch must be >= 1, got {max_batch}")
         desc = type(desc)(**{**desc.__dict__, "max_batch": max_batch})
+    if prefill_state:
+        desc = type(desc)(**{**desc.__dict__, "graphs": (*desc.graphs, "prefill_state")})
     out = Path(out_dir)
     check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,21 @@ class PrefillGraph(torch.nn.Module):
         return (logits, *(state[n] for n in self.names))
 
 
+class PrefillStateGraph(torch.nn.Module):
+    """(input_ids (B, L), lengths (B,), *past states) -> (logits of the last position (B, V), *present states): a
+    prompt chunk continuing the sequences in `past` (model.forward(state=...)); chunked prefill runs it once per chunk
+    from an all-zero state, lengths = each row's real tokens in the chunk (0 allowed)."""
+
+    def __init__(self, model: MambaMoELM):
+        super().__init__()
+        self.model = model
+        self.names = [s.name for s in state_specs(model.config, model.dtype)]
+
+    def forward(self, input_ids, lengths, *past):
+        logits, state = self.model.forward(input_ids, lengths, check=False, state=OrderedDict(zip(self.names, past)))
+        return (logits, *(state[n] for n in self.names))
+
+
 class DecodeGraph(torch.nn.Module):
     """(input_ids (B, 1), *past states) -> (logits (B, V), *present states)."""
 
@@ -54,7 +69,8 @@ def last_position_head(model: MambaMoELM):
 
 def io_names(model: MambaMoELM, graph: str) -> tuple[list[str], list[str]]:
     names = [s.name for s in state_specs(model.config, model.dtype)]
-    inputs = ["input_ids", "lengths"] if graph == "prefill" else ["input_ids"] + [PAST + n for n in names]
+    inputs = {"prefill": ["input_ids", "lengths"], "decode": ["input_ids"] + [PAST + n for n in names],
+              "prefill_state": ["input_ids", "lengths"] + [PAST + n for n in names]}[graph]
     return inputs, ["logits"] + [PRESENT + n for n in names]
 
 
@@ -75,13 +91,16 @@ def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: Exp
             contrib.register_schemas()
             table.update(contrib.translation_table())
             patches.enter_context(contrib.contrib_patches(model.config, graph))
-        if graph == "prefill":
+        if graph in ("prefill", "prefill_state"):
             length = torch.export.Dim("length", min=1, max=max_length or 1 << 24)
             patches.enter_context(torch_ops.custom_op_patches())
             patches.enter_context(last_position_head(model))
-            wrapper = PrefillGraph(model)
+            wrapper = PrefillGraph(model) if graph == "prefill" else PrefillStateGraph(model)
             args = (torch.zeros(B, L, dtype=torch.int64), torch.tensor(desc.dummy_lengths, dtype=torch.int64))
             dynamic = ({0: batch, 1: length}, {0: batch})
+            if graph == "prefill_state":
+                args += tuple(torch.zeros(s.concrete_shape(B), dtype=s.dtype) for s in specs)
+                dynamic += (tuple({0: batch} for _ in specs),)  # *past: one entry holding every state's shapes
         else:
             wrapper = DecodeGraph(model)
             args = (torch.zeros(B, 1, dtype=torch.int64),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, MambaDeployError, read_json
+from ..errors import CheckpointError, ConfigError, MambaDeployError, read_json
 from .model import MambaMoELM, init_random_
 from .presets import PRESETS, preset_config
 
@@ -67,11 +67,12 @@ def detect_format(path: Path) -> str:
     raise CheckpointError(f"{cfg}: cannot tell the checkpoint format (no model_type, no mamba_moe_layers)")
 
 
-def load_model(path_or_preset, dtype="fp32", device="cpu") -> MambaMoELM:
-    """Load a preset name or a checkpoint directory of any supported format, in eval mode."""
+def load_model(path_or_preset, dtype="fp32", device="cpu", max_context: int | None = None) -> MambaMoELM:
+    """Load a preset name or a checkpoint directory of any supported format, in eval mode. max_context: the attention
+    KV cache's slots per sequence (None: the checkpoint's own context, e.g. Jamba's max_position_embeddings)."""
     dtype = parse_dtype(dtype)
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
-        return build_preset(path_or_preset, dtype, device)
+        return set_max_context(build_preset(path_or_preset, dtype, device), max_context)
     path = Path(path_or_preset)
     fmt = detect_format(path)
     if fmt == "export":
@@ -85,7 +86,21 @@ def load_model(path_or_preset, dtype="fp32", device="cpu") -> MambaMoELM:
         raise CheckpointError(f"{path}: the checkpoint's weight files could not be read ({type(exc).__name__}: "
                               f"{str(exc)[:300]}); a truncated or corrupt file?") from exc
     check_weights_finite(model, path)
-    return model.eval()
+    return set_max_context(model, max_context).eval()
+
+
+def set_max_context(model: MambaMoELM, max_context: int | None) -> MambaMoELM:
+    """Size the attention KV cache to max_context slots per sequence (None: leave it; models without attention have no
+    cache and are left as they are). The cache is preallocated, so this is the memory a sequence holds."""
+    if max_context is None:
+        return model
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
+        raise ConfigError(f"max context must be a positive number of tokens, got {max_context!r}")
+    model.config.max_seq_len = max_context
+    for block in model.layers:
+        if hasattr(block.mixer, "max_len"):
+            block.mixer.max_len = max_context
+    return model
 
 
 def _loader(fmt: str):

@@ -74,15 +74,17 @@ class MambaMixer(nn.Module):
             dt, B, C = self.dt_norm(dt), self.B_norm(B), self.C_norm(C)
         return F.linear(dt, self.dt_proj.weight), B, C
 
-    def forward(self, x, valid=None):
+    def forward(self, x, valid=None, conv_state=None, ssm_state=None):
         """x: (B, L, d); valid: (B, L) bool or None. Pad positions (valid False) leave the states untouched.
+        conv_state / ssm_state: the states to continue from (None: zeros, a fresh sequence).
         Returns (out (B, L, d), conv_state (B, d_inner, d_conv) fp32, ssm_state (B, d_inner, N) fp32)."""
         xz = self.in_proj(x)
         xs, z = xz.chunk(2, dim=-1)
         xs = xs.transpose(1, 2)  # (B, d_inner, L)
         if valid is not None:
             xs = torch.where(valid[:, None, :], xs, torch.zeros_like(xs))
-        xc, conv_state = ref_ops.causal_conv1d_ref(xs, self.conv_weight, self.conv1d.bias, activation="silu")
+        xc, conv_state = ref_ops.causal_conv1d_ref(xs, self.conv_weight, self.conv1d.bias, conv_state,
+                                                   activation="silu")
         dt, B, C = self._ssm_params(xc.transpose(1, 2))
         dt = dt.transpose(1, 2)
         if valid is not None:
@@ -90,7 +92,7 @@ class MambaMixer(nn.Module):
             dt = torch.where(valid[:, None, :], dt, torch.full_like(dt, float("-inf")))
         y, ssm_state = ref_ops.selective_scan_ref(
             xc, dt, self.A(), B.transpose(1, 2), C.transpose(1, 2), self.D, z.transpose(1, 2),
-            delta_bias=self.dt_proj.bias, delta_softplus=True,
+            delta_bias=self.dt_proj.bias, delta_softplus=True, initial_state=ssm_state,
         )
         return self.out_proj(y.transpose(1, 2)), conv_state, ssm_state
 
@@ -106,6 +108,10 @@ class MambaMixer(nn.Module):
 
 
 # --------------------------------------------------------------------------- attention (Jamba: GQA, no positions)
+# The reference's fp32 score blocks stay under this many elements (1 GiB): a 128K-token prompt would otherwise need a
+# 128K x 128K matrix per head. The fast paths never build one (runtime/fast_attention.py).
+REFERENCE_SCORE_ELEMENTS = 1 << 28
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -121,7 +127,13 @@ class Attention(nn.Module):
         return t.unflatten(-1, (n, self.head_dim)).transpose(1, 2)  # (B, n, L, hd)
 
     def _attend(self, q, k, v, mask):
-        """q (B, H, Lq, hd); k, v (B, KV, Lk, hd); mask (B, 1, Lq, Lk) bool. fp32 softmax."""
+        """q (B, H, Lq, hd); k, v (B, KV, Lk, hd); mask (B, 1, Lq, Lk) bool. fp32 softmax.
+        Eager long prompts run in blocks of queries (the same numbers per row), so the fp32 scores stay under
+        REFERENCE_SCORE_ELEMENTS; a traced graph (export) keeps the one-block form."""
+        rows = max(1, REFERENCE_SCORE_ELEMENTS // (q.shape[0] * self.n_heads * k.shape[2]))
+        if q.shape[2] > rows and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            return torch.cat([self._attend(q[:, :, i:i + rows], k, v, mask[:, :, i:i + rows])
+                              for i in range(0, q.shape[2], rows)], dim=2)
         rep = self.n_heads // self.n_kv
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
@@ -130,9 +142,13 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1)
         return torch.matmul(probs, v.float()).to(q.dtype)
 
-    def forward(self, x, valid=None):
+    def forward(self, x, valid=None, key_cache=None, value_cache=None, pos=None):
         """x: (B, L, d), left-padded rows (valid (B, L)). Returns (out, key_cache, value_cache, lengths).
-        The caches hold each row's real tokens compacted to slots [0, len), zeros after."""
+        The caches hold each row's real tokens compacted to slots [0, len), zeros after. With key_cache / value_cache
+        (B, KV, max_len, hd) and pos (B,) given, the prompt continues a sequence: its real tokens are appended at slots
+        [pos, pos + len) and attend to the cached ones; lengths is then pos + len."""
+        if key_cache is not None:
+            return self._continue(x, valid, key_cache, value_cache, pos)
         Bsz, L, _ = x.shape
         q = self._heads(self.q_proj(x), self.n_heads)
         k = self._heads(self.k_proj(x), self.n_kv)
@@ -155,6 +171,32 @@ class Attention(nn.Module):
         kc = torch.where(keep, k.gather(2, idx), torch.zeros((), dtype=k.dtype, device=x.device))
         vc = torch.where(keep, v.gather(2, idx), torch.zeros((), dtype=v.dtype, device=x.device))
         return out, kc, vc, lengths
+
+    def _continue(self, x, valid, key_cache, value_cache, pos):
+        Bsz, L, _ = x.shape
+        q = self._heads(self.q_proj(x), self.n_heads)
+        k = self._heads(self.k_proj(x), self.n_kv).to(key_cache.dtype)
+        v = self._heads(self.v_proj(x), self.n_kv).to(value_cache.dtype)
+        if valid is None:
+            valid = torch.ones(Bsz, L, dtype=torch.bool, device=x.device)
+        ar = torch.arange(L, device=x.device)
+        slots = torch.arange(self.max_len, device=x.device)
+        # keys = [the cache's max_len slots, this prompt's L tokens]: cached slots below pos, then causal real tokens
+        # (a pad query may see itself so no softmax row is all -inf; its output is ignored)
+        cached = (slots[None, :] < pos[:, None])[:, None, :].expand(-1, L, -1)
+        new = (ar[None, :] <= ar[:, None])[None] & (valid[:, None, :] | torch.eye(L, dtype=torch.bool,
+                                                                                   device=x.device)[None])
+        mask = torch.cat([cached, new], dim=-1)[:, None]
+        out = self._attend(q, torch.cat([key_cache, k], dim=2), torch.cat([value_cache, v], dim=2), mask)
+        out = self.o_proj(out.transpose(1, 2).flatten(2))
+        n = valid.sum(-1)
+        # slot s <- this prompt's token s - pos + pad for pos <= s < pos + n; every other slot keeps the cache's value
+        src = (slots[None, :] - pos[:, None] + (L - n)[:, None]).clamp(0, L - 1)
+        take = ((slots[None, :] >= pos[:, None]) & (slots[None, :] < (pos + n)[:, None]))[:, None, :, None]
+        idx = src[:, None, :, None].expand(-1, self.n_kv, -1, self.head_dim)
+        kc = torch.where(take, k.gather(2, idx), key_cache)
+        vc = torch.where(take, v.gather(2, idx), value_cache)
+        return out, kc, vc, pos + n
 
     def step(self, x, key_cache, value_cache, pos):
         """x: (B, d); caches (B, KV, max_len, hd); pos (B,) int64 = valid slots. Writes slot pos, attends to <= pos."""

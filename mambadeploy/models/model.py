@@ -60,29 +60,35 @@ class MambaMoELM(nn.Module):
             raise InputError(f"token id(s) {bad} outside the vocabulary [0, {self.config.vocab_size})")
 
     # ------------------------------------------------------------------ sequence
-    def forward(self, input_ids, lengths=None, check: bool = True):
+    def forward(self, input_ids, lengths=None, check: bool = True, state=None):
         """input_ids: (B, L) int64, left-padded when `lengths` (B,) gives each row's real length.
-        Returns (logits (B, L, V) fp32, state after the prompt). Logits at pad positions are meaningless."""
+        Returns (logits (B, L, V) fp32, state after the prompt). Logits at pad positions are meaningless.
+        state: continue these sequences (a state from forward / prefill / step; not modified) instead of starting
+        fresh: a long prompt given in chunks gives the state and last logits of the whole prompt at once (a row may
+        then have 0 real tokens in a chunk). The chunks must be those of one left-padded prompt: a row's pads come
+        before all of its real tokens (a pad between real tokens would enter the Mamba conv window as a zero)."""
         B, L = input_ids.shape
         valid = None
         if lengths is not None:
             lengths = lengths.to(input_ids.device)
             valid = torch.arange(L, device=input_ids.device)[None, :] >= (L - lengths)[:, None]
         if check:
-            self._check_prompt(input_ids, lengths)
+            self._check_prompt(input_ids, lengths, state)
         dtype = self.dtype
         h = self.embedding(input_ids).float()
-        state = OrderedDict()
+        incoming, state = state, OrderedDict()
         pos = None
         pending = None  # the last sub-layer's output, added to h by the next norm (one add + RMSNorm op, as in step)
         for i, block in enumerate(self.layers):
+            past = () if incoming is None else tuple(incoming[f"L{i}.{n}"] for n in _STATE_OF[block.kind.mixer])
             if block.kind.mixer == "mamba":
                 x, h = _add_norm(pending, h, block.mixer_norm, dtype)
-                pending, conv, ssm = block.mixer(x, valid)
+                pending, conv, ssm = block.mixer(x, valid, *past)
                 state[f"L{i}.conv"], state[f"L{i}.ssm"] = conv, ssm
             elif block.kind.mixer == "attention":
+                past = past + ((incoming["pos"],) if incoming is not None else ())
                 x, h = _add_norm(pending, h, block.mixer_norm, dtype)
-                pending, k, v, pos = block.mixer(x, valid)
+                pending, k, v, pos = block.mixer(x, valid, *past)
                 state[f"L{i}.key"], state[f"L{i}.value"] = k, v
             if block.ffn is not None:
                 x, h = _add_norm(pending, h, block.ffn_norm, dtype)
@@ -93,24 +99,25 @@ class MambaMoELM(nn.Module):
             state["pos"] = pos.to(torch.int64)
         return self._head(h), state
 
-    def _check_prompt(self, input_ids, lengths):
+    def _check_prompt(self, input_ids, lengths, state=None):
         B, L = input_ids.shape
         if L == 0 or B == 0:
             raise InputError("empty prompt: give at least one token")
-        if lengths is not None and (int(lengths.min()) < 1 or int(lengths.max()) > L):
-            raise InputError(f"prompt lengths must be in [1, {L}], got {lengths.tolist()}")
+        least = 0 if state is not None else 1  # a continued row may have nothing new in a chunk
+        if lengths is not None and (int(lengths.min()) < least or int(lengths.max()) > L):
+            raise InputError(f"prompt lengths must be in [{least}, {L}], got {lengths.tolist()}")
         if lengths is None:
             self.check_ids(input_ids)
         else:  # only the real tokens: pads may be any id (arange on the ids' device, lengths already moved there)
             self.check_ids(input_ids[torch.arange(L, device=input_ids.device)[None, :] >= (L - lengths)[:, None]])
-        if self.config.has_attention and L > self.config.max_seq_len:
-            raise InputError(
-                f"prompt of {L} tokens is longer than the attention KV cache ({self.config.max_seq_len} slots)"
-            )
+        held = int(state["pos"].max()) if state is not None and "pos" in state else 0
+        if self.config.has_attention and held + L > self.config.max_seq_len:
+            raise InputError(f"prompt of {L} tokens{f' after {held} held' if held else ''} is longer than the "
+                             f"attention KV cache ({self.config.max_seq_len} slots)")
 
-    def prefill(self, input_ids, lengths=None):
-        """Returns (last-position logits (B, V) fp32, state)."""
-        logits, state = self.forward(input_ids, lengths)
+    def prefill(self, input_ids, lengths=None, state=None):
+        """Returns (last-position logits (B, V) fp32, state); `state`: continue it (see forward)."""
+        logits, state = self.forward(input_ids, lengths, state=state)
         return logits[:, -1], state
 
     # ------------------------------------------------------------------ step
@@ -156,6 +163,9 @@ class MambaMoELM(nn.Module):
                 per_expert = block.ffn.w1[0].numel() + block.ffn.w2[0].numel()
                 inactive += per_expert * (block.ffn.w1.shape[0] - block.ffn.top_k)
         return total, total - inactive
+
+
+_STATE_OF = {"mamba": ("conv", "ssm"), "attention": ("key", "value"), "none": ()}
 
 
 def _add_norm(pending, h, norm, dtype):

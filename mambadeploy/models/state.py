@@ -56,6 +56,21 @@ def state_bytes_per_sequence(config: ModelConfig, dtype: torch.dtype = torch.flo
     return total
 
 
+def state_bytes_by_kind(config: ModelConfig, dtype: torch.dtype = torch.float32,
+                        kv_dtype: torch.dtype | None = None) -> dict:
+    """Bytes one sequence holds: {"recurrent": Mamba conv + SSM states (fixed), "kv": attention KV cache at
+    config.max_seq_len slots in kv_dtype (None: dtype), "pos": the fill counter}."""
+    out = {"recurrent": 0, "kv": 0, "pos": 0}
+    for s in state_specs(config, dtype):
+        n = 1
+        for d in s.concrete_shape(1):
+            n *= d
+        is_kv = s.name.endswith((".key", ".value"))
+        kind = "kv" if is_kv else ("pos" if s.name == "pos" else "recurrent")
+        out[kind] += n * torch.empty((), dtype=(kv_dtype or s.dtype) if is_kv else s.dtype).element_size()
+    return out
+
+
 def layer_of(name: str) -> int | None:
     """`L3.ssm` -> 3; `pos` -> None."""
     return int(name[1:].split(".")[0]) if name.startswith("L") else None

@@ -24,7 +24,7 @@ BACKENDS = {
 }
 
 
-def _load(target, dtype, device):
+def _load(target, dtype, device, max_context=None):
     """A preset / checkpoint, or an already-loaded MambaMoELM: that model itself when dtype and device match, else a
     copy of its weights in `dtype` on `device`. (validate builds every torch candidate from its reference's weights:
     a preset built again on another device would draw other random numbers.)"""
@@ -32,7 +32,9 @@ def _load(target, dtype, device):
     from ..models.model import MambaMoELM
 
     if not isinstance(target, MambaMoELM):
-        return load_model(target, dtype=dtype, device=device)
+        return load_model(target, dtype=dtype, device=device, max_context=max_context)
+    if max_context is not None and max_context != target.config.max_seq_len:
+        raise MambaDeployError("max_context applies when a model is loaded: pass it to load_model")
     dtype = parse_dtype(dtype)
     if target.dtype == dtype and str(target.device) == str(torch.device(device)):
         return target
@@ -82,12 +84,17 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
 
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise MambaDeployError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
-        return TorchEagerRunner(_load(target, dtype, device))
+        return TorchEagerRunner(_load(target, dtype, device, options.get("max_context")))
     if backend == "torch-fast":
         from .torch_fast import TorchFastRunner, check_device
 
         check_device(device)
-        return TorchFastRunner(_load(target, dtype, device), use_cuda_graph=options.get("cuda_graph", True))
+        fast = {k: options[k] for k in ("prefill_chunk", "kv_dtype") if options.get(k) is not None}
+        return TorchFastRunner(_load(target, dtype, device, options.get("max_context")),
+                               use_cuda_graph=options.get("cuda_graph", True), **fast)
+    if options.get("max_context") is not None:  # the graphs' and engines' KV inputs are sized when they are made
+        raise MambaDeployError(f"--max-context sizes a model as it is loaded; backend {backend} runs an export "
+                               "whose cache is fixed: export with `mambadeploy export MODEL --max-context N`")
     if backend == "trt":
         from .trt_runner import TrtRunner
 

@@ -10,7 +10,10 @@ and the decode step captured in a CUDA graph.
   sequences never alias.
 - State: a FastState holding the tensors under the names of models/state.py. step() ADVANCES THE STATE IT IS GIVEN
   (in place) and returns that same object; a state from another runner (a plain {name: tensor} mapping) is copied in.
-- Attention layers (Jamba) run the reference attention math in torch, with the KV cache written in place.
+- Attention layers (Jamba): runtime/fast_attention.py: prefill through F.scaled_dot_product_attention, decode through
+  the length-aware Triton kernel (kernels/decode_attention.py), which reads only the filled KV slots.
+- Long prompts are prefilled in chunks of `prefill_chunk` tokens: the Mamba layers carry their conv/SSM state from
+  chunk to chunk and the attention layers append to the KV cache, so peak memory follows the chunk, not the prompt.
 - On CPU the kernels run in Triton's interpreter (kernels/interpret.py), without CUDA graphs: slow, for tests on the
   tiny presets only.
 """
@@ -29,6 +32,7 @@ from ..errors import ConfigError, InputError, MambaDeployError, lazy_import
 from ..models import ref_ops
 from ..models.model import MambaMoELM
 from ..models.state import state_specs
+from . import fast_attention
 from .base import Runner
 
 # Decode batches up to this size get dt_proj fused into the state-update kernel (one launch fewer per Mamba layer).
@@ -58,6 +62,16 @@ L2_PREFETCH_SITES = ("xproj",)
 # (benchmarks/README.md). TorchFastRunner(persistent=True) or MAMBADEPLOY_PERSISTENT=1 (where the model fits,
 # persistent_unsupported, and the step runs on a GPU) turn it on.
 PERSISTENT_DEFAULT = False
+
+# Prompt tokens per prefill chunk (TorchFastRunner(prefill_chunk=...), CLI --prefill-chunk). Peak activation memory of
+# prefill is set by the chunk, not the prompt; 8K tokens keep every GEMM long (the issue's suggestion; the GPU run of
+# benchmarks/long_context.py measures the memory it takes).
+PREFILL_CHUNK_DEFAULT = 8192
+
+# KV-cache element types torch-fast accepts (TorchFastRunner(kv_dtype=...), CLI --kv-dtype): "model" keeps the model
+# dtype; fp8 (e4m3, unscaled: values past +-448 saturate) halves a bf16 cache, at the error in
+# validate/tolerances.KV_FP8_LOGITS_REL.
+KV_DTYPES = {"model": None, "fp8": torch.float8_e4m3fn}
 
 
 def persistent_unsupported(config) -> str | None:
@@ -136,7 +150,8 @@ class TorchFastRunner(Runner):
 
     def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
                  prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None,
-                 persistent: bool | None = None):
+                 persistent: bool | None = None, prefill_chunk: int = PREFILL_CHUNK_DEFAULT,
+                 kv_dtype: str = "model"):
         """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
         prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
         shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU).
@@ -145,10 +160,13 @@ class TorchFastRunner(Runner):
         default all); Hopper only, a hint that changes no result.
         persistent: the batch-1 step as one persistent launch (see PERSISTENT_DEFAULT); None: PERSISTENT_DEFAULT or
         MAMBADEPLOY_PERSISTENT, and only where the model fits and the step runs on a GPU; True where the model does
-        not fit is an error."""
+        not fit is an error.
+        prefill_chunk: prompt tokens per prefill chunk (see PREFILL_CHUNK_DEFAULT).
+        kv_dtype: the attention KV cache's element type, a key of KV_DTYPES."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import (
             causal_conv1d,
+            decode_attention,
             gemv,
             moe_experts,
             moe_routing,
@@ -159,11 +177,18 @@ class TorchFastRunner(Runner):
 
         self._k_conv, self._k_moe, self._k_route, self._k_norm = causal_conv1d, moe_experts, moe_routing, rms_norm
         self._k_scan, self._k_ssu, self._k_gemv = selective_scan, selective_state_update, gemv
+        self._k_attn = decode_attention
+        if int(prefill_chunk) < 1:
+            raise ConfigError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")
+        if kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"unknown KV cache dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        self.prefill_chunk = int(prefill_chunk)
         self.triton_gemv = triton_gemv
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
         self.dtype = model.dtype
+        self.kv_dtype = KV_DTYPES[kv_dtype] or model.dtype
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
         self.check_inputs = check_inputs
         self.prefill_graphs = prefill_graphs
@@ -286,8 +311,9 @@ class TorchFastRunner(Runner):
         return self._linear(x, w, out=out)
 
     # ------------------------------------------------------------------ prefill
-    def _mamba_prefill(self, layer, x, valid):
-        """x (B, L, d) -> (out (B, L, d), conv_state (B, d_inner, K) fp32, ssm_state (B, d_inner, N) fp32).
+    def _mamba_prefill(self, layer, x, valid, conv_state=None, ssm_state=None):
+        """x (B, L, d) -> (out (B, L, d), conv_state (B, d_inner, K) fp32, ssm_state (B, d_inner, N) fp32), starting
+        from the incoming conv_state / ssm_state (the previous chunk's; None: zeros).
         The scan reads time-contiguous (channel-major) rows, so everything it reads is produced channel-major by
         computing W @ x^T instead of x @ W^T (the same GEMMs, no transposing copies): z, the conv output, x_proj's
         dt/B/C and dt_proj's dt."""
@@ -301,8 +327,8 @@ class TorchFastRunner(Runner):
         if valid is not None:
             xs = torch.where(valid[..., None], xs, torch.zeros_like(xs))
         xc = torch.empty(Bsz, di, L, dtype=x.dtype, device=x.device)
-        _, conv_state = self._k_conv.causal_conv1d(xs.transpose(1, 2), layer.conv_weight, m.conv1d.bias, None, "silu",
-                                                   out=xc)
+        _, conv_state = self._k_conv.causal_conv1d(xs.transpose(1, 2), layer.conv_weight, m.conv1d.bias, conv_state,
+                                                   "silu", out=xc)
         xdbl = _rowwise_mm(m.x_proj.weight.expand(Bsz, -1, -1), xc)  # (B, R + 2N, L)
         dt_low, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=1)
         if m.dt_norm is not None:  # Jamba: RMSNorm over the feature axis, which is dim 1 here
@@ -314,7 +340,7 @@ class TorchFastRunner(Runner):
         if valid is not None:  # softplus(-inf) = 0: pad steps leave the state untouched
             dt = torch.where(valid[:, None, :], dt, torch.full_like(dt, float("-inf")))
         y, ssm_state = self._k_scan.selective_scan(xc, dt, layer.A, B, C, layer.D, z, delta_bias=layer.dt_bias,
-                                                   delta_softplus=True)
+                                                   delta_softplus=True, initial_state=ssm_state)
         out = _rowwise_mm(y.transpose(1, 2), m.out_proj.weight.t().expand(Bsz, -1, -1))  # (B, L, d), no copy of y
         if m.out_proj.bias is not None:
             out += m.out_proj.bias
@@ -327,39 +353,72 @@ class TorchFastRunner(Runner):
             lengths = lengths.to(self.device)
         self.model._check_prompt(ids, lengths)
         Bsz, L = ids.shape
-        valid = None
+        host_lengths = None
         if lengths is not None and int(lengths.min()) < L:
-            valid = torch.arange(L, device=self.device)[None, :] >= (L - lengths)[:, None]
+            host_lengths = [int(n) for n in lengths.tolist()]
         filled = L if lengths is None else int(lengths.max())
-        if self.prefill_graphs and self.use_cuda_graph and valid is None:
+        if self.prefill_graphs and self.use_cuda_graph and host_lengths is None:
             logits, tensors = self._prefill_graphed(ids)
         else:
-            logits, tensors = self._prefill_body(ids, valid)
+            logits, tensors = self._prefill_body(ids, host_lengths)
         return logits, FastState(tensors, Bsz, filled if "pos" in tensors else 0)
 
-    def _prefill_body(self, ids, valid):
-        """-> (last-position logits (B, V) fp32, state tensors). No host syncs: it is also captured (prefill_graphs)."""
+    def _empty_state(self, Bsz) -> OrderedDict[str, torch.Tensor]:
+        """The attention layers' KV caches (zeros, kv_dtype, max_seq_len slots) and pos; the Mamba states start as
+        None (zeros) and come from the first chunk."""
+        tensors = OrderedDict()
+        for spec in state_specs(self.config, self.dtype):
+            if spec.name.endswith((".key", ".value")):
+                tensors[spec.name] = torch.zeros(spec.concrete_shape(Bsz), dtype=self.kv_dtype, device=self.device)
+            elif spec.name == "pos":
+                tensors["pos"] = torch.zeros(Bsz, dtype=torch.int64, device=self.device)
+            else:
+                tensors[spec.name] = None
+        return tensors
+
+    def _prefill_body(self, ids, host_lengths=None):
+        """-> (last-position logits (B, V) fp32, state tensors), the prompt in chunks of prefill_chunk tokens.
+        host_lengths: each row's real length when rows are left-padded (None: no padding). No host syncs: it is also
+        captured (prefill_graphs)."""
+        Bsz, L = ids.shape
+        tensors = self._empty_state(Bsz)
+        valid = None
+        if host_lengths is not None:
+            lengths = torch.tensor(host_lengths, device=self.device)
+            valid = torch.arange(L, device=self.device)[None, :] >= (L - lengths)[:, None]
+        first_real = L - max(host_lengths) if host_lengths else 0  # before it every row is padding
+        last_pad = L - min(host_lengths) if host_lengths else 0  # from it on no row is padding
+        for start in range(first_real // self.prefill_chunk * self.prefill_chunk, L, self.prefill_chunk):
+            stop = min(start + self.prefill_chunk, L)
+            rows = fast_attention.chunk_rows(host_lengths, Bsz, L, start, stop)
+            chunk_valid = valid[:, start:stop] if start < last_pad else None
+            logits = self._prefill_chunk(ids[:, start:stop], chunk_valid, rows, tensors)
+        if "pos" in tensors:
+            tensors["pos"].copy_(lengths if host_lengths is not None else torch.full_like(tensors["pos"], L))
+        return logits, tensors
+
+    def _prefill_chunk(self, ids, valid, rows, tensors):
+        """One chunk of the prompt, continuing from `tensors` (updated: Mamba states replaced, KV appended).
+        Returns the chunk's last-position logits."""
         Bsz, L = ids.shape
         d = self.config.d_model
         residual = F.embedding(ids, self.model.embedding.weight).float().reshape(Bsz * L, d)
-        tensors = OrderedDict()
-        pending, pos = None, None
+        pending = None
         for layer in self.layers:
             i = layer.index
             if layer.mixer == "mamba":
                 x = self._norm(pending, residual, layer.mixer_norm).view(Bsz, L, d)
-                out, tensors[f"L{i}.conv"], tensors[f"L{i}.ssm"] = self._mamba_prefill(layer, x, valid)
+                conv, ssm = f"L{i}.conv", f"L{i}.ssm"
+                out, tensors[conv], tensors[ssm] = self._mamba_prefill(layer, x, valid, tensors[conv], tensors[ssm])
                 pending = out.reshape(Bsz * L, d)
             elif layer.mixer == "attention":
                 x = self._norm(pending, residual, layer.mixer_norm).view(Bsz, L, d)
-                out, tensors[f"L{i}.key"], tensors[f"L{i}.value"], pos = layer.attention(x, valid)
+                out = fast_attention.prefill_chunk(layer.attention, x, tensors[f"L{i}.key"], tensors[f"L{i}.value"], rows)
                 pending = out.reshape(Bsz * L, d)
             if layer.ffn != "none":
                 pending = self._ffn(layer, pending, residual)
-        if pos is not None:
-            tensors["pos"] = pos.to(torch.int64)
         last = None if pending is None else pending.view(Bsz, L, d)[:, -1]
-        return self._head(residual.view(Bsz, L, d)[:, -1], last), tensors
+        return self._head(residual.view(Bsz, L, d)[:, -1], last)
 
     def _prefill_graphed(self, ids):
         """Prefill replayed from a CUDA graph captured once per prompt shape (B, L): the eager prefill's time is mostly
@@ -401,21 +460,6 @@ class TorchFastRunner(Runner):
         y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt, layer.A, B, C, layer.D, xz[:, di:],
                                                   dt_bias=layer.dt_bias, dt_softplus=True, dt_proj_weight=dt_w)
         return self._partial_sum(self._linear(y, m.out_proj.weight, m.out_proj.bias))
-
-    @staticmethod
-    def _attention_step(attn, x, key, value, pos):
-        """The reference Attention.step with the KV cache written in place (slot pos of each row)."""
-        Bsz = x.shape[0]
-        q = attn.q_proj(x).unflatten(-1, (attn.n_heads, attn.head_dim)).unsqueeze(2)
-        k = attn.k_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim))
-        v = attn.v_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim))
-        rows = torch.arange(Bsz, device=x.device)
-        key[rows, :, pos] = k.to(key.dtype)
-        value[rows, :, pos] = v.to(value.dtype)
-        slots = torch.arange(attn.max_len, device=x.device)
-        mask = (slots[None, :] <= pos[:, None])[:, None, None, :]
-        out = attn._attend(q, key, value, mask).squeeze(2).flatten(1)
-        return attn.o_proj(out)
 
     def _persistent_for(self, st: FastState, trace: bool = False):
         """The persistent step's launcher over st's state tensors (its block table points at them); trace: it records
@@ -472,7 +516,8 @@ class TorchFastRunner(Runner):
             if layer.mixer == "mamba":
                 pending = self._mamba_step(layer, x, t[f"L{i}.conv"], t[f"L{i}.ssm"])
             elif layer.mixer == "attention":
-                pending = self._attention_step(layer.attention, x, t[f"L{i}.key"], t[f"L{i}.value"], t["pos"])
+                pending = fast_attention.decode_step(layer.attention, x, t[f"L{i}.key"], t[f"L{i}.value"], t["pos"],
+                                                     self._k_attn.decode_attention)
             if layer.ffn != "none":
                 pending = self._ffn(layer, pending, st.residual)
         if "pos" in t:
@@ -511,7 +556,8 @@ class TorchFastRunner(Runner):
             if spec.name not in state:
                 raise InputError(f"state is missing {spec.name!r}")
             value = torch.as_tensor(state[spec.name])
-            tensors[spec.name] = value.to(device=self.device, dtype=spec.dtype).contiguous().clone()
+            dtype = self.kv_dtype if spec.name.endswith((".key", ".value")) else spec.dtype
+            tensors[spec.name] = value.to(device=self.device, dtype=dtype).contiguous().clone()
             batch = value.shape[0]
         filled = int(tensors["pos"].max()) if "pos" in tensors else 0
         return FastState(tensors, batch, filled)

@@ -25,7 +25,7 @@ from .latency import DeviceMemory, decode_bytes_per_step, latency_summary, roofl
 from .parity import ReferenceTrace, free_greedy, teacher_forced, trace_reference
 from .prompts import load_prompts, random_prompts
 
-SCHEMA_ID = "mambadeploy.validate/1"
+SCHEMA_ID = "mambadeploy.validate/2"
 
 
 @dataclass
@@ -48,6 +48,8 @@ class ValidateOptions:
     progress: bool = False
     parallel: str = "tp=2"  # layout of the `parallel` backend (parallel/mesh.parse_layout)
     parallel_kernels: str = "torch"  # its decode: the sharded reference ("torch") or torch-fast's kernels ("triton")
+    max_context: int | None = None  # KV cache slots per sequence (None: the checkpoint's context)
+    prefill_chunk: int | None = None  # torch-fast prompt tokens per prefill chunk (None: its default)
 
 
 def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
@@ -70,9 +72,11 @@ def run_validation(opts: ValidateOptions, log=lambda msg: None) -> dict:
     log(f"loading {opts.model} (fp32 reference on {device})")
     # built on the CPU, then moved: a preset's random weights depend on the device that draws them, and the exports
     # (traced on the CPU) must hold the same weights as the reference; every torch candidate is a copy of these
-    model = load_model(opts.model, dtype="fp32", device="cpu").to(device)
+    model = load_model(opts.model, dtype="fp32", device="cpu", max_context=opts.max_context).to(device)
     config = model.config
-    exports = artifacts.Exports(opts.model, model, opts.export_dir, opts.ops, opts.use_cache)
+    # the export cache is keyed by the checkpoint alone: a cache sized by --max-context exports from this model
+    exports = artifacts.Exports(opts.model, model, opts.export_dir, opts.ops,
+                                opts.use_cache and opts.max_context is None)
     if opts.export_dir and Path(opts.export_dir).exists():
         exports.check_given()  # an export of another model fails here, before any work
         # ONNX backends named without a dtype run the given export in its own dtype
@@ -188,6 +192,8 @@ def _run_backend(req: BackendRequest, opts, model, reference, trace: ReferenceTr
         entry["memory"] = {"peak_mb": entry["memory"]["peak_mb"] + weights / 2**20,
                            "method": entry["memory"]["method"] + " + the reference's weights (this run reuses them)"}
     gpu = entry["describe"].get("gpu") if _on_gpu(entry["describe"], req.name) else None
+    if entry["memory"]["peak_mb"] is not None:  # long prompts: what one sequence costs
+        entry["memory"]["peak_mb_per_sequence"] = entry["memory"]["peak_mb"] / B
     entry["roofline"] = roofline(decode_bytes_per_step(model, model.config, req.dtype, B), lat["decode_ms_p50"], gpu)
     if opts.per_layer:
         try:
@@ -210,7 +216,7 @@ def _make_runner(req, opts, reference, exports, device, trace: ReferenceTrace):
         return make_runner(reference.model, backend="torch", dtype=dtype_name(req.dtype), device=device)
     if req.name == "torch-fast":
         return make_runner(reference.model, backend="torch-fast", dtype=dtype_name(req.dtype),
-                           device="cuda" if torch.cuda.is_available() else "cpu")
+                           device="cuda" if torch.cuda.is_available() else "cpu", prefill_chunk=opts.prefill_chunk)
     if req.name == "parallel":  # its workers load MODEL themselves, each only its slices
         return make_runner(opts.model, backend="parallel", dtype=dtype_name(req.dtype), device=device,
                            parallel=opts.parallel, kernels=opts.parallel_kernels)
@@ -334,6 +340,7 @@ def _document(opts, model, device, trace, prompts, results, explicit, requests, 
                      "dtype": opts.dtype, "prompts": opts.prompts_file or "random", "num_prompts": len(prompts),
                      "prompt_lengths": [len(p) for p in prompts], "new_tokens": opts.new_tokens, "seed": opts.seed,
                      "per_layer": opts.per_layer, "prefill_repeats": opts.prefill_repeats,
+                     "max_context": config.max_seq_len if config.has_attention else None,
                      "export_dir": opts.export_dir, "exports": exports.describe()},
         "reference": {"backend": "torch", "dtype": "fp32", "device": device, "tokens": trace.tokens.tolist()},
         "precision_baselines": baselines.figures,

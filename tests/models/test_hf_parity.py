@@ -52,6 +52,9 @@ def _jamba_config(**kw):
             "num_attention_heads": 4, "num_key_value_heads": 2, "attn_layer_period": 3, "attn_layer_offset": 1,
             "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 2, "num_experts_per_tok": 2,
             "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 4, "tie_word_embeddings": False,
+            # the KV cache is sized by the context (transformers' default 262144 would make every reference step
+            # read 262144 slots)
+            "max_position_embeddings": 256,
             # eager: transformers' grouped-mm experts need 16-byte strides (intermediate 37 has not); same math
             "experts_implementation": "eager", "attn_implementation": "eager"}
     base.update(kw)

@@ -17,7 +17,8 @@ jamba:  layer i is attention when i % attn_layer_period == attn_layer_offset (8 
         num_experts_per_tok (2), intermediate_size, num_attention_heads, num_key_value_heads (= heads when null),
         head_dim (hidden_size / heads), mamba_d_state (16), mamba_d_conv (4), mamba_expand (2), mamba_dt_rank ("auto"),
         mamba_conv_bias (true), mamba_proj_bias (false), rms_norm_eps (1e-6), hidden_act (silu),
-        tie_word_embeddings (false), max_position_embeddings -> KV cache length, capped at JAMBA_KV_CACHE_LEN.
+        tie_word_embeddings (false), max_position_embeddings (262144) -> KV cache length (load_model's max_context
+        overrides it: the cache is preallocated per sequence).
   keys: model.embed_tokens.weight, model.layers.{i}.input_layernorm.weight (-> mixer_norm),
         model.layers.{i}.pre_ff_layernorm.weight (-> ffn_norm), model.layers.{i}.mamba.* (dt_layernorm, b_layernorm,
         c_layernorm -> dt_norm, B_norm, C_norm), model.layers.{i}.self_attn.{q,k,v,o}_proj.weight,
@@ -43,9 +44,6 @@ from .common import Piece, load_pieces, read_json_config
 
 if TYPE_CHECKING:
     from ..model import MambaMoELM
-
-# Jamba allows 256K tokens; our attention cache is preallocated per sequence, so cap it (tokens per sequence).
-JAMBA_KV_CACHE_LEN = 4096
 
 
 # --------------------------------------------------------------------------- configs
@@ -112,7 +110,7 @@ def jamba_config(data: dict, where: str) -> ModelConfig:
         mlp=MLPConfig(ffn_size=ffn, activation=act) if any(l.ffn == "mlp" for l in layers) else None,
         norm_eps=float(data.get("rms_norm_eps", 1e-6)), final_norm="rmsnorm",
         tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-        max_seq_len=min(int(data.get("max_position_embeddings", 262144)), JAMBA_KV_CACHE_LEN),
+        max_seq_len=int(data.get("max_position_embeddings", 262144)),
         extra={"source_format": "hf-jamba", "max_position_embeddings": data.get("max_position_embeddings", 262144)},
     )
 
