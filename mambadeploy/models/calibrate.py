@@ -126,6 +126,7 @@ def threshold_for(values: torch.Tensor, m: float, target: float) -> float:
     return float(torch.quantile((values.double() - m).abs(), target))
 
 
+@torch.no_grad()
 def output_error(rows: torch.Tensor, weight: torch.Tensor, m: float, t: float) -> float:
     """Mean ‖W·r‖² of the dropped part r = (x − m)·[|x − m| <= t]: the output error the sparsifier causes."""
     centred = rows[:ERROR_ROWS] - m

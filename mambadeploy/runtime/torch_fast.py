@@ -146,6 +146,10 @@ class TorchFastRunner(Runner):
         persistent: the batch-1 step as one persistent launch (see PERSISTENT_DEFAULT); None: PERSISTENT_DEFAULT or
         MAMBADEPLOY_PERSISTENT, and only where the model fits and the step runs on a GPU; True where the model does
         not fit is an error."""
+        if model.config.sparsity.get("sites"):
+            # its fused kernels would compute the dense model: refuse rather than answer something else
+            raise MambaDeployError("torch-fast does not run SCAP-sparse checkpoints yet (mambadeploy calibrate); use "
+                                   "--backend torch or --backend ort")
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import (
             causal_conv1d,

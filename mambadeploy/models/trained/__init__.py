@@ -72,3 +72,10 @@ def heldout_bytes() -> torch.Tensor:
     import sysconfig
 
     return corpus_split(Path(sysconfig.get_paths()["stdlib"]))[1]
+
+
+def resolve(target):
+    """A trained preset's name -> its committed checkpoint directory; anything else unchanged."""
+    if isinstance(target, str) and target in TRAINED_CONFIGS:
+        return trained_dir(target)
+    return target
