@@ -19,13 +19,13 @@ from mambadeploy.validate.tolerances import assert_logits_close
 pytest.importorskip("onnxruntime")
 
 
-@pytest.mark.parametrize("preset", ["blackmamba-tiny", "jamba-tiny"])
+@pytest.mark.parametrize("preset", ["jamba-tiny"])  # Mamba, attention, MLP and top-2 MoE sites in one model
 def test_sparse_export_matches_the_sparse_reference_on_ort_cpu(tmp_path, preset):
     from mambadeploy.runtime.ort_runner import OrtRunner
 
     dense = load_model(preset)
     tokens = torch.randint(0, 512, (3000,), generator=torch.Generator().manual_seed(0))
-    sparse = calibrate(dense, windows_from_tokens(tokens, 4, 32), 0.5, mode="auto")
+    sparse = calibrate(dense, windows_from_tokens(tokens, 4, 32), 0.5, mode="median")
     export_model(sparse, tmp_path / "x", ops="portable", force=True)
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "x" / "decode.onnx", load_external_data=False).graph.node)
     n_masks = len(sites(sparse.config))
