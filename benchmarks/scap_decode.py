@@ -1,0 +1,151 @@
+"""SCAP decode benchmark (H200): how much of a BlackMamba-2.8B decode step the sparse GEMVs save, at batch 1 and 4,
+sparsity 0 / 0.5 / 0.7 on every sparsified projection (Mamba in_proj, x_proj, out_proj; the chosen experts' fc1, fc2),
+beside dense torch-fast measured in the same run.
+
+What is measured (bf16, seeded random weights; thresholds are the target-quantiles of |x| over the inputs each site
+sees in a 4 x 64-token reference forward pass: mode 0, which is what decides speed):
+- dense_step_ms: GPU time of one captured torch-fast decode step (the whole model);
+- per site, on the decode inputs that site really sees at a step: the torch-fast dense GEMV (kernels/gemv.py, weight
+  (N, K)) and the sparse GEMV (kernels/sparse_gemv.py, weight transposed (K, N), mask fused), each GPU time per call
+  from CUDA-graph replays; the realised share of skipped weight rows;
+- sparse_step_ms_estimate = dense_step_ms − Σ dense GEMV + Σ sparse GEMV: torch-fast does not launch the sparse kernels
+  yet (its fused in_proj + conv and MoE kernels would need sparse twins), so the whole-step figure is this sum. The
+  dense floor: 1.27 GB per token / 4.8 TB/s = 0.264 ms.
+
+GPU:     python benchmarks/scap_decode.py --out $OUT/scap_decode.json
+CPU dry run (tiny preset, Triton interpreter, meaningless times; checks the script end to end):
+         PYTHONPATH=$PWD python benchmarks/scap_decode.py --dry-run --out /tmp/scap_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mambadeploy.kernels.gemv import gemv  # noqa: E402
+from mambadeploy.kernels.sparse_gemv import sparse_expert_gemv, sparse_gemv  # noqa: E402
+from mambadeploy.models import sparsity  # noqa: E402
+from mambadeploy.models.calibrate import _values, collect, threshold_for  # noqa: E402
+from mambadeploy.models.checkpoint import build_preset  # noqa: E402
+from mambadeploy.validate.svg import line_chart  # noqa: E402
+
+FLOOR_MS = 0.264  # BlackMamba-2.8B, batch 1: 1.27 GB per token at the H200's 4.8 TB/s (docs FACTS)
+GROUPS = ("in_proj", "x_proj", "out_proj", "fc1", "fc2")
+
+
+def timer(dry: bool):
+    if dry:
+        def cpu_ms(fn, calls=1, reps=3):
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+        return cpu_ms
+    from _bench import graph_ms_per_call
+
+    return lambda fn, calls=50, reps=10: graph_ms_per_call(fn, calls=calls, reps=reps)
+
+
+def site_inputs(model, chosen, batch: int, seed: int = 0) -> dict:
+    """Decode-like inputs of each site: `batch` rows of what the site sees (rows of a reference forward)."""
+    g = torch.Generator().manual_seed(seed)
+    windows = torch.randint(0, model.config.vocab_size, (4, 64), generator=g).to(model.device)
+    stats = collect(model, windows, chosen, batch=4)
+    return {name: rows for name, rows in stats.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="blackmamba-2.8b")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--sparsity", default="0,0.5,0.7")
+    p.add_argument("--out", required=True, help="JSON path (the plot is written beside it as .svg)")
+    p.add_argument("--dry-run", action="store_true", help="CPU: blackmamba-tiny, fp32, interpreter")
+    args = p.parse_args(argv)
+    dry = args.dry_run or not torch.cuda.is_available()
+    preset, device, dtype = ("blackmamba-tiny", "cpu", torch.float32) if dry else (args.preset, "cuda", torch.bfloat16)
+    ms = timer(dry)
+    model = build_preset(preset, dtype=dtype, device=device)
+    chosen = [s for s in sparsity.sites(model.config) if s[1] in GROUPS]
+    batches = [int(b) for b in args.batches.split(",")]
+    targets = [float(t) for t in args.sparsity.split(",")]
+    with torch.no_grad():
+        rows = site_inputs(model, chosen, max(batches))
+    result = {"schema": "mambadeploy.scap_decode/1", "preset": preset, "dtype": str(dtype), "dry_run": dry,
+              "device": {"gpu": torch.cuda.get_device_name(0) if not dry else "cpu (dry run)"},
+              "floor_ms_batch1": FLOOR_MS, "cases": []}
+    for batch in batches:
+        dense_step = None
+        if not dry:
+            from _bench import captured_decode_step, gpu_ms
+
+            runner, state, _ = captured_decode_step(model)  # batch 1 capture; batch > 1 below
+            if batch > 1:
+                from mambadeploy.runtime.torch_fast import TorchFastRunner
+
+                runner = TorchFastRunner(model, check_inputs=False)
+                prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda")
+                logits, state = runner.prefill(prompt)
+                token = logits.argmax(-1)
+                for _ in range(4):
+                    runner.step(token, state)
+            else:
+                token = torch.zeros(1, dtype=torch.long, device="cuda")
+            torch.cuda.synchronize()
+            dense_step = gpu_ms(lambda: runner.step(token, state), reps=50)
+        for target in targets:
+            dense_sum = sparse_sum = 0.0
+            per_site = []
+            for name, group, where, _ in chosen:
+                layer = model.layers[int(name[1:].split(".")[0])]
+                module = getattr(layer, where)
+                values = rows[name]
+                t = threshold_for(_values(values), 0.0, target) if target > 0 else -1.0
+                x = values[:batch].to(dtype).contiguous()
+                if group in ("fc1", "fc2"):
+                    w = module.w1 if group == "fc1" else module.w2  # (E, out, in)
+                    wt = w.transpose(1, 2).contiguous()
+                    experts = torch.arange(batch, device=device) % w.shape[0]  # distinct experts, as a batch reaches
+                    d = ms(lambda: [gemv(x[i:i + 1], w[int(experts[i])]) for i in range(batch)])
+                    s = ms(lambda: sparse_expert_gemv(x, wt, experts, 0.0, t))
+                else:
+                    w = getattr(module, group).weight
+                    wt = w.t().contiguous()
+                    d = ms(lambda: gemv(x, w))
+                    s = ms(lambda: sparse_gemv(x, wt, 0.0, t))
+                rows_kept = float(((x.float().abs() > t).any(0)).float().mean())
+                dense_sum, sparse_sum = dense_sum + d, sparse_sum + s
+                per_site.append({"site": name, "dense_ms": d, "sparse_ms": s, "rows_read": rows_kept,
+                                 "threshold": t})
+                del wt
+            case = {"batch": batch, "target": target, "dense_gemv_ms": dense_sum, "sparse_gemv_ms": sparse_sum,
+                    "rows_read_mean": statistics.mean(r["rows_read"] for r in per_site), "sites": per_site}
+            if dense_step is not None:
+                est = dense_step - dense_sum + sparse_sum
+                case.update(dense_step_ms=dense_step, sparse_step_ms_estimate=est, speedup_estimate=dense_step / est,
+                            below_floor=bool(batch == 1 and est < FLOOR_MS))
+            result["cases"].append(case)
+            print(json.dumps({k: v for k, v in case.items() if k != "sites"}), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    key = "sparse_step_ms_estimate" if not dry else "sparse_gemv_ms"
+    series = {f"batch {b}": [(c["target"], c[key]) for c in result["cases"] if c["batch"] == b] for b in batches}
+    out.with_suffix(".svg").write_text(line_chart(series, f"SCAP decode ({preset}, {result['device']['gpu']})",
+                                                  "target sparsity", key.replace("_", " "), log_y=False))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
