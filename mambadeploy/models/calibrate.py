@@ -237,7 +237,9 @@ def refine_thresholds(sparse: MambaMoELM, windows: torch.Tensor, chosen, target:
 @torch.no_grad()
 def fold(dense: MambaMoELM, config) -> MambaMoELM:
     """Build the sparse model for `config` from the dense weights; each folded bias = W·(m·1), summed in fp64."""
-    sparse = MambaMoELM(config)
+    from .checkpoint import empty_model
+
+    sparse = empty_model(config, dense.dtype, dense.device)  # no random init: every tensor is set below
     missing, unexpected = sparse.load_state_dict(dense.state_dict(), strict=False)
     assert not unexpected and all(k.endswith("folded_bias") for k in missing), (missing, unexpected)
     for name, _g, where, linears in sparsity.sites(config):
