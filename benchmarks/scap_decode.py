@@ -4,13 +4,15 @@ beside dense torch-fast measured in the same run.
 
 What is measured (bf16, seeded random weights; thresholds are the target-quantiles of |x| over the inputs each site
 sees in a 4 x 64-token reference forward pass: mode 0, which is what decides speed):
-- dense_step_ms: GPU time of one captured torch-fast decode step (the whole model);
-- per site, on the decode inputs that site really sees at a step: the torch-fast dense GEMV (kernels/gemv.py, weight
-  (N, K)) and the sparse GEMV (kernels/sparse_gemv.py, weight transposed (K, N), mask fused), each GPU time per call
-  from CUDA-graph replays; the realised share of skipped weight rows;
-- sparse_step_ms_estimate = dense_step_ms − Σ dense GEMV + Σ sparse GEMV: torch-fast does not launch the sparse kernels
-  yet (its fused in_proj + conv and MoE kernels would need sparse twins), so the whole-step figure is this sum. The
-  dense floor: 1.27 GB per token / 4.8 TB/s = 0.264 ms.
+- dense_step_ms: GPU time of one captured torch-fast decode step of the dense model (CUDA-graph replay, median of 50);
+- sparse_step_ms: the same for the sparse model (torch-fast launches kernels/sparse_gemv.py for in_proj, x_proj,
+  out_proj and the chosen experts' fc1/fc2 at batch <= 4; target 0 = threshold -1: every row read, i.e. the sparse
+  kernels' own overhead against the dense ones); speedup = dense / sparse; below_floor: batch 1 under the dense
+  floor, 1.27 GB per token / 4.8 TB/s = 0.264 ms;
+- per site, on the inputs that site really sees: the dense torch-fast GEMV (kernels/gemv.py, weight (N, K)) and the
+  sparse GEMV (weight transposed (K, N), mask fused), GPU time per call from CUDA-graph replays, and the share of weight
+  rows read (a row is read when any row of the batch keeps that input feature).
+Memory: each sparse copy holds the weights twice (the model's and the transposed ones); one copy at a time.
 
 GPU:     python benchmarks/scap_decode.py --out $OUT/scap_decode.json
 CPU dry run (tiny preset, Triton interpreter, meaningless times; checks the script end to end):
@@ -20,6 +22,7 @@ CPU dry run (tiny preset, Triton interpreter, meaningless times; checks the scri
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mambadeploy.kernels.gemv import gemv  # noqa: E402
 from mambadeploy.kernels.sparse_gemv import sparse_expert_gemv, sparse_gemv  # noqa: E402
 from mambadeploy.models import sparsity  # noqa: E402
-from mambadeploy.models.calibrate import _values, collect, threshold_for  # noqa: E402
+from mambadeploy.models.calibrate import NO_THRESHOLD, _values, collect, fold, threshold_for  # noqa: E402
 from mambadeploy.models.checkpoint import build_preset  # noqa: E402
 from mambadeploy.validate.svg import line_chart  # noqa: E402
 
@@ -64,6 +67,67 @@ def site_inputs(model, chosen, batch: int, seed: int = 0) -> dict:
     return {name: rows for name, rows in stats.items()}
 
 
+def step_ms(model, batch: int, dry: bool) -> float:
+    """Time of one torch-fast decode step of `batch` rows: GPU time of its CUDA-graph replay (median of 50); on the
+    CPU dry run the wall time of one interpreted step."""
+    from mambadeploy.runtime.torch_fast import TorchFastRunner
+
+    runner = TorchFastRunner(model, check_inputs=False, use_cuda_graph=not dry)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 16), generator=g).to(model.device)
+    logits, state = runner.prefill(prompt)
+    token = logits.argmax(-1)
+    for _ in range(3):  # the first step captures the graph
+        runner.step(token, state)
+    if dry:
+        t0 = time.perf_counter()
+        runner.step(token, state)
+        return (time.perf_counter() - t0) * 1e3
+    from _bench import gpu_ms
+
+    torch.cuda.synchronize()
+    replay = state.graph.replay if state.graph is not None else (lambda: runner.step(token, state))
+    return gpu_ms(replay, reps=50)
+
+
+def sparse_copy(model, chosen, rows, target: float):
+    """The model with every chosen site sparsified at `target` (mode 0: speed does not depend on the mode; target 0:
+    threshold −1, every row read: the sparse kernels' own overhead)."""
+    sites = {}
+    for name, group, *_ in chosen:
+        t = threshold_for(_values(rows[name]), 0.0, target) if target > 0 else NO_THRESHOLD
+        sites[name] = {"group": group, "mode": 0.0, "threshold": t, "target": target, "mode_kind": "zero"}
+    config = copy.deepcopy(model.config)
+    config.sparsity = {"method": "scap", "target": target, "mode": "zero", "sites": sites}
+    config.validate()
+    return fold(model, config)
+
+
+def site_kernels(model, chosen, rows, batch, target, ms, device, dtype) -> list[dict]:
+    """Per site: the dense torch-fast GEMV and the sparse GEMV on that site's real inputs, and the rows read."""
+    per_site = []
+    for name, group, where, _ in chosen:
+        module = getattr(model.layers[int(name[1:].split(".")[0])], where)
+        values = rows[name]
+        t = threshold_for(_values(values), 0.0, target) if target > 0 else NO_THRESHOLD
+        x = values[:batch].to(dtype).contiguous()
+        if group in ("fc1", "fc2"):
+            w = module.w1 if group == "fc1" else module.w2  # (E, out, in)
+            wt = w.transpose(1, 2).contiguous()
+            experts = torch.arange(batch, device=device) % w.shape[0]  # distinct experts, as a batch reaches
+            d = ms(lambda: [gemv(x[i:i + 1], w[int(experts[i])]) for i in range(batch)])
+            s = ms(lambda: sparse_expert_gemv(x, wt, experts, 0.0, t))
+        else:
+            w = getattr(module, group).weight
+            wt = w.t().contiguous()
+            d = ms(lambda: gemv(x, w))
+            s = ms(lambda: sparse_gemv(x, wt, 0.0, t))
+        per_site.append({"site": name, "dense_ms": d, "sparse_ms": s, "threshold": t,
+                         "rows_read": float((x.float().abs() > t).any(0).float().mean())})
+        del wt
+    return per_site
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="blackmamba-2.8b")
@@ -81,65 +145,29 @@ def main(argv=None) -> int:
     targets = [float(t) for t in args.sparsity.split(",")]
     with torch.no_grad():
         rows = site_inputs(model, chosen, max(batches))
-    result = {"schema": "mambadeploy.scap_decode/1", "preset": preset, "dtype": str(dtype), "dry_run": dry,
+    result = {"schema": "mambadeploy.scap_decode/2", "preset": preset, "dtype": str(dtype), "dry_run": dry,
               "device": {"gpu": torch.cuda.get_device_name(0) if not dry else "cpu (dry run)"},
               "floor_ms_batch1": FLOOR_MS, "cases": []}
     for batch in batches:
-        dense_step = None
-        if not dry:
-            from _bench import captured_decode_step, gpu_ms
-
-            runner, state, _ = captured_decode_step(model)  # batch 1 capture; batch > 1 below
-            if batch > 1:
-                from mambadeploy.runtime.torch_fast import TorchFastRunner
-
-                runner = TorchFastRunner(model, check_inputs=False)
-                prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda")
-                logits, state = runner.prefill(prompt)
-                token = logits.argmax(-1)
-                for _ in range(4):
-                    runner.step(token, state)
-            else:
-                token = torch.zeros(1, dtype=torch.long, device="cuda")
-            torch.cuda.synchronize()
-            dense_step = gpu_ms(lambda: runner.step(token, state), reps=50)
+        dense_step = step_ms(model, batch, dry)
+        print(json.dumps({"batch": batch, "dense_torch_fast_step_ms": dense_step}), flush=True)
         for target in targets:
-            dense_sum = sparse_sum = 0.0
-            per_site = []
-            for name, group, where, _ in chosen:
-                layer = model.layers[int(name[1:].split(".")[0])]
-                module = getattr(layer, where)
-                values = rows[name]
-                t = threshold_for(_values(values), 0.0, target) if target > 0 else -1.0
-                x = values[:batch].to(dtype).contiguous()
-                if group in ("fc1", "fc2"):
-                    w = module.w1 if group == "fc1" else module.w2  # (E, out, in)
-                    wt = w.transpose(1, 2).contiguous()
-                    experts = torch.arange(batch, device=device) % w.shape[0]  # distinct experts, as a batch reaches
-                    d = ms(lambda: [gemv(x[i:i + 1], w[int(experts[i])]) for i in range(batch)])
-                    s = ms(lambda: sparse_expert_gemv(x, wt, experts, 0.0, t))
-                else:
-                    w = getattr(module, group).weight
-                    wt = w.t().contiguous()
-                    d = ms(lambda: gemv(x, w))
-                    s = ms(lambda: sparse_gemv(x, wt, 0.0, t))
-                rows_kept = float(((x.float().abs() > t).any(0)).float().mean())
-                dense_sum, sparse_sum = dense_sum + d, sparse_sum + s
-                per_site.append({"site": name, "dense_ms": d, "sparse_ms": s, "rows_read": rows_kept,
-                                 "threshold": t})
-                del wt
-            case = {"batch": batch, "target": target, "dense_gemv_ms": dense_sum, "sparse_gemv_ms": sparse_sum,
+            sparse_model = sparse_copy(model, chosen, rows, target)
+            sparse_step = step_ms(sparse_model, batch, dry)
+            del sparse_model
+            per_site = site_kernels(model, chosen, rows, batch, target, ms, device, dtype)
+            dense_sum = sum(r["dense_ms"] for r in per_site)
+            sparse_sum = sum(r["sparse_ms"] for r in per_site)
+            case = {"batch": batch, "target": target, "dense_step_ms": dense_step, "sparse_step_ms": sparse_step,
+                    "speedup": dense_step / sparse_step, "below_floor": bool(batch == 1 and sparse_step < FLOOR_MS),
+                    "dense_gemv_ms": dense_sum, "sparse_gemv_ms": sparse_sum,
                     "rows_read_mean": statistics.mean(r["rows_read"] for r in per_site), "sites": per_site}
-            if dense_step is not None:
-                est = dense_step - dense_sum + sparse_sum
-                case.update(dense_step_ms=dense_step, sparse_step_ms_estimate=est, speedup_estimate=dense_step / est,
-                            below_floor=bool(batch == 1 and est < FLOOR_MS))
             result["cases"].append(case)
             print(json.dumps({k: v for k, v in case.items() if k != "sites"}), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    key = "sparse_step_ms_estimate" if not dry else "sparse_gemv_ms"
+    key = "sparse_step_ms"
     series = {f"batch {b}": [(c["target"], c[key]) for c in result["cases"] if c["batch"] == b] for b in batches}
     out.with_suffix(".svg").write_text(line_chart(series, f"SCAP decode ({preset}, {result['device']['gpu']})",
                                                   "target sparsity", key.replace("_", " "), log_y=False))
