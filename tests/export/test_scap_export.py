@@ -62,7 +62,11 @@ def test_calibrate_cli_writes_a_checkpoint_inspect_shows(tmp_path, capsys):
     assert first["mode_kind"] == "median" and first["threshold"] > 0 and first["target"] == 0.5
     model = load_model(out)
     assert model.layers[0].mixer.sparse["in_proj"].threshold == first["threshold"]
-    assert main(["generate", str(out), "--prompt-ids", "100,101,102", "--max-new-tokens", "4", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "def f(", "--tokenizer", "bytes", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["prompts"][0]
+    assert row["prompt_ids"] == list(b"def f(") and len(row["tokens"]) == 4 and isinstance(row["text"], str)
 
 
 @pytest.mark.parametrize("extra, message", [
