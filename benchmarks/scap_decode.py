@@ -33,12 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mambadeploy.kernels.gemv import gemv  # noqa: E402
-from mambadeploy.kernels.sparse_gemv import sparse_expert_gemv, sparse_gemv  # noqa: E402
-from mambadeploy.models import sparsity  # noqa: E402
-from mambadeploy.models.calibrate import NO_THRESHOLD, _values, collect, fold, threshold_for  # noqa: E402
-from mambadeploy.models.checkpoint import build_preset  # noqa: E402
-from mambadeploy.validate.svg import line_chart  # noqa: E402
+from mambadeploy.kernels.gemv import gemv
+from mambadeploy.kernels.sparse_gemv import sparse_expert_gemv, sparse_gemv
+from mambadeploy.models import sparsity
+from mambadeploy.models.calibrate import NO_THRESHOLD, _values, collect, fold, threshold_for
+from mambadeploy.models.checkpoint import build_preset
+from mambadeploy.validate.svg import line_chart
 
 FLOOR_MS = 0.264  # BlackMamba-2.8B, batch 1: 1.27 GB per token at the H200's 4.8 TB/s (docs FACTS)
 GROUPS = ("in_proj", "x_proj", "out_proj", "fc1", "fc2")
@@ -115,16 +115,15 @@ def site_kernels(model, chosen, rows, batch, target, ms, device, dtype) -> list[
             w = module.w1 if group == "fc1" else module.w2  # (E, out, in)
             wt = w.transpose(1, 2).contiguous()
             experts = torch.arange(batch, device=device) % w.shape[0]  # distinct experts, as a batch reaches
-            d = ms(lambda: [gemv(x[i:i + 1], w[int(experts[i])]) for i in range(batch)])
-            s = ms(lambda: sparse_expert_gemv(x, wt, experts, 0.0, t))
+            d = ms(lambda x=x, w=w, e=experts: [gemv(x[i:i + 1], w[int(e[i])]) for i in range(batch)])
+            s = ms(lambda x=x, wt=wt, e=experts, t=t: sparse_expert_gemv(x, wt, e, 0.0, t))
         else:
             w = getattr(module, group).weight
             wt = w.t().contiguous()
-            d = ms(lambda: gemv(x, w))
-            s = ms(lambda: sparse_gemv(x, wt, 0.0, t))
+            d = ms(lambda x=x, w=w: gemv(x, w))
+            s = ms(lambda x=x, wt=wt, t=t: sparse_gemv(x, wt, 0.0, t))
         per_site.append({"site": name, "dense_ms": d, "sparse_ms": s, "threshold": t,
                          "rows_read": float((x.float().abs() > t).any(0).float().mean())})
-        del wt
     return per_site
 
 

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mambadeploy.models.calibrate import calibrate, realised_sparsity, windows_from_tokens  # noqa: E402
-from mambadeploy.models.checkpoint import load_model  # noqa: E402
-from mambadeploy.models.trained import TRAINED_CONFIGS, corpus_split  # noqa: E402
-from mambadeploy.validate.svg import line_chart  # noqa: E402
+from mambadeploy.models.calibrate import calibrate, realised_sparsity, windows_from_tokens
+from mambadeploy.models.checkpoint import load_model
+from mambadeploy.models.trained import TRAINED_CONFIGS, corpus_split
+from mambadeploy.validate.svg import line_chart
 
 TARGETS = (0.0, 0.3, 0.5, 0.7)
 MODES = ("zero", "auto")

@@ -15,7 +15,6 @@ Deterministic: fixed seeds, one torch thread, batches drawn from a seeded genera
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -28,10 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mambadeploy.models import ref_ops  # noqa: E402
-from mambadeploy.models.checkpoint import save_model  # noqa: E402
-from mambadeploy.models.model import MambaMoELM, init_random_  # noqa: E402
-from mambadeploy.models.trained import TRAINED_CONFIGS, corpus_split  # noqa: E402
+from mambadeploy.models import ref_ops
+from mambadeploy.models.checkpoint import save_model
+from mambadeploy.models.model import MambaMoELM, init_random_
+from mambadeploy.models.trained import TRAINED_CONFIGS, corpus_split
 
 
 def selective_scan_train(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -44,7 +43,7 @@ def selective_scan_train(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         delta = delta + delta_bias.float()[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    batch, dim, L = u.shape
+    batch, dim, _ = u.shape
     h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.float()
     decay = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :]).unbind(2)
     drive = ((delta * u).unsqueeze(-1) * B.transpose(1, 2)[:, None, :, :]).unbind(2)

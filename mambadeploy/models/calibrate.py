@@ -247,7 +247,7 @@ def fold(dense: MambaMoELM, config) -> MambaMoELM:
         if module.sparse is None:
             continue
         for lin in linears:
-            sp = module.sparse[lin] if lin in module.sparse else None
+            sp = module.sparse[lin] if lin in module.sparse else None  # noqa: SIM401 (ModuleDict has no get)
             if sp is None or sp.folded_bias is None:
                 continue
             w = (module.w1 if lin == "fc1" else module.w2) if lin in ("fc1", "fc2") else getattr(module, lin).weight

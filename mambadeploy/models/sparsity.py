@@ -14,7 +14,7 @@ A model whose config has no sites builds no sparsifier at all, so it is the dens
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 
 from . import ref_ops

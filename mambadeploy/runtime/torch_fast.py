@@ -231,7 +231,7 @@ class TorchFastRunner(Runner):
                 out[name] = (lin.weight.t().contiguous(), sp.mode, sp.threshold, bias)
         if block.kind.ffn == "moe" and ffn.sparse is not None:
             for name, w in (("fc1", ffn.w1), ("fc2", ffn.w2)):
-                sp = ffn.sparse[name] if name in ffn.sparse else None
+                sp = ffn.sparse[name] if name in ffn.sparse else None  # noqa: SIM401 (ModuleDict has no get)
                 mode, threshold, bias = (0.0, -1.0, None) if sp is None else (sp.mode, sp.threshold, sp.folded_bias)
                 out[name] = (w.transpose(1, 2).contiguous(), mode, threshold, bias)
         return out or None

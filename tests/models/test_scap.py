@@ -107,7 +107,7 @@ def test_modes_zero_and_auto(sparse_models):
     dense = sparse_models["blackmamba-tiny"][0]
     zero = calibrate(dense, _windows(n=2), 0.3, groups=("in_proj", "fc2"), mode="zero")
     sites = zero.config.sparsity["sites"]
-    assert set(s["group"] for s in sites.values()) == {"in_proj", "fc2"}
+    assert {s["group"] for s in sites.values()} == {"in_proj", "fc2"}
     assert all(s["mode"] == 0.0 and s["mode_kind"] == "zero" for s in sites.values())
     assert not any(p.endswith("folded_bias") for p, _ in zero.named_parameters())  # mode 0 folds nothing
     auto = calibrate(dense, _windows(n=2), 0.3, groups=("x_proj",), mode="auto")
@@ -118,7 +118,7 @@ def test_modes_zero_and_auto(sparse_models):
 
 
 def zero_error(dense, auto, site_info):
-    from mambadeploy.models.calibrate import collect, output_error, threshold_for, _site_weights, _values
+    from mambadeploy.models.calibrate import _site_weights, _values, collect, output_error, threshold_for
 
     site = next(s for s in sparsity.sites(dense.config) if s[1] == site_info["group"])
     rows = collect(dense, _windows(n=2), [site])[site[0]]

@@ -64,7 +64,7 @@ def corpus_split(stdlib: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
         (held if i % 10 == 9 else train).append(path.read_bytes() + b"\n")
     train_b, held_b = b"".join(train), b"".join(held)
     digest = hashlib.sha256(train_b + b"\0" + held_b).hexdigest()
-    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()  # noqa: E731
+    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()
     return as_tensor(train_b), as_tensor(held_b), digest
 
 
