@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from kernel_cases import DTYPES, make_gen, randn, small
 
 from mambadeploy.kernels.sparse_gemv import (
+    launch_config,
     sparse_expert_gemv,
     sparse_expert_gemv_ref,
     sparse_gemv,
@@ -64,3 +65,31 @@ def test_shape_errors():
         sparse_gemv(x, torch.zeros(8, 3), 0.0, 0.1)
     with pytest.raises(ValueError, match="do not fit"):
         sparse_gemv(x[:2], torch.zeros(7, 3), 0.0, 0.1)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_adds_partial_sums_and_the_bias_once(split_k):
+    """The GPU launch splits K into fp32 atomic partial sums (launch_config); forced here in the interpreter."""
+    g = make_gen(11)
+    x, wt, bias = randn(g, 3, 100, dtype=torch.bfloat16), randn(g, 100, 21, dtype=torch.bfloat16, scale=0.1), \
+        randn(g, 21, dtype=torch.bfloat16)
+    y = sparse_gemv(x, wt, 0.0, 0.4, bias, split_k=split_k)
+    assert y.dtype == torch.bfloat16
+    assert_close_op(y, sparse_gemv_ref(x, wt, 0.0, 0.4, bias), torch.bfloat16, what=f"split {split_k}")
+    e_wt, experts = randn(g, 3, 100, 21, scale=0.1), torch.tensor([2, 0, 2], device=g.device)
+    e_bias = randn(g, 3, 21)
+    assert_close_op(sparse_expert_gemv(x.float(), e_wt, experts, 0.1, 0.4, e_bias, split_k=split_k),
+                    sparse_expert_gemv_ref(x.float(), e_wt, experts, 0.1, 0.4, e_bias), torch.float32,
+                    what=f"expert split {split_k}")
+
+
+def test_gpu_launch_config_fills_the_machine():
+    """A pure function of shapes: the 2.8B out_proj (K 2944, N 1472) at batch 1 gets split-K, in_proj does not need
+    as much; the interpreter never splits unless asked."""
+    out_proj = launch_config(2944, 1472, 1, interpreted=False)
+    in_proj = launch_config(1472, 5888, 1, interpreted=False)
+    for cfg in (out_proj, in_proj):
+        programs = cfg["grid"][0] * cfg["grid"][1] * cfg["grid"][2]
+        assert programs >= 200 and cfg["k_per_split"] % cfg["BLOCK_K"] == 0
+    assert out_proj["SPLIT_K"] > in_proj["SPLIT_K"] >= 1
+    assert launch_config(2944, 1472, 1, interpreted=True)["SPLIT_K"] == 1
