@@ -78,8 +78,8 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, bias_ptr, y_ptr, expert_ptr, B, K, N, stri
         w = tl.load(w_base + ks[:, None].to(tl.int64) * N + cols[None, :],
                     mask=row_needed[:, None] & col_ok[None, :], other=0.0)
         acc += fsum(xs[:, :, None] * w.to(tl.float32)[None, :, :], 1)
-    if HAS_BIAS:
-        if pid_k == 0:  # noqa: SIM102 (HAS_BIAS is a compile-time branch, pid_k a runtime one)
+    if HAS_BIAS:  # noqa: SIM102 (HAS_BIAS is a compile-time branch, pid_k a runtime one)
+        if pid_k == 0:
             acc += tl.load(b_base + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + rows[:, None] * stride_y + cols[None, :]
     if SPLIT_K == 1:
