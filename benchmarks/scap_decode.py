@@ -114,8 +114,9 @@ def site_kernels(model, chosen, rows, batch, target, ms, device, dtype) -> list[
         if group in ("fc1", "fc2"):
             w = module.w1 if group == "fc1" else module.w2  # (E, out, in)
             wt = w.transpose(1, 2).contiguous()
-            experts = torch.arange(batch, device=device) % w.shape[0]  # distinct experts, as a batch reaches
-            d = ms(lambda x=x, w=w, e=experts: [gemv(x[i:i + 1], w[int(e[i])]) for i in range(batch)])
+            chosen_ids = [i % w.shape[0] for i in range(batch)]  # distinct experts, as a batch reaches; host ints:
+            experts = torch.tensor(chosen_ids, device=device)  # no device read inside a captured graph
+            d = ms(lambda x=x, w=w, ids=chosen_ids: [gemv(x[i:i + 1], w[e]) for i, e in enumerate(ids)])
             s = ms(lambda x=x, wt=wt, e=experts, t=t: sparse_expert_gemv(x, wt, e, 0.0, t))
         else:
             w = getattr(module, group).weight
