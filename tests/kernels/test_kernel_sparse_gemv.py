@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import DTYPES, make_gen, randn, small
+from kernel_cases import DTYPES, full, make_gen, randn, small
 
 from mambadeploy.kernels.sparse_gemv import (
     launch_config,
@@ -21,7 +21,9 @@ from mambadeploy.validate.tolerances import assert_close_op
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,N,K", small((1, 40, 72), (3, 37, 50), (4, 5, 33), (2, 70, 31)))
+# full (GPU only): BlackMamba-2.8B in_proj, x_proj, out_proj at batch 1 and 4
+@pytest.mark.parametrize("B,N,K", small((1, 40, 72), (3, 37, 50), (4, 5, 33), (2, 70, 31)) + full(
+    (1, 5888, 1472), (4, 5888, 1472), (1, 124, 2944), (1, 1472, 2944), (4, 1472, 2944)))
 @pytest.mark.parametrize("threshold", [-1.0, 0.6, 1e9], ids=["keep-all", "about-half", "drop-all"])
 def test_sparse_gemv_matches_ref(B, N, K, threshold, dtype):
     g = make_gen()
@@ -47,7 +49,8 @@ def test_sparse_gemv_equals_the_reference_models_sparse_linear():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("P,E,N,K", small((1, 4, 24, 40), (4, 3, 33, 17), (6, 8, 16, 64)))
+@pytest.mark.parametrize("P,E,N,K", small((1, 4, 24, 40), (4, 3, 33, 17), (6, 8, 16, 64)) + full(
+    (1, 8, 7744, 1472), (4, 8, 1472, 3872)))  # 2.8B expert fc1, fc2
 def test_sparse_expert_gemv_matches_ref(P, E, N, K, dtype):
     g = make_gen(3)
     x = randn(g, P, K, dtype=dtype)
