@@ -201,8 +201,10 @@ def sparse_site_inputs(sparse: MambaMoELM, windows: torch.Tensor, chosen=None, b
         sp.apply = lambda x, sp=sp, keep=keep: (keep(x.reshape(-1, x.shape[-1]).float()),
                                                 sparsity.sparsify_ref(x, sp.mode, sp.threshold))[1]
         patched.append((module, sp))
+    from tqdm import tqdm
+
     try:
-        for start in range(0, len(windows), batch):
+        for start in tqdm(range(0, len(windows), batch), desc="sparse pass", unit="batch", leave=False):
             sparse(windows[start:start + batch])
     finally:
         for module, sp in patched:
