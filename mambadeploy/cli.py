@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": "generate tokens from a model, an export directory (ORT) or an engine directory",
     "export": "export a model to ONNX (prefill + decode graphs, manifest.json) for ONNX Runtime and TensorRT",
     "build": "build TensorRT / TensorRT-RTX engines (prefill + decode) from an export directory",
+    "calibrate": "SCAP: calibrate activation sparsity (mode + threshold per linear input) into a sparse checkpoint",
     "validate": "check every backend against the fp32 torch reference: logits, tokens, per-layer drift, latency",
     "serve-repo": "write a Triton Inference Server model repository (in-flight batching Python model, implicit-state "
                   "decode config)",

@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
     prompts.add_argument("--prompt-ids", action="append", metavar="IDS",
                          help="comma-separated token ids, e.g. 1,2,3; repeat for a batch")
     prompts.add_argument("--prompt", action="append", metavar="TEXT", help="text prompt (needs --tokenizer); repeat for a batch")
-    parser.add_argument("--tokenizer", metavar="tokenizer.json", help="local tokenizer.json (encodes --prompt, decodes output)")
+    parser.add_argument("--tokenizer", metavar="tokenizer.json", help="local tokenizer.json (encodes --prompt, decodes output), or `bytes` (UTF-8 bytes as ids)")
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate per prompt (32)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -61,8 +61,28 @@ def parse_ids(text: str, flag: str) -> list[int]:
         raise InputError(f"{flag} {text!r}: expected comma-separated integer token ids, e.g. 1,2,3") from None
 
 
+class ByteTokenizer:
+    """`--tokenizer bytes`: UTF-8 bytes as token ids (the byte-level trained testbed, models/trained)."""
+
+    class _Encoding:
+        def __init__(self, ids):
+            self.ids = ids
+
+    def encode(self, text: str):
+        return self._Encoding(list(text.encode("utf-8")))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def get_vocab_size(self) -> int:
+        return 256
+
+
 def load_tokenizer(path: str):
     from ..errors import InputError, lazy_import
+
+    if path == "bytes":
+        return ByteTokenizer()
 
     tokenizers = lazy_import("tokenizers", why="--tokenizer")
     try:

@@ -30,10 +30,11 @@ def read_model_config(target: str):
     from ..models.checkpoint import detect_format
     from ..models.config import ModelConfig
     from ..models.presets import PRESETS, preset_config
+    from ..models.trained import resolve
 
     if target in PRESETS:
         return preset_config(target), {"kind": "preset", "name": target}
-    path = Path(target)
+    path = Path(resolve(target))
     fmt = detect_format(path)
     if fmt == "native":
         try:
@@ -85,6 +86,8 @@ def describe_model(target: str, dtype, max_context: int | None = None) -> dict:
         info["recurrent_state_bytes_per_sequence"] = kinds["recurrent"]
         info["kv_bytes_per_sequence"] = kinds["kv"]
         info["kv_bytes_per_sequence_fp8"] = state_bytes_by_kind(config, dtype, torch.float8_e4m3fn)["kv"]
+    if config.sparsity.get("sites"):
+        info["sparsity"] = config.sparsity  # SCAP: per site mode, threshold, target
     return info
 
 
@@ -227,6 +230,12 @@ def _rows(info: dict) -> list[tuple[str, str]]:
                    f" (fp8 KV: {_bytes(info['kv_bytes_per_sequence_fp8'])})")
         rows.append(("  Mamba state / KV per sequence", per_seq))
     rows.append(("final norm / tied head", f"{info['final_norm']} / {info['tie_embeddings']}"))
+    if "sparsity" in info:
+        sp = info["sparsity"]
+        rows.append(("SCAP sparsity", f"target {sp['target']}, mode {sp.get('mode', '?')}, {len(sp['sites'])} sites"))
+        for site, s in sp["sites"].items():
+            rows.append((f"  {site}", f"mode {s['mode_kind']} = {s['mode']:.4g}, threshold {s['threshold']:.4g}, "
+                                       f"target {s['target']}"))
     if "weights" in info:
         rows.append(("weights", info["weights"]))
     return rows
@@ -235,8 +244,9 @@ def _rows(info: dict) -> list[tuple[str, str]]:
 def run(args) -> int:
     from ..models.checkpoint import parse_dtype
     from ..models.presets import PRESETS
+    from ..models.trained import resolve
 
-    path = Path(args.model)
+    path = Path(resolve(args.model))
     if args.model not in PRESETS and (path / "manifest.json").exists():
         info = describe_export(path)
     else:

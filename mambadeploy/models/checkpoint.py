@@ -45,7 +45,10 @@ def build_preset(name: str, dtype=torch.float32, device="cpu", seed: int = 0) ->
 
 def detect_format(path: Path) -> str:
     if not path.exists():
-        raise CheckpointError(f"{path}: no such preset or directory (presets: {', '.join(PRESETS)})")
+        from .trained import TRAINED_CONFIGS
+
+        names = ", ".join([*PRESETS, *TRAINED_CONFIGS])
+        raise CheckpointError(f"{path}: no such preset or directory (presets: {names})")
     if path.is_file():
         raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
     if (path / "mambadeploy.json").exists():
@@ -70,7 +73,10 @@ def detect_format(path: Path) -> str:
 def load_model(path_or_preset, dtype="fp32", device="cpu", max_context: int | None = None) -> MambaMoELM:
     """Load a preset name or a checkpoint directory of any supported format, in eval mode. max_context: the attention
     KV cache's slots per sequence (None: the checkpoint's own context, e.g. Jamba's max_position_embeddings)."""
+    from .trained import resolve
+
     dtype = parse_dtype(dtype)
+    path_or_preset = resolve(path_or_preset)  # a trained preset is a committed checkpoint directory
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
         return set_max_context(build_preset(path_or_preset, dtype, device), max_context)
     path = Path(path_or_preset)

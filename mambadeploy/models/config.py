@@ -75,6 +75,7 @@ class ModelConfig:
     max_seq_len: int = 2048  # KV-cache length of attention layers
     name: str = ""
     extra: dict = field(default_factory=dict)  # source-format facts kept for provenance (not used by the math)
+    sparsity: dict = field(default_factory=dict)  # SCAP activation sparsity (models/sparsity.py); {} = dense
 
     def __post_init__(self):
         # types first: a "36" where an int belongs otherwise surfaces as "'<=' not supported between 'str' and 'int'"
@@ -125,6 +126,10 @@ class ModelConfig:
             problems.append("attention.n_heads must be a multiple of n_kv_heads")
         if self.final_norm not in ("layernorm", "rmsnorm"):
             problems.append(f"final_norm {self.final_norm!r} not in ('layernorm', 'rmsnorm')")
+        if self.sparsity:
+            from .sparsity import check_config
+
+            problems += check_config(self)
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ref_ops
+from . import ref_ops, sparsity
 from .config import ModelConfig
 
 
@@ -59,6 +59,7 @@ class MambaMixer(nn.Module):
             self.C_norm = RMSNorm(n, config.norm_eps)
         else:
             self.dt_norm = self.B_norm = self.C_norm = None
+        self.sparse = None  # SCAP sparsifiers by linear name (sparsity.attach), None for a dense model
 
     @property
     def conv_weight(self):
@@ -69,7 +70,7 @@ class MambaMixer(nn.Module):
 
     def _ssm_params(self, xc):
         """xc: (..., d_inner) conv output -> dt (..., d_inner) without bias, B, C (..., N)."""
-        dt, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = torch.split(sparsity.linear(self, "x_proj", xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.dt_norm is not None:
             dt, B, C = self.dt_norm(dt), self.B_norm(B), self.C_norm(C)
         return F.linear(dt, self.dt_proj.weight), B, C
@@ -78,7 +79,7 @@ class MambaMixer(nn.Module):
         """x: (B, L, d); valid: (B, L) bool or None. Pad positions (valid False) leave the states untouched.
         conv_state / ssm_state: the states to continue from (None: zeros, a fresh sequence).
         Returns (out (B, L, d), conv_state (B, d_inner, d_conv) fp32, ssm_state (B, d_inner, N) fp32)."""
-        xz = self.in_proj(x)
+        xz = sparsity.linear(self, "in_proj", x)
         xs, z = xz.chunk(2, dim=-1)
         xs = xs.transpose(1, 2)  # (B, d_inner, L)
         if valid is not None:
@@ -94,17 +95,17 @@ class MambaMixer(nn.Module):
             xc, dt, self.A(), B.transpose(1, 2), C.transpose(1, 2), self.D, z.transpose(1, 2),
             delta_bias=self.dt_proj.bias, delta_softplus=True, initial_state=ssm_state,
         )
-        return self.out_proj(y.transpose(1, 2)), conv_state, ssm_state
+        return sparsity.linear(self, "out_proj", y.transpose(1, 2)), conv_state, ssm_state
 
     def step(self, x, conv_state, ssm_state):
         """x: (B, d). Returns (out (B, d), conv_state, ssm_state)."""
-        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs, z = sparsity.linear(self, "in_proj", x).chunk(2, dim=-1)
         xc, conv_state = ref_ops.causal_conv1d_update_ref(xs, conv_state, self.conv_weight, self.conv1d.bias, "silu")
         dt, B, C = self._ssm_params(xc)
         y, ssm_state = ref_ops.selective_state_update_ref(
             ssm_state, xc, dt, self.A(), B, C, self.D, z, dt_bias=self.dt_proj.bias, dt_softplus=True
         )
-        return self.out_proj(y), conv_state, ssm_state
+        return sparsity.linear(self, "out_proj", y), conv_state, ssm_state
 
 
 # --------------------------------------------------------------------------- attention (Jamba: GQA, no positions)
@@ -122,6 +123,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, a.n_kv_heads * a.head_dim, bias=False)
         self.v_proj = nn.Linear(d, a.n_kv_heads * a.head_dim, bias=False)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, d, bias=False)
+        self.sparse = None
 
     def _heads(self, t, n):
         return t.unflatten(-1, (n, self.head_dim)).transpose(1, 2)  # (B, n, L, hd)
@@ -150,9 +152,9 @@ class Attention(nn.Module):
         if key_cache is not None:
             return self._continue(x, valid, key_cache, value_cache, pos)
         Bsz, L, _ = x.shape
-        q = self._heads(self.q_proj(x), self.n_heads)
-        k = self._heads(self.k_proj(x), self.n_kv)
-        v = self._heads(self.v_proj(x), self.n_kv)
+        q = self._heads(sparsity.linear(self, "q_proj", x), self.n_heads)
+        k = self._heads(sparsity.linear(self, "k_proj", x), self.n_kv)
+        v = self._heads(sparsity.linear(self, "v_proj", x), self.n_kv)
         ar = torch.arange(L, device=x.device)
         causal = ar[None, :] <= ar[:, None]  # (Lq, Lk)
         if valid is None:
@@ -160,7 +162,7 @@ class Attention(nn.Module):
         # A pad query may see itself so no softmax row is all -inf (its output is ignored).
         mask = causal[None] & (valid[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device)[None])
         out = self._attend(q, k, v, mask[:, None])
-        out = self.o_proj(out.transpose(1, 2).flatten(2))
+        out = sparsity.linear(self, "o_proj", out.transpose(1, 2).flatten(2))
         lengths = valid.sum(-1)
         # The whole (max_len) cache in one gather: slot s <- position s + pad for s < len, zeros after. No Pad op:
         # ONNX Runtime has no bf16 Pad kernel.
@@ -200,16 +202,16 @@ class Attention(nn.Module):
 
     def step(self, x, key_cache, value_cache, pos):
         """x: (B, d); caches (B, KV, max_len, hd); pos (B,) int64 = valid slots. Writes slot pos, attends to <= pos."""
-        q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)).unsqueeze(2)  # (B, H, 1, hd)
-        k = self.k_proj(x).unflatten(-1, (self.n_kv, self.head_dim)).unsqueeze(2)
-        v = self.v_proj(x).unflatten(-1, (self.n_kv, self.head_dim)).unsqueeze(2)
+        q = sparsity.linear(self, "q_proj", x).unflatten(-1, (self.n_heads, self.head_dim)).unsqueeze(2)  # (B, H, 1, hd)
+        k = sparsity.linear(self, "k_proj", x).unflatten(-1, (self.n_kv, self.head_dim)).unsqueeze(2)
+        v = sparsity.linear(self, "v_proj", x).unflatten(-1, (self.n_kv, self.head_dim)).unsqueeze(2)
         slots = torch.arange(self.max_len, device=x.device)
         write = (slots[None, :] == pos[:, None])[:, None, :, None]  # (B, 1, max_len, 1)
         key_cache = torch.where(write, k.to(key_cache.dtype), key_cache)
         value_cache = torch.where(write, v.to(value_cache.dtype), value_cache)
         mask = (slots[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, max_len)
         out = self._attend(q, key_cache, value_cache, mask).squeeze(2).flatten(1)
-        return self.o_proj(out), key_cache, value_cache
+        return sparsity.linear(self, "o_proj", out), key_cache, value_cache
 
 
 # --------------------------------------------------------------------------- feed-forwards
@@ -220,9 +222,13 @@ class GatedMLP(nn.Module):
         self.activation = config.mlp.activation
         self.w1 = nn.Parameter(torch.empty(2 * f, d))  # [gate; up]
         self.w2 = nn.Parameter(torch.empty(d, f))
+        self.sparse = None
+        self.record = None  # calibration: record(name, tensor) receives fc2's input
 
     def forward(self, x):
-        return ref_ops.gated_ffn_ref(x, self.w1, self.w2, self.activation)
+        if self.sparse is None and self.record is None:
+            return ref_ops.gated_ffn_ref(x, self.w1, self.w2, self.activation)
+        return sparsity.sparse_gated_mlp_ref(x, self.w1, self.w2, self.activation, self.sparse, self.record)
 
 
 class MoE(nn.Module):
@@ -233,6 +239,8 @@ class MoE(nn.Module):
         self.router = nn.Linear(d, m.n_experts, bias=m.router_bias)
         self.w1 = nn.Parameter(torch.empty(m.n_experts, 2 * m.ffn_size, d))  # per expert [gate; up] (fc1)
         self.w2 = nn.Parameter(torch.empty(m.n_experts, d, m.ffn_size))  # per expert fc2
+        self.sparse = None
+        self.record = None
 
     def route(self, x2d):
         return ref_ops.route_ref(self.router(x2d), self.router_kind, self.top_k)
@@ -240,5 +248,8 @@ class MoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
+        if self.sparse is not None or self.record is not None:
+            return sparsity.sparse_moe_ref(x2d, self.router.weight, self.router.bias, self.w1, self.w2, self.router_kind,
+                                           self.top_k, self.activation, self.sparse, self.record).reshape(shape)
         return ref_ops.routed_moe_ref(x2d, self.router.weight, self.router.bias, self.w1, self.w2, self.router_kind,
                                       self.top_k, self.activation).reshape(shape)

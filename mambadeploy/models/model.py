@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from .config import ModelConfig
+from . import sparsity
 from .layers import Attention, GatedMLP, LayerNorm, MambaMixer, MoE, RMSNorm
 from .state import state_specs
 
@@ -39,6 +40,7 @@ class MambaMoELM(nn.Module):
         norm_cls = LayerNorm if config.final_norm == "layernorm" else RMSNorm
         self.final_norm = norm_cls(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        sparsity.attach(self, config)  # SCAP sparsifiers named by config.sparsity (none for a dense model)
 
     # ------------------------------------------------------------------ helpers
     @property

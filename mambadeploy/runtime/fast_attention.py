@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models import sparsity
+
 
 @dataclass(frozen=True)
 class ChunkRows:
@@ -52,9 +54,9 @@ def prefill_chunk(attn, x, key_cache, value_cache, rows: ChunkRows):
     """x (B, Lc, d) one chunk of left-padded prompts in the model dtype; the caches (B, KV, S, hd) are appended to in
     place. Returns the attention output (B, Lc, d); pad positions get zeros (nothing downstream reads them)."""
     Lc = x.shape[1]
-    q = attn.q_proj(x).unflatten(-1, (attn.n_heads, attn.head_dim)).transpose(1, 2)  # (B, H, Lc, hd)
-    k = attn.k_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim)).transpose(1, 2)
-    v = attn.v_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim)).transpose(1, 2)
+    q = sparsity.linear(attn, "q_proj", x).unflatten(-1, (attn.n_heads, attn.head_dim)).transpose(1, 2)  # (B, H, Lc, hd)
+    k = sparsity.linear(attn, "k_proj", x).unflatten(-1, (attn.n_kv, attn.head_dim)).transpose(1, 2)
+    v = sparsity.linear(attn, "v_proj", x).unflatten(-1, (attn.n_kv, attn.head_dim)).transpose(1, 2)
     if rows.uniform and rows.real[0] == Lc:
         p = rows.filled[0]
         key_cache[:, :, p:p + Lc] = k.to(key_cache.dtype)
@@ -86,9 +88,9 @@ def decode_step(attn, x, key_cache, value_cache, pos, kernel):
     with `kernel` (kernels/decode_attention.decode_attention): only the filled slots are read, and every shape is
     independent of pos, so the step stays one CUDA graph."""
     Bsz = x.shape[0]
-    q = attn.q_proj(x).unflatten(-1, (attn.n_heads, attn.head_dim))  # (B, H, hd)
-    k = attn.k_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim))
-    v = attn.v_proj(x).unflatten(-1, (attn.n_kv, attn.head_dim))
+    q = sparsity.linear(attn, "q_proj", x).unflatten(-1, (attn.n_heads, attn.head_dim))  # (B, H, hd)
+    k = sparsity.linear(attn, "k_proj", x).unflatten(-1, (attn.n_kv, attn.head_dim))
+    v = sparsity.linear(attn, "v_proj", x).unflatten(-1, (attn.n_kv, attn.head_dim))
     rows = torch.arange(Bsz, device=x.device)
     _write_slot(key_cache, rows, pos, k)
     _write_slot(value_cache, rows, pos, v)

@@ -399,7 +399,9 @@ def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> P
     from ..export.manifest import MANIFEST
     from ..models.checkpoint import load_model, parse_dtype
     from ..models.presets import PRESETS
+    from ..models.trained import resolve
 
+    target = resolve(target)  # a trained preset is its committed checkpoint directory
     path = Path(str(target))
     if str(target) not in PRESETS and (path / MANIFEST).is_file():
         if ops is not None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..errors import ConfigError, InputError, MambaDeployError, lazy_import
-from ..models import ref_ops
+from ..models import ref_ops, sparsity
 from ..models.model import MambaMoELM
 from ..models.state import state_specs
 from . import fast_attention
@@ -80,6 +80,8 @@ def persistent_unsupported(config) -> str | None:
     for i, spec in enumerate(config.layers):
         if (spec.mixer, spec.ffn) not in (("mamba", "none"), ("none", "moe")):
             return f"block {i} is {spec.mixer} + {spec.ffn} (needs Mamba-only or MoE-only blocks)"
+    if config.sparsity.get("sites"):
+        return "the model is SCAP-sparse (the persistent step has no sparse GEMV)"
     if any(s.mixer == "mamba" for s in config.layers) and config.mamba.bcdt_norm:
         return "the Mamba mixers normalise dt/B/C (Jamba)"
     if any(s.ffn == "moe" for s in config.layers):
@@ -122,6 +124,7 @@ class _Layer:
     moe: object = None  # the reference MoE
     fused_route: bool = False  # norm + router in one kernel (router tile small enough)
     mlp: object = None  # the reference GatedMLP
+    sparse: dict | None = None  # SCAP: linear name -> (transposed weight, mode, threshold, bias incl. the folded one)
 
 
 class FastState:
@@ -173,6 +176,7 @@ class TorchFastRunner(Runner):
             rms_norm,
             selective_scan,
             selective_state_update,
+            sparse_gemv,
         )
 
         self._k_conv, self._k_moe, self._k_route, self._k_norm = causal_conv1d, moe_experts, moe_routing, rms_norm
@@ -183,6 +187,8 @@ class TorchFastRunner(Runner):
         if kv_dtype not in KV_DTYPES:
             raise ConfigError(f"unknown KV cache dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
         self.prefill_chunk = int(prefill_chunk)
+        self._k_sparse = sparse_gemv
+        self.sparse = bool(model.config.sparsity.get("sites"))  # SCAP checkpoint: sparse GEMVs in decode
         self.triton_gemv = triton_gemv
         self.model = model.eval()
         self.config = model.config
@@ -231,7 +237,55 @@ class TorchFastRunner(Runner):
             layer.fused_route = self._k_route.norm_route_launch_config(shapes) is not None
         elif layer.ffn == "mlp":
             layer.mlp = block.ffn
+        if self.sparse:
+            layer.sparse = self._prepare_sparse(block)
         return layer
+
+    @staticmethod
+    def _prepare_sparse(block) -> dict:
+        """Transposed weights (input feature k owns the contiguous row k, so a dropped activation skips a row) and
+        merged biases of the sparsified Mamba projections and MoE expert GEMVs. An MoE layer gets both fc1 and fc2
+        (the one not sparsified with threshold −1: |x| > −1 keeps every entry, the dense product)."""
+        out = {}
+        mixer, ffn = block.mixer, block.ffn
+        if block.kind.mixer == "mamba" and mixer.sparse is not None:
+            for name, sp in mixer.sparse.items():
+                lin = getattr(mixer, name)
+                bias = lin.bias if sp.folded_bias is None else (
+                    sp.folded_bias if lin.bias is None else lin.bias + sp.folded_bias)
+                out[name] = (lin.weight.t().contiguous(), sp.mode, sp.threshold, bias)
+        if block.kind.ffn == "moe" and ffn.sparse is not None:
+            for name, w in (("fc1", ffn.w1), ("fc2", ffn.w2)):
+                sp = ffn.sparse[name] if name in ffn.sparse else None  # noqa: SIM401 (ModuleDict has no get)
+                mode, threshold, bias = (0.0, -1.0, None) if sp is None else (sp.mode, sp.threshold, sp.folded_bias)
+                out[name] = (w.transpose(1, 2).contiguous(), mode, threshold, bias)
+        return out or None
+
+    def _sparse_linear(self, x, entry):
+        """The sparsified projection of decode rows x: the sparse GEMV at batch <= its MAX_BATCH, else the
+        reference's F.linear(sparsify(x), W, b') on the transposed weight's view."""
+        wt, mode, threshold, bias = entry
+        if x.shape[0] <= self._k_sparse.MAX_BATCH:
+            return self._k_sparse.sparse_gemv(x, wt, mode, threshold, bias)
+        return F.linear(sparsity.sparsify_ref(x, mode, threshold), wt.t(), bias)
+
+    def _sparse_experts(self, layer, x, weights, experts):
+        """The chosen experts of decode rows x (T, d) with sparse fc1 / fc2 GEMVs: one (token, slot) pair per program
+        row, each reading its own expert's transposed weights; combined in fp32 as the reference."""
+        moe = layer.moe
+        T, k = experts.shape
+        if T > self._k_sparse.MAX_BATCH:
+            return sparsity.sparse_moe_ref(x, moe.router.weight, moe.router.bias, moe.w1, moe.w2, moe.router_kind,
+                                           moe.top_k, moe.activation, moe.sparse)
+        flat = experts.reshape(-1)
+        rows = x.repeat_interleave(k, 0) if k > 1 else x
+        wt1, m1, t1, b1 = layer.sparse["fc1"]
+        wt2, m2, t2, b2 = layer.sparse["fc2"]
+        h = self._k_sparse.sparse_expert_gemv(rows, wt1, flat, m1, t1, b1)
+        gate, up = h.chunk(2, dim=-1)
+        a = (ref_ops.activation_ref(gate, moe.activation) * up).contiguous()
+        y = self._k_sparse.sparse_expert_gemv(a, wt2, flat, m2, t2, b2)
+        return (y.float() * weights.reshape(-1, 1).float()).view(T, k, -1).sum(1).to(x.dtype)
 
     # ------------------------------------------------------------------ shared pieces
     def _norm(self, pending, residual, weight):
@@ -254,12 +308,15 @@ class TorchFastRunner(Runner):
         y = F.linear(x, weight, bias)
         return y if out is None else out.copy_(y)
 
-    def _ssm_params(self, m, xc):
+    def _ssm_params(self, m, xc, sparse=None):
         """xc (..., d_inner) -> low-rank dt (..., R), B, C (..., N) (views of one x_proj output); dt_proj (no bias)
         is applied by the caller: a Linear in prefill, fused into the state-update kernel in decode."""
         w = m.out_proj.weight
         prefetch = (w, w.numel() * w.element_size()) if "xproj" in self.l2_prefetch else None
-        xdbl = self._partial_sum(self._linear(xc, m.x_proj.weight, prefetch=prefetch))
+        if sparse and "x_proj" in sparse:
+            xdbl = self._partial_sum(self._sparse_linear(xc, sparse["x_proj"]))
+        else:
+            xdbl = self._partial_sum(self._linear(xc, m.x_proj.weight, prefetch=prefetch))
         dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
         if m.dt_norm is not None:  # Jamba
             dt = self._k_norm.rms_norm(dt, m.dt_norm.weight, m.dt_norm.eps)
@@ -272,6 +329,9 @@ class TorchFastRunner(Runner):
         moe = layer.moe
         if moe is None:
             x = self._norm(pending, residual, layer.ffn_norm)
+            if layer.mlp.sparse is not None:  # Jamba's dense MLP, SCAP-sparse: the reference's own math
+                return self._partial_sum(sparsity.sparse_gated_mlp_ref(x, layer.mlp.w1, layer.mlp.w2,
+                                                                       layer.mlp.activation, layer.mlp.sparse))
             return self._partial_sum(ref_ops.gated_ffn_ref(x, layer.mlp.w1, layer.mlp.w2, layer.mlp.activation))
         if layer.fused_route:
             x, _, weights, experts = self._k_route.add_rms_norm_route(
@@ -283,6 +343,11 @@ class TorchFastRunner(Runner):
                                                           moe.top_k)
         if self.routing_trace is not None:
             self.routing_trace.append((layer.index, experts.clone()))
+        if layer.sparse is not None:
+            if x.shape[0] > self._k_sparse.MAX_BATCH:  # prefill rows: the reference's static gather, sparse
+                return sparsity.sparse_moe_ref(x, moe.router.weight, moe.router.bias, moe.w1, moe.w2,
+                                               moe.router_kind, moe.top_k, moe.activation, moe.sparse)
+            return self._sparse_experts(layer, x, weights, experts)
         return self._expert_mix(x, moe, experts, weights)
 
     # Decode-step hooks where a rank of a sharded model (parallel/fast.py) meets the other ranks: identity / the plain
@@ -318,6 +383,8 @@ class TorchFastRunner(Runner):
         computing W @ x^T instead of x @ W^T (the same GEMMs, no transposing copies): z, the conv output, x_proj's
         dt/B/C and dt_proj's dt."""
         m = layer.mamba
+        if m.sparse is not None:  # SCAP-sparse: the reference mixer (prefill is not what the sparse GEMVs are for)
+            return m(x, valid)
         di, Bsz, L = m.d_inner, x.shape[0], x.shape[1]
         w_in, b_in = m.in_proj.weight, m.in_proj.bias
         xs = F.linear(x, w_in[:di], None if b_in is None else b_in[:di])  # (B, L, di): the conv reads it token-major
@@ -444,7 +511,12 @@ class TorchFastRunner(Runner):
     def _mamba_step(self, layer, x, conv_state, ssm_state):
         m = layer.mamba
         di = m.d_inner
-        if self._on_gemv(x):  # in_proj with the conv update in its epilogue
+        sp = layer.sparse or {}
+        if "in_proj" in sp:  # SCAP: sparse GEMV, then the conv update on its own
+            xz = self._sparse_linear(x, sp["in_proj"])
+            xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias,
+                                                      "silu")
+        elif self._on_gemv(x):  # in_proj with the conv update in its epilogue
             xz = self._k_gemv.gemv(x, m.in_proj.weight, m.in_proj.bias,
                                    conv=(conv_state, layer.conv_weight, m.conv1d.bias))
             xc = xz[:, :di]
@@ -452,13 +524,15 @@ class TorchFastRunner(Runner):
             xz = self._linear(x, m.in_proj.weight, m.in_proj.bias)
             xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias,
                                                       "silu")
-        dt_low, B, C = self._ssm_params(m, xc)
+        dt_low, B, C = self._ssm_params(m, xc, sp)
         if x.shape[0] <= FUSED_DT_MAX_BATCH:  # the state-update kernel applies dt_proj itself
             dt, dt_w = dt_low, m.dt_proj.weight
         else:
             dt, dt_w = F.linear(dt_low, m.dt_proj.weight), None
         y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt, layer.A, B, C, layer.D, xz[:, di:],
                                                   dt_bias=layer.dt_bias, dt_softplus=True, dt_proj_weight=dt_w)
+        if "out_proj" in sp:
+            return self._partial_sum(self._sparse_linear(y, sp["out_proj"]))
         return self._partial_sum(self._linear(y, m.out_proj.weight, m.out_proj.bias))
 
     def _persistent_for(self, st: FastState, trace: bool = False):

@@ -55,6 +55,16 @@ TOP1_AGREEMENT = {
     torch.bfloat16: 0.99,
 }
 
+# Teacher-forced next-byte top-1 agreement with fp32 of the trained testbed (models/trained) on held-out text, the whole
+# sequence at once (every position of 8 x 128 bytes, incl. the low-confidence ones greedy decoding rarely visits).
+# Measured (CPU, torch 2.13): fp16 99.8-99.9 %, bf16 98.1 / 98.9 / 99.5 % (blackmamba / moe-mamba / jamba), so bf16 is
+# *not* >= 99 % on every model here; validate's own greedy prompts reach 100 % in both dtypes. Bounds: fp16 the table
+# above; bf16 one point below the lowest measured (bf16 keeps 8 bits of mantissa: a trained model's near-ties still flip).
+TRAINED_HELDOUT_TOP1 = {
+    torch.float16: 0.99,
+    torch.bfloat16: 0.97,
+}
+
 
 def rel_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     """(max abs error / logit scale, mean abs error) — scale = max(max|expected|, 1)."""

@@ -1,0 +1,46 @@
+"""torch-fast on SCAP-sparse checkpoints: its decode step launches the sparse GEMVs (Mamba projections, MoE experts)
+and must follow the sparse reference (on CPU the kernels run in Triton's interpreter): logits within 1e-4 of the logit
+scale at prefill and over decode steps, batch 1 and a left-padded batch of 3; the persistent step is refused."""
+
+import pytest
+import torch
+
+from mambadeploy.errors import ConfigError
+from mambadeploy.models.calibrate import calibrate, windows_from_tokens
+from mambadeploy.models.checkpoint import load_model
+from mambadeploy.runtime.torch_fast import TorchFastRunner
+from mambadeploy.validate.tolerances import assert_logits_close
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def sparse_models():
+    tokens = torch.randint(0, 512, (3000,), generator=torch.Generator().manual_seed(0))
+    windows = windows_from_tokens(tokens, 4, 32)
+    return {name: calibrate(load_model(name), windows, 0.5, mode="median").to(DEVICE)
+            for name in ("blackmamba-tiny", "jamba-tiny")}
+
+
+@pytest.mark.parametrize("name, batch", [("blackmamba-tiny", 1), ("jamba-tiny", 3)])  # interpreter time: 2 cases
+def test_sparse_torch_fast_follows_the_sparse_reference(sparse_models, name, batch):
+    model = sparse_models[name]
+    runner = TorchFastRunner(model, use_cuda_graph=False)
+    assert runner.sparse and any(layer.sparse for layer in runner.layers)
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, 512, (batch, 6), generator=g).to(DEVICE)
+    lengths = torch.tensor([6, 3, 5][:batch], device=DEVICE)
+    ref, ref_state = model.prefill(ids, lengths)
+    got, state = runner.prefill(ids, lengths)
+    assert_logits_close(got, ref, what=f"{name} b{batch} sparse prefill")
+    for step in range(3):
+        token = ref.argmax(-1)  # teacher-forced on the reference's greedy tokens
+        ref, ref_state = model.step(token, ref_state)
+        got, state = runner.step(token, state)
+        assert_logits_close(got, ref, what=f"{name} b{batch} sparse decode step {step}")
+
+
+def test_persistent_step_refuses_a_sparse_model(sparse_models):
+    with pytest.raises(ConfigError, match="SCAP-sparse"):
+        TorchFastRunner(sparse_models["blackmamba-tiny"], use_cuda_graph=False, persistent=True)
