@@ -18,8 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-HBM_SPEC_BPS = 3.35e12  # H100 SXM HBM3 datasheet; the measured copy rate is reported beside it
-BF16_SPEC_FLOPS = 989e12  # H100 SXM dense bf16 datasheet; the measured matmul rate is reported beside it
 
 
 def device_facts() -> dict:
@@ -41,8 +39,19 @@ def measured_ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_ms = gpu_ms(lambda: a @ b, reps=10)
+    from mambadeploy.validate.latency import datasheet
+
+    sheet = datasheet(torch.cuda.get_device_name(0)) or {}  # the GPU's own datasheet (None: not in the table)
     return {"copy_bytes_per_s": 2 * n * 2 / (copy_ms * 1e-3), "bf16_matmul_flops": 2 * 8192 ** 3 / (mm_ms * 1e-3),
-            "hbm_spec_bytes_per_s": HBM_SPEC_BPS, "bf16_spec_flops": BF16_SPEC_FLOPS}
+            "hbm_spec_bytes_per_s": sheet.get("hbm_bytes_per_s"), "bf16_spec_flops": sheet.get("bf16_flops"),
+            "datasheet": sheet.get("label")}
+
+
+def spec(ceilings: dict, name: str) -> float:
+    """A datasheet ceiling of measured_ceilings(); NaN when the GPU is not in validate/latency.DATASHEET (its roofline
+    shares then print as nan, the measured-ceiling shares beside them stay)."""
+    value = ceilings.get(name)
+    return float("nan") if value is None else value
 
 
 def gpu_ms(fn, reps: int = 20, warmup: int = 3) -> float:

@@ -12,7 +12,7 @@ fused router keeps fp32 logits, so near-tie routes flip and these random-weight 
 Bytes actually read per token: every weight of the Mamba layers, router and norms, the chosen experts only (counted from
 the routing of a real step: distinct experts per MoE layer), the LM head (tied embedding: the whole matrix) and the
 embedding rows, plus the recurrent state read and written. Roofline % = those bytes / fast_gpu_ms over the H100
-datasheet bandwidth (3.35 TB/s); the copy rate measured in the same run is reported beside it.
+datasheet bandwidth (validate/latency.DATASHEET, by GPU name); the copy rate measured in the same run is reported beside it.
 
 --triton-gemv on|off|both: the dense decode projections on the Triton GEMV (kernels/gemv.py) or cuBLAS; `both`
 measures each case both ways in the same run (column triton_gemv), and runs the fp32 check both ways.
@@ -30,7 +30,7 @@ import argparse
 import os
 
 import torch
-from _bench import device_facts, gpu_ms, host_us_per_call, measured_ceilings, table, wall_ms, write_json
+from _bench import device_facts, gpu_ms, host_us_per_call, measured_ceilings, spec, table, wall_ms, write_json
 
 from mambadeploy.models.checkpoint import build_preset
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
@@ -148,9 +148,9 @@ def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gem
     row["fast_wall_ms"] = wall_ms(lambda: fast.step(token, sf), 20)
     row["eager_ms"] = wall_ms(lambda: eager.step(token, se), eager_reps)
     row["speedup_vs_eager"] = row["eager_ms"] / row["fast_wall_ms"]
-    row["roofline_pct_spec"] = 100 * total_bytes / (row["fast_gpu_ms"] * 1e-3) / ceil["hbm_spec_bytes_per_s"]
+    row["roofline_pct_spec"] = 100 * total_bytes / (row["fast_gpu_ms"] * 1e-3) / spec(ceil, "hbm_spec_bytes_per_s")
     row["roofline_pct_copy"] = 100 * total_bytes / (row["fast_gpu_ms"] * 1e-3) / ceil["copy_bytes_per_s"]
-    row["floor_ms_spec"] = total_bytes / ceil["hbm_spec_bytes_per_s"] * 1e3
+    row["floor_ms_spec"] = total_bytes / spec(ceil, "hbm_spec_bytes_per_s") * 1e3
     if profile:
         row["profile"] = profile_step(fast, token, sf)
     print({k: v for k, v in row.items() if k != "profile"}, flush=True)

@@ -8,7 +8,7 @@ BlackMamba-1.5B/2.8B shapes. Each case is checked against the fp32 reference fir
                           Mamba-1 scan is a CUDA extension the pure-Python wheel does not contain).
   expert_gather, route_hidden, causal_conv1d_update, add_rms_norm  at decode shapes, vs the torch references.
 Roofline: the fewest bytes each call must move (inputs read once, outputs written once) over its GPU time, as a share
-of the H100 datasheet bandwidth (3.35 TB/s) and of the copy rate measured in the same run.
+of the H100 datasheet bandwidth (validate/latency.DATASHEET, by GPU name) and of the copy rate measured in the same run.
 
 Run: python benchmarks/bench_kernels.py   (writes kernels_<gpu>.json into $OUT or benchmarks/results/)
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _bench import device_facts, gpu_ms, graph_ms_per_call, host_us_per_call, measured_ceilings, table, write_json
+from _bench import device_facts, gpu_ms, graph_ms_per_call, host_us_per_call, measured_ceilings, spec, table, write_json
 from _peer import load_peer
 
 from mambadeploy.kernels.causal_conv1d import causal_conv1d_update, causal_conv1d_update_ref
@@ -67,7 +67,7 @@ def bench_ssu(peer, ceil, rows):
                 row["speedup_vs_peer"] = row["peer_gpu_us"] / row["ours_gpu_us"]
             row["torch_ref_gpu_us"] = graph_ms_per_call(lambda: selective_state_update_ref(*args(a["state"]))) * 1e3
             row["bytes"] = bytes_
-            row["ours_roofline_pct"] = 100 * bytes_ / (row["ours_gpu_us"] * 1e-6) / ceil["hbm_spec_bytes_per_s"]
+            row["ours_roofline_pct"] = 100 * bytes_ / (row["ours_gpu_us"] * 1e-6) / spec(ceil, "hbm_spec_bytes_per_s")
             rows.append(row)
             print(row)
 
@@ -96,7 +96,7 @@ def bench_scan(peer, ceil, rows, lengths):
             row["ours_gpu_us"] = ours_ms * 1e3
             bytes_ = dim * L * 2 * 4 + 2 * 16 * L * 2 + dim * 16 * 4 * 2
             row["bytes"] = bytes_
-            row["ours_roofline_pct"] = 100 * bytes_ / (ours_ms * 1e-3) / ceil["hbm_spec_bytes_per_s"]
+            row["ours_roofline_pct"] = 100 * bytes_ / (ours_ms * 1e-3) / spec(ceil, "hbm_spec_bytes_per_s")
             y_ref, h_ref = selective_scan_ref(a["u"], a["delta"], a["A"], a["B"], a["C"], **kw)
             row["ours_rel_err"], row["ours_state_err"] = rel_err(y, y_ref), rel_err(h, h_ref)
             del y_ref, h_ref
@@ -134,7 +134,7 @@ def bench_decode_kernels(ceil, rows):
                                                      calls=5) * 1e3,
                "route_gpu_us": graph_ms_per_call(lambda: route_hidden(x, wr, br, "sigmoid_top1", 1)) * 1e3,
                "bytes": bytes_}
-        row["ours_roofline_pct"] = 100 * bytes_ / (row["ours_gpu_us"] * 1e-6) / ceil["hbm_spec_bytes_per_s"]
+        row["ours_roofline_pct"] = 100 * bytes_ / (row["ours_gpu_us"] * 1e-6) / spec(ceil, "hbm_spec_bytes_per_s")
         rows.append(row)
         print(row)
         xs, cw, cb, cs = r(batch, di).to(BF16), r(di, 4).to(BF16), r(di).to(BF16), r(batch, di, 4)

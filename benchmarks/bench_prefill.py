@@ -9,7 +9,7 @@ then fast_ms = wall time of runner.prefill() with a synchronize (median of 5; it
 reference's prefill (median of 3; one run at 8192 tokens, whose Python scan loop is slow). Speed-up and roofline use
 the faster of fast_ms and fast_graphed_ms.
 Roofline: matmul FLOPs actually done (2 x active weights x tokens; the LM head on the last position only) over that
-time, as a share of the H100 datasheet bf16 rate (989 TFLOP/s) and of the matmul rate measured in the same run.
+time, as a share of the GPU's datasheet bf16 rate (validate/latency.DATASHEET) and of the matmul rate measured in the same run.
 
 Run: python benchmarks/bench_prefill.py [--presets ...] [--lengths 512 2048 8192]
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _bench import device_facts, measured_ceilings, table, wall_ms, write_json
+from _bench import device_facts, measured_ceilings, spec, table, wall_ms, write_json
 
 from mambadeploy.models.checkpoint import build_preset
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
@@ -91,7 +91,7 @@ def bench_preset(preset, lengths, eager_max_length, ceil, profile=False) -> list
             row["speedup_vs_eager"] = row["eager_ms"] / best
         flops = matmul_flops(model, L)
         row["matmul_tflop"] = flops / 1e12
-        row["roofline_pct_spec"] = 100 * flops / (best * 1e-3) / ceil["bf16_spec_flops"]
+        row["roofline_pct_spec"] = 100 * flops / (best * 1e-3) / spec(ceil, "bf16_spec_flops")
         row["roofline_pct_measured"] = 100 * flops / (best * 1e-3) / ceil["bf16_matmul_flops"]
         rows.append(row)
         print(row, flush=True)

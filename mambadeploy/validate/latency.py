@@ -14,25 +14,30 @@ from ..models.config import ModelConfig
 from ..models.state import state_bytes_per_sequence
 from .metrics import percentile
 
-# Peak HBM bandwidth from the vendors' data sheets, bytes/s, matched by substring of torch.cuda.get_device_name()
-# (first match wins, so the more specific names come first).
-HBM_PEAK = [
-    ("H200", "NVIDIA H200", 4.8e12),
-    ("H100 PCIe", "NVIDIA H100 PCIe", 2.0e12),
-    ("H100", "NVIDIA H100 SXM (HBM3)", 3.35e12),
-    ("A100-SXM4-80GB", "NVIDIA A100 80GB SXM", 2.039e12),
-    ("A100", "NVIDIA A100 40GB", 1.555e12),
+# The vendors' data sheets, matched by substring of torch.cuda.get_device_name() (first match wins, so the more
+# specific names come first): (key, label, peak HBM bytes/s, dense bf16 FLOP/s). The one table every roofline and
+# benchmark reads; a benchmark reports the ceilings it measures in the same run beside these.
+DATASHEET = [
+    ("H200", "NVIDIA H200", 4.8e12, 989e12),
+    ("H100 PCIe", "NVIDIA H100 PCIe", 2.0e12, 756e12),
+    ("H100", "NVIDIA H100 SXM (HBM3)", 3.35e12, 989e12),
+    ("A100-SXM4-80GB", "NVIDIA A100 80GB SXM", 2.039e12, 312e12),
+    ("A100", "NVIDIA A100 40GB", 1.555e12, 312e12),
 ]
+
+
+def datasheet(device_name: str | None) -> dict | None:
+    """{"label", "hbm_bytes_per_s", "bf16_flops"} for a GPU name, or None (CPU, or a GPU not in the table)."""
+    for key, label, hbm, flops in DATASHEET if device_name else ():
+        if key in device_name:
+            return {"label": label, "hbm_bytes_per_s": hbm, "bf16_flops": flops}
+    return None
 
 
 def hbm_peak(device_name: str | None) -> tuple[str, float] | None:
     """(table entry, bytes/s) for a GPU name, or None (CPU, or a GPU not in the table)."""
-    if not device_name:
-        return None
-    for key, label, peak in HBM_PEAK:
-        if key in device_name:
-            return label, peak
-    return None
+    sheet = datasheet(device_name)
+    return None if sheet is None else (sheet["label"], sheet["hbm_bytes_per_s"])
 
 
 def decode_bytes_per_step(model, config: ModelConfig, dtype: torch.dtype, batch: int) -> int:
