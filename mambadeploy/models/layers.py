@@ -176,9 +176,9 @@ class Attention(nn.Module):
 
     def _continue(self, x, valid, key_cache, value_cache, pos):
         Bsz, L, _ = x.shape
-        q = self._heads(self.q_proj(x), self.n_heads)
-        k = self._heads(self.k_proj(x), self.n_kv).to(key_cache.dtype)
-        v = self._heads(self.v_proj(x), self.n_kv).to(value_cache.dtype)
+        q = self._heads(sparsity.linear(self, "q_proj", x), self.n_heads)
+        k = self._heads(sparsity.linear(self, "k_proj", x), self.n_kv).to(key_cache.dtype)
+        v = self._heads(sparsity.linear(self, "v_proj", x), self.n_kv).to(value_cache.dtype)
         if valid is None:
             valid = torch.ones(Bsz, L, dtype=torch.bool, device=x.device)
         ar = torch.arange(L, device=x.device)
@@ -190,7 +190,7 @@ class Attention(nn.Module):
                                                                                    device=x.device)[None])
         mask = torch.cat([cached, new], dim=-1)[:, None]
         out = self._attend(q, torch.cat([key_cache, k], dim=2), torch.cat([value_cache, v], dim=2), mask)
-        out = self.o_proj(out.transpose(1, 2).flatten(2))
+        out = sparsity.linear(self, "o_proj", out.transpose(1, 2).flatten(2))
         n = valid.sum(-1)
         # slot s <- this prompt's token s - pos + pad for pos <= s < pos + n; every other slot keeps the cache's value
         src = (slots[None, :] - pos[:, None] + (L - n)[:, None]).clamp(0, L - 1)
