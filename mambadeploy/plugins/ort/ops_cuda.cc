@@ -47,7 +47,7 @@ struct ScanKernel {
                          ctx.GetGPUComputeStream()))
       return;
     check_launch(mambadeploy_cuda::LaunchSelectiveScan(dtype_of<TT>(), a, ctx.GetGPUComputeStream()),
-                 "SelectiveScan");
+                 op::SelectiveScan::kName);
   }
 };
 
@@ -67,7 +67,8 @@ struct ConvKernel {
     a.final_state = ctx.GetOutput(1, std::vector<int64_t>{b, d, K}).GetTensorMutableData<float>();
     a.batch = b, a.dim = d, a.L = L, a.K = K, a.silu = activation_ == 1;
     if (AotCausalConv1d(dtype_of<TT>(), a, ctx.GetGPUComputeStream())) return;
-    check_launch(mambadeploy_cuda::LaunchCausalConv1d(dtype_of<TT>(), a, ctx.GetGPUComputeStream()), "CausalConv1d");
+    check_launch(mambadeploy_cuda::LaunchCausalConv1d(dtype_of<TT>(), a, ctx.GetGPUComputeStream()),
+                 op::CausalConv1d::kName);
   }
 };
 
@@ -89,10 +90,10 @@ struct GatherKernel {
     if (T == 0) return;
     const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
     const AotMoEArgs m{x.data, w1.data, w2.data, ex.data, true, a.weights, a.y, T, d, E, F, k, activation_};
-    if (T * k > 1 && AotGroupedMoE(ctx, device, t, m, ctx.GetGPUComputeStream(), "TopKExpertGather")) return;
-    DeviceScratch scratch(ctx, device, mambadeploy_cuda::GatherWorkspaceBytes(t, T, d, E, F, k), "TopKExpertGather");
+    if (T * k > 1 && AotGroupedMoE(ctx, device, t, m, ctx.GetGPUComputeStream(), op::TopKExpertGather::kName)) return;
+    DeviceScratch scratch(ctx, device, mambadeploy_cuda::GatherWorkspaceBytes(t, T, d, E, F, k), op::TopKExpertGather::kName);
     a.workspace = scratch.ptr;
-    check_launch(mambadeploy_cuda::LaunchExpertGather(t, a, ctx.GetGPUComputeStream()), "TopKExpertGather");
+    check_launch(mambadeploy_cuda::LaunchExpertGather(t, a, ctx.GetGPUComputeStream()), op::TopKExpertGather::kName);
   }
 };
 
