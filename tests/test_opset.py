@@ -137,3 +137,44 @@ def test_scan_runtimes_differ_as_documented():
     trt, ort = scan.resolve_kernels("trt"), scan.resolve_kernels("ort_cuda")
     assert [k.fn.__name__ for k in trt] == ["selective_scan_kernel"]
     assert {k.fn.__name__ for k in ort} == {"selective_scan_seg_kernel", "selective_scan_fold_kernel"}
+
+
+# --------------------------------------------------------------------------- the tensorrt.plugin descriptions
+class _FakeTrtp:
+    """The few pieces of tensorrt.plugin that the generated descriptions touch (TensorRT is not installable here)."""
+
+    class TensorDesc:
+        def __init__(self, shape_expr, dtype):
+            self.shape_expr, self.dtype = shape_expr, dtype
+
+    class ShapeExprs:
+        from_tuple = staticmethod(tuple)
+
+    @staticmethod
+    def from_shape_expr(shape_expr, dtype):
+        return _FakeTrtp.TensorDesc(shape_expr, dtype)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
+def test_trt_qdp_functions_are_the_entry(entry):
+    """tensorrt.plugin reads the plugin's inputs and attributes off these signatures: they must be the entry's."""
+    import inspect
+    from types import SimpleNamespace
+
+    from mambadeploy.plugins import trt_qdp
+
+    trt = SimpleNamespace(float32="float32")
+    describe, aot_impl = trt_qdp.qdp_functions(trt, _FakeTrtp, entry)
+    params = inspect.signature(describe).parameters
+    assert list(params) == [*entry.inputs, *entry.attributes]
+    assert all(params[n].annotation is _FakeTrtp.TensorDesc for n in entry.inputs)
+    assert [params[a].annotation.__name__ for a in entry.attributes] == [k for k, _ in entry.attributes.values()]
+    assert list(inspect.signature(aot_impl).parameters) == [*entry.inputs, *entry.attributes, "outputs", "tactic"]
+
+    shapes = [tuple(f"{name}{i}" for i in range(3)) for name in entry.inputs]  # symbolic dims
+    descs = [_FakeTrtp.TensorDesc(s, "bf16" if c == "T" else c) for s, c in zip(shapes, entry.node_dtypes.values())]
+    attrs = {a: default for a, (_, default) in entry.attributes.items()}
+    out = describe(*descs, **attrs)
+    out = out if isinstance(out, tuple) else (out,)
+    assert [o.shape_expr for o in out] == [tuple(s) for s in entry.shape_rule(tuple(shapes), attrs)]
+    assert [o.dtype for o in out] == ["bf16" if c == "T" else "float32" for c in entry.output_dtypes]
