@@ -59,7 +59,7 @@ def qdp_functions(trt, trtp, entry: OpEntry):
     """The (description, aot_impl) pair of one op, written from its entry: tensorrt.plugin derives a plugin's inputs
     and attributes from the functions' parameter names and type hints, so the functions are generated with the entry's
     inputs and attributes as parameters (torch_tensorrt generates its QDPs from a torch op's schema the same way)."""
-    from typing import Tuple
+    from typing import Tuple  # noqa: UP035 - the form tensorrt.plugin's own samples annotate with
 
     params = ", ".join([f"{name}: trtp.TensorDesc" for name in entry.inputs]
                        + [f"{name}: {_python_type(kind)}" for name, (kind, _) in entry.attributes.items()])
