@@ -178,3 +178,11 @@ def test_trt_qdp_functions_are_the_entry(entry):
     out = out if isinstance(out, tuple) else (out,)
     assert [o.shape_expr for o in out] == [tuple(s) for s in entry.shape_rule(tuple(shapes), attrs)]
     assert [o.dtype for o in out] == ["bf16" if c == "T" else "float32" for c in entry.output_dtypes]
+
+
+def test_build_refuses_a_stale_header(monkeypatch):
+    from mambadeploy.plugins.ort import build
+
+    monkeypatch.setattr(gen_opset, "render", lambda: "// not what is committed\n")
+    with pytest.raises(opset.MambaDeployError, match="gen_opset"):
+        build.build_library()

@@ -137,6 +137,11 @@ def build_library(out_dir: Path | None = None, force: bool = False, cuda: bool =
     """Compile the custom-op library (cached by a hash of the sources, headers and flags); returns its path.
     cuda=False: fp32 CPU kernels (g++, seconds). cuda=True: the same plus fp32/fp16/bf16 CUDA kernels for ORT's
     CUDA provider (nvcc, about a minute)."""
+    from . import gen_opset
+
+    if gen_opset.HEADER.read_text() != gen_opset.render():  # an entry changed since the header was generated
+        raise MambaDeployError(f"{gen_opset.HEADER.name} does not match mambadeploy/opset.py: run "
+                               "python -m mambadeploy.plugins.ort.gen_opset, then build again")
     include = fetch_headers()
     name = CUDA_LIBRARY_NAME if cuda else LIBRARY_NAME
     probe = compile_command(include, Path(name), cuda)
