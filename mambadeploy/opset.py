@@ -39,21 +39,52 @@ class OpEntry:
     outputs: tuple[str, ...]
     attributes: dict  # name -> (type, default)
     shape_rule: Callable  # (input shapes as tuples of ints/str, attrs) -> output shapes
-    dtype_rule: Callable  # (input dtypes, attrs) -> output dtypes
     reference: str  # "module:function" of the torch reference (fp32 math)
+    # The dtype an exported node carries at each input: "T" (the model dtype), "F32" or "I64". The ORT kernels'
+    # signatures (opset_generated.h) and the output dtypes follow from it.
+    node_dtypes: dict
+    output_dtypes: tuple  # per output: "T" (the dtype of the first "T" input) or "F32"
+    torch_op: str  # the torch custom op torch.ops.mambadeploy.<torch_op> (export/torch_ops.py) that exports to this node
     doc: str = ""
     links: dict = field(default_factory=dict)  # piece -> "module:attr" (triton, onnx_emitter, portable, ort, trt)
     # input name -> type class (see INPUT_TYPE_CLASSES); the TensorRT plugins' format checks and the ORT kernels use it
     input_types: dict = field(default_factory=dict)
     optional_inputs: tuple = ()  # inputs a node may leave empty (""): the reference's None defaults
+    # runtime -> the @triton.jit kernels ("module:attr") its ahead-of-time path compiles for this op: "trt" (the
+    # TensorRT plugin, through its `trt_adapter` link) and "ort_cuda" (the ORT CUDA library's AOT table). A test reads
+    # the adapters and checks these are the kernels they really call.
+    kernels: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if set(self.node_dtypes) != set(self.inputs) or list(self.node_dtypes) != list(self.inputs):
+            raise MambaDeployError(f"op {self.name}: node_dtypes must name every input, in order")
+        for name, cls in self.node_dtypes.items():
+            allowed = {"T": ("T",), "float": ("T", "F32"), "float32": ("F32",), "index": ("I64",)}
+            if cls not in allowed[self.input_types.get(name, "T")]:
+                raise MambaDeployError(f"op {self.name}: input {name} is {cls} in the node but "
+                                       f"{self.input_types.get(name)} in input_types")
+        if len(self.output_dtypes) != len(self.outputs) or not set(self.output_dtypes) <= {"T", "F32"}:
+            raise MambaDeployError(f"op {self.name}: output_dtypes must give T or F32 per output")
+
+    def dtype_rule(self, dtypes, attrs=None) -> tuple:
+        """Output dtypes from input dtypes: "T" outputs take the first "T" input's dtype, "F32" ones are float32."""
+        first_t = dtypes[list(self.node_dtypes.values()).index("T")]
+        return tuple(first_t if c == "T" else "float32" for c in self.output_dtypes)
 
     @property
     def qualified_name(self) -> str:
         return f"{DOMAIN}::{self.name}"
 
     def resolve(self, piece: str):
-        """Import one linked piece ('reference', 'triton', 'onnx_emitter', 'portable', 'ort', 'trt')."""
+        """Import one linked piece ('reference', 'triton', 'onnx_emitter', 'portable', 'ort', 'trt', ...)."""
         path = self.reference if piece == "reference" else self.links.get(piece)
+        return self._import(path, piece)
+
+    def resolve_kernels(self, runtime: str) -> tuple:
+        """The @triton.jit kernels the runtime's AOT path compiles for this op ('trt', 'ort_cuda')."""
+        return tuple(self._import(p, f"{runtime} kernel") for p in self.kernels.get(runtime, ()))
+
+    def _import(self, path, piece):
         if path is None:
             raise MambaDeployError(f"op {self.qualified_name} has no {piece!r} implementation registered")
         module, _, attr = path.partition(":")
@@ -98,19 +129,18 @@ def _same(*idx):
     return lambda shapes, attrs: tuple(shapes[i] for i in idx)
 
 
-def _first_dtype_and_fp32(dtypes, attrs):
-    return (dtypes[0], "float32")
-
-
 register(OpEntry(
     name="SelectiveScan", version=1,
+    torch_op="selective_scan",
+    node_dtypes={"u": "T", "delta": "T", "A": "F32", "B": "T", "C": "T", "D": "T", "z": "T", "delta_bias": "T",
+                 "initial_state": "F32"},
+    output_dtypes=("T", "F32"),
     inputs=("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"),
     outputs=("y", "last_state"),
     attributes={"delta_softplus": ("int", 1)},
     # u (b, d, L), A (d, N) -> y (b, d, L), last_state (b, d, N) fp32 (initial_state may be absent: zeros)
     shape_rule=lambda s, a: (s[0], (s[0][0], s[0][1], s[2][1])),
     optional_inputs=("D", "z", "delta_bias", "initial_state"),
-    dtype_rule=_first_dtype_and_fp32,
     reference="mambadeploy.models.ref_ops:selective_scan_ref",
     input_types={"u": "T", "delta": "T", "A": "float", "B": "T", "C": "T", "D": "float", "z": "T",
                  "delta_bias": "float", "initial_state": "float32"},
@@ -119,13 +149,15 @@ register(OpEntry(
 
 register(OpEntry(
     name="CausalConv1d", version=1,
+    torch_op="causal_conv1d",
+    node_dtypes={"x": "T", "weight": "T", "bias": "T", "initial_state": "F32"},
+    output_dtypes=("T", "F32"),
     inputs=("x", "weight", "bias", "initial_state"),
     outputs=("y", "final_state"),
     attributes={"activation": ("int", 1)},  # 1 = SiLU, 0 = none
     # x (b, d, L), weight (d, K) -> y (b, d, L), final_state (b, d, K) fp32 (initial_state may be absent: zeros)
     shape_rule=lambda s, a: (s[0], (s[0][0], s[0][1], s[1][1])),
     optional_inputs=("bias", "initial_state"),
-    dtype_rule=_first_dtype_and_fp32,
     reference="mambadeploy.models.ref_ops:causal_conv1d_ref",
     input_types={"x": "T", "weight": "float", "bias": "float", "initial_state": "float32"},
     doc="Causal depthwise conv over time with a (b, d, K) state of the last K inputs, optional fused SiLU.",
@@ -133,12 +165,14 @@ register(OpEntry(
 
 register(OpEntry(
     name="TopKExpertGather", version=1,
+    torch_op="expert_gather",
+    node_dtypes={"x": "T", "w1": "T", "w2": "T", "experts": "I64", "weights": "F32"},
+    output_dtypes=("T",),
     inputs=("x", "w1", "w2", "experts", "weights"),
     outputs=("y",),
     attributes={"activation": ("int", ACTIVATION_CODES["gelu"]), "top_k": ("int", 1)},
     # x (T, d), experts/weights (T, k) -> y (T, d)
     shape_rule=_same(0),
-    dtype_rule=lambda dtypes, attrs: (dtypes[0],),
     reference="mambadeploy.models.ref_ops:expert_gather_ref",
     input_types={"x": "T", "w1": "float", "w2": "float", "experts": "index", "weights": "float"},
     doc="Gated-MLP MoE over stacked expert weights w1 (E, 2F, d) = [gate; up], w2 (E, d, F); sum of k weighted experts.",
@@ -151,13 +185,15 @@ ROUTER_CODES = {"sigmoid_top1": 0, "softmax_topk": 1}
 
 register(OpEntry(
     name="CausalConv1dUpdate", version=1,
+    torch_op="conv_update",
+    node_dtypes={"x": "T", "conv_state": "F32", "weight": "T", "bias": "T"},
+    output_dtypes=("T", "F32"),
     inputs=("x", "conv_state", "weight", "bias"),
     outputs=("y", "new_state"),
     attributes={"activation": ("int", 1)},  # 1 = SiLU, 0 = none
     # x (b, d), conv_state (b, d, K) -> y (b, d), new_state (b, d, K) fp32
     shape_rule=_same(0, 1),
     optional_inputs=("bias",),
-    dtype_rule=_first_dtype_and_fp32,
     reference="mambadeploy.models.ref_ops:causal_conv1d_update_ref",
     input_types={"x": "T", "conv_state": "float32", "weight": "float", "bias": "float"},
     doc="One decode step of the causal depthwise conv: shift the (b, d, K) state by the new input, dot with the "
@@ -166,13 +202,16 @@ register(OpEntry(
 
 register(OpEntry(
     name="SelectiveStateUpdate", version=1,
+    torch_op="state_update",
+    node_dtypes={"state": "F32", "x": "T", "dt": "T", "A": "F32", "B": "T", "C": "T", "D": "T", "z": "T",
+                 "dt_bias": "T"},
+    output_dtypes=("T", "F32"),
     inputs=("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias"),
     outputs=("y", "new_state"),
     attributes={"dt_softplus": ("int", 1)},
     # state (b, d, N), x (b, d) -> y (b, d), new_state (b, d, N) fp32
     shape_rule=_same(1, 0),
     optional_inputs=("D", "z", "dt_bias"),
-    dtype_rule=lambda dtypes, attrs: (dtypes[1], "float32"),
     reference="mambadeploy.models.ref_ops:selective_state_update_ref",
     input_types={"state": "float32", "x": "T", "dt": "T", "A": "float", "B": "T", "C": "T", "D": "float", "z": "T",
                  "dt_bias": "float"},
@@ -182,12 +221,14 @@ register(OpEntry(
 
 register(OpEntry(
     name="AddRMSNorm", version=1,
+    torch_op="add_rms_norm",
+    node_dtypes={"x": "T", "residual": "F32", "weight": "T"},
+    output_dtypes=("T", "F32"),
     inputs=("x", "residual", "weight"),
     outputs=("y", "residual_out"),
     attributes={"epsilon": ("float", 1e-5)},
     # x (b, d) in T, residual (b, d) fp32 -> y (b, d) in T, residual_out (b, d) fp32
     shape_rule=_same(0, 1),
-    dtype_rule=_first_dtype_and_fp32,
     reference="mambadeploy.models.ref_ops:add_rms_norm_ref",
     input_types={"x": "T", "residual": "float32", "weight": "float"},
     doc="Residual add in fp32 (residual + x) then RMSNorm of the sum: returns (the norm in x's dtype, the sum).",
@@ -195,6 +236,9 @@ register(OpEntry(
 
 register(OpEntry(
     name="RoutedMoE", version=1,
+    torch_op="routed_moe",
+    node_dtypes={"x": "T", "router_weight": "T", "router_bias": "T", "w1": "T", "w2": "T"},
+    output_dtypes=("T",),
     inputs=("x", "router_weight", "router_bias", "w1", "w2"),
     outputs=("y",),
     attributes={"router": ("int", ROUTER_CODES["sigmoid_top1"]), "top_k": ("int", 1),
@@ -202,7 +246,6 @@ register(OpEntry(
     # x (T, d), router_weight (E, d), w1 (E, 2F, d), w2 (E, d, F) -> y (T, d)
     shape_rule=_same(0),
     optional_inputs=("router_bias",),
-    dtype_rule=lambda dtypes, attrs: (dtypes[0],),
     reference="mambadeploy.models.ref_ops:routed_moe_ref",
     input_types={"x": "T", "router_weight": "float", "router_bias": "float", "w1": "float", "w2": "float"},
     doc="A whole MoE layer for few tokens: router logits (in x's dtype), sigmoid top-1 or softmax top-k, then only "
@@ -242,3 +285,26 @@ link("TopKExpertGather", "triton", "mambadeploy.kernels.moe_experts:expert_gathe
 link("CausalConv1dUpdate", "triton", "mambadeploy.kernels.causal_conv1d:causal_conv1d_update")
 link("SelectiveStateUpdate", "triton", "mambadeploy.kernels.selective_state_update:selective_state_update")
 link("AddRMSNorm", "triton", "mambadeploy.kernels.rms_norm:add_rms_norm")
+
+# --------------------------------------------------------------------------- kernels: what each runtime's AOT path compiles
+# The TensorRT plugin compiles its `trt_adapter` (a thin @triton.jit wrapper in plugins/aot_kernels.py) and the ORT CUDA
+# library compiles the adapters of plugins/ort/triton_adapters.py; `kernels[runtime]` names the kernel bodies they run
+# (a kernel of mambadeploy/kernels/, or the adapter itself where it has its own body). SelectiveScan's TensorRT plugin
+# runs the single-launch scan (one program per channel block walks the whole sequence; a TensorRT AOT plugin gets no
+# workspace), not the segment-parallel kernels that torch-fast's `triton` launcher and the ORT CUDA library run. The
+# decode ops have no ORT AOT kernels: the ORT CUDA library runs its hand-written CUDA kernels for them.
+_K, _TRT, _ORT = "mambadeploy.kernels.", "mambadeploy.plugins.aot_kernels:", "mambadeploy.plugins.ort.triton_adapters:"
+_MOE_ORT = (_K + "moe_routing:moe_align_kernel", _K + "moe_experts:moe_gemm_fc1_kernel",
+            _K + "moe_experts:moe_gemm_fc2_kernel", _ORT + "moe_sum_ort")
+for _name, _adapter, _trt, _ort in (
+        ("SelectiveScan", "selective_scan_trt", (_K + "selective_scan:selective_scan_kernel",),
+         (_K + "selective_scan:selective_scan_seg_kernel", _K + "selective_scan:selective_scan_fold_kernel")),
+        ("CausalConv1d", "causal_conv1d_trt", (_K + "causal_conv1d:causal_conv1d_kernel",),
+         (_K + "causal_conv1d:causal_conv1d_kernel",)),
+        ("TopKExpertGather", "expert_gather_trt", (_TRT + "expert_gather_trt",), _MOE_ORT),
+        ("CausalConv1dUpdate", "conv_update_trt", (_K + "causal_conv1d:causal_conv1d_update_kernel",), ()),
+        ("SelectiveStateUpdate", "state_update_trt", (_K + "selective_state_update:selective_state_update_kernel",), ()),
+        ("AddRMSNorm", "add_rms_norm_trt", (_K + "rms_norm:add_rms_norm_kernel",), ()),
+        ("RoutedMoE", "routed_moe_trt", (_TRT + "routed_moe_trt",), _MOE_ORT)):
+    link(_name, "trt_adapter", _TRT + _adapter)
+    get_op(_name).kernels.update({"trt": _trt, "ort_cuda": _ort})

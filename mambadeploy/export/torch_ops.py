@@ -12,15 +12,13 @@ import contextlib
 import torch
 
 from ..models import ref_ops
-from ..opset import ACTIVATION_CODES, ROUTER_CODES
+from ..opset import ACTIVATION_CODES, REGISTRY, ROUTER_CODES
 
 _ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 _CONV_ACTIVATIONS = {0: None, 1: "silu"}  # CausalConv1d's `activation` attribute
 _ROUTER_NAMES = {code: name for name, code in ROUTER_CODES.items()}
-# torch custom op -> the opset.py entry it exports to
-REGISTRY_NAMES = {"selective_scan": "SelectiveScan", "causal_conv1d": "CausalConv1d", "expert_gather": "TopKExpertGather",
-                  "conv_update": "CausalConv1dUpdate", "state_update": "SelectiveStateUpdate",
-                  "add_rms_norm": "AddRMSNorm", "routed_moe": "RoutedMoE"}
+# torch custom op -> the opset.py entry it exports to (each entry names its torch op; the ops below must match)
+REGISTRY_NAMES = {entry.torch_op: entry.name for entry in REGISTRY.values()}
 
 
 @torch.library.custom_op("mambadeploy::selective_scan", mutates_args=())

@@ -35,17 +35,24 @@ def cdiv(a, b):
 @dataclass(frozen=True)
 class AotSpec:
     op: str
-    adapter: str  # attribute of plugins.aot_kernels
     launch_config: str  # "module:function" (shapes, dtypes) -> {"constexprs", "num_warps", "num_stages"}
     scalars: tuple  # names, in parameter order
     scalar_values: object  # (shapes) -> tuple of ints or exprs
     grid: object  # (shapes, constexprs) -> (gx, gy, gz)
     attr_constexprs: object = lambda attrs: {}
 
+    @property
+    def adapter(self) -> str:
+        """The attribute of plugins.aot_kernels that the op's registry entry links as its `trt_adapter`."""
+        module, _, attr = get_op(self.op).links["trt_adapter"].partition(":")
+        if module != "mambadeploy.plugins.aot_kernels":
+            raise MambaDeployError(f"{self.op}: trt_adapter {module}:{attr} is not in plugins.aot_kernels")
+        return attr
+
 
 SPECS = {
     "SelectiveScan": AotSpec(
-        op="SelectiveScan", adapter="selective_scan_trt",
+        op="SelectiveScan",
         launch_config="mambadeploy.kernels.selective_scan:chunked_launch_config",
         scalars=("dim", "seqlen", "d_state"),
         scalar_values=lambda s: (s[0][1], s[0][2], s[2][1]),
@@ -53,7 +60,7 @@ SPECS = {
         attr_constexprs=lambda attrs: {"DELTA_SOFTPLUS": bool(attrs["delta_softplus"])},
     ),
     "CausalConv1d": AotSpec(
-        op="CausalConv1d", adapter="causal_conv1d_trt",
+        op="CausalConv1d",
         launch_config="mambadeploy.kernels.causal_conv1d:launch_config",
         scalars=("dim", "seqlen"),
         scalar_values=lambda s: (s[0][1], s[0][2]),
@@ -62,7 +69,7 @@ SPECS = {
     ),
     # one fused launch (a TensorRT AOT plugin has no workspace for the kernels' two-launch path): see aot_kernels.py
     "TopKExpertGather": AotSpec(
-        op="TopKExpertGather", adapter="expert_gather_trt",
+        op="TopKExpertGather",
         launch_config="mambadeploy.plugins.aot_kernels:expert_gather_launch_config",
         scalars=("d", "F"),
         scalar_values=lambda s: (s[0][1], s[1][1] // 2),
@@ -71,7 +78,7 @@ SPECS = {
     ),
     # the decode step's ops: the torch-fast kernels behind a pure (state in, new state out) adapter
     "CausalConv1dUpdate": AotSpec(
-        op="CausalConv1dUpdate", adapter="conv_update_trt",
+        op="CausalConv1dUpdate",
         launch_config="mambadeploy.kernels.causal_conv1d:update_launch_config",
         scalars=("dim",),
         scalar_values=lambda s: (s[0][1],),
@@ -79,7 +86,7 @@ SPECS = {
         attr_constexprs=lambda attrs: {"SILU": attrs["activation"] == 1},
     ),
     "SelectiveStateUpdate": AotSpec(
-        op="SelectiveStateUpdate", adapter="state_update_trt",
+        op="SelectiveStateUpdate",
         launch_config="mambadeploy.kernels.selective_state_update:launch_config",
         scalars=("dim", "d_state"),
         scalar_values=lambda s: (s[0][1], s[0][2]),
@@ -87,7 +94,7 @@ SPECS = {
         attr_constexprs=lambda attrs: {"DT_SOFTPLUS": bool(attrs["dt_softplus"])},
     ),
     "AddRMSNorm": AotSpec(  # (rows, d) inputs, as the decode graphs give them
-        op="AddRMSNorm", adapter="add_rms_norm_trt",
+        op="AddRMSNorm",
         launch_config="mambadeploy.plugins.aot_kernels:add_rms_norm_launch_config",
         scalars=("d",),
         scalar_values=lambda s: (s[0][1],),
@@ -95,7 +102,7 @@ SPECS = {
         attr_constexprs=lambda attrs: {"EPS": float(attrs["epsilon"])},
     ),
     "RoutedMoE": AotSpec(  # one fused launch, router included (a TensorRT AOT plugin has no workspace)
-        op="RoutedMoE", adapter="routed_moe_trt",
+        op="RoutedMoE",
         launch_config="mambadeploy.plugins.aot_kernels:routed_moe_launch_config",
         scalars=("d", "F", "E"),
         scalar_values=lambda s: (s[0][1], s[3][1] // 2, s[1][0]),

@@ -99,33 +99,17 @@ INPUT_MAKERS = {"SelectiveScan": selective_scan_inputs, "CausalConv1d": causal_c
                 "TopKExpertGather": expert_gather_inputs, "CausalConv1dUpdate": conv_update_inputs,
                 "SelectiveStateUpdate": state_update_inputs, "AddRMSNorm": add_rms_norm_inputs,
                 "RoutedMoE": routed_moe_inputs}
-ROUTER_NAMES = {0: "sigmoid_top1", 1: "softmax_topk"}
-ACTIVATION_NAMES = {0: "gelu", 1: "silu", 2: "gelu_tanh"}
-
-
 def reference(op: str, inputs, attrs):
-    """The op's `_ref` on the same inputs, as a tuple of outputs in the op's output order."""
+    """The op's `_ref` on the same inputs, as a tuple of outputs in the op's output order: through the op's torch custom
+    op (export/torch_ops.py), whose eager implementation is the reference and whose signature is the entry's (inputs,
+    then attributes), so the attribute codes are translated in one place."""
+    from ..export import torch_ops  # noqa: F401 - registers torch.ops.mambadeploy.*
+
     entry = get_op(op)
-    ref = entry.resolve("reference")
     attrs = entry.check_attributes(attrs)
-    if op == "SelectiveScan":
-        u, delta, A, B, C, D, z, delta_bias, h0 = inputs
-        return ref(u, delta, A, B, C, D, z, delta_bias, bool(attrs["delta_softplus"]), h0)
-    if op == "CausalConv1d":
-        x, weight, bias, h0 = inputs
-        return ref(x, weight, bias, h0, "silu" if attrs["activation"] == 1 else None)
-    if op == "TopKExpertGather":
-        x, w1, w2, experts, weights = inputs
-        return (ref(x, w1, w2, experts.long(), weights, ACTIVATION_NAMES[attrs["activation"]]),)
-    if op == "CausalConv1dUpdate":
-        return ref(*inputs, "silu" if attrs["activation"] == 1 else None)
-    if op == "SelectiveStateUpdate":
-        return ref(*inputs, bool(attrs["dt_softplus"]))
-    if op == "AddRMSNorm":
-        return ref(*inputs, attrs["epsilon"])
-    if op == "RoutedMoE":
-        return (ref(*inputs, ROUTER_NAMES[attrs["router"]], attrs["top_k"], ACTIVATION_NAMES[attrs["activation"]]),)
-    raise KeyError(op)
+    inputs = [x.long() if x is not None and cls == "I64" else x for x, cls in zip(inputs, entry.node_dtypes.values())]
+    out = getattr(torch.ops.mambadeploy, entry.torch_op)(*inputs, *attrs.values())
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 def _outputs(op, inputs, attrs, device):

@@ -6,14 +6,14 @@ Importable without TensorRT: nothing from tensorrt is imported until `register_q
 TensorRT is not installable on these machines); the pieces it delegates to — shape/dtype rules (trt_rules), the AOT
 compile and the grid/scalar formulas (aot) — are the ones tests exercise, the latter on the H100 via CuPy.
 
-Why the functions are defined inside `register_qdp`: tensorrt.plugin reads each function's parameter names and type
-hints to derive the plugin's inputs and attributes, so the hints must be real `trtp` classes, which exist only after
-import."""
+Why the functions are generated (qdp_functions): tensorrt.plugin reads each function's parameter names and type hints to
+derive the plugin's inputs and attributes, so the hints must be real `trtp` classes, which exist only after import, and
+the parameters are the op's registry entry (inputs, then attributes), written nowhere else."""
 
 from __future__ import annotations
 
 from ..errors import lazy_import
-from ..opset import DOMAIN
+from ..opset import REGISTRY, OpEntry
 from . import aot, trt_rules
 
 # representative sizes for dynamic dims when picking constexprs at build time (the launch_config only uses them to size
@@ -51,60 +51,54 @@ def _aot_result(trt, trtp, op: str, descs, attrs: dict):
     return compiled.metadata.name.encode(), ptx.encode(), launch, extra
 
 
+def _python_type(kind: str) -> str:
+    return {"int": "int", "float": "float"}[kind]
+
+
+def qdp_functions(trt, trtp, entry: OpEntry):
+    """The (description, aot_impl) pair of one op, written from its entry: tensorrt.plugin derives a plugin's inputs
+    and attributes from the functions' parameter names and type hints, so the functions are generated with the entry's
+    inputs and attributes as parameters (torch_tensorrt generates its QDPs from a torch op's schema the same way)."""
+    from typing import Tuple  # noqa: UP035 - the form tensorrt.plugin's own samples annotate with
+
+    params = ", ".join([f"{name}: trtp.TensorDesc" for name in entry.inputs]
+                       + [f"{name}: {_python_type(kind)}" for name, (kind, _) in entry.attributes.items()])
+    n_out = len(entry.outputs)
+    returns = "trtp.TensorDesc" if n_out == 1 else f"Tuple[{', '.join(['trtp.TensorDesc'] * n_out)}]"
+    inputs = f"[{', '.join(entry.inputs)}]"
+    attrs = "{" + ", ".join(f"{name!r}: {name}" for name in entry.attributes) + "}"
+    source = (f"def describe({params}) -> {returns}:\n"
+              f"    outs = _describe({inputs}, {attrs})\n"
+              f"    return outs[0] if {n_out} == 1 else outs\n\n"
+              f"def aot({params}, outputs: Tuple[trtp.TensorDesc], tactic: int):\n"
+              f"    return _aot_result(trt, trtp, {entry.name!r}, {inputs}, {attrs})\n")
+
+    def _describe(descs, attrs):
+        """Output descriptors by the entry's shape rule and output dtypes ("T": the first "T" input's dtype)."""
+        shapes = trt_rules.output_shapes(entry, [d.shape_expr for d in descs], attrs)
+        first_t = descs[list(entry.node_dtypes.values()).index("T")].dtype
+        outs = []
+        for shape, cls in zip(shapes, entry.output_dtypes):
+            outs.append(trtp.from_shape_expr(trtp.ShapeExprs.from_tuple(tuple(shape)),
+                                             dtype=first_t if cls == "T" else trt.float32))
+        return tuple(outs)
+
+    namespace = {"trt": trt, "trtp": trtp, "Tuple": Tuple, "_describe": _describe, "_aot_result": _aot_result}
+    # dont_inherit: real annotation objects (this module's `from __future__ import annotations` would make them strings)
+    exec(compile(source, f"<qdp {entry.name}>", "exec", dont_inherit=True), namespace)  # noqa: S102 - registry-built
+    return namespace["describe"], namespace["aot"]
+
+
 def register_qdp() -> list[str]:
-    """Register the descriptions (and AOT implementations) with tensorrt.plugin; returns the plugin ids."""
+    """Register the descriptions (and AOT implementations) of every op with a `trt_qdp` link; returns the plugin ids."""
     trt = lazy_import("tensorrt", "tensorrt>=10.6", "trt", "full-TensorRT plugin descriptions")
     trtp = lazy_import("tensorrt.plugin", "tensorrt>=10.6", "trt", "full-TensorRT plugin descriptions")
-    from typing import Tuple
-
     ids = []
-
-    @trtp.register(f"{DOMAIN}::SelectiveScan")
-    def selective_scan_desc(u: trtp.TensorDesc, delta: trtp.TensorDesc, A: trtp.TensorDesc, B: trtp.TensorDesc,
-                            C: trtp.TensorDesc, D: trtp.TensorDesc, z: trtp.TensorDesc, delta_bias: trtp.TensorDesc,
-                            initial_state: trtp.TensorDesc, delta_softplus: int
-                            ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        y = u.like()
-        state = initial_state.like()
-        state.dtype = trt.float32
-        return y, state
-
-    @trtp.aot_impl(f"{DOMAIN}::SelectiveScan")
-    def selective_scan_aot(u: trtp.TensorDesc, delta: trtp.TensorDesc, A: trtp.TensorDesc, B: trtp.TensorDesc,
-                           C: trtp.TensorDesc, D: trtp.TensorDesc, z: trtp.TensorDesc, delta_bias: trtp.TensorDesc,
-                           initial_state: trtp.TensorDesc, delta_softplus: int, outputs: Tuple[trtp.TensorDesc],
-                           tactic: int):
-        return _aot_result(trt, trtp, "SelectiveScan", [u, delta, A, B, C, D, z, delta_bias, initial_state],
-                           {"delta_softplus": delta_softplus})
-
-    ids.append(f"{DOMAIN}::SelectiveScan")
-
-    @trtp.register(f"{DOMAIN}::CausalConv1d")
-    def causal_conv1d_desc(x: trtp.TensorDesc, weight: trtp.TensorDesc, bias: trtp.TensorDesc,
-                           initial_state: trtp.TensorDesc, activation: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        state = initial_state.like()
-        state.dtype = trt.float32
-        return x.like(), state
-
-    @trtp.aot_impl(f"{DOMAIN}::CausalConv1d")
-    def causal_conv1d_aot(x: trtp.TensorDesc, weight: trtp.TensorDesc, bias: trtp.TensorDesc,
-                          initial_state: trtp.TensorDesc, activation: int, outputs: Tuple[trtp.TensorDesc],
-                          tactic: int):
-        return _aot_result(trt, trtp, "CausalConv1d", [x, weight, bias, initial_state], {"activation": activation})
-
-    ids.append(f"{DOMAIN}::CausalConv1d")
-
-    @trtp.register(f"{DOMAIN}::TopKExpertGather")
-    def expert_gather_desc(x: trtp.TensorDesc, w1: trtp.TensorDesc, w2: trtp.TensorDesc, experts: trtp.TensorDesc,
-                           weights: trtp.TensorDesc, activation: int, top_k: int) -> trtp.TensorDesc:
-        return x.like()
-
-    @trtp.aot_impl(f"{DOMAIN}::TopKExpertGather")
-    def expert_gather_aot(x: trtp.TensorDesc, w1: trtp.TensorDesc, w2: trtp.TensorDesc, experts: trtp.TensorDesc,
-                          weights: trtp.TensorDesc, activation: int, top_k: int, outputs: Tuple[trtp.TensorDesc],
-                          tactic: int):
-        return _aot_result(trt, trtp, "TopKExpertGather", [x, w1, w2, experts, weights],
-                           {"activation": activation, "top_k": top_k})
-
-    ids.append(f"{DOMAIN}::TopKExpertGather")
+    for entry in REGISTRY.values():
+        if "trt_qdp" not in entry.links:
+            continue
+        describe, aot_impl = qdp_functions(trt, trtp, entry)
+        trtp.register(entry.qualified_name)(describe)
+        trtp.aot_impl(entry.qualified_name)(aot_impl)
+        ids.append(entry.qualified_name)
     return ids

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import MambaDeployError, lazy_import
-from ...opset import get_op
+from ...opset import DOMAIN, get_op
 
 MAX_SIZE = 1 << 62  # "no upper bound" of a variant's range
 TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -71,18 +71,20 @@ def plan_for(export_dir) -> list[KernelSpec]:
     for graph in manifest.graphs.values():
         model = onnx.load(str(directory / graph.file), load_external_data=False)
         for node in model.graph.node:
-            if node.domain != "mambadeploy":
+            if node.domain != DOMAIN:
                 continue
-            attrs = get_op(node.op_type).check_attributes(
-                {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
-            present = [bool(name) for name in node.input] + [False] * 9
+            entry = get_op(node.op_type)
+            attrs = entry.check_attributes({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+            # input name -> present in this node (an optional input left out is "" or missing at the end)
+            present = {name: i < len(node.input) and bool(node.input[i]) for i, name in enumerate(entry.inputs)}
             if node.op_type == "SelectiveScan":
-                flags = dict(D=present[5], z=present[6], bias=present[7], h0=present[8],
+                flags = dict(D=present["D"], z=present["z"], bias=present["delta_bias"], h0=present["initial_state"],
                              softplus=bool(attrs["delta_softplus"]))
                 new = scan_specs(dtype, cfg.mamba.d_state, **flags)
             elif node.op_type == "CausalConv1d":
-                K = _initializer_dim(model, node.input[1], 1) or cfg.mamba.d_conv
-                new = conv_specs(dtype, K, bias=present[2], init=present[3], silu=attrs["activation"] == 1)
+                K = _initializer_dim(model, node.input[entry.inputs.index("weight")], 1) or cfg.mamba.d_conv
+                new = conv_specs(dtype, K, bias=present["bias"], init=present["initial_state"],
+                                 silu=attrs["activation"] == 1)
             elif node.op_type in ("TopKExpertGather", "RoutedMoE"):
                 k = 1 if node.op_type == "RoutedMoE" and attrs["router"] == 0 else int(attrs["top_k"])
                 new = moe_specs(dtype, cfg.d_model, cfg.moe.ffn_size, cfg.moe.n_experts, k, int(attrs["activation"]),

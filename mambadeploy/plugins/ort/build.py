@@ -28,7 +28,7 @@ CPU_SOURCES = ("ops_cpu.cc", "ops_cpu_decode.cc", "register.cc")
 CUDA_SOURCES = (*CPU_SOURCES, "ops_cuda.cc", "ops_cuda_kernels.cu", "ops_cuda_decode.cc", "ops_cuda_decode_kernels.cu",
                 "ops_cuda_aot.cc", "aot_launch.cc")
 HEADERS = ("ops.h", "ops_cpu_common.h", "ops_cuda_kernels.h", "ops_cuda_glue.h", "ops_cuda_math.cuh", "ops_cuda_aot.h",
-           "aot_launch.h")
+           "aot_launch.h", "opset_generated.h")
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")
 # SASS for Hopper, PTX for sm_80 that the driver JIT-compiles on any newer GPU; override with MAMBADEPLOY_CUDA_ARCHS
 # ("arch=compute_89,code=sm_89;...", nvcc -gencode values)
@@ -137,6 +137,11 @@ def build_library(out_dir: Path | None = None, force: bool = False, cuda: bool =
     """Compile the custom-op library (cached by a hash of the sources, headers and flags); returns its path.
     cuda=False: fp32 CPU kernels (g++, seconds). cuda=True: the same plus fp32/fp16/bf16 CUDA kernels for ORT's
     CUDA provider (nvcc, about a minute)."""
+    from . import gen_opset
+
+    if gen_opset.HEADER.read_text() != gen_opset.render():  # an entry changed since the header was generated
+        raise MambaDeployError(f"{gen_opset.HEADER.name} does not match mambadeploy/opset.py: run "
+                               "python -m mambadeploy.plugins.ort.gen_opset, then build again")
     include = fetch_headers()
     name = CUDA_LIBRARY_NAME if cuda else LIBRARY_NAME
     probe = compile_command(include, Path(name), cuda)

@@ -7,7 +7,10 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include "opset_generated.h"  // the registry's names, signatures and attribute defaults (gen_opset.py)
 
 namespace mambadeploy_ort {
 void AddCpuOps(Ort::CustomOpDomain& domain);   // ops_cpu.cc: fp32 CPU kernels
@@ -34,6 +37,43 @@ inline float AttrFloatOr(const OrtKernelInfo* info, const char* name, float fall
     return fallback;
   }
 }
+
+// A registry attribute (opset_generated.h): the node's value, or the registry default when the node leaves it out.
+inline int64_t Attr(const OrtKernelInfo* info, mambadeploy_opset::IntAttr a) { return AttrOr(info, a.name, a.fallback); }
+inline float Attr(const OrtKernelInfo* info, mambadeploy_opset::FloatAttr a) {
+  return AttrFloatOr(info, a.name, a.fallback);
+}
+
+// A registry signature letter as an ORT element type: T = the op object's activation dtype `tt`, F = fp32, I = int64.
+inline ONNXTensorElementDataType NodeDtype(char letter, ONNXTensorElementDataType tt) {
+  switch (letter | 0x20) {
+    case 'f': return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    case 'i': return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    default: return tt;
+  }
+}
+
+// The ORT op object of registry op `Spec` (a struct of opset_generated.h) run by kernel `K`, for activation dtype `TT`
+// on ORT's CUDA provider (kCuda) or its CPU provider. Name, input/output counts, dtypes and optionality all come from the registry; K is
+// built from the kernel info (and TT, when it takes it).
+template <typename Spec, typename K, ONNXTensorElementDataType TT, bool kCuda = false>
+struct RegistryOp : Ort::CustomOpBase<RegistryOp<Spec, K, TT, kCuda>, K> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const {
+    if constexpr (std::is_constructible_v<K, const OrtKernelInfo*, ONNXTensorElementDataType>)
+      return new K(info, TT);
+    else
+      return new K(info);
+  }
+  const char* GetName() const { return Spec::kName; }
+  const char* GetExecutionProviderType() const { return kCuda ? "CUDAExecutionProvider" : nullptr; }
+  size_t GetInputTypeCount() const { return Spec::kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return NodeDtype(Spec::kInputs[i], TT); }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return (Spec::kInputs[i] & 0x20) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return Spec::kNumOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return NodeDtype(Spec::kOutputs[i], TT); }
+};
 
 inline void Require(bool ok, const std::string& what) {
   if (!ok) ORT_CXX_API_THROW(std::string(what), ORT_INVALID_ARGUMENT);

@@ -14,14 +14,17 @@
 namespace {
 
 using namespace mambadeploy_ort_cpu;
-using mambadeploy_ort::AttrOr;
+using mambadeploy_ort::Attr;
+using mambadeploy_ort::RegistryOp;
+namespace op = mambadeploy_opset;
+constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 using mambadeploy_ort::Require;
 
 // --- SelectiveScan -------------------------------------------------------------------------------------------------
 // u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L); D, delta_bias: (d); initial_state: (b, d, N) -> y, last_state
 struct ScanKernel {
   int64_t softplus_;
-  explicit ScanKernel(const OrtKernelInfo* info) : softplus_(AttrOr(info, "delta_softplus", 1)) {}
+  explicit ScanKernel(const OrtKernelInfo* info) : softplus_(Attr(info, op::SelectiveScan::delta_softplus)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
@@ -56,23 +59,12 @@ struct ScanKernel {
   }
 };
 
-struct ScanOp : Ort::CustomOpBase<ScanOp, ScanKernel> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ScanKernel(info); }
-  const char* GetName() const { return "SelectiveScan"; }
-  size_t GetInputTypeCount() const { return 9; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return (i == 5 || i == 6 || i == 7 || i == 8) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
 
 // --- CausalConv1d ---------------------------------------------------------------------------------------------------
 // x: (b, d, L); weight: (d, K); bias: (d); initial_state: (b, d, K) = last K inputs -> y (b, d, L), final_state (b, d, K)
 struct ConvKernel {
   int64_t activation_;
-  explicit ConvKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 1)) {}
+  explicit ConvKernel(const OrtKernelInfo* info) : activation_(Attr(info, op::CausalConv1d::activation)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
@@ -97,23 +89,12 @@ struct ConvKernel {
   }
 };
 
-struct ConvOp : Ort::CustomOpBase<ConvOp, ConvKernel> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ConvKernel(info); }
-  const char* GetName() const { return "CausalConv1d"; }
-  size_t GetInputTypeCount() const { return 4; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
 
 // --- TopKExpertGather -----------------------------------------------------------------------------------------------
 // x: (T, d); w1: (E, 2F, d) = [gate; up]; w2: (E, d, F); experts: (T, k) int64; weights: (T, k) -> y (T, d)
 struct GatherKernel {
   int64_t activation_;
-  explicit GatherKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 0)) {}
+  explicit GatherKernel(const OrtKernelInfo* info) : activation_(Attr(info, op::TopKExpertGather::activation)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w1 = input(ctx, 1), w2 = input(ctx, 2), wt = input(ctx, 4);
@@ -149,20 +130,11 @@ struct GatherKernel {
   }
 };
 
-struct GatherOp : Ort::CustomOpBase<GatherOp, GatherKernel> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new GatherKernel(info); }
-  const char* GetName() const { return "TopKExpertGather"; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
 
-ScanOp g_scan;
-ConvOp g_conv;
-GatherOp g_gather;
+// fp32 CPU kernels: the registry's "T" inputs are float32 here
+RegistryOp<op::SelectiveScan, ScanKernel, kF32> g_scan;
+RegistryOp<op::CausalConv1d, ConvKernel, kF32> g_conv;
+RegistryOp<op::TopKExpertGather, GatherKernel, kF32> g_gather;
 
 }  // namespace
 

@@ -13,29 +13,18 @@
 
 namespace {
 
-using mambadeploy_ort::AttrFloatOr;
-using mambadeploy_ort::AttrOr;
+using mambadeploy_ort::Attr;
+using mambadeploy_ort::RegistryOp;
+namespace op = mambadeploy_opset;
 using mambadeploy_ort::Require;
 constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
 using namespace mambadeploy_ort_cpu;
 
-// Every input and output fp32; Op::IsOptional(i) marks the optional inputs.
-template <typename Op>
-struct Fp32Op {
-  size_t GetInputTypeCount() const { return Op::kInputs; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return kF32; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return Op::IsOptional(i) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return Op::kOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return kF32; }
-};
-
 // --- CausalConv1dUpdate: x (b, d), conv_state (b, d, K), weight (d, K), bias (d) -> y (b, d), new_state (b, d, K)
 struct ConvUpdateKernel {
   int64_t activation_;
-  explicit ConvUpdateKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 1)) {}
+  explicit ConvUpdateKernel(const OrtKernelInfo* info) : activation_(Attr(info, op::CausalConv1dUpdate::activation)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), s = input(ctx, 1), w = input(ctx, 2), bias = input(ctx, 3);
@@ -53,19 +42,11 @@ struct ConvUpdateKernel {
     }
   }
 };
-struct ConvUpdateOp : Ort::CustomOpBase<ConvUpdateOp, ConvUpdateKernel>, Fp32Op<ConvUpdateOp> {
-  static constexpr size_t kInputs = 4, kOutputs = 2;
-  static bool IsOptional(size_t i) { return i == 3; }
-  using Fp32Op::GetInputCharacteristic, Fp32Op::GetInputType, Fp32Op::GetInputTypeCount, Fp32Op::GetOutputType,
-      Fp32Op::GetOutputTypeCount;
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ConvUpdateKernel(info); }
-  const char* GetName() const { return "CausalConv1dUpdate"; }
-};
 
 // --- SelectiveStateUpdate: state (b, d, N), x dt z (b, d), A (d, N), B C (b, N), D dt_bias (d) -> y, new_state
 struct StateUpdateKernel {
   int64_t softplus_;
-  explicit StateUpdateKernel(const OrtKernelInfo* info) : softplus_(AttrOr(info, "dt_softplus", 1)) {}
+  explicit StateUpdateKernel(const OrtKernelInfo* info) : softplus_(Attr(info, op::SelectiveStateUpdate::dt_softplus)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In h = input(ctx, 0), x = input(ctx, 1), dt = input(ctx, 2), A = input(ctx, 3), B = input(ctx, 4);
@@ -92,19 +73,11 @@ struct StateUpdateKernel {
     }
   }
 };
-struct StateUpdateOp : Ort::CustomOpBase<StateUpdateOp, StateUpdateKernel>, Fp32Op<StateUpdateOp> {
-  static constexpr size_t kInputs = 9, kOutputs = 2;
-  static bool IsOptional(size_t i) { return i >= 6; }
-  using Fp32Op::GetInputCharacteristic, Fp32Op::GetInputType, Fp32Op::GetInputTypeCount, Fp32Op::GetOutputType,
-      Fp32Op::GetOutputTypeCount;
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new StateUpdateKernel(info); }
-  const char* GetName() const { return "SelectiveStateUpdate"; }
-};
 
 // --- AddRMSNorm: x, residual (..., d), weight (d) -> y = rms_norm(residual + x) * weight, residual_out = residual + x
 struct AddNormKernel {
   float eps_;
-  explicit AddNormKernel(const OrtKernelInfo* info) : eps_(AttrFloatOr(info, "epsilon", 1e-5f)) {}
+  explicit AddNormKernel(const OrtKernelInfo* info) : eps_(Attr(info, op::AddRMSNorm::epsilon)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), res = input(ctx, 1), w = input(ctx, 2);
@@ -123,21 +96,14 @@ struct AddNormKernel {
     }
   }
 };
-struct AddNormOp : Ort::CustomOpBase<AddNormOp, AddNormKernel>, Fp32Op<AddNormOp> {
-  static constexpr size_t kInputs = 3, kOutputs = 2;
-  static bool IsOptional(size_t) { return false; }
-  using Fp32Op::GetInputCharacteristic, Fp32Op::GetInputType, Fp32Op::GetInputTypeCount, Fp32Op::GetOutputType,
-      Fp32Op::GetOutputTypeCount;
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new AddNormKernel(info); }
-  const char* GetName() const { return "AddRMSNorm"; }
-};
 
 // --- RoutedMoE: x (T, d), router_weight (E, d), router_bias (E), w1 (E, 2F, d), w2 (E, d, F) -> y (T, d)
 // router 0: argmax, weight = sigmoid(logit); 1: softmax, top-k (ties: lower expert first). Only chosen experts are read.
 struct MoEKernel {
   int64_t router_, top_k_, activation_;
   explicit MoEKernel(const OrtKernelInfo* info)
-      : router_(AttrOr(info, "router", 0)), top_k_(AttrOr(info, "top_k", 1)), activation_(AttrOr(info, "activation", 0)) {}
+      : router_(Attr(info, op::RoutedMoE::router)), top_k_(Attr(info, op::RoutedMoE::top_k)),
+        activation_(Attr(info, op::RoutedMoE::activation)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), rw = input(ctx, 1), rb = input(ctx, 2), w1 = input(ctx, 3), w2 = input(ctx, 4);
@@ -185,19 +151,12 @@ struct MoEKernel {
     }
   }
 };
-struct MoEOp : Ort::CustomOpBase<MoEOp, MoEKernel>, Fp32Op<MoEOp> {
-  static constexpr size_t kInputs = 5, kOutputs = 1;
-  static bool IsOptional(size_t i) { return i == 2; }
-  using Fp32Op::GetInputCharacteristic, Fp32Op::GetInputType, Fp32Op::GetInputTypeCount, Fp32Op::GetOutputType,
-      Fp32Op::GetOutputTypeCount;
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new MoEKernel(info); }
-  const char* GetName() const { return "RoutedMoE"; }
-};
 
-ConvUpdateOp g_conv_update;
-StateUpdateOp g_state_update;
-AddNormOp g_add_norm;
-MoEOp g_moe;
+// fp32 CPU kernels: the registry's "T" inputs are float32 here
+RegistryOp<op::CausalConv1dUpdate, ConvUpdateKernel, kF32> g_conv_update;
+RegistryOp<op::SelectiveStateUpdate, StateUpdateKernel, kF32> g_state_update;
+RegistryOp<op::AddRMSNorm, AddNormKernel, kF32> g_add_norm;
+RegistryOp<op::RoutedMoE, MoEKernel, kF32> g_moe;
 
 }  // namespace
 

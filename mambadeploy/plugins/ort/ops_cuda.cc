@@ -1,9 +1,7 @@
 // ONNX Runtime CUDA kernels for the mambadeploy custom ops: the ORT side (shape checks, outputs, the CUDA EP's compute
 // stream, workspace from the EP's allocator) of the kernels in ops_cuda_kernels.cu. One op object per activation dtype
 // T in {fp32, fp16, bf16} (ORT dispatches same-name custom ops by input types), with the dtypes an export gives:
-//   SelectiveScan    u delta B C D z delta_bias: T, A initial_state: fp32 -> y: T, last_state: fp32
-//   CausalConv1d     x weight bias: T, initial_state: fp32               -> y: T, final_state: fp32
-//   TopKExpertGather x w1 w2: T, experts: int64, weights: fp32           -> y: T
+// the registry's node_dtypes (opset.py), read here through opset_generated.h (ops.h RegistryOp).
 // Compiled only in the CUDA build of the library (build.py --cuda).
 #include <string>
 #include <vector>
@@ -15,7 +13,10 @@
 namespace {
 
 using mambadeploy_cuda::DType;
-using mambadeploy_ort::AttrOr;
+using mambadeploy_ort::Attr;
+namespace op = mambadeploy_opset;
+template <typename Spec, typename K, ONNXTensorElementDataType TT>
+using CudaOp = mambadeploy_ort::RegistryOp<Spec, K, TT, true>;
 using mambadeploy_ort::Require;
 using namespace mambadeploy_ort_cuda;
 
@@ -23,7 +24,7 @@ using namespace mambadeploy_ort_cuda;
 template <ONNXTensorElementDataType TT>
 struct ScanKernel {
   int64_t softplus_;
-  explicit ScanKernel(const OrtKernelInfo* info) : softplus_(AttrOr(info, "delta_softplus", 1)) {}
+  explicit ScanKernel(const OrtKernelInfo* info) : softplus_(Attr(info, op::SelectiveScan::delta_softplus)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
@@ -46,29 +47,15 @@ struct ScanKernel {
                          ctx.GetGPUComputeStream()))
       return;
     check_launch(mambadeploy_cuda::LaunchSelectiveScan(dtype_of<TT>(), a, ctx.GetGPUComputeStream()),
-                 "SelectiveScan");
+                 op::SelectiveScan::kName);
   }
-};
-
-template <ONNXTensorElementDataType TT>
-struct ScanOp : Ort::CustomOpBase<ScanOp<TT>, ScanKernel<TT>> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ScanKernel<TT>(info); }
-  const char* GetName() const { return "SelectiveScan"; }
-  const char* GetExecutionProviderType() const { return kCudaProvider; }
-  size_t GetInputTypeCount() const { return 9; }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return (i == 2 || i == 8) ? kF32 : TT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i >= 5 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const { return i == 0 ? TT : kF32; }
 };
 
 // --- CausalConv1d ---------------------------------------------------------------------------------------------------
 template <ONNXTensorElementDataType TT>
 struct ConvKernel {
   int64_t activation_;
-  explicit ConvKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 1)) {}
+  explicit ConvKernel(const OrtKernelInfo* info) : activation_(Attr(info, op::CausalConv1d::activation)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
@@ -80,29 +67,16 @@ struct ConvKernel {
     a.final_state = ctx.GetOutput(1, std::vector<int64_t>{b, d, K}).GetTensorMutableData<float>();
     a.batch = b, a.dim = d, a.L = L, a.K = K, a.silu = activation_ == 1;
     if (AotCausalConv1d(dtype_of<TT>(), a, ctx.GetGPUComputeStream())) return;
-    check_launch(mambadeploy_cuda::LaunchCausalConv1d(dtype_of<TT>(), a, ctx.GetGPUComputeStream()), "CausalConv1d");
+    check_launch(mambadeploy_cuda::LaunchCausalConv1d(dtype_of<TT>(), a, ctx.GetGPUComputeStream()),
+                 op::CausalConv1d::kName);
   }
-};
-
-template <ONNXTensorElementDataType TT>
-struct ConvOp : Ort::CustomOpBase<ConvOp<TT>, ConvKernel<TT>> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new ConvKernel<TT>(info); }
-  const char* GetName() const { return "CausalConv1d"; }
-  const char* GetExecutionProviderType() const { return kCudaProvider; }
-  size_t GetInputTypeCount() const { return 4; }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return i == 3 ? kF32 : TT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const { return i == 0 ? TT : kF32; }
 };
 
 // --- TopKExpertGather -----------------------------------------------------------------------------------------------
 template <ONNXTensorElementDataType TT>
 struct GatherKernel {
   int64_t activation_;
-  explicit GatherKernel(const OrtKernelInfo* info) : activation_(AttrOr(info, "activation", 0)) {}
+  explicit GatherKernel(const OrtKernelInfo* info) : activation_(Attr(info, op::TopKExpertGather::activation)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w1 = input(ctx, 1), w2 = input(ctx, 2), ex = input(ctx, 3), wt = input(ctx, 4);
@@ -116,35 +90,22 @@ struct GatherKernel {
     if (T == 0) return;
     const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
     const AotMoEArgs m{x.data, w1.data, w2.data, ex.data, true, a.weights, a.y, T, d, E, F, k, activation_};
-    if (T * k > 1 && AotGroupedMoE(ctx, device, t, m, ctx.GetGPUComputeStream(), "TopKExpertGather")) return;
-    DeviceScratch scratch(ctx, device, mambadeploy_cuda::GatherWorkspaceBytes(t, T, d, E, F, k), "TopKExpertGather");
+    if (T * k > 1 && AotGroupedMoE(ctx, device, t, m, ctx.GetGPUComputeStream(), op::TopKExpertGather::kName)) return;
+    DeviceScratch scratch(ctx, device, mambadeploy_cuda::GatherWorkspaceBytes(t, T, d, E, F, k), op::TopKExpertGather::kName);
     a.workspace = scratch.ptr;
-    check_launch(mambadeploy_cuda::LaunchExpertGather(t, a, ctx.GetGPUComputeStream()), "TopKExpertGather");
+    check_launch(mambadeploy_cuda::LaunchExpertGather(t, a, ctx.GetGPUComputeStream()), op::TopKExpertGather::kName);
   }
 };
 
-template <ONNXTensorElementDataType TT>
-struct GatherOp : Ort::CustomOpBase<GatherOp<TT>, GatherKernel<TT>> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new GatherKernel<TT>(info); }
-  const char* GetName() const { return "TopKExpertGather"; }
-  const char* GetExecutionProviderType() const { return kCudaProvider; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : (i == 4 ? kF32 : TT);
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return TT; }
-};
-
-ScanOp<kF32> g_scan_f32;
-ScanOp<kF16> g_scan_f16;
-ScanOp<kBF16> g_scan_bf16;
-ConvOp<kF32> g_conv_f32;
-ConvOp<kF16> g_conv_f16;
-ConvOp<kBF16> g_conv_bf16;
-GatherOp<kF32> g_gather_f32;
-GatherOp<kF16> g_gather_f16;
-GatherOp<kBF16> g_gather_bf16;
+CudaOp<op::SelectiveScan, ScanKernel<kF32>, kF32> g_scan_f32;
+CudaOp<op::SelectiveScan, ScanKernel<kF16>, kF16> g_scan_f16;
+CudaOp<op::SelectiveScan, ScanKernel<kBF16>, kBF16> g_scan_bf16;
+CudaOp<op::CausalConv1d, ConvKernel<kF32>, kF32> g_conv_f32;
+CudaOp<op::CausalConv1d, ConvKernel<kF16>, kF16> g_conv_f16;
+CudaOp<op::CausalConv1d, ConvKernel<kBF16>, kBF16> g_conv_bf16;
+CudaOp<op::TopKExpertGather, GatherKernel<kF32>, kF32> g_gather_f32;
+CudaOp<op::TopKExpertGather, GatherKernel<kF16>, kF16> g_gather_f16;
+CudaOp<op::TopKExpertGather, GatherKernel<kBF16>, kBF16> g_gather_bf16;
 
 }  // namespace
 

@@ -80,7 +80,7 @@ bool AotGroupedMoE(Ort::KernelContext& ctx, int device, DType t, const AotMoEArg
 }
 
 bool AotSelectiveScan(Ort::KernelContext& ctx, int device, DType t, const AotScanArgs& a, void* stream) {
-  const char* op = "SelectiveScan";
+  const char* op = mambadeploy_opset::SelectiveScan::kName;
   if (a.L <= 0 || a.batch * a.dim * a.L >= (int64_t(1) << 40)) return false;
   const mambadeploy_aot::Dims dims{{"D", a.D != nullptr}, {"N", a.N}, {"bias", a.delta_bias != nullptr},
                                    {"h0", a.initial_state != nullptr}, {"softplus", a.softplus}, {"z", a.z != nullptr}};
@@ -129,7 +129,7 @@ bool AotCausalConv1d(DType t, const mambadeploy_cuda::ConvArgs& a, void* stream)
   int32_t dim = int32_t(a.dim), L = int32_t(a.L);
   check(Launch(conv, unsigned(a.batch), unsigned(cdiv(a.dim, Meta(conv, "BLOCK_D"))),
                unsigned(cdiv(a.L, Meta(conv, "BLOCK_L"))), {&x, &w, &bias, &init, &y, &fin, &dim, &L}, stream),
-        "CausalConv1d");
+        mambadeploy_opset::CausalConv1d::kName);
   return true;
 }
 

@@ -1,9 +1,6 @@
 // ONNX Runtime CUDA glue for the decode step's mambadeploy ops (kernels in ops_cuda_decode_kernels.cu). One op object
-// per activation dtype T in {fp32, fp16, bf16}; the dtypes an export gives ("T" = the model dtype, "F" = fp32):
-//   CausalConv1dUpdate    x T, conv_state F, weight T, bias T                    -> y T, new_state F
-//   SelectiveStateUpdate  state F, x dt T, A F, B C D z dt_bias T                -> y T, new_state F
-//   AddRMSNorm            x T, residual F, weight T                              -> y T, residual_out F
-//   RoutedMoE             x router_weight router_bias w1 w2 T                    -> y T
+// per activation dtype T in {fp32, fp16, bf16}; names, dtypes ("T" = the model dtype, "F" = fp32), optional inputs
+// and attribute defaults come from the registry (opset.py) through opset_generated.h (ops.h RegistryOp).
 // Compiled only in the CUDA build of the library (build.py --cuda).
 #include <string>
 #include <vector>
@@ -13,33 +10,18 @@
 
 namespace {
 
-using mambadeploy_ort::AttrFloatOr;
-using mambadeploy_ort::AttrOr;
+using mambadeploy_ort::Attr;
+namespace op = mambadeploy_opset;
 using namespace mambadeploy_ort_cuda;
 
 const std::vector<int64_t>* shape_if(const In& in) { return in.data ? &in.shape : nullptr; }
 
-// The ORT op object of a kernel K: inputs and outputs typed by K's signature strings ('T' model dtype, 'F' fp32; a
-// lower-case letter marks an optional input).
-template <typename K, ONNXTensorElementDataType TT>
-struct DecodeOp : Ort::CustomOpBase<DecodeOp<K, TT>, K> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new K(info, dtype_of<TT>()); }
-  const char* GetName() const { return K::kName; }
-  const char* GetExecutionProviderType() const { return kCudaProvider; }
-  size_t GetInputTypeCount() const { return std::char_traits<char>::length(K::kInputs); }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return (K::kInputs[i] | 0x20) == 'f' ? kF32 : TT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return (K::kInputs[i] & 0x20) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return std::char_traits<char>::length(K::kOutputs); }
-  ONNXTensorElementDataType GetOutputType(size_t i) const { return K::kOutputs[i] == 'F' ? kF32 : TT; }
-};
-
 struct ConvUpdateKernel {
-  static constexpr const char *kName = "CausalConv1dUpdate", *kInputs = "TFTt", *kOutputs = "TF";
+  using Spec = op::CausalConv1dUpdate;
+  static constexpr const char* kName = Spec::kName;
   DType t_;
   int64_t activation_;
-  ConvUpdateKernel(const OrtKernelInfo* info, DType t) : t_(t), activation_(AttrOr(info, "activation", 1)) {}
+  ConvUpdateKernel(const OrtKernelInfo* info, ONNXTensorElementDataType t) : t_(dtype_of(t)), activation_(Attr(info, Spec::activation)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), s = input(ctx, 1), w = input(ctx, 2), bias = input(ctx, 3);
@@ -54,10 +36,11 @@ struct ConvUpdateKernel {
 };
 
 struct StateUpdateKernel {
-  static constexpr const char *kName = "SelectiveStateUpdate", *kInputs = "FTTFTTttt", *kOutputs = "TF";
+  using Spec = op::SelectiveStateUpdate;
+  static constexpr const char* kName = Spec::kName;
   DType t_;
   int64_t softplus_;
-  StateUpdateKernel(const OrtKernelInfo* info, DType t) : t_(t), softplus_(AttrOr(info, "dt_softplus", 1)) {}
+  StateUpdateKernel(const OrtKernelInfo* info, ONNXTensorElementDataType t) : t_(dtype_of(t)), softplus_(Attr(info, Spec::dt_softplus)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In h = input(ctx, 0), x = input(ctx, 1), dt = input(ctx, 2), A = input(ctx, 3), B = input(ctx, 4);
@@ -76,10 +59,11 @@ struct StateUpdateKernel {
 };
 
 struct AddNormKernel {
-  static constexpr const char *kName = "AddRMSNorm", *kInputs = "TFT", *kOutputs = "TF";
+  using Spec = op::AddRMSNorm;
+  static constexpr const char* kName = Spec::kName;
   DType t_;
   float eps_;
-  AddNormKernel(const OrtKernelInfo* info, DType t) : t_(t), eps_(AttrFloatOr(info, "epsilon", 1e-5f)) {}
+  AddNormKernel(const OrtKernelInfo* info, ONNXTensorElementDataType t) : t_(dtype_of(t)), eps_(Attr(info, Spec::epsilon)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), r = input(ctx, 1), w = input(ctx, 2);
@@ -94,12 +78,13 @@ struct AddNormKernel {
 };
 
 struct MoEKernel {
-  static constexpr const char *kName = "RoutedMoE", *kInputs = "TTtTT", *kOutputs = "T";
+  using Spec = op::RoutedMoE;
+  static constexpr const char* kName = Spec::kName;
   DType t_;
   int64_t router_, top_k_, activation_;
-  MoEKernel(const OrtKernelInfo* info, DType t)
-      : t_(t), router_(AttrOr(info, "router", 0)), top_k_(AttrOr(info, "top_k", 1)),
-        activation_(AttrOr(info, "activation", 0)) {}
+  MoEKernel(const OrtKernelInfo* info, ONNXTensorElementDataType t)
+      : t_(dtype_of(t)), router_(Attr(info, Spec::router)), top_k_(Attr(info, Spec::top_k)),
+        activation_(Attr(info, Spec::activation)) {}
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), rw = input(ctx, 1), rb = input(ctx, 2), w1 = input(ctx, 3), w2 = input(ctx, 4);
@@ -134,9 +119,9 @@ struct MoEKernel {
 
 template <typename K>
 struct AllDtypes {
-  DecodeOp<K, kF32> f32;
-  DecodeOp<K, kF16> f16;
-  DecodeOp<K, kBF16> bf16;
+  mambadeploy_ort::RegistryOp<typename K::Spec, K, kF32, true> f32;
+  mambadeploy_ort::RegistryOp<typename K::Spec, K, kF16, true> f16;
+  mambadeploy_ort::RegistryOp<typename K::Spec, K, kBF16, true> bf16;
   void AddTo(Ort::CustomOpDomain& domain) {
     domain.Add(&f32);
     domain.Add(&f16);

@@ -25,6 +25,13 @@ constexpr DType dtype_of() {
                                                        : DType::kBFloat16;
 }
 
+// The same, for a dtype known at run time (RegistryOp hands its kernels the op object's activation dtype).
+inline DType dtype_of(ONNXTensorElementDataType tt) {
+  return tt == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? DType::kFloat32
+         : tt == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? DType::kFloat16
+                                                       : DType::kBFloat16;
+}
+
 struct In {
   const void* data = nullptr;  // device pointer; nullptr: optional input left out
   std::vector<int64_t> shape;
