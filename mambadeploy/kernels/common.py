@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import settings
+from mambadeploy import settings  # absolute: this file also loads as the interpreted twin (interpret.py)
 
 # Activation codes; the same numbers as mambadeploy.opset.ACTIVATION_CODES (a test checks they agree).
 ACTIVATION_CODES = {"gelu": 0, "silu": 1, "gelu_tanh": 2}
