@@ -5,11 +5,11 @@ Every MAMBADEPLOY_* variable that changes what the runtime or the kernels do is 
 Where a constructor takes the same choice as an argument (TorchFastRunner(l2_prefetch=...)), the argument wins and the
 setting is only its default.
 
-| variable                  | field       | default                  | meaning                                                |
-|---------------------------|-------------|--------------------------|--------------------------------------------------------|
-| MAMBADEPLOY_PDL           | pdl         | on                       | Hopper programmatic dependent launch of decode kernels |
-| MAMBADEPLOY_L2_PREFETCH   | l2_prefetch | "all"                    | torch-fast's L2 prefetch sites: all / none / a list    |
-| MAMBADEPLOY_CACHE         | cache_dir   | ~/.cache/mambadeploy     | exported graphs and built libraries                    |
+| variable                | field       | default              | meaning                                          |
+|-------------------------|-------------|----------------------|--------------------------------------------------|
+| MAMBADEPLOY_PDL         | pdl         | on                   | Hopper programmatic dependent launch (decode)    |
+| MAMBADEPLOY_L2_PREFETCH | l2_prefetch | "all"                | torch-fast's L2 prefetch sites: all/none/a list  |
+| MAMBADEPLOY_CACHE       | cache_dir   | ~/.cache/mambadeploy | exported graphs and built libraries              |
 
 (Build-time variables of the C++ plugins, MAMBADEPLOY_ORT_INCLUDE / MAMBADEPLOY_CUDA_ARCHS, stay with their builder.)
 """
