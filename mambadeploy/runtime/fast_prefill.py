@@ -75,8 +75,7 @@ class FastPrefill:
         host_lengths: each row's real length when rows are left-padded (None: no padding). No host syncs: it is also
         captured (prefill_graphs)."""
         Bsz, L = ids.shape
-        tensors = empty_state(self.config, self.dtype, self.kv_dtype, self.device,
-                              Bsz)
+        tensors = empty_state(self.config, self.dtype, self.kv_dtype, self.device, Bsz)
         valid = None
         if host_lengths is not None:
             lengths = torch.tensor(host_lengths, device=self.device)
