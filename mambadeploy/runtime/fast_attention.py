@@ -71,7 +71,7 @@ def prefill_chunk(attn, x, key_cache, value_cache, rows: ChunkRows):
             value_cache[b, :, p:p + n] = v[b, :, Lc - n:].to(value_cache.dtype)
             out[b:b + 1, :, Lc - n:] = _attend(q[b:b + 1, :, Lc - n:], key_cache[b:b + 1, :, :p + n],
                                                value_cache[b:b + 1, :, :p + n])
-    return attn.o_proj(out.transpose(1, 2).flatten(2))
+    return sparsity.linear(attn, "o_proj", out.transpose(1, 2).flatten(2))
 
 
 def _write_slot(cache, rows, pos, value):
@@ -95,4 +95,4 @@ def decode_step(attn, x, key_cache, value_cache, pos, kernel):
     _write_slot(key_cache, rows, pos, k)
     _write_slot(value_cache, rows, pos, v)
     out = kernel(q, key_cache, value_cache, pos + 1)
-    return attn.o_proj(out.flatten(1))
+    return sparsity.linear(attn, "o_proj", out.flatten(1))
