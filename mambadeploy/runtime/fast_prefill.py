@@ -24,7 +24,7 @@ class FastPrefill:
         dt/B/C and dt_proj's dt."""
         m = layer.mamba
         if m.sparse is not None:  # SCAP-sparse: the reference mixer (prefill is not what the sparse GEMVs are for)
-            return m(x, valid)
+            return m(x, valid, *(() if conv_state is None else (conv_state, ssm_state)))
         di, Bsz, L = m.d_inner, x.shape[0], x.shape[1]
         w_in, b_in = m.in_proj.weight, m.in_proj.bias
         xs = F.linear(x, w_in[:di], None if b_in is None else b_in[:di])  # (B, L, di): the conv reads it token-major
