@@ -18,8 +18,6 @@ datasheet bandwidth (validate/latency.DATASHEET, by GPU name); the copy rate mea
 measures each case both ways in the same run (column triton_gemv), and runs the fp32 check both ways.
 --l2-prefetch SPEC...: each case once per list of L2 prefetch sites (runtime/torch_fast.py L2_PREFETCH_SITES), e.g.
 `none xproj all`, in the same run (column l2_prefetch).
---persistent on|off|both: the batch-1 step as one persistent launch (kernels/decode_persistent.py) or per kernel;
-`both` measures each batch-1 case both ways in the same run (column persistent; batches above 1 are per kernel).
 
 Run: python benchmarks/bench_decode.py [--presets blackmamba-2.8b] [--batches 1 8 64] [--triton-gemv both]
 """
@@ -27,11 +25,11 @@ Run: python benchmarks/bench_decode.py [--presets blackmamba-2.8b] [--batches 1 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from _bench import device_facts, gpu_ms, host_us_per_call, measured_ceilings, spec, table, wall_ms, write_json
 
+from mambadeploy import settings
 from mambadeploy.models.checkpoint import build_preset
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
 from mambadeploy.runtime.torch_fast import TorchFastRunner
@@ -98,7 +96,7 @@ def profile_step(fast, token, state, top=14) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     eager_fast = TorchFastRunner(fast.model, use_cuda_graph=False, check_inputs=False, triton_gemv=fast.triton_gemv,
-                                 l2_prefetch=",".join(fast.l2_prefetch) or "none", persistent=fast.persistent)
+                                 l2_prefetch=",".join(fast.l2_prefetch) or "none")
     scratch = state.clone()
     eager_fast.step(token, scratch)
     torch.cuda.synchronize()
@@ -114,23 +112,19 @@ def profile_step(fast, token, state, top=14) -> list[dict]:
     return rows[:top] + [{"kernel": "TOTAL", "calls": sum(r["calls"] for r in rows), "gpu_us": total}]
 
 
-def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gemv=True, l2_prefetch="all",
-               persistent=None):
+def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gemv=True, l2_prefetch="all"):
     V = model.config.vocab_size
     g = torch.Generator(device="cuda").manual_seed(batch)
     prompt = torch.randint(0, V, (batch, 16), generator=g, device="cuda")
-    fast = TorchFastRunner(model, check_inputs=False, triton_gemv=triton_gemv, l2_prefetch=l2_prefetch,
-                           persistent=persistent)
+    fast = TorchFastRunner(model, check_inputs=False, triton_gemv=triton_gemv, l2_prefetch=l2_prefetch)
     eager = TorchEagerRunner(model)
     top1, err, sf, se, token = follow(fast, eager, prompt)
     row = {"preset": preset, "batch": batch, "triton_gemv": triton_gemv, "l2_prefetch": fast.describe()["l2_prefetch"],
-           "persistent": sf.persistent is not None,
-           "pdl": os.environ.get("MAMBADEPLOY_PDL", "1") != "0", "bf16_top1_agreement": top1,
+           "pdl": settings.current().pdl, "bf16_top1_agreement": top1,
            "bf16_max_rel_err": err}
 
     # bytes actually read: routing of one real step, recorded by an eager (ungraphed) fast runner on a copy
-    tracer = TorchFastRunner(model, use_cuda_graph=False, check_inputs=False, triton_gemv=triton_gemv,
-                             persistent=False)  # (the persistent step records no routing)
+    tracer = TorchFastRunner(model, use_cuda_graph=False, check_inputs=False, triton_gemv=triton_gemv)
     tracer.routing_trace = []
     tracer.step(token, sf.clone())
     weights, parts = weight_bytes_read(model, tracer.routing_trace)
@@ -142,8 +136,6 @@ def bench_case(model, preset, batch, ceil, eager_reps, profile=False, triton_gem
     for _ in range(3):
         fast.step(token, sf)
     row["fast_gpu_ms"] = gpu_ms(sf.graph.replay, reps=50, warmup=0)
-    if sf.persistent is not None:
-        sf.persistent.check()
     row["fast_host_us"] = host_us_per_call(lambda: fast.step(token, sf), calls=20)
     row["fast_wall_ms"] = wall_ms(lambda: fast.step(token, sf), 20)
     row["eager_ms"] = wall_ms(lambda: eager.step(token, se), eager_reps)
@@ -169,13 +161,10 @@ def main():
                         help="dense decode projections on the Triton GEMV (on), cuBLAS (off), or each case both ways")
     parser.add_argument("--l2-prefetch", nargs="+", default=["all"],
                         help="L2 prefetch site lists to measure each case with (e.g. none xproj xproj,fc1 all)")
-    parser.add_argument("--persistent", choices=["auto", "on", "off", "both"], default="auto",
-                        help="the batch-1 step as one persistent launch (auto: the runner's default)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each batch-1 variant list this many times, alternating (an A/B in one process)")
     args = parser.parse_args()
     flags = {"on": (True,), "off": (False,), "both": (False, True)}[args.triton_gemv]
-    modes = {"auto": (None,), "on": (True,), "off": (False,), "both": (False, True)}[args.persistent]
     facts, ceil = device_facts(), measured_ceilings()
     print(facts, ceil, flush=True)
     rows, checks = [], []
@@ -189,14 +178,13 @@ def main():
                 for flag in flags:
                     for spec in args.l2_prefetch:
                         for _ in range(args.repeat if batch == 1 else 1):
-                            for mode in (modes if batch == 1 else (None,)):
-                                rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile,
-                                                       flag, spec, mode))
-                                torch.cuda.empty_cache()
+                            rows.append(bench_case(model, preset, batch, ceil, args.eager_reps, args.profile,
+                                                   flag, spec))
+                            torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
     write_json(args.name, {"device": facts, "ceilings": ceil, "dtype": "bf16", "fp32_checks": checks, "rows": rows})
-    print(table(rows, ["preset", "batch", "triton_gemv", "pdl", "l2_prefetch", "persistent", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
+    print(table(rows, ["preset", "batch", "triton_gemv", "pdl", "l2_prefetch", "fast_gpu_ms", "fast_wall_ms", "fast_host_us", "eager_ms", "speedup_vs_eager",
                        "bytes_per_token", "floor_ms_spec", "roofline_pct_spec", "roofline_pct_copy",
                        "bf16_top1_agreement", "bf16_max_rel_err"]))
     if checks:

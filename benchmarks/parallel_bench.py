@@ -145,7 +145,7 @@ def rank_main(rank: int, world: int, layout_text: str, args, port: int, result_p
             from mambadeploy.parallel.fast import ParallelFastRunner
             from mambadeploy.runtime.torch_fast import TorchFastRunner
 
-            fast = (TorchFastRunner(model, check_inputs=False, persistent=False) if world == 1
+            fast = (TorchFastRunner(model, check_inputs=False) if world == 1
                     else ParallelFastRunner(model, mesh, check_inputs=False))
             try:
                 result["torch_fast"] = time_runner(fast, config.vocab_size, args.batches, prefill=False)

@@ -10,11 +10,11 @@ compile to.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from mambadeploy import settings  # absolute: this file also loads as the interpreted twin (interpret.py)
 
 # Activation codes; the same numbers as mambadeploy.opset.ACTIVATION_CODES (a test checks they agree).
 ACTIVATION_CODES = {"gelu": 0, "silu": 1, "gelu_tanh": 2}
@@ -61,9 +61,9 @@ def pdl_launch(tensor: torch.Tensor) -> dict:
     """Launch arguments for Hopper's programmatic dependent launch (PDL) of a decode kernel that takes `PDL`: the
     kernel may then start while its predecessor on the stream is still finishing (launch latency and its first weight
     loads overlap that tail) and waits (pdl_wait) before touching anything a predecessor writes. Empty — a plain
-    launch — on CPU (the interpreter), below sm_90, with a Triton without grid-dependency control, or with
-    MAMBADEPLOY_PDL=0."""
-    if not tensor.is_cuda or os.environ.get("MAMBADEPLOY_PDL", "1") == "0":
+    launch — on CPU (the interpreter), below sm_90, with a Triton without grid-dependency control, or with the pdl
+    setting off (mambadeploy/settings.py, MAMBADEPLOY_PDL=0)."""
+    if not tensor.is_cuda or not settings.current().pdl:
         return {}
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     if index not in _PDL_DEVICES:
@@ -185,9 +185,9 @@ def l2_prefetch(region_ptr, program, share, piece):
 
 def l2_prefetch_args(region: torch.Tensor | None, nbytes: int, programs: int, num_warps: int) -> dict:
     """Arguments of l2_prefetch for `programs` programs of num_warps * 32 threads sharing the first nbytes of region
-    (a weight the kernel itself does not read). Empty (no prefetch) for no region, on CPU, below sm_90, or with
-    MAMBADEPLOY_L2_PREFETCH=0."""
-    if region is None or not region.is_cuda or os.environ.get("MAMBADEPLOY_L2_PREFETCH", "1") == "0":
+    (a weight the kernel itself does not read). Empty (no prefetch) for no region, on CPU or below sm_90. Whether to
+    prefetch at all is the caller's choice (torch-fast's l2_prefetch sites), not read here."""
+    if region is None or not region.is_cuda:
         return {}
     if torch.cuda.get_device_capability(region.device)[0] < 9:
         return {}

@@ -43,15 +43,10 @@ MAX_ROWS = 16  # rows of x one launch takes (the accumulator holds all of them);
 COUNTER_SLOTS = 1024
 # One row of x on a GPU: (widest BLOCK_N, BLOCK_K, warps or None = 8 from 4096 tile elements, else 4); BLOCK_N halves
 # (down to 4) until there are TARGET_PROGRAMS programs. Measured inside whole 2.8B batch-1 decode steps on the H100
-# (benchmarks/sweep_decode_tiles.py, results/sweep_decode_*tiles_*.json): (8, 512, 4 warps) 0.808-0.811 ms against
-# 0.856 ms for the earlier (16, 512, 8 warps), whose 113 registers a thread left 2 programs an SM, so in_proj's 368
-# programs took 1.4 waves; a module constant so that the sweep can set others.
+# (the decode-tile sweep, removed after commit 14b6ead; results/sweep_decode_*tiles_*.json): (8, 512, 4 warps)
+# 0.808-0.811 ms against 0.856 ms for the earlier (16, 512, 8 warps), whose 113 registers a thread left 2 programs
+# an SM, so in_proj's 368 programs took 1.4 waves.
 ROW_TILE = (8, 512, 4)
-# One row of x on the tl.dot path instead (x padded to 16 rows; Triton pipelines the weight loads that feed a dot, so
-# each program keeps `stages` tiles in flight): (BLOCK_N, BLOCK_K, warps, stages), or None (the default) for the FMA
-# path above. A sweep knob: every tile tried made the 2.8B batch-1 step slower (0.857-1.04 ms against 0.782-0.790 ms,
-# H100, benchmarks/results/sweep_decode_rowdot_tiles_*.json).
-ROW_DOT_TILE = None
 _counters: dict = {}
 
 
@@ -177,8 +172,7 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = 
     N = shapes[1][0]
     if M > MAX_ROWS:
         raise ValueError(f"gemv: {M} rows of x, at most {MAX_ROWS} (use a GEMM)")
-    row_dot = M == 1 and ROW_DOT_TILE is not None and not interpret
-    use_dot = M > 1 or row_dot
+    use_dot = M > 1
     block_m = max(16, next_pow2(M)) if use_dot else 1
     stages = 1
     if interpret:
@@ -186,9 +180,7 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, split_k: bool = 
         chunks = cdiv(K, block_k)
         split = min(chunks, 3) if split_k else 1
     else:
-        if row_dot:
-            block_n, block_k, warps, stages = ROW_DOT_TILE
-        elif use_dot:
+        if use_dot:
             block_k, block_n, warps, stages = 128, 32, 4, 4
         else:
             block_n, block_k, warps = ROW_TILE

@@ -38,9 +38,9 @@ from .moe_routing import moe_align
 # pair), so only a single pair — batch-1 top-1 decode — takes the GEMV.
 GEMV_MAX_PAIRS = 1
 # GEMV tiles on a GPU, (BLOCK_N, BLOCK_K, warps), measured inside whole 2.8B batch-1 decode steps on the H100
-# (benchmarks/sweep_decode_tiles.py, results/sweep_decode_{moe,fc1}_tiles_*.json): fc1 (8, 512, 4) 0.793 ms against
-# 0.804-0.809 ms for the earlier (16, 512, 8) (230 registers a thread: one program an SM, 242 programs in 1.8 waves);
-# fc2 (8, 1024, 8) stays (every other tile tried was slower). Module constants so that the sweep can set others.
+# (the decode-tile sweep, removed after commit 14b6ead; results/sweep_decode_{moe,fc1}_tiles_*.json): fc1
+# (8, 512, 4) 0.793 ms against 0.804-0.809 ms for the earlier (16, 512, 8) (230 registers a thread: one program an
+# SM, 242 programs in 1.8 waves); fc2 (8, 1024, 8) stays (every other tile tried was slower).
 GEMV_FC1_TILE = (8, 512, 4)
 GEMV_FC2_TILE = (8, 1024, 8)
 

@@ -30,7 +30,7 @@ class ParallelFastRunner(TorchFastRunner):
             raise ConfigError("--parallel-kernels triton: Mamba out_proj with a bias (Hugging Face use_bias) under "
                               "tp > 1 is not supported; use --parallel-kernels torch")
         self.mesh = mesh
-        super().__init__(model, use_cuda_graph=use_cuda_graph, check_inputs=check_inputs, persistent=False)
+        super().__init__(model, use_cuda_graph=use_cuda_graph, check_inputs=check_inputs)
         self.rank_runner = ParallelRunner(model, mesh, cuda_graph=False)
 
     def prefill(self, input_ids, lengths=None):

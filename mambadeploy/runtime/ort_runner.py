@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, settings
 from ..errors import InputError, MambaDeployError, lazy_import
 from ..export.manifest import Manifest, ManifestError
 from ..models.state import PAST, PRESENT
@@ -394,7 +394,6 @@ def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> P
     the dtype, the op set and this mambadeploy version stay the same."""
     import hashlib
     import json
-    import os
 
     from ..export.manifest import MANIFEST
     from ..models.checkpoint import load_model, parse_dtype
@@ -422,8 +421,7 @@ def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> P
         identity = {"checkpoint": str(path.resolve()), "files": files}
     identity.update(dtype=str(dtype), ops=ops or "portable", mambadeploy=__version__, exporter=_exporter_hash())
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("MAMBADEPLOY_CACHE", Path.home() / ".cache" / "mambadeploy"))
-    out = root / "exports" / f"{Path(str(target)).name}-{key}"
+    out = settings.current().cache_dir / "exports" / f"{Path(str(target)).name}-{key}"
     if not (out / MANIFEST).is_file():
         from ..export import require_export_dependencies
 

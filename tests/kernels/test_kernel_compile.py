@@ -156,24 +156,3 @@ def test_fp32_grouped_gemm_compiles_for_sm90(monkeypatch):
     calls = dict(_calls(torch.float32))
     for kernel, args, kwargs in _record(monkeypatch, calls["expert_gather (gemm)"]):
         _compile(kernel, args, dict(kwargs))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_persistent_decode_kernel_compiles_for_sm90(dtype):
-    """The persistent batch-1 step at the BlackMamba-2.8B sizes with the GPU launch config: grid-barrier atomics at gpu
-    scope (the arrival an acq_rel add, the poll an acquire load), PDL wait and launch, within sm_90's shared memory."""
-    from mambadeploy.kernels import decode_persistent as kp
-
-    spec = {"d": 1472, "d_inner": 2944, "dt_rank": 92, "d_state": 16, "n_experts": 8, "ffn": 3872, "d_conv": 4}
-    cfg = kp.launch_config(spec, 132)
-    assert cfg["grid"] == (132 * kp.PER_SM,)
-    i64, f32, i32 = (torch.empty(1, dtype=t) for t in (torch.int64, torch.float32, torch.int32))
-    m = torch.empty(1, dtype=dtype)
-    args = (i64, i64, m, f32, m, m, m, m, m, i32, 36, 1472, 2944, 92, 16, 8, 3872, 1e-5)
-    kwargs = dict(cfg["constexprs"], HAS_IN_BIAS=False, HAS_CONV_BIAS=True, HAS_OUT_BIAS=False, HAS_ROUTER_BIAS=True,
-                  SOFTMAX=False, ACTIVATION=0, PDL=True, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                  launch_pdl=True)
-    ptx = _compile(kp.persistent_decode_kernel, args, kwargs).asm["ptx"]
-    for needle in ("atom.global.gpu.acq_rel.add", "ld.global.gpu.acquire", "griddepcontrol.wait",
-                   "griddepcontrol.launch_dependents"):
-        assert needle in ptx, needle

@@ -117,19 +117,6 @@ def test_l2_prefetch_of_another_weight_changes_nothing():
     torch.testing.assert_close(warmed, plain, rtol=0, atol=0)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="ROW_DOT_TILE is a GPU launch choice (the interpreter keeps FMA)")
-def test_one_row_on_the_dot_path_matches_ref(monkeypatch):
-    """gemv.ROW_DOT_TILE (a sweep knob, off by default): one row of x through the tl.dot path, in_proj with its conv."""
-    import mambadeploy.kernels.gemv as gemv_module
-
-    monkeypatch.setattr(gemv_module, "ROW_DOT_TILE", (32, 128, 4, 4))
-    g = make_gen(21)
-    x, w = randn(g, 1, 1472, dtype=torch.bfloat16), randn(g, 5888, 1472, dtype=torch.bfloat16, scale=0.03)
-    assert launch_config((x.shape, w.shape))["constexprs"]["USE_DOT"]
-    assert_close_op(gemv(x, w), gemv_ref(x, w), torch.bfloat16, "gemv (one row, dot path)")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,K", small((1, 40, 72), (3, 37, 150)) + full((1, 50304, 1472)))
 def test_fp32_out_holds_the_model_dtype_result_widened(M, N, K, dtype):

@@ -188,5 +188,9 @@ def test_l2_prefetch_sites_are_parsed_and_checked(tiny, monkeypatch):
     assert TorchFastRunner(model, l2_prefetch="none").l2_prefetch == frozenset()
     monkeypatch.setenv("MAMBADEPLOY_L2_PREFETCH", "0")
     assert TorchFastRunner(model).describe()["l2_prefetch"] == "none"
+    # the constructor argument wins over the environment's setting, both ways
+    assert TorchFastRunner(model, l2_prefetch="xproj").l2_prefetch == frozenset({"xproj"})
+    monkeypatch.setenv("MAMBADEPLOY_L2_PREFETCH", "all")
+    assert TorchFastRunner(model, l2_prefetch="none").describe()["l2_prefetch"] == "none"
     with pytest.raises(ConfigError, match="xproj"):
         TorchFastRunner(model, l2_prefetch="xproj,bogus")

@@ -1,11 +1,10 @@
 """torch-fast on SCAP-sparse checkpoints: its decode step launches the sparse GEMVs (Mamba projections, MoE experts)
 and must follow the sparse reference (on CPU the kernels run in Triton's interpreter): logits within 1e-4 of the logit
-scale at prefill and over decode steps, batch 1 and a left-padded batch of 3; the persistent step is refused."""
+scale at prefill and over decode steps, batch 1 and a left-padded batch of 3."""
 
 import pytest
 import torch
 
-from mambadeploy.errors import ConfigError
 from mambadeploy.models.calibrate import calibrate, windows_from_tokens
 from mambadeploy.models.checkpoint import load_model
 from mambadeploy.runtime.torch_fast import TorchFastRunner
@@ -39,8 +38,3 @@ def test_sparse_torch_fast_follows_the_sparse_reference(sparse_models, name, bat
         ref, ref_state = model.step(token, ref_state)
         got, state = runner.step(token, state)
         assert_logits_close(got, ref, what=f"{name} b{batch} sparse decode step {step}")
-
-
-def test_persistent_step_refuses_a_sparse_model(sparse_models):
-    with pytest.raises(ConfigError, match="SCAP-sparse"):
-        TorchFastRunner(sparse_models["blackmamba-tiny"], use_cuda_graph=False, persistent=True)
