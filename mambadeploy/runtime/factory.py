@@ -113,6 +113,8 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
         provider = backend[4:] or options.get("provider") or ("cuda" if str(device).startswith("cuda") else "cpu")
         directory = export_for(target, dtype=dtype, ops=options.get("ops") or default_ops(provider))
         device_id = int(str(device).split(":")[1]) if str(device).startswith("cuda:") else 0
-        return OrtRunner.from_dir(directory, provider, device_id=device_id,
-                                  cuda_graph=options.get("cuda_graph"))  # None: on for CUDA (runner's default)
+        # cuda_graph None: on for CUDA (the runner's default); prefill_chunk: needs an export with --prefill-state
+        return OrtRunner.from_dir(directory, provider, device_id=device_id, cuda_graph=options.get("cuda_graph"),
+                                  prefill_chunk=options.get("prefill_chunk") if (directory / "prefill_state.onnx")
+                                  .is_file() else None)
     raise MambaDeployError(f"backend {backend!r} is registered but not wired into make_runner")

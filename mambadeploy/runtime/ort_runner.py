@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__, settings
+from .. import __version__
 from ..errors import InputError, MambaDeployError, lazy_import
 from ..export.manifest import Manifest, ManifestError
 from ..models.state import PAST, PRESENT
 from .base import Runner
+from .ort_exports import _exporter_hash, default_ops, export_for  # noqa: F401  (their home before; callers import here)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
@@ -54,7 +55,8 @@ class OrtRunner(Runner):
     _instances = itertools.count()
 
     def __init__(self, directory, provider: str = "cpu", device_id: int = 0, cuda_graph: bool | None = None,
-                 threads: int | None = None, check_hashes: bool = True, aot_kernels: bool = True):
+                 threads: int | None = None, check_hashes: bool = True, aot_kernels: bool = True,
+                 prefill_chunk: int | None = None):
         ort = _ort()
         self.directory = Path(directory)
         if provider not in PROVIDERS:
@@ -80,6 +82,13 @@ class OrtRunner(Runner):
                 raise MambaDeployError("the CUDA provider is not available in this onnxruntime "
                                        f"({ort.__version__}: {', '.join(ort.get_available_providers())}); install "
                                        "onnxruntime-gpu: pip install 'mambadeploy[gpu]'")
+        if prefill_chunk is not None:  # chunked prefill needs the graph that continues an incoming state
+            if int(prefill_chunk) < 1:
+                raise MambaDeployError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")
+            if "prefill_state" not in self.manifest.graphs:
+                raise MambaDeployError(f"{self.directory} has no prefill_state.onnx: export it with --prefill-state "
+                                       "to prefill in chunks")
+        self.prefill_chunk, self._threads = prefill_chunk, threads
         self._library = None  # the custom-op library the sessions loaded (custom exports)
         self.sessions = {name: self._session(ort, name, threads) for name in ("prefill", "decode")}
         self.aot = self._install_aot(aot_kernels) if provider == "cuda" and self._library else None
@@ -149,6 +158,13 @@ class OrtRunner(Runner):
 
         return aot_table.stats(self._library, reset)
 
+    def session(self, graph: str):
+        """The session of one of the export's graphs (prefill_state: made on first use, checked like the others)."""
+        if graph not in self.sessions:
+            self.sessions[graph] = self._session(_ort(), graph, self._threads)
+            self._check_io(graph, self.sessions[graph])
+        return self.sessions[graph]
+
     def _check_io(self, graph: str, sess) -> None:
         """The session's inputs and outputs must be what the manifest says, in order."""
         entry = self.manifest.graphs[graph]
@@ -209,6 +225,12 @@ class OrtRunner(Runner):
             lens = lt.to(torch.int64).cpu().numpy()
             if lens.min() < 1 or lens.max() > L:
                 raise InputError(f"prompt lengths must be in [1, {L}], got {lens.tolist()}")
+        if self.prefill_chunk is not None and L > self.prefill_chunk:
+            from .ort_chunked import chunked_prefill
+
+            logits, values, targets = chunked_prefill(self, ids, lens, self.prefill_chunk)
+            slot = self._advance_epoch(B, 0) if targets is not None else None
+            return logits, OrtState(values, B, int(L), self.id, slot)
         sess = self.sessions["prefill"]
         io = sess.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
@@ -251,10 +273,12 @@ class OrtRunner(Runner):
                 OrtState(dict(zip(self.state_names, outs[1:])), state.batch, state.tokens + 1, self.id))
 
     def _run(self, sess, io, run_options=None) -> None:
+        self.run(sess, io, "prefill" if sess is self.sessions["prefill"] else "decode", run_options)
+
+    def run(self, sess, io, graph: str, run_options=None) -> None:
         try:
             sess.run_with_iobinding(io, run_options)
         except Exception as exc:  # ORT's own exception types; surface as one line naming the graph
-            graph = "prefill" if sess is self.sessions["prefill"] else "decode"
             raise MambaDeployError(f"ONNX Runtime failed running {graph} ({self.directory}): {exc}") from exc
 
     def _check_state(self, state) -> None:
@@ -280,10 +304,18 @@ class OrtRunner(Runner):
                                        "logits": alloc([batch, self.config.vocab_size], "float32")}
         return self._graph_sets[batch]["states"][which]
 
-    def _bind(self, io, kind: str, name: str, tensor: torch.Tensor) -> None:
-        """Bind a contiguous torch CUDA tensor to a graph input or output by its address (no copy)."""
+    def bind_tensor(self, io, kind: str, name: str, tensor: torch.Tensor) -> None:
+        """Bind a contiguous torch tensor (CUDA or CPU) to a graph input or output by its address (no copy)."""
         bind = io.bind_input if kind == "input" else io.bind_output
-        bind(name, "cuda", self.device_id, _ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        device = "cuda" if tensor.is_cuda else "cpu"
+        bind(name, device, self.device_id if tensor.is_cuda else 0, _ELEMENT_TYPES[tensor.dtype], list(tensor.shape),
+             tensor.data_ptr())
+
+    _bind = bind_tensor
+
+    def graph_buffers(self, batch: int) -> dict:
+        """The CUDA-graph state buffers a prefill writes (set 0 of the ping-pong pair for this batch size)."""
+        return self._graph_buffers(batch, 0)
 
     def _advance_epoch(self, batch, which):
         key = (batch, which)
@@ -363,71 +395,3 @@ def missing_kernel_hint(message: str, provider: str, manifest) -> str:
     op = m.group(1) or m.group(2)
     return (f" -- ONNX Runtime ({provider}) has no {op} kernel for this {manifest.dtype} graph; export in another dtype "
             f"(--dtype), with --ops custom (our kernels for the Mamba and MoE ops), or run on the other provider")
-
-
-def _exporter_hash() -> str:
-    """A hash of the code that decides what an export holds (the exporter, the reference model, the op registry): a
-    cached export made by other code is never served (the version number alone did not change with every edit)."""
-    import hashlib
-
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for path in sorted([*(root / "export").glob("*.py"), *(root / "models").glob("*.py"), root / "opset.py"]):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def default_ops(provider: str) -> str:
-    """The op mode an export made for this provider gets when the user names none: `custom` for CUDA where our CUDA
-    custom-op library can be had (built already, or nvcc here to build it), else `portable` (stock ONNX Runtime)."""
-    if provider != "cuda":
-        return "portable"
-    from ..plugins.ort import build
-
-    return "custom" if build.cuda_library_available() else "portable"
-
-
-# --------------------------------------------------------------------------- a model that is not exported yet
-def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> Path:
-    """The export directory for `target`: itself when it is one; otherwise an export of the preset / checkpoint made
-    once into the cache ($MAMBADEPLOY_CACHE, default ~/.cache/mambadeploy) and reused while the checkpoint's files,
-    the dtype, the op set and this mambadeploy version stay the same."""
-    import hashlib
-    import json
-
-    from ..export.manifest import MANIFEST
-    from ..models.checkpoint import load_model, parse_dtype
-    from ..models.presets import PRESETS
-    from ..models.trained import resolve
-
-    target = resolve(target)  # a trained preset is its committed checkpoint directory
-    path = Path(str(target))
-    if str(target) not in PRESETS and (path / MANIFEST).is_file():
-        if ops is not None:
-            have = Manifest.read(path).ops
-            if have != ops:
-                raise InputError(f"{path} holds {have} graphs, not {ops}: export again with --ops {ops}")
-        return path
-    dtype = parse_dtype(dtype)
-    if str(target) in PRESETS:
-        identity = {"preset": str(target)}
-    else:
-        if not path.is_dir():
-            from ..models.checkpoint import detect_format
-
-            detect_format(path)  # raises the loaders' own message for a missing / odd path
-        files = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                       for p in path.rglob("*") if p.is_file())
-        identity = {"checkpoint": str(path.resolve()), "files": files}
-    identity.update(dtype=str(dtype), ops=ops or "portable", mambadeploy=__version__, exporter=_exporter_hash())
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    out = settings.current().cache_dir / "exports" / f"{Path(str(target)).name}-{key}"
-    if not (out / MANIFEST).is_file():
-        from ..export import require_export_dependencies
-
-        require_export_dependencies()
-        from ..export.exporter import export_model
-
-        export_model(load_model(target, dtype=dtype, device="cpu"), out, ops=ops or "portable", force=True,
-                     progress=progress)
-    return out

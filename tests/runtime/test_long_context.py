@@ -255,3 +255,25 @@ def test_ort_chunked_prefill_through_the_prefill_state_graph(hf_jamba_export):
     assert_logits_close(torch.from_numpy(got["logits"]), logits_ref, torch.float32, what="ORT chunked prefill")
     for key, value in state_ref.items():
         torch.testing.assert_close(state[key].float(), value.float(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_ort_runner_prefills_in_chunks_through_the_prefill_state_graph(hf_jamba_export):
+    """OrtRunner(prefill_chunk=N) runs a longer prompt as chunks through prefill_state.onnx (the states stay OrtValues
+    between chunks): the left-padded batch ends in the one-pass logits, and decode continues from it for 16 greedy
+    steps exactly as from the runner's one-pass prefill. An export without that graph refuses the option."""
+    from mambadeploy.errors import MambaDeployError
+    from mambadeploy.runtime.ort_runner import OrtRunner, export_for
+
+    model, directory = hf_jamba_export
+    ids, lengths = _padded(PROMPTS, model.config.vocab_size)
+    chunked, whole = OrtRunner(directory, "cpu", prefill_chunk=3), OrtRunner(directory, "cpu")
+    (lc, sc), (lw, sw) = chunked.prefill(ids, lengths), whole.prefill(ids, lengths)
+    ref, ref_state = model.prefill(ids, lengths)
+    assert_logits_close(lc, ref, torch.float32, what="ORT runner chunked prefill")
+    for step in range(16):
+        tok = ref.argmax(-1)
+        assert torch.equal(lc.argmax(-1), tok) and torch.equal(lw.argmax(-1), tok), f"step {step}"
+        (lc, sc), (lw, sw), (ref, ref_state) = chunked.step(tok, sc), whole.step(tok, sw), model.step(tok, ref_state)
+        assert_logits_close(lc, ref, torch.float32, what=f"chunked-prefill decode step {step}")
+    with pytest.raises(MambaDeployError, match="--prefill-state"):
+        OrtRunner(export_for("jamba-tiny", "fp32"), "cpu", prefill_chunk=4)

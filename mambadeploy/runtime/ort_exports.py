@@ -1,0 +1,78 @@
+"""The export an ORT runner needs for a preset or checkpoint: made once into the cache and reused while the checkpoint's
+files, the dtype, the op set and the exporter's own code stay the same; and the op mode an export gets by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import __version__, settings
+from ..errors import InputError
+from ..export.manifest import Manifest
+
+
+def _exporter_hash() -> str:
+    """A hash of the code that decides what an export holds (the exporter, the reference model, the op registry): a
+    cached export made by other code is never served (the version number alone did not change with every edit)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted([*(root / "export").glob("*.py"), *(root / "models").glob("*.py"), root / "opset.py"]):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def default_ops(provider: str) -> str:
+    """The op mode an export made for this provider gets when the user names none: `custom` for CUDA where our CUDA
+    custom-op library can be had (built already, or nvcc here to build it), else `portable` (stock ONNX Runtime)."""
+    if provider != "cuda":
+        return "portable"
+    from ..plugins.ort import build
+
+    return "custom" if build.cuda_library_available() else "portable"
+
+
+# --------------------------------------------------------------------------- a model that is not exported yet
+def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> Path:
+    """The export directory for `target`: itself when it is one; otherwise an export of the preset / checkpoint made
+    once into the cache ($MAMBADEPLOY_CACHE, default ~/.cache/mambadeploy) and reused while the checkpoint's files,
+    the dtype, the op set and this mambadeploy version stay the same."""
+    import hashlib
+    import json
+
+    from ..export.manifest import MANIFEST
+    from ..models.checkpoint import load_model, parse_dtype
+    from ..models.presets import PRESETS
+    from ..models.trained import resolve
+
+    target = resolve(target)  # a trained preset is its committed checkpoint directory
+    path = Path(str(target))
+    if str(target) not in PRESETS and (path / MANIFEST).is_file():
+        if ops is not None:
+            have = Manifest.read(path).ops
+            if have != ops:
+                raise InputError(f"{path} holds {have} graphs, not {ops}: export again with --ops {ops}")
+        return path
+    dtype = parse_dtype(dtype)
+    if str(target) in PRESETS:
+        identity = {"preset": str(target)}
+    else:
+        if not path.is_dir():
+            from ..models.checkpoint import detect_format
+
+            detect_format(path)  # raises the loaders' own message for a missing / odd path
+        files = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in path.rglob("*") if p.is_file())
+        identity = {"checkpoint": str(path.resolve()), "files": files}
+    identity.update(dtype=str(dtype), ops=ops or "portable", mambadeploy=__version__, exporter=_exporter_hash())
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    out = settings.current().cache_dir / "exports" / f"{Path(str(target)).name}-{key}"
+    if not (out / MANIFEST).is_file():
+        from ..export import require_export_dependencies
+
+        require_export_dependencies()
+        from ..export.exporter import export_model
+
+        export_model(load_model(target, dtype=dtype, device="cpu"), out, ops=ops or "portable", force=True,
+                     progress=progress)
+    return out
