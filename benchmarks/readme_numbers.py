@@ -15,7 +15,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def decode_vs_eager() -> dict:
-    """Every batch-1 2.8B row of results/decode*.json (archive included): eager ms, torch-fast wall ms, their ratio
+    """Every batch-1 2.8B row of results/{,archive/}decode*.json: eager ms, torch-fast wall ms, their ratio
     (wall against wall: the eager step is host-bound)."""
     rows = []
     for f in sorted(glob.glob(str(RESULTS / "**" / "decode*.json"), recursive=True)):

@@ -1,4 +1,7 @@
-"""Print the markdown tables of benchmarks/README.md from the committed JSON results (no GPU needed).
+"""Print the markdown tables of benchmarks/README.md and HISTORY.md from the committed JSON results (no GPU needed).
+
+Reads results/ (the current run of each benchmark) and results/archive/ (superseded runs, sweeps and A/Bs); a table
+built from an archived file says so in its heading.
 
 Run: python benchmarks/tables.py [--gpu nvidia_h100_80gb_hbm3]
 """
@@ -12,16 +15,21 @@ from pathlib import Path
 from _bench import table
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ARCHIVE = RESULTS / "archive"
 
 
 def load(name, gpu):
-    path = RESULTS / f"{name}_{gpu}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    """The results file `name_gpu.json` from results/, else from results/archive/ (marked `archived`)."""
+    for folder in (RESULTS, ARCHIVE):
+        path = folder / f"{name}_{gpu}.json"
+        if path.exists():
+            return dict(json.loads(path.read_text()), archived=folder == ARCHIVE)
+    return None
 
 
 def where(data) -> str:
-    """'GPU, date' of a results file: every table's heading names them."""
-    return f"{data['device']['gpu']}, {data['device']['date']}"
+    """'GPU, date' of a results file (and whether it is archived): every table's heading names them."""
+    return f"{data['device']['gpu']}, {data['device']['date']}" + ("; archived" if data.get("archived") else "")
 
 
 def section(heading: str, rows: list, columns: list) -> None:
@@ -87,7 +95,7 @@ def main():
             section(f"Persistent step, program 0's timeline, {res['preset']} batch 1 ({where(trace)}): "
                     f"{res['step_ms']:.4f} ms captured, {res['n_regs']} registers, {res['n_spills']} spills",
                     res["rows"], ["phase", "count", "work_us", "prologue_us", "loop_us", "wait_us", "total_us"])
-    sweeps = sorted(RESULTS.glob(f"trace_persistent_*_{gpu}.json"))
+    sweeps = [path for folder in (RESULTS, ARCHIVE) for path in sorted(folder.glob(f"trace_persistent_*_{gpu}.json"))]
     if sweeps:
         rows = []
         for path in sweeps:
