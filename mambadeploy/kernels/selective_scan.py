@@ -13,7 +13,7 @@ output pass (each segment from the folded state at its start, writing y). The wo
 channel blocks); R = BLOCK_D * BLOCK_N state rows walk the sequence in chunks of CHUNK steps; every per-step input is an
 (R, CHUNK) tile of one 2-D layout, the recurrence is solved by an associative scan along the chunk axis, the carried
 state applied, and y summed over each channel's rows. On the H100 it is ~1.6-1.9x slower than the segmented kernel
-(benchmarks/README.md).
+(benchmarks/HISTORY.md, scan launch configs).
 
 Steps past the end and padded channels/states get dt = 0 (a = 1, b = 0), so they leave h as it is. Inputs are read
 through strides (channel-major or token-major); y takes u's layout.
