@@ -18,7 +18,9 @@ every part, so a run cut short keeps what it measured):
 Goals (issue 21): 256K prefill <= 30 s; decode at 256K held <= 1.3x decode at 2K held; 2K held at a 256K cache
 <= 1.05x the same at a 4K cache. The JSON carries these ratios; the SVG plots decode ms against tokens held.
 
-  python benchmarks/long_context.py --out benchmarks/results/long_context_h200.json          # the H200 run
+  python benchmarks/long_context.py --out benchmarks/results/long_context_h200.json          # all parts in one run
+  (the committed H200 run took two calls, --parts prefill / --parts check,decode,anchor,fp8_kv:
+   results/long_context_prefill_h200.json and results/long_context_decode_h200.json)
   python benchmarks/long_context.py --dry-run --out /tmp/long_context_dry.json              # CPU, jamba-tiny
 """
 

@@ -15,11 +15,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def decode_vs_eager() -> dict:
-    """Every batch-1 2.8B row of results/decode*.json (archive included): eager ms, torch-fast wall ms, their ratio
+    """Every batch-1 2.8B row of results/{,archive/}decode*.json: eager ms, torch-fast wall ms, their ratio
     (wall against wall: the eager step is host-bound)."""
     rows = []
     for f in sorted(glob.glob(str(RESULTS / "**" / "decode*.json"), recursive=True)):
-        for r in json.load(open(f)).get("rows", []):
+        for r in json.loads(Path(f).read_text()).get("rows", []):
             if r.get("batch") == 1 and "2.8b" in str(r.get("preset", "")) and r.get("eager_ms"):
                 rows.append((Path(f).name, r["eager_ms"], r["fast_wall_ms"], r["eager_ms"] / r["fast_wall_ms"]))
     eager = [r[1] for r in rows]
@@ -30,7 +30,7 @@ def decode_vs_eager() -> dict:
 def engines_ratios() -> dict:
     """ORT (AOT kernels) / torch-fast per shape and batch, from the newest round of results/engines_nvidia_h200.json
     that measured each shape."""
-    data = json.load(open(RESULTS / "engines_nvidia_h200.json"))
+    data = json.loads((RESULTS / "engines_nvidia_h200.json").read_text())
     out = {}
     for rnd in data["rounds"].values():  # rounds in order: later ones overwrite
         for call in rnd["runs"].values():

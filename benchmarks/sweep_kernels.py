@@ -158,7 +158,7 @@ def main():
     parser.add_argument("--only", choices=["scan", "moe"])
     parser.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 64, 2048], choices=[1, 8, 64, 2048])
     parser.add_argument("--name", default="sweep", help="results file stem (a partial sweep should not replace the "
-                                                        "full one's results/sweep_*.json)")
+                                                        "full one's results/archive/sweep_*.json)")
     args = parser.parse_args()
     facts = device_facts()
     rows: list[dict] = []

@@ -1,6 +1,9 @@
-"""Print the markdown tables of benchmarks/README.md from the committed JSON results (no GPU needed).
+"""Print the markdown tables of benchmarks/README.md and HISTORY.md from the committed JSON results (no GPU needed).
 
-Run: python benchmarks/tables.py [--gpu nvidia_h100_80gb_hbm3]
+Reads results/ (the current run of each benchmark) and results/archive/ (superseded runs, sweeps and A/Bs); a table
+built from an archived file says so in its heading.
+
+Run: python benchmarks/tables.py [--gpu nvidia_h100_80gb_hbm3] [--current]   (--current: results/ only, README's tables)
 """
 
 from __future__ import annotations
@@ -12,16 +15,22 @@ from pathlib import Path
 from _bench import table
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ARCHIVE = RESULTS / "archive"
+FOLDERS = [RESULTS, ARCHIVE]  # main() drops ARCHIVE under --current
 
 
 def load(name, gpu):
-    path = RESULTS / f"{name}_{gpu}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    """The results file `name_gpu.json` from results/, else from results/archive/ (marked `archived`)."""
+    for folder in FOLDERS:
+        path = folder / f"{name}_{gpu}.json"
+        if path.exists():
+            return dict(json.loads(path.read_text()), archived=folder == ARCHIVE)
+    return None
 
 
 def where(data) -> str:
-    """'GPU, date' of a results file: every table's heading names them."""
-    return f"{data['device']['gpu']}, {data['device']['date']}"
+    """'GPU, date' of a results file (and whether it is archived): every table's heading names them."""
+    return f"{data['device']['gpu']}, {data['device']['date']}" + ("; archived" if data.get("archived") else "")
 
 
 def section(heading: str, rows: list, columns: list) -> None:
@@ -33,7 +42,11 @@ def section(heading: str, rows: list, columns: list) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", default="nvidia_h100_80gb_hbm3")
-    gpu = parser.parse_args().gpu
+    parser.add_argument("--current", action="store_true", help="only results/ (skip results/archive/)")
+    args = parser.parse_args()
+    gpu = args.gpu
+    if args.current:
+        FOLDERS.remove(ARCHIVE)
     decode = load("decode", gpu)
     if decode:
         rows = [dict(r, gb_read=r["bytes_per_token"] / 1e9) for r in decode["rows"]]
@@ -87,7 +100,7 @@ def main():
             section(f"Persistent step, program 0's timeline, {res['preset']} batch 1 ({where(trace)}): "
                     f"{res['step_ms']:.4f} ms captured, {res['n_regs']} registers, {res['n_spills']} spills",
                     res["rows"], ["phase", "count", "work_us", "prologue_us", "loop_us", "wait_us", "total_us"])
-    sweeps = sorted(RESULTS.glob(f"trace_persistent_*_{gpu}.json"))
+    sweeps = [path for folder in FOLDERS for path in sorted(folder.glob(f"trace_persistent_*_{gpu}.json"))]
     if sweeps:
         rows = []
         for path in sweeps:

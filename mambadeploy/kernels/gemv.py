@@ -43,7 +43,7 @@ MAX_ROWS = 16  # rows of x one launch takes (the accumulator holds all of them);
 COUNTER_SLOTS = 1024
 # One row of x on a GPU: (widest BLOCK_N, BLOCK_K, warps or None = 8 from 4096 tile elements, else 4); BLOCK_N halves
 # (down to 4) until there are TARGET_PROGRAMS programs. Measured inside whole 2.8B batch-1 decode steps on the H100
-# (the decode-tile sweep, removed after commit 14b6ead; results/sweep_decode_*tiles_*.json): (8, 512, 4 warps)
+# (the decode-tile sweep, removed after commit 14b6ead; results/archive/sweep_decode_*tiles_*.json): (8, 512, 4 warps)
 # 0.808-0.811 ms against 0.856 ms for the earlier (16, 512, 8 warps), whose 113 registers a thread left 2 programs
 # an SM, so in_proj's 368 programs took 1.4 waves.
 ROW_TILE = (8, 512, 4)

@@ -38,7 +38,7 @@ from .moe_routing import moe_align
 # pair), so only a single pair — batch-1 top-1 decode — takes the GEMV.
 GEMV_MAX_PAIRS = 1
 # GEMV tiles on a GPU, (BLOCK_N, BLOCK_K, warps), measured inside whole 2.8B batch-1 decode steps on the H100
-# (the decode-tile sweep, removed after commit 14b6ead; results/sweep_decode_{moe,fc1}_tiles_*.json): fc1
+# (the decode-tile sweep, removed after commit 14b6ead; results/archive/sweep_decode_{moe,fc1}_tiles_*.json): fc1
 # (8, 512, 4) 0.793 ms against 0.804-0.809 ms for the earlier (16, 512, 8) (230 registers a thread: one program an
 # SM, 242 programs in 1.8 waves); fc2 (8, 1024, 8) stays (every other tile tried was slower).
 GEMV_FC1_TILE = (8, 512, 4)
@@ -281,7 +281,7 @@ def launch_config(shapes, dtypes=None, interpret: bool = False, tma: bool = Fals
     elif dtypes is not None and dtypes[0] == torch.float32:
         # fp32 operands take 2x the shared memory a stage: the bf16 prefill tiles do not fit (seen on the H100)
         block_m, t1, t2 = 64, (64, 32, 4, 3), (64, 32, 4, 3)
-    else:  # prefill: the H100 sweep at 2048 tokens, CUDA-graph timing (benchmarks/results/sweep_moe_tma_*.json):
+    else:  # prefill: the H100 sweep at 2048 tokens, CUDA-graph timing (results/archive/sweep_moe_tma_*.json):
         # TMA 193 us, pointer loads 201 us with these tiles; the pointer path's earlier fc2 tile (128, 64, 8, 4) 211 us
         block_m, t1, t2 = 128, (128, 64, 8, 4), (256, 64, 8, 3)
     n_blocks = triton.cdiv(P, block_m) + E

@@ -13,7 +13,7 @@ output pass (each segment from the folded state at its start, writing y). The wo
 channel blocks); R = BLOCK_D * BLOCK_N state rows walk the sequence in chunks of CHUNK steps; every per-step input is an
 (R, CHUNK) tile of one 2-D layout, the recurrence is solved by an associative scan along the chunk axis, the carried
 state applied, and y summed over each channel's rows. On the H100 it is ~1.6-1.9x slower than the segmented kernel
-(benchmarks/README.md).
+(benchmarks/HISTORY.md, scan launch configs).
 
 Steps past the end and padded channels/states get dt = 0 (a = 1, b = 0), so they leave h as it is. Inputs are read
 through strides (channel-major or token-major); y takes u's layout.
@@ -32,10 +32,10 @@ from .interpret import is_interpreted, kernel_for
 
 # (BLOCK_D, CHUNK, num_warps) on a GPU: the best of benchmarks/sweep_kernels.py on the H100 (2.8B, L = 2048,
 # channel-major inputs as the runner passes them): 320 us, against 389 us for (2, 32, 1) and 495-750 us for wider blocks
-# (events around single calls; from CUDA-graph replays 250 us, benchmarks/results/sweep_scan_seg_graphed_*.json)
+# (events around single calls; from CUDA-graph replays 250 us, benchmarks/results/archive/sweep_scan_seg_graphed_*.json)
 SCAN_TILE = (1, 64, 2)
 # (BLOCK_D, num_warps, seg_len) of the segment-parallel kernel on a GPU, and the segment length from 2048 steps on:
-# the H100 sweep at 2.8B, L = 2048, CUDA-graph timing (benchmarks/results/sweep_scan_seg_graphed_*.json): 157 us with
+# the H100 sweep at 2.8B, L = 2048, CUDA-graph timing (results/archive/sweep_scan_seg_graphed_*.json): 157 us with
 # 64-step segments, 133 us with 128 (the single-launch associative scan: 250 us in the same run). Shorter sequences
 # keep 64 (more segments, more programs); not swept.
 SEG_TILE = (32, 1, 64)

@@ -90,7 +90,7 @@ def selective_state_update_kernel(
 
 # (BLOCK_D, warps) for batch 1 on a GPU (None: the rule below, which gives (16, 2) at the 2.8B shape). Measured inside
 # whole 2.8B batch-1 decode steps on the H100 (the decode-tile sweep, removed after commit 14b6ead,
-# results/sweep_decode_ssu_tiles*_*.json): (8, 1) 0.787 ms against 0.797-0.799 ms for the rule's (16, 2): more
+# results/archive/sweep_decode_ssu_tiles*_*.json): (8, 1) 0.787 ms against 0.797-0.799 ms for the rule's (16, 2): more
 # programs (368) of one warp each.
 BATCH1_TILE = (8, 1)
 

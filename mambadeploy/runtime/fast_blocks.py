@@ -12,7 +12,7 @@ from ..models import ref_ops, sparsity
 # With TorchFastRunner(triton_gemv=True) (the default), decode batches up to this size run the dense projections
 # (in_proj, x_proj, out_proj, LM head) on the Triton GEMV (kernels/gemv.py: FMA weight stream at batch 1, tl.dot above,
 # split-K for the short-and-wide x_proj) instead of cuBLAS; larger batches keep cuBLAS. Measured on the H100, 2.8B bf16
-# graph replay (benchmarks/results/decode_triton_gemv_dot_2.8b_*.json): batch 1 1.129 -> 1.100 ms, batch 8
+# graph replay (benchmarks/results/archive/decode_triton_gemv_dot_2.8b_*.json): batch 1 1.129 -> 1.100 ms, batch 8
 # 2.337 -> 2.301 ms. A small gain: per projection both stream their weights at ~2 TB/s.
 TRITON_GEMV_MAX_BATCH = 8
 

@@ -4,7 +4,7 @@ prefill through every decode step; only token ids go up and logits come down.
 
 CUDA-graph mode (the default on CUDA; `cuda_graph=False` turns it off): the decode step is captured once per batch size
 and replayed. On the H100 it gave the same logits as plain runs (max difference 0.0) at 3.8 vs 11.0 ms per step for the
-blackmamba-1.5b shape at batch 1 (benchmarks/results/bench_ort_h100.json). Capture needs fixed buffers, so states
+blackmamba-1.5b shape at batch 1 (results/archive/bench_ort_h100.json). Capture needs fixed buffers, so states
 ping-pong between two preallocated sets and a state object is valid until the step after next (a stale state is
 refused, never silently read). The fixed buffers are torch CUDA tensors bound to ORT by address (any dtype, bf16
 included): the states never leave the GPU and are never copied, token ids go up as B integers, and the logits stay on

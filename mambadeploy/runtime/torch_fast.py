@@ -41,7 +41,7 @@ __all__ = ["FUSED_DT_MAX_BATCH", "KV_DTYPES", "L2_PREFETCH_SITES", "PREFILL_CHUN
 # L2 prefetch sites of the batch-1 decode step (Hopper; kernels/common.l2_prefetch): a kernel warms L2 with the weights
 # of a kernel that runs after it, so that HBM keeps streaming through the short kernels and launch gaps in between.
 #   xproj: the x_proj GEMV (a short kernel) prefetches out_proj's weight, read two launches later.
-# Measured and dropped (H100, 2.8B batch 1, benchmarks/results/decode_l2pf_*.json): the expert fc1 GEMV prefetching
+# Measured and dropped (H100, 2.8B batch 1, results/archive/decode_l2pf_*.json): the expert fc1 GEMV prefetching
 # the same expert's fc2 weights (0.854 -> 0.889 ms) and fc2 prefetching 8 MB of the next layer's in_proj (-> 0.896):
 # both compete with a kernel that already streams at full rate.
 # Chosen by TorchFastRunner(l2_prefetch=...), else the l2_prefetch setting (settings.py, MAMBADEPLOY_L2_PREFETCH):
