@@ -26,7 +26,7 @@ from ...errors import MambaDeployError
 HERE = Path(__file__).resolve().parent
 CPU_SOURCES = ("ops_cpu.cc", "ops_cpu_decode.cc", "register.cc")
 CUDA_SOURCES = (*CPU_SOURCES, "ops_cuda.cc", "ops_cuda_kernels.cu", "ops_cuda_decode.cc", "ops_cuda_decode_kernels.cu",
-                "ops_cuda_aot.cc", "aot_launch.cc")
+                "ops_cuda_moe_kernels.cu", "ops_cuda_aot.cc", "aot_launch.cc")
 HEADERS = ("ops.h", "ops_cpu_common.h", "ops_cuda_kernels.h", "ops_cuda_glue.h", "ops_cuda_math.cuh", "ops_cuda_aot.h",
            "aot_launch.h", "opset_generated.h")
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")

@@ -41,5 +41,18 @@ const char* last_error() {
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Run the launcher for the op's dtype on `stream`; returns nullptr or the CUDA error message.
+template <typename Args, void (*F32)(const Args&, cudaStream_t), void (*F16)(const Args&, cudaStream_t),
+          void (*BF16)(const Args&, cudaStream_t)>
+const char* dispatch(DType t, const Args& a, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (t == DType::kFloat32) F32(a, s);
+  else if (t == DType::kFloat16) F16(a, s);
+  else BF16(a, s);
+  return last_error();
+}
+
 }  // namespace
 }  // namespace mambadeploy_cuda
