@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 from onnx import helper
 
 from mambadeploy import opset
@@ -13,7 +14,7 @@ from mambadeploy.export.portable import expand_custom_nodes
 from mambadeploy.models import ref_ops
 from mambadeploy.validate.tolerances import assert_close_op
 
-ort = pytest.importorskip("onnxruntime")
+ort = require_module("onnxruntime", DEV_INSTALL)
 
 TORCH_TO_NAME = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 

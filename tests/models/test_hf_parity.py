@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 from hf_tiny import fan_in_init
 from safetensors.torch import load_file, save_file
 
@@ -16,7 +17,7 @@ from mambadeploy.validate.tolerances import assert_logits_close
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers", DEV_INSTALL)
 
 VOCAB = 99
 

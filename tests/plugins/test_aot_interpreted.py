@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 
 from mambadeploy.opset import get_op
 from mambadeploy.plugins import aot_check
 from mambadeploy.validate.tolerances import assert_close_op
 
-pytest.importorskip("triton")
+require_module("triton", DEV_INSTALL)
 
 HERE = Path(__file__).resolve().parent
 # (op, dims, attrs, the opt dims that fix the constexprs); small awkward shapes: L 1 / 33 / 154, widths off blocks

@@ -11,12 +11,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from components import DEV_INSTALL, require, require_module
 
 from mambadeploy.errors import MambaDeployError
 from mambadeploy.opset import get_op
 from mambadeploy.validate.tolerances import assert_close_op
 
-ort = pytest.importorskip("onnxruntime")
+ort = require_module("onnxruntime", DEV_INSTALL)
 
 from op_graphs import single_op_model  # noqa: E402  (tests/plugins is on sys.path)
 
@@ -127,7 +128,7 @@ def test_cuda_build_compiles_and_loads():
         lib = build.build_library(cuda=True)
     except MambaDeployError as exc:
         if "fetching ORT headers" in str(exc):
-            pytest.skip(f"ORT headers unavailable: {exc}")
+            require(False, "ORT headers for the CUDA build", str(exc))
         raise
     assert lib.name == build.CUDA_LIBRARY_NAME
     model = single_op_model("CausalConv1d", dim=9, k=4, attrs={"activation": 1})

@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mambadeploy.opset import ACTIVATION_CODES, ROUTER_CODES, get_op
 from mambadeploy.validate.tolerances import assert_close_op
 
-ort = pytest.importorskip("onnxruntime")
+ort = require_module("onnxruntime", DEV_INSTALL)
 
 from op_graphs import single_op_model
 
