@@ -57,7 +57,7 @@ def describe_model(target: str, dtype, max_context: int | None = None) -> dict:
     import torch
 
     from ..errors import ConfigError
-    from ..models.checkpoint import empty_model
+    from ..models.model import empty_model
     from ..models.state import state_bytes_by_kind, state_bytes_per_sequence
 
     config, source = read_model_config(target)

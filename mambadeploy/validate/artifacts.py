@@ -78,7 +78,7 @@ class Exports:
         import time
 
         from ..export.exporter import export_model
-        from ..models.checkpoint import empty_model
+        from ..models.model import empty_model
 
         ops = ops or self.ops
         if self.use_cache and out != self.given:
