@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mambadeploy.opset import ACTIVATION_CODES, ROUTER_CODES, get_op
-from mambadeploy.validate.tolerances import assert_close_op
+from mambadeploy.validate.tolerances import op_checker
+
+check_op = op_checker("ort_decode_ops")  # fp32 on the CPU: this op's measured bound
 
 ort = require_module("onnxruntime", DEV_INSTALL)
 
@@ -64,7 +66,7 @@ def _tensors(model, feeds):
 
 def _check(name, outputs, expected):
     for out, ref, what in zip(outputs, expected, get_op(name).outputs):
-        assert_close_op(out, ref, torch.float32, f"{name}.{what}")
+        check_op(out, ref, torch.float32, f"{name}.{what}")
 
 
 @SETTINGS
