@@ -139,9 +139,9 @@ def _describe_onnx_export(path: Path, files: list[str]) -> dict:
     m = Manifest.read(path)
     m.check_files(path, hash_graphs=False)
     config = m.model_config
-    import torch
+    from ..dtypes import parse_dtype
 
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m.dtype]
+    dtype = parse_dtype(m.dtype)
     graphs = {name: {"file": g.file, "bytes": g.bytes, "external_data": g.external_data,
                      "inputs": [asdict(t) for t in g.inputs], "outputs": [asdict(t) for t in g.outputs]}
               for name, g in m.graphs.items()}

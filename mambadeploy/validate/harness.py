@@ -284,7 +284,7 @@ def _onnx_per_layer(req, model, trace, exports, bound) -> tuple[list, str | None
     from . import onnx_layers
 
     cand_dir = exports.get(req)
-    ops = exports.manifest(cand_dir).get("ops")
+    ops = exports.manifest(cand_dir).ops
     ref_dir = exports.reference_export(ops)
     cand_path, ref_path = cand_dir / "prefill.onnx", ref_dir / "prefill.onnx"
     if onnx_layers.uses_custom_domain(cand_path):
