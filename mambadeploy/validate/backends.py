@@ -14,12 +14,12 @@ import torch
 
 from ..dtypes import COMPUTE_DTYPES, parse_dtype, short_name
 from ..errors import InputError
+from ..runtime.factory import BACKENDS, ONNX_BACKENDS
 
-# every backend validate knows, in report order
-ALL_BACKENDS = ("torch", "torch-fast", "ort-cpu", "ort-cuda", "trt")
-ONNX_BACKENDS = ("ort-cpu", "ort-cuda")  # run the graphs of an export directory
-GPU_BACKENDS = ("torch-fast", "ort-cuda", "trt")
-NAMED_ONLY = ("parallel",)  # run only when named in --backends (it starts worker processes)
+# validate's lists (every backend validate runs by default, in report order), derived from the one backend table (runtime/factory.BACKENDS)
+ALL_BACKENDS = tuple(n for n, b in BACKENDS.items() if b.validate == "default")
+GPU_BACKENDS = tuple(n for n in ALL_BACKENDS if BACKENDS[n].gpu)
+NAMED_ONLY = tuple(n for n, b in BACKENDS.items() if b.validate == "named")  # starts worker processes
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,6 @@ def parse_backends(text: str | None, default_dtype: str) -> tuple[list[BackendRe
 
 
 def _registered(name: str) -> bool:
-    from ..runtime.factory import BACKENDS
-
     return name in BACKENDS
 
 
