@@ -49,9 +49,11 @@ OP_FP32_CPU = {
     "sparse_gemv": 2.0e-7,  # 18 comparisons, bound 2.0e-6
     "state_update": 5.7e-7,  # 24 comparisons, bound 5.7e-6
 }
-# model-level logits, worst clean max abs error / logit scale over the fp32 logits tests (CPU); the bound is 10x this.
-# validate's own gate (LOGITS_REL, any device) stays at 1e-4.
-LOGITS_FP32_CPU = 1e-5
+# model-level, worst clean max abs error / scale over the 262 fp32 comparisons of the logits tests (CPU): 1.04e-5, on a
+# state tensor (test_ort_runner, hf-jamba custom ops, final state L3.conv), mean of the per-comparison maxima 9.1e-7. The
+# tests' bound is min(10x this, LOGITS_REL[fp32]) = 1e-4: the states share the logits' check, so the logits themselves
+# (issue 17: 3e-7 to 3e-6) get no tighter bound until states are measured apart. validate's gate stays LOGITS_REL.
+LOGITS_FP32_CPU = 1.05e-5
 
 
 # op-level parity (kernel / plugin vs _ref), per dtype of the inputs
@@ -154,7 +156,7 @@ def op_checker(op: str):
 def logits_bound(dtype: torch.dtype, device: str = "cpu") -> float:
     """The tests' bound on logits (relative to the logit scale): measured for fp32 on the CPU, else LOGITS_REL."""
     if dtype == torch.float32 and device == "cpu" and MEASUREMENTS is None:
-        return max(FP32_FACTOR * LOGITS_FP32_CPU, FP32_FLOOR)
+        return min(max(FP32_FACTOR * LOGITS_FP32_CPU, FP32_FLOOR), LOGITS_REL[torch.float32])
     return LOGITS_REL[dtype]
 
 
