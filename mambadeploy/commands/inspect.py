@@ -57,7 +57,7 @@ def describe_model(target: str, dtype, max_context: int | None = None) -> dict:
     import torch
 
     from ..errors import ConfigError
-    from ..models.checkpoint import empty_model
+    from ..models.model import empty_model
     from ..models.state import state_bytes_by_kind, state_bytes_per_sequence
 
     config, source = read_model_config(target)
@@ -139,9 +139,9 @@ def _describe_onnx_export(path: Path, files: list[str]) -> dict:
     m = Manifest.read(path)
     m.check_files(path, hash_graphs=False)
     config = m.model_config
-    import torch
+    from ..dtypes import parse_dtype
 
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m.dtype]
+    dtype = parse_dtype(m.dtype)
     graphs = {name: {"file": g.file, "bytes": g.bytes, "external_data": g.external_data,
                      "inputs": [asdict(t) for t in g.inputs], "outputs": [asdict(t) for t in g.outputs]}
               for name, g in m.graphs.items()}

@@ -26,6 +26,7 @@ import onnx
 import torch
 
 from .. import __version__, opset
+from ..dtypes import FLOAT_NAMES, manifest_name
 from ..errors import MambaDeployError
 from ..interrupts import cleanup_on_interrupt
 from ..models.model import MambaMoELM
@@ -35,7 +36,6 @@ from .descriptions import DEFAULT_OPSET, MIN_OPSET, OPS_MODES, description_for
 from .manifest import MANIFEST, GraphEntry, Manifest, config_sha256, sha256_file
 
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GB; above 1 GiB of weights keep them outside the graph
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -143,7 +143,7 @@ def _quiet():
 
 def _export_into(model, tmp: Path, ops: str, opset_version: int, desc, say) -> Manifest:
     config = model.config
-    dtype = DTYPE_NAMES.get(model.dtype)
+    dtype = FLOAT_NAMES.get(model.dtype, (None, None))[1]
     if dtype is None:
         raise MambaDeployError(f"cannot export a {model.dtype} model; use fp32, fp16 or bf16")
     external = weight_bytes(model) > EXTERNAL_DATA_BYTES
@@ -190,8 +190,7 @@ def _export_into(model, tmp: Path, ops: str, opset_version: int, desc, say) -> M
     manifest = Manifest(
         family=config.family, config=config.to_dict(), dtype=dtype, ops=ops,
         opset=max(opset_version, 27) if ops == "standard" else opset_version,  # standard.STANDARD_OPSET
-        state=[{"name": s.name, "shape": list(s.shape), "dtype": DTYPE_NAMES[s.dtype] if s.dtype in DTYPE_NAMES
-                else str(s.dtype).replace("torch.", "")} for s in specs],
+        state=[{"name": s.name, "shape": list(s.shape), "dtype": manifest_name(s.dtype)} for s in specs],
         graphs=entries,
         limits={"max_batch": desc.max_batch, "max_length": max_length},
         checkpoint={"source": getattr(model, "source", None), "config_sha256": config_sha256(config.to_dict()),

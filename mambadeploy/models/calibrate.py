@@ -239,7 +239,7 @@ def refine_thresholds(sparse: MambaMoELM, windows: torch.Tensor, chosen, target:
 @torch.no_grad()
 def fold(dense: MambaMoELM, config) -> MambaMoELM:
     """Build the sparse model for `config` from the dense weights; each folded bias = W·(m·1), summed in fp64."""
-    from .checkpoint import empty_model
+    from .model import empty_model
 
     sparse = empty_model(config, dense.dtype, dense.device)  # no random init: every tensor is set below
     missing, unexpected = sparse.load_state_dict(dense.state_dict(), strict=False)

@@ -13,27 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import parse_dtype
 from ..errors import CheckpointError, ConfigError, MambaDeployError, read_json
-from .model import MambaMoELM, init_random_
+from .model import MambaMoELM, empty_model, init_random_
 from .presets import PRESETS, preset_config
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
-    return DTYPES[dtype]
-
-
-def empty_model(config, dtype=torch.float32, device="cpu") -> MambaMoELM:
-    """A model with uninitialised parameters allocated once, directly in `dtype` on `device` (no fp32 copy first)."""
-    with torch.device("meta"):
-        model = MambaMoELM(config)
-    return model._apply(lambda t: torch.empty_like(t, device=device, dtype=dtype if t.is_floating_point() else t.dtype))
 
 
 def build_preset(name: str, dtype=torch.float32, device="cpu", seed: int = 0) -> MambaMoELM:

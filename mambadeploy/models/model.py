@@ -170,6 +170,13 @@ class MambaMoELM(nn.Module):
 _STATE_OF = {"mamba": ("conv", "ssm"), "attention": ("key", "value"), "none": ()}
 
 
+def empty_model(config, dtype=torch.float32, device="cpu") -> MambaMoELM:
+    """A model with uninitialised parameters allocated once, directly in `dtype` on `device` (no fp32 copy first)."""
+    with torch.device("meta"):
+        model = MambaMoELM(config)
+    return model._apply(lambda t: torch.empty_like(t, device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+
+
 def _add_norm(pending, h, norm, dtype):
     """h += pending (fp32), then the block norm in the model dtype: the same numbers as `h = h + out.float()` followed
     by `norm(h).to(dtype)`, written as one ref_ops.add_rms_norm_ref call so the decode export makes it one node."""

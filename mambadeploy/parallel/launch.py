@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ParallelError
 from .mesh import DEFAULT_TIMEOUT_S, init_distributed, parse_layout
+from .ranks import rank_runner
 
 KERNELS = ("torch", "triton")
 
@@ -45,17 +46,6 @@ def make_parallel_runner(target, parallel: str = "tp=2", dtype="fp32", device="c
     atexit.register(_leave_group)
     model, _ = load_sharded(target, mesh, dtype, dev, seed, init)
     return rank_runner(model, mesh, cuda_graph, kernels), rank == 0
-
-
-def rank_runner(model, mesh, cuda_graph: bool = True, kernels: str = "torch"):
-    """This rank's runner over its sharded model."""
-    if kernels == "triton":
-        from .fast import ParallelFastRunner
-
-        return ParallelFastRunner(model, mesh, use_cuda_graph=cuda_graph)
-    from .runner import ParallelRunner
-
-    return ParallelRunner(model, mesh, cuda_graph=cuda_graph)
 
 
 def _leave_group():

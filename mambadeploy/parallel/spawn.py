@@ -97,8 +97,8 @@ def _worker(rank, conn, settings):
 
 
 def _load(payload, mesh, device, settings):
-    from .launch import rank_runner
     from .load import load_sharded
+    from .ranks import rank_runner
 
     model, fingerprint = load_sharded(payload["target"], mesh, payload["dtype"], device, payload["seed"],
                                       payload["init"])

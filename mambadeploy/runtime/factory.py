@@ -4,6 +4,7 @@ MissingDependencyError naming the install command, never an ImportError at CLI s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,17 +12,32 @@ import torch
 from ..errors import MambaDeployError
 from .base import Runner
 
-# backend name -> one-line description (validate and the CLI list these)
+
+@dataclass(frozen=True)
+class Backend:
+    description: str  # one line: the CLI and validate list these
+    runs: str  # what it runs: "model" (a preset / checkpoint), "export" (ONNX graphs) or "engines" (TensorRT plans)
+    gpu: bool = False  # needs a CUDA GPU (torch-fast also runs tiny models on the CPU through Triton's interpreter)
+    validate: str | None = None  # in `validate`: "default" (run unless --backends says otherwise), "named" (only when
+    #                              named: it starts worker processes), None (an alias there, resolved before)
+
+
+# The one table of backend names: make_runner dispatches on it, validate derives its lists from it.
 BACKENDS = {
-    "torch": "PyTorch eager reference (CPU or CUDA)",
-    "torch-fast": "Triton kernels, decode step in a CUDA graph (CUDA; on CPU Triton's interpreter: tiny models only)",
-    "trt": "TensorRT / TensorRT-RTX engines from `mambadeploy build` (CUDA GPU; not run on these machines)",
-    "ort": "ONNX Runtime on an export directory (--provider cpu|cuda); a preset/checkpoint is exported first (cached)",
-    "ort-cpu": "ONNX Runtime, CPU provider (= ort --provider cpu)",
-    "ort-cuda": "ONNX Runtime, CUDA provider (= ort --provider cuda; needs onnxruntime-gpu)",
-    "parallel": "tensor / expert parallel over torch.distributed (--parallel tp=N,ep=M): torchrun ranks, or workers "
-                "spawned here (gloo on CPU, NCCL on GPUs)",
+    "torch": Backend("PyTorch eager reference (CPU or CUDA)", "model", validate="default"),
+    "torch-fast": Backend("Triton kernels, decode step in a CUDA graph (CUDA; on CPU Triton's interpreter: tiny "
+                          "models only)", "model", gpu=True, validate="default"),
+    "ort-cpu": Backend("ONNX Runtime, CPU provider (= ort --provider cpu)", "export", validate="default"),
+    "ort-cuda": Backend("ONNX Runtime, CUDA provider (= ort --provider cuda; needs onnxruntime-gpu)", "export",
+                        gpu=True, validate="default"),
+    "trt": Backend("TensorRT / TensorRT-RTX engines from `mambadeploy build` (CUDA GPU; not run on these machines)",
+                   "engines", gpu=True, validate="default"),
+    "ort": Backend("ONNX Runtime on an export directory (--provider cpu|cuda); a preset/checkpoint is exported first "
+                   "(cached)", "export"),
+    "parallel": Backend("tensor / expert parallel over torch.distributed (--parallel tp=N,ep=M): torchrun ranks, or "
+                        "workers spawned here (gloo on CPU, NCCL on GPUs)", "model", validate="named"),
 }
+ONNX_BACKENDS = tuple(n for n, b in BACKENDS.items() if b.runs == "export" and b.validate)
 
 
 def _load(target, dtype, device, max_context=None):
@@ -62,7 +78,7 @@ def directory_kind(target) -> str | None:
 
 def _refuse_directory(target, backend: str) -> None:
     kind = directory_kind(target)
-    wants = {"torch": None, "torch-fast": None, "parallel": None, "trt": "engines"}.get(backend, "export")
+    wants = {"model": None}.get(BACKENDS[backend].runs, BACKENDS[backend].runs) if backend in BACKENDS else "export"
     if kind is None or kind == wants:
         return
     if kind == "engines":
@@ -107,7 +123,7 @@ def make_runner(target, backend: str = "torch", dtype="fp32", device="cpu", **op
         return make_parallel_runner(target, options.get("parallel") or "tp=2", dtype, device,
                                     **{k: options[k] for k in ("timeout_s", "init", "seed", "cuda_graph", "kernels")
                                        if options.get(k) is not None})[0]
-    if backend in ("ort", "ort-cpu", "ort-cuda"):
+    if BACKENDS[backend].runs == "export":
         from .ort_runner import OrtRunner, default_ops, export_for
 
         provider = backend[4:] or options.get("provider") or ("cuda" if str(device).startswith("cuda") else "cpu")

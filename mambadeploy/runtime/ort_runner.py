@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..dtypes import TORCH_DTYPES
 from ..errors import InputError, MambaDeployError, lazy_import
 from ..export.manifest import Manifest, ManifestError
 from ..models.state import PAST, PRESENT
@@ -30,7 +31,6 @@ from .ort_exports import _exporter_hash, default_ops, export_for  # noqa: F401  
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
              "int64": "tensor(int64)", "int32": "tensor(int32)"}
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 # IO binding by address takes a numpy type, or an ONNX type number where numpy has none (bf16)
 _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bfloat16: 16}
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, read_json
+from ..dtypes import parse_dtype, short_name
+from ..errors import InputError
+from ..export.manifest import MANIFEST, Manifest
 from ..models.config import ModelConfig
 from .backends import dtype_name
-
-EXPORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # manifest spelling -> validate's
 
 
 class Exports:
@@ -26,12 +26,11 @@ class Exports:
         self.export_s: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the user's directory
-    def manifest(self, directory: Path) -> dict:
-        path = directory / "manifest.json"
-        if not path.is_file():
-            raise InputError(f"{directory} is not an export directory (no manifest.json); make one with "
+    def manifest(self, directory: Path) -> Manifest:
+        if not (directory / MANIFEST).is_file():
+            raise InputError(f"{directory} is not an export directory (no {MANIFEST}); make one with "
                              f"`mambadeploy export MODEL --out {directory}`")
-        return read_json(path, InputError)
+        return Manifest.read(directory)
 
     def check_given(self) -> None:
         """Refuse an export of another model: its manifest's config must equal MODEL's, and its weights must come from
@@ -47,7 +46,7 @@ class Exports:
             if not self.given.exists():
                 self._export(self.given, req.dtype)
             manifest = self.manifest(self.given)
-            have = EXPORT_DTYPES.get(manifest.get("dtype"), manifest.get("dtype"))
+            have = short_name(manifest.dtype)
             if req.dtype_given and have and have != dtype_name(req.dtype):
                 raise InputError(f"export {self.given} holds {have} graphs but {req.label} asks for "
                                  f"{dtype_name(req.dtype)}; export again with --dtype {dtype_name(req.dtype)}")
@@ -61,8 +60,7 @@ class Exports:
 
     def dtype_of(self, directory: Path) -> str:
         """The export's dtype as fp32 / fp16 / bf16."""
-        have = self.manifest(directory).get("dtype")
-        return EXPORT_DTYPES.get(have, have)
+        return short_name(self.manifest(directory).dtype)
 
     def reference_export(self, ops: str | None) -> Path:
         """An fp32 export of MODEL with the given op set (per-layer ONNX comparisons run against it): one made here
@@ -78,7 +76,7 @@ class Exports:
         import time
 
         from ..export.exporter import export_model
-        from ..models.checkpoint import empty_model
+        from ..models.model import empty_model
 
         ops = ops or self.ops
         if self.use_cache and out != self.given:
@@ -86,7 +84,7 @@ class Exports:
 
             t0 = time.perf_counter()
             out = export_for(self.target, dtype=dtype_name(dtype), ops=ops)
-            self.made[(dtype_name(dtype), self.manifest(out).get("ops"))] = out
+            self.made[(dtype_name(dtype), self.manifest(out).ops)] = out
             self.export_s[out.name] = round(time.perf_counter() - t0, 2)  # ~0 when the cache had it
             return out
         t0 = time.perf_counter()
@@ -118,8 +116,8 @@ class Exports:
                 "cached": self.use_cache}
 
 
-def check_same_model(manifest: dict, model, directory, target) -> None:
-    theirs = manifest.get("config")
+def check_same_model(manifest: Manifest, model, directory, target) -> None:
+    theirs = manifest.config
     if not isinstance(theirs, dict):
         raise InputError(f"{directory}/manifest.json has no model config: cannot tell which model it was exported from")
     ours = model.config.to_dict()
@@ -134,11 +132,11 @@ def check_same_model(manifest: dict, model, directory, target) -> None:
     _check_same_weights(manifest, model, Path(directory), target)
 
 
-def _check_same_weights(manifest: dict, model, directory: Path, target) -> None:
+def _check_same_weights(manifest: Manifest, model, directory: Path, target) -> None:
     """Same config is not same model: compare where the weights came from (two presets: name and seed) and the
     embedding matrix itself (its first rows, in the export's dtype) with the prefill graph's initializer. One weight
     deep inside differing is a corrupted export, not another model: that is for the numerics to find."""
-    theirs = (manifest.get("checkpoint") or {}).get("source") or {}
+    theirs = (manifest.checkpoint or {}).get("source") or {}
     ours = getattr(model, "source", None) or {}
     if theirs.get("kind") == ours.get("kind") == "preset" and \
             (theirs.get("name"), theirs.get("seed")) != (ours.get("name"), ours.get("seed")):
@@ -148,21 +146,21 @@ def _check_same_weights(manifest: dict, model, directory: Path, target) -> None:
     if emb is None:
         return
     mine = model.embedding.weight.detach()[: emb.shape[0]].float().cpu()
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(manifest.get("dtype"), torch.float32)
+    dtype = parse_dtype(manifest.dtype)
     mine = mine.to(dtype).float()
     if emb.shape != mine.shape or not torch.allclose(emb, mine, rtol=1e-2, atol=1e-3):
         raise InputError(f"export directory {directory} was made from other weights than {target}: the embedding "
                          "matrices differ")
 
 
-def _initializer(manifest: dict, directory: Path, name: str, rows: int = 64) -> torch.Tensor | None:
+def _initializer(manifest: Manifest, directory: Path, name: str, rows: int = 64) -> torch.Tensor | None:
     """The first `rows` rows of one initializer of the prefill graph as an fp32 tensor, or None when absent (read
     without loading the other weights)."""
     import onnx
     from onnx import external_data_helper, numpy_helper
 
-    entry = (manifest.get("graphs") or {}).get("prefill") or {}
-    path = directory / entry.get("file", "prefill.onnx")
+    entry = manifest.graphs.get("prefill")
+    path = directory / (entry.file if entry is not None else "prefill.onnx")
     if not path.is_file():
         return None
     proto = onnx.load(str(path), load_external_data=False)

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dtypes import COMPUTE_DTYPES, parse_dtype, short_name
 from ..errors import InputError
-from ..models.checkpoint import DTYPES, parse_dtype
+from ..runtime.factory import BACKENDS, ONNX_BACKENDS
 
-# every backend validate knows, in report order
-ALL_BACKENDS = ("torch", "torch-fast", "ort-cpu", "ort-cuda", "trt")
-ONNX_BACKENDS = ("ort-cpu", "ort-cuda")  # run the graphs of an export directory
-GPU_BACKENDS = ("torch-fast", "ort-cuda", "trt")
-NAMED_ONLY = ("parallel",)  # run only when named in --backends (it starts worker processes)
+# validate's lists (every backend validate runs by default, in report order), derived from the one backend table (runtime/factory.BACKENDS)
+ALL_BACKENDS = tuple(n for n, b in BACKENDS.items() if b.validate == "default")
+GPU_BACKENDS = tuple(n for n in ALL_BACKENDS if BACKENDS[n].gpu)
+NAMED_ONLY = tuple(n for n, b in BACKENDS.items() if b.validate == "named")  # starts worker processes
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class BackendRequest:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    return short_name(dtype)
 
 
 def parse_backends(text: str | None, default_dtype: str) -> tuple[list[BackendRequest], bool]:
@@ -52,7 +52,7 @@ def parse_backends(text: str | None, default_dtype: str) -> tuple[list[BackendRe
         if name not in ALL_BACKENDS + NAMED_ONLY:
             raise InputError(f"unknown backend {name!r}; backends: {', '.join(ALL_BACKENDS + NAMED_ONLY)} (ort = ort-cuda with a "
                              "GPU, ort-cpu without)")
-        if dt and dt not in DTYPES:
+        if dt and dt not in COMPUTE_DTYPES:
             raise InputError(f"unknown dtype {dt!r} in backend {item!r}; use one of fp32, fp16, bf16")
         req = BackendRequest(name, parse_dtype(dt) if dt else base, bool(dt))
         if req not in requests:
@@ -63,8 +63,6 @@ def parse_backends(text: str | None, default_dtype: str) -> tuple[list[BackendRe
 
 
 def _registered(name: str) -> bool:
-    from ..runtime.factory import BACKENDS
-
     return name in BACKENDS
 
 

@@ -263,7 +263,7 @@ def _per_layer(req, runner, model, trace, tf, ref_stream, exports) -> dict:
         stream = per_layer.residual_stream(cand_model, trace.ids, trace.lengths)
         rows += per_layer.drift_rows(stream, ref_stream, "prefill", "hidden", bound)
         methods.append("torch forward hooks (residual stream at every norm input)")
-    elif req.name in ("ort-cpu", "ort-cuda"):
+    elif req.name in ONNX_BACKENDS:
         try:
             onnx_rows, note = _onnx_per_layer(req, model, trace, exports, bound)
         except Exception as exc:  # noqa: BLE001 - the state comparison below still stands
@@ -284,7 +284,7 @@ def _onnx_per_layer(req, model, trace, exports, bound) -> tuple[list, str | None
     from . import onnx_layers
 
     cand_dir = exports.get(req)
-    ops = exports.manifest(cand_dir).get("ops")
+    ops = exports.manifest(cand_dir).ops
     ref_dir = exports.reference_export(ops)
     cand_path, ref_path = cand_dir / "prefill.onnx", ref_dir / "prefill.onnx"
     if onnx_layers.uses_custom_domain(cand_path):

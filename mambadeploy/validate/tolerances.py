@@ -3,7 +3,8 @@
 Errors on logits are measured relative to the logit scale: max|a - b| / max(max|b|, 1). How each number was chosen:
 - fp32, same math (torch eager vs torch eager step, ORT CPU fp32): reassociation only; seen up to ~3e-7 relative on the
   tiny presets over 256 steps (CPU here); 1e-4 is the bound issue 3/4 ask for, kept with margin for long generations.
-- op parity (kernels vs _ref): mamba_ssm's own test tolerances per dtype (rtol, atol): fp32 (3e-4, 1e-3),
+- op parity (kernels vs _ref): fp32 on the CPU from measured clean errors, per op (OP_FP32_CPU below); fp16/bf16, and
+  fp32 on a GPU until measured there, mamba_ssm's own test tolerances per dtype (rtol, atol): fp32 (3e-4, 1e-3),
   fp16 (5e-3, 1e-2), bf16 (1e-2, 5e-2).
 - low-precision whole models: logits drift, so they are judged by teacher-forced top-1 agreement (>= 99 %) and a looser
   relative-to-scale bound.
@@ -20,6 +21,39 @@ import torch
 class Tolerance:
     rtol: float
     atol: float
+
+
+# fp32 on the CPU (the interpreter, ORT CPU, torch): each bound is FP32_FACTOR x the worst clean max abs error measured
+# by scripts/measure_tolerances.py over every fp32 comparison of that op in the suite (committed measurement:
+# benchmarks/results/tolerances_measured_cpu.json). 10x leaves room for other shapes / BLAS builds while staying below
+# the smallest planted bug (tanh-GELU for exact GELU: 1.2e-4 abs at op level; scripts/mutation_audit.py). FP32_FLOOR:
+# an op measured bit-exact here still gets one fp32 rounding's worth of room at unit scale.
+FP32_FACTOR = 10.0
+FP32_FLOOR = 1e-6
+# op -> worst clean max abs error / max(max|expected|, 1) (fp32 comparisons, CPU); the bound is FP32_FACTOR x this,
+# times the compared output's own scale (outputs of the scan reach |y| ~ 1e3 in the tests: an absolute bound would not
+# carry from one input scale to another)
+OP_FP32_CPU = {
+    "aot_interpreted": 4.6e-7,  # 19 comparisons, bound 4.6e-6
+    "causal_conv1d": 1.9e-7,  # 14 comparisons, bound 1.9e-6
+    "decode_attention": 2.4e-7,  # 8 comparisons, bound 2.4e-6
+    "decode_consistency": 1.8e-6,  # 16 comparisons, bound 1.8e-5
+    "gemv": 3.2e-7,  # 30 comparisons, bound 3.2e-6
+    "moe": 2.9e-7,  # 82 comparisons, bound 2.9e-6
+    "moe_oracle": 6.9e-7,  # 25 comparisons, bound 6.9e-6
+    "onnx_portable": 2.3e-7,  # 66 comparisons, bound 2.3e-6
+    "ort_custom_ops": 1.7e-6,  # 55 comparisons, bound 1.7e-5
+    "ort_decode_ops": 4.5e-7,  # 168 comparisons, bound 4.5e-6
+    "rms_norm": 1.8e-7,  # 34 comparisons, bound 1.8e-6
+    "selective_scan": 6.8e-7,  # 56 comparisons, bound 6.8e-6
+    "sparse_gemv": 2.0e-7,  # 18 comparisons, bound 2.0e-6
+    "state_update": 5.7e-7,  # 24 comparisons, bound 5.7e-6
+}
+# model-level, worst clean max abs error / scale over the 262 fp32 comparisons of the logits tests (CPU): 1.04e-5, on a
+# state tensor (test_ort_runner, hf-jamba custom ops, final state L3.conv), mean of the per-comparison maxima 9.1e-7. The
+# tests' bound is min(10x this, LOGITS_REL[fp32]) = 1e-4: the states share the logits' check, so the logits themselves
+# (issue 17: 3e-7 to 3e-6) get no tighter bound until states are measured apart. validate's gate stays LOGITS_REL.
+LOGITS_FP32_CPU = 1.05e-5
 
 
 # op-level parity (kernel / plugin vs _ref), per dtype of the inputs
@@ -66,6 +100,21 @@ TRAINED_HELDOUT_TOP1 = {
 }
 
 
+# scripts/measure_tolerances.py sets this to a list: every comparison then appends its measured error (no assertion
+# changes). None in normal runs.
+MEASUREMENTS: list | None = None
+
+
+def _record(kind, op, dtype, device, what, err) -> None:
+    if MEASUREMENTS is not None:
+        MEASUREMENTS.append({"kind": kind, "op": op, "dtype": str(dtype).removeprefix("torch."), "device": device,
+                             "what": what, "max_err": err})
+
+
+def _scale(expected: torch.Tensor) -> float:
+    return max(expected.float().abs().max().item(), 1.0) if expected.numel() else 1.0
+
+
 def rel_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     """(max abs error / logit scale, mean abs error) — scale = max(max|expected|, 1)."""
     diff = (actual.float() - expected.float()).abs()
@@ -73,17 +122,49 @@ def rel_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, f
     return diff.max().item() / scale, diff.mean().item()
 
 
-def assert_close_op(actual, expected, dtype=None, what="output"):
-    """Print max/mean error, then assert within the per-dtype OP tolerance."""
-    tol = OP[dtype or actual.dtype]
+def op_tolerance(dtype: torch.dtype, op: str | None = None, device: str = "cpu") -> Tolerance:
+    """The bound of one op-level comparison: measured per op for fp32 on the CPU, else the per-dtype OP table."""
+    if dtype == torch.float32 and op is not None and device == "cpu" and MEASUREMENTS is None:
+        if op not in OP_FP32_CPU:
+            raise KeyError(f"no measured fp32 bound for op {op!r}: run scripts/measure_tolerances.py and add it")
+        return Tolerance(0.0, max(FP32_FACTOR * OP_FP32_CPU[op], FP32_FLOOR))  # x the output's scale, see below
+    return OP[dtype]
+
+
+def assert_close_op(actual, expected, dtype=None, what="output", op: str | None = None):
+    """Print max/mean error, then assert within the op's tolerance (op: a key of OP_FP32_CPU; None: the per-dtype OP)."""
+    dtype = dtype or actual.dtype
+    tol = op_tolerance(dtype, op, actual.device.type)
     diff = (actual.float() - expected.float()).abs()
+    scale = _scale(expected)
+    _record("op", op, dtype, actual.device.type, what, diff.max().item() / scale if diff.numel() else 0.0)
+    if tol.rtol == 0.0:  # a measured fp32 bound: relative to the output's scale, max(max|expected|, 1), like logits
+        tol = Tolerance(0.0, tol.atol * scale)
     print(f"{what}: max abs err {diff.max().item():.3e}, mean abs err {diff.mean().item():.3e} (rtol {tol.rtol}, atol {tol.atol})")
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol.rtol, atol=tol.atol)
 
 
+def op_checker(op: str):
+    """assert_close_op bound to one op's measured fp32 bound: `check_op = op_checker("selective_scan")` in a test module."""
+
+    def check(actual, expected, dtype=None, what="output"):
+        assert_close_op(actual, expected, dtype, what, op=op)
+
+    return check
+
+
+def logits_bound(dtype: torch.dtype, device: str = "cpu") -> float:
+    """The tests' bound on logits (relative to the logit scale): measured for fp32 on the CPU, else LOGITS_REL."""
+    if dtype == torch.float32 and device == "cpu" and MEASUREMENTS is None:
+        return min(max(FP32_FACTOR * LOGITS_FP32_CPU, FP32_FLOOR), LOGITS_REL[torch.float32])
+    return LOGITS_REL[dtype]
+
+
 def assert_logits_close(actual, expected, dtype=torch.float32, what="logits"):
     rel, mean = rel_to_scale(actual, expected)
-    bound = LOGITS_REL[dtype]
+    device = actual.device.type if isinstance(actual, torch.Tensor) else "cpu"
+    bound = logits_bound(dtype, device)
+    _record("logits", "logits", dtype, device, what, rel)
     print(f"{what}: max err / scale {rel:.3e}, mean abs err {mean:.3e} (bound {bound:.0e})")
     assert rel <= bound, f"{what}: max error {rel:.3e} of the logit scale exceeds {bound:.0e}"
 

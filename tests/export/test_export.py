@@ -7,6 +7,7 @@ import os
 import onnx
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 
 from mambadeploy import opset
 from mambadeploy.errors import MambaDeployError
@@ -20,7 +21,7 @@ from mambadeploy.models.presets import blackmamba_config
 from mambadeploy.models.state import PAST, PRESENT, state_specs
 from mambadeploy.validate.tolerances import assert_logits_close
 
-ort = pytest.importorskip("onnxruntime")
+ort = require_module("onnxruntime", DEV_INSTALL)
 
 
 @pytest.fixture(scope="module")

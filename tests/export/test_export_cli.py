@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from components import DEV_INSTALL, require_module
 
 from mambadeploy import save_model
 from mambadeploy.cli import main
@@ -12,7 +13,7 @@ from mambadeploy.models.checkpoint import empty_model
 from mambadeploy.models.config import LayerSpec, MambaConfig, ModelConfig, MoEConfig
 from mambadeploy.models.model import init_random_
 
-pytest.importorskip("onnxruntime")
+require_module("onnxruntime", DEV_INSTALL)
 
 
 def _run(capsys, *argv):

@@ -8,6 +8,7 @@ from collections import Counter
 import onnx
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 
 from mambadeploy.cli import main
 from mambadeploy.export.exporter import export_model
@@ -16,7 +17,7 @@ from mambadeploy.models.checkpoint import load_model
 from mambadeploy.models.sparsity import sites
 from mambadeploy.validate.tolerances import assert_logits_close
 
-pytest.importorskip("onnxruntime")
+require_module("onnxruntime", DEV_INSTALL)
 
 
 @pytest.mark.parametrize("preset", ["jamba-tiny"])  # Mamba, attention, MLP and top-2 MoE sites in one model

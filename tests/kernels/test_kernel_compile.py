@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 
-triton = pytest.importorskip("triton")
+triton = require_module("triton", DEV_INSTALL)
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from mambadeploy.kernels import (  # noqa: E402

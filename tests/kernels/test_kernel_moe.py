@@ -19,7 +19,9 @@ from mambadeploy.kernels.moe_experts import (
 from mambadeploy.kernels.moe_routing import add_rms_norm_route, moe_align, route, route_hidden, route_ref
 from mambadeploy.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
 from mambadeploy.opset import ACTIVATION_CODES as OPSET_CODES
-from mambadeploy.validate.tolerances import assert_close_op
+from mambadeploy.validate.tolerances import op_checker
+
+check_op = op_checker("moe")  # fp32 on the CPU: this op's measured bound
 
 ROUTERS = [("sigmoid_top1", 1), ("softmax_topk", 1), ("softmax_topk", 2)]
 
@@ -32,7 +34,7 @@ def test_route_matches_ref(T, E, router, k):
     w, e = route(logits, router, k)
     w_ref, e_ref = route_ref(logits, router, k)
     assert e.dtype == torch.int64 and torch.equal(e, e_ref)
-    assert_close_op(w, w_ref, torch.float32, what="weights")
+    check_op(w, w_ref, torch.float32, what="weights")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -44,7 +46,7 @@ def test_route_hidden_matches_ref(T, d, E, router, k, dtype):
     weights, experts = route_hidden(x, w, b, router, k)
     w_ref, e_ref = route_ref(F.linear(x.float(), w.float(), b.float()), router, k)  # fp32 logits, as fused
     assert torch.equal(experts, e_ref)
-    assert_close_op(weights, w_ref, torch.float32, what="weights")
+    check_op(weights, w_ref, torch.float32, what="weights")
 
 
 @pytest.mark.parametrize("P,E,block_m", [(1, 4, 16), (37, 5, 16), (300, 8, 64)])
@@ -86,7 +88,7 @@ def test_expert_gather_matches_ref(T, d, Fs, E, k, activation, dtype):
     assert path == ("gemv" if T * k <= GEMV_MAX_PAIRS else "gemm_tma" if T * k > 16 * E and tma_usable(x, w1, w2)
                     else "gemm")
     y = expert_gather(x, w1, w2, experts, weights, activation)
-    assert_close_op(y, expert_gather_ref(x, w1, w2, experts, weights, activation), dtype, what=f"y ({path})")
+    check_op(y, expert_gather_ref(x, w1, w2, experts, weights, activation), dtype, what=f"y ({path})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -106,7 +108,7 @@ def test_expert_gather_tma_path_matches_ref(T, d, Fs, E, k, activation, dtype):
                         interpret=not x.is_cuda)
     cfg["path"] = "gemm_tma"
     y = expert_gather(x, w1, w2, experts, weights, activation, config=cfg)
-    assert_close_op(y, expert_gather_ref(x, w1, w2, experts, weights, activation), dtype, what="y (gemm_tma)")
+    check_op(y, expert_gather_ref(x, w1, w2, experts, weights, activation), dtype, what="y (gemm_tma)")
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="16-bit"):
             expert_gather(x.float(), w1.float(), w2.float(), experts, weights, activation, config=cfg)
@@ -132,12 +134,12 @@ def test_add_rms_norm_route_matches_ref(T, d, E, router, k, dtype):
     rw, rb = randn(g, E, d, dtype=dtype, scale=d ** -0.5), randn(g, E, dtype=dtype)
     out_ref, res_ref = add_rms_norm_ref(x, res, w, 1e-5)
     out, new_res, weights, experts = add_rms_norm_route(x, res, w, 1e-5, rw, rb, router, k)
-    assert_close_op(out, out_ref, dtype, what="normed")
-    assert_close_op(new_res, res_ref, torch.float32, what="residual")
+    check_op(out, out_ref, dtype, what="normed")
+    check_op(new_res, res_ref, torch.float32, what="residual")
     w_ref, e_ref = route_ref(F.linear(out.float(), rw.float(), rb.float()), router, k)
     assert torch.equal(experts, e_ref)
-    assert_close_op(weights, w_ref, torch.float32, what="weights")
+    check_op(weights, w_ref, torch.float32, what="weights")
     out2, same, _, e2 = add_rms_norm_route(None, res, w, 1e-5, rw, None, router, k)  # norm of the residual alone
     assert same is res
-    assert_close_op(out2, rms_norm_ref(res, w, 1e-5).to(dtype), dtype, what="normed (no add)")
+    check_op(out2, rms_norm_ref(res, w, 1e-5).to(dtype), dtype, what="normed (no add)")
     assert torch.equal(e2, route_ref(F.linear(out2.float(), rw.float()), router, k)[1])

@@ -4,7 +4,9 @@ full-sequence logits for hundreds of tokens, and end in the same state."""
 import pytest
 import torch
 
-from mambadeploy.validate.tolerances import assert_close_op, assert_logits_close
+from mambadeploy.validate.tolerances import assert_logits_close, op_checker
+
+check_op = op_checker("decode_consistency")  # fp32 on the CPU: this op's measured bound
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -31,7 +33,7 @@ def test_step_reproduces_full_sequence(tiny, preset):
         if name == "pos":
             assert torch.equal(state[name], full_state[name])
         else:
-            assert_close_op(state[name], full_state[name], torch.float32, what=f"{preset} state {name}")
+            check_op(state[name], full_state[name], torch.float32, what=f"{preset} state {name}")
 
 
 def test_prefill_is_last_position_of_forward(tiny, preset):

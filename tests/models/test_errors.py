@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 from safetensors.torch import load_file, save_file
 
 from mambadeploy import load_model, save_model
@@ -47,7 +48,7 @@ def test_blackmamba_key_problems_listed_at_once(blackmamba_dir):
 
 def test_hf_key_problems_listed_at_once(tmp_path):
     """A tiny HF Jamba file written by transformers, then damaged."""
-    pytest.importorskip("transformers")
+    require_module("transformers", DEV_INSTALL)
     import transformers
 
     cfg = transformers.JambaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
@@ -225,11 +226,11 @@ def test_inspect_fails_on_nan_and_truncated_checkpoints(tiny, tmp_path, capsys):
 
 
 def test_non_finite_logits_stop_generate_naming_the_step(tiny):
+    import copy
+
     from mambadeploy.errors import MambaDeployError
     from mambadeploy.runtime.generate import generate
     from mambadeploy.runtime.torch_eager import TorchEagerRunner
-
-    import copy
 
     model = copy.deepcopy(tiny("blackmamba-tiny"))  # the fixture's model is shared: poison a copy
     with torch.no_grad():

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 from hf_tiny import fan_in_init
 from safetensors.torch import load_file, save_file
 
@@ -16,7 +17,7 @@ from mambadeploy.validate.tolerances import assert_logits_close
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers", DEV_INSTALL)
 
 VOCAB = 99
 
@@ -68,6 +69,20 @@ def hf_jamba(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_jamba")
     model.save_pretrained(path)
     return model, path
+
+
+# (experts, top-k) where top-k < experts: routing actually selects, so a wrong choice of experts changes the logits
+ROUTED = [(4, 2), (4, 1)]
+
+
+@pytest.fixture(scope="module", params=ROUTED, ids=lambda ek: f"{ek[0]}experts-top{ek[1]}")
+def hf_jamba_routed(request, tmp_path_factory):
+    experts, top_k = request.param
+    torch.manual_seed(1)
+    model = fan_in_init(transformers.JambaForCausalLM(_jamba_config(num_experts=experts, num_experts_per_tok=top_k)))
+    path = tmp_path_factory.mktemp(f"hf_jamba_{experts}e_top{top_k}")
+    model.save_pretrained(path)
+    return model, path, experts, top_k
 
 
 def _prompt():
@@ -151,3 +166,36 @@ def test_low_precision_load(hf_jamba):
     assert ours.dtype == torch.bfloat16
     for (name, x), (_, y) in zip(ours.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(x, y.to(torch.bfloat16)), name
+
+
+def _hf_routes(hf, ids) -> set[tuple]:
+    """The expert sets transformers' own routers pick, over every token of every MoE layer."""
+    routes = []
+
+    def hook(module, inputs, output):  # the router returns (logits, top-k weights, top-k expert index)
+        routes.extend(tuple(sorted(r)) for r in output[2].reshape(-1, output[2].shape[-1]).tolist())
+
+    handles = [m.register_forward_hook(hook) for n, m in hf.named_modules() if n.endswith("feed_forward.router")]
+    assert handles, "no Jamba router modules found"
+    hf(ids)
+    for h in handles:
+        h.remove()
+    return set(routes)
+
+
+def test_routed_jamba_matches_transformers(hf_jamba_routed):
+    """>= 4 experts at top-2 and top-1: logits of a batch of prompts and 32 greedy tokens (transformers' cache) match,
+    and transformers' routers pick several different expert sets, so top-k selection is really compared."""
+    hf, path, experts, top_k = hf_jamba_routed
+    ours = load_model(path)
+    assert (ours.config.moe.n_experts, ours.config.moe.top_k) == (experts, top_k)
+    ids = _prompt()
+    routes = _hf_routes(hf, ids)
+    print(f"{experts} experts top-{top_k}: {len(routes)} distinct expert sets chosen")
+    assert len(routes) >= 3, "routing never varies: the comparison would not check top-k selection"
+    got, _ = ours(ids)
+    assert_logits_close(got, hf(ids).logits.float(), torch.float32, what=f"hf jamba {experts}e top-{top_k} logits")
+    prompt = _prompt()[:1, :8]
+    expected = _hf_greedy(hf, prompt, 32, "past_key_values")
+    assert len(set(expected)) >= 8, "degenerate generation: the comparison would prove little"
+    assert generate(TorchEagerRunner(ours), [prompt[0].tolist()], 32).tokens[0] == expected

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 
 from mambadeploy.cli import main
 from mambadeploy.errors import ConfigError
@@ -28,7 +29,7 @@ def test_load_model_sizes_the_cache():
 
 
 def test_hf_jamba_keeps_its_context(tmp_path):
-    pytest.importorskip("transformers")
+    require_module("transformers", DEV_INSTALL)
     from hf_tiny import save_tiny_jamba
 
     path = save_tiny_jamba(tmp_path, max_position_embeddings=5000)  # above the old 4096 cap

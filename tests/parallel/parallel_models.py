@@ -3,8 +3,8 @@ comparison of a parallel runner with the single-process model."""
 
 from __future__ import annotations
 
-import pytest
 import torch
+from components import DEV_INSTALL, require_module
 from hf_tiny import fan_in_init
 
 from mambadeploy.validate.tolerances import PARALLEL_LOGITS_REL, rel_to_scale
@@ -16,7 +16,7 @@ TIMEOUT_S = 30.0  # collective timeout of the test pools (gloo sees a killed pee
 def hf_jamba_config(**kw):
     """transformers' own test sizes (vocab 99, hidden 32, 2 experts top-2), with widths that tp=2 divides and ONE KV
     head (tp=2 then replicates it); 5 layers cover Mamba+MLP, attention+MoE, Mamba+MoE and attention+MLP."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers", DEV_INSTALL)
     base = {"vocab_size": HF_VOCAB, "hidden_size": 32, "intermediate_size": 36, "num_hidden_layers": 5,
             "num_attention_heads": 4, "num_key_value_heads": 1, "attn_layer_period": 3, "attn_layer_offset": 1,
             "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 2, "num_experts_per_tok": 2,
@@ -27,7 +27,7 @@ def hf_jamba_config(**kw):
 
 
 def save_hf_jamba(path) -> str:
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers", DEV_INSTALL)
     torch.manual_seed(0)
     model = fan_in_init(transformers.JambaForCausalLM(hf_jamba_config()))
     model.save_pretrained(path)

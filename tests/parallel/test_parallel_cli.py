@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 
-import pytest
+from components import require
 
 from mambadeploy.cli import main
 
@@ -20,8 +20,7 @@ ARGS = ["generate", "jamba-tiny", "--prompt-ids", "1,2,3", "--prompt-ids", "7,8"
 
 def test_torchrun_generate_matches_single_process(capsys):
     torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun is not on PATH")
+    require(torchrun is not None, "torchrun", "it comes with torch: is torch's bin directory on PATH?")
     assert main(ARGS + ["--threads", "1"]) == 0
     expected = json.loads(capsys.readouterr().out)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))

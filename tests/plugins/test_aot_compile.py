@@ -9,11 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from components import DEV_INSTALL, require_module
 
 from mambadeploy.opset import get_op
 from mambadeploy.plugins import aot
 
-triton = pytest.importorskip("triton")
+triton = require_module("triton", DEV_INSTALL)
 
 # (shapes in op order, dtypes given the activation dtype T, attributes, expected scalars, expected grid[0])
 CASES = {

@@ -11,6 +11,7 @@ import os
 import shutil
 
 import pytest
+from components import DEV_INSTALL, require, require_module
 
 from mambadeploy.errors import MambaDeployError
 from mambadeploy.plugins.ort import aot_table
@@ -26,7 +27,7 @@ def cuda_library():
         return build.build_library(cuda=True)
     except MambaDeployError as exc:
         if "fetching ORT headers" in str(exc):
-            pytest.skip(f"ORT headers unavailable: {exc}")
+            require(False, "ORT headers for the CUDA build", str(exc))
         raise
 
 
@@ -58,7 +59,7 @@ def test_plan_covers_every_custom_node(preset, top_k, scan_flags):
 
 
 def test_kernels_compile_for_hopper_with_the_launchers_parameter_count():
-    pytest.importorskip("triton")
+    require_module("triton", DEV_INSTALL)
     specs = aot_table.moe_specs("float16", 48, 64, 4, 2, 1, experts_int64=False)
     specs = [s for s in specs if s.key.startswith(("moe.sum", "moe.align"))][:2]
     specs += [s for s in aot_table.scan_specs("float32", 8, D=True, z=False, bias=True, h0=True, softplus=True)

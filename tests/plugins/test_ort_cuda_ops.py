@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 
 from mambadeploy.opset import get_op
 from mambadeploy.validate.tolerances import OP
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (run on the device machine)", allow_module_level=True)
-ort = pytest.importorskip("onnxruntime")
+ort = require_module("onnxruntime", DEV_INSTALL)
 if hasattr(ort, "preload_dlls"):
     ort.preload_dlls()
 if "CUDAExecutionProvider" not in ort.get_available_providers():

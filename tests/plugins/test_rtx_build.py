@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from components import DEV_INSTALL, require, require_module
 
 from mambadeploy.errors import MambaDeployError
 from mambadeploy.plugins import trt_lib
 
-if not trt_lib.is_available("rtx"):
-    pytest.skip("TensorRT-RTX is not installed (pip install 'mambadeploy[rtx]'); the plan-build tests need it",
-                allow_module_level=True)
+require(trt_lib.is_available("rtx"), "TensorRT-RTX", "pip install 'mambadeploy[rtx]'; the plan-build tests need it")
 
 from op_graphs import save, single_op_model  # noqa: E402  (tests/plugins is on sys.path)
 
@@ -138,7 +137,7 @@ def test_build_command_caches_detects_corruption_and_refuses_bad_versions(tmp_pa
 def test_real_custom_op_export_builds(tmp_path, tiny, preset):
     """The exporter, --ops custom: prefill and decode plans build with every plugin of the registry registered; the
     decode plan holds the decode step's plugins (conv / state update, add + RMSNorm, routed MoE)."""
-    export_model = pytest.importorskip("mambadeploy.export.exporter").export_model
+    export_model = require_module("mambadeploy.export.exporter", DEV_INSTALL).export_model
     export_model(tiny(preset), tmp_path / "export", ops="custom")
     manifest = tb.build_engines(tmp_path / "export", tmp_path / "engines", target="rtx", max_batch=2, max_prompt=32,
                                 progress=print)

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 from hf_tiny import save_tiny_jamba
 
 from mambadeploy.kernels.decode_attention import decode_attention
@@ -30,7 +31,7 @@ PROMPTS = [[5, 17, 3, 9, 42, 7, 25, 30, 2, 8, 13], [11, 2, 31, 4, 6, 19], [40]]
 def jamba(request, tmp_path_factory):
     if request.param == "jamba-tiny":
         return load_model("jamba-tiny")
-    pytest.importorskip("transformers")
+    require_module("transformers", DEV_INSTALL)
     return load_model(save_tiny_jamba(tmp_path_factory.mktemp("hf_jamba")))
 
 
@@ -149,8 +150,8 @@ def test_runner_fp8_cache_and_bad_settings(jamba):
 @pytest.fixture(scope="module")
 def hf_jamba_export(tmp_path_factory):
     """(model, export directory): the transformers-built Jamba exported with `--ops contrib --prefill-state`."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("onnxruntime")
+    require_module("transformers", DEV_INSTALL)
+    require_module("onnxruntime", DEV_INSTALL)
     from mambadeploy.export.exporter import export_model
 
     root = tmp_path_factory.mktemp("hf_jamba_export")

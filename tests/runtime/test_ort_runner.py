@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 from hf_tiny import fan_in_init
 
 from mambadeploy.errors import InputError, MambaDeployError, MissingDependencyError
@@ -18,7 +19,7 @@ from mambadeploy.models.checkpoint import load_model
 from mambadeploy.runtime.generate import generate
 from mambadeploy.validate.tolerances import LOGITS_REL, assert_logits_close, rel_to_scale
 
-ort = pytest.importorskip("onnxruntime")
+ort = require_module("onnxruntime", DEV_INSTALL)
 from mambadeploy.runtime.ort_runner import OrtRunner, export_for
 
 DECODE_STEPS = 128
@@ -40,7 +41,7 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_checkpoints(tmp_path_factory):
     """{"hf-mamba": dir, "hf-jamba": dir}: random tiny models built from configs (no download), save_pretrained."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers", DEV_INSTALL)
     torch.manual_seed(0)
     mamba = transformers.MambaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, state_size=16,
                                      time_step_rank=4, use_conv_bias=True, tie_word_embeddings=True)

@@ -4,13 +4,14 @@ scale at prefill and over decode steps, batch 1 and a left-padded batch of 3."""
 
 import pytest
 import torch
+from components import DEV_INSTALL, require_module
 
 from mambadeploy.models.calibrate import calibrate, windows_from_tokens
 from mambadeploy.models.checkpoint import load_model
 from mambadeploy.runtime.torch_fast import TorchFastRunner
 from mambadeploy.validate.tolerances import assert_logits_close
 
-pytest.importorskip("triton")
+require_module("triton", DEV_INSTALL)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

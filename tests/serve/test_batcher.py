@@ -7,6 +7,7 @@ import random
 import threading
 
 import pytest
+from components import DEV_INSTALL, require_module
 
 from mambadeploy.errors import InputError
 from mambadeploy.runtime.factory import make_runner
@@ -119,7 +120,7 @@ def test_torch_fast_pool_rows_match_eager(tiny):
 
 def test_ort_runner_behind_the_pool(tiny):
     """ORT runs the pool's rows through OrtValues made from the views (slots.py): same tokens as ORT alone."""
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime", DEV_INSTALL)
     ort_runner = make_runner("blackmamba-tiny", "ort", cuda_graph=False)
     prompts = [[4, 8, 15], [16, 23], [42], [7, 7, 7, 7]]
     _check_alone(ort_runner, ort_runner, prompts, [5, 3, 6, 4], max_batch=3)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from components import DEV_INSTALL, require, require_module
 
-if importlib.util.find_spec("pytriton") is None:
-    pytest.skip("nvidia-pytriton is not installed (pip install nvidia-pytriton==0.7.0 --no-deps)",
-                allow_module_level=True)
-pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'tritonclient[grpc,http]')")
+require(importlib.util.find_spec("pytriton") is not None, "nvidia-pytriton",
+        "pip install nvidia-pytriton==0.7.0 --no-deps")
+require_module("tritonclient.grpc", DEV_INSTALL)
 
 from mambadeploy.errors import InputError
 from mambadeploy.runtime.factory import make_runner

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from components import DEV_INSTALL, require_module
 from onnx import numpy_helper
 
 from mambadeploy.cli import main
@@ -16,7 +17,7 @@ from mambadeploy.export.manifest import sha256_file
 from mambadeploy.models.presets import TINY_PRESETS
 from mambadeploy.validate.output import check_schema
 
-pytest.importorskip("onnxruntime")
+require_module("onnxruntime", DEV_INSTALL)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -235,7 +235,7 @@ def _load_state_dict(path: Path) -> dict:
 
 
 def load_blackmamba(directory, dtype: torch.dtype, device) -> MambaMoELM:
-    from ..checkpoint import empty_model
+    from ..model import empty_model
 
     directory = Path(directory)
     config = read_config(directory)

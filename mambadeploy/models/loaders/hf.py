@@ -277,7 +277,7 @@ def _reader(where: dict):
 
 
 def load_hf(directory, dtype: torch.dtype, device) -> MambaMoELM:
-    from ..checkpoint import empty_model
+    from ..model import empty_model
 
     directory = Path(directory)
     config = read_config(directory)

@@ -42,7 +42,7 @@ def save_native(model, directory: Path) -> Path:
 
 
 def load_native(directory: Path, dtype: torch.dtype, device) -> MambaMoELM:
-    from ..checkpoint import empty_model
+    from ..model import empty_model
 
     meta = read_json(directory / "mambadeploy.json", CheckpointError)
     if meta.get("format_version", 0) > FORMAT_VERSION:
