@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +13,20 @@ from mambadeploy.models.checkpoint import load_model
 from mambadeploy.models.presets import TINY_PRESETS
 
 _CACHE: dict = {}
+
+
+def pytest_configure(config):
+    """Every test session gets a fresh export cache ($MAMBADEPLOY_CACHE): an export left by earlier code or an earlier
+    run is never served to a test. What is keyed by its own content is linked in from the user's cache: the ORT headers
+    (by version) and the custom-op libraries (by a hash of their sources, headers and flags). An explicitly set
+    MAMBADEPLOY_CACHE (the device runs' prebuilt libraries) is kept."""
+    if "MAMBADEPLOY_CACHE" in os.environ:
+        return
+    fresh = Path(tempfile.mkdtemp(prefix="mambadeploy-test-cache-"))
+    home = Path.home() / ".cache" / "mambadeploy"
+    for kept in [*home.glob("ort-headers-*"), *home.glob("ort-ops-*")]:
+        (fresh / kept.name).symlink_to(kept, target_is_directory=True)
+    os.environ["MAMBADEPLOY_CACHE"] = str(fresh)
 
 # The tiny models' ops are far too small to gain from intra-op threads, and on a shared 2-core runner OpenMP threads
 # spinning against other processes made decode steps ~10x slower (measured here): run torch single-threaded in tests.

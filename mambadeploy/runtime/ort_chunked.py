@@ -11,14 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..dtypes import TORCH_DTYPES
 from ..models.state import PAST, PRESENT
 
 
 def chunked_prefill(runner, ids: np.ndarray, lens: np.ndarray, chunk: int):
     """runner: an OrtRunner whose export has a prefill_state graph. Returns (last-position logits (B, V) fp32 torch,
     state values by name, the CUDA-graph targets written or None)."""
-    from .ort_runner import TORCH_DTYPES
-
     sess = runner.session("prefill_state")
     B, L = ids.shape
     device = torch.device("cuda", runner.device_id) if runner.provider == "cuda" else torch.device("cpu")
