@@ -239,7 +239,7 @@ class OrtRunner(Runner):
         targets = self._graph_buffers(B, 0) if self.cuda_graph else None
         for n in self.state_names:
             if targets is not None:
-                self._bind(io, "output", PRESENT + n, targets[n])
+                self.bind_tensor(io, "output", PRESENT + n, targets[n])
             else:
                 io.bind_output(PRESENT + n, self._device, self.device_id)
         self._run(sess, io)
@@ -311,7 +311,6 @@ class OrtRunner(Runner):
         bind(name, device, self.device_id if tensor.is_cuda else 0, _ELEMENT_TYPES[tensor.dtype], list(tensor.shape),
              tensor.data_ptr())
 
-    _bind = bind_tensor
 
     def graph_buffers(self, batch: int) -> dict:
         """The CUDA-graph state buffers a prefill writes (set 0 of the ping-pong pair for this batch size)."""
@@ -341,12 +340,12 @@ class OrtRunner(Runner):
             ort = _ort()
             bufs = self._graph_sets[B]
             io = self.sessions["decode"].io_binding()
-            self._bind(io, "input", "input_ids", bufs["ids"])
+            self.bind_tensor(io, "input", "input_ids", bufs["ids"])
             for n in self.state_names:
-                self._bind(io, "input", PAST + n, bufs["states"][1 - dst][n])
-            self._bind(io, "output", "logits", bufs["logits"])
+                self.bind_tensor(io, "input", PAST + n, bufs["states"][1 - dst][n])
+            self.bind_tensor(io, "output", "logits", bufs["logits"])
             for n in self.state_names:
-                self._bind(io, "output", PRESENT + n, bufs["states"][dst][n])
+                self.bind_tensor(io, "output", PRESENT + n, bufs["states"][dst][n])
             opts = ort.RunOptions()
             # one captured graph per (batch size, direction of the ping-pong): ids must be positive
             opts.add_run_config_entry("gpu_graph_id", str(1 + 2 * (B - 1) + dst))

@@ -14,6 +14,7 @@ also fixes every tile, warp count and stage count, so the ORT launch is the torc
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -223,14 +224,20 @@ def compile_spec(spec: KernelSpec, arch: int | None = None) -> CompiledKernel:
 
 
 # --------------------------------------------------------------------------------------------------------- install
-def _library(path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))  # the handle ORT holds: dlopen of one file gives one copy of the table
+@functools.lru_cache(maxsize=None)
+def _open_library(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)  # the handle ORT holds: dlopen of one file gives one copy of the table
     lib.mambadeploy_aot_register.restype = ctypes.c_int
     lib.mambadeploy_aot_register.argtypes = [
         ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_int64)]
     lib.mambadeploy_aot_error.restype = ctypes.c_char_p
     return lib
+
+
+def _library(path) -> ctypes.CDLL:
+    """The library ORT loaded, opened once per path (its argument types set once)."""
+    return _open_library(str(path))
 
 
 def install(library, kernels: list[CompiledKernel]) -> int:
