@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import fmax, fsum, next_pow2
+from .common import dot_precision, dot_upcast, fmax, fsum, next_pow2
 from .interpret import is_interpreted, kernel_for
 
 # Splits per (row, KV head): enough programs to cover the GPU's SMs at batch 1 (Jamba: 8 KV heads x 32 = 256
@@ -50,7 +50,8 @@ def decode_attention_split_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, part_ptr, lse_ptr,
     group, head_dim, n_splits, scale,
     s_q_b, s_q_h, s_k_b, s_k_h, s_k_s, s_v_b, s_v_h, s_v_s,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_kv = tl.program_id(1)
@@ -60,7 +61,7 @@ def decode_attention_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_g = offs_g < group
     mask_d = offs_d < head_dim
-    heads = pid_kv * group + offs_g  # the query heads of this KV head's group
+    heads = pid_kv * group + offs_g  # the query heads of this KV head's group (rows past the group stay zero)
 
     length = tl.load(len_ptr + pid_b).to(tl.int32)
     per_split = ((length + n_splits - 1) // n_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -69,6 +70,12 @@ def decode_attention_split_kernel(
 
     q = tl.load(q_ptr + pid_b * s_q_b + heads[:, None] * s_q_h + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(tl.float32) * scale
+    # The two products run on tensor cores in the model's dtype (fp32 accumulate): q (G, hd) x K^T and p (G, N) x V.
+    # A KV cache of another dtype (fp8) is widened to it tile by tile; UPCAST does both in fp32 (the interpreter).
+    if UPCAST:
+        q_mm = q
+    else:
+        q_mm = q.to(q_ptr.dtype.element_ty)
     k_row = k_ptr + pid_b * s_k_b + pid_kv * s_k_h
     v_row = v_ptr + pid_b * s_v_b + pid_kv * s_v_h
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
@@ -78,15 +85,14 @@ def decode_attention_split_kernel(
         slots = s0 + offs_n
         mask_s = slots < stop
         kv_mask = mask_s[:, None] & mask_d[None, :]
-        k = tl.load(k_row + slots[:, None] * s_k_s + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        # (G, N): a broadcast product, not tl.dot: a group is 1..8 heads, far below a tensor-core tile
-        scores = fsum(q[:, None, :] * k[None, :, :], 2)
+        k = tl.load(k_row + slots[:, None] * s_k_s + offs_d[None, :], mask=kv_mask, other=0.0).to(q_mm.dtype)
+        scores = tl.dot(q_mm, tl.trans(k), input_precision=PRECISION)  # (G, N) fp32
         scores = tl.where(mask_s[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, fmax(scores, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
-        v = tl.load(v_row + slots[:, None] * s_v_s + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + fsum(p[:, :, None] * v[None, :, :], 1)
+        v = tl.load(v_row + slots[:, None] * s_v_s + offs_d[None, :], mask=kv_mask, other=0.0).to(q_mm.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q_mm.dtype), v, input_precision=PRECISION)
         l = l * alpha + fsum(p, 1)
         m = m_new
     # An empty split (short row) writes lse = -inf and a zero partial; the combine gives it weight 0.
@@ -122,10 +128,9 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
     """shapes: (q (B, H, hd), key_cache (B, KV, S, hd)). The split count depends only on shapes, never on the fill."""
     (batch, heads, head_dim), (_, kv_heads, slots, _) = shapes[0], shapes[1]
     group = heads // kv_heads
-    # GPU: the (G, N, hd) products of a block stay within ~64 fp32 registers a thread at 4 warps (Jamba: G 4, hd 128
-    # -> 16 slots a block). The interpreter pays per op, not per element: few, wide blocks and at most two splits
-    # (still two, so the combine and an empty split are exercised).
-    block_n = 64 if interpret else max(16, min(64, 8192 // (next_pow2(group) * next_pow2(head_dim))))
+    # The interpreter pays per op, not per element: few, wide blocks and at most two splits (still two, so the combine
+    # and an empty split are exercised).
+    block_n = 64
     splits = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // max(batch * kv_heads, 1), triton.cdiv(slots, block_n)))
     if interpret:
         splits = min(splits, 2)
@@ -135,7 +140,10 @@ def launch_config(shapes, dtypes=None, interpret: bool = False) -> dict:
         "combine_grid": (batch, heads),
         "splits": splits,
         "num_warps": 4,
-        "constexprs": {"BLOCK_G": next_pow2(group), "BLOCK_N": block_n, "BLOCK_D": next_pow2(head_dim)},
+        "num_stages": 3,
+        # tl.dot needs >= 16 rows and columns: the group is padded to 16 query heads (the extra MMA work is free
+        # beside the KV stream), head_dim to 16.
+        "constexprs": {"BLOCK_G": max(16, next_pow2(group)), "BLOCK_N": block_n, "BLOCK_D": max(16, next_pow2(head_dim))},
     }
 
 
@@ -162,9 +170,10 @@ def decode_attention(q, key_cache, value_cache, lengths, scale=None, *, out=None
         q, key_cache, value_cache, lengths, part, lse,
         H // key_cache.shape[1], hd, splits, scale,
         q.stride(0), q.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
-        num_warps=cfg["num_warps"], **cfg["constexprs"],
+        UPCAST=dot_upcast(q.dtype, is_interpreted(kernel)), PRECISION=dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3), **cfg["constexprs"],
     )
     combine = kernel_for(decode_attention_combine_kernel, q)
     combine[cfg["combine_grid"]](part, lse, out, hd, splits, out.stride(0), out.stride(1),
-                                 BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(hd), num_warps=1)
+                                 BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(hd), num_warps=1 if splits <= 32 else 4)
     return out
