@@ -4,7 +4,7 @@
 # the pytest summary line (counts). Copy it to benchmarks/results/ whenever GPU code changes.
 #   bash benchmarks/gpu_tests.sh [extra pytest args]      (ORT-CUDA tests need onnxruntime-gpu: stage it into /tmp/site
 #                                                          first, benchmarks/engines_gpu.sh first/stage/tests)
-# The commit comes from git when the copy has one, else from the COMMIT file the caller writes (`git rev-parse HEAD >
+# The commit comes from the COMMIT file the caller writes, else from git (`git rev-parse HEAD >
 # COMMIT` before the call: the device gets the working tree, not always its .git).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD:$PWD/tests/plugins:${PYTHONPATH:-}
@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/gpu-tests}; mkdir -p "$OUT"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 [ -n "$gpu" ] || { echo "no GPU (nvidia-smi found none): these tests need the device machine" >&2; exit 2; }
 log="$OUT/gpu_tests_$(echo "$gpu" | tr 'A-Z ' 'a-z_' | tr -cd 'a-z0-9_').log"
-commit=$(git rev-parse HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)
+commit=$(cat COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)  # COMMIT first: a stale .git may travel
 {
   echo "# GPU tests: $gpu"
   echo "# commit: $commit   date: $(date -u +%FT%TZ)"
