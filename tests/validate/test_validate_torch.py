@@ -9,13 +9,11 @@ import torch
 from mambadeploy.cli import main
 from mambadeploy.models.checkpoint import load_model
 from mambadeploy.models.presets import TINY_PRESETS
-
 from mambadeploy.runtime.torch_eager import TorchEagerRunner
 from mambadeploy.validate import harness
 from mambadeploy.validate.output import check_schema, load_schema
 
 jsonschema = pytest.importorskip("jsonschema")  # a dev extra: CI has it; the bare device machine may not
-
 
 
 def _validate(tmp_path, *args):
