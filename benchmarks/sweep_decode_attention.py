@@ -14,10 +14,10 @@ import argparse
 import itertools
 import sys
 
+import _decode_attention_v1 as v1
 import torch
 from _bench import device_facts, graph_ms_per_call, measured_ceilings, write_json
 
-import _decode_attention_v1 as v1
 from mambadeploy.kernels import decode_attention as da
 
 HEADS, KV, HD = 32, 8, 128
@@ -45,12 +45,12 @@ def run_case(batch: int, slots: int, fills: list[int], configs, dtype, rows: lis
         candidates = [("v1", None)] + [("dot", c) for c in configs]
         for name, c in candidates:
             if name == "v1":
-                fn = lambda: v1.decode_attention(q, k, v, lens)  # noqa: E731
+                fn = lambda: v1.decode_attention(q, k, v, lens)
                 label = {"kernel": "v1 (broadcast, default config)"}
             else:
                 block_n, stages, warps, splits = c
                 cfg = config(base, block_n, stages, warps, splits, batch)
-                fn = lambda cfg=cfg: da.decode_attention(q, k, v, lens, config=cfg)  # noqa: E731
+                fn = lambda cfg=cfg: da.decode_attention(q, k, v, lens, config=cfg)
                 label = {"kernel": "dot", "block_n": block_n, "stages": stages, "warps": warps, "splits": splits}
             try:
                 err = (fn().float() - ref).abs().max().item() / scale
