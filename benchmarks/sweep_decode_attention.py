@@ -1,9 +1,10 @@
 """Decode-attention sweep on the GPU (issue 21): the split-K kernel's tiles, pipeline depth, warps and split count at the
 Jamba-1.5-Mini attention shape (32 query heads, 8 KV heads, head_dim 128, bf16 KV) over a 256K-slot cache, at 2K / 32K /
 128K / 256K tokens held, batch 1; plus batch 4 at a 32K cache. Every config is checked against decode_attention_ref
-before it is timed (GPU time of CUDA-graph replays, median). The baseline is the previous kernel (broadcast products,
-16-slot tiles: benchmarks/_decode_attention_v1.py, kept only for this experiment), timed in the same run; the ceiling is
-a device copy measured in the same run. Effective bandwidth = the KV bytes a call must read / its time.
+before it is timed (GPU time of CUDA-graph replays, median). Baselines in the same run: the default launch_config(), and
+the previous kernel (broadcast products, 16-slot tiles) when its copy is present (`git show
+601cd34:benchmarks/_decode_attention_v1.py > benchmarks/_decode_attention_v1.py`; the committed sweep ran with it).
+The ceiling is a device copy measured in the same run. Effective bandwidth = the KV bytes a call must read / its time.
 
 Run: python benchmarks/sweep_decode_attention.py [--quick]      (writes $OUT or results/sweep_decode_attention_<gpu>.json)
 """
@@ -42,7 +43,8 @@ def run_case(batch: int, slots: int, fills: list[int], configs, dtype, rows: lis
         lens = torch.full((batch,), held, device="cuda", dtype=torch.int64)
         ref = da.decode_attention_ref(q, k, v, lens).float()
         scale = ref.abs().max().item()
-        candidates = [("v1", None)] + [("dot", c) for c in configs]
+        default = base["constexprs"]["BLOCK_N"], base["num_stages"], base["num_warps"], base["splits"]
+        candidates = [("v1", None)] * (v1 is not None) + [("default", default)] + [("dot", c) for c in configs]
         for name, c in candidates:
             if name == "v1":
                 fn = lambda: v1.decode_attention(q, k, v, lens)
@@ -51,7 +53,7 @@ def run_case(batch: int, slots: int, fills: list[int], configs, dtype, rows: lis
                 block_n, stages, warps, splits = c
                 cfg = config(base, block_n, stages, warps, splits, batch)
                 fn = lambda cfg=cfg: da.decode_attention(q, k, v, lens, config=cfg)
-                label = {"kernel": "dot", "block_n": block_n, "stages": stages, "warps": warps, "splits": splits}
+                label = {"kernel": name, "block_n": block_n, "stages": stages, "warps": warps, "splits": splits}
             try:
                 err = (fn().float() - ref).abs().max().item() / scale
                 if err > 2e-2:
