@@ -308,3 +308,35 @@ for _name, _adapter, _trt, _ort in (
         ("RoutedMoE", "routed_moe_trt", (_TRT + "routed_moe_trt",), _MOE_ORT)):
     link(_name, "trt_adapter", _TRT + _adapter)
     get_op(_name).kernels.update({"trt": _trt, "ort_cuda": _ort})
+
+
+# --------------------------------------------------------------------------- DecodeAttention (issue 21: the KV cache at scale)
+# Its present_* outputs ALIAS its past caches: the runtimes bind them to the same buffer (OrtRunner; the TensorRT
+# plugin declares it with get_aliased_input), so a step writes one slot and reads [0, pos], never the whole cache.
+OUTPUT_ALIASES = {"DecodeAttention": {"present_key": "key_cache", "present_value": "value_cache"}}
+
+register(OpEntry(
+    name="DecodeAttention", version=1,
+    torch_op="decode_attention",
+    node_dtypes={"q": "T", "k": "T", "v": "T", "key_cache": "T", "value_cache": "T", "pos": "I64"},
+    output_dtypes=("T", "T", "T"),
+    inputs=("q", "k", "v", "key_cache", "value_cache", "pos"),
+    outputs=("out", "present_key", "present_value"),
+    attributes={"scale": ("float", 0.0)},  # 0 = 1/sqrt(head_dim)
+    # q (B, H, hd), k/v (B, KV, hd), caches (B, KV, S, hd), pos (B,) -> out (B, H, hd), present caches like the past
+    shape_rule=_same(0, 3, 4),
+    reference="mambadeploy.kernels.decode_attention:decode_attention_update_ref",
+    input_types={"q": "T", "k": "T", "v": "T", "key_cache": "T", "value_cache": "T", "pos": "index"},
+    doc="One decode step of GQA attention over a preallocated KV cache: write k/v at slot pos[b], then attend slots "
+        "[0, pos[b]] (H // KV consecutive query heads per KV head); present_* alias the caches.",
+))
+link("DecodeAttention", "onnx_emitter", "mambadeploy.export.onnx_ops:emit_decode_attention")
+link("DecodeAttention", "portable", "mambadeploy.export.portable_decode:expand_decode_attention")
+link("DecodeAttention", "ort", "mambadeploy.plugins.ort.build:register")
+link("DecodeAttention", "trt", "mambadeploy.plugins.trt_v3:plugin_classes")
+link("DecodeAttention", "triton", "mambadeploy.kernels.decode_attention:decode_attention_update")
+link("DecodeAttention", "trt_adapter", _TRT + "decode_attention_split_trt")
+# TensorRT and ORT CUDA launch torch-fast's own split-K + combine kernels (plugins/aot_attention.py); ORT CUDA: none yet
+get_op("DecodeAttention").kernels.update({
+    "trt": (_K + "decode_attention:decode_attention_split_kernel", _K + "decode_attention:decode_attention_combine_kernel"),
+    "ort_cuda": ()})

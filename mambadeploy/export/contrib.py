@@ -31,7 +31,7 @@ import torch
 
 from ..models import layers, ref_ops
 from ..models.config import ModelConfig
-from .torch_ops import patched
+from .torch_ops import attention_step_via, patched
 
 MS_DOMAIN = "com.microsoft"
 _ROUTERS = {"sigmoid_top1": 0, "softmax_topk": 1}
@@ -181,13 +181,11 @@ def _ort_gqa_decode_fake(q, k, v, key_cache, value_cache, pos):
     return torch.empty_like(q), torch.empty_like(key_cache), torch.empty_like(value_cache)
 
 
-def _attention_step(self, x, key_cache, value_cache, pos):
-    """layers.Attention.step through one ort_gqa_decode node."""
-    q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
-    k = self.k_proj(x).unflatten(-1, (self.n_kv, self.head_dim)).to(key_cache.dtype)
-    v = self.v_proj(x).unflatten(-1, (self.n_kv, self.head_dim)).to(value_cache.dtype)
-    out, key_cache, value_cache = torch.ops.mambadeploy.ort_gqa_decode(q, k, v, key_cache, value_cache, pos)
-    return self.o_proj(out.flatten(1)), key_cache, value_cache
+def _gqa_decode_via_op(q, k, v, key_cache, value_cache, pos):
+    return torch.ops.mambadeploy.ort_gqa_decode(q, k, v, key_cache, value_cache, pos)
+
+
+_attention_step = attention_step_via(_gqa_decode_via_op)  # layers.Attention.step through one ort_gqa_decode node
 
 
 def _conv_step_via_sequence_op(x, conv_state, weight, bias=None, activation=None):

@@ -87,6 +87,8 @@ def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: Exp
     with contextlib.ExitStack() as patches:
         if graph == "decode":  # first, so that contrib's own patches of the same functions win
             patches.enter_context(torch_ops.decode_patches())
+            if ops == "custom":
+                patches.enter_context(torch_ops.attention_patches())
         if ops == "contrib":
             contrib.register_schemas()
             table.update(contrib.translation_table())

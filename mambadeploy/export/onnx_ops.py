@@ -136,6 +136,10 @@ def emit_routed_moe(x, router_weight, router_bias, w1, w2, router: int, top_k: i
                                activation=int(activation))
 
 
+def emit_decode_attention(q, k, v, key_cache, value_cache, pos, scale: float):
+    return _domain().DecodeAttention(q, k, v, key_cache, value_cache, pos, scale=float(scale), _outputs=3)
+
+
 def translation_table() -> dict:
     """torch custom op -> the registry entry's emitter, for torch.onnx.export(custom_translation_table=...)."""
     import torch

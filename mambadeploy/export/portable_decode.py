@@ -3,6 +3,10 @@ SelectiveStateUpdate, AddRMSNorm and RoutedMoE. Each computes what the op's `_re
 the op's dtypes) under the custom node's own input/output names, so `--ops portable` decode graphs are the custom graph
 with these nodes swapped in (one trace gives every op mode).
 
+DecodeAttention expands to the reference's masked form: the slot written with a Where over the whole cache, scores over
+every slot with the ones past pos[b] masked out. Its cost follows the cache's length, not its fill — the portable
+fallback; the custom node reads only the filled slots.
+
 RoutedMoE expands to the reference's gather branch: the chosen experts' weights are Gathered (copied) and multiplied.
 That copy is exactly what the custom node avoids; here it keeps a stock runtime reading k experts, not all E.
 """
@@ -106,4 +110,34 @@ def expand_routed_moe(node: onnx.NodeProto, types: GraphTypes) -> list[onnx.Node
     y = e.op("Reshape", [e.op("MatMul", [e.op("Gather", [w2, flat], axis=0), a]), tkd])  # (T, k, d) in x's dtype
     mixed = e.op("Mul", [e.cast(y, t), e.op("Unsqueeze", [weights, e.const([2])])])
     e.op("Cast", [e.op("ReduceSum", [mixed, e.const([1])], keepdims=0)], outputs=[node.output[0]], to=t)
+    return e.nodes
+
+
+def expand_decode_attention(node: onnx.NodeProto, types: GraphTypes) -> list[onnx.NodeProto]:
+    import math
+
+    entry = opset.get_op("DecodeAttention")
+    i, attrs = _inputs(node, entry), _attrs(node, entry)
+    e = NodeEmitter(node.name or entry.name)
+    out, present_key, present_value = node.output
+    t = types.elem_type(i["q"])
+    heads, head_dim = types.static_dim(i["q"], 1), types.static_dim(i["q"], 2)
+    kv_heads = types.static_dim(i["key_cache"], 1)
+    pos = e.cast(i["pos"], types.elem_type(i["pos"]), TensorProto.INT64)
+    slots = e.op("Range", [e.const(0), e.op("Squeeze", [e.dims(i["key_cache"], 2, 3), e.const([0])]), e.const(1)])
+    pos_col = e.op("Unsqueeze", [pos, e.const([1])])  # (B, 1)
+    write = e.op("Unsqueeze", [e.op("Equal", [slots, pos_col]), e.const([1, 3])])  # (B, 1, S, 1)
+    caches = []
+    for new, past, present in ((i["k"], i["key_cache"], present_key), (i["v"], i["value_cache"], present_value)):
+        new = e.op("Unsqueeze", [e.cast(new, types.elem_type(new), types.elem_type(past)), e.const([2])])
+        caches.append(e.cast(e.op("Where", [write, new, past], outputs=[present]), types.elem_type(past)))
+    scale = attrs["scale"] or 1.0 / math.sqrt(head_dim)
+    group = e.const([0, kv_heads, heads // kv_heads, head_dim])  # (B, KV, G, hd): GQA without repeating the cache
+    q = e.op("Reshape", [e.cast(i["q"], t), group])
+    scores = e.op("Mul", [e.op("MatMul", [q, e.op("Transpose", [caches[0]], perm=[0, 1, 3, 2])]),
+                          e.const([scale], dtype="float32")])  # (B, KV, G, S)
+    seen = e.op("Unsqueeze", [e.op("LessOrEqual", [slots, pos_col]), e.const([1, 2])])  # (B, 1, 1, S)
+    scores = e.op("Where", [seen, scores, e.const([-float("inf")], dtype="float32")])
+    mixed = e.op("MatMul", [e.op("Softmax", [scores], axis=-1), caches[1]])  # (B, KV, G, hd)
+    e.op("Cast", [e.op("Reshape", [mixed, e.const([0, heads, head_dim])])], outputs=[out], to=t)
     return e.nodes

@@ -103,6 +103,20 @@ def _routed_moe_fake(x, router_weight, router_bias, w1, w2, router, top_k, activ
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("mambadeploy::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, pos: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.decode_attention import decode_attention_update_ref
+
+    return decode_attention_update_ref(q, k, v, key_cache, value_cache, pos, scale)
+
+
+@decode_attention.register_fake
+def _decode_attention_fake(q, k, v, key_cache, value_cache, pos, scale):
+    return torch.empty_like(q), torch.empty_like(key_cache), torch.empty_like(value_cache)
+
+
 # --------------------------------------------------------------------------- the patches
 def _scan_via_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
     return torch.ops.mambadeploy.selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, int(delta_softplus))
@@ -176,3 +190,31 @@ def decode_patches():
     return patched(ref_ops, causal_conv1d_update_ref=_conv_update_via_op,
                    selective_state_update_ref=_state_update_via_op, add_rms_norm_ref=_add_rms_norm_via_op,
                    routed_moe_ref=_routed_moe_via_op)
+
+
+def attention_step_via(op):
+    """layers.Attention.step through one node `op(q, k, v, key_cache, value_cache, pos) -> (out, caches)`: the
+    projections stay standard MatMuls; q (B, H, hd), k/v (B, KV, hd) in the cache dtype."""
+
+    def step(self, x, key_cache, value_cache, pos):
+        from ..models import sparsity
+
+        q = sparsity.linear(self, "q_proj", x).unflatten(-1, (self.n_heads, self.head_dim))
+        k = sparsity.linear(self, "k_proj", x).unflatten(-1, (self.n_kv, self.head_dim)).to(key_cache.dtype)
+        v = sparsity.linear(self, "v_proj", x).unflatten(-1, (self.n_kv, self.head_dim)).to(value_cache.dtype)
+        out, key_cache, value_cache = op(q, k, v, key_cache, value_cache, pos)
+        return sparsity.linear(self, "o_proj", out.flatten(1)), key_cache, value_cache
+
+    return step
+
+
+def _decode_attention_via_op(q, k, v, key_cache, value_cache, pos):
+    return torch.ops.mambadeploy.decode_attention(q, k, v, key_cache, value_cache, pos, 0.0)
+
+
+def attention_patches():
+    """--ops custom decode: each attention layer's step becomes one DecodeAttention node (write the slot, attend the
+    filled slots); the other modes keep the reference attention."""
+    from ..models import layers
+
+    return patched(layers.Attention, step=attention_step_via(_decode_attention_via_op))

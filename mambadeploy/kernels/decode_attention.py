@@ -177,3 +177,31 @@ def decode_attention(q, key_cache, value_cache, lengths, scale=None, *, out=None
     combine[cfg["combine_grid"]](part, lse, out, hd, splits, out.stride(0), out.stride(1),
                                  BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(hd), num_warps=1 if splits <= 32 else 4)
     return out
+
+
+# --------------------------------------------------------------------------- the registry op DecodeAttention (opset.py)
+def _step_scale(scale, head_dim):
+    """The op's `scale` attribute: 0 (or None) means 1/sqrt(head_dim)."""
+    return 1.0 / math.sqrt(head_dim) if not scale else float(scale)
+
+
+def decode_attention_update_ref(q, k, v, key_cache, value_cache, pos, scale=0.0):
+    """The registry op DecodeAttention, pure: q (B, H, hd); k, v (B, KV, hd); caches (B, KV, S, hd); pos (B,) int.
+    Returns (out (B, H, hd) in q.dtype, present_key, present_value): the caches with k/v written at slot pos[b] (in the
+    cache dtype), then decode_attention_ref over slots [0, pos[b]] — torch-fast's decode_step attention, fp32 math."""
+    rows = torch.arange(q.shape[0], device=q.device)
+    key_cache, value_cache = key_cache.clone(), value_cache.clone()
+    key_cache[rows, :, pos] = k.to(key_cache.dtype)
+    value_cache[rows, :, pos] = v.to(value_cache.dtype)
+    out = decode_attention_ref(q, key_cache, value_cache, pos + 1, _step_scale(scale, q.shape[-1]))
+    return out, key_cache, value_cache
+
+
+def decode_attention_update(q, k, v, key_cache, value_cache, pos, scale=0.0):
+    """DecodeAttention through the Triton kernels, as torch-fast runs it: k/v written into the caches IN PLACE (the
+    returned present_* ARE the caches: the op's outputs alias its inputs), then the split-K kernel over [0, pos[b]]."""
+    rows = torch.arange(q.shape[0], device=q.device)
+    key_cache[rows, :, pos] = k.to(key_cache.dtype)
+    value_cache[rows, :, pos] = v.to(value_cache.dtype)
+    out = decode_attention(q, key_cache, value_cache, pos + 1, _step_scale(scale, q.shape[-1]))
+    return out, key_cache, value_cache

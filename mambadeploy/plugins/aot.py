@@ -115,6 +115,16 @@ SPECS = {
 
 # Registry ops whose TensorRT plugin has no ahead-of-time kernel (enqueue refuses with spec_for's message): none.
 NO_AOT_KERNEL_YET = ()
+# Ops the plugin runs as several launches with a workspace, each from its own module (plan, compile_launches,
+# workspace_bytes, enqueue, run_interpreted): DecodeAttention's split-K attention and its combine.
+MULTI_LAUNCH = {"DecodeAttention": "mambadeploy.plugins.aot_attention"}
+
+
+def multi_launch(op: str):
+    """The module that compiles and enqueues a multi-launch op's kernels."""
+    import importlib
+
+    return importlib.import_module(MULTI_LAUNCH[op])
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..kernels.causal_conv1d import causal_conv1d_kernel, causal_conv1d_update_kernel
 from ..kernels.common import activate, fmax, fsum, next_pow2, sigmoid
+from ..kernels.decode_attention import decode_attention_combine_kernel, decode_attention_split_kernel
 from ..kernels.rms_norm import add_rms_norm_kernel
 from ..kernels.selective_scan import selective_scan_kernel
 from ..kernels.selective_state_update import selective_state_update_kernel
@@ -243,3 +244,60 @@ def routed_moe_launch_config(shapes, dtypes=None) -> dict:
 def add_rms_norm_launch_config(shapes, dtypes=None) -> dict:
     block = next_pow2(shapes[0][-1])
     return {"num_warps": max(1, min(8, block // 256)), "num_stages": 1, "constexprs": {"BLOCK": block}}
+
+
+# --------------------------------------------------------------------------- DecodeAttention: three launches
+# torch-fast's split-K decode attention is two kernels (the splits' partials in an fp32 workspace, then the combine);
+# the IPluginV3 enqueue (plugins/aot_attention.py) runs them after a slot-write launch, with its workspace. Contiguous:
+# q/out (B, H, hd); k/v (B, KV, hd); caches (B, KV, S, hd); part (B, H, splits, hd) and lse (B, H, splits) fp32;
+# lengths (B,) int32 = pos + 1 (the split kernel reads lengths, the op takes pos).
+@triton.jit
+def decode_attention_write_trt(
+    k, v, pos,  # inputs
+    kv_heads, slots,  # int32 scalars
+    present_key, present_value, lengths,  # the caches written in place (aliased, or copied first), workspace
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # grid (B, KV): present[b, h, pos[b]] = k[b, h]
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    p = tl.load(pos + b)
+    offs = tl.arange(0, BLOCK_D)
+    m = offs < HEAD_DIM
+    src = (b * kv_heads + h) * HEAD_DIM + offs
+    dst = ((b * kv_heads + h) * slots + p) * HEAD_DIM + offs
+    tl.store(present_key + dst, tl.load(k + src, mask=m), mask=m)
+    tl.store(present_value + dst, tl.load(v + src, mask=m), mask=m)
+    if h == 0:
+        tl.store(lengths + b, (p + 1).to(tl.int32))
+
+
+@triton.jit
+def decode_attention_split_trt(
+    q, present_key, present_value, lengths,  # inputs (the caches after the write)
+    kv_heads, slots, n_splits,  # int32 scalars
+    part, lse,  # workspace outputs
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # grid (B, KV, splits)
+    s_cache_h = slots * HEAD_DIM
+    s_cache_b = kv_heads * s_cache_h
+    decode_attention_split_kernel(
+        q, present_key, present_value, lengths, part, lse,
+        GROUP, HEAD_DIM, n_splits, SCALE,
+        kv_heads * GROUP * HEAD_DIM, HEAD_DIM, s_cache_b, s_cache_h, HEAD_DIM, s_cache_b, s_cache_h, HEAD_DIM,
+        BLOCK_G, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+    )
+
+
+@triton.jit
+def decode_attention_combine_trt(
+    part, lse,  # workspace inputs
+    n_splits,  # int32 scalar
+    out,  # output
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # grid (B, H)
+    heads = tl.num_programs(1)
+    decode_attention_combine_kernel(part, lse, out, HEAD_DIM, n_splits, heads * HEAD_DIM, HEAD_DIM, BLOCK_S, BLOCK_D)

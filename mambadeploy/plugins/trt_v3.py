@@ -11,21 +11,26 @@ here has (TensorRT-RTX refuses sm_90, full TensorRT is not installable): it is w
 
 from __future__ import annotations
 
-from ..opset import DOMAIN, REGISTRY, OpEntry
-from . import trt_fields, trt_rules
+from ..opset import DOMAIN, OUTPUT_ALIASES, REGISTRY, OpEntry
+from . import aot, trt_fields, trt_rules
 
 NAMESPACE = DOMAIN
 PLUGIN_VERSION = lambda entry: str(entry.version)  # noqa: E731  (plugin_version attribute is a string in ONNX)
 
 
 def plugin_classes(trt, entry: OpEntry, namespace: str = NAMESPACE):
-    """(PluginClass, CreatorClass) for one op, bound to the TensorRT module `trt` (tensorrt or tensorrt_rtx_bindings)."""
+    """(PluginClass, CreatorClass) for one op, bound to the TensorRT module `trt` (tensorrt or tensorrt_rtx_bindings).
+    An op whose outputs alias inputs (opset.OUTPUT_ALIASES: DecodeAttention's caches) builds on IPluginV3OneBuildV2
+    where the bindings have it, and answers get_aliased_input (TensorRT >= 10.3, preview feature
+    ALIASED_PLUGIN_IO_10_03, which the build worker turns on)."""
+    aliases = {entry.outputs.index(o): entry.inputs.index(i) for o, i in OUTPUT_ALIASES.get(entry.name, {}).items()}
+    build_iface = trt.IPluginV3OneBuildV2 if aliases and hasattr(trt, "IPluginV3OneBuildV2") else trt.IPluginV3OneBuild
 
-    class Plugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+    class Plugin(trt.IPluginV3, trt.IPluginV3OneCore, build_iface, trt.IPluginV3OneRuntime):
         def __init__(self, attrs: dict | None = None):
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
+            build_iface.__init__(self)
             trt.IPluginV3OneRuntime.__init__(self)
             self.plugin_name = entry.name
             self.plugin_version = PLUGIN_VERSION(entry)
@@ -66,7 +71,12 @@ def plugin_classes(trt, entry: OpEntry, namespace: str = NAMESPACE):
             pass
 
         def get_workspace_size(self, inp, out):
-            return 0
+            if entry.name not in aot.MULTI_LAUNCH:
+                return 0
+            return aot.multi_launch(entry.name).workspace_bytes([tuple(d.max) for d in inp])
+
+        def get_aliased_input(self, output_index):
+            return aliases.get(output_index, -1)
 
         def get_valid_tactics(self):
             return []
@@ -85,10 +95,14 @@ def plugin_classes(trt, entry: OpEntry, namespace: str = NAMESPACE):
             return trt_fields.to_trt_fields(trt, entry, self.attrs)
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-            from . import aot
-
             shapes = [tuple(d.dims) for d in input_desc]
             dtypes = [trt_rules.dtype_name(d.type) for d in input_desc]
+            if entry.name in aot.MULTI_LAUNCH:  # several launches and a workspace (plugins/aot_attention.py)
+                launches = aot.multi_launch(entry.name)
+                if self.kernel is None:
+                    self.kernel = launches.compile_launches(shapes, dtypes, self.attrs)
+                launches.enqueue(self.kernel, list(inputs), list(outputs), workspace, shapes, dtypes[0], stream)
+                return
             if self.kernel is None:
                 self.kernel = aot.compile_for(entry.name, shapes, dtypes, self.attrs)
             aot.launch_on_stream(self.kernel, list(inputs), list(outputs), shapes, stream)

@@ -35,6 +35,37 @@ ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16
 _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bfloat16: 16}
 
 
+def aliased_states(decode_path) -> set:
+    """State names whose decode output may share the input's buffer: a graph input `past.X` read only by a registry op
+    whose output aliases it (opset.OUTPUT_ALIASES: DecodeAttention's caches), that output being the graph output
+    `present.X` (Shape nodes aside). step() binds such a present to the past OrtValue itself, so a decode step writes one KV slot and reads
+    the filled ones instead of copying the whole cache (the op copies once when handed another buffer). The price:
+    the state a step consumed shares its KV cache with the state it returned — branch a sequence by stepping from
+    copies, not from one state twice. CUDA-graph mode keeps its two buffer sets (the op then copies)."""
+    import onnx
+
+    from ..opset import DOMAIN, OUTPUT_ALIASES, get_op
+
+    graph = onnx.load(str(decode_path), load_external_data=False).graph
+    readers: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            if node.op_type != "Shape":  # reads no data: may run before or after the in-place write
+                readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    shared = set()
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type not in OUTPUT_ALIASES:
+            continue
+        entry = get_op(node.op_type)
+        for out, inp in OUTPUT_ALIASES[node.op_type].items():
+            past, present = node.input[entry.inputs.index(inp)], node.output[entry.outputs.index(out)]
+            name = past.removeprefix(PAST)
+            if past.startswith(PAST) and present == PRESENT + name and present in outputs and len(readers[past]) == 1:
+                shared.add(name)
+    return shared
+
+
 def _ort():
     return lazy_import("onnxruntime", "onnxruntime", extra="onnx", why="the ONNX Runtime backend (--backend ort)")
 
@@ -95,6 +126,7 @@ class OrtRunner(Runner):
         for name, sess in self.sessions.items():
             self._check_io(name, sess)
         self._device = "cuda" if provider == "cuda" else "cpu"
+        self.aliased_states = aliased_states(self.directory / self.manifest.graphs["decode"].file)
         self._graph_sets: dict = {}  # CUDA-graph buffers per batch size
         self._bindings: dict = {}  # CUDA-graph IO bindings per (batch size, buffer set written)
         self._epochs: dict = {}
@@ -266,7 +298,10 @@ class OrtRunner(Runner):
             io.bind_ortvalue_input(PAST + n, state.values[n])
         io.bind_output("logits", "cpu")
         for n in self.state_names:
-            io.bind_output(PRESENT + n, self._device, self.device_id)
+            if n in self.aliased_states:  # the op writes one slot of the cache in place (see aliased_states)
+                io.bind_ortvalue_output(PRESENT + n, state.values[n])
+            else:
+                io.bind_output(PRESENT + n, self._device, self.device_id)
         self._run(sess, io)
         outs = io.get_outputs()
         return (torch.from_numpy(outs[0].numpy()),

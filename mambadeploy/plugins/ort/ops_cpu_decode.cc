@@ -1,9 +1,12 @@
 // ONNX Runtime CPU kernels (fp32) for the decode step's mambadeploy ops: CausalConv1dUpdate, SelectiveStateUpdate,
 // AddRMSNorm, RoutedMoE — the math of mambadeploy/models/ref_ops.py (causal_conv1d_update_ref,
-// selective_state_update_ref, add_rms_norm_ref, routed_moe_ref), fp32 accumulation. Registered by register.cc.
+// selective_state_update_ref, add_rms_norm_ref, routed_moe_ref), fp32 accumulation — and DecodeAttention
+// (kernels/decode_attention.py decode_attention_update_ref) in fp32, fp16 and bf16. Registered by register.cc.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -152,11 +155,89 @@ struct MoEKernel {
   }
 };
 
+// --- DecodeAttention: q (B, H, hd), k v (B, KV, hd), caches (B, KV, S, hd), pos (B,) -> out (B, H, hd), present caches
+// present_* alias the caches: when ORT hands the input buffers as the outputs (OrtRunner binds present to past), a
+// step writes slot pos[b] and reads slots [0, pos[b]] only. A separate output buffer gets the cache copied once first
+// (correct, O(cache)). Scores and softmax in fp32 (the reference's math), out rounded once to T.
+inline float Widen(float x) { return x; }
+inline float Widen(Ort::Float16_t x) { return x.ToFloat(); }
+inline float Widen(Ort::BFloat16_t x) { return x.ToFloat(); }
+template <typename T> T Narrow(float x) { return T(x); }
+template <> inline float Narrow<float>(float x) { return x; }
+
+template <typename T>
+struct DecodeAttentionKernel {
+  float scale_;
+  explicit DecodeAttentionKernel(const OrtKernelInfo* info) : scale_(Attr(info, op::DecodeAttention::scale)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    Ort::ConstValue qv = ctx.GetInput(0), kv = ctx.GetInput(1), vv = ctx.GetInput(2);
+    Ort::ConstValue kc = ctx.GetInput(3), vc = ctx.GetInput(4);
+    std::vector<int64_t> pos_shape;
+    const int64_t* pos = input_i64(ctx, 5, pos_shape);
+    const auto qs = qv.GetTensorTypeAndShapeInfo().GetShape(), cs = kc.GetTensorTypeAndShapeInfo().GetShape();
+    Require(qs.size() == 3 && cs.size() == 4, "DecodeAttention: q must be (B, H, hd) and the caches (B, KV, S, hd)");
+    const int64_t B = qs[0], H = qs[1], hd = qs[2], KV = cs[1], S = cs[2];
+    Require(cs[0] == B && cs[3] == hd && KV > 0 && H % KV == 0, "DecodeAttention: caches do not fit q (KV must divide H)");
+    Require(vc.GetTensorTypeAndShapeInfo().GetShape() == cs, "DecodeAttention: value_cache must match key_cache");
+    const std::vector<int64_t> kvs{B, KV, hd};
+    Require(kv.GetTensorTypeAndShapeInfo().GetShape() == kvs && vv.GetTensorTypeAndShapeInfo().GetShape() == kvs,
+            "DecodeAttention: k and v must be (B, KV, hd)");
+    Require(pos_shape == std::vector<int64_t>{B}, "DecodeAttention: pos must be (B,)");
+    for (int64_t b = 0; b < B; ++b) Require(pos[b] >= 0 && pos[b] < S, "DecodeAttention: pos outside the cache");
+    const T* q = qv.GetTensorData<T>();
+    T* out = ctx.GetOutput(0, qs).GetTensorMutableData<T>();
+    T* caches[2] = {ctx.GetOutput(1, cs).GetTensorMutableData<T>(), ctx.GetOutput(2, cs).GetTensorMutableData<T>()};
+    const T* past[2] = {kc.GetTensorData<T>(), vc.GetTensorData<T>()};
+    const T* fresh[2] = {kv.GetTensorData<T>(), vv.GetTensorData<T>()};
+    const int64_t row = S * hd;
+    for (int c = 0; c < 2; ++c) {
+      if (caches[c] != past[c]) std::memcpy(caches[c], past[c], sizeof(T) * B * KV * row);  // not aliased
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < KV; ++h)
+          std::memcpy(caches[c] + (b * KV + h) * row + pos[b] * hd, fresh[c] + (b * KV + h) * hd, sizeof(T) * hd);
+    }
+    const float scale = scale_ != 0.f ? scale_ : 1.f / std::sqrt(static_cast<float>(hd));
+    const int64_t group = H / KV;
+    std::vector<float> qf(hd), p, acc(hd);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = pos[b] + 1;
+      p.resize(n);
+      for (int64_t h = 0; h < H; ++h) {
+        const T* K = caches[0] + (b * KV + h / group) * row;
+        const T* V = caches[1] + (b * KV + h / group) * row;
+        for (int64_t i = 0; i < hd; ++i) qf[i] = Widen(q[(b * H + h) * hd + i]);
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < n; ++s) {
+          float dot = 0.f;
+          for (int64_t i = 0; i < hd; ++i) dot += qf[i] * Widen(K[s * hd + i]);
+          p[s] = dot * scale;
+          top = std::max(top, p[s]);
+        }
+        float total = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t s = 0; s < n; ++s) {
+          const float w = std::exp(p[s] - top);
+          total += w;
+          for (int64_t i = 0; i < hd; ++i) acc[i] += w * Widen(V[s * hd + i]);
+        }
+        for (int64_t i = 0; i < hd; ++i) out[(b * H + h) * hd + i] = Narrow<T>(acc[i] / total);
+      }
+    }
+  }
+};
+
 // fp32 CPU kernels: the registry's "T" inputs are float32 here
 RegistryOp<op::CausalConv1dUpdate, ConvUpdateKernel, kF32> g_conv_update;
 RegistryOp<op::SelectiveStateUpdate, StateUpdateKernel, kF32> g_state_update;
 RegistryOp<op::AddRMSNorm, AddNormKernel, kF32> g_add_norm;
 RegistryOp<op::RoutedMoE, MoEKernel, kF32> g_moe;
+// DecodeAttention moves whole KV caches: it runs in the cache's own dtype (fp16/bf16 caches are not widened to fp32)
+RegistryOp<op::DecodeAttention, DecodeAttentionKernel<float>, kF32> g_attention_f32;
+RegistryOp<op::DecodeAttention, DecodeAttentionKernel<Ort::Float16_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>
+    g_attention_f16;
+RegistryOp<op::DecodeAttention, DecodeAttentionKernel<Ort::BFloat16_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>
+    g_attention_bf16;
 
 }  // namespace
 
@@ -166,5 +247,8 @@ void AddCpuDecodeOps(Ort::CustomOpDomain& domain) {
   domain.Add(&g_state_update);
   domain.Add(&g_add_norm);
   domain.Add(&g_moe);
+  domain.Add(&g_attention_f32);
+  domain.Add(&g_attention_f16);
+  domain.Add(&g_attention_bf16);
 }
 }  // namespace mambadeploy_ort

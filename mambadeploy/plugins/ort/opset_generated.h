@@ -92,4 +92,14 @@ struct RoutedMoE {
   static constexpr IntAttr activation{"activation", 0};
 };
 
+// DecodeAttention(q, k, v, key_cache, value_cache, pos) -> (out, present_key, present_value)
+struct DecodeAttention {
+  static constexpr const char* kName = "DecodeAttention";
+  static constexpr int kVersion = 1;
+  static constexpr const char* kInputs = "TTTTTI";
+  static constexpr const char* kOutputs = "TTT";
+  static constexpr size_t kNumInputs = 6, kNumOutputs = 3;
+  static constexpr FloatAttr scale{"scale", 0.0f};
+};
+
 }  // namespace mambadeploy_opset
