@@ -127,10 +127,12 @@ def expand_decode_attention(node: onnx.NodeProto, types: GraphTypes) -> list[onn
     slots = e.op("Range", [e.const(0), e.op("Squeeze", [e.dims(i["key_cache"], 2, 3), e.const([0])]), e.const(1)])
     pos_col = e.op("Unsqueeze", [pos, e.const([1])])  # (B, 1)
     write = e.op("Unsqueeze", [e.op("Equal", [slots, pos_col]), e.const([1, 3])])  # (B, 1, S, 1)
-    caches = []
+    caches = []  # fp32 (ORT's CPU Where has no bf16 kernel); the new k/v rounded to the cache dtype first
     for new, past, present in ((i["k"], i["key_cache"], present_key), (i["v"], i["value_cache"], present_value)):
-        new = e.op("Unsqueeze", [e.cast(new, types.elem_type(new), types.elem_type(past)), e.const([2])])
-        caches.append(e.cast(e.op("Where", [write, new, past], outputs=[present]), types.elem_type(past)))
+        ct = types.elem_type(past)
+        new = e.op("Unsqueeze", [e.cast(e.cast(new, types.elem_type(new), ct), ct), e.const([2])])
+        caches.append(e.op("Where", [write, new, e.cast(past, ct)]))
+        e.op("Cast", [caches[-1]], outputs=[present], to=ct)
     scale = attrs["scale"] or 1.0 / math.sqrt(head_dim)
     group = e.const([0, kv_heads, heads // kv_heads, head_dim])  # (B, KV, G, hd): GQA without repeating the cache
     q = e.op("Reshape", [e.cast(i["q"], t), group])

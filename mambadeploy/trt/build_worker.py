@@ -111,6 +111,12 @@ def build(job: dict) -> dict:
         config.num_compute_capabilities = len(job["compute_capabilities"])
         for i, cap in enumerate(job["compute_capabilities"]):
             config.set_compute_capability(getattr(trt.ComputeCapability, cap), i)
+    # plugins whose outputs alias inputs (DecodeAttention's KV caches: opset.OUTPUT_ALIASES) need this preview
+    # feature (TensorRT >= 10.3; TensorRT-RTX 1.7 has it); without it they get separate buffers and copy the cache
+    aliased = getattr(getattr(trt, "PreviewFeature", None), "ALIASED_PLUGIN_IO_10_03", None)
+    if aliased is not None:
+        config.set_preview_feature(aliased, True)
+    result["aliased_plugin_io"] = aliased is not None
     if hasattr(config, "progress_monitor"):
         config.progress_monitor = _progress_monitor(trt)
 

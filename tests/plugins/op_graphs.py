@@ -40,6 +40,10 @@ def op_input_specs(name: str, dim=6, n=4, k=4, d=8, f=5, experts=3, top_k=1, dty
     if name == "RoutedMoE":
         return {"x": (("tokens", d), dtype), "router_weight": ((experts, d), p), "router_bias": ((experts,), p),
                 "w1": ((experts, 2 * f, d), p), "w2": ((experts, d, f), p)}
+    if name == "DecodeAttention":  # GQA: 4 query heads on 2 KV heads, head_dim 12 (jamba-tiny's), a 37-slot cache
+        return {"q": (("batch", 4, 12), dtype), "k": (("batch", 2, 12), dtype), "v": (("batch", 2, 12), dtype),
+                "key_cache": (("batch", 2, 37, 12), dtype), "value_cache": (("batch", 2, 37, 12), dtype),
+                "pos": (("batch",), "int64")}
     raise KeyError(name)
 
 
