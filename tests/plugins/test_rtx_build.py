@@ -137,12 +137,15 @@ def test_build_command_caches_detects_corruption_and_refuses_bad_versions(tmp_pa
 @pytest.mark.parametrize("preset", ["blackmamba-tiny", "jamba-tiny"])
 def test_real_custom_op_export_builds(tmp_path, tiny, preset):
     """The exporter, --ops custom: prefill and decode plans build with every plugin of the registry registered; the
-    decode plan holds the decode step's plugins (conv / state update, add + RMSNorm, routed MoE)."""
+    decode plan holds the decode step's plugins (conv / state update, add + RMSNorm, routed MoE; jamba's attention as
+    DecodeAttention)."""
     export_model = require_module("mambadeploy.export.exporter", DEV_INSTALL).export_model
     export_model(tiny(preset), tmp_path / "export", ops="custom")
     manifest = tb.build_engines(tmp_path / "export", tmp_path / "engines", target="rtx", max_batch=2, max_prompt=32,
                                 progress=print)
     prefill, decode = manifest["engines"]["prefill"], manifest["engines"]["decode"]
     assert set(prefill["custom_ops"]) == {"SelectiveScan", "CausalConv1d", "TopKExpertGather", "AddRMSNorm"}
-    assert set(decode["custom_ops"]) == {"CausalConv1dUpdate", "SelectiveStateUpdate", "AddRMSNorm", "RoutedMoE"}
+    attention = {"DecodeAttention"} if preset == "jamba-tiny" else set()
+    assert set(decode["custom_ops"]) == {"CausalConv1dUpdate", "SelectiveStateUpdate", "AddRMSNorm", "RoutedMoE",
+                                         *attention}
     assert prefill["layers"]["PLUGIN_V3"] >= 3 and decode["layers"]["PLUGIN_V3"] >= 4 and decode["bytes"] > 0

@@ -76,6 +76,11 @@ def _ref_outputs(name, dtype):
         args = dict(x=torch.randn(3, 8, generator=g).to(t), residual=torch.randn(3, 8, generator=g),
                     weight=torch.randn(8, generator=g).to(t))
         outs = get_op(name).resolve("reference")(**args, eps=1e-5)
+    elif name == "DecodeAttention":  # GQA 4 on 2 heads, a 9-slot cache
+        args = dict(q=torch.randn(3, 4, 6, generator=g).to(t), k=torch.randn(3, 2, 6, generator=g).to(t),
+                    v=torch.randn(3, 2, 6, generator=g).to(t), key_cache=torch.randn(3, 2, 9, 6, generator=g).to(t),
+                    value_cache=torch.randn(3, 2, 9, 6, generator=g).to(t), pos=torch.tensor([0, 8, 3]))
+        outs = get_op(name).resolve("reference")(**args)
     elif name == "RoutedMoE":
         T, d, f, e = 6, 8, 5, 3
         args = dict(x=torch.randn(T, d, generator=g).to(t), router_weight=torch.randn(e, d, generator=g).to(t),

@@ -107,6 +107,32 @@ def test_prefill_and_128_decode_steps_match_torch(target, ops, exported, tiny):
         assert_logits_close(t, ref_state[name], torch.float32, f"final state {name}")
 
 
+def test_custom_decode_writes_the_kv_cache_in_place(exported, tiny):
+    """jamba-tiny --ops custom: the decode graph's DecodeAttention caches are bound present = past (no copy of the
+    cache per step), and the steps match torch's with the binding on and off (the op then copies the cache)."""
+    runner = OrtRunner.from_dir(exported("jamba-tiny", "custom"))
+    model = tiny("jamba-tiny")
+    attention = [f"L{i}.{kv}" for i, layer in enumerate(model.config.layers) if layer.mixer == "attention"
+                 for kv in ("key", "value")]
+    assert attention and runner.aliased_states == set(attention)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    got, state = runner.prefill(ids)
+    want, ref_state = model.prefill(ids)
+    copied = runner.prefill(ids)[1]
+    for step in range(4):
+        tok = want.argmax(-1)
+        before = {n: state.values[n].data_ptr() for n in attention}
+        got, state = runner.step(tok, state)
+        assert {n: state.values[n].data_ptr() for n in attention} == before  # the same buffers, written in place
+        runner.aliased_states, shared = set(), runner.aliased_states
+        got_copied, copied = runner.step(tok, copied)
+        runner.aliased_states = shared
+        assert all(copied.values[n].data_ptr() != state.values[n].data_ptr() for n in attention)
+        want, ref_state = model.step(tok, ref_state)
+        assert_logits_close(got, want, torch.float32, f"step {step} (in place)")
+        assert torch.equal(got, got_copied)
+
+
 @pytest.mark.parametrize("preset", ["blackmamba-tiny", "jamba-tiny"])
 def test_batched_prompts_equal_single_prompts(preset, exported):
     runner = OrtRunner.from_dir(exported(preset))
