@@ -54,6 +54,53 @@ def test_plan_builds_with_plugin(tmp_path, op, kw):
     assert result["plan_bytes"] > 1000 and (tmp_path / "g.plan").stat().st_size == result["plan_bytes"]
 
 
+_ALIAS_PROBE = """
+import json, sys
+from op_graphs import single_op_model
+from mambadeploy.plugins import trt_lib, trt_v3
+trt = trt_lib.import_trt("rtx")
+asked, make = [], trt_v3.plugin_classes
+def spy(trt_, entry, namespace=trt_v3.NAMESPACE):
+    plugin, creator = make(trt_, entry, namespace)
+    if entry.name == "DecodeAttention":
+        answer = plugin.get_aliased_input
+        plugin.get_aliased_input = lambda self, i: asked.append((i, answer(self, i))) or answer(self, i)
+    return plugin, creator
+trt_v3.plugin_classes = spy
+trt_v3.register_plugins(trt)
+logger = trt.Logger(trt.Logger.ERROR)
+builder = trt.Builder(logger)
+network = builder.create_network(0)
+assert trt.OnnxParser(network, logger).parse(single_op_model("DecodeAttention", dtype="float16").SerializeToString())
+config = builder.create_builder_config()
+config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
+profile = builder.create_optimization_profile()
+for i in range(network.num_inputs):
+    t = network.get_input(i)
+    profile.set_shape(t.name, *[tuple(b if d == -1 else d for d in t.shape) for b in (1, 2, 3)])
+config.add_optimization_profile(profile)
+plan = builder.build_serialized_network(network, config)
+print(json.dumps({"plan_bytes": plan.nbytes if plan is not None else 0, "asked": sorted(set(asked))}))
+"""
+
+
+def test_decode_attention_plan_declares_present_aliases_past():
+    """TensorRT-RTX asks the DecodeAttention plugin (IPluginV3OneBuildV2) which input each output aliases and gets
+    present_key -> key_cache (3), present_value -> value_cache (4): the plan builds with the caches aliased."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = trt_lib.plan_env("rtx", dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), str(here)])))
+    r = subprocess.run([sys.executable, "-c", _ALIAS_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["plan_bytes"] > 1000 and result["asked"] == [[0, -1], [1, 3], [2, 4]]
+
+
 @pytest.mark.parametrize("op,kw,why", [
     ("SelectiveScan", {"omit": ("z",)}, "omits input 'z'"),
 ])
