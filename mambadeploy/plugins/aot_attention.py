@@ -29,7 +29,8 @@ ALIGN = 256  # workspace regions start on 256-byte boundaries (Triton assumes 16
 
 @dataclass(frozen=True)
 class Launch:
-    """One launch: the adapter, its pointer parameters (name -> Triton type), int32 scalars, constexprs, grid."""
+    """One launch: the adapter, its pointer parameters (name -> Triton type), scalars (int -> i32, float -> fp32),
+    constexprs, grid."""
 
     adapter: str
     pointers: dict
@@ -70,8 +71,8 @@ def plan(shapes, dtype: str, attrs: dict, interpret: bool = False) -> list[Launc
                    {"HEAD_DIM": head_dim, "BLOCK_D": next_pow2(head_dim)}, (batch, kv_heads, 1), 1)
     split = Launch("decode_attention_split_trt",
                    {"q": t, "present_key": t, "present_value": t, "lengths": "*i32", "part": "*fp32", "lse": "*fp32"},
-                   {"kv_heads": kv_heads, "slots": slots, "n_splits": splits},
-                   dict(cfg["constexprs"], SCALE=scale, HEAD_DIM=head_dim, GROUP=heads // kv_heads,
+                   {"kv_heads": kv_heads, "slots": slots, "n_splits": splits, "scale": scale},
+                   dict(cfg["constexprs"], HEAD_DIM=head_dim, GROUP=heads // kv_heads,
                         UPCAST=dot_upcast(torch_dtype, interpret), PRECISION=dot_precision(torch_dtype)),
                    tuple(cfg["grid"]), cfg["num_warps"], cfg["num_stages"])
     combine = Launch("decode_attention_combine_trt", {"part": "*fp32", "lse": "*fp32", "out": t}, {"n_splits": splits},
@@ -102,6 +103,16 @@ def workspace_bytes(max_shapes) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- GPU (PTX)
+def scalar_type(launch: Launch, name: str) -> str:
+    return "fp32" if isinstance(launch.scalars.get(name), float) else "i32"
+
+
+def _scalar(value):
+    import numpy as np
+
+    return np.float32(value) if isinstance(value, float) else np.int32(value)
+
+
 def compile_launches(shapes, dtypes, attrs: dict, arch: int | None = None) -> list[aot.AotKernel]:
     """triton.compile each adapter for `arch`; params in the adapter's order ("ptr:NAME", "scalar:NAME")."""
     triton = lazy_import("triton", "triton", "gpu", "compiling the DecodeAttention plugin kernels ahead of time")
@@ -113,7 +124,8 @@ def compile_launches(shapes, dtypes, attrs: dict, arch: int | None = None) -> li
     kernels = []
     for launch in plan(shapes, dtypes[0], attrs):
         fn = getattr(aot_kernels, launch.adapter)
-        signature = {n: "constexpr" if n in launch.constexprs else launch.pointers.get(n, "i32") for n in fn.arg_names}
+        signature = {n: "constexpr" if n in launch.constexprs else launch.pointers.get(n, scalar_type(launch, n))
+                     for n in fn.arg_names}
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=launch.constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
@@ -152,7 +164,7 @@ def enqueue(kernels, inputs, outputs, workspace: int, shapes, dtype: str, stream
                                               cupy.cuda.runtime.memcpyDeviceToDevice, s.ptr)
         for k in kernels:
             scalars = iter(k.scalars)
-            args = [np.int32(next(scalars)) if p.startswith("scalar:") else
+            args = [_scalar(next(scalars)) if p.startswith("scalar:") else
                     np.uint64(int(ptrs[p[4:]]) if p.startswith("ptr:") else 0) for p in k.params]
             aot.load_function(cupy, k)(k.grid, k.block, tuple(args), shared_mem=k.shared_mem)
 

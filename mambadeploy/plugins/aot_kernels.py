@@ -248,7 +248,8 @@ def add_rms_norm_launch_config(shapes, dtypes=None) -> dict:
 
 # --------------------------------------------------------------------------- DecodeAttention: three launches
 # torch-fast's split-K decode attention is two kernels (the splits' partials in an fp32 workspace, then the combine);
-# the IPluginV3 enqueue (plugins/aot_attention.py) runs them after a slot-write launch, with its workspace. Contiguous:
+# the IPluginV3 enqueue (plugins/aot_attention.py) and the ORT CUDA library (ops_cuda_aot.cc AotDecodeAttention) run
+# them after a slot-write launch, with a workspace. The same three adapters serve both. Contiguous:
 # q/out (B, H, hd); k/v (B, KV, hd); caches (B, KV, S, hd); part (B, H, splits, hd) and lse (B, H, splits) fp32;
 # lengths (B,) int32 = pos + 1 (the split kernel reads lengths, the op takes pos).
 @triton.jit
@@ -275,9 +276,9 @@ def decode_attention_write_trt(
 @triton.jit
 def decode_attention_split_trt(
     q, present_key, present_value, lengths,  # inputs (the caches after the write)
-    kv_heads, slots, n_splits,  # int32 scalars
+    kv_heads, slots, n_splits, scale,  # int32 scalars, fp32 softmax scale
     part, lse,  # workspace outputs
-    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # grid (B, KV, splits)
@@ -285,7 +286,7 @@ def decode_attention_split_trt(
     s_cache_b = kv_heads * s_cache_h
     decode_attention_split_kernel(
         q, present_key, present_value, lengths, part, lse,
-        GROUP, HEAD_DIM, n_splits, SCALE,
+        GROUP, HEAD_DIM, n_splits, scale,
         kv_heads * GROUP * HEAD_DIM, HEAD_DIM, s_cache_b, s_cache_h, HEAD_DIM, s_cache_b, s_cache_h, HEAD_DIM,
         BLOCK_G, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
     )
