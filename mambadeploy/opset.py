@@ -336,7 +336,8 @@ link("DecodeAttention", "ort", "mambadeploy.plugins.ort.build:register")
 link("DecodeAttention", "trt", "mambadeploy.plugins.trt_v3:plugin_classes")
 link("DecodeAttention", "triton", "mambadeploy.kernels.decode_attention:decode_attention_update")
 link("DecodeAttention", "trt_adapter", _TRT + "decode_attention_split_trt")
-# TensorRT and ORT CUDA launch torch-fast's own split-K + combine kernels (plugins/aot_attention.py); ORT CUDA: none yet
-get_op("DecodeAttention").kernels.update({
-    "trt": (_K + "decode_attention:decode_attention_split_kernel", _K + "decode_attention:decode_attention_combine_kernel"),
-    "ort_cuda": ()})
+# TensorRT (plugins/aot_attention.py) and ORT CUDA (aot_table.attention_specs) launch the same three: the slot write,
+# then torch-fast's own split-K and combine kernels
+_ATTENTION = (_TRT + "decode_attention_write_trt", _K + "decode_attention:decode_attention_split_kernel",
+              _K + "decode_attention:decode_attention_combine_kernel")
+get_op("DecodeAttention").kernels.update({"trt": _ATTENTION, "ort_cuda": _ATTENTION})

@@ -45,7 +45,8 @@ def test_plan_covers_every_custom_node(preset, top_k, scan_flags):
     roles = {k.split("|")[0] for k in keys}
     expected = {"scan.state", "scan.out", "scan.fold", "conv", "moe.fc1", "moe.fc2", "moe.align.i64",
                 "moe.align.i32"}
-    assert expected | ({"moe.sum"} if top_k > 1 else set()) == roles
+    attention = {"attn.write", "attn.split", "attn.combine"} if preset == "jamba-tiny" else set()
+    assert expected | ({"moe.sum"} if top_k > 1 else set()) | attention == roles
     fc1 = next(k for k in keys if k.startswith("moe.fc1"))
     assert f"k={top_k}" in fc1 and "|bf16|" in fc1
     scan = next(k for k in keys if k.startswith("scan.out"))
@@ -72,6 +73,21 @@ def test_kernels_compile_for_hopper_with_the_launchers_parameter_count():
         assert declared[k.spec.adapter] <= k.n_params <= declared[k.spec.adapter] + 2  # + Triton's scratch pointers
 
 
+def test_decode_attention_kernels_compile_with_the_launchers_parameter_count():
+    """DecodeAttention's three launches (ops_cuda_aot.cc AotDecodeAttention passes 8, 10 and 4 parameters); the combine
+    has a variant per range of splits, tiling [1, 2^62]."""
+    require_module("triton", DEV_INSTALL)
+    specs = aot_table.attention_specs("bfloat16", 4, 128)
+    combine = sorted((s.lo, s.hi) for s in specs if s.key.startswith("attn.combine"))
+    assert combine[0][0] == 1 and combine[-1][1] == aot_table.MAX_SIZE
+    assert all(a[1] + 1 == b[0] for a, b in zip(combine, combine[1:]))
+    compiled = aot_table.compile_plan([s for s in specs if not s.key.startswith("attn.combine")] + specs[-1:], arch=90)
+    declared = {"decode_attention_write_trt": 8, "decode_attention_split_trt": 10, "decode_attention_combine_trt": 4}
+    for k in compiled:
+        assert k.cubin[:4] == b"\x7fELF"
+        assert declared[k.spec.adapter] <= k.n_params <= declared[k.spec.adapter] + 2, (k.spec.adapter, k.n_params)
+
+
 def _c_key(lib, role, dtype, dims):
     names = (ctypes.c_char_p * len(dims))(*[n.encode() for n in dims])
     values = (ctypes.c_int64 * len(dims))(*dims.values())
@@ -83,7 +99,8 @@ def _c_key(lib, role, dtype, dims):
 def test_library_builds_the_same_keys_and_keeps_a_table(cuda_library):
     lib = aot_table._library(cuda_library)
     for role, dtype, dims in [("moe.fc1", "bf16", {"d": 64, "F": 96, "E": 4, "k": 1, "act": 0}),
-                              ("scan.out", "fp16", {"z": 1, "N": 16, "h0": 0, "D": 0, "bias": 1, "softplus": 1})]:
+                              ("scan.out", "fp16", {"z": 1, "N": 16, "h0": 0, "D": 0, "bias": 1, "softplus": 1}),
+                              ("attn.split", "bf16", {"hd": 128, "G": 4})]:
         assert _c_key(lib, role, dtype, dims) == aot_table.kernel_key(role, dtype, **dims)
     before = aot_table.stats(cuda_library, reset=True)
     spec = aot_table.KernelSpec(aot_table.kernel_key("test.only", "-", n=1), 1, 5, "moe_sum_ort", {}, {}, 1, 1,

@@ -90,6 +90,9 @@ def plan_for(export_dir) -> list[KernelSpec]:
                 k = 1 if node.op_type == "RoutedMoE" and attrs["router"] == 0 else int(attrs["top_k"])
                 new = moe_specs(dtype, cfg.d_model, cfg.moe.ffn_size, cfg.moe.n_experts, k, int(attrs["activation"]),
                                 experts_int64=node.op_type == "TopKExpertGather")
+            elif node.op_type == "DecodeAttention":
+                a = cfg.attention
+                new = attention_specs(dtype, a.n_heads // a.n_kv_heads, a.head_dim)
             else:
                 continue
             specs.update({(s.key, s.lo): s for s in new})
@@ -160,6 +163,39 @@ def moe_specs(dtype: str, d: int, F: int, E: int, k: int, activation: int, exper
         specs.append(KernelSpec(kernel_key("moe.sum", t, d=d, k=k), 2, MAX_SIZE, "moe_sum_ort",
                                 {"rows": "*fp32", "y": "*" + t}, dict(d=d, TOP_K=k, BLOCK=block),
                                 max(1, min(8, block // 256)), 1, meta={"BLOCK": block}))
+    return specs
+
+
+def attention_specs(dtype: str, group: int, head_dim: int) -> list[KernelSpec]:
+    """DecodeAttention: the slot write, the split-K kernel and its combine, behind the TensorRT plugin's own adapters
+    (plugins/aot_kernels.py: one adapter set for both AOT paths). The split count is computed in C++ from the shapes
+    with decode_attention.launch_config's numbers (meta); the combine has a variant per range of splits (its BLOCK_S)."""
+    import torch
+
+    from ...kernels.common import dot_precision, next_pow2
+    from ...kernels.decode_attention import MAX_SPLITS, TARGET_PROGRAMS, launch_config
+
+    t = TRITON_DTYPES[dtype]
+    cfg = launch_config(((1, group, head_dim), (1, 1, 64, head_dim)))
+    c = cfg["constexprs"]
+    block_d = next_pow2(head_dim)
+    specs = [
+        KernelSpec(kernel_key("attn.write", t, hd=head_dim), 1, MAX_SIZE, "decode_attention_write_trt",
+                   {"k": "*" + t, "v": "*" + t, "pos": "*i64", "present_key": "*" + t, "present_value": "*" + t,
+                    "lengths": "*i32"}, {"HEAD_DIM": head_dim, "BLOCK_D": block_d}, 1, 1),
+        KernelSpec(kernel_key("attn.split", t, G=group, hd=head_dim), 1, MAX_SIZE, "decode_attention_split_trt",
+                   {"q": "*" + t, "present_key": "*" + t, "present_value": "*" + t, "lengths": "*i32",
+                    "scale": "fp32", "part": "*fp32", "lse": "*fp32"},
+                   dict(c, HEAD_DIM=head_dim, GROUP=group, UPCAST=False, PRECISION=dot_precision(getattr(torch, dtype))),
+                   cfg["num_warps"], cfg["num_stages"],
+                   meta={"BLOCK_N": c["BLOCK_N"], "TARGET_PROGRAMS": TARGET_PROGRAMS, "MAX_SPLITS": MAX_SPLITS})]
+    lo = 1
+    while lo <= MAX_SPLITS:
+        hi = next_pow2(lo)
+        specs.append(KernelSpec(kernel_key("attn.combine", t, hd=head_dim), lo, MAX_SIZE if hi >= MAX_SPLITS else hi,
+                                "decode_attention_combine_trt", {"part": "*fp32", "lse": "*fp32", "out": "*" + t},
+                                {"HEAD_DIM": head_dim, "BLOCK_S": hi, "BLOCK_D": block_d}, 1 if hi <= 32 else 4, 1))
+        lo = hi + 1
     return specs
 
 

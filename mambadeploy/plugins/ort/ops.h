@@ -157,6 +157,19 @@ inline NormDims CheckAddNormShapes(const Shape& x, const Shape& r, const Shape& 
   return {rows, x.back()};
 }
 
+struct AttentionDims { int64_t B, H, KV, S, hd; };
+// q: (B, H, hd); k, v: (B, KV, hd); key_cache, value_cache: (B, KV, S, hd) with KV dividing H; pos: (B,)
+inline AttentionDims CheckDecodeAttentionShapes(const Shape& q, const Shape& k, const Shape& v, const Shape& kc,
+                                                const Shape& vc, const Shape& pos) {
+  Require(q.size() == 3 && kc.size() == 4, "DecodeAttention: q must be (B, H, hd) and the caches (B, KV, S, hd)");
+  const int64_t B = q[0], H = q[1], hd = q[2], KV = kc[1], S = kc[2];
+  Require(kc[0] == B && kc[3] == hd && KV > 0 && H % KV == 0, "DecodeAttention: caches do not fit q (KV must divide H)");
+  Require(vc == kc, "DecodeAttention: value_cache must match key_cache");
+  Require(k == Shape{B, KV, hd} && v == k, "DecodeAttention: k and v must be (B, KV, hd)");
+  Require(pos == Shape{B}, "DecodeAttention: pos must be (B,)");
+  return {B, H, KV, S, hd};
+}
+
 struct MoEDims { int64_t T, d, E, F; };
 // x: (T, d); router_weight: (E, d); router_bias: (E); w1: (E, 2F, d); w2: (E, d, F)
 inline MoEDims CheckRoutedMoEShapes(const Shape& x, const Shape& rw, const Shape* rb, const Shape& w1,

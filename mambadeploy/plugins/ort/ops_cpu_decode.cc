@@ -176,14 +176,9 @@ struct DecodeAttentionKernel {
     std::vector<int64_t> pos_shape;
     const int64_t* pos = input_i64(ctx, 5, pos_shape);
     const auto qs = qv.GetTensorTypeAndShapeInfo().GetShape(), cs = kc.GetTensorTypeAndShapeInfo().GetShape();
-    Require(qs.size() == 3 && cs.size() == 4, "DecodeAttention: q must be (B, H, hd) and the caches (B, KV, S, hd)");
-    const int64_t B = qs[0], H = qs[1], hd = qs[2], KV = cs[1], S = cs[2];
-    Require(cs[0] == B && cs[3] == hd && KV > 0 && H % KV == 0, "DecodeAttention: caches do not fit q (KV must divide H)");
-    Require(vc.GetTensorTypeAndShapeInfo().GetShape() == cs, "DecodeAttention: value_cache must match key_cache");
-    const std::vector<int64_t> kvs{B, KV, hd};
-    Require(kv.GetTensorTypeAndShapeInfo().GetShape() == kvs && vv.GetTensorTypeAndShapeInfo().GetShape() == kvs,
-            "DecodeAttention: k and v must be (B, KV, hd)");
-    Require(pos_shape == std::vector<int64_t>{B}, "DecodeAttention: pos must be (B,)");
+    const auto [B, H, KV, S, hd] = mambadeploy_ort::CheckDecodeAttentionShapes(
+        qs, kv.GetTensorTypeAndShapeInfo().GetShape(), vv.GetTensorTypeAndShapeInfo().GetShape(), cs,
+        vc.GetTensorTypeAndShapeInfo().GetShape(), pos_shape);
     for (int64_t b = 0; b < B; ++b) Require(pos[b] >= 0 && pos[b] < S, "DecodeAttention: pos outside the cache");
     const T* q = qv.GetTensorData<T>();
     T* out = ctx.GetOutput(0, qs).GetTensorMutableData<T>();

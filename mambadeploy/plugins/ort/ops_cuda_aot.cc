@@ -3,6 +3,7 @@
 // chosen in Python by the same launch_config torch-fast uses.
 #include "ops_cuda_aot.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -130,6 +131,40 @@ bool AotCausalConv1d(DType t, const mambadeploy_cuda::ConvArgs& a, void* stream)
   check(Launch(conv, unsigned(a.batch), unsigned(cdiv(a.dim, Meta(conv, "BLOCK_D"))),
                unsigned(cdiv(a.L, Meta(conv, "BLOCK_L"))), {&x, &w, &bias, &init, &y, &fin, &dim, &L}, stream),
         mambadeploy_opset::CausalConv1d::kName);
+  return true;
+}
+
+bool AotDecodeAttention(Ort::KernelContext& ctx, int device, DType t, const AotAttentionArgs& a, void* stream) {
+  const char* op = mambadeploy_opset::DecodeAttention::kName;
+  const char* dt = DtypeName(t);
+  const auto* write = Find(Key("attn.write", dt, {{"hd", a.hd}}), 1);
+  const auto* split = Find(Key("attn.split", dt, {{"G", a.H / a.KV}, {"hd", a.hd}}), 1);
+  if (!write || !split || !aligned16({a.q, a.k, a.v, a.pos, a.out, a.present_key, a.present_value})) {
+    mambadeploy_aot::CountFallback();
+    return false;
+  }
+  // kernels/decode_attention.launch_config: the splits follow the shapes only (never the fill)
+  const int64_t block_n = Meta(split, "BLOCK_N"), target = Meta(split, "TARGET_PROGRAMS");
+  int64_t splits = std::min(Meta(split, "MAX_SPLITS"), target / std::max<int64_t>(a.B * a.KV, 1));
+  splits = std::max<int64_t>(1, std::min(splits, cdiv(a.S, block_n)));
+  const auto* combine = Find(Key("attn.combine", dt, {{"hd", a.hd}}), splits);
+  if (!combine) {
+    mambadeploy_aot::CountFallback();
+    return false;
+  }
+  const size_t b_len = align256(size_t(a.B) * 4), b_lse = align256(size_t(a.B * a.H * splits) * 4);
+  DeviceScratch scratch(ctx, device, b_len + b_lse + size_t(a.B * a.H * splits * a.hd) * 4, op);
+  void* lengths = scratch.ptr;
+  void* lse = static_cast<char*>(scratch.ptr) + b_len;
+  void* part = static_cast<char*>(scratch.ptr) + b_len + b_lse;
+  const void *q = a.q, *k = a.k, *v = a.v, *pos = a.pos;
+  void *out = a.out, *pk = a.present_key, *pv = a.present_value;
+  int32_t kv = int32_t(a.KV), slots = int32_t(a.S), n_splits = int32_t(splits);
+  float scale = a.scale;
+  check(Launch(write, unsigned(a.B), unsigned(a.KV), 1, {&k, &v, &pos, &kv, &slots, &pk, &pv, &lengths}, stream), op);
+  check(Launch(split, unsigned(a.B), unsigned(a.KV), unsigned(splits),
+               {&q, &pk, &pv, &lengths, &kv, &slots, &n_splits, &scale, &part, &lse}, stream), op);
+  check(Launch(combine, unsigned(a.B), unsigned(a.H), 1, {&part, &lse, &n_splits, &out}, stream), op);
   return true;
 }
 

@@ -29,6 +29,16 @@ bool AotSelectiveScan(Ort::KernelContext& ctx, int device, DType t, const AotSca
 
 bool AotCausalConv1d(DType t, const mambadeploy_cuda::ConvArgs& a, void* stream);
 
+struct AotAttentionArgs {
+  const void *q, *k, *v;  // (B, H, hd), (B, KV, hd) x 2 in the model dtype
+  const int64_t* pos;     // (B,)
+  void *out, *present_key, *present_value;  // (B, H, hd); the caches (B, KV, S, hd), written at slot pos in place
+  int64_t B, H, KV, S, hd;
+  float scale;
+};
+// DecodeAttention: the slot write, torch-fast's split-K kernel over [0, pos] and its combine (three launches).
+bool AotDecodeAttention(Ort::KernelContext& ctx, int device, DType t, const AotAttentionArgs& a, void* stream);
+
 const char* DtypeName(DType t);  // "fp32" | "fp16" | "bf16", as aot_table.py names them
 
 }  // namespace mambadeploy_ort_cuda

@@ -2,7 +2,11 @@
 // per activation dtype T in {fp32, fp16, bf16}; names, dtypes ("T" = the model dtype, "F" = fp32), optional inputs
 // and attribute defaults come from the registry (opset.py) through opset_generated.h (ops.h RegistryOp).
 // Compiled only in the CUDA build of the library (build.py --cuda).
+#include <cuda_runtime_api.h>
+
+#include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops_cuda_aot.h"
@@ -117,6 +121,44 @@ struct MoEKernel {
   }
 };
 
+// DecodeAttention: only the AOT Triton kernels (torch-fast's split-K attention, ops_cuda_aot.cc); there is no
+// hand-written CUDA kernel. present_* alias the caches when ORT hands the input buffers as outputs (OrtRunner binds
+// them so); other output buffers get the caches copied once first (correct, O(cache)).
+struct DecodeAttentionKernel {
+  using Spec = op::DecodeAttention;
+  static constexpr const char* kName = Spec::kName;
+  DType t_;
+  float scale_;
+  DecodeAttentionKernel(const OrtKernelInfo* info, ONNXTensorElementDataType t)
+      : t_(dtype_of(t)), scale_(Attr(info, Spec::scale)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In q = input(ctx, 0), k = input(ctx, 1), v = input(ctx, 2), kc = input(ctx, 3), vc = input(ctx, 4);
+    In pos = input(ctx, 5);
+    const auto [B, H, KV, S, hd] = mambadeploy_ort::CheckDecodeAttentionShapes(q.shape, k.shape, v.shape, kc.shape,
+                                                                               vc.shape, pos.shape);
+    AotAttentionArgs a{};
+    a.q = q.data, a.k = k.data, a.v = v.data, a.pos = static_cast<const int64_t*>(pos.data);
+    a.out = ctx.GetOutput(0, q.shape).GetTensorMutableRawData();
+    a.present_key = ctx.GetOutput(1, kc.shape).GetTensorMutableRawData();
+    a.present_value = ctx.GetOutput(2, vc.shape).GetTensorMutableRawData();
+    a.B = B, a.H = H, a.KV = KV, a.S = S, a.hd = hd;
+    a.scale = scale_ != 0.f ? scale_ : 1.f / std::sqrt(static_cast<float>(hd));
+    void* stream = ctx.GetGPUComputeStream();
+    const size_t bytes = size_t(B * KV * S * hd) * (t_ == DType::kFloat32 ? 4 : 2);
+    for (auto [past, present] : {std::pair{kc.data, a.present_key}, std::pair{vc.data, a.present_value}}) {
+      if (past == present) continue;
+      const cudaError_t err = cudaMemcpyAsync(present, past, bytes, cudaMemcpyDeviceToDevice,
+                                              static_cast<cudaStream_t>(stream));
+      if (err != cudaSuccess) check_launch(cudaGetErrorString(err), kName);
+    }
+    const int device = ctx.GetInput(0).GetTensorMemoryInfo().GetDeviceId();
+    Require(AotDecodeAttention(ctx, device, t_, a, stream),
+            std::string(kName) + ": no AOT Triton kernel registered for these shapes (the CUDA library has no "
+            "hand-written one): run OrtRunner with aot_kernels=True and triton installed");
+  }
+};
+
 template <typename K>
 struct AllDtypes {
   mambadeploy_ort::RegistryOp<typename K::Spec, K, kF32, true> f32;
@@ -133,6 +175,7 @@ AllDtypes<ConvUpdateKernel> g_conv_update;
 AllDtypes<StateUpdateKernel> g_state_update;
 AllDtypes<AddNormKernel> g_add_norm;
 AllDtypes<MoEKernel> g_moe;
+AllDtypes<DecodeAttentionKernel> g_attention;
 
 }  // namespace
 
@@ -142,5 +185,6 @@ void AddCudaDecodeOps(Ort::CustomOpDomain& domain) {
   g_state_update.AddTo(domain);
   g_add_norm.AddTo(domain);
   g_moe.AddTo(domain);
+  g_attention.AddTo(domain);
 }
 }  // namespace mambadeploy_ort

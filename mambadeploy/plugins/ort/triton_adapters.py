@@ -12,6 +12,9 @@ import triton
 import triton.language as tl
 
 from ...kernels.causal_conv1d import causal_conv1d_kernel
+# DecodeAttention's three launches use the TensorRT plugin's adapters as they are (same parameter contract)
+from ..aot_kernels import (decode_attention_combine_trt, decode_attention_split_trt,  # noqa: F401
+                           decode_attention_write_trt)
 from ...kernels.moe_experts import moe_gemm_fc1_kernel, moe_gemm_fc2_kernel
 from ...kernels.moe_routing import moe_align_kernel
 from ...kernels.selective_scan import selective_scan_fold_kernel, selective_scan_seg_kernel
