@@ -84,3 +84,62 @@ def test_aliased_step_time_follows_the_fill():
         times[fill] = start.elapsed_time(stop) / 20
     print(f"aliased plugin step (incl. Python enqueue): {times}")
     assert times[1024] < times[61440]
+
+
+# --------------------------------------------------------------------------- the ORT CUDA library (same three kernels)
+def _ort_cuda():
+    ort = pytest.importorskip("onnxruntime")
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime {ort.__version__} has no CUDA provider (stage onnxruntime-gpu)")
+    return ort
+
+
+@pytest.mark.parametrize("alias", [True, False], ids=["aliased", "copied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"B{c[0]}-H{c[1]}-KV{c[2]}-hd{c[3]}-S{c[4]}")
+def test_ort_cuda_op_launches_the_aot_kernels(case, dtype, alias):
+    """One DecodeAttention node in an ORT CUDA session (no CPU fallback), the library's AOT table holding the three
+    kernels: outputs against the `_ref`, present bound to the past buffers (in place) or to fresh ones (copied)."""
+    import numpy as np
+
+    from mambadeploy.plugins.ort import aot_table, build
+
+    ort = _ort_cuda()
+    _, H, KV, hd, _, _ = case
+    name = str(dtype).removeprefix("torch.")
+    library = build.build_library(cuda=True)
+    aot_table.install(library, aot_table.compile_plan(aot_table.attention_specs(name, H // KV, hd)))
+    aot_table.enable(library, True)
+    aot_table.stats(library, reset=True)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(library))
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    model = _model_for(case, name)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=[("CUDAExecutionProvider", {"use_tf32": "0"})])
+    inputs = _inputs(*case, dtype)
+    refs = decode_attention_update_ref(*inputs)
+    mine = [x.clone() for x in inputs]
+    outs = [torch.empty_like(mine[0])] + (mine[3:5] if alias else [torch.empty_like(x) for x in mine[3:5]])
+    types = {torch.float32: np.float32, torch.bfloat16: 16, torch.int64: np.int64}
+    io = sess.io_binding()
+    for n, x in zip(("q", "k", "v", "key_cache", "value_cache", "pos"), mine):
+        io.bind_input(n, "cuda", 0, types[x.dtype], list(x.shape), x.data_ptr())
+    for n, x in zip(("out", "present_key", "present_value"), outs):
+        io.bind_output(n, "cuda", 0, types[x.dtype], list(x.shape), x.data_ptr())
+    sess.run_with_iobinding(io)
+    torch.cuda.synchronize()
+    stats = aot_table.stats(library, reset=True)
+    print(stats)
+    assert stats["launches"] >= 3 and stats["fallbacks"] == 0
+    for n, g, r in zip(("out", "present_key", "present_value"), outs, refs):
+        assert_close_op(g, r, dtype, f"ort-cuda {n}")
+
+
+def _model_for(case, dtype):
+    """test_decode_attention_op's one-node model at these shapes."""
+    import test_decode_attention_op as cpu_tests
+
+    cpu_tests.CASES["gpu"] = case
+    return cpu_tests._model("gpu", dtype)
