@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (run on the device machine)", allow_module_level=True)
 pytest.importorskip("cupy", reason="CuPy loads the PTX through the CUDA driver")
 
-from mambadeploy.plugins import aot_attention  # noqa: E402
+from mambadeploy.plugins import aot_attention
 
 # (batch, heads, kv_heads, head_dim, slots, pos): jamba-tiny's heads, Jamba's (32 on 8, hd 128) at a long cache
 CASES = [(3, 4, 2, 12, 37, [0, 36, 17]), (1, 3, 3, 16, 5, [4]), (2, 32, 8, 128, 4099, [4098, 0]),

@@ -22,7 +22,7 @@ from mambadeploy.validate.tolerances import op_checker
 ort = require_module("onnxruntime", DEV_INSTALL)
 require_module("triton", DEV_INSTALL)
 
-from op_graphs import ONNX_DTYPES  # noqa: E402  (tests/plugins is on sys.path)
+from op_graphs import ONNX_DTYPES
 
 HERE = Path(__file__).resolve().parent
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -167,7 +167,7 @@ def interpreted(tmp_path_factory):
     path = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]  # the package, tests/ (components), tests/plugins
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(path))
     r = subprocess.run([sys.executable, "-c", script, json.dumps(jobs), str(out)], env=env, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)
 
@@ -197,6 +197,6 @@ def test_trt_plugin_launches_compile_for_sm90(dtype, tmp_path):
         if ptxas.exists():
             (tmp_path / "k.ptx").write_text(k.ptx)
             r = subprocess.run([str(ptxas), "-arch=sm_90a", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, check=False)
             assert r.returncode == 0, r.stderr
     assert aot_attention.workspace_bytes(shapes) >= 2 * 32 * 16 * 128 * 4  # the fp32 partials fit

@@ -7,6 +7,7 @@ tests/plugins/test_ort_cuda_ops.py (path "aot") and tests/runtime/test_ort_runne
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import shutil
 
@@ -80,7 +81,7 @@ def test_decode_attention_kernels_compile_with_the_launchers_parameter_count():
     specs = aot_table.attention_specs("bfloat16", 4, 128)
     combine = sorted((s.lo, s.hi) for s in specs if s.key.startswith("attn.combine"))
     assert combine[0][0] == 1 and combine[-1][1] == aot_table.MAX_SIZE
-    assert all(a[1] + 1 == b[0] for a, b in zip(combine, combine[1:]))
+    assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(combine))
     compiled = aot_table.compile_plan([s for s in specs if not s.key.startswith("attn.combine")] + specs[-1:], arch=90)
     declared = {"decode_attention_write_trt": 8, "decode_attention_split_trt": 10, "decode_attention_combine_trt": 4}
     for k in compiled:

@@ -94,7 +94,8 @@ def test_decode_attention_plan_declares_present_aliases_past():
 
     here = Path(__file__).resolve().parent
     env = trt_lib.plan_env("rtx", dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), str(here)])))
-    r = subprocess.run([sys.executable, "-c", _ALIAS_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _ALIAS_PROBE], env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     print(result)

@@ -12,12 +12,16 @@ import triton
 import triton.language as tl
 
 from ...kernels.causal_conv1d import causal_conv1d_kernel
-# DecodeAttention's three launches use the TensorRT plugin's adapters as they are (same parameter contract)
-from ..aot_kernels import (decode_attention_combine_trt, decode_attention_split_trt,  # noqa: F401
-                           decode_attention_write_trt)
 from ...kernels.moe_experts import moe_gemm_fc1_kernel, moe_gemm_fc2_kernel
 from ...kernels.moe_routing import moe_align_kernel
 from ...kernels.selective_scan import selective_scan_fold_kernel, selective_scan_seg_kernel
+
+# DecodeAttention's three launches use the TensorRT plugin's adapters as they are (same parameter contract)
+from ..aot_kernels import (  # noqa: F401  (re-exported: aot_table compiles them by name)
+    decode_attention_combine_trt,
+    decode_attention_split_trt,
+    decode_attention_write_trt,
+)
 
 
 @triton.jit
