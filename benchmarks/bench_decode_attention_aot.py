@@ -19,11 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from mambadeploy.kernels.decode_attention import decode_attention_update, decode_attention_update_ref  # noqa: E402
-from mambadeploy.plugins import aot_attention  # noqa: E402
-from mambadeploy.validate.tolerances import assert_close_op  # noqa: E402
+from mambadeploy.kernels.decode_attention import decode_attention_update, decode_attention_update_ref
+from mambadeploy.plugins import aot_attention
+from mambadeploy.validate.tolerances import assert_close_op
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
