@@ -59,12 +59,14 @@ import json, sys
 from op_graphs import single_op_model
 from mambadeploy.plugins import trt_lib, trt_v3
 trt = trt_lib.import_trt("rtx")
-asked, make = [], trt_v3.plugin_classes
+asked, workspace, make = [], [], trt_v3.plugin_classes
 def spy(trt_, entry, namespace=trt_v3.NAMESPACE):
     plugin, creator = make(trt_, entry, namespace)
     if entry.name == "DecodeAttention":
         answer = plugin.get_aliased_input
         plugin.get_aliased_input = lambda self, i: asked.append((i, answer(self, i))) or answer(self, i)
+        size = plugin.get_workspace_size
+        plugin.get_workspace_size = lambda self, i, o: workspace.append(size(self, i, o)) or size(self, i, o)
     return plugin, creator
 trt_v3.plugin_classes = spy
 trt_v3.register_plugins(trt)
@@ -80,13 +82,15 @@ for i in range(network.num_inputs):
     profile.set_shape(t.name, *[tuple(b if d == -1 else d for d in t.shape) for b in (1, 2, 3)])
 config.add_optimization_profile(profile)
 plan = builder.build_serialized_network(network, config)
-print(json.dumps({"plan_bytes": plan.nbytes if plan is not None else 0, "asked": sorted(set(asked))}))
+print(json.dumps({"plan_bytes": plan.nbytes if plan is not None else 0, "asked": sorted(set(asked)),
+                  "workspace": sorted(set(workspace))}))
 """
 
 
 def test_decode_attention_plan_declares_present_aliases_past():
     """TensorRT-RTX asks the DecodeAttention plugin (IPluginV3OneBuildV2) which input each output aliases and gets
-    present_key -> key_cache (3), present_value -> value_cache (4): the plan builds with the caches aliased."""
+    present_key -> key_cache (3), present_value -> value_cache (4), and its workspace at the profile's max shapes (batch
+    3: lengths, log-sum-exps, fp32 partials, 256-byte aligned): the plan builds with the caches aliased."""
     import os
     import subprocess
     import sys
@@ -100,6 +104,7 @@ def test_decode_attention_plan_declares_present_aliases_past():
     result = json.loads(r.stdout.strip().splitlines()[-1])
     print(result)
     assert result["plan_bytes"] > 1000 and result["asked"] == [[0, -1], [1, 3], [2, 4]]
+    assert result["workspace"] == [256 + 256 + 768]  # 37 slots: one split; 3 x 4 x 12 fp32 partials, 256-aligned
 
 
 @pytest.mark.parametrize("op,kw,why", [
