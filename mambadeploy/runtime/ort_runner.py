@@ -326,7 +326,10 @@ class OrtRunner(Runner):
 
     # ------------------------------------------------------------------ CUDA graph mode
     def _graph_buffers(self, batch: int, which: int) -> dict:
-        """Preallocated torch CUDA buffers for (batch, buffer set 0/1): input ids, logits and both state sets."""
+        """Preallocated torch CUDA buffers for (batch, buffer set 0/1): input ids, logits and both state sets. The
+        aliased states (DecodeAttention's KV caches, `aliased_states`) are ONE buffer in both sets: the ping-pong then
+        binds present to past and the op writes one slot in place (the pattern onnxruntime-genai uses for GQA with CUDA
+        graphs) instead of copying the cache every step."""
         if batch not in self._graph_sets:
             device = torch.device("cuda", self.device_id)
 
@@ -335,6 +338,8 @@ class OrtRunner(Runner):
 
             sets = [{s.name: alloc([batch if d == "batch" else d for d in s.shape], s.dtype) for s in self.manifest.state}
                     for _ in range(2)]
+            for name in self.aliased_states:
+                sets[1][name] = sets[0][name]
             self._graph_sets[batch] = {"states": sets, "ids": alloc([batch, 1], "int64"),
                                        "logits": alloc([batch, self.config.vocab_size], "float32")}
         return self._graph_sets[batch]["states"][which]
