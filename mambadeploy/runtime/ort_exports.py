@@ -1,5 +1,6 @@
 """The export an ORT runner needs for a preset or checkpoint: made once into the cache and reused while the checkpoint's
-files, the dtype, the op set and the exporter's own code stay the same; and the op mode an export gets by default."""
+files, the dtype, the op set and the exporter's own code stay the same; the op mode an export gets by default; and which
+of an export's decode states may be updated in place (aliased_states)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,36 @@ def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> P
         export_model(load_model(target, dtype=dtype, device="cpu"), out, ops=ops or "portable", force=True,
                      progress=progress)
     return out
+
+
+def aliased_states(decode_path) -> set:
+    """State names whose decode output may share the input's buffer: a graph input `past.X` read only by a registry
+    op whose output aliases it (opset.OUTPUT_ALIASES: DecodeAttention's caches), that output being the graph output
+    `present.X` (Shape nodes aside). OrtRunner.step binds such a present to the past OrtValue itself, and CUDA-graph
+    mode keeps one buffer for it in both ping-pong sets, so a decode step writes one KV slot and reads the filled ones
+    instead of copying the whole cache (the op copies once when handed another buffer). The price: the state a step
+    consumed shares its KV cache with the state it returned — branch a sequence by stepping copies, not one state
+    twice."""
+    import onnx
+
+    from ..models.state import PAST, PRESENT
+    from ..opset import DOMAIN, OUTPUT_ALIASES, get_op
+
+    graph = onnx.load(str(decode_path), load_external_data=False).graph
+    readers: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            if node.op_type != "Shape":  # reads no data: may run before or after the in-place write
+                readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    shared = set()
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type not in OUTPUT_ALIASES:
+            continue
+        entry = get_op(node.op_type)
+        for out, inp in OUTPUT_ALIASES[node.op_type].items():
+            past, present = node.input[entry.inputs.index(inp)], node.output[entry.outputs.index(out)]
+            name = past.removeprefix(PAST)
+            if past.startswith(PAST) and present == PRESENT + name and present in outputs and len(readers[past]) == 1:
+                shared.add(name)
+    return shared

@@ -26,44 +26,13 @@ from ..errors import InputError, MambaDeployError, lazy_import
 from ..export.manifest import Manifest, ManifestError
 from ..models.state import PAST, PRESENT
 from .base import Runner
-from .ort_exports import _exporter_hash, default_ops, export_for  # noqa: F401  (their home before; callers import here)
+from .ort_exports import _exporter_hash, aliased_states, default_ops, export_for  # noqa: F401  (their home before; callers import here)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
              "int64": "tensor(int64)", "int32": "tensor(int32)"}
 # IO binding by address takes a numpy type, or an ONNX type number where numpy has none (bf16)
 _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bfloat16: 16}
-
-
-def aliased_states(decode_path) -> set:
-    """State names whose decode output may share the input's buffer: a graph input `past.X` read only by a registry op
-    whose output aliases it (opset.OUTPUT_ALIASES: DecodeAttention's caches), that output being the graph output
-    `present.X` (Shape nodes aside). step() binds such a present to the past OrtValue itself, so a decode step writes one KV slot and reads
-    the filled ones instead of copying the whole cache (the op copies once when handed another buffer). The price:
-    the state a step consumed shares its KV cache with the state it returned — branch a sequence by stepping from
-    copies, not from one state twice. CUDA-graph mode keeps its two buffer sets (the op then copies)."""
-    import onnx
-
-    from ..opset import DOMAIN, OUTPUT_ALIASES, get_op
-
-    graph = onnx.load(str(decode_path), load_external_data=False).graph
-    readers: dict = {}
-    for node in graph.node:
-        for name in node.input:
-            if node.op_type != "Shape":  # reads no data: may run before or after the in-place write
-                readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-    shared = set()
-    for node in graph.node:
-        if node.domain != DOMAIN or node.op_type not in OUTPUT_ALIASES:
-            continue
-        entry = get_op(node.op_type)
-        for out, inp in OUTPUT_ALIASES[node.op_type].items():
-            past, present = node.input[entry.inputs.index(inp)], node.output[entry.outputs.index(out)]
-            name = past.removeprefix(PAST)
-            if past.startswith(PAST) and present == PRESENT + name and present in outputs and len(readers[past]) == 1:
-                shared.add(name)
-    return shared
 
 
 def _ort():
