@@ -21,13 +21,20 @@ class FastBlocks:
     """Mixed into TorchFastRunner; uses its model, config, dtype, eps, triton_gemv, l2_prefetch, routing_trace and the
     kernel modules (_k_*)."""
 
-    def _sparse_linear(self, x, entry):
+    def _sparse_linear(self, x, entry, conv=None):
         """The sparsified projection of decode rows x: the sparse GEMV at batch <= its MAX_BATCH, else the
-        reference's F.linear(sparsify(x), W, b') on the transposed weight's view."""
+        reference's F.linear(sparsify(x), W, b') on the transposed weight's view. conv (in_proj only): Mamba's decode
+        conv, fused into the sparse GEMV's epilogue (see gemv's conv); with the F.linear fallback it runs on its own.
+        Either way the first C outputs come back as the conv's output."""
         wt, mode, threshold, bias = entry
         if x.shape[0] <= self._k_sparse.MAX_BATCH:
-            return self._k_sparse.sparse_gemv(x, wt, mode, threshold, bias)
-        return F.linear(sparsity.sparsify_ref(x, mode, threshold), wt.t(), bias)
+            return self._k_sparse.sparse_gemv(x, wt, mode, threshold, bias, conv=conv)
+        y = F.linear(sparsity.sparsify_ref(x, mode, threshold), wt.t(), bias)
+        if conv is not None:
+            state, weight, conv_bias = conv
+            y[:, :weight.shape[0]] = self._k_conv.causal_conv1d_update(y[:, :weight.shape[0]], state, weight,
+                                                                       conv_bias, "silu")[0]
+        return y
 
     def _sparse_experts(self, layer, x, weights, experts):
         """The chosen experts of decode rows x (T, d) with sparse fc1 / fc2 GEMVs: one (token, slot) pair per program
