@@ -181,6 +181,8 @@ def launch_config(K: int, N: int, B: int, row_groups: int = 1, interpreted: bool
     Column tiles of BLOCK_N (256: 0.5 KB bf16 row segments), then the largest K chunk that still gives
     ~TARGET_PROGRAMS programs (a GEMV needs many programs streaming at once), at most 64 chunks a tile."""
     use_dot = B > 1 if use_dot is None else use_dot
+    if B > 1 and not use_dot:
+        raise ValueError(f"sparse_gemv: the FMA loop takes one row of x, {B} rows need use_dot")
     block_m = max(16, next_pow2(B)) if use_dot else 1
     if interpreted:  # narrow tiles: CPU tests cover several chunks, column tiles and loop iterations
         defaults = (16, 32, 16 if use_dot else 8, 4, 1)

@@ -102,7 +102,7 @@ def test_shape_errors():
 
 
 @pytest.mark.parametrize("compact", [True, False], ids=["compacted", "predicated"])
-@pytest.mark.parametrize("B,use_dot", [(1, False), (3, True), (3, False)])
+@pytest.mark.parametrize("B,use_dot", [(1, False), (1, True), (3, True)])
 def test_one_chunk_many_chunks_and_the_predicated_loop_agree_with_ref(compact, B, use_dot):
     """Configs the GPU sweep times (launch_config's overrides): one chunk (no workspace) and several (the last
     arriver's fixed-order reduce, in reduce steps of 1 and of several partials), FMA and tl.dot accumulation, the
@@ -156,3 +156,5 @@ def test_gpu_launch_config_fills_the_machine():
         assert c["USE_DOT"] == (B > 1) and c["COMPACT"]
     assert launch_config(2944, 1472, 1)["constexprs"]["SPLIT"] > launch_config(1472, 5888, 1)["constexprs"]["SPLIT"]
     assert launch_config(2944, 1472, 1, interpreted=True)["constexprs"]["BLOCK_N"] == 16
+    with pytest.raises(ValueError, match="use_dot"):
+        launch_config(64, 64, 3, use_dot=False)
