@@ -1,4 +1,8 @@
-"""SCAP sparse GEMV for decode (batch 1-4): y = s(x) · Wᵀ + b with s(x) = (x − m)·[|x − m| > t], fused.
+"""BASELINE ONLY (benchmarks/sweep_sparse_gemv.py): the first SCAP sparse GEMV, as it was before the compacting
+rewrite of mambadeploy/kernels/sparse_gemv.py (commit 718ccc6), kept unchanged to be timed beside it. Not used by
+the package.
+
+SCAP sparse GEMV for decode (batch 1-4): y = s(x) · Wᵀ + b with s(x) = (x − m)·[|x − m| > t], fused.
 
 The weight is stored transposed, wt (K, N): input feature k owns the contiguous row wt[k, :], so an activation that the
 threshold drops skips a whole contiguous row — the bytes a decode step reads fall with the sparsity. A row is read when
@@ -17,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TARGET_PROGRAMS, fmax, fsum
-from .interpret import is_interpreted, kernel_for
+from mambadeploy.kernels.common import TARGET_PROGRAMS, fmax, fsum
+from mambadeploy.kernels.interpret import is_interpreted, kernel_for
 
 MAX_BATCH = 4  # decode batches this kernel is for; larger batches keep few rows skippable (use the dense GEMM)
 

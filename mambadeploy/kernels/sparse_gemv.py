@@ -38,7 +38,7 @@ from .gemv import COUNTER_SLOTS, _conv_arguments, _conv_epilogue, _counter_buffe
 from .interpret import is_interpreted, kernel_for
 
 MAX_BATCH = 4  # decode batches this kernel is for; larger batches keep few rows skippable (use the dense GEMM)
-REDUCE_ELEMENTS = 4096  # partials one reduce step of the last arriver loads at once (RED splits x rows x BLOCK_N)
+REDUCE_ELEMENTS = 8192  # partials one reduce step of the last arriver loads at once (RED splits x rows x BLOCK_N)
 
 
 def sparse_gemv_ref(x, wt, mode: float, threshold: float, bias=None):
@@ -135,7 +135,10 @@ def sparse_gemv_kernel(
         xc = xv.to(tl.float32) - mode
         keep = (tl.abs(xc) > threshold) & mask_m[:, None] & live[None, :]
         xs = tl.where(keep, xc, 0.0).to(xv.dtype)  # rounded to the model dtype, as the reference's sparsified input
-        need = fmax(keep.to(tl.int32), 0) > 0
+        if COMPACT:  # every listed row is needed: the weight load waits on the index only, not on x
+            need = live
+        else:
+            need = fmax(keep.to(tl.int32), 0) > 0
         w = tl.load(w_base + kk.to(tl.int64)[:, None] * N + offs_n[None, :], mask=need[:, None] & mask_n[None, :],
                     other=0.0)
         if USE_DOT:
@@ -178,37 +181,50 @@ def launch_config(K: int, N: int, B: int, row_groups: int = 1, interpreted: bool
                   use_dot=None) -> dict:
     """A plain function of the shapes (the keyword arguments override one choice each, for the speed sweep).
     B: rows of x per program (dense: the batch; experts: 1); row_groups: programs along rows (experts: the pairs).
-    Column tiles of BLOCK_N (256: 0.5 KB bf16 row segments), then the largest K chunk that still gives
-    ~TARGET_PROGRAMS programs (a GEMV needs many programs streaming at once), at most 64 chunks a tile."""
+    Tiles from _tiles (wide column tiles, K chunks for ~TARGET_PROGRAMS programs: a GEMV needs many programs
+    streaming at once); batch 1 accumulates with FMAs over BLOCK_J = 16 kept rows an iteration (a 16 x 256 bf16 tile
+    is 8 KB, as gemv's ROW_TILE), batches 2-4 with tl.dot over 32 and 3 pipeline stages. Unmeasured defaults until
+    benchmarks/sweep_sparse_gemv.py has run on the H200: take its best configs from there."""
     use_dot = B > 1 if use_dot is None else use_dot
     if B > 1 and not use_dot:
         raise ValueError(f"sparse_gemv: the FMA loop takes one row of x, {B} rows need use_dot")
     block_m = max(16, next_pow2(B)) if use_dot else 1
+    block_b = next_pow2(B)
     if interpreted:  # narrow tiles: CPU tests cover several chunks, column tiles and loop iterations
-        defaults = (16, 32, 16 if use_dot else 8, 4, 1)
+        auto, defaults = (16, 32), (16 if use_dot else 8, 4, 1)
     else:
-        defaults = (min(256, max(32, next_pow2(N))), None, 32 if use_dot else 16, 4, 3 if use_dot else 2)
-    block_n = block_n or defaults[0]
-    n_tiles = cdiv(N, block_n) * row_groups
-    chunk_k = chunk_k or defaults[1]
-    if chunk_k is None:
-        chunk_k = 64
-        for c in (512, 256, 128):
-            if n_tiles * cdiv(K, c) >= TARGET_PROGRAMS:
-                chunk_k = c
-                break
-        while cdiv(K, chunk_k) > 64:
-            chunk_k *= 2
-    block_j = min(block_j or defaults[2], chunk_k)
+        auto, defaults = _tiles(K, N, block_b, row_groups), (32 if use_dot else 16, 4, 3 if use_dot else 2)
+    block_n, chunk_k = block_n or auto[0], chunk_k or auto[1]
+    if chunk_k != next_pow2(chunk_k) or block_n != next_pow2(block_n):
+        raise ValueError(f"sparse_gemv: CHUNK_K {chunk_k} and BLOCK_N {block_n} must be powers of two")
+    block_j = min(block_j or defaults[0], chunk_k)
     if use_dot and block_j < 16:
         raise ValueError(f"sparse_gemv: tl.dot needs BLOCK_J >= 16, got {block_j}")
     split = cdiv(K, chunk_k)
-    block_b = next_pow2(B)
     red = max(1, min(next_pow2(split), REDUCE_ELEMENTS // (block_b * block_n)))
-    return {"grid": (cdiv(N, block_n), split, row_groups), "num_warps": num_warps or defaults[3],
-            "num_stages": num_stages or defaults[4],
+    return {"grid": (cdiv(N, block_n), split, row_groups), "num_warps": num_warps or defaults[1],
+            "num_stages": num_stages or defaults[2],
             "constexprs": {"BLOCK_M": block_m, "BLOCK_B": block_b, "CHUNK_K": chunk_k, "BLOCK_J": block_j,
                            "BLOCK_N": block_n, "SPLIT": split, "RED": red, "COMPACT": compact, "USE_DOT": use_dot}}
+
+
+def _tiles(K: int, N: int, block_b: int, row_groups: int) -> tuple[int, int]:
+    """(BLOCK_N, CHUNK_K) on a GPU: the widest column tile, then the largest chunk, that reach TARGET_PROGRAMS
+    programs while the last arriver adds a tile's partials in one reduce step (splits <= REDUCE_ELEMENTS / tile); the
+    most programs when none does (x_proj: one narrow column tile)."""
+    best = (0, (64, 128))
+    for block_n in (256, 128, 64):
+        if block_n > max(64, next_pow2(N)):
+            continue
+        for chunk_k in (512, 256, 128, 64, 32):
+            split = cdiv(K, chunk_k)
+            if split > max(1, REDUCE_ELEMENTS // (block_b * block_n)):
+                break
+            programs = cdiv(N, block_n) * row_groups * split
+            if programs >= TARGET_PROGRAMS:
+                return block_n, chunk_k
+            best = max(best, (programs, (block_n, chunk_k)))
+    return best[1]
 
 
 def _launch(x, wt, bias, experts, rows, row_groups, N, s_we, mode, threshold, config, conv):
