@@ -107,17 +107,17 @@ def run_case(site, K, N, experts, B, target, dtype, device, ms, dry) -> dict:
         wt = w.transpose(1, 2).contiguous()
         ids = [i % experts for i in range(B)]  # host ints: no device read inside a captured graph
         e = torch.tensor(ids, device=device)
-        dense = lambda: [gemv(x[i:i + 1], w[j]) for i, j in enumerate(ids)]  # noqa: E731
-        old = lambda: v1.sparse_expert_gemv(x, wt, e, 0.0, threshold)  # noqa: E731
-        new = lambda cfg: sparse_expert_gemv(x, wt, e, 0.0, threshold, config=cfg)  # noqa: E731
+        dense = lambda: [gemv(x[i:i + 1], w[j]) for i, j in enumerate(ids)]
+        old = lambda: v1.sparse_expert_gemv(x, wt, e, 0.0, threshold)
+        new = lambda cfg: sparse_expert_gemv(x, wt, e, 0.0, threshold, config=cfg)
         ref = sparse_expert_gemv_ref(x, wt, e, 0.0, threshold)
         rows, groups, pairs = 1, B, B
     else:
         w = (torch.randn(N, K, generator=g, device=device) * K ** -0.5).to(dtype)
         wt = w.t().contiguous()
-        dense = lambda: gemv(x, w)  # noqa: E731
-        old = lambda: v1.sparse_gemv(x, wt, 0.0, threshold)  # noqa: E731
-        new = lambda cfg: sparse_gemv(x, wt, 0.0, threshold, config=cfg)  # noqa: E731
+        dense = lambda: gemv(x, w)
+        old = lambda: v1.sparse_gemv(x, wt, 0.0, threshold)
+        new = lambda cfg: sparse_gemv(x, wt, 0.0, threshold, config=cfg)
         ref = sparse_gemv_ref(x, wt, 0.0, threshold)
         rows, groups, pairs = B, 1, 1
     row_bytes = N * x.element_size()
@@ -150,7 +150,8 @@ def summary(cases: list[dict], per_step: dict) -> list[dict]:
     rows = []
     for key in sorted({(c["batch"], c["target"]) for c in cases}):
         mine = [c for c in cases if (c["batch"], c["target"]) == key]
-        add = lambda field: sum(per_step[c["site"]] * (c[field] or float("nan")) for c in mine)  # noqa: E731
+        def add(field, mine=mine):
+            return sum(per_step[c["site"]] * (c[field] or float("nan")) for c in mine)
         rows.append({"batch": key[0], "target": key[1], "dense_ms": add("dense_ms"), "v1_ms": add("v1_ms"),
                      "new_default_ms": add("default_ms"), "new_best_ms": add("best_ms"),
                      "rows_read_mean": statistics.mean(c["rows_read"] for c in mine)})

@@ -32,8 +32,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TARGET_PROGRAMS, cdiv, cumsum, dot_precision, dot_upcast, fmax, fsum, next_pow2, pdl_launch, \
-    pdl_wait
+from .common import (
+    TARGET_PROGRAMS,
+    cdiv,
+    cumsum,
+    dot_precision,
+    dot_upcast,
+    fmax,
+    fsum,
+    next_pow2,
+    pdl_launch,
+    pdl_wait,
+)
 from .gemv import COUNTER_SLOTS, _conv_arguments, _conv_epilogue, _counter_buffer
 from .interpret import is_interpreted, kernel_for
 
