@@ -48,6 +48,10 @@ from .gemv import COUNTER_SLOTS, _conv_arguments, _conv_epilogue, _counter_buffe
 from .interpret import is_interpreted, kernel_for
 
 MAX_BATCH = 4  # decode batches this kernel is for; larger batches keep few rows skippable (use the dense GEMM)
+# Programs a sparse launch aims at: a program has one tile of kept rows in flight at a time (no pipelining, see
+# launch_config) and a chunk keeps only part of its rows, so it takes ~4 programs an SM (132) to keep enough bytes in
+# flight; the K chunks this needs are added by the last arriver from L2.
+SPARSE_PROGRAMS = 2 * TARGET_PROGRAMS
 REDUCE_ELEMENTS = 8192  # partials one reduce step of the last arriver loads at once (RED splits x rows x BLOCK_N)
 
 
@@ -120,15 +124,15 @@ def sparse_gemv_kernel(
     n_rows = tl.minimum(K - k_start, CHUNK_K)
     if COMPACT:  # the kept features of this chunk, in order, into this program's own scratch slot
         slot = idx_ptr + ((pid_r * SPLIT + pid_c) * tl.num_programs(0) + pid_n).to(tl.int64) * CHUNK_K
-        ks = k_start + tl.arange(0, CHUNK_K)
-        in_chunk = ks < K
-        xv = tl.load(x_base + offs_m[:, None] * s_xm + ks[None, :], mask=mask_m[:, None] & in_chunk[None, :],
-                     other=0.0)
-        keep = (tl.abs(xv.to(tl.float32) - mode) > threshold) & mask_m[:, None] & in_chunk[None, :]
-        need = fmax(keep.to(tl.int32), 0)  # (CHUNK_K,): some row of the batch keeps feature k
-        place = cumsum(need, 0) - need
-        n_rows = fsum(need, 0)
-        tl.store(slot + place, ks, mask=need > 0)
+        chunk = k_start + tl.arange(0, CHUNK_K)  # (names apart from the loop's: Triton keeps one type a name)
+        in_chunk = chunk < K
+        x_chunk = tl.load(x_base + offs_m[:, None] * s_xm + chunk[None, :], mask=mask_m[:, None] & in_chunk[None, :],
+                          other=0.0)
+        kept = (tl.abs(x_chunk.to(tl.float32) - mode) > threshold) & mask_m[:, None] & in_chunk[None, :]
+        listed = fmax(kept.to(tl.int32), 0)  # (CHUNK_K,): some row of the batch keeps feature k
+        place = cumsum(listed, 0) - listed
+        n_rows = fsum(listed, 0)
+        tl.store(slot + place, chunk, mask=listed > 0)
         tl.debug_barrier()  # the whole list is written before any thread reads another thread's entries
     if USE_DOT:
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -191,9 +195,9 @@ def launch_config(K: int, N: int, B: int, row_groups: int = 1, interpreted: bool
                   use_dot=None) -> dict:
     """A plain function of the shapes (the keyword arguments override one choice each, for the speed sweep).
     B: rows of x per program (dense: the batch; experts: 1); row_groups: programs along rows (experts: the pairs).
-    Tiles from _tiles (wide column tiles, K chunks for ~TARGET_PROGRAMS programs: a GEMV needs many programs
-    streaming at once); batch 1 accumulates with FMAs over BLOCK_J = 16 kept rows an iteration (a 16 x 256 bf16 tile
-    is 8 KB, as gemv's ROW_TILE), batches 2-4 with tl.dot over 32 and 3 pipeline stages. Unmeasured defaults until
+    Tiles from _tiles; BLOCK_J = 32 kept rows an iteration (a 32 x 256 bf16 tile is 16 KB), FMAs over 8 warps at
+    batch 1, tl.dot at 2-4. Triton 3.9 does not software-pipeline these loops on sm_90 (no async copies in the
+    compiled code, as for gemv's), so the bytes in flight come from programs x tile. Unmeasured defaults until
     benchmarks/sweep_sparse_gemv.py has run on the H200: take its best configs from there."""
     use_dot = B > 1 if use_dot is None else use_dot
     if B > 1 and not use_dot:
@@ -203,7 +207,7 @@ def launch_config(K: int, N: int, B: int, row_groups: int = 1, interpreted: bool
     if interpreted:  # narrow tiles: CPU tests cover several chunks, column tiles and loop iterations
         auto, defaults = (16, 32), (16 if use_dot else 8, 4, 1)
     else:
-        auto, defaults = _tiles(K, N, block_b, row_groups), (32 if use_dot else 16, 4, 3 if use_dot else 2)
+        auto, defaults = _tiles(K, N, block_b, row_groups), (32, 4 if use_dot else 8, 3 if use_dot else 1)
     block_n, chunk_k = block_n or auto[0], chunk_k or auto[1]
     if chunk_k != next_pow2(chunk_k) or block_n != next_pow2(block_n):
         raise ValueError(f"sparse_gemv: CHUNK_K {chunk_k} and BLOCK_N {block_n} must be powers of two")
@@ -219,7 +223,7 @@ def launch_config(K: int, N: int, B: int, row_groups: int = 1, interpreted: bool
 
 
 def _tiles(K: int, N: int, block_b: int, row_groups: int) -> tuple[int, int]:
-    """(BLOCK_N, CHUNK_K) on a GPU: the widest column tile, then the largest chunk, that reach TARGET_PROGRAMS
+    """(BLOCK_N, CHUNK_K) on a GPU: the widest column tile, then the largest chunk, that reach SPARSE_PROGRAMS
     programs while the last arriver adds a tile's partials in one reduce step (splits <= REDUCE_ELEMENTS / tile); the
     most programs when none does (x_proj: one narrow column tile)."""
     best = (0, (64, 128))
@@ -231,7 +235,7 @@ def _tiles(K: int, N: int, block_b: int, row_groups: int) -> tuple[int, int]:
             if split > max(1, REDUCE_ELEMENTS // (block_b * block_n)):
                 break
             programs = cdiv(N, block_n) * row_groups * split
-            if programs >= TARGET_PROGRAMS:
+            if programs >= SPARSE_PROGRAMS:
                 return block_n, chunk_k
             best = max(best, (programs, (block_n, chunk_k)))
     return best[1]
