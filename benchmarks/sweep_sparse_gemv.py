@@ -4,7 +4,8 @@ sweep, beside the dense torch-fast GEMV (kernels/gemv.py) and the first, predica
 
 Sites (the preset's shapes): in_proj, x_proj, out_proj (weight (N, K) for the dense GEMV, transposed (K, N) for the
 sparse ones) and one expert's fc1 / fc2 per (token, slot) pair (the batch's pairs on distinct experts; dense: one
-GEMV a pair, as scap_decode.py times it). Batch 1 and 4; sparsity 0 / 0.5 / 0.7: random normal activations (bf16)
+GEMV a pair, as scap_decode.py times it). The expert sites as torch-fast's sparse path runs them: fc1 with the gated
+GELU, fc2 times the routing weight, in the new kernel's epilogue; dense and v1 followed by those torch ops. Batch 1 and 4; sparsity 0 / 0.5 / 0.7: random normal activations (bf16)
 with the threshold at that quantile of |x| (mode 0; 0 = threshold -1, every row read: the kernels' own overhead).
 Every config is first checked against sparse_gemv_ref / sparse_expert_gemv_ref (the op tolerances of
 validate/tolerances.py); one that fails is recorded and not timed. Times: GPU ms per call from CUDA-graph replays
@@ -34,6 +35,7 @@ if "--dry-run" in sys.argv:  # before triton is imported: every kernel (the v1 b
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -62,7 +64,7 @@ DOT_TILES = [(128, 32, 4, 3), (256, 32, 4, 3), (64, 32, 4, 3), (128, 64, 4, 3), 
 def site_shapes(preset: str, dry: bool) -> dict:
     """{site: (K, N, expert count or 0)} of the preset (dry run: tiny stand-ins with odd widths)."""
     if dry:
-        return {"in_proj": (48, 100, 0), "x_proj": (96, 13, 0), "fc2": (72, 40, 3)}
+        return {"in_proj": (48, 100, 0), "x_proj": (96, 13, 0), "fc1": (40, 50, 3), "fc2": (72, 40, 3)}
     c = preset_config(preset)
     d, m, e = c.d_model, c.mamba, c.moe
     return {"in_proj": (d, 2 * m.d_inner, 0), "x_proj": (m.d_inner, m.dt_rank + 2 * m.d_state, 0),
@@ -108,10 +110,15 @@ def run_case(site, K, N, experts, B, target, dtype, device, ms, dry) -> dict:
         wt = w.transpose(1, 2).contiguous()
         ids = [i % experts for i in range(B)]  # host ints: no device read inside a captured graph
         e = torch.tensor(ids, device=device)
-        dense = lambda: [gemv(x[i:i + 1], w[j]) for i, j in enumerate(ids)]
-        old = lambda: v1.sparse_expert_gemv(x, wt, e, 0.0, threshold)
-        new = lambda cfg: sparse_expert_gemv(x, wt, e, 0.0, threshold, config=cfg)
-        ref = sparse_expert_gemv_ref(x, wt, e, 0.0, threshold)
+        # as the runner runs the site: fc1 with the gated GELU, fc2 scaled by the routing weight (top-1); the new
+        # kernel fuses them (one launch), the dense GEMV and v1 are followed by the torch ops the old runner ran
+        extra = {"activation": "gelu"} if site == "fc1" else {"scale": torch.rand(B, generator=g, device=device)}
+        glue = (lambda h: F.gelu(h[:, :N // 2]) * h[:, N // 2:]) if site == "fc1" else \
+            (lambda h: (h.float() * extra["scale"][:, None]).to(dtype))
+        dense = lambda: glue(torch.cat([gemv(x[i:i + 1], w[j]) for i, j in enumerate(ids)]))
+        old = lambda: glue(v1.sparse_expert_gemv(x, wt, e, 0.0, threshold))
+        new = lambda cfg: sparse_expert_gemv(x, wt, e, 0.0, threshold, config=cfg, **extra)
+        ref = sparse_expert_gemv_ref(x, wt, e, 0.0, threshold, **extra)
         rows, groups, pairs = 1, B, B
     else:
         w = (torch.randn(N, K, generator=g, device=device) * K ** -0.5).to(dtype)
@@ -125,7 +132,8 @@ def run_case(site, K, N, experts, B, target, dtype, device, ms, dry) -> dict:
     dense_bytes, sparse_bytes = pairs * K * row_bytes, pairs * rows_read * K * row_bytes
     case = {"site": site, "K": K, "N": N, "batch": B, "target": target, "threshold": threshold,
             "rows_read": rows_read, "dense_ms": ms(dense), "v1_ms": ms(old), "configs": []}
-    for name, cfg in configs(K, N, rows, groups, dry):
+    out_cols = N // 2 if site == "fc1" else N  # fc1's epilogue writes act(gate) * up
+    for name, cfg in configs(K, out_cols, rows, groups, dry):
         entry = {"name": name, "grid": list(cfg["grid"]), "num_warps": cfg["num_warps"],
                  "num_stages": cfg["num_stages"], **cfg["constexprs"]}
         try:

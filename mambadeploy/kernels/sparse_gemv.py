@@ -32,8 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
+from mambadeploy.models.ref_ops import activation_ref  # absolute: also loaded as the interpreted twin
+
 from .common import (
+    ACTIVATION_CODES,
     TARGET_PROGRAMS,
+    activate,
     cdiv,
     cumsum,
     dot_precision,
@@ -66,34 +70,54 @@ def sparse_gemv_ref(x, wt, mode: float, threshold: float, bias=None):
     return y.to(x.dtype)
 
 
-def sparse_expert_gemv_ref(x, wt, experts, mode: float, threshold: float, bias=None):
-    """x (P, K) one input row per (token, slot) pair; wt (E, K, N); experts (P,) int; bias (E, N) or None -> (P, N)."""
+def sparse_expert_gemv_ref(x, wt, experts, mode: float, threshold: float, bias=None, *, activation=None,
+                           scale=None):
+    """x (P, K) one input row per (token, slot) pair; wt (E, K, N); experts (P,) int; bias (E, N) or None -> (P, N).
+    activation (fc1 of a gated FFN): N = 2F, returns act(gate) * up (P, F), each step rounded to x.dtype as the
+    reference MoE computes it. scale (P,) fp32 (fc2 of a top-1 MoE): returns the rounded output times its routing
+    weight, rounded again (the reference's fp32 combine of a single expert)."""
     xs = (x.float() - mode)
     xs = torch.where(xs.abs() > threshold, xs, torch.zeros((), dtype=xs.dtype, device=x.device)).to(x.dtype).float()
     y = torch.einsum("pk,pkn->pn", xs, wt[experts].float())
     if bias is not None:
         y = y + bias[experts].float()
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    if activation is not None:
+        gate, up = y.chunk(2, dim=-1)
+        y = activation_ref(gate, activation) * up
+    if scale is not None:
+        y = (y.float() * scale.float()[:, None]).to(x.dtype)
+    return y
 
 
 @triton.jit
-def _finish(out, offs_m, mask_m, offs_n, mask_n, y_ptr, s_ym, b_base, HAS_BIAS: tl.constexpr, cs_ptr, cw_ptr, cb_ptr,
+def _finish(out, up, offs_m, mask_m, offs_n, mask_n, N, y_ptr, s_ym, b_base, scale, HAS_BIAS: tl.constexpr,
+            GATED: tl.constexpr, ACTIVATION: tl.constexpr, ROW_SCALE: tl.constexpr, cs_ptr, cw_ptr, cb_ptr,
             conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
-    """The finished fp32 sums of one column tile: + bias, the optional decode conv, stored in y's dtype."""
+    """The finished fp32 sums of one column tile: + bias; the optional decode conv (in_proj), gated activation
+    act(gate) * up (fc1; `up` holds the sums of the columns N later) or routing-weight scale (fc2); stored in y's
+    dtype, rounding where the reference's separate ops round."""
+    dt = y_ptr.dtype.element_ty
     if HAS_BIAS:
         out += tl.load(b_base + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            up += tl.load(b_base + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if CONV_K > 0:
-        out = _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, y_ptr.dtype.element_ty, cs_ptr, cw_ptr, cb_ptr,
+        out = _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, dt, cs_ptr, cw_ptr, cb_ptr,
                              conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
-    tl.store(y_ptr + offs_m[:, None] * s_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    if GATED:
+        out = activate(out.to(dt).to(tl.float32), ACTIVATION).to(dt).to(tl.float32) * up.to(dt).to(tl.float32)
+    if ROW_SCALE:
+        out = out.to(dt).to(tl.float32) * scale
+    tl.store(y_ptr + offs_m[:, None] * s_ym + offs_n[None, :], out.to(dt), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def sparse_gemv_kernel(
-    x_ptr, wt_ptr, bias_ptr, y_ptr, expert_ptr, idx_ptr, part_ptr, count_ptr,
-    B, K, N, s_xm, s_ym, s_we, mode, threshold,
-    HAS_BIAS: tl.constexpr, PER_ROW_EXPERT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    x_ptr, wt_ptr, bias_ptr, y_ptr, expert_ptr, idx_ptr, part_ptr, count_ptr, scale_ptr,
+    B, K, N, s_xm, s_ym, s_wk, s_we, mode, threshold,
+    HAS_BIAS: tl.constexpr, PER_ROW_EXPERT: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+    ROW_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
     CHUNK_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, RED: tl.constexpr,
     COMPACT: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     PDL: tl.constexpr = False,
@@ -101,7 +125,8 @@ def sparse_gemv_kernel(
     CONV_K: tl.constexpr = 0, HAS_CONV_BIAS: tl.constexpr = False,
 ):
     """Program (column tile n, K chunk c, row group r). Dense layers: one row group, the batch's B rows sharing wt.
-    Experts (PER_ROW_EXPERT): row group r is pair r, one row, its expert's weight and bias."""
+    Experts (PER_ROW_EXPERT): row group r is pair r, one row, its expert's weight and bias. N: output columns; s_wk:
+    a weight row's length (2N when GATED: the tile also accumulates the `up` columns N further on)."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -114,7 +139,7 @@ def sparse_gemv_kernel(
         x_base = x_ptr + pid_r * s_xm
         e = tl.load(expert_ptr + pid_r).to(tl.int64)
         w_base = wt_ptr + e * s_we
-        b_base = bias_ptr + e * N
+        b_base = bias_ptr + e * s_wk
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,6 +163,7 @@ def sparse_gemv_kernel(
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     else:
         acc = tl.full((BLOCK_J, BLOCK_N), 0.0, tl.float32)
+    acc_up = acc  # GATED only (unused otherwise, then compiled away)
     for j0 in range(0, n_rows, BLOCK_J):
         js = j0 + tl.arange(0, BLOCK_J)
         live = js < n_rows
@@ -153,26 +179,35 @@ def sparse_gemv_kernel(
             need = live
         else:
             need = fmax(keep.to(tl.int32), 0) > 0
-        w = tl.load(w_base + kk.to(tl.int64)[:, None] * N + offs_n[None, :], mask=need[:, None] & mask_n[None, :],
-                    other=0.0)
+        w_at = w_base + kk.to(tl.int64)[:, None] * s_wk + offs_n[None, :]
+        w = tl.load(w_at, mask=need[:, None] & mask_n[None, :], other=0.0)
         if USE_DOT:
             if UPCAST:
                 acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
             else:
                 acc = tl.dot(xs, w, acc, input_precision=PRECISION)
         else:  # BLOCK_M == 1: one row of x along the tile's J axis
-            acc += tl.reshape(xs.to(tl.float32), (BLOCK_J, ))[:, None] * w.to(tl.float32)
+            x_col = tl.reshape(xs.to(tl.float32), (BLOCK_J, ))[:, None]
+            acc += x_col * w.to(tl.float32)
+            if GATED:
+                acc_up += x_col * tl.load(w_at + N, mask=need[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     if USE_DOT:
-        out = acc
+        out, up = acc, acc_up
     else:
-        out = fsum(acc, 0)[None, :]  # (1, BLOCK_N)
+        out, up = fsum(acc, 0)[None, :], fsum(acc_up, 0)[None, :]  # (1, BLOCK_N)
+    scale = 0.0
+    if ROW_SCALE:
+        scale = tl.load(scale_ptr + pid_r).to(tl.float32)
     if SPLIT == 1:
-        _finish(out, offs_m, mask_m, offs_n, mask_n, y_ptr + pid_r * s_ym, s_ym, b_base, HAS_BIAS, cs_ptr, cw_ptr,
-                cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
-    else:  # workspace (row groups, SPLIT, BLOCK_B, N) fp32
-        part = part_ptr + (pid_r * SPLIT * BLOCK_B).to(tl.int64) * N
-        tl.store(part + (pid_c * BLOCK_B + offs_m[:, None]) * N + offs_n[None, :], out,
-                 mask=mask_m[:, None] & mask_n[None, :])
+        _finish(out, up, offs_m, mask_m, offs_n, mask_n, N, y_ptr + pid_r * s_ym, s_ym, b_base, scale, HAS_BIAS,
+                GATED, ACTIVATION, ROW_SCALE, cs_ptr, cw_ptr, cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d,
+                s_cw_k, CONV_K, HAS_CONV_BIAS)
+    else:  # workspace (row groups, SPLIT, BLOCK_B, s_wk) fp32: the up partials N columns after the gate's
+        part = part_ptr + (pid_r * SPLIT * BLOCK_B).to(tl.int64) * s_wk
+        part_at = part + (pid_c * BLOCK_B + offs_m[:, None]) * s_wk + offs_n[None, :]
+        tl.store(part_at, out, mask=mask_m[:, None] & mask_n[None, :])
+        if GATED:
+            tl.store(part_at + N, up, mask=mask_m[:, None] & mask_n[None, :])
         tl.debug_barrier()  # every thread's partial is written before the arrival is counted (release, gpu scope)
         counter = count_ptr + pid_r * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(counter, 1)
@@ -180,13 +215,17 @@ def sparse_gemv_kernel(
             offs_b = tl.arange(0, BLOCK_B)
             mask_b = offs_b < rows
             total = tl.full((BLOCK_B, BLOCK_N), 0.0, tl.float32)
+            total_up = total
             for s0 in range(0, SPLIT, RED):
                 ss = s0 + tl.arange(0, RED)
-                at = part + ((ss[:, None, None] * BLOCK_B + offs_b[None, :, None]) * N + offs_n[None, None, :])
+                at = part + ((ss[:, None, None] * BLOCK_B + offs_b[None, :, None]) * s_wk + offs_n[None, None, :])
                 m3 = (ss < SPLIT)[:, None, None] & mask_b[None, :, None] & mask_n[None, None, :]
                 total += fsum(tl.load(at, mask=m3, other=0.0, cache_modifier=".cg"), 0)
-            _finish(total, offs_b, mask_b, offs_n, mask_n, y_ptr + pid_r * s_ym, s_ym, b_base, HAS_BIAS, cs_ptr,
-                    cw_ptr, cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
+                if GATED:
+                    total_up += fsum(tl.load(at + N, mask=m3, other=0.0, cache_modifier=".cg"), 0)
+            _finish(total, total_up, offs_b, mask_b, offs_n, mask_n, N, y_ptr + pid_r * s_ym, s_ym, b_base, scale,
+                    HAS_BIAS, GATED, ACTIVATION, ROW_SCALE, cs_ptr, cw_ptr, cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k,
+                    s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
             tl.store(counter, 0)
 
 
@@ -241,9 +280,11 @@ def _tiles(K: int, N: int, block_b: int, row_groups: int) -> tuple[int, int]:
     return best[1]
 
 
-def _launch(x, wt, bias, experts, rows, row_groups, N, s_we, mode, threshold, config, conv):
+def _launch(x, wt, bias, experts, rows, row_groups, s_we, mode, threshold, config, conv=None, activation=None,
+            scale=None):
     kernel = kernel_for(sparse_gemv_kernel, x)
-    K = x.shape[1]
+    K, s_wk = x.shape[1], wt.shape[-1]
+    N = s_wk // 2 if activation is not None else s_wk  # gated: the output is act(gate) * up, half the columns
     cfg = config or launch_config(K, N, rows, row_groups, is_interpreted(kernel))
     c = cfg["constexprs"]
     grid = cfg["grid"]
@@ -256,14 +297,16 @@ def _launch(x, wt, bias, experts, rows, row_groups, N, s_we, mode, threshold, co
     if c["SPLIT"] > 1:
         if grid[0] * grid[2] > COUNTER_SLOTS:
             raise ValueError(f"sparse_gemv: split over {grid[0] * grid[2]} column tiles, at most {COUNTER_SLOTS}")
-        part = torch.empty(grid[2], c["SPLIT"], c["BLOCK_B"], N, dtype=torch.float32, device=x.device)
+        part = torch.empty(grid[2], c["SPLIT"], c["BLOCK_B"], s_wk, dtype=torch.float32, device=x.device)
         counters = _counter_buffer(x.device)
     conv_args = {} if conv is None else _conv_arguments(conv, x.shape[0], N)
     kernel[grid](x, wt, bias if bias is not None else y, y, experts if experts is not None else y, idx, part, counters,
-                 rows, K, N, x.stride(0), y.stride(0), s_we, float(mode), float(threshold),
-                 HAS_BIAS=bias is not None, PER_ROW_EXPERT=experts is not None,
-                 UPCAST=dot_upcast(x.dtype, is_interpreted(kernel)), PRECISION=dot_precision(x.dtype),
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **c, **pdl_launch(x), **conv_args)
+                 scale if scale is not None else y, rows, K, N, x.stride(0), y.stride(0), s_wk, s_we, float(mode),
+                 float(threshold), HAS_BIAS=bias is not None, PER_ROW_EXPERT=experts is not None,
+                 GATED=activation is not None, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
+                 ROW_SCALE=scale is not None, UPCAST=dot_upcast(x.dtype, is_interpreted(kernel)),
+                 PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **c,
+                 **pdl_launch(x), **conv_args)
     return y
 
 
@@ -280,15 +323,24 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, mode: float, threshold: float
     if bias is not None and bias.shape != (wt.shape[1],):
         raise ValueError(f"sparse_gemv: bias {tuple(bias.shape)} for {wt.shape[1]} output features")
     x, wt = x.contiguous(), wt.contiguous()
-    return _launch(x, wt, bias, None, x.shape[0], 1, wt.shape[1], 0, mode, threshold, config, conv)
+    return _launch(x, wt, bias, None, x.shape[0], 1, 0, mode, threshold, config, conv=conv)
 
 
 def sparse_expert_gemv(x: torch.Tensor, wt: torch.Tensor, experts: torch.Tensor, mode: float, threshold: float,
-                       bias: torch.Tensor | None = None, *, config: dict | None = None):
-    """Same contract as sparse_expert_gemv_ref: x (P, K), wt (E, K, N), experts (P,), bias (E, N) -> (P, N)."""
+                       bias: torch.Tensor | None = None, *, config: dict | None = None, activation: str | None = None,
+                       scale: torch.Tensor | None = None):
+    """Same contract as sparse_expert_gemv_ref: x (P, K), wt (E, K, N), experts (P,), bias (E, N) -> (P, N); with
+    activation (a key of ACTIVATION_CODES; fc1) -> act(gate) * up (P, N / 2); with scale (P,) fp32 routing weights
+    (fc2 of a top-1 MoE) -> the output times its weight. Both in the epilogue: no separate launches."""
     if x.dim() != 2 or wt.dim() != 3 or x.shape[1] != wt.shape[1] or experts.shape != (x.shape[0],):
         raise ValueError(f"sparse_expert_gemv: x {tuple(x.shape)}, wt {tuple(wt.shape)}, experts "
                          f"{tuple(experts.shape)} do not fit (x (P, K), wt (E, K, N), experts (P,))")
+    if activation is not None and (activation not in ACTIVATION_CODES or wt.shape[2] % 2):
+        raise ValueError(f"sparse_expert_gemv: gated activation {activation!r} on {wt.shape[2]} columns (one of "
+                         f"{', '.join(ACTIVATION_CODES)}, an even width)")
+    if scale is not None and scale.shape != (x.shape[0],):
+        raise ValueError(f"sparse_expert_gemv: scale {tuple(scale.shape)} for {x.shape[0]} pairs")
     x, wt, experts = x.contiguous(), wt.contiguous(), experts.contiguous()
-    return _launch(x, wt, None if bias is None else bias.contiguous(), experts, 1, x.shape[0], wt.shape[2],
-                   wt.stride(0), mode, threshold, config, None)
+    return _launch(x, wt, None if bias is None else bias.contiguous(), experts, 1, x.shape[0], wt.stride(0), mode,
+                   threshold, config, activation=activation,
+                   scale=None if scale is None else scale.float().contiguous())

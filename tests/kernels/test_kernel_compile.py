@@ -117,6 +117,10 @@ def _calls(dtype):
     yield "sparse_gemv (x_proj)", lambda: sparse_gemv.sparse_gemv(r(1, 2944), r(2944, 124), 0.0, 0.5)
     yield "sparse_expert_gemv", lambda: sparse_gemv.sparse_expert_gemv(r(4, 3872), r(E, 3872, 1472),
                                                                       torch.randint(0, E, (4,)), 0.0, 0.5, r(E, 1472))
+    yield "sparse_expert_gemv (gated fc1)", lambda: sparse_gemv.sparse_expert_gemv(
+        r(1, 1472), r(E, 1472, 7744), torch.randint(0, E, (1,)), 0.0, 0.5, r(E, 7744), activation="gelu")
+    yield "sparse_expert_gemv (fc2 x routing weight)", lambda: sparse_gemv.sparse_expert_gemv(
+        r(1, 3872), r(E, 3872, 1472), torch.randint(0, E, (1,)), 0.0, 0.5, scale=torch.rand(1))
     yield "sparse_gemv (predicated)", lambda: sparse_gemv.sparse_gemv(
         r(1, 2944), r(2944, 1472), 0.0, 0.5, config=sparse_gemv.launch_config(2944, 1472, 1, compact=False))
 
@@ -133,7 +137,8 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
 
 PDL_CALLS = ("selective_state_update", "selective_state_update (dt_proj fused)", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
              "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)",
-             "sparse_gemv", "sparse_gemv (batch 4, bias)", "sparse_gemv (in_proj + conv)", "sparse_expert_gemv")
+             "sparse_gemv", "sparse_gemv (batch 4, bias)", "sparse_gemv (in_proj + conv)", "sparse_expert_gemv",
+             "sparse_expert_gemv (gated fc1)", "sparse_expert_gemv (fc2 x routing weight)")
 
 
 def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):

@@ -91,6 +91,29 @@ def test_sparse_expert_gemv_matches_ref(P, E, N, K, dtype):
              what=f"sparse_expert_gemv P={P} E={E} {N}x{K}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("P,E,F,K,activation", [(1, 4, 24, 20, "gelu"), (4, 3, 21, 70, "silu"),
+                                                (3, 2, 9, 45, "gelu_tanh")])
+def test_expert_epilogues_gated_activation_and_routing_scale(P, E, F, K, activation, dtype):
+    """fc1 with act(gate) * up in its epilogue (both halves of a column tile in one program; one chunk and several,
+    the up partials beside the gate's) and fc2 scaled by each pair's routing weight: equal to the reference MoE's
+    separate ops (sparse_expert_gemv_ref with the same options)."""
+    g = make_gen(13)
+    x = randn(g, P, K, dtype=dtype)
+    wt1, b1 = randn(g, E, K, 2 * F, dtype=dtype, scale=K ** -0.5), randn(g, E, 2 * F, dtype=dtype)
+    wt2 = randn(g, E, F, K, dtype=dtype, scale=F ** -0.5)
+    experts = torch.randint(0, E, (P,), generator=g, device=g.device)
+    weights = torch.rand(P, generator=g, device=g.device)
+    a = sparse_expert_gemv(x, wt1, experts, 0.05, 0.3, b1, activation=activation)
+    assert a.shape == (P, F)
+    check_op(a, sparse_expert_gemv_ref(x, wt1, experts, 0.05, 0.3, b1, activation=activation), dtype,
+             what=f"fc1 + {activation}")
+    y = sparse_expert_gemv(a, wt2, experts, 0.0, 0.1, scale=weights)
+    check_op(y, sparse_expert_gemv_ref(a, wt2, experts, 0.0, 0.1, scale=weights), dtype, what="fc2 x routing weight")
+    with pytest.raises(ValueError, match="gated activation"):
+        sparse_expert_gemv(x, wt1, experts, 0.0, 0.1, activation="relu6")
+
+
 def test_shape_errors():
     x = torch.zeros(5, 8)
     with pytest.raises(ValueError, match="batch 5"):
