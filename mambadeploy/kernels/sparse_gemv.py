@@ -4,16 +4,17 @@ The weight is stored transposed, wt (K, N): input feature k owns the contiguous 
 threshold drops skips a whole contiguous row — the bytes a decode step reads fall with the sparsity. A row is read when
 *any* row of the batch keeps feature k (the batch shares the weight read), so batch 4 saves less than batch 1.
 
-Why compaction (the first version predicated the loads of dropped rows off, and ran 2-3x slower than the dense GEMV at
-every sparsity): a GEMV is bound by bytes in flight, and a predicated tile still costs a full loop iteration of latency
-while carrying fewer bytes, so the time hardly fell with the rows read. Here each program owns a chunk of CHUNK_K input
+Why compaction (the first version predicated the loads of dropped rows off in 32 x 128 tiles, and ran 2-3x slower than
+the dense GEMV at every sparsity on the H200, its time hardly falling with the rows read): a GEMV is bound by the bytes
+in flight, and a predicated tile costs a full loop iteration of latency while carrying fewer bytes. Here each program owns a chunk of CHUNK_K input
 features and a wide BLOCK_N column tile (contiguous 0.25-1 KB row segments). It first compacts its chunk: the kept
 feature indices (|x − m| > t for some row of the batch) go, in order, to the program's own slot of an index scratch
 (an exclusive prefix sum gives each kept feature its place; one barrier publishes the list to the program's threads).
 Its loop then runs over only `count` kept rows (a device value: the loop bound is read on the device, the launch shape
 never depends on data, so the launch is CUDA-graph safe), every iteration a full (BLOCK_J, BLOCK_N) tile of needed
 weight bytes. Batch 1 accumulates with fp32 FMAs into a (BLOCK_J, BLOCK_N) tile reduced once at the end; batches 2-4
-use tl.dot on x padded to 16 rows (as kernels/gemv.py), whose loads Triton pipelines (num_stages).
+use tl.dot on x padded to 16 rows (as kernels/gemv.py). Triton 3.9 does not software-pipeline this loop on sm_90
+(dynamic bound, indirect rows), so the bytes in flight come from many programs (~4 an SM) with 16 KB tiles.
 
 The chunks of one column tile are added deterministically, as in kernels/gemv.py: each writes its fp32 partial to a
 workspace and bumps the tile's arrival counter (the shared, always-zero counters of gemv.py, reset by the last
@@ -23,7 +24,9 @@ stores y in the model dtype. COMPACT=False keeps the predicated loop (same body,
 speed sweep only. Standard-library helpers (tl.sum, tl.cumsum) are avoided for the interpreter twin (see common.py).
 
 `sparse_expert_gemv` is the MoE variant: one (token, slot) pair per program row (grid axis 2), each with its own
-expert's weight wt (E, K, N) and its own input row (fc1: the token's input, fc2: that expert's hidden).
+expert's weight wt (E, K, N) and its own input row (fc1: the token's input, fc2: that expert's hidden). Its epilogue
+can apply the gated activation (fc1: the program also accumulates the `up` tile N columns on) and scale by the pair's
+routing weight (fc2 of a top-1 MoE), so torch-fast's sparse MoE layer is two launches.
 """
 
 from __future__ import annotations
