@@ -54,8 +54,9 @@ from mambadeploy.kernels.sparse_gemv import (
 from mambadeploy.models.presets import preset_config
 from mambadeploy.validate.tolerances import assert_close_op
 
-# (BLOCK_N, BLOCK_J, warps, stages) tried at each of three K chunk sizes (launch_config's, half, double). Stages > 1
-# only where Triton would pipeline (it did not on sm_90 at compile time here: one config each to see it on the GPU).
+# (BLOCK_N, BLOCK_J, warps, stages) tried at each of three K chunk sizes (launch_config's, half, double). Triton
+# pipelines only the tl.dot loop (compiled for sm_90: async copies), so the FMA tiles vary stages once; DOT_TILES also
+# run at batch 1 (x padded to 16 rows: MMA work is free next to the weight stream, and the loads get pipelined).
 FMA_TILES = [(256, 32, 8, 1), (256, 16, 4, 1), (256, 32, 4, 1), (256, 64, 8, 1), (128, 32, 4, 1), (512, 32, 8, 1),
              (512, 16, 8, 1), (256, 32, 8, 3)]
 DOT_TILES = [(128, 32, 4, 3), (256, 32, 4, 3), (64, 32, 4, 3), (128, 64, 4, 3), (256, 64, 8, 3), (128, 32, 4, 1)]
@@ -78,14 +79,16 @@ def configs(K: int, N: int, B: int, groups: int, dry: bool) -> list[tuple[str, d
     c0 = base["constexprs"]
     out = [("default", base), ("default-predicated", launch_config(K, N, B, groups, dry, compact=False))]
     if dry:
-        return out + [("dry-wide", launch_config(K, N, B, groups, dry, block_n=32, chunk_k=64))]
-    for block_n, block_j, warps, stages in (DOT_TILES if c0["USE_DOT"] else FMA_TILES):
+        return out + [("dry-wide", launch_config(K, N, B, groups, dry, block_n=32, chunk_k=64)),
+                      ("dry-dot", launch_config(K, N, B, groups, dry, chunk_k=32, block_j=16, use_dot=True))]
+    tiles = [(t, True) for t in DOT_TILES] + ([] if c0["USE_DOT"] else [(t, False) for t in FMA_TILES])
+    for (block_n, block_j, warps, stages), use_dot in tiles:
         for chunk_k in sorted({c0["CHUNK_K"], max(32, c0["CHUNK_K"] // 2), c0["CHUNK_K"] * 2}):
             if block_j > chunk_k or -(-K // chunk_k) > 128:
                 continue
-            name = f"n{block_n}-k{chunk_k}-j{block_j}-w{warps}-s{stages}"
+            name = f"{'dot' if use_dot else 'fma'}-n{block_n}-k{chunk_k}-j{block_j}-w{warps}-s{stages}"
             out.append((name, launch_config(K, N, B, groups, block_n=block_n, chunk_k=chunk_k, block_j=block_j,
-                                             num_warps=warps, num_stages=stages)))
+                                             num_warps=warps, num_stages=stages, use_dot=use_dot)))
     return out
 
 

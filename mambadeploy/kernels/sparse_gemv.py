@@ -13,8 +13,9 @@ feature indices (|x − m| > t for some row of the batch) go, in order, to the p
 Its loop then runs over only `count` kept rows (a device value: the loop bound is read on the device, the launch shape
 never depends on data, so the launch is CUDA-graph safe), every iteration a full (BLOCK_J, BLOCK_N) tile of needed
 weight bytes. Batch 1 accumulates with fp32 FMAs into a (BLOCK_J, BLOCK_N) tile reduced once at the end; batches 2-4
-use tl.dot on x padded to 16 rows (as kernels/gemv.py). Triton 3.9 does not software-pipeline this loop on sm_90
-(dynamic bound, indirect rows), so the bytes in flight come from many programs (~4 an SM) with 16 KB tiles.
+use tl.dot on x padded to 16 rows (as kernels/gemv.py). Compiled for sm_90 (Triton 3.9), the tl.dot loop's loads are
+software-pipelined (async copies, num_stages), the FMA loop's are not (as for gemv's batch-1 loop), so at batch 1 the
+bytes in flight come from many programs (~4 an SM) with 16 KB tiles; use_dot=True at batch 1 is a sweep option.
 
 The chunks of one column tile are added deterministically, as in kernels/gemv.py: each writes its fp32 partial to a
 workspace and bumps the tile's arrival counter (the shared, always-zero counters of gemv.py, reset by the last
@@ -116,6 +117,13 @@ def _finish(out, up, offs_m, mask_m, offs_n, mask_n, N, y_ptr, s_ym, b_base, sca
 
 
 @triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:  # the interpreter's bf16 dot (common.dot_upcast)
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def sparse_gemv_kernel(
     x_ptr, wt_ptr, bias_ptr, y_ptr, expert_ptr, idx_ptr, part_ptr, count_ptr, scale_ptr,
     B, K, N, s_xm, s_ym, s_wk, s_we, mode, threshold,
@@ -184,16 +192,17 @@ def sparse_gemv_kernel(
             need = fmax(keep.to(tl.int32), 0) > 0
         w_at = w_base + kk.to(tl.int64)[:, None] * s_wk + offs_n[None, :]
         w = tl.load(w_at, mask=need[:, None] & mask_n[None, :], other=0.0)
-        if USE_DOT:
-            if UPCAST:
-                acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(xs, w, acc, input_precision=PRECISION)
+        if GATED:
+            w_up = tl.load(w_at + N, mask=need[:, None] & mask_n[None, :], other=0.0)
+        if USE_DOT:  # (Triton pipelines the loads of a loop that feeds tl.dot, num_stages; not those of the FMA loop)
+            acc = _dot(xs, w, acc, UPCAST, PRECISION)
+            if GATED:
+                acc_up = _dot(xs, w_up, acc_up, UPCAST, PRECISION)
         else:  # BLOCK_M == 1: one row of x along the tile's J axis
             x_col = tl.reshape(xs.to(tl.float32), (BLOCK_J, ))[:, None]
             acc += x_col * w.to(tl.float32)
             if GATED:
-                acc_up += x_col * tl.load(w_at + N, mask=need[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+                acc_up += x_col * w_up.to(tl.float32)
     if USE_DOT:
         out, up = acc, acc_up
     else:
@@ -238,9 +247,8 @@ def launch_config(K: int, N: int, B: int, row_groups: int = 1, interpreted: bool
     """A plain function of the shapes (the keyword arguments override one choice each, for the speed sweep).
     B: rows of x per program (dense: the batch; experts: 1); row_groups: programs along rows (experts: the pairs).
     Tiles from _tiles; BLOCK_J = 32 kept rows an iteration (a 32 x 256 bf16 tile is 16 KB), FMAs over 8 warps at
-    batch 1, tl.dot at 2-4. Triton 3.9 does not software-pipeline these loops on sm_90 (no async copies in the
-    compiled code, as for gemv's), so the bytes in flight come from programs x tile. Unmeasured defaults until
-    benchmarks/sweep_sparse_gemv.py has run on the H200: take its best configs from there."""
+    batch 1 (not pipelined: programs x tile are the bytes in flight), tl.dot with 3 stages at 2-4. Unmeasured
+    defaults until benchmarks/sweep_sparse_gemv.py has run on the H200: take its best configs from there."""
     use_dot = B > 1 if use_dot is None else use_dot
     if B > 1 and not use_dot:
         raise ValueError(f"sparse_gemv: the FMA loop takes one row of x, {B} rows need use_dot")
@@ -291,8 +299,6 @@ def _launch(x, wt, bias, experts, rows, row_groups, s_we, mode, threshold, confi
     cfg = config or launch_config(K, N, rows, row_groups, is_interpreted(kernel))
     c = cfg["constexprs"]
     grid = cfg["grid"]
-    if c["USE_DOT"] and experts is not None:
-        raise ValueError("sparse_expert_gemv: one row per program, no tl.dot config")
     y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
     idx = part = counters = y  # unused unless compacting / splitting
     if c["COMPACT"]:

@@ -104,10 +104,12 @@ def test_expert_epilogues_gated_activation_and_routing_scale(P, E, F, K, activat
     wt2 = randn(g, E, F, K, dtype=dtype, scale=F ** -0.5)
     experts = torch.randint(0, E, (P,), generator=g, device=g.device)
     weights = torch.rand(P, generator=g, device=g.device)
-    a = sparse_expert_gemv(x, wt1, experts, 0.05, 0.3, b1, activation=activation)
-    assert a.shape == (P, F)
-    check_op(a, sparse_expert_gemv_ref(x, wt1, experts, 0.05, 0.3, b1, activation=activation), dtype,
-             what=f"fc1 + {activation}")
+    a_ref = sparse_expert_gemv_ref(x, wt1, experts, 0.05, 0.3, b1, activation=activation)
+    for use_dot in (False, True):
+        cfg = launch_config(K, F, 1, P, interpreted=True, use_dot=use_dot)
+        a = sparse_expert_gemv(x, wt1, experts, 0.05, 0.3, b1, activation=activation, config=cfg)
+        assert a.shape == (P, F)
+        check_op(a, a_ref, dtype, what=f"fc1 + {activation}, tl.dot {use_dot}")
     y = sparse_expert_gemv(a, wt2, experts, 0.0, 0.1, scale=weights)
     check_op(y, sparse_expert_gemv_ref(a, wt2, experts, 0.0, 0.1, scale=weights), dtype, what="fc2 x routing weight")
     with pytest.raises(ValueError, match="gated activation"):
@@ -128,8 +130,8 @@ def test_shape_errors():
 @pytest.mark.parametrize("B,use_dot", [(1, False), (1, True), (3, True)])
 def test_one_chunk_many_chunks_and_the_predicated_loop_agree_with_ref(compact, B, use_dot):
     """Configs the GPU sweep times (launch_config's overrides): one chunk (no workspace) and several (the last
-    arriver's fixed-order reduce, in reduce steps of 1 and of several partials), FMA and tl.dot accumulation, the
-    compacted and the predicated loop."""
+    arriver's fixed-order reduce, in reduce steps of 1 and of several partials), FMA and tl.dot accumulation (the
+    expert variant too), the compacted and the predicated loop."""
     g = make_gen(11)
     K, N = 100, 21
     x, wt, bias = randn(g, B, K, dtype=torch.bfloat16), randn(g, K, N, dtype=torch.bfloat16, scale=0.1), \
@@ -141,7 +143,7 @@ def test_one_chunk_many_chunks_and_the_predicated_loop_agree_with_ref(compact, B
         assert cfg["constexprs"]["SPLIT"] == -(-K // chunk_k)
         check_op(sparse_gemv(x, wt, 0.0, 0.4, bias, config=cfg), ref, torch.bfloat16, what=f"chunk {chunk_k}")
     e_wt, experts, e_bias = randn(g, 3, K, N, scale=0.1), torch.tensor([2, 0, 2][:B], device=g.device), randn(g, 3, N)
-    cfg = launch_config(K, N, 1, B, interpreted=True, chunk_k=32, compact=compact)
+    cfg = launch_config(K, N, 1, B, interpreted=True, chunk_k=32, compact=compact, use_dot=use_dot)
     check_op(sparse_expert_gemv(x.float(), e_wt, experts, 0.1, 0.4, e_bias, config=cfg),
              sparse_expert_gemv_ref(x.float(), e_wt, experts, 0.1, 0.4, e_bias), torch.float32, what="experts")
 
