@@ -56,9 +56,9 @@ from .gemv import COUNTER_SLOTS, _conv_arguments, _conv_epilogue, _counter_buffe
 from .interpret import is_interpreted, kernel_for
 
 MAX_BATCH = 4  # decode batches this kernel is for; larger batches keep few rows skippable (use the dense GEMM)
-# Programs a sparse launch aims at: a program has one tile of kept rows in flight at a time (no pipelining, see
-# launch_config) and a chunk keeps only part of its rows, so it takes ~4 programs an SM (132) to keep enough bytes in
-# flight; the K chunks this needs are added by the last arriver from L2.
+# Programs a sparse launch aims at: a batch-1 program has one tile of kept rows in flight at a time (the FMA loop is
+# not pipelined) and a chunk keeps only part of its rows, so it takes ~4 programs an SM (132) to keep enough bytes in
+# flight; the K chunks this needs are added by the last arriver from L2. A guess until the sweep has run.
 SPARSE_PROGRAMS = 2 * TARGET_PROGRAMS
 REDUCE_ELEMENTS = 8192  # partials one reduce step of the last arriver loads at once (RED splits x rows x BLOCK_N)
 
