@@ -36,6 +36,7 @@ if "--dry-run" in sys.argv:  # before triton is imported: every kernel (the v1 b
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import TritonError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -143,8 +144,9 @@ def run_case(site, K, N, experts, B, target, dtype, device, ms, dry) -> dict:
             assert_close_op(new(cfg), ref, dtype, what=f"{site} b{B} t{target} {name}")
             entry["ok"] = True
             entry["ms"] = ms(lambda cfg=cfg: new(cfg))
-        except AssertionError as err:
-            entry.update(ok=False, error=str(err).splitlines()[0])
+        except (AssertionError, RuntimeError, TritonError) as err:  # wrong, or refused (e.g. out of shared memory)
+            entry.update(ok=False, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            print(f"{site} b{B} t{target} {name}: {entry['error']}", flush=True)
         case["configs"].append(entry)
     timed = [c for c in case["configs"] if c["ok"]]
     best = min(timed, key=lambda c: c["ms"]) if timed else None
