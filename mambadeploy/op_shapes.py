@@ -66,7 +66,7 @@ def resolve(op: str, shapes: dict, inputs: tuple, concrete: list) -> dict:
         dims = [parse_dim(d) for d in shapes[name]]
         fixed = [d for d in dims if not d[0]]
         n_lead = len(shape) - len(fixed) if dims and dims[0][0] else 0
-        want = " x ".join(shapes[name])
+        want = ", ".join(shapes[name])
         if n_lead < 0 or len(shape) != n_lead + len(fixed):
             raise MambaDeployError(f"op {op}: input {name} has shape {list(shape)}, not ({want})")
         if dims and dims[0][0]:
@@ -113,7 +113,7 @@ def zero_fill_recipe(shapes: dict, inputs: tuple, optional: tuple, name: str) ->
     required = [n for n in inputs if n not in optional]
     recipe: list = []
     for dim in shapes[name]:
-        variadic, factor, sym = parse_dim(dim)
+        variadic, factor, _ = parse_dim(dim)
         if variadic or factor != 1:
             raise MambaDeployError(f"input {name}: zeros cannot be shaped from the dim {dim!r}")
         src = next(n for n in required if dim in shapes[n])
