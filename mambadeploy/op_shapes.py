@@ -72,7 +72,8 @@ def resolve(op: str, shapes: dict, inputs: tuple, concrete: list) -> dict:
         if dims and dims[0][0]:
             sym, seq = dims[0][2], shape[:n_lead]
             if lead.setdefault(sym, seq) != seq:
-                raise MambaDeployError(f"op {op}: input {name} leads with {list(seq)}, not {list(lead[sym])} ({sym})")
+                raise MambaDeployError(f"op {op}: input {name} has shape {list(shape)}, not ({want}) with {sym} = "
+                                       f"{' x '.join(map(str, lead[sym]))}")
             sizes[sym] = math.prod(seq)
         for (_, factor, sym), size in zip(fixed, shape[n_lead:]):
             if sym not in sizes and size % factor == 0:
