@@ -50,9 +50,13 @@ def summarize(rows: list[dict]) -> dict:
     out: dict = defaultdict(lambda: defaultdict(dict))
     for (kind, op, dtype, device), rs in sorted(groups.items()):
         worst = max(rs, key=lambda r: r["max_err"])
+        per_test: dict = {}
+        for r in rs:
+            per_test[r["test"]] = max(per_test.get(r["test"], 0.0), r["max_err"])
         out[kind][op][f"{dtype}/{device}"] = {"worst": worst["max_err"], "worst_case": f"{worst['test']}: {worst['what']}",
                                               "count": len(rs),
-                                              "mean_of_max": sum(r["max_err"] for r in rs) / len(rs)}
+                                              "mean_of_max": sum(r["max_err"] for r in rs) / len(rs),
+                                              "worst_tests": dict(sorted(per_test.items(), key=lambda t: -t[1])[:5])}
     return json.loads(json.dumps(out))
 
 

@@ -48,15 +48,15 @@ def test_chunked_prefill_matches_the_reference(jamba):
     fast, ref = TorchFastRunner(jamba, prefill_chunk=4, triton_gemv=False), TorchEagerRunner(jamba)
     logits, state = fast.prefill(ids, lengths)
     logits_ref, state_ref = ref.prefill(ids, lengths)
-    assert_logits_close(logits, logits_ref, torch.float32, what="chunked prefill logits", check="long_decode")
+    assert_logits_close(logits, logits_ref, torch.float32, what="chunked prefill logits", check="chunked_prefill")
     for name, value in state_ref.items():
-        assert_state_close(state.tensors[name], value, what=f"state {name}", check="long_decode")
+        assert_state_close(state.tensors[name], value, what=f"state {name}", check="chunked_prefill")
     for step in range(2):
         token = logits_ref.argmax(-1)
         assert torch.equal(logits.argmax(-1), token), f"greedy token differs at step {step}"
         logits, state = fast.step(token, state)
         logits_ref, state_ref = ref.step(token, state_ref)
-        assert_logits_close(logits, logits_ref, torch.float32, what=f"step {step} logits", check="long_decode")
+        assert_logits_close(logits, logits_ref, torch.float32, what=f"step {step} logits", check="chunked_prefill")
 
 
 def test_one_row_in_chunks_matches_the_reference(jamba):
@@ -65,9 +65,9 @@ def test_one_row_in_chunks_matches_the_reference(jamba):
     ids = torch.arange(1, 14).remainder(jamba.config.vocab_size)[None]
     logits, state = TorchFastRunner(jamba, prefill_chunk=5, triton_gemv=False).prefill(ids)
     logits_ref, state_ref = TorchEagerRunner(jamba).prefill(ids)
-    assert_logits_close(logits, logits_ref, torch.float32, what="5-token chunks", check="long_decode")
+    assert_logits_close(logits, logits_ref, torch.float32, what="5-token chunks", check="chunked_prefill")
     for name, value in state_ref.items():
-        assert_state_close(state.tensors[name], value, what=f"state {name}", check="long_decode")
+        assert_state_close(state.tensors[name], value, what=f"state {name}", check="chunked_prefill")
 
 
 def _kernel_step(kv_dtype=None):
@@ -109,7 +109,8 @@ def test_length_aware_decode_over_128_steps(jamba, monkeypatch):
     print(f"128 steps on the kernel: worst max err / scale {worst:.3e}")
     assert all(torch.equal(a, b) for a, b in zip(tokens, tokens_ref)), "greedy tokens differ"
     worst_step = max(range(len(logits)), key=lambda i: rel_to_scale(logits[i], logits_ref[i])[0])
-    assert_logits_close(logits[worst_step], logits_ref[worst_step], torch.float32, what=f"worst step {worst_step}", check="long_decode")
+    assert_logits_close(logits[worst_step], logits_ref[worst_step], torch.float32, what=f"worst step {worst_step}",
+                        check="long_decode")
 
 
 def test_fp8_kv_cache_error_against_bf16(jamba, monkeypatch):
@@ -228,9 +229,9 @@ def test_reference_prefill_continues_from_a_state(name):
         stop = min(start + 4, L)
         real = (lengths - (L - stop)).clamp(0, stop - start)
         logits, state = model.prefill(ids[:, start:stop], real, state=state)
-    assert_logits_close(logits, logits_ref, torch.float32, what="chunked reference prefill", check="long_decode")
+    assert_logits_close(logits, logits_ref, torch.float32, what="chunked reference prefill", check="chunked_prefill")
     for key, value in state_ref.items():
-        assert_state_close(state[key], value, what=f"state {key}", check="long_decode")
+        assert_state_close(state[key], value, what=f"state {key}", check="chunked_prefill")
 
 
 def test_ort_chunked_prefill_through_the_prefill_state_graph(hf_jamba_export):
@@ -252,9 +253,10 @@ def test_ort_chunked_prefill_through_the_prefill_state_graph(hf_jamba_export):
                 **{f"past.{k}": v.numpy() for k, v in state.items()}}
         got = dict(zip(outputs, session.run(None, feed)))
         state = {k: torch.from_numpy(got[f"present.{k}"]) for k in state}
-    assert_logits_close(torch.from_numpy(got["logits"]), logits_ref, torch.float32, what="ORT chunked prefill", check="long_decode")
+    assert_logits_close(torch.from_numpy(got["logits"]), logits_ref, torch.float32, what="ORT chunked prefill",
+                        check="chunked_prefill")
     for key, value in state_ref.items():
-        assert_state_close(state[key], value, what=f"state {key}", check="long_decode")
+        assert_state_close(state[key], value, what=f"state {key}", check="chunked_prefill")
 
 
 def test_ort_runner_prefills_in_chunks_through_the_prefill_state_graph(hf_jamba_export):
@@ -269,11 +271,11 @@ def test_ort_runner_prefills_in_chunks_through_the_prefill_state_graph(hf_jamba_
     chunked, whole = OrtRunner(directory, "cpu", prefill_chunk=3), OrtRunner(directory, "cpu")
     (lc, sc), (lw, sw) = chunked.prefill(ids, lengths), whole.prefill(ids, lengths)
     ref, ref_state = model.prefill(ids, lengths)
-    assert_logits_close(lc, ref, torch.float32, what="ORT runner chunked prefill", check="long_decode")
+    assert_logits_close(lc, ref, torch.float32, what="ORT runner chunked prefill", check="chunked_prefill")
     for step in range(16):
         tok = ref.argmax(-1)
         assert torch.equal(lc.argmax(-1), tok) and torch.equal(lw.argmax(-1), tok), f"step {step}"
         (lc, sc), (lw, sw), (ref, ref_state) = chunked.step(tok, sc), whole.step(tok, sw), model.step(tok, ref_state)
-        assert_logits_close(lc, ref, torch.float32, what=f"chunked-prefill decode step {step}", check="long_decode")
+        assert_logits_close(lc, ref, torch.float32, what=f"chunked-prefill decode step {step}", check="chunked_prefill")
     with pytest.raises(MambaDeployError, match="--prefill-state"):
         OrtRunner(export_for("jamba-tiny", "fp32"), "cpu", prefill_chunk=4)

@@ -101,10 +101,10 @@ def test_prefill_and_128_decode_steps_match_torch(target, ops, exported, tiny):
         got, state = runner.step(tok, state)
         want, ref_state = model.step(tok, ref_state)
         worst = max(worst, rel_to_scale(got, want)[0])
-        assert_logits_close(got, want, torch.float32, f"decode step {step}", check=f"ort_{ops}")
+        assert_logits_close(got, want, torch.float32, f"{ops} decode step {step}", check="long_decode")
     print(f"worst decode-step error over {DECODE_STEPS} steps: {worst:.3e} of the logit scale")
     for name, t in runner.state_to_torch(state).items():
-        assert_state_close(t, ref_state[name], torch.float32, f"final state {name}", check=f"ort_{ops}")
+        assert_state_close(t, ref_state[name], torch.float32, f"{ops} final state {name}", check="long_decode")
 
 
 @pytest.mark.parametrize("preset", ["blackmamba-tiny", "jamba-tiny"])
