@@ -1,8 +1,10 @@
 """Tolerances are data: every comparison in tests and in `validate` takes its bounds from here.
 
 Errors on logits are measured relative to the logit scale: max|a - b| / max(max|b|, 1). How each number was chosen:
-- fp32, same math (torch eager vs torch eager step, ORT CPU fp32): reassociation only; seen up to ~3e-7 relative on the
-  tiny presets over 256 steps (CPU here); 1e-4 is the bound issue 3/4 ask for, kept with margin for long generations.
+- fp32, same math (torch eager vs torch eager step, ORT CPU fp32): reassociation only; validate's gate LOGITS_REL is
+  1e-4, the bound issue 3/4 ask for, kept with margin for long generations. The tests bound each model-level check on
+  the CPU by 10x its measured worst (LOGITS_FP32_CPU / STATE_FP32_CPU below: 7e-7 to 9e-6 of the logit scale; 2.9e-5
+  over 128 decode steps).
 - op parity (kernels vs _ref): fp32 on the CPU from measured clean errors, per op (OP_FP32_CPU below); fp16/bf16, and
   fp32 on a GPU until measured there, mamba_ssm's own test tolerances per dtype (rtol, atol): fp32 (3e-4, 1e-3),
   fp16 (5e-3, 1e-2), bf16 (1e-2, 5e-2).
@@ -49,36 +51,38 @@ OP_FP32_CPU = {
     "sparse_gemv": 2.0e-7,  # 18 comparisons, bound 2.0e-6
     "state_update": 5.7e-7,  # 24 comparisons, bound 5.7e-6
 }
-# Model-level fp32 on the CPU, per check (the pair of implementations a test compares): worst clean max abs error /
-# max(max|expected|, 1) over every comparison of that check in the suite, measured by scripts/measure_tolerances.py
-# (benchmarks/results/tolerances_measured_cpu.json, "logits" and "state"). The tests' bound is FP32_FACTOR x this, capped
-# at LOGITS_REL[fp32]; validate's user-facing gate stays LOGITS_REL. Logits and recurrent states are measured and bounded
-# apart: states are compared relative to their own scale and reach 1e-5, logits stay near 1e-6.
-# Checks: reference (the model against itself: step vs full forward, chunked vs one-pass prefill, sparse branches, and
-# against the per-token oracle), transformers (hf parity), torch_fast (TorchFastRunner on the Triton interpreter, dense
-# and sparse), long_decode (long-context runs: chunked prefill, 128-step length-aware decode, ORT prefill-state / GQA),
-# ort_portable / ort_custom / ort_standard / ort_contrib (the ORT CPU runner per --ops, incl. exports vs the oracle).
-LOGITS_FP32_CPU = {
-    "reference": 1.05e-5,
-    "transformers": 1.05e-5,
-    "torch_fast": 1.05e-5,
-    "chunked_prefill": 1.05e-5,
-    "long_decode": 1.05e-5,
-    "ort_portable": 1.05e-5,
-    "ort_custom": 1.05e-5,
-    "ort_standard": 1.05e-5,
-    "ort_contrib": 1.05e-5,
+# Model-level fp32 on the CPU, per check (which pair of implementations a test compares): worst clean max abs error /
+# max(max|expected|, 1) over every comparison of that check in the suite's model-level tests, measured by
+# scripts/measure_tolerances.py (benchmarks/results/tolerances_measured_cpu.json, summary "logits" / "state", with each
+# check's five worst tests). The tests' bound (logits_bound / state_bound) is FP32_FACTOR x this, capped at
+# LOGITS_REL[fp32]; validate's user-facing gate stays LOGITS_REL. Recurrent states (conv / SSM state, KV cache, each
+# relative to its own scale) are measured and bounded apart from the logits. Checks:
+#   reference        the model against itself (step vs full forward over 260 steps, sparse branches) and against the
+#                    per-token oracle (models/oracle.py)
+#   transformers     transformers' Mamba / Jamba (test_hf_parity)
+#   torch_fast       TorchFastRunner on the Triton interpreter vs the reference, dense and SCAP-sparse
+#   chunked_prefill  prefill in chunks (torch-fast, the reference's own, ORT prefill_state.onnx) and <= 16 steps after
+#   long_decode      128-step decodes: the ORT runner (every --ops), ORT GroupQueryAttention, the length-aware kernel.
+#                    Reassociation drifts over the steps: the transformers-built Jamba reaches 2.9e-5, so this bound
+#                    is the cap (3.4x its worst), as before
+#   ort_*            the ORT CPU runner per --ops (portable / custom / standard / contrib): prefill and <= 12 steps,
+#                    incl. fresh exports against the oracle
+LOGITS_FP32_CPU = {  # worst measured; the test bound is 10x (in brackets)
+    "reference": 2.7e-6,  # 16 comparisons [2.7e-5]; jamba-tiny step vs full forward, 260 steps
+    "transformers": 3.3e-6,  # 5 [3.3e-5]; transformers-built Jamba logits
+    "torch_fast": 1.3e-6,  # 15 [1.3e-5]; jamba-tiny prefill
+    "chunked_prefill": 9.1e-6,  # 28 [9.1e-5]; ORT runner chunked prefill, decode step 12 after it
+    "long_decode": 2.9e-5,  # 2050 [1e-4, the cap]; transformers-built Jamba, ORT portable, decode step 55 of 128
+    "ort_portable": 4.2e-6,  # 41 [4.2e-5]; jamba-tiny fresh export vs the oracle, step 2
+    "ort_custom": 4.2e-6,  # 6 [4.2e-5]; transformers-built Jamba prefill
+    "ort_standard": 3.6e-6,  # 5 [3.6e-5]; transformers-built Jamba prefill
+    "ort_contrib": 7.0e-7,  # 26 [7.0e-6]; sigmoid top-1, step 10
 }
-STATE_FP32_CPU = {
-    "reference": 1.05e-5,
-    "transformers": 1.05e-5,
-    "torch_fast": 1.05e-5,
-    "chunked_prefill": 1.05e-5,
-    "long_decode": 1.05e-5,
-    "ort_portable": 1.05e-5,
-    "ort_custom": 1.05e-5,
-    "ort_standard": 1.05e-5,
-    "ort_contrib": 1.05e-5,
+STATE_FP32_CPU = {  # worst measured, each state tensor relative to its own scale; the test bound is 10x
+    "torch_fast": 1.2e-6,  # 17 comparisons [1.2e-5]; jamba-tiny conv state after prefill
+    "chunked_prefill": 1.5e-6,  # 58 [1.5e-5]; transformers-built Jamba SSM state after 5-token chunks
+    "long_decode": 1.1e-5,  # 105 [1e-4, the cap]; transformers-built Jamba conv state after 128 ORT custom steps
+    "ort_portable": 1.6e-6,  # 68 [1.6e-5]; jamba-tiny SSM state after a 1x33 prefill
 }
 
 
