@@ -1,11 +1,11 @@
 """The custom-op registry: one entry per op, the join key for every piece that implements it.
 
-An entry ties together: the op's ONNX identity (domain `mambadeploy`, op type, version), its inputs/outputs and attributes,
-the symbolic shape of every input and output (op_shapes.py derives the shape rule, the shape checks of the C++ kernels and
-TensorRT's zero defaults from it), the dtype rule, the pure-PyTorch reference, and — as lazily resolved "module:attr" paths, so this module imports
-nothing above its floor — the Triton kernel, the ONNX node emitter and its portable (standard-op) expansion, the ORT kernel
-name and the TensorRT plugin. Export, plugins, kernels and tests all look ops up here; nothing else hard-codes an op name.
-Registering a name twice fails at import.
+An entry ties together: the op's ONNX identity (domain `mambadeploy`, op type, version), its inputs/outputs and
+attributes, the symbolic shape of every input and output (op_shapes.py derives the shape rule, the shape checks of
+the C++ kernels and TensorRT's zero defaults from it), the dtype rule, the pure-PyTorch reference, and — as lazily
+resolved "module:attr" paths, so this module imports nothing above its floor — the Triton kernel, the ONNX node
+emitter and its portable (standard-op) expansion, the ORT kernel name and the TensorRT plugin. Export, plugins,
+kernels and tests all look ops up here; nothing else hard-codes an op name. Registering a name twice fails at import.
 """
 
 from __future__ import annotations

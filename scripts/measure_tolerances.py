@@ -105,8 +105,9 @@ def main(argv=None) -> int:
             result["summary"].pop(kind, None)
             if kind in summary:
                 result["summary"][kind] = summary[kind]
-        result["runs"][group] = {"commit": commit, "pytest_rc": int(rc), "seconds": round(time.perf_counter() - start, 1),
-                                 "tests": files, "failed_tests_left_out": sorted(recorder.failed)}
+        result["runs"][group] = {"commit": commit, "pytest_rc": int(rc), "tests": files,
+                                 "seconds": round(time.perf_counter() - start, 1),
+                                 "failed_tests_left_out": sorted(recorder.failed)}
     result.update({"what": "max abs error / max(max|expected|, 1) of each comparison in the tests (op outputs per op; "
                            "logits and state tensors per model-level check), clean code; the fp32 bounds in "
                            "mambadeploy/validate/tolerances.py are FP32_FACTOR x the float32/cpu worst",

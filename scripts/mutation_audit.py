@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("mambadeploy", "tests", "pyproject.toml")
 
+ORT_RUNNER = "tests/runtime/test_ort_runner.py::test_prefill_and_128_decode_steps_match_torch"
 # name -> (file, exact old text, new text, op-level tests, model-level tests)
 MUTATIONS = {
     "d_term_sign": {
@@ -75,8 +76,7 @@ MUTATIONS = {
         # ORT C++ kernels'); only BlackMamba's experts are GELU-gated, so the others pass by design
         "model": ["tests/models/test_oracle.py::test_model_oracle_matches_left_padded_batch",
                "tests/runtime/test_torch_fast.py::test_prefill_and_step_logits_and_state_match",
-               "tests/runtime/test_ort_runner.py::test_prefill_and_128_decode_steps_match_torch[blackmamba-tiny-custom]",
-               "tests/runtime/test_ort_runner.py::test_prefill_and_128_decode_steps_match_torch[blackmamba-tiny-portable]"]},
+               f"{ORT_RUNNER}[blackmamba-tiny-custom]", f"{ORT_RUNNER}[blackmamba-tiny-portable]"]},
 }
 # keep the runs within minutes on a 2-core machine: the fp32 cases (the bounds this audit is about), and the ORT runner
 # on one preset and op set

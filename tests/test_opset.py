@@ -1,6 +1,6 @@
 """The op registry is the one join key: every link of every entry resolves through the entry, the torch custom ops and
-the C++ kernels take their names, signatures, attribute defaults and shape checks from it, and the kernels each runtime's AOT path
-compiles are the ones the entry names."""
+the C++ kernels take their names, signatures, attribute defaults and shape checks from it, and the kernels each
+runtime's AOT path compiles are the ones the entry names."""
 
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ def test_sparse_export_matches_the_sparse_reference_on_ort_cpu(tmp_path, preset)
     lengths = torch.tensor([7, 4, 6])
     ref, state = sparse.prefill(ids, lengths)
     got, ort_state = runner.prefill(ids, lengths)
-    assert_logits_close(torch.as_tensor(got), ref, what=f"{preset} sparse prefill ORT vs reference", check="ort_portable")
+    assert_logits_close(torch.as_tensor(got), ref, what=f"{preset} sparse prefill ORT vs reference",
+                        check="ort_portable")
     for step in range(6):  # a fixed token sequence: the reference's greedy picks
         token = ref.argmax(-1)
         ref, state = sparse.step(token, state)

@@ -1,6 +1,6 @@
 """Parity with transformers' own MambaForCausalLM and JambaForCausalLM: tiny random models built from configs here (no
-download), saved with save_pretrained, loaded by load_model. Logits within the measured fp32 bound of the logit scale, and 64
-greedy tokens identical (transformers' side decodes with its own cache)."""
+download), saved with save_pretrained, loaded by load_model. Logits within the measured fp32 bound of the logit scale,
+and 64 greedy tokens identical (transformers' side decodes with its own cache)."""
 
 import json
 
@@ -194,7 +194,8 @@ def test_routed_jamba_matches_transformers(hf_jamba_routed):
     print(f"{experts} experts top-{top_k}: {len(routes)} distinct expert sets chosen")
     assert len(routes) >= 3, "routing never varies: the comparison would not check top-k selection"
     got, _ = ours(ids)
-    assert_logits_close(got, hf(ids).logits.float(), torch.float32, what=f"hf jamba {experts}e top-{top_k} logits", check="transformers")
+    assert_logits_close(got, hf(ids).logits.float(), torch.float32, what=f"hf jamba {experts}e top-{top_k} logits",
+                        check="transformers")
     prompt = _prompt()[:1, :8]
     expected = _hf_greedy(hf, prompt, 32, "past_key_values")
     assert len(set(expected)) >= 8, "degenerate generation: the comparison would prove little"

@@ -89,7 +89,8 @@ def test_calibration_reaches_the_target_and_decode_matches_the_sequence(preset, 
     for t in range(5, 12):
         logits, state = sparse.step(ids[:, t], state)
         steps.append(logits)
-    assert_logits_close(torch.stack(steps[:-1], 1), full[:, 4:11], what=f"{preset} sparse step vs forward", check="reference")
+    assert_logits_close(torch.stack(steps[:-1], 1), full[:, 4:11], what=f"{preset} sparse step vs forward",
+                        check="reference")
 
 
 def test_sparse_moe_branches_agree(sparse_models):

@@ -166,7 +166,8 @@ ENTRY_NAMES = ["SelectiveScan", "CausalConv1d", "TopKExpertGather", "CausalConv1
 def test_every_input_shape_is_checked_as_the_registry_states(library, op):
     """The C++ shape check comes from the entry's symbolic shapes (opset_generated.h): with each input's last dim one
     too long in turn, the kernel refuses the node naming the same input as the registry's own resolver (op_shapes), or
-    runs it where the registry accepts it too (a dim no other input carries); the well-shaped inputs run. Graph inputs carry no declared shapes, so ORT hands every shape to our kernel."""
+    runs it where the registry accepts it too (a dim no other input carries); the well-shaped inputs run. Graph inputs
+    carry no declared shapes, so ORT hands every shape to our kernel."""
     entry = get_op(op)
     assert set(ENTRY_NAMES) == set(opset_registry_dict)  # a new op joins this test
     model = single_op_model(op, weights_as_initializers=False)

@@ -1,8 +1,8 @@
 """Issue 21 on the CPU: torch-fast's chunked prefill (prompts crossing chunk boundaries, left-padded rows of different
 lengths), the length-aware decode attention kernel over 128 steps and the fp8 KV cache's error, on jamba-tiny and a
 transformers-built Jamba; the reference's own prefill continued from a state; ORT-CPU with GroupQueryAttention over 128
-decode steps and chunked prefill through prefill_state.onnx. Every logit within the measured fp32 bound (logits_bound) of the reference's
-scale, greedy tokens identical."""
+decode steps and chunked prefill through prefill_state.onnx. Every logit within the measured fp32 bound (logits_bound)
+of the reference's scale, greedy tokens identical."""
 
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ def _decode(model, prompts, steps, teacher=None):
 
 
 def test_length_aware_decode_over_128_steps(jamba, monkeypatch):
-    """The model decodes 128 tokens with its attention on the Triton kernel (fill grows from the prompt's length to
-    128 more; rows of different fills in one batch): the reference's greedy tokens, logits within the measured fp32 bound."""
+    """The model decodes 128 tokens with its attention on the Triton kernel (fill grows from the prompt's length to 128
+    more; rows of different fills in one batch): the reference's greedy tokens, logits within the measured fp32 bound."""
     prompts = [PROMPTS[0], PROMPTS[1]]
     tokens_ref, logits_ref = _decode(jamba, prompts, 128)
     monkeypatch.setattr(Attention, "step", _kernel_step())
@@ -164,8 +164,8 @@ def hf_jamba_export(tmp_path_factory):
 def test_ort_cpu_group_query_attention_over_128_steps(hf_jamba_export):
     """`--ops contrib` exports the decode step's attention as com.microsoft.GroupQueryAttention over the fixed-length
     cache; ORT-CPU follows the reference for 128 greedy steps from left-padded prompts (tokens identical, logits within
-    the measured fp32 bound, the cache equal to the reference's, zeros past each row's fill included). jamba-tiny's head_dim of 12
-    is refused by the op (a multiple of 8 is required), so it keeps the reference attention."""
+    the measured fp32 bound, the cache equal to the reference's, zeros past each row's fill included). jamba-tiny's
+    head_dim of 12 is refused by the op (a multiple of 8 is required), so it keeps the reference attention."""
     import onnx
 
     from mambadeploy.export.contrib import gqa_fits, what_fits

@@ -1,6 +1,7 @@
 """ORT-CPU against the torch reference: every tiny preset and tiny transformers-built Mamba and Jamba checkpoints, fp32
-logits within the measured fp32 bound (tolerances.logits_bound) at prefill and at each of 128 decode steps with identical greedy tokens; batched prompts
-of different lengths == single prompts; shapes other than the export's dummy; every bad input ends in one clear error."""
+logits within the measured fp32 bound (tolerances.logits_bound) at prefill and at each of 128 decode steps with
+identical greedy tokens; batched prompts of different lengths == single prompts; shapes other than the export's dummy;
+every bad input ends in one clear error."""
 
 import json
 import os
@@ -131,7 +132,8 @@ def test_shapes_other_than_the_dummy(preset, exported, tiny):
         want, ref_state = model.prefill(ids, lengths)
         assert_logits_close(got, want, torch.float32, f"prefill {batch}x{length}", check="ort_portable")
         for name, t in runner.state_to_torch(state).items():
-            assert_state_close(t, ref_state[name], torch.float32, f"{batch}x{length} state {name}", check="ort_portable")
+            assert_state_close(t, ref_state[name], torch.float32, f"{batch}x{length} state {name}",
+                               check="ort_portable")
 
 
 def test_factory_builds_ort_runners(exported):

@@ -1,6 +1,6 @@
-"""torch-fast on SCAP-sparse checkpoints: its decode step launches the sparse GEMVs (Mamba projections, MoE experts)
-and must follow the sparse reference (on CPU the kernels run in Triton's interpreter): logits within the measured fp32 bound of the logit
-scale at prefill and over decode steps, batch 1 and a left-padded batch of 3."""
+"""torch-fast on SCAP-sparse checkpoints: its decode step launches the sparse GEMVs (Mamba projections, MoE experts) and
+must follow the sparse reference (on CPU the kernels run in Triton's interpreter): logits within the measured fp32 bound
+of the logit scale at prefill and over decode steps, batch 1 and a left-padded batch of 3."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
 """Write opset_generated.h, the C++ view of the op registry (mambadeploy/opset.py) that the ORT kernels read: per op its
-name and version, a signature string per input and output, its attributes with their defaults, and its inputs'
-symbolic shapes with a `Dims` struct of the dims they bind. The C++ op classes (ops_cpu*.cc, ops_cuda*.cc, through ops.h
-`RegistryOp` and `CheckShapes`) take names, counts, dtypes, attribute defaults and shape checks from it, so a change to an
-entry reaches the library at the next build, and a test fails while the committed header is stale.
+name and version, a signature string per input and output, its attributes with their defaults, and its inputs' symbolic
+shapes with a `Dims` struct of the dims they bind. The C++ op classes (ops_cpu*.cc, ops_cuda*.cc, through ops.h
+`RegistryOp` and `CheckShapes`) take names, counts, dtypes, attribute defaults and shape checks from it, so a change to
+an entry reaches the library at the next build, and a test fails while the committed header is stale.
 
     python -m mambadeploy.plugins.ort.gen_opset            # rewrite the header
     python -m mambadeploy.plugins.ort.gen_opset --check    # exit 1 when the committed header differs
@@ -67,7 +67,8 @@ def render() -> str:
         "// GENERATED from mambadeploy/opset.py by `python -m mambadeploy.plugins.ort.gen_opset`: do not edit by hand.",
         "// One struct per registry op: name, version, signature strings (one letter per input/output: T = the model",
         "// dtype, F = float32, I = int64; a lower-case letter marks an optional input), attributes with defaults, and",
-        "// each input's symbolic shape (dims: a name, 2F = twice F, *rows = any leading dims) with the Dims they bind.",
+        "// each input's symbolic shape (a dim: a name, 2F = twice F, *rows = any leading dims) with the Dims they",
+        "// bind.",
         "#pragma once",
         "",
         "#include <cstddef>",

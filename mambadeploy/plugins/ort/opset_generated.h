@@ -1,7 +1,8 @@
 // GENERATED from mambadeploy/opset.py by `python -m mambadeploy.plugins.ort.gen_opset`: do not edit by hand.
 // One struct per registry op: name, version, signature strings (one letter per input/output: T = the model
 // dtype, F = float32, I = int64; a lower-case letter marks an optional input), attributes with defaults, and
-// each input's symbolic shape (dims: a name, 2F = twice F, *rows = any leading dims) with the Dims they bind.
+// each input's symbolic shape (a dim: a name, 2F = twice F, *rows = any leading dims) with the Dims they
+// bind.
 #pragma once
 
 #include <cstddef>
