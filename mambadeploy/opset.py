@@ -1,18 +1,19 @@
 """The custom-op registry: one entry per op, the join key for every piece that implements it.
 
-An entry ties together: the op's ONNX identity (domain `mambadeploy`, op type, version), its inputs/outputs and attributes,
-the shape/dtype rule, the pure-PyTorch reference, and — as lazily resolved "module:attr" paths, so this module imports
-nothing above its floor — the Triton kernel, the ONNX node emitter and its portable (standard-op) expansion, the ORT kernel
-name and the TensorRT plugin. Export, plugins, kernels and tests all look ops up here; nothing else hard-codes an op name.
-Registering a name twice fails at import.
+An entry ties together: the op's ONNX identity (domain `mambadeploy`, op type, version), its inputs/outputs and
+attributes, the symbolic shape of every input and output (op_shapes.py derives the shape rule, the shape checks of
+the C++ kernels and TensorRT's zero defaults from it), the dtype rule, the pure-PyTorch reference, and — as lazily
+resolved "module:attr" paths, so this module imports nothing above its floor — the Triton kernel, the ONNX node
+emitter and its portable (standard-op) expansion, the ORT kernel name and the TensorRT plugin. Export, plugins,
+kernels and tests all look ops up here; nothing else hard-codes an op name. Registering a name twice fails at import.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable
 
+from . import op_shapes
 from .errors import MambaDeployError
 
 DOMAIN = "mambadeploy"
@@ -38,7 +39,10 @@ class OpEntry:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     attributes: dict  # name -> (type, default)
-    shape_rule: Callable  # (input shapes as tuples of ints/str, attrs) -> output shapes
+    # input / output name -> its symbolic shape, a tuple of dims ("b", "2F", "*rows": see op_shapes.py); every input
+    # then every output, in order. The one statement of the op's shapes: the output shape rule, the shape checks of the
+    # ORT kernels (opset_generated.h) and the zeros TensorRT preparation puts in for an omitted input follow from it.
+    shapes: dict
     reference: str  # "module:function" of the torch reference (fp32 math)
     # The dtype an exported node carries at each input: "T" (the model dtype), "F32" or "I64". The ORT kernels'
     # signatures (opset_generated.h) and the output dtypes follow from it.
@@ -50,6 +54,9 @@ class OpEntry:
     # input name -> type class (see INPUT_TYPE_CLASSES); the TensorRT plugins' format checks and the ORT kernels use it
     input_types: dict = field(default_factory=dict)
     optional_inputs: tuple = ()  # inputs a node may leave empty (""): the reference's None defaults
+    # optional inputs whose absence zeros cannot stand for (the gate z: absent = no gate, zeros = y * silu(0) = 0);
+    # every other optional input reads as zeros when absent, which is how TensorRT preparation fills it in
+    absence_not_zeros: tuple = ()
     # runtime -> the @triton.jit kernels ("module:attr") its ahead-of-time path compiles for this op: "trt" (the
     # TensorRT plugin, through its `trt_adapter` link) and "ort_cuda" (the ORT CUDA library's AOT table). A test reads
     # the adapters and checks these are the kernels they really call.
@@ -65,6 +72,28 @@ class OpEntry:
                                        f"{self.input_types.get(name)} in input_types")
         if len(self.output_dtypes) != len(self.outputs) or not set(self.output_dtypes) <= {"T", "F32"}:
             raise MambaDeployError(f"op {self.name}: output_dtypes must give T or F32 per output")
+        op_shapes.check_declaration(self.name, self.shapes, self.inputs, self.outputs, self.optional_inputs)
+        if not set(self.absence_not_zeros) <= set(self.optional_inputs):
+            raise MambaDeployError(f"op {self.name}: absence_not_zeros must name optional inputs")
+
+    def shape_rule(self, input_shapes, attrs=None) -> tuple:
+        """Output shapes from input shapes (ints, names or TensorRT dim expressions): picked as `shapes` states."""
+        return op_shapes.output_rule(self.shapes, self.inputs, self.outputs, self.optional_inputs)(input_shapes, attrs)
+
+    def resolve_shapes(self, input_shapes) -> dict:
+        """{dim name: size} from concrete input shapes (None for an absent optional input); raises on a mismatch."""
+        return op_shapes.resolve(self.name, self.shapes, self.inputs, list(input_shapes))
+
+    def dim_names(self) -> tuple:
+        """The dim names the inputs carry, in order of first appearance."""
+        return op_shapes.dim_names(self.shapes, self.inputs)
+
+    def zero_fill(self, name: str) -> list | None:
+        """[(input, start, end)] slices whose concatenated dims shape zeros for the omitted optional input `name`;
+        None where zeros cannot stand for its absence."""
+        if name not in self.optional_inputs or name in self.absence_not_zeros:
+            return None
+        return op_shapes.zero_fill_recipe(self.shapes, self.inputs, self.optional_inputs, name)
 
     def dtype_rule(self, dtypes, attrs=None) -> tuple:
         """Output dtypes from input dtypes: "T" outputs take the first "T" input's dtype, "F32" ones are float32."""
@@ -125,10 +154,6 @@ def link(name: str, piece: str, path: str) -> None:
 
 
 # --------------------------------------------------------------------------- the ops
-def _same(*idx):
-    return lambda shapes, attrs: tuple(shapes[i] for i in idx)
-
-
 register(OpEntry(
     name="SelectiveScan", version=1,
     torch_op="selective_scan",
@@ -138,9 +163,11 @@ register(OpEntry(
     inputs=("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"),
     outputs=("y", "last_state"),
     attributes={"delta_softplus": ("int", 1)},
-    # u (b, d, L), A (d, N) -> y (b, d, L), last_state (b, d, N) fp32 (initial_state may be absent: zeros)
-    shape_rule=lambda s, a: (s[0], (s[0][0], s[0][1], s[2][1])),
+    shapes={"u": ("b", "d", "L"), "delta": ("b", "d", "L"), "A": ("d", "N"), "B": ("b", "N", "L"),
+            "C": ("b", "N", "L"), "D": ("d",), "z": ("b", "d", "L"), "delta_bias": ("d",),
+            "initial_state": ("b", "d", "N"), "y": ("b", "d", "L"), "last_state": ("b", "d", "N")},
     optional_inputs=("D", "z", "delta_bias", "initial_state"),
+    absence_not_zeros=("z",),
     reference="mambadeploy.models.ref_ops:selective_scan_ref",
     input_types={"u": "T", "delta": "T", "A": "float", "B": "T", "C": "T", "D": "float", "z": "T",
                  "delta_bias": "float", "initial_state": "float32"},
@@ -155,8 +182,8 @@ register(OpEntry(
     inputs=("x", "weight", "bias", "initial_state"),
     outputs=("y", "final_state"),
     attributes={"activation": ("int", 1)},  # 1 = SiLU, 0 = none
-    # x (b, d, L), weight (d, K) -> y (b, d, L), final_state (b, d, K) fp32 (initial_state may be absent: zeros)
-    shape_rule=lambda s, a: (s[0], (s[0][0], s[0][1], s[1][1])),
+    shapes={"x": ("b", "d", "L"), "weight": ("d", "K"), "bias": ("d",), "initial_state": ("b", "d", "K"),
+            "y": ("b", "d", "L"), "final_state": ("b", "d", "K")},
     optional_inputs=("bias", "initial_state"),
     reference="mambadeploy.models.ref_ops:causal_conv1d_ref",
     input_types={"x": "T", "weight": "float", "bias": "float", "initial_state": "float32"},
@@ -171,8 +198,8 @@ register(OpEntry(
     inputs=("x", "w1", "w2", "experts", "weights"),
     outputs=("y",),
     attributes={"activation": ("int", ACTIVATION_CODES["gelu"]), "top_k": ("int", 1)},
-    # x (T, d), experts/weights (T, k) -> y (T, d)
-    shape_rule=_same(0),
+    shapes={"x": ("T", "d"), "w1": ("E", "2F", "d"), "w2": ("E", "d", "F"), "experts": ("T", "k"),
+            "weights": ("T", "k"), "y": ("T", "d")},
     reference="mambadeploy.models.ref_ops:expert_gather_ref",
     input_types={"x": "T", "w1": "float", "w2": "float", "experts": "index", "weights": "float"},
     doc="Gated-MLP MoE over stacked expert weights w1 (E, 2F, d) = [gate; up], w2 (E, d, F); sum of k weighted experts.",
@@ -191,8 +218,8 @@ register(OpEntry(
     inputs=("x", "conv_state", "weight", "bias"),
     outputs=("y", "new_state"),
     attributes={"activation": ("int", 1)},  # 1 = SiLU, 0 = none
-    # x (b, d), conv_state (b, d, K) -> y (b, d), new_state (b, d, K) fp32
-    shape_rule=_same(0, 1),
+    shapes={"x": ("b", "d"), "conv_state": ("b", "d", "K"), "weight": ("d", "K"), "bias": ("d",),
+            "y": ("b", "d"), "new_state": ("b", "d", "K")},
     optional_inputs=("bias",),
     reference="mambadeploy.models.ref_ops:causal_conv1d_update_ref",
     input_types={"x": "T", "conv_state": "float32", "weight": "float", "bias": "float"},
@@ -209,9 +236,11 @@ register(OpEntry(
     inputs=("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias"),
     outputs=("y", "new_state"),
     attributes={"dt_softplus": ("int", 1)},
-    # state (b, d, N), x (b, d) -> y (b, d), new_state (b, d, N) fp32
-    shape_rule=_same(1, 0),
+    shapes={"state": ("b", "d", "N"), "x": ("b", "d"), "dt": ("b", "d"), "A": ("d", "N"), "B": ("b", "N"),
+            "C": ("b", "N"), "D": ("d",), "z": ("b", "d"), "dt_bias": ("d",), "y": ("b", "d"),
+            "new_state": ("b", "d", "N")},
     optional_inputs=("D", "z", "dt_bias"),
+    absence_not_zeros=("z",),
     reference="mambadeploy.models.ref_ops:selective_state_update_ref",
     input_types={"state": "float32", "x": "T", "dt": "T", "A": "float", "B": "T", "C": "T", "D": "float", "z": "T",
                  "dt_bias": "float"},
@@ -227,8 +256,9 @@ register(OpEntry(
     inputs=("x", "residual", "weight"),
     outputs=("y", "residual_out"),
     attributes={"epsilon": ("float", 1e-5)},
-    # x (b, d) in T, residual (b, d) fp32 -> y (b, d) in T, residual_out (b, d) fp32
-    shape_rule=_same(0, 1),
+    # x in T, residual fp32 -> y in T, residual_out fp32 (any leading dims: rows of d)
+    shapes={"x": ("*rows", "d"), "residual": ("*rows", "d"), "weight": ("d",), "y": ("*rows", "d"),
+            "residual_out": ("*rows", "d")},
     reference="mambadeploy.models.ref_ops:add_rms_norm_ref",
     input_types={"x": "T", "residual": "float32", "weight": "float"},
     doc="Residual add in fp32 (residual + x) then RMSNorm of the sum: returns (the norm in x's dtype, the sum).",
@@ -243,8 +273,8 @@ register(OpEntry(
     outputs=("y",),
     attributes={"router": ("int", ROUTER_CODES["sigmoid_top1"]), "top_k": ("int", 1),
                 "activation": ("int", ACTIVATION_CODES["gelu"])},
-    # x (T, d), router_weight (E, d), w1 (E, 2F, d), w2 (E, d, F) -> y (T, d)
-    shape_rule=_same(0),
+    shapes={"x": ("T", "d"), "router_weight": ("E", "d"), "router_bias": ("E",), "w1": ("E", "2F", "d"),
+            "w2": ("E", "d", "F"), "y": ("T", "d")},
     optional_inputs=("router_bias",),
     reference="mambadeploy.models.ref_ops:routed_moe_ref",
     input_types={"x": "T", "router_weight": "float", "router_bias": "float", "w1": "float", "w2": "float"},
@@ -324,7 +354,9 @@ register(OpEntry(
     outputs=("out", "present_key", "present_value"),
     attributes={"scale": ("float", 0.0)},  # 0 = 1/sqrt(head_dim)
     # q (B, H, hd), k/v (B, KV, hd), caches (B, KV, S, hd), pos (B,) -> out (B, H, hd), present caches like the past
-    shape_rule=_same(0, 3, 4),
+    shapes={"q": ("B", "H", "hd"), "k": ("B", "KV", "hd"), "v": ("B", "KV", "hd"), "key_cache": ("B", "KV", "S", "hd"),
+            "value_cache": ("B", "KV", "S", "hd"), "pos": ("B",), "out": ("B", "H", "hd"),
+            "present_key": ("B", "KV", "S", "hd"), "present_value": ("B", "KV", "S", "hd")},
     reference="mambadeploy.kernels.decode_attention:decode_attention_update_ref",
     input_types={"q": "T", "k": "T", "v": "T", "key_cache": "T", "value_cache": "T", "pos": "index"},
     doc="One decode step of GQA attention over a preallocated KV cache: write k/v at slot pos[b], then attend slots "

@@ -4,7 +4,8 @@ tolerances.MEASUREMENTS collecting every comparison's max error, and write the w
     PYTHONPATH=$PWD python scripts/measure_tolerances.py --out benchmarks/results/tolerances_measured_cpu.json
 
 While measuring, the comparisons use the loose pre-measurement bounds (OP / LOGITS_REL), so the measurement does not
-depend on the bounds it sets. The JSON keeps every dtype; the fp32 CPU rows are what OP_FP32_CPU / LOGITS_FP32_CPU copy.
+depend on the bounds it sets. The JSON keeps every dtype; the fp32 CPU rows are what OP_FP32_CPU / LOGITS_FP32_CPU /
+STATE_FP32_CPU copy. --only runs one group and keeps the other group's measurement in an existing --out file.
 """
 
 from __future__ import annotations
@@ -29,11 +30,16 @@ OP_TESTS = [
     "tests/models/test_decode_consistency.py", "tests/plugins/test_aot_interpreted.py",
     "tests/plugins/test_ort_decode_ops.py", "tests/plugins/test_ort_custom_ops.py",
 ]
+# model-level checks (logits and states, tagged by their check): these files plus the op files that hold a model-level
+# comparison too (the oracle, decode consistency, the custom-op export in the ORT runner)
 LOGITS_TESTS = [
     "tests/models/test_hf_parity.py", "tests/models/test_scap.py", "tests/runtime/test_torch_fast.py",
     "tests/runtime/test_torch_fast_sparse.py", "tests/runtime/test_long_context.py", "tests/runtime/test_ort_runner.py",
-    "tests/export/test_export.py", "tests/export/test_scap_export.py",
+    "tests/export/test_export.py", "tests/export/test_scap_export.py", "tests/models/test_oracle.py",
+    "tests/models/test_decode_consistency.py", "tests/plugins/test_ort_custom_ops.py",
 ]
+# which summary kinds each group owns: a run of one group replaces only its kinds in an existing results file
+GROUP_KINDS = {"op": ("op",), "logits": ("logits", "state")}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -44,9 +50,13 @@ def summarize(rows: list[dict]) -> dict:
     out: dict = defaultdict(lambda: defaultdict(dict))
     for (kind, op, dtype, device), rs in sorted(groups.items()):
         worst = max(rs, key=lambda r: r["max_err"])
+        per_test: dict = {}
+        for r in rs:
+            per_test[r["test"]] = max(per_test.get(r["test"], 0.0), r["max_err"])
         out[kind][op][f"{dtype}/{device}"] = {"worst": worst["max_err"], "worst_case": f"{worst['test']}: {worst['what']}",
                                               "count": len(rs),
-                                              "mean_of_max": sum(r["max_err"] for r in rs) / len(rs)}
+                                              "mean_of_max": sum(r["max_err"] for r in rs) / len(rs),
+                                              "worst_tests": dict(sorted(per_test.items(), key=lambda t: -t[1])[:5])}
     return json.loads(json.dumps(out))
 
 
@@ -79,18 +89,30 @@ def main(argv=None) -> int:
             if report.failed:
                 self.failed.add(report.nodeid)
 
-    files = (OP_TESTS if args.only != "logits" else []) + (LOGITS_TESTS if args.only != "op" else [])
+    groups = [args.only] if args.only else ["op", "logits"]
+    files = list(dict.fromkeys((OP_TESTS if "op" in groups else []) + (LOGITS_TESTS if "logits" in groups else [])))
     recorder = tolerances.MEASUREMENTS = Recorder()
     start = time.perf_counter()
     rc = pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not gpu", *[str(ROOT / f) for f in files]],
                      plugins=[recorder])
     rows = [r for r in recorder if r["test"] not in recorder.failed]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-    result = {"what": "max abs error / max(max|expected|, 1) of each comparison in the tests (op outputs and logits), "
-                      "clean code; bounds in mambadeploy/validate/tolerances.py are FP32_FACTOR x the fp32/cpu worst",
-              "commit": commit, "torch": torch.__version__, "machine": platform.machine(), "pytest_rc": int(rc),
-              "seconds": round(time.perf_counter() - start, 1), "tests": files,
-              "failed_tests_left_out": sorted(recorder.failed), "summary": summarize(rows)}
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() and args.only else {"runs": {}, "summary": {}}
+    summary = summarize(rows)
+    for group in groups:  # a group's kinds are replaced whole; the other group's stay as measured before
+        for kind in GROUP_KINDS[group]:
+            result["summary"].pop(kind, None)
+            if kind in summary:
+                result["summary"][kind] = summary[kind]
+        result["runs"][group] = {"commit": commit, "pytest_rc": int(rc), "tests": files,
+                                 "seconds": round(time.perf_counter() - start, 1),
+                                 "failed_tests_left_out": sorted(recorder.failed)}
+    result.update({"what": "max abs error / max(max|expected|, 1) of each comparison in the tests (op outputs per op; "
+                           "logits and state tensors per model-level check), clean code; the fp32 bounds in "
+                           "mambadeploy/validate/tolerances.py are FP32_FACTOR x the float32/cpu worst",
+                   "commit": commit, "torch": torch.__version__, "machine": platform.machine()})
+    result = {k: result[k] for k in ("what", "commit", "torch", "machine", "runs", "summary")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for kind, ops in result["summary"].items():

@@ -1,6 +1,6 @@
 """The op registry is the one join key: every link of every entry resolves through the entry, the torch custom ops and
-the C++ kernels take their names, signatures and attribute defaults from it, and the kernels each runtime's AOT path
-compiles are the ones the entry names."""
+the C++ kernels take their names, signatures, attribute defaults and shape checks from it, and the kernels each
+runtime's AOT path compiles are the ones the entry names."""
 
 from __future__ import annotations
 
@@ -74,6 +74,76 @@ def test_committed_header_is_fresh():
         assert len(ins) == len(entry.inputs) and sum(c.islower() for c in ins) == len(entry.optional_inputs)
 
 
+def _concrete(entry, sizes):
+    """Concrete input shapes for an entry's symbolic ones; a variadic dim stands for two leading dims (2, rows / 2)."""
+    from mambadeploy.op_shapes import parse_dim
+
+    shapes = []
+    for name in entry.inputs:
+        shape = []
+        for dim in entry.shapes[name]:
+            variadic, factor, sym = parse_dim(dim)
+            shape += [2, sizes[sym] // 2] if variadic else [factor * sizes[sym]]
+        shapes.append(tuple(shape))
+    return shapes
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
+def test_symbolic_shapes_resolve_and_match_the_reference(entry):
+    """Every op's shapes resolve from its inputs (every dim bound by a required input, with the optional ones absent
+    too); the reference, run on those shapes, returns what the shape rule says; a dim that disagrees is refused."""
+    sizes = {name: 2 * (3 + i) for i, name in enumerate(entry.dim_names())}  # distinct, even (rows = 2 x half)
+    if "k" in sizes:
+        sizes["k"] = 2  # top-k of E experts
+    if "KV" in sizes:
+        sizes["KV"], sizes["H"] = 2, 6  # KV heads divide the query heads
+    shapes = _concrete(entry, sizes)
+    assert entry.resolve_shapes(shapes) == sizes
+    absent = [None if n in entry.optional_inputs else s for n, s in zip(entry.inputs, shapes)]
+    assert entry.resolve_shapes(absent) == sizes
+    g = torch.Generator().manual_seed(0)
+    tensors = []
+    for name, shape, cls in zip(entry.inputs, shapes, entry.node_dtypes.values()):
+        if cls == "I64":
+            tensors.append(torch.randint(0, sizes["E"], shape, generator=g))
+        else:
+            tensors.append(-torch.rand(shape, generator=g) if name == "A" else torch.randn(shape, generator=g))
+    from mambadeploy.export import torch_ops  # noqa: F401 - registers torch.ops.mambadeploy.*
+
+    attrs = entry.check_attributes({"top_k": 2} if "top_k" in entry.attributes else {})
+    if entry.name == "RoutedMoE":
+        attrs["router"] = opset.ROUTER_CODES["softmax_topk"]
+    out = getattr(torch.ops.mambadeploy, entry.torch_op)(*tensors, *attrs.values())
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    assert [tuple(o.shape) for o in out] == list(entry.shape_rule(shapes, attrs))
+    for i in range(len(entry.inputs)):  # one input's dims all doubled: it, or a later input, disagrees
+        bad = list(shapes)
+        bad[i] = tuple(2 * v for v in shapes[i])
+        with pytest.raises(opset.MambaDeployError, match=rf"op {entry.name}: input \w+ has shape"):
+            entry.resolve_shapes(bad)
+
+
+def test_shapes_declaration_is_checked():
+    """A dim no required input carries, or a variadic dim not first, is refused when the entry is made."""
+    from dataclasses import replace
+
+    scan = opset.get_op("SelectiveScan")
+    with pytest.raises(opset.MambaDeployError, match="carried by no required input"):
+        replace(scan, shapes={**scan.shapes, "D": ("Q",)})
+    with pytest.raises(opset.MambaDeployError, match="must come first"):
+        replace(scan, shapes={**scan.shapes, "u": ("b", "*d", "L")})
+    assert opset.get_op("SelectiveScan").zero_fill("initial_state") == [("u", 0, 2), ("A", 1, 2)]
+    assert opset.get_op("SelectiveScan").zero_fill("z") is None  # absent gate: no zero equivalent
+
+
+def test_header_states_every_shape():
+    text = gen_opset.HEADER.read_text()
+    for entry in ENTRIES:
+        shapes = ", ".join(f'"{" ".join(entry.shapes[n])}"' for n in entry.inputs)
+        assert f"kInputShapes[] = {{{shapes}}};" in text
+        assert f"struct Dims {{ int64_t {', '.join(entry.dim_names())}; }};" in text
+
+
 def test_signature_letters():
     assert gen_opset.signature(opset.get_op("SelectiveScan")) == ("TTFTTtttf", "TF")
     assert gen_opset.signature(opset.get_op("TopKExpertGather")) == ("TTTIF", "T")
@@ -87,6 +157,7 @@ def test_ort_sources_restate_no_op_name_or_attribute_default(source):
     assert not re.search(rf'"({names})"', text), "op name as a string literal: use the generated Spec::kName"
     assert not re.search(r'Attr(Float)?Or\(info, "', text), "attribute read by name: use Attr(info, Spec::attr)"
     assert "GetInputTypeCount" not in text, "signature written by hand: use mambadeploy_ort::RegistryOp"
+    assert not re.search(r"Check\w+Shapes\(", text), "a shape rule written by hand: use CheckInputShapes<Spec>"
 
 
 # --------------------------------------------------------------------------- the kernels each AOT path compiles

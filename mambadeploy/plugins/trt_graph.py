@@ -3,9 +3,10 @@
 TensorRT's ONNX parser hands a plugin node's omitted optional input ("" in ONNX) to addPluginV3 as a null tensor, which
 it refuses ("Parameter check failed, condition: (input) != nullptr" — seen with TensorRT-RTX 1.7). The registry's optional
 inputs all have a zero default that means "absent" in the reference (no D skip, no delta bias, no conv bias, a zero
-initial state), so each omitted one becomes a ConstantOfShape of zeros shaped from the node's other inputs. The one
-exception is the gate `z` (SelectiveScan, SelectiveStateUpdate), whose absence has no zero equivalent: such a node is
-refused with the reason.
+initial state), so each omitted one becomes a ConstantOfShape of zeros (fp32, allowed for every optional input's type
+class) shaped from the node's required inputs: which dims come from where follows from the entry's symbolic shapes
+(OpEntry.zero_fill). The exceptions are the entry's `absence_not_zeros`, the gate `z` (SelectiveScan,
+SelectiveStateUpdate), whose absence has no zero equivalent: such a node is refused with the reason.
 Only the graph structure changes; external weight files are not read (the parser reads them from the original path).
 """
 
@@ -13,23 +14,6 @@ from __future__ import annotations
 
 from ..errors import MambaDeployError
 from ..opset import DOMAIN, get_op
-
-# op -> {optional input: (input whose dims it copies, [(start, end) slices of that input's shape, or ("of", other
-# input, start, end)])}; zeros are fp32 (allowed for every optional input's type class)
-ZERO_DEFAULTS = {
-    "SelectiveScan": {
-        "D": [("u", 1, 2)],
-        "delta_bias": [("u", 1, 2)],
-        "initial_state": [("u", 0, 2), ("A", 1, 2)],
-    },
-    "CausalConv1d": {
-        "bias": [("x", 1, 2)],
-        "initial_state": [("x", 0, 2), ("weight", 1, 2)],
-    },
-    "CausalConv1dUpdate": {"bias": [("x", 1, 2)]},
-    "SelectiveStateUpdate": {"D": [("x", 1, 2)], "dt_bias": [("x", 1, 2)]},  # z: no zero equivalent, as in the scan
-    "RoutedMoE": {"router_bias": [("router_weight", 0, 1)]},
-}
 
 
 def fill_optional_inputs(model) -> list[str]:
@@ -47,7 +31,7 @@ def fill_optional_inputs(model) -> list[str]:
         for pos, name in enumerate(entry.inputs):
             if inputs[pos]:
                 continue
-            recipe = ZERO_DEFAULTS.get(entry.name, {}).get(name)
+            recipe = entry.zero_fill(name)  # slices of the required inputs' shapes, from the entry's symbolic shapes
             if recipe is None:
                 raise MambaDeployError(
                     f"node {node.name or node.op_type} omits input {name!r} of {entry.qualified_name}, which TensorRT "

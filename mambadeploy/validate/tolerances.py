@@ -1,8 +1,10 @@
 """Tolerances are data: every comparison in tests and in `validate` takes its bounds from here.
 
 Errors on logits are measured relative to the logit scale: max|a - b| / max(max|b|, 1). How each number was chosen:
-- fp32, same math (torch eager vs torch eager step, ORT CPU fp32): reassociation only; seen up to ~3e-7 relative on the
-  tiny presets over 256 steps (CPU here); 1e-4 is the bound issue 3/4 ask for, kept with margin for long generations.
+- fp32, same math (torch eager vs torch eager step, ORT CPU fp32): reassociation only; validate's gate LOGITS_REL is
+  1e-4, the bound issue 3/4 ask for, kept with margin for long generations. The tests bound each model-level check on
+  the CPU by 10x its measured worst (LOGITS_FP32_CPU / STATE_FP32_CPU below: 7e-7 to 9e-6 of the logit scale; 2.9e-5
+  over 128 decode steps).
 - op parity (kernels vs _ref): fp32 on the CPU from measured clean errors, per op (OP_FP32_CPU below); fp16/bf16, and
   fp32 on a GPU until measured there, mamba_ssm's own test tolerances per dtype (rtol, atol): fp32 (3e-4, 1e-3),
   fp16 (5e-3, 1e-2), bf16 (1e-2, 5e-2).
@@ -49,11 +51,39 @@ OP_FP32_CPU = {
     "sparse_gemv": 2.0e-7,  # 18 comparisons, bound 2.0e-6
     "state_update": 5.7e-7,  # 24 comparisons, bound 5.7e-6
 }
-# model-level, worst clean max abs error / scale over the 262 fp32 comparisons of the logits tests (CPU): 1.04e-5, on a
-# state tensor (test_ort_runner, hf-jamba custom ops, final state L3.conv), mean of the per-comparison maxima 9.1e-7. The
-# tests' bound is min(10x this, LOGITS_REL[fp32]) = 1e-4: the states share the logits' check, so the logits themselves
-# (issue 17: 3e-7 to 3e-6) get no tighter bound until states are measured apart. validate's gate stays LOGITS_REL.
-LOGITS_FP32_CPU = 1.05e-5
+# Model-level fp32 on the CPU, per check (which pair of implementations a test compares): worst clean max abs error /
+# max(max|expected|, 1) over every comparison of that check in the suite's model-level tests, measured by
+# scripts/measure_tolerances.py (benchmarks/results/tolerances_measured_cpu.json, summary "logits" / "state", with each
+# check's five worst tests). The tests' bound (logits_bound / state_bound) is FP32_FACTOR x this, capped at
+# LOGITS_REL[fp32]; validate's user-facing gate stays LOGITS_REL. Recurrent states (conv / SSM state, KV cache, each
+# relative to its own scale) are measured and bounded apart from the logits. Checks:
+#   reference        the model against itself (step vs full forward over 260 steps, sparse branches) and against the
+#                    per-token oracle (models/oracle.py)
+#   transformers     transformers' Mamba / Jamba (test_hf_parity)
+#   torch_fast       TorchFastRunner on the Triton interpreter vs the reference, dense and SCAP-sparse
+#   chunked_prefill  prefill in chunks (torch-fast, the reference's own, ORT prefill_state.onnx) and <= 16 steps after
+#   long_decode      128-step decodes: the ORT runner (every --ops), ORT GroupQueryAttention, the length-aware kernel.
+#                    Reassociation drifts over the steps: the transformers-built Jamba reaches 2.9e-5, so this bound
+#                    is the cap (3.4x its worst), as before
+#   ort_*            the ORT CPU runner per --ops (portable / custom / standard / contrib): prefill and <= 12 steps,
+#                    incl. fresh exports against the oracle
+LOGITS_FP32_CPU = {  # worst measured; the test bound is 10x (in brackets)
+    "reference": 2.7e-6,  # 16 comparisons [2.7e-5]; jamba-tiny step vs full forward, 260 steps
+    "transformers": 3.3e-6,  # 5 [3.3e-5]; transformers-built Jamba logits
+    "torch_fast": 1.3e-6,  # 15 [1.3e-5]; jamba-tiny prefill
+    "chunked_prefill": 9.1e-6,  # 28 [9.1e-5]; ORT runner chunked prefill, decode step 12 after it
+    "long_decode": 2.9e-5,  # 2050 [1e-4, the cap]; transformers-built Jamba, ORT portable, decode step 55 of 128
+    "ort_portable": 4.2e-6,  # 41 [4.2e-5]; jamba-tiny fresh export vs the oracle, step 2
+    "ort_custom": 4.2e-6,  # 6 [4.2e-5]; transformers-built Jamba prefill
+    "ort_standard": 3.6e-6,  # 5 [3.6e-5]; transformers-built Jamba prefill
+    "ort_contrib": 7.0e-7,  # 26 [7.0e-6]; sigmoid top-1, step 10
+}
+STATE_FP32_CPU = {  # worst measured, each state tensor relative to its own scale; the test bound is 10x
+    "torch_fast": 1.2e-6,  # 17 comparisons [1.2e-5]; jamba-tiny conv state after prefill
+    "chunked_prefill": 1.5e-6,  # 58 [1.5e-5]; transformers-built Jamba SSM state after 5-token chunks
+    "long_decode": 1.1e-5,  # 105 [1e-4, the cap]; transformers-built Jamba conv state after 128 ORT custom steps
+    "ort_portable": 1.6e-6,  # 68 [1.6e-5]; jamba-tiny SSM state after a 1x33 prefill
+}
 
 
 # op-level parity (kernel / plugin vs _ref), per dtype of the inputs
@@ -153,20 +183,47 @@ def op_checker(op: str):
     return check
 
 
-def logits_bound(dtype: torch.dtype, device: str = "cpu") -> float:
-    """The tests' bound on logits (relative to the logit scale): measured for fp32 on the CPU, else LOGITS_REL."""
+def _model_bound(table: dict, check: str | None) -> float:
+    """FP32_FACTOR x the check's measured worst (None: the loosest check), floored and capped at LOGITS_REL."""
+    if check is not None and check not in table:
+        raise KeyError(f"no measured fp32 bound for check {check!r}: run scripts/measure_tolerances.py and add it")
+    worst = table[check] if check is not None else max(table.values())
+    return min(max(FP32_FACTOR * worst, FP32_FLOOR), LOGITS_REL[torch.float32])
+
+
+def logits_bound(dtype: torch.dtype, device: str = "cpu", check: str | None = None) -> float:
+    """The tests' bound on logits (relative to the logit scale): measured per check for fp32 on the CPU, else
+    LOGITS_REL. check: a key of LOGITS_FP32_CPU (None: the loosest of them)."""
     if dtype == torch.float32 and device == "cpu" and MEASUREMENTS is None:
-        return min(max(FP32_FACTOR * LOGITS_FP32_CPU, FP32_FLOOR), LOGITS_REL[torch.float32])
+        return _model_bound(LOGITS_FP32_CPU, check)
     return LOGITS_REL[dtype]
 
 
-def assert_logits_close(actual, expected, dtype=torch.float32, what="logits"):
+def state_bound(dtype: torch.dtype, device: str = "cpu", check: str | None = None) -> float:
+    """The tests' bound on a recurrent-state / KV tensor, relative to its own scale: STATE_FP32_CPU as above."""
+    if dtype == torch.float32 and device == "cpu" and MEASUREMENTS is None:
+        return _model_bound(STATE_FP32_CPU, check)
+    return LOGITS_REL[dtype]
+
+
+def _assert_model_close(kind, bound_of, actual, expected, dtype, what, check):
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
     rel, mean = rel_to_scale(actual, expected)
-    device = actual.device.type if isinstance(actual, torch.Tensor) else "cpu"
-    bound = logits_bound(dtype, device)
-    _record("logits", "logits", dtype, device, what, rel)
-    print(f"{what}: max err / scale {rel:.3e}, mean abs err {mean:.3e} (bound {bound:.0e})")
-    assert rel <= bound, f"{what}: max error {rel:.3e} of the logit scale exceeds {bound:.0e}"
+    device = actual.device.type
+    bound = bound_of(dtype, device, check)
+    _record(kind, check or "(no check)", dtype, device, what, rel)
+    print(f"{what}: max err / scale {rel:.3e}, mean abs err {mean:.3e} (bound {bound:.1e}, {check or 'any'} check)")
+    assert rel <= bound, f"{what}: max error {rel:.3e} of the scale exceeds {bound:.1e} ({check or 'any'} check)"
+
+
+def assert_logits_close(actual, expected, dtype=torch.float32, what="logits", check: str | None = None):
+    """Max abs error relative to the logit scale within logits_bound (check: a key of LOGITS_FP32_CPU)."""
+    _assert_model_close("logits", logits_bound, actual, expected, dtype, what, check)
+
+
+def assert_state_close(actual, expected, dtype=torch.float32, what="state", check: str | None = None):
+    """A state tensor (conv / SSM state, KV cache) relative to its own scale within state_bound."""
+    _assert_model_close("state", state_bound, actual, expected, dtype, what, check)
 
 
 # per-layer drift (validate --per-layer): max abs error of a hidden-state or state tensor relative to that tensor's own

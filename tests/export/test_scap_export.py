@@ -1,6 +1,6 @@
 """SCAP sparse checkpoints through the CLI and the ONNX export: `mambadeploy calibrate` writes a checkpoint that
 inspect / export take; the exported decode graph holds the masking as standard ops and ORT CPU matches the sparse
-reference within 1e-4 of the logit scale over prefill and decode steps."""
+reference within the measured fp32 bound of the logit scale over prefill and decode steps."""
 
 import json
 from collections import Counter
@@ -36,12 +36,13 @@ def test_sparse_export_matches_the_sparse_reference_on_ort_cpu(tmp_path, preset)
     lengths = torch.tensor([7, 4, 6])
     ref, state = sparse.prefill(ids, lengths)
     got, ort_state = runner.prefill(ids, lengths)
-    assert_logits_close(torch.as_tensor(got), ref, what=f"{preset} sparse prefill ORT vs reference")
+    assert_logits_close(torch.as_tensor(got), ref, what=f"{preset} sparse prefill ORT vs reference",
+                        check="ort_portable")
     for step in range(6):  # a fixed token sequence: the reference's greedy picks
         token = ref.argmax(-1)
         ref, state = sparse.step(token, state)
         got, ort_state = runner.step(token, ort_state)
-        assert_logits_close(torch.as_tensor(got), ref, what=f"{preset} sparse decode step {step}")
+        assert_logits_close(torch.as_tensor(got), ref, what=f"{preset} sparse decode step {step}", check="ort_portable")
 
 
 def _write(path, text):

@@ -1,6 +1,6 @@
 """Parity with transformers' own MambaForCausalLM and JambaForCausalLM: tiny random models built from configs here (no
-download), saved with save_pretrained, loaded by load_model. Logits within LOGITS_REL[fp32] of the logit scale, and 64
-greedy tokens identical (transformers' side decodes with its own cache)."""
+download), saved with save_pretrained, loaded by load_model. Logits within the measured fp32 bound of the logit scale,
+and 64 greedy tokens identical (transformers' side decodes with its own cache)."""
 
 import json
 
@@ -97,7 +97,7 @@ def test_logits_match_transformers(which, hf_mamba, hf_jamba):
     ids = _prompt()
     expected = hf(ids).logits.float()
     got, _ = ours(ids)
-    assert_logits_close(got, expected, torch.float32, what=f"hf {which} logits")
+    assert_logits_close(got, expected, torch.float32, what=f"hf {which} logits", check="transformers")
 
 
 @pytest.mark.parametrize("which", ["mamba", "jamba"])
@@ -156,7 +156,7 @@ def test_untied_mamba_head(tmp_path):
     ours = load_model(tmp_path)
     assert ours.lm_head is not None
     ids = _prompt()[:, :12]
-    assert_logits_close(ours(ids)[0], hf(ids).logits.float(), what="untied mamba")
+    assert_logits_close(ours(ids)[0], hf(ids).logits.float(), what="untied mamba", check="transformers")
 
 
 def test_low_precision_load(hf_jamba):
@@ -194,7 +194,8 @@ def test_routed_jamba_matches_transformers(hf_jamba_routed):
     print(f"{experts} experts top-{top_k}: {len(routes)} distinct expert sets chosen")
     assert len(routes) >= 3, "routing never varies: the comparison would not check top-k selection"
     got, _ = ours(ids)
-    assert_logits_close(got, hf(ids).logits.float(), torch.float32, what=f"hf jamba {experts}e top-{top_k} logits")
+    assert_logits_close(got, hf(ids).logits.float(), torch.float32, what=f"hf jamba {experts}e top-{top_k} logits",
+                        check="transformers")
     prompt = _prompt()[:1, :8]
     expected = _hf_greedy(hf, prompt, 32, "past_key_values")
     assert len(set(expected)) >= 8, "degenerate generation: the comparison would prove little"

@@ -1,6 +1,7 @@
 """ORT-CPU against the torch reference: every tiny preset and tiny transformers-built Mamba and Jamba checkpoints, fp32
-logits within LOGITS_REL[fp32] at prefill and at each of 128 decode steps with identical greedy tokens; batched prompts
-of different lengths == single prompts; shapes other than the export's dummy; every bad input ends in one clear error."""
+logits within the measured fp32 bound (tolerances.logits_bound) at prefill and at each of 128 decode steps with
+identical greedy tokens; batched prompts of different lengths == single prompts; shapes other than the export's dummy;
+every bad input ends in one clear error."""
 
 import json
 import os
@@ -17,7 +18,7 @@ from mambadeploy.export.descriptions import description_for
 from mambadeploy.export.manifest import ManifestError
 from mambadeploy.models.checkpoint import load_model
 from mambadeploy.runtime.generate import generate
-from mambadeploy.validate.tolerances import LOGITS_REL, assert_logits_close, rel_to_scale
+from mambadeploy.validate.tolerances import assert_logits_close, assert_state_close, rel_to_scale
 
 ort = require_module("onnxruntime", DEV_INSTALL)
 from mambadeploy.runtime.ort_runner import OrtRunner, export_for
@@ -93,7 +94,7 @@ def test_prefill_and_128_decode_steps_match_torch(target, ops, exported, tiny):
     ids, lengths = pad_prompts(_prompts(model.config.vocab_size, [11, 4, 1]))
     got, state = runner.prefill(ids, lengths)
     want, ref_state = model.prefill(ids, lengths)
-    assert_logits_close(got, want, torch.float32, "prefill logits")
+    assert_logits_close(got, want, torch.float32, "prefill logits", check=f"ort_{ops}")
     worst = 0.0
     for step in range(DECODE_STEPS):
         tok = want.argmax(-1)
@@ -101,10 +102,10 @@ def test_prefill_and_128_decode_steps_match_torch(target, ops, exported, tiny):
         got, state = runner.step(tok, state)
         want, ref_state = model.step(tok, ref_state)
         worst = max(worst, rel_to_scale(got, want)[0])
-        assert worst <= LOGITS_REL[torch.float32], f"step {step}: {worst:.3e} of the logit scale"
+        assert_logits_close(got, want, torch.float32, f"{ops} decode step {step}", check="long_decode")
     print(f"worst decode-step error over {DECODE_STEPS} steps: {worst:.3e} of the logit scale")
     for name, t in runner.state_to_torch(state).items():
-        assert_logits_close(t, ref_state[name], torch.float32, f"final state {name}")
+        assert_state_close(t, ref_state[name], torch.float32, f"{ops} final state {name}", check="long_decode")
 
 
 def test_custom_decode_writes_the_kv_cache_in_place(exported, tiny):
@@ -155,9 +156,10 @@ def test_shapes_other_than_the_dummy(preset, exported, tiny):
         lengths = torch.tensor([length - (3 * i) % length for i in range(batch)])
         got, state = runner.prefill(ids, lengths)
         want, ref_state = model.prefill(ids, lengths)
-        assert_logits_close(got, want, torch.float32, f"prefill {batch}x{length}")
+        assert_logits_close(got, want, torch.float32, f"prefill {batch}x{length}", check="ort_portable")
         for name, t in runner.state_to_torch(state).items():
-            assert_logits_close(t, ref_state[name], torch.float32, f"{batch}x{length} state {name}")
+            assert_state_close(t, ref_state[name], torch.float32, f"{batch}x{length} state {name}",
+                               check="ort_portable")
 
 
 def test_factory_builds_ort_runners(exported):

@@ -1,6 +1,6 @@
-"""torch-fast on SCAP-sparse checkpoints: its decode step launches the sparse GEMVs (Mamba projections, MoE experts)
-and must follow the sparse reference (on CPU the kernels run in Triton's interpreter): logits within 1e-4 of the logit
-scale at prefill and over decode steps, batch 1 and a left-padded batch of 3."""
+"""torch-fast on SCAP-sparse checkpoints: its decode step launches the sparse GEMVs (Mamba projections, MoE experts) and
+must follow the sparse reference (on CPU the kernels run in Triton's interpreter): logits within the measured fp32 bound
+of the logit scale at prefill and over decode steps, batch 1 and a left-padded batch of 3."""
 
 import pytest
 import torch
@@ -33,9 +33,9 @@ def test_sparse_torch_fast_follows_the_sparse_reference(sparse_models, name, bat
     lengths = torch.tensor([6, 3, 5][:batch], device=DEVICE)
     ref, ref_state = model.prefill(ids, lengths)
     got, state = runner.prefill(ids, lengths)
-    assert_logits_close(got, ref, what=f"{name} b{batch} sparse prefill")
+    assert_logits_close(got, ref, what=f"{name} b{batch} sparse prefill", check="torch_fast")
     for step in range(3):
         token = ref.argmax(-1)  # teacher-forced on the reference's greedy tokens
         ref, ref_state = model.step(token, ref_state)
         got, state = runner.step(token, state)
-        assert_logits_close(got, ref, what=f"{name} b{batch} sparse decode step {step}")
+        assert_logits_close(got, ref, what=f"{name} b{batch} sparse decode step {step}", check="torch_fast")

@@ -1,7 +1,8 @@
 """Write opset_generated.h, the C++ view of the op registry (mambadeploy/opset.py) that the ORT kernels read: per op its
-name and version, a signature string per input and output, and its attributes with their defaults. The C++ op classes
-(ops_cpu*.cc, ops_cuda*.cc, through ops.h `RegistryOp`) take names, counts, dtypes and attribute defaults from it, so a
-change to an entry reaches the library at the next build, and a test fails while the committed header is stale.
+name and version, a signature string per input and output, its attributes with their defaults, and its inputs' symbolic
+shapes with a `Dims` struct of the dims they bind. The C++ op classes (ops_cpu*.cc, ops_cuda*.cc, through ops.h
+`RegistryOp` and `CheckShapes`) take names, counts, dtypes, attribute defaults and shape checks from it, so a change to
+an entry reaches the library at the next build, and a test fails while the committed header is stale.
 
     python -m mambadeploy.plugins.ort.gen_opset            # rewrite the header
     python -m mambadeploy.plugins.ort.gen_opset --check    # exit 1 when the committed header differs
@@ -10,6 +11,7 @@ change to an entry reaches the library at the next build, and a test fails while
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 from ... import opset
@@ -34,11 +36,39 @@ def _attribute(name: str, kind: str, default) -> str:
     raise ValueError(f"attribute kind {kind!r} has no C++ form")
 
 
+def _comment(entry: opset.OpEntry) -> list[str]:
+    """// Op(input (dims), ...) -> (output (dims), ...), wrapped at 120 columns."""
+    def part(n):
+        return f"{n} ({', '.join(entry.shapes[n])})"
+
+    text = f"{entry.name}({', '.join(map(part, entry.inputs))}) -> ({', '.join(map(part, entry.outputs))})"
+    return ["// " + line for line in textwrap.wrap(text, 117, subsequent_indent="  ", break_on_hyphens=False)]
+
+
+def _strings(items) -> str:
+    return "{" + ", ".join(f'"{x}"' for x in items) + "}"
+
+
+def _shapes(entry: opset.OpEntry) -> list[str]:
+    """The inputs' symbolic shapes (space-separated dims, parsed by ops.h CheckShapes) and the Dims they bind."""
+    dims = entry.dim_names()
+    return [
+        f"  static constexpr const char* kInputNames[] = {_strings(entry.inputs)};",
+        f"  static constexpr const char* kInputShapes[] = {_strings(' '.join(entry.shapes[n]) for n in entry.inputs)};",
+        f"  static constexpr const char* kDimNames[] = {_strings(dims)};",
+        f"  static constexpr size_t kNumDims = {len(dims)};",
+        f"  struct Dims {{ int64_t {', '.join(dims)}; }};",
+        f"  static Dims Named(const int64_t* v) {{ return {{{', '.join(f'v[{i}]' for i in range(len(dims)))}}}; }}",
+    ]
+
+
 def render() -> str:
     lines = [
         "// GENERATED from mambadeploy/opset.py by `python -m mambadeploy.plugins.ort.gen_opset`: do not edit by hand.",
         "// One struct per registry op: name, version, signature strings (one letter per input/output: T = the model",
-        "// dtype, F = float32, I = int64; a lower-case letter marks an optional input) and attributes with defaults.",
+        "// dtype, F = float32, I = int64; a lower-case letter marks an optional input), attributes with defaults, and",
+        "// each input's symbolic shape (a dim: a name, 2F = twice F, *rows = any leading dims) with the Dims they",
+        "// bind.",
         "#pragma once",
         "",
         "#include <cstddef>",
@@ -61,7 +91,7 @@ def render() -> str:
         ins, outs = signature(entry)
         lines += [
             "",
-            f"// {entry.name}({', '.join(entry.inputs)}) -> ({', '.join(entry.outputs)})",
+            *_comment(entry),
             f"struct {entry.name} {{",
             f'  static constexpr const char* kName = "{entry.name}";',
             f"  static constexpr int kVersion = {entry.version};",
@@ -69,6 +99,7 @@ def render() -> str:
             f'  static constexpr const char* kOutputs = "{outs}";',
             f"  static constexpr size_t kNumInputs = {len(ins)}, kNumOutputs = {len(outs)};",
             *[_attribute(name, kind, default) for name, (kind, default) in entry.attributes.items()],
+            *_shapes(entry),
             "};",
         ]
     lines += ["", "}  // namespace mambadeploy_opset", ""]

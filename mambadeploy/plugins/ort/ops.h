@@ -6,6 +6,8 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
+#include <array>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -81,104 +83,96 @@ inline void Require(bool ok, const std::string& what) {
 }  // namespace mambadeploy_ort
 
 namespace mambadeploy_ort {
-// Shape checks shared by the CPU and CUDA kernels (one rule per op, as opset.py states it). An optional input that was
-// left out is passed as nullptr.
+// Shape checks shared by the CPU and CUDA kernels, from the registry's symbolic shapes (opset.py `shapes`, written into
+// opset_generated.h): no op's shape rule is restated here. An optional input that was left out is passed as nullptr.
 using Shape = std::vector<int64_t>;
 
-struct ScanDims { int64_t b, d, L, N; };
-// u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L); D, delta_bias: (d); initial_state: (b, d, N)
-inline ScanDims CheckScanShapes(const Shape& u, const Shape& dt, const Shape& A, const Shape& B, const Shape& C,
-                                const Shape* D, const Shape* z, const Shape* bias, const Shape* h0) {
-  Require(u.size() == 3 && A.size() == 2, "SelectiveScan: u must be (b, d, L), A (d, N)");
-  const int64_t b = u[0], d = u[1], L = u[2], N = A[1];
-  Require(dt == u && A[0] == d, "SelectiveScan: delta/A do not match u");
-  Require(B == Shape{b, N, L} && C == B, "SelectiveScan: B/C must be (b, N, L)");
-  Require(!z || *z == u, "SelectiveScan: z must match u");
-  Require(!D || *D == Shape{d}, "SelectiveScan: D must be (d)");
-  Require(!bias || *bias == Shape{d}, "SelectiveScan: delta_bias must be (d)");
-  Require(!h0 || *h0 == Shape{b, d, N}, "SelectiveScan: initial_state must be (b, d, N)");
-  return {b, d, L, N};
+namespace detail {
+inline std::string ShapeText(const Shape& s) {
+  std::string t = "[";
+  for (size_t i = 0; i < s.size(); ++i) t += (i ? ", " : "") + std::to_string(s[i]);
+  return t + "]";
 }
 
-struct ConvDims { int64_t b, d, L, K; };
-// x: (b, d, L); weight: (d, K); bias: (d); initial_state: (b, d, K)
-inline ConvDims CheckConvShapes(const Shape& x, const Shape& w, const Shape* bias, const Shape* s0) {
-  Require(x.size() == 3 && w.size() == 2 && w[0] == x[1], "CausalConv1d: x must be (b, d, L) and weight (d, K)");
-  const int64_t b = x[0], d = x[1], L = x[2], K = w[1];
-  Require(!bias || *bias == Shape{d}, "CausalConv1d: bias must be (d)");
-  Require(!s0 || *s0 == Shape{b, d, K}, "CausalConv1d: initial_state must be (b, d, K)");
-  return {b, d, L, K};
+// Binds one present input's dims (the same rules as op_shapes.resolve): `spec` is its symbolic shape, space-separated
+// dims "name", "2F" (an integer factor) or "*name" (first only: any number of leading dims, equal across inputs,
+// sized by their product). sizes[i] < 0: dim i not bound yet.
+inline void BindShape(const char* op, const char* input, const char* spec, const char* const* dim_names, size_t n_dims,
+                      const Shape& shape, int64_t* sizes, Shape& lead, bool& lead_bound) {
+  struct Dim { bool variadic; int64_t factor; size_t index; };
+  std::vector<Dim> dims;
+  const std::string text(spec);
+  size_t at = 0;
+  while (at < text.size()) {
+    size_t end = text.find(' ', at);
+    if (end == std::string::npos) end = text.size();
+    std::string token = text.substr(at, end - at);
+    at = end + 1;
+    Dim dim{false, 1, n_dims};
+    if (token[0] == '*') dim.variadic = true, token.erase(0, 1);
+    size_t digits = 0;
+    while (digits < token.size() && token[digits] >= '0' && token[digits] <= '9') ++digits;
+    if (digits) dim.factor = std::stoll(token.substr(0, digits)), token.erase(0, digits);
+    for (size_t i = 0; i < n_dims; ++i)
+      if (token == dim_names[i]) dim.index = i;
+    Require(dim.index < n_dims, std::string(op) + ": input " + input + ": dim " + token + " is not the op's");
+    dims.push_back(dim);
+  }
+  const bool variadic = !dims.empty() && dims[0].variadic;
+  const size_t fixed = dims.size() - (variadic ? 1 : 0);
+  const auto wrong = [&] {
+    std::string bound;
+    for (size_t i = 0; i < n_dims; ++i)
+      if (sizes[i] >= 0)
+        bound += std::string(bound.empty() ? " with " : ", ") + dim_names[i] + "=" + std::to_string(sizes[i]);
+    std::string want(spec);
+    for (size_t at = want.find(' '); at != std::string::npos; at = want.find(' ', at + 2)) want.replace(at, 1, ", ");
+    return std::string(op) + ": input " + input + " has shape " + ShapeText(shape) + ", not (" + want + ")" + bound;
+  };
+  Require(variadic ? shape.size() >= fixed : shape.size() == fixed, wrong());
+  const size_t n_lead = shape.size() - fixed;
+  if (variadic) {
+    const Shape seq(shape.begin(), shape.begin() + n_lead);
+    Require(!lead_bound || seq == lead, wrong());
+    lead = seq, lead_bound = true;
+    int64_t product = 1;
+    for (int64_t v : seq) product *= v;
+    sizes[dims[0].index] = product;
+  }
+  for (size_t j = 0; j < fixed; ++j) {
+    const Dim& dim = dims[j + (variadic ? 1 : 0)];
+    const int64_t size = shape[n_lead + j];
+    if (sizes[dim.index] < 0 && size % dim.factor == 0) sizes[dim.index] = size / dim.factor;
+    Require(sizes[dim.index] * dim.factor == size, wrong());
+  }
+}
+}  // namespace detail
+
+// The dims of registry op `Spec` (a struct of opset_generated.h) bound from its inputs' shapes, in input order
+// (nullptr: an absent optional input); throws naming the first input whose shape breaks the entry's symbolic shapes.
+template <typename Spec>
+typename Spec::Dims CheckShapes(const std::array<const Shape*, Spec::kNumInputs>& inputs) {
+  int64_t sizes[Spec::kNumDims];
+  std::fill(sizes, sizes + Spec::kNumDims, int64_t(-1));
+  Shape lead;
+  bool lead_bound = false;
+  for (size_t i = 0; i < Spec::kNumInputs; ++i) {
+    if (!inputs[i]) {
+      Require(Spec::kInputs[i] & 0x20, std::string(Spec::kName) + ": input " + Spec::kInputNames[i] + " is required");
+      continue;
+    }
+    detail::BindShape(Spec::kName, Spec::kInputNames[i], Spec::kInputShapes[i], Spec::kDimNames, Spec::kNumDims,
+                      *inputs[i], sizes, lead, lead_bound);
+  }
+  for (size_t i = 0; i < Spec::kNumDims; ++i)  // the registry test guarantees required inputs bind every dim
+    Require(sizes[i] >= 0, std::string(Spec::kName) + ": dim " + Spec::kDimNames[i] + " is bound by no input");
+  return Spec::Named(sizes);
 }
 
-struct GatherDims { int64_t T, d, E, F, k; };
-// x: (T, d); w1: (E, 2F, d); w2: (E, d, F); experts, weights: (T, k)
-inline GatherDims CheckGatherShapes(const Shape& x, const Shape& w1, const Shape& w2, const Shape& experts,
-                                    const Shape& weights) {
-  Require(x.size() == 2 && w1.size() == 3 && w2.size() == 3, "TopKExpertGather: bad ranks");
-  const int64_t T = x[0], d = x[1], E = w1[0], F2 = w1[1], F = F2 / 2;
-  Require(w1[2] == d && w2 == Shape{E, d, F} && F2 == 2 * F,
-          "TopKExpertGather: w1 must be (E, 2F, d) and w2 (E, d, F)");
-  Require(experts.size() == 2 && experts[0] == T && weights == experts, "TopKExpertGather: experts/weights (T, k)");
-  return {T, d, E, F, experts[1]};
-}
-
-// --- the decode step's ops (one token per row) ---------------------------------------------------------------------
-struct ConvUpdateDims { int64_t b, d, K; };
-// x: (b, d); conv_state: (b, d, K); weight: (d, K); bias: (d)
-inline ConvUpdateDims CheckConvUpdateShapes(const Shape& x, const Shape& s, const Shape& w, const Shape* bias) {
-  Require(x.size() == 2 && s.size() == 3 && w.size() == 2, "CausalConv1dUpdate: x (b, d), conv_state (b, d, K), weight (d, K)");
-  const int64_t b = x[0], d = x[1], K = w[1];
-  Require(s == Shape{b, d, K} && w[0] == d, "CausalConv1dUpdate: conv_state/weight do not match x");
-  Require(!bias || *bias == Shape{d}, "CausalConv1dUpdate: bias must be (d)");
-  return {b, d, K};
-}
-
-struct StateUpdateDims { int64_t b, d, N; };
-// state: (b, d, N); x, dt, z: (b, d); A: (d, N); B, C: (b, N); D, dt_bias: (d)
-inline StateUpdateDims CheckStateUpdateShapes(const Shape& h, const Shape& x, const Shape& dt, const Shape& A,
-                                              const Shape& B, const Shape& C, const Shape* D, const Shape* z,
-                                              const Shape* bias) {
-  Require(x.size() == 2 && A.size() == 2, "SelectiveStateUpdate: x must be (b, d), A (d, N)");
-  const int64_t b = x[0], d = x[1], N = A[1];
-  Require(h == Shape{b, d, N} && dt == x && A[0] == d, "SelectiveStateUpdate: state/dt/A do not match x");
-  Require(B == Shape{b, N} && C == B, "SelectiveStateUpdate: B/C must be (b, N)");
-  Require(!z || *z == x, "SelectiveStateUpdate: z must match x");
-  Require(!D || *D == Shape{d}, "SelectiveStateUpdate: D must be (d)");
-  Require(!bias || *bias == Shape{d}, "SelectiveStateUpdate: dt_bias must be (d)");
-  return {b, d, N};
-}
-
-struct NormDims { int64_t rows, d; };
-// x, residual: (..., d); weight: (d)
-inline NormDims CheckAddNormShapes(const Shape& x, const Shape& r, const Shape& w) {
-  Require(!x.empty() && x == r && w == Shape{x.back()}, "AddRMSNorm: x and residual must match, weight must be (d)");
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < x.size(); ++i) rows *= x[i];
-  return {rows, x.back()};
-}
-
-struct AttentionDims { int64_t B, H, KV, S, hd; };
-// q: (B, H, hd); k, v: (B, KV, hd); key_cache, value_cache: (B, KV, S, hd) with KV dividing H; pos: (B,)
-inline AttentionDims CheckDecodeAttentionShapes(const Shape& q, const Shape& k, const Shape& v, const Shape& kc,
-                                                const Shape& vc, const Shape& pos) {
-  Require(q.size() == 3 && kc.size() == 4, "DecodeAttention: q must be (B, H, hd) and the caches (B, KV, S, hd)");
-  const int64_t B = q[0], H = q[1], hd = q[2], KV = kc[1], S = kc[2];
-  Require(kc[0] == B && kc[3] == hd && KV > 0 && H % KV == 0, "DecodeAttention: caches do not fit q (KV must divide H)");
-  Require(vc == kc, "DecodeAttention: value_cache must match key_cache");
-  Require(k == Shape{B, KV, hd} && v == k, "DecodeAttention: k and v must be (B, KV, hd)");
-  Require(pos == Shape{B}, "DecodeAttention: pos must be (B,)");
-  return {B, H, KV, S, hd};
-}
-
-struct MoEDims { int64_t T, d, E, F; };
-// x: (T, d); router_weight: (E, d); router_bias: (E); w1: (E, 2F, d); w2: (E, d, F)
-inline MoEDims CheckRoutedMoEShapes(const Shape& x, const Shape& rw, const Shape* rb, const Shape& w1,
-                                    const Shape& w2, int64_t top_k) {
-  Require(x.size() == 2 && rw.size() == 2 && w1.size() == 3 && w2.size() == 3, "RoutedMoE: bad ranks");
-  const int64_t T = x[0], d = x[1], E = rw[0], F = w1[1] / 2;
-  Require(rw[1] == d && (!rb || *rb == Shape{E}), "RoutedMoE: router_weight must be (E, d), router_bias (E)");
-  Require(w1 == Shape{E, 2 * F, d} && w2 == Shape{E, d, F}, "RoutedMoE: w1 must be (E, 2F, d) and w2 (E, d, F)");
-  Require(top_k >= 1 && top_k <= E, "RoutedMoE: top_k must be in [1, E]");
-  return {T, d, E, F};
+// CheckShapes over kernel inputs that carry `.data` (nullptr when left out) and `.shape`.
+template <typename Spec, typename... In>
+typename Spec::Dims CheckInputShapes(const In&... in) {
+  static_assert(sizeof...(In) == Spec::kNumInputs, "pass every input of the op, in order");
+  return CheckShapes<Spec>({(in.data ? &in.shape : static_cast<const Shape*>(nullptr))...});
 }
 }  // namespace mambadeploy_ort

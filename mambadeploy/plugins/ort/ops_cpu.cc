@@ -29,9 +29,8 @@ struct ScanKernel {
     Ort::KernelContext ctx(raw);
     In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
     In D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7), h0 = input(ctx, 8);
-    const auto [b, d, L, N] = mambadeploy_ort::CheckScanShapes(
-        u.shape, dt.shape, A.shape, B.shape, C.shape, D.data ? &D.shape : nullptr, z.data ? &z.shape : nullptr,
-        bias.data ? &bias.shape : nullptr, h0.data ? &h0.shape : nullptr);
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::SelectiveScan>(u, dt, A, B, C, D, z, bias, h0);
+    const int64_t b = dims.b, d = dims.d, L = dims.L, N = dims.N;
     float* y = ctx.GetOutput(0, u.shape).GetTensorMutableData<float>();
     float* hl = ctx.GetOutput(1, std::vector<int64_t>{b, d, N}).GetTensorMutableData<float>();
     std::vector<float> h(N);
@@ -68,8 +67,8 @@ struct ConvKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
-    const auto [b, d, L, K] = mambadeploy_ort::CheckConvShapes(x.shape, w.shape, bias.data ? &bias.shape : nullptr,
-                                                                s0.data ? &s0.shape : nullptr);
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::CausalConv1d>(x, w, bias, s0);
+    const int64_t b = dims.b, d = dims.d, L = dims.L, K = dims.K;
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     float* sf = ctx.GetOutput(1, std::vector<int64_t>{b, d, K}).GetTensorMutableData<float>();
     std::vector<float> full(K + L);
@@ -100,7 +99,9 @@ struct GatherKernel {
     In x = input(ctx, 0), w1 = input(ctx, 1), w2 = input(ctx, 2), wt = input(ctx, 4);
     std::vector<int64_t> eshape;
     const int64_t* experts = input_i64(ctx, 3, eshape);
-    const auto [T, d, E, F, k] = mambadeploy_ort::CheckGatherShapes(x.shape, w1.shape, w2.shape, eshape, wt.shape);
+    const auto dims = mambadeploy_ort::CheckShapes<op::TopKExpertGather>(
+        {&x.shape, &w1.shape, &w2.shape, &eshape, &wt.shape});
+    const int64_t T = dims.T, d = dims.d, E = dims.E, F = dims.F, k = dims.k;
     const int64_t F2 = 2 * F;
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     std::vector<float> h(F2), a(F);

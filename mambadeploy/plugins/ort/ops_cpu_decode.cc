@@ -31,7 +31,8 @@ struct ConvUpdateKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), s = input(ctx, 1), w = input(ctx, 2), bias = input(ctx, 3);
-    const auto [b, d, K] = mambadeploy_ort::CheckConvUpdateShapes(x.shape, s.shape, w.shape, bias.shape_or_null());
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::CausalConv1dUpdate>(x, s, w, bias);
+    const int64_t b = dims.b, d = dims.d, K = dims.K;
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     float* ns = ctx.GetOutput(1, s.shape).GetTensorMutableData<float>();
     for (int64_t r = 0; r < b * d; ++r) {
@@ -54,9 +55,8 @@ struct StateUpdateKernel {
     Ort::KernelContext ctx(raw);
     In h = input(ctx, 0), x = input(ctx, 1), dt = input(ctx, 2), A = input(ctx, 3), B = input(ctx, 4);
     In C = input(ctx, 5), D = input(ctx, 6), z = input(ctx, 7), bias = input(ctx, 8);
-    const auto [b, d, N] = mambadeploy_ort::CheckStateUpdateShapes(
-        h.shape, x.shape, dt.shape, A.shape, B.shape, C.shape, D.shape_or_null(), z.shape_or_null(),
-        bias.shape_or_null());
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::SelectiveStateUpdate>(h, x, dt, A, B, C, D, z, bias);
+    const int64_t b = dims.b, d = dims.d, N = dims.N;
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     float* hn = ctx.GetOutput(1, h.shape).GetTensorMutableData<float>();
     for (int64_t r = 0; r < b * d; ++r) {
@@ -84,7 +84,8 @@ struct AddNormKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), res = input(ctx, 1), w = input(ctx, 2);
-    const auto [rows, d] = mambadeploy_ort::CheckAddNormShapes(x.shape, res.shape, w.shape);
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::AddRMSNorm>(x, res, w);
+    const int64_t rows = dims.rows, d = dims.d;
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     float* ro = ctx.GetOutput(1, x.shape).GetTensorMutableData<float>();
     for (int64_t r = 0; r < rows; ++r) {
@@ -111,8 +112,9 @@ struct MoEKernel {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), rw = input(ctx, 1), rb = input(ctx, 2), w1 = input(ctx, 3), w2 = input(ctx, 4);
     const int64_t k = router_ == 0 ? 1 : top_k_;
-    const auto [T, d, E, F] = mambadeploy_ort::CheckRoutedMoEShapes(x.shape, rw.shape, rb.shape_or_null(), w1.shape,
-                                                                     w2.shape, k);
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::RoutedMoE>(x, rw, rb, w1, w2);
+    const int64_t T = dims.T, d = dims.d, E = dims.E, F = dims.F;
+    Require(k >= 1 && k <= E, std::string(op::RoutedMoE::kName) + ": top_k must be in [1, E]");
     float* y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
     std::vector<float> logits(E), h(2 * F), a(F);
     std::vector<int64_t> order(E);
@@ -176,9 +178,12 @@ struct DecodeAttentionKernel {
     std::vector<int64_t> pos_shape;
     const int64_t* pos = input_i64(ctx, 5, pos_shape);
     const auto qs = qv.GetTensorTypeAndShapeInfo().GetShape(), cs = kc.GetTensorTypeAndShapeInfo().GetShape();
-    const auto [B, H, KV, S, hd] = mambadeploy_ort::CheckDecodeAttentionShapes(
-        qs, kv.GetTensorTypeAndShapeInfo().GetShape(), vv.GetTensorTypeAndShapeInfo().GetShape(), cs,
-        vc.GetTensorTypeAndShapeInfo().GetShape(), pos_shape);
+    // shapes from the registry (opset_generated.h); that KV divides H is a value rule, checked here
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::DecodeAttention>(input(ctx, 0), input(ctx, 1),
+                                                                             input(ctx, 2), input(ctx, 3),
+                                                                             input(ctx, 4), input(ctx, 5));
+    const int64_t B = dims.B, H = dims.H, KV = dims.KV, S = dims.S, hd = dims.hd;
+    Require(H % KV == 0, "DecodeAttention: the KV heads must divide the query heads");
     for (int64_t b = 0; b < B; ++b) Require(pos[b] >= 0 && pos[b] < S, "DecodeAttention: pos outside the cache");
     const T* q = qv.GetTensorData<T>();
     T* out = ctx.GetOutput(0, qs).GetTensorMutableData<T>();

@@ -29,9 +29,8 @@ struct ScanKernel {
     Ort::KernelContext ctx(raw);
     In u = input(ctx, 0), dt = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
     In D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7), h0 = input(ctx, 8);
-    const auto [b, d, L, N] = mambadeploy_ort::CheckScanShapes(
-        u.shape, dt.shape, A.shape, B.shape, C.shape, D.data ? &D.shape : nullptr, z.data ? &z.shape : nullptr,
-        bias.data ? &bias.shape : nullptr, h0.data ? &h0.shape : nullptr);
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::SelectiveScan>(u, dt, A, B, C, D, z, bias, h0);
+    const int64_t b = dims.b, d = dims.d, L = dims.L, N = dims.N;
     Require(N <= mambadeploy_cuda::kScanMaxState, "SelectiveScan (CUDA): state size N = " + std::to_string(N) +
                                                       " is above the supported " +
                                                       std::to_string(mambadeploy_cuda::kScanMaxState));
@@ -59,8 +58,8 @@ struct ConvKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2), s0 = input(ctx, 3);
-    const auto [b, d, L, K] = mambadeploy_ort::CheckConvShapes(x.shape, w.shape, bias.data ? &bias.shape : nullptr,
-                                                                s0.data ? &s0.shape : nullptr);
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::CausalConv1d>(x, w, bias, s0);
+    const int64_t b = dims.b, d = dims.d, L = dims.L, K = dims.K;
     mambadeploy_cuda::ConvArgs a{};
     a.x = x.data, a.weight = w.data, a.bias = bias.data, a.initial_state = static_cast<const float*>(s0.data);
     a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
@@ -80,7 +79,8 @@ struct GatherKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), w1 = input(ctx, 1), w2 = input(ctx, 2), ex = input(ctx, 3), wt = input(ctx, 4);
-    const auto [T, d, E, F, k] = mambadeploy_ort::CheckGatherShapes(x.shape, w1.shape, w2.shape, ex.shape, wt.shape);
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::TopKExpertGather>(x, w1, w2, ex, wt);
+    const int64_t T = dims.T, d = dims.d, E = dims.E, F = dims.F, k = dims.k;
     const DType t = dtype_of<TT>();
     mambadeploy_cuda::GatherArgs a{};
     a.x = x.data, a.w1 = w1.data, a.w2 = w2.data;

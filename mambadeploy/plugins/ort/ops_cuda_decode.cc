@@ -18,8 +18,6 @@ using mambadeploy_ort::Attr;
 namespace op = mambadeploy_opset;
 using namespace mambadeploy_ort_cuda;
 
-const std::vector<int64_t>* shape_if(const In& in) { return in.data ? &in.shape : nullptr; }
-
 struct ConvUpdateKernel {
   using Spec = op::CausalConv1dUpdate;
   static constexpr const char* kName = Spec::kName;
@@ -29,7 +27,8 @@ struct ConvUpdateKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), s = input(ctx, 1), w = input(ctx, 2), bias = input(ctx, 3);
-    const auto [b, d, K] = mambadeploy_ort::CheckConvUpdateShapes(x.shape, s.shape, w.shape, shape_if(bias));
+    const auto dims = mambadeploy_ort::CheckInputShapes<Spec>(x, s, w, bias);
+    const int64_t b = dims.b, d = dims.d, K = dims.K;
     mambadeploy_cuda::ConvUpdateArgs a{};
     a.x = x.data, a.conv_state = static_cast<const float*>(s.data), a.weight = w.data, a.bias = bias.data;
     a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
@@ -49,8 +48,8 @@ struct StateUpdateKernel {
     Ort::KernelContext ctx(raw);
     In h = input(ctx, 0), x = input(ctx, 1), dt = input(ctx, 2), A = input(ctx, 3), B = input(ctx, 4);
     In C = input(ctx, 5), D = input(ctx, 6), z = input(ctx, 7), bias = input(ctx, 8);
-    const auto [b, d, N] = mambadeploy_ort::CheckStateUpdateShapes(h.shape, x.shape, dt.shape, A.shape, B.shape,
-                                                                   C.shape, shape_if(D), shape_if(z), shape_if(bias));
+    const auto dims = mambadeploy_ort::CheckInputShapes<Spec>(h, x, dt, A, B, C, D, z, bias);
+    const int64_t b = dims.b, d = dims.d, N = dims.N;
     mambadeploy_cuda::StateUpdateArgs a{};
     a.state = static_cast<const float*>(h.data), a.x = x.data, a.dt = dt.data;
     a.A = static_cast<const float*>(A.data), a.B = B.data, a.C = C.data, a.D = D.data, a.z = z.data;
@@ -71,7 +70,8 @@ struct AddNormKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), r = input(ctx, 1), w = input(ctx, 2);
-    const auto [rows, d] = mambadeploy_ort::CheckAddNormShapes(x.shape, r.shape, w.shape);
+    const auto dims = mambadeploy_ort::CheckInputShapes<Spec>(x, r, w);
+    const int64_t rows = dims.rows, d = dims.d;
     mambadeploy_cuda::AddNormArgs a{};
     a.x = x.data, a.residual = static_cast<const float*>(r.data), a.weight = w.data;
     a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
@@ -93,8 +93,9 @@ struct MoEKernel {
     Ort::KernelContext ctx(raw);
     In x = input(ctx, 0), rw = input(ctx, 1), rb = input(ctx, 2), w1 = input(ctx, 3), w2 = input(ctx, 4);
     const int64_t k = router_ == 0 ? 1 : top_k_;
-    const auto [T, d, E, F] = mambadeploy_ort::CheckRoutedMoEShapes(x.shape, rw.shape, shape_if(rb), w1.shape,
-                                                                     w2.shape, k);
+    const auto dims = mambadeploy_ort::CheckInputShapes<Spec>(x, rw, rb, w1, w2);
+    const int64_t T = dims.T, d = dims.d, E = dims.E, F = dims.F;
+    mambadeploy_ort::Require(k >= 1 && k <= E, std::string(kName) + ": top_k must be in [1, E]");
     mambadeploy_cuda::MoEArgs a{};
     a.x = x.data, a.router_weight = rw.data, a.router_bias = rb.data, a.w1 = w1.data, a.w2 = w2.data;
     a.y = ctx.GetOutput(0, x.shape).GetTensorMutableRawData();
@@ -135,8 +136,9 @@ struct DecodeAttentionKernel {
     Ort::KernelContext ctx(raw);
     In q = input(ctx, 0), k = input(ctx, 1), v = input(ctx, 2), kc = input(ctx, 3), vc = input(ctx, 4);
     In pos = input(ctx, 5);
-    const auto [B, H, KV, S, hd] = mambadeploy_ort::CheckDecodeAttentionShapes(q.shape, k.shape, v.shape, kc.shape,
-                                                                               vc.shape, pos.shape);
+    const auto dims = mambadeploy_ort::CheckInputShapes<Spec>(q, k, v, kc, vc, pos);  // shapes from the registry
+    const int64_t B = dims.B, H = dims.H, KV = dims.KV, S = dims.S, hd = dims.hd;
+    Require(H % KV == 0, "DecodeAttention: the KV heads must divide the query heads");
     AotAttentionArgs a{};
     a.q = q.data, a.k = k.data, a.v = v.data, a.pos = static_cast<const int64_t*>(pos.data);
     a.out = ctx.GetOutput(0, q.shape).GetTensorMutableRawData();
