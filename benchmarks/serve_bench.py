@@ -32,8 +32,10 @@ import torch
 
 FULL = {"preset": "blackmamba-2.8b", "backend": "torch-fast", "dtype": "bf16", "device": "cuda", "prompt_len": 128,
             "new_tokens": 128, "streams": [1, 8, 32, 64], "max_batch": 64}
-DRY = {"preset": "blackmamba-tiny", "backend": "torch", "dtype": "fp32", "device": "cpu", "prompt_len": 8, "new_tokens": 8,
-           "streams": [1, 4], "max_batch": 4}
+DRY = {"preset": "blackmamba-tiny", "backend": "torch", "dtype": "fp32", "device": "cpu", "prompt_len": 16,
+       "new_tokens": 48, "streams": [1, 8, 32], "max_batch": 32}
+# after a level, the model pushes its profile counters at its next idle turn (the batcher waits 0.5 s for work)
+PROFILE_FLUSH_S = 0.8
 
 
 def percentile(values, q):
@@ -84,6 +86,9 @@ def direct(cfg) -> list[dict]:
             decode_s = time.perf_counter() - t1
         rows.append({"batch": batch, "prefill_ms": prefill_s * 1e3,
                      "tokens_per_s": batch * len(steps) / decode_s,
+                     # prefill + every token (the capture step counted at the mean step): what a served stream sees
+                     "e2e_tokens_per_s": batch * cfg["new_tokens"] / (prefill_s + decode_s / len(steps) * (
+                         cfg["new_tokens"] - 1)),
                      "step_ms_p50": percentile(steps, 50) * 1e3, "step_ms_p99": percentile(steps, 99) * 1e3})
         print(f"direct batch {batch}: {rows[-1]['tokens_per_s']:.0f} tok/s, step p50 {rows[-1]['step_ms_p50']:.3f} ms")
     describe = runner.describe()
@@ -93,25 +98,51 @@ def direct(cfg) -> list[dict]:
     return rows, describe
 
 
+def _import_client():
+    """Pool initializer: every client process imports tritonclient before any level (a first import inside a timed
+    level would hold that process's streams back and then deliver them in a burst)."""
+    import mambadeploy.serve.client  # noqa: F401
+    import tritonclient.grpc.aio  # noqa: F401
+
+
 def _client_share(args):
-    """One client process: its share of the streams, as dicts."""
+    """One client process: its share of the streams, as dicts, and the CPU seconds it spent (the client's receive
+    cost: one client process near 1.0 CPU s per wall s would be the bottleneck)."""
     url, model, jobs = args
     from mambadeploy.serve.client import run_streams
 
-    return [vars(r) for r in run_streams(url, model, jobs)]
+    cpu, wall = time.process_time(), time.perf_counter()
+    results = [vars(r) for r in run_streams(url, model, jobs)]
+    return {"results": results, "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+
+
+def steady_rate(results) -> float:
+    """Tokens/s while every stream was live (from the last first token to the first last token): the decode-phase
+    rate, comparable with the direct decode rate; nan when the streams never all overlapped."""
+    start = max(r["arrived_at"][0] for r in results)
+    end = min(r["last_at"] for r in results)
+    if end - start <= 0:
+        return float("nan")
+    return sum(1 for r in results for t in r["arrived_at"] if start < t <= end) / (end - start)
 
 
 def served(cfg, server, vocab, client_procs) -> list[dict]:
+    from mambadeploy.serve.profile import breakdown, read_profile
+
     rows = []
-    with multiprocessing.get_context("spawn").Pool(client_procs) as pool:
+    with multiprocessing.get_context("spawn").Pool(client_procs, initializer=_import_client) as pool:
         for streams in cfg["streams"]:
             prompts = prompts_for(streams, cfg["prompt_len"], vocab, seed=1000 + streams)
             for attempt in ("warm-up", "timed"):  # the warm-up captures the decode graph of every bucket <= streams
                 tokens = 4 if attempt == "warm-up" else cfg["new_tokens"]
                 jobs = [{"prompt": p, "max_tokens": tokens} for p in prompts]
                 shares = [(server.grpc_url, "mamba", jobs[i::client_procs]) for i in range(client_procs)]
+                time.sleep(PROFILE_FLUSH_S)
+                before = read_profile(server.metrics_url, "mamba")
                 outcome = pool.map(_client_share, [s for s in shares if s[2]])
-            results = [r for share in outcome for r in share]
+            time.sleep(PROFILE_FLUSH_S)
+            after = read_profile(server.metrics_url, "mamba")
+            results = [r for share in outcome for r in share["results"]]
             errors = [r["error"] for r in results if r["error"]]
             if errors:
                 raise RuntimeError(f"{len(errors)} streams failed, e.g. {errors[0]}")
@@ -121,15 +152,30 @@ def served(cfg, server, vocab, client_procs) -> list[dict]:
             itl = [v for r in results for v in r["latency_ms"][1:]]
             client_ttft = [r["client_ms"][0] for r in results]
             client_itl = [v for r in results for v in r["client_ms"][1:]]
+            responses = sum(r["responses"] for r in results)
+            client_cpu = sum(share["cpu_s"] for share in outcome)
             rows.append({"streams": streams, "tokens": total, "wall_s": wall, "tokens_per_s": total / wall,
+                         "steady_tokens_per_s": steady_rate(results),
                          "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
                          "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
                          "client_ttft_ms_p50": percentile(client_ttft, 50),
                          "client_itl_ms_p50": percentile(client_itl, 50),
-                         "client_itl_ms_p99": percentile(client_itl, 99)})
-            r = rows[-1]
-            print(f"served {streams} streams: {r['tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_ms_p50']:.2f} ms, "
-                  f"ITL p50 {r['itl_ms_p50']:.3f} / p99 {r['itl_ms_p99']:.3f} ms")
+                         "client_itl_ms_p99": percentile(client_itl, 99),
+                         "client_processes": len(outcome), "client_responses": responses,
+                         "client_cpu_us_per_response": client_cpu / max(responses, 1) * 1e6,
+                         "client_cpu_frac_max": max(share["cpu_s"] / share["wall_s"] for share in outcome),
+                         "server": breakdown(before, after, wall)})
+            r, b = rows[-1], rows[-1]["server"]
+            print(f"served {streams} streams: {r['tokens_per_s']:.0f} tok/s (steady {r['steady_tokens_per_s']:.0f}), "
+                  f"TTFT p50 {r['ttft_ms_p50']:.2f} ms, ITL p50 {r['itl_ms_p50']:.3f} / p99 {r['itl_ms_p99']:.3f} ms"
+                  f"\n  server: {b['decode_steps']} steps, mean batch {b['mean_batch']:.1f}, step {b['step_ms']:.3f} "
+                  f"ms + emit {b['emit_ms_per_step']:.3f} + other {b['bookkeeping_ms_per_step']:.3f} ms/step; "
+                  f"prefill {b['prefills']} x {b['prefill_ms_mean']:.2f} ms, admit wait {b['admit_wait_ms_mean']:.2f}"
+                  f" ms; {b['responses']} responses x {b['tokens_per_response']:.2f} tok, send "
+                  f"{b['send_us_per_response']:.0f} us each, {b['send_cpu_us_per_response']:.0f} us CPU (sender busy {b['sender_busy_frac']:.0%}, batcher "
+                  f"{b['batcher_busy_frac']:.0%}, step {b['step_frac']:.0%})\n  client: "
+                  f"{r['client_cpu_us_per_response']:.0f} us CPU per response, busiest process at "
+                  f"{r['client_cpu_frac_max']:.0%} of a core")
     return rows
 
 
@@ -207,6 +253,8 @@ def main(argv=None):
         d = by_batch[r["streams"]]
         r["ratio_to_direct_tokens_per_s"] = r["tokens_per_s"] / d["tokens_per_s"]
         r["itl_p50_over_direct_step_p50"] = r["itl_ms_p50"] / d["step_ms_p50"]
+        r["ratio_to_direct_e2e_tokens_per_s"] = r["tokens_per_s"] / d["e2e_tokens_per_s"]
+        r["steady_ratio_to_direct_tokens_per_s"] = r["steady_tokens_per_s"] / d["tokens_per_s"]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and cfg["device"] == "cuda" else "cpu"
     top = max(cfg["streams"])
     goals = {"served_over_direct_at_max_streams": by_batch and served_rows[-1]["ratio_to_direct_tokens_per_s"],

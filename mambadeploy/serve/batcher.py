@@ -60,12 +60,22 @@ class _Live:
 
 @dataclass
 class BatcherStats:
+    """Counts and where the worker's time went (seconds, perf_counter): busy = whole turns with work; step = the
+    decode step until its tokens are on the host (runner + pool + sampling); prefill = admission prefills; emit =
+    handing tokens to the requests; busy - step - prefill - emit = bookkeeping (cancellation polls, admission
+    grouping). admit_wait = arrival to the start of its prefill, summed over admitted requests."""
     steps: int = 0
     prefills: int = 0
     step_rows: int = 0  # live rows summed over steps (mean batch = step_rows / steps)
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
+    admitted: int = 0
+    busy_s: float = 0.0
+    step_s: float = 0.0
+    prefill_s: float = 0.0
+    emit_s: float = 0.0
+    admit_wait_s: float = 0.0
 
 
 class InflightBatcher:
@@ -137,12 +147,15 @@ class InflightBatcher:
                 waiting = [r for r in waiting if r is not None]  # None only wakes the worker
                 if self._stop.is_set():
                     break
+                started, had_work = time.perf_counter(), bool(self.live or waiting)
                 try:
                     waiting = self._turn(waiting)
                 except Exception as exc:  # noqa: BLE001 - never let the worker die with streams open
                     for seq in self.live:
                         seq.request.fail(f"internal error: {exc!r}")
                     self.live = []
+                if had_work:
+                    self.stats.busy_s += time.perf_counter() - started
         for seq in self.live:
             seq.request.fail("the server is shutting down")
         for r in waiting:
@@ -191,6 +204,9 @@ class InflightBatcher:
             by_length.setdefault(len(r.prompt), []).append(r)
         for length, group in by_length.items():
             ids = torch.tensor([r.prompt for r in group], dtype=torch.int64)
+            started = time.perf_counter()
+            self.stats.admitted += len(group)
+            self.stats.admit_wait_s += sum(started - r.arrived for r in group)
             try:
                 logits, state = self.runner.prefill(ids, torch.full((len(group),), length, dtype=torch.int64))
                 check_finite(logits, "prefill")
@@ -202,34 +218,35 @@ class InflightBatcher:
             self.stats.prefills += 1
             first_row = len(self.live)
             self.pool.write(first_row, state)
+            self.stats.prefill_s += time.perf_counter() - started
             for r in group:
                 self.live.append(_Live(r, Sampler(r.sampling), frozenset(r.stop_ids), cache_len=length))
-            self._emit_rows(range(first_row, len(self.live)), logits)
+            self._emit_rows(range(first_row, len(self.live)), self._sample(self.live[first_row:], logits, "prefill"))
 
     def _step(self) -> None:
         n = len(self.live)
         tokens = torch.tensor([s.last_token for s in self.live], dtype=torch.int64)
         filled = max(s.cache_len for s in self.live) if "pos" in self.pool.tensors else 0
+        started = time.perf_counter()
         try:
             logits = self.pool.step(tokens.to(self.pool.device), n, filled)
-            check_finite(logits, "decode step")
+            chosen = self._sample(self.live, logits, "decode step")  # the one sync: tokens + finite flag to the host
         except Exception as exc:  # noqa: BLE001 - the whole batch shared this step
             for s in self.live:
                 self.stats.failed += 1
                 s.request.fail(f"decode step failed: {exc}")
             self.live = []
             return
+        self.stats.step_s += time.perf_counter() - started
         self.stats.steps += 1
         self.stats.step_rows += n
         for s in self.live:
             s.cache_len += 1
-        self._emit_rows(range(n), logits)
+        self._emit_rows(range(n), chosen)
 
-    def _emit_rows(self, rows, logits: torch.Tensor) -> None:
-        """Sample one token for each of `rows` (logits row i - rows.start ... in order), emit it, free the finished."""
-        rows = list(rows)
-        chosen = self._sample([self.live[r] for r in rows], logits)
-        now = time.perf_counter()
+    def _emit_rows(self, rows, chosen: list[int]) -> None:
+        """Emit chosen[i] to the sequence of rows[i], free the finished."""
+        now = started = time.perf_counter()
         finished = []
         for row, token in zip(rows, chosen):
             s = self.live[row]
@@ -253,15 +270,23 @@ class InflightBatcher:
                     self.on_finish(s.ttft_s, s.itl_s)
         for row in sorted(finished, reverse=True):  # highest first: a move never touches a row still to free
             self._free(row)
+        self.stats.emit_s += time.perf_counter() - started
 
     @staticmethod
-    def _sample(seqs: list[_Live], logits: torch.Tensor) -> list[int]:
-        """Greedy rows in one argmax (one device->host copy); sampled rows each with their own seeded sampler."""
+    def _sample(seqs: list[_Live], logits: torch.Tensor, where: str) -> list[int]:
+        """Greedy rows in one argmax, sampled rows each with their own seeded sampler; raises on NaN / Inf logits.
+        All greedy (the common case): the tokens and the finite flag come to the host in ONE copy (each copy is a
+        device sync, a visible share of a ~1 ms GPU step)."""
+        if all(s.sampler.cfg.greedy for s in seqs):
+            host = torch.cat([logits.argmax(-1), torch.isfinite(logits).all().view(1).to(torch.int64)]).tolist()
+            if not host[-1]:
+                check_finite(logits, where)  # raises, naming how many
+            return host[:-1]
+        check_finite(logits, where)
         greedy = [i for i, s in enumerate(seqs) if s.sampler.cfg.greedy]
         out = [0] * len(seqs)
         if greedy:
-            picks = logits.argmax(-1).tolist() if len(greedy) == len(seqs) else \
-                logits[greedy].argmax(-1).tolist()
+            picks = logits[greedy].argmax(-1).tolist()
             for i, t in zip(greedy, picks):
                 out[i] = int(t)
         for i, s in enumerate(seqs):
