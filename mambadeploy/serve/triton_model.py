@@ -35,6 +35,10 @@ from .repo import OUTPUTS, TOKENIZER_FILE
 
 DEFAULT_MAX_TOKENS = 16
 GIL_SWITCH_S = 2e-4
+# the watcher asks one open stream per tick whether its client went away (each ask is a round trip to the server):
+# a cancelled one of n streams is found within n ticks
+CANCEL_POLL_S = 0.005
+METRICS_EVERY_S = 0.05
 # seconds; TTFT on a GPU is ms-scale, on the CPU tests 10-100 ms
 # the profile counters (mambadeploy_profile_total{part=...}): BatcherStats fields and the sender's
 PROFILE_KEYS = ("steps", "step_rows", "prefills", "admitted", "busy_s", "step_s", "prefill_s", "emit_s", "admit_wait_s",
@@ -45,12 +49,13 @@ LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 class _Stream:
     """One request's way out: tokens wait in `pending` (appended by the batcher thread, drained by the sender thread;
     deque appends and pops are atomic) while the stream sits in the sender's queue (`queued`)."""
-    __slots__ = ("sender", "streaming", "wanted", "pending", "queued")
+    __slots__ = ("sender", "streaming", "wanted", "pending", "queued", "cancelled")
 
     def __init__(self, sender, streaming: bool, wanted: set):
         self.sender, self.streaming, self.wanted = sender, streaming, wanted
         self.pending: collections.deque = collections.deque()
         self.queued = False
+        self.cancelled = False  # set by the watcher thread, read by the batcher between steps
 
 
 def _pb():
@@ -67,8 +72,8 @@ class MambaServeModel:
 
         from ..runtime.factory import make_runner
 
-        # Two threads share the GIL here (batcher, response sender): at Python's default 5 ms switch interval the
-        # batcher could wait that long for the GIL between decode steps
+        # Three threads share the GIL here (batcher, response sender, watcher): at Python's default 5 ms switch
+        # interval the batcher could wait that long for the GIL between decode steps
         sys.setswitchinterval(GIL_SWITCH_S)
         pb = _pb()
         config = json.loads(args["model_config"])
@@ -89,10 +94,19 @@ class MambaServeModel:
         self.sent = {"responses": 0, "tokens": 0, "send_s": 0.0, "send_cpu_s": 0.0}  # the sender thread's share (profile metrics)
         self._metrics(pb)
         self._outbox: queue.Queue = queue.Queue()
+        # id(sender) -> _Stream whose last response is not sent yet. The watcher asks only these, under the lock that
+        # the last response is sent under: asking Triton about a completed request crashes the server (SIGSEGV in
+        # TRITONBACKEND_ResponseFactoryIsCancelled, seen here)
+        self._open: dict = {}
+        self._open_lock = threading.Lock()
+        self._finished: collections.deque = collections.deque()  # (ttft_s, itl_s) for the histograms
+        self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="mambadeploy-sender", daemon=True)
         self._sender.start()
         self.batcher = InflightBatcher(self.runner, max_batch=int(params["max_batch"]),
-                                       on_finish=self._observe, on_poll=self._poll).start()
+                                       on_finish=self._observe).start()
+        self._watcher = threading.Thread(target=self._watch_loop, name="mambadeploy-watcher", daemon=True)
+        self._watcher.start()
 
     # ------------------------------------------------------------------ metrics
     def _metrics(self, pb) -> None:
@@ -127,18 +141,47 @@ class MambaServeModel:
             pb.Logger.log_warn(f"mambadeploy: custom metrics unavailable ({exc}); latency_ms is in each response")
 
     def _observe(self, ttft_s, itl_s) -> None:
-        if self.ttft is not None and ttft_s is not None:
+        """on_finish, on the decode loop: only queued here (an observe is a round trip to the server; a finished
+        sequence of n tokens has n of them), pushed by the watcher."""
+        if ttft_s is not None:
+            self._finished.append((ttft_s, itl_s))
+
+    def _watch_loop(self) -> None:
+        """Every round trip to the server but the responses, off the decode loop: each tick asks one open stream
+        (round robin) whether its client went away, and every METRICS_EVERY_S pushes the metrics."""
+        cursor, last_push = 0, 0.0
+        while not self._stopping.wait(CANCEL_POLL_S):
+            with self._open_lock:
+                streams = list(self._open.values())
+                if streams:
+                    cursor = (cursor + 1) % len(streams)
+                    stream = streams[cursor]
+                    try:
+                        gone = bool(stream.sender.is_cancelled())
+                    except Exception:  # noqa: BLE001 - asking a closed stream counts as cancelled
+                        gone = True
+                    stream.cancelled = stream.cancelled or gone
+            if time.perf_counter() - last_push >= METRICS_EVERY_S:
+                last_push = time.perf_counter()
+                try:
+                    self._push_metrics()
+                except Exception as exc:  # noqa: BLE001 - metrics never stop the watcher
+                    _pb().Logger.log_verbose(f"mambadeploy: metrics not pushed ({exc})")
+
+    def _push_metrics(self) -> None:
+        if self.live_gauge is None:
+            return
+        stats = self.batcher.stats
+        while self._finished:
+            ttft_s, itl_s = self._finished.popleft()
             self.ttft.observe(ttft_s)
             for gap in itl_s:
                 self.itl.observe(gap)
             self.tokens.increment(1 + len(itl_s))
-
-    def _poll(self, live: int, stats) -> None:
-        if self.live_gauge is not None:
-            self.live_gauge.set(live)
-            if stats.cancelled > self._cancelled_seen:
-                self.cancelled.increment(stats.cancelled - self._cancelled_seen)
-                self._cancelled_seen = stats.cancelled
+        self.live_gauge.set(len(self.batcher.live))
+        if stats.cancelled > self._cancelled_seen:
+            self.cancelled.increment(stats.cancelled - self._cancelled_seen)
+            self._cancelled_seen = stats.cancelled
         now = {**{k: getattr(stats, k) for k in PROFILE_KEYS if hasattr(stats, k)}, **self.sent}
         for key, metric in self.profile.items():
             delta = now[key] - self._profile_seen.get(key, 0)
@@ -151,9 +194,15 @@ class MambaServeModel:
         pb = _pb()
         for request in requests:
             sender = request.get_response_sender()
+            key = id(sender)
             try:
-                self.batcher.submit(self._parse(pb, request, sender))
+                parsed = self._parse(pb, request, sender)
+                with self._open_lock:  # before submit: its last response may leave before submit returns
+                    self._open[key] = parsed.stream
+                self.batcher.submit(parsed)
             except (MambaDeployError, ValueError, TypeError) as exc:  # this request alone fails
+                with self._open_lock:
+                    self._open.pop(key, None)
                 sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))),
                             flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         # decoupled: responses go through the senders
@@ -190,10 +239,12 @@ class MambaServeModel:
         stop = value("stop_ids")
         stop_ids = tuple(stop.reshape(-1).tolist()) if stop is not None else ()
         streaming = value("stream")
-        emit, fail = self._responder(sender, streaming is None or bool(streaming.reshape(-1)[0]),
+        stream, emit, fail = self._responder(sender, streaming is None or bool(streaming.reshape(-1)[0]),
                                      request.requested_output_names())
-        return Request(prompt, scalar("max_tokens", DEFAULT_MAX_TOKENS, int), emit, fail, sampling, stop_ids,
-                       cancelled=sender.is_cancelled)
+        parsed = Request(prompt, scalar("max_tokens", DEFAULT_MAX_TOKENS, int), emit, fail, sampling, stop_ids,
+                         cancelled=lambda: stream.cancelled)
+        parsed.stream = stream
+        return parsed
 
     def _responder(self, sender, streaming: bool, requested=()):
         """emit(token, index, latency_s, final) and fail(message) of one request. They only append to the stream's
@@ -213,7 +264,7 @@ class MambaServeModel:
                 stream.queued = True
                 ready(stream)
 
-        return emit, fail
+        return stream, emit, fail
 
     def _send_loop(self) -> None:
         """Sends each queued stream's pending tokens as ONE response (output_ids [k], index [k], latency_ms [k]):
@@ -237,16 +288,23 @@ class MambaServeModel:
             started, cpu = time.perf_counter(), time.thread_time()
             tokens = [it for it in items if it[0] is not None]
             error = next((it[1] for it in items if it[0] is None), None)
+            closing = error is not None or tokens[-1][3]
+            if closing:
+                self._open_lock.acquire()  # the watcher never asks a stream once its last response is sent
             try:
                 if tokens and (error is None or stream.streaming):  # non-streaming: an error replaces the tokens
-                    final = error is None and tokens[-1][3]
-                    stream.sender.send(self._response(pb, stream, tokens), flags=final_flag if final else 0)
+                    stream.sender.send(self._response(pb, stream, tokens),
+                                       flags=final_flag if error is None and closing else 0)
                     self.sent["responses"] += 1
                     self.sent["tokens"] += len(tokens)
                 if error is not None:
                     stream.sender.send(pb.InferenceResponse(error=pb.TritonError(error)), flags=final_flag)
             except Exception as exc:  # noqa: BLE001 - the client is gone (the batcher sees it cancelled)
                 pb.Logger.log_verbose(f"mambadeploy: a response was not delivered ({exc})")
+            finally:
+                if closing:
+                    self._open.pop(id(stream.sender), None)
+                    self._open_lock.release()
             self.sent["send_s"] += time.perf_counter() - started
             self.sent["send_cpu_s"] += time.thread_time() - cpu
 
@@ -263,6 +321,8 @@ class MambaServeModel:
         return pb.InferenceResponse(output_tensors=outputs)
 
     def finalize(self) -> None:
+        self._stopping.set()
         self.batcher.stop()  # fails what is still live: those errors go through the outbox first
         self._outbox.put(None)
         self._sender.join(5)
+        self._watcher.join(1)
