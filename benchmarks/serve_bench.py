@@ -222,6 +222,8 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="tiny CPU preset (checks the script, measures nothing)")
     parser.add_argument("--streams", type=int, nargs="+", help="concurrency levels (default 1 8 32 64)")
     parser.add_argument("--client-procs", type=int, default=4, help="client processes (4)")
+    parser.add_argument("--response-interval-ms", type=float, default=0.0,
+                        help="serve-repo's: at most one response per stream per interval (0: adaptive only)")
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds for the model to load (900)")
     args = parser.parse_args(argv)
     cfg = dict(DRY if args.dry_run else FULL)
@@ -239,7 +241,8 @@ def main(argv=None):
     vocab = 512 if args.dry_run else 50304
     repo = Path(tempfile.mkdtemp(prefix="serve-bench-repo-"))
     write_repo(cfg["preset"], repo, name="mamba", backend=cfg["backend"], dtype=cfg["dtype"], device=cfg["device"],
-               max_batch=cfg["max_batch"], threads=1 if args.dry_run else None, state_config=False)
+               max_batch=cfg["max_batch"], threads=1 if args.dry_run else None, state_config=False,
+               response_interval_ms=args.response_interval_ms)
     server = TritonServer(repo, free_port(), free_port(), free_port())
     t0 = time.perf_counter()
     server.start(args.ready_timeout)

@@ -49,12 +49,13 @@ LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 class _Stream:
     """One request's way out: tokens wait in `pending` (appended by the batcher thread, drained by the sender thread;
     deque appends and pops are atomic) while the stream sits in the sender's queue (`queued`)."""
-    __slots__ = ("sender", "streaming", "wanted", "pending", "queued", "cancelled")
+    __slots__ = ("sender", "streaming", "wanted", "pending", "queued", "cancelled", "last_ready")
 
     def __init__(self, sender, streaming: bool, wanted: set):
         self.sender, self.streaming, self.wanted = sender, streaming, wanted
         self.pending: collections.deque = collections.deque()
         self.queued = False
+        self.last_ready = 0.0  # when emit last queued it (the response interval)
         self.cancelled = False  # set by the watcher thread, read by the batcher between steps
 
 
@@ -83,6 +84,7 @@ class MambaServeModel:
         if params.get("threads"):
             torch.set_num_threads(int(params["threads"]))
         self.name = config["name"]
+        self.response_interval_s = float(params.get("response_interval_ms") or 0) / 1e3
         options = {"cuda_graph": False} if params["backend"].startswith("ort") else {}  # slots.py feeds ORT by copy
         self.runner = make_runner(params["target"], backend=params["backend"], dtype=params["dtype"],
                                   device=params["device"], **options)
@@ -248,15 +250,25 @@ class MambaServeModel:
 
     def _responder(self, sender, streaming: bool, requested=()):
         """emit(token, index, latency_s, final) and fail(message) of one request. They only append to the stream's
-        pending list and queue the stream once for the sender thread (a few microseconds on the decode loop)."""
+        pending list and queue the stream once for the sender thread (a few microseconds on the decode loop). With
+        a response interval, a streaming request is queued at most once per interval (and at its last token): its
+        tokens gather in between, whatever the sender's speed."""
         stream = _Stream(sender, streaming, set(requested) if requested else set(OUTPUTS))
         ready = self._outbox.put
+        interval = self.response_interval_s
+        clock = time.perf_counter
 
         def emit(token, index, latency_s, final):
             stream.pending.append((token, index, latency_s * 1e3, final))
-            if (streaming or final) and not stream.queued:
-                stream.queued = True
-                ready(stream)
+            if stream.queued or not (streaming or final):
+                return
+            if interval and not final:
+                now = clock()
+                if now - stream.last_ready < interval:
+                    return
+                stream.last_ready = now
+            stream.queued = True
+            ready(stream)
 
         def fail(message):
             stream.pending.append((None, message, 0.0, True))
