@@ -3,8 +3,8 @@ they finish or are cancelled.
 
 One worker thread owns the runner and the SlotPool. Each turn of its loop:
   1. drops cancelled sequences (their rows are refilled at once by the last live row);
-  2. admits waiting requests into free rows: prompts of the same length are prefilled together (no padding, so a
-     sequence's state is what its prompt alone gives), their first token sampled and emitted;
+  2. admits every waiting request that fits into free rows at once: prompts of similar lengths share one left-padded
+     prefill (prefill_groups; a padded batch gives each prompt what it gives alone), first tokens sampled and emitted;
   3. runs ONE decode step for every live sequence and emits each one's next token.
 Requests are checked when submitted (`check`), so a bad one fails alone and never reaches the worker. Tokens are
 handed to each request's `emit(token, index, latency_s, final)`; an exception inside the runner fails the sequences of
@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..runtime.generate import MAX_NEW_TOKENS, check_finite
+from ..runtime.generate import MAX_NEW_TOKENS, check_finite, pad_prompts
 from ..runtime.sampling import Sampler, SamplingConfig
 from .slots import SlotPool
 
+# A prefill of several prompts pads them to the longest: at most this much work for their real tokens.
+PAD_WORK = 1.5
 # How often on_poll reports the live count (seconds).
 METRICS_EVERY_S = 0.05
 
@@ -190,16 +192,13 @@ class InflightBatcher:
         self.live.pop()
 
     def _admit(self, requests: list[Request]) -> None:
-        by_length: dict[int, list[Request]] = {}
-        for r in requests:
-            by_length.setdefault(len(r.prompt), []).append(r)
-        for length, group in by_length.items():
-            ids = torch.tensor([r.prompt for r in group], dtype=torch.int64)
+        for group in prefill_groups(requests):
+            ids, lengths = pad_prompts([r.prompt for r in group], pad_id=0)
             started = time.perf_counter()
             self.stats.admitted += len(group)
             self.stats.admit_wait_s += sum(started - r.arrived for r in group)
             try:
-                logits, state = self.runner.prefill(ids, torch.full((len(group),), length, dtype=torch.int64))
+                logits, state = self.runner.prefill(ids, lengths)
                 check_finite(logits, "prefill")
             except Exception as exc:  # noqa: BLE001 - one bad prefill fails its own requests, never the server
                 for r in group:
@@ -211,7 +210,7 @@ class InflightBatcher:
             self.pool.write(first_row, state)
             self.stats.prefill_s += time.perf_counter() - started
             for r in group:
-                self.live.append(_Live(r, Sampler(r.sampling), frozenset(r.stop_ids), cache_len=length))
+                self.live.append(_Live(r, Sampler(r.sampling), frozenset(r.stop_ids), cache_len=len(r.prompt)))
             self._emit_rows(range(first_row, len(self.live)), self._sample(self.live[first_row:], logits, "prefill"))
 
     def _step(self) -> None:
@@ -284,6 +283,23 @@ class InflightBatcher:
             if not s.sampler.cfg.greedy:
                 out[i] = int(s.sampler(logits[i:i + 1])[0])
         return out
+
+
+def prefill_groups(requests: list[Request], pad_work: float = PAD_WORK) -> list[list[Request]]:
+    """Requests admitted together, in prefills of left-padded prompts (a batch of different lengths gives each prompt
+    what it gives alone: runtime.generate's contract): by length, a group grows while its padded work (longest x
+    count) stays within pad_work x its real tokens. Equal lengths always share one prefill."""
+    groups: list[list[Request]] = []
+    real = 0
+    for r in sorted(requests, key=lambda r: len(r.prompt)):
+        n = len(r.prompt)
+        if groups and n * (len(groups[-1]) + 1) <= pad_work * (real + n):
+            groups[-1].append(r)
+            real += n
+        else:
+            groups.append([r])
+            real = n
+    return groups
 
 
 def _was_cancelled(request: Request, stats: BatcherStats) -> bool:
