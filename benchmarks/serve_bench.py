@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -116,6 +117,21 @@ def _client_share(args):
     return {"results": results, "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and its children (tritonserver + its Python stubs), from /proc:
+    the served path's whole cost per token, which a busy shared CPU does not inflate the way it does wall time."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent pid
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def steady_rate(results) -> float:
     """Tokens/s while every stream was live (from the last first token to the first last token): the decode-phase
     rate, comparable with the direct decode rate; nan when the streams never all overlapped."""
@@ -139,7 +155,9 @@ def served(cfg, server, vocab, client_procs) -> list[dict]:
                 shares = [(server.grpc_url, "mamba", jobs[i::client_procs]) for i in range(client_procs)]
                 time.sleep(PROFILE_FLUSH_S)
                 before = read_profile(server.metrics_url, "mamba")
+                cpu_before = tree_cpu_s(server.process.pid)
                 outcome = pool.map(_client_share, [s for s in shares if s[2]])
+            server_cpu = tree_cpu_s(server.process.pid) - cpu_before  # before the idle wait: little counted in it
             time.sleep(PROFILE_FLUSH_S)
             after = read_profile(server.metrics_url, "mamba")
             results = [r for share in outcome for r in share["results"]]
@@ -163,20 +181,28 @@ def served(cfg, server, vocab, client_procs) -> list[dict]:
                          "client_itl_ms_p99": percentile(client_itl, 99),
                          "client_processes": len(outcome), "client_responses": responses,
                          "client_cpu_us_per_response": client_cpu / max(responses, 1) * 1e6,
+                         "client_cpu_us_per_token": client_cpu / total * 1e6,
+                         "server_cpu_us_per_token": server_cpu / total * 1e6,
                          "client_cpu_frac_max": max(share["cpu_s"] / share["wall_s"] for share in outcome),
                          "server": breakdown(before, after, wall)})
-            r, b = rows[-1], rows[-1]["server"]
-            print(f"served {streams} streams: {r['tokens_per_s']:.0f} tok/s (steady {r['steady_tokens_per_s']:.0f}), "
-                  f"TTFT p50 {r['ttft_ms_p50']:.2f} ms, ITL p50 {r['itl_ms_p50']:.3f} / p99 {r['itl_ms_p99']:.3f} ms"
-                  f"\n  server: {b['decode_steps']} steps, mean batch {b['mean_batch']:.1f}, step {b['step_ms']:.3f} "
-                  f"ms + emit {b['emit_ms_per_step']:.3f} + other {b['bookkeeping_ms_per_step']:.3f} ms/step; "
-                  f"prefill {b['prefills']} x {b['prefill_ms_mean']:.2f} ms, admit wait {b['admit_wait_ms_mean']:.2f}"
-                  f" ms; {b['responses']} responses x {b['tokens_per_response']:.2f} tok, send "
-                  f"{b['send_us_per_response']:.0f} us each, {b['send_cpu_us_per_response']:.0f} us CPU (sender busy {b['sender_busy_frac']:.0%}, batcher "
-                  f"{b['batcher_busy_frac']:.0%}, step {b['step_frac']:.0%})\n  client: "
-                  f"{r['client_cpu_us_per_response']:.0f} us CPU per response, busiest process at "
-                  f"{r['client_cpu_frac_max']:.0%} of a core")
+            print(describe(rows[-1]))
     return rows
+
+
+def describe(r) -> str:
+    """A served row in three lines: the client's view, the server's breakdown, the CPU cost per token."""
+    b = r["server"]
+    return (f"served {r['streams']} streams: {r['tokens_per_s']:.0f} tok/s (steady {r['steady_tokens_per_s']:.0f}), "
+            f"TTFT p50 {r['ttft_ms_p50']:.2f} ms, ITL p50 {r['itl_ms_p50']:.3f} / p99 {r['itl_ms_p99']:.3f} ms\n"
+            f"  server: {b['decode_steps']} steps of mean batch {b['mean_batch']:.1f}: step {b['step_ms']:.3f} + emit "
+            f"{b['emit_ms_per_step']:.3f} + other {b['bookkeeping_ms_per_step']:.3f} ms; {b['prefills']} prefills of "
+            f"{b['prefill_ms_mean']:.2f} ms, admission wait {b['admit_wait_ms_mean']:.2f} ms; {b['responses']} "
+            f"responses of {b['tokens_per_response']:.2f} tokens, {b['send_us_per_response']:.0f} us each "
+            f"({b['send_cpu_us_per_response']:.0f} us CPU); busy: sender {b['sender_busy_frac']:.0%}, batcher "
+            f"{b['batcher_busy_frac']:.0%} (step {b['step_frac']:.0%})\n"
+            f"  CPU per token: server + stub {r['server_cpu_us_per_token']:.0f} us (step included), client "
+            f"{r['client_cpu_us_per_token']:.0f} us ({r['client_cpu_us_per_response']:.0f} us per response; busiest "
+            f"client process at {r['client_cpu_frac_max']:.0%} of a core)")
 
 
 def svg_plot(direct_rows, served_rows, title) -> str:
