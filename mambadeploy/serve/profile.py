@@ -3,7 +3,8 @@ parts in mambadeploy_profile_total{part=...} (triton_model.PROFILE_KEYS); two re
 
 Parts (seconds, summed): busy = the batcher's turns that had work; step = decode steps (runner + state pool, to the
 logits); prefill = admission prefills; emit = sampling + handing tokens to the streams; send = the sender thread
-building and sending responses (Triton's IPC to the server); admit_wait = arrival to prefill, per admitted request.
+building and sending responses (Triton's IPC to the server); watch = the watcher thread's cancellation asks and metric
+updates; admit_wait = arrival to prefill, per admitted request.
 """
 
 from __future__ import annotations
@@ -52,4 +53,6 @@ def breakdown(before: dict, after: dict, wall_s: float) -> dict:
         "step_frac": d.get("step_s", 0) / wall_s,
         "prefill_frac": d.get("prefill_s", 0) / wall_s,
         "sender_busy_frac": d.get("send_s", 0) / wall_s,
+        "watcher_busy_frac": d.get("watch_s", 0) / wall_s,  # cancellation asks + metric updates
+        "cancel_asks_per_s": d.get("cancel_asks", 0) / wall_s,
     }

@@ -12,7 +12,8 @@ response carries the FINAL flag. Numbers cross the stub boundary through DLPack 
 (the stub dies on a string tensor under numpy 2), so the text fields exist only in repositories written with a
 tokenizer, which serve-repo refuses under numpy 2. A bad request gets one error response (with FINAL) and never reaches the batcher. Time to first token and
 inter-token latency also go to Triton's metrics endpoint as histograms (custom metrics of the Python backend):
-mambadeploy_time_to_first_token_seconds, mambadeploy_inter_token_latency_seconds; plus the gauge
+mambadeploy_time_to_first_token_seconds, mambadeploy_inter_token_latency_seconds (each sequence's mean gap: every
+metric update is a round trip to the server, so never one per token); plus the gauge
 mambadeploy_live_sequences and the counter mambadeploy_generated_tokens_total.
 """
 
@@ -35,14 +36,14 @@ from .repo import OUTPUTS, TOKENIZER_FILE
 
 DEFAULT_MAX_TOKENS = 16
 GIL_SWITCH_S = 2e-4
-# the watcher asks one open stream per tick whether its client went away (each ask is a round trip to the server):
-# a cancelled one of n streams is found within n ticks
-CANCEL_POLL_S = 0.005
-METRICS_EVERY_S = 0.05
-# seconds; TTFT on a GPU is ms-scale, on the CPU tests 10-100 ms
-# the profile counters (mambadeploy_profile_total{part=...}): BatcherStats fields and the sender's
+# the watcher asks one open stream at a time whether its client went away (each ask is a round trip to the server)
+CANCEL_CYCLE_S = 0.1  # every open stream asked about this often (one stream: 10 asks a second) ...
+CANCEL_MIN_GAP_S = 0.005  # ... but at most one ask per 5 ms (64 streams: each every 0.32 s)
+METRICS_EVERY_S = 0.2  # a metric update is a round trip too
+# the profile counters (mambadeploy_profile_total{part=...}): BatcherStats fields, the sender's and the watcher's
 PROFILE_KEYS = ("steps", "step_rows", "prefills", "admitted", "busy_s", "step_s", "prefill_s", "emit_s", "admit_wait_s",
-                "responses", "tokens", "send_s", "send_cpu_s")
+                "responses", "tokens", "send_s", "send_cpu_s", "watch_s", "cancel_asks")
+# seconds; TTFT on a GPU is ms-scale, on the CPU tests 10-100 ms
 LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 
 
@@ -93,7 +94,8 @@ class MambaServeModel:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(Path(args["model_repository"]) / TOKENIZER_FILE))
-        self.sent = {"responses": 0, "tokens": 0, "send_s": 0.0, "send_cpu_s": 0.0}  # the sender thread's share (profile metrics)
+        # the sender's and the watcher's share of the profile counters
+        self.sent = {"responses": 0, "tokens": 0, "send_s": 0.0, "send_cpu_s": 0.0, "watch_s": 0.0, "cancel_asks": 0}
         self._metrics(pb)
         self._outbox: queue.Queue = queue.Queue()
         # id(sender) -> _Stream whose last response is not sent yet. The watcher asks only these, under the lock that
@@ -118,6 +120,7 @@ class MambaServeModel:
         self.ttft = self.itl = self.live_gauge = self.tokens = self.cancelled = None
         self.profile = {}
         self._cancelled_seen = 0
+        self._live_seen = -1
         self._profile_seen: dict = {}
         try:
             family = pb.MetricFamily
@@ -125,7 +128,7 @@ class MambaServeModel:
             self._families = [family(name, text, kind) for name, text, kind in (
                 ("mambadeploy_time_to_first_token_seconds", "Time from a request's arrival to its first token",
                  family.HISTOGRAM),
-                ("mambadeploy_inter_token_latency_seconds", "Gap between consecutive tokens of one sequence",
+                ("mambadeploy_inter_token_latency_seconds", "Mean gap between consecutive tokens, per sequence",
                  family.HISTOGRAM),
                 ("mambadeploy_live_sequences", "Sequences in the decode batch", family.GAUGE),
                 ("mambadeploy_generated_tokens_total", "Tokens streamed", family.COUNTER),
@@ -149,10 +152,12 @@ class MambaServeModel:
             self._finished.append((ttft_s, itl_s))
 
     def _watch_loop(self) -> None:
-        """Every round trip to the server but the responses, off the decode loop: each tick asks one open stream
-        (round robin) whether its client went away, and every METRICS_EVERY_S pushes the metrics."""
-        cursor, last_push = 0, 0.0
-        while not self._stopping.wait(CANCEL_POLL_S):
+        """Every round trip to the server but the responses, off the decode loop: it asks one open stream at a time
+        (round robin) whether its client went away, each stream about every CANCEL_CYCLE_S and never more than one
+        ask per CANCEL_MIN_GAP_S, and every METRICS_EVERY_S pushes the metrics. Its time is the profile's watch_s."""
+        cursor, last_push, gap = 0, 0.0, CANCEL_CYCLE_S
+        while not self._stopping.wait(gap):
+            started = time.perf_counter()
             with self._open_lock:
                 streams = list(self._open.values())
                 if streams:
@@ -163,24 +168,35 @@ class MambaServeModel:
                     except Exception:  # noqa: BLE001 - asking a closed stream counts as cancelled
                         gone = True
                     stream.cancelled = stream.cancelled or gone
-            if time.perf_counter() - last_push >= METRICS_EVERY_S:
-                last_push = time.perf_counter()
+                    self.sent["cancel_asks"] += 1
+            gap = max(CANCEL_MIN_GAP_S, CANCEL_CYCLE_S / max(len(streams), 1))
+            if started - last_push >= METRICS_EVERY_S:
+                last_push = started
                 try:
                     self._push_metrics()
                 except Exception as exc:  # noqa: BLE001 - metrics never stop the watcher
                     _pb().Logger.log_verbose(f"mambadeploy: metrics not pushed ({exc})")
+            self.sent["watch_s"] += time.perf_counter() - started
 
     def _push_metrics(self) -> None:
+        """Each metric update is a round trip to the server, like a response: per finished sequence its time to first
+        token and its MEAN inter-token gap are observed (one each, not one per token), counters only when changed."""
         if self.live_gauge is None:
             return
         stats = self.batcher.stats
+        tokens = 0
         while self._finished:
             ttft_s, itl_s = self._finished.popleft()
             self.ttft.observe(ttft_s)
-            for gap in itl_s:
-                self.itl.observe(gap)
-            self.tokens.increment(1 + len(itl_s))
-        self.live_gauge.set(len(self.batcher.live))
+            if itl_s:
+                self.itl.observe(sum(itl_s) / len(itl_s))
+            tokens += 1 + len(itl_s)
+        if tokens:
+            self.tokens.increment(tokens)
+        live = len(self.batcher.live)
+        if live != self._live_seen:
+            self.live_gauge.set(live)
+            self._live_seen = live
         if stats.cancelled > self._cancelled_seen:
             self.cancelled.increment(stats.cancelled - self._cancelled_seen)
             self._cancelled_seen = stats.cancelled

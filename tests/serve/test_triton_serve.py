@@ -206,7 +206,7 @@ def test_text_prompt(server, tiny, tokenizer_json, tmp_path):
 
 def test_latency_metrics(server):
     assert _metric(server, 'mambadeploy_time_to_first_token_seconds_count{model="bm"}') >= 16
-    assert _metric(server, 'mambadeploy_inter_token_latency_seconds_count{model="bm"}') >= 16 * 9
+    assert _metric(server, 'mambadeploy_inter_token_latency_seconds_count{model="bm"}') >= 16  # one per sequence
     assert _metric(server, 'mambadeploy_generated_tokens_total{model="jt"}') >= 16 * 10
 
 
