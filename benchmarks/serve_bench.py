@@ -106,8 +106,9 @@ def direct(cfg) -> list[dict]:
 def _import_client():
     """Pool initializer: every client process imports tritonclient before any level (a first import inside a timed
     level would hold that process's streams back and then deliver them in a burst)."""
-    import mambadeploy.serve.client  # noqa: F401
     import tritonclient.grpc.aio  # noqa: F401
+
+    import mambadeploy.serve.client  # noqa: F401
 
 
 def _client_share(args):

@@ -50,7 +50,7 @@ LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 class _Stream:
     """One request's way out: tokens wait in `pending` (appended by the batcher thread, drained by the sender thread;
     deque appends and pops are atomic) while the stream sits in the sender's queue (`queued`)."""
-    __slots__ = ("sender", "streaming", "wanted", "pending", "queued", "cancelled", "last_ready")
+    __slots__ = ("cancelled", "last_ready", "pending", "queued", "sender", "streaming", "wanted")
 
     def __init__(self, sender, streaming: bool, wanted: set):
         self.sender, self.streaming, self.wanted = sender, streaming, wanted
