@@ -103,12 +103,12 @@ def direct(cfg) -> list[dict]:
     return rows, describe
 
 
-def _import_client():
-    """Pool initializer: every client process imports tritonclient before any level (a first import inside a timed
-    level would hold that process's streams back and then deliver them in a burst)."""
-    import tritonclient.grpc.aio  # noqa: F401
+def _warm_client(url, model):
+    """Pool initializer: every client process streams one token before any level. The first stream of a process was
+    seen to get all its responses at once at the end (its gRPC runtime starting up), which a timed level must not."""
+    from mambadeploy.serve.client import run_streams
 
-    import mambadeploy.serve.client  # noqa: F401
+    run_streams(url, model, [{"prompt": [1], "max_tokens": 16}])
 
 
 def _client_share(args):
@@ -151,7 +151,8 @@ def served(cfg, server, vocab, client_procs) -> list[dict]:
     from mambadeploy.serve.profile import breakdown, read_profile
 
     rows = []
-    with multiprocessing.get_context("spawn").Pool(client_procs, initializer=_import_client) as pool:
+    with multiprocessing.get_context("spawn").Pool(client_procs, initializer=_warm_client,
+                                                  initargs=(server.grpc_url, "mamba")) as pool:
         for streams in cfg["streams"]:
             prompts = prompts_for(streams, cfg["prompt_len"], vocab, seed=1000 + streams)
             for attempt in ("warm-up", "timed"):  # the warm-up captures the decode graph of every bucket <= streams
