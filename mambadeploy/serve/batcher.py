@@ -219,7 +219,7 @@ class InflightBatcher:
         filled = max(s.cache_len for s in self.live) if "pos" in self.pool.tensors else 0
         started = time.perf_counter()
         try:
-            logits = self.pool.step(tokens.to(self.pool.device), n, filled)
+            logits = self.pool.step(tokens, n, filled)  # copied into the pool's device buffer
             chosen = self._sample(self.live, logits, "decode step")  # the one sync: tokens + finite flag to the host
         except Exception as exc:  # noqa: BLE001 - the whole batch shared this step
             for s in self.live:
