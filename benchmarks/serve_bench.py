@@ -103,23 +103,48 @@ def direct(cfg) -> list[dict]:
     return rows, describe
 
 
-def _warm_client(url, model):
-    """Pool initializer: every client process streams one token before any level. The first stream of a process was
-    seen to get all its responses at once at the end (its gRPC runtime starting up), which a timed level must not."""
+def _client_process(url, model, inbox, outbox):
+    """One client process: streams one warm-up request (a process's first stream was seen to get all its responses at
+    once at the end: its gRPC runtime starting up), then runs each share of streams it is given, returning them as
+    dicts with the CPU seconds it spent (the client's receive cost: near 1.0 CPU s per wall s it would be the
+    bottleneck)."""
     from mambadeploy.serve.client import run_streams
 
     run_streams(url, model, [{"prompt": [1], "max_tokens": 16}])
+    outbox.put("ready")
+    while (jobs := inbox.get()) is not None:
+        cpu, wall = time.process_time(), time.perf_counter()
+        results = [vars(r) for r in run_streams(url, model, jobs)]
+        outbox.put({"results": results, "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall})
 
 
-def _client_share(args):
-    """One client process: its share of the streams, as dicts, and the CPU seconds it spent (the client's receive
-    cost: one client process near 1.0 CPU s per wall s would be the bottleneck)."""
-    url, model, jobs = args
-    from mambadeploy.serve.client import run_streams
+class ClientProcesses:
+    """n client processes, each given its own share of a level's streams: the shares run at the same time (a pool
+    could hand two shares to one process, which runs them one after the other)."""
 
-    cpu, wall = time.process_time(), time.perf_counter()
-    results = [vars(r) for r in run_streams(url, model, jobs)]
-    return {"results": results, "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+    def __init__(self, n: int, url: str, model: str):
+        ctx = multiprocessing.get_context("spawn")
+        self.queues = [(ctx.Queue(), ctx.Queue()) for _ in range(n)]
+        self.procs = [ctx.Process(target=_client_process, args=(url, model, inbox, outbox), daemon=True)
+                      for inbox, outbox in self.queues]
+        for proc in self.procs:
+            proc.start()
+        for _, outbox in self.queues:
+            assert outbox.get(timeout=300) == "ready"
+
+    def run(self, jobs: list) -> list[dict]:
+        n = len(self.procs)
+        shares = [jobs[i::n] for i in range(n)]
+        for (inbox, _), share in zip(self.queues, shares):
+            if share:
+                inbox.put(share)
+        return [outbox.get(timeout=1800) for (_, outbox), share in zip(self.queues, shares) if share]
+
+    def close(self) -> None:
+        for inbox, _ in self.queues:
+            inbox.put(None)
+        for proc in self.procs:
+            proc.join(10)
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -151,18 +176,17 @@ def served(cfg, server, vocab, client_procs) -> list[dict]:
     from mambadeploy.serve.profile import breakdown, read_profile
 
     rows = []
-    with multiprocessing.get_context("spawn").Pool(client_procs, initializer=_warm_client,
-                                                  initargs=(server.grpc_url, "mamba")) as pool:
+    clients = ClientProcesses(client_procs, server.grpc_url, "mamba")
+    try:
         for streams in cfg["streams"]:
             prompts = prompts_for(streams, cfg["prompt_len"], vocab, seed=1000 + streams)
             for attempt in ("warm-up", "timed"):  # the warm-up captures the decode graph of every bucket <= streams
                 tokens = 4 if attempt == "warm-up" else cfg["new_tokens"]
                 jobs = [{"prompt": p, "max_tokens": tokens} for p in prompts]
-                shares = [(server.grpc_url, "mamba", jobs[i::client_procs]) for i in range(client_procs)]
                 time.sleep(PROFILE_FLUSH_S)
                 before = read_profile(server.metrics_url, "mamba")
                 cpu_before = tree_cpu_s(server.process.pid)
-                outcome = pool.map(_client_share, [s for s in shares if s[2]])
+                outcome = clients.run(jobs)
             server_cpu = tree_cpu_s(server.process.pid) - cpu_before  # before the idle wait: little counted in it
             time.sleep(PROFILE_FLUSH_S)
             after = read_profile(server.metrics_url, "mamba")
@@ -192,6 +216,8 @@ def served(cfg, server, vocab, client_procs) -> list[dict]:
                          "client_cpu_frac_max": max(share["cpu_s"] / share["wall_s"] for share in outcome),
                          "server": breakdown(before, after, wall)})
             print(describe(rows[-1]))
+    finally:
+        clients.close()
     return rows
 
 

@@ -149,7 +149,7 @@ class MambaServeModel:
     def _observe(self, ttft_s, itl_s) -> None:
         """on_finish, on the decode loop: only queued here (an observe is a round trip to the server; a finished
         sequence of n tokens has n of them), pushed by the watcher."""
-        if ttft_s is not None:
+        if ttft_s is not None and self.ttft is not None:  # without custom metrics nothing would drain them
             self._finished.append((ttft_s, itl_s))
 
     def _watch_loop(self) -> None:
