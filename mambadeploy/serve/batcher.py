@@ -27,14 +27,12 @@ from .slots import SlotPool
 
 # A prefill of several prompts pads them to the longest: at most this much work for their real tokens.
 PAD_WORK = 1.5
-# How often on_poll reports the live count (seconds).
-METRICS_EVERY_S = 0.05
 
 
 @dataclass
 class Request:
     """One generation request; emit(token, index, latency_s, final) is called from the worker thread, fail(message)
-    once when it cannot go on, cancelled() polled between steps."""
+    once when it cannot go on, cancelled() asked between steps (it must be cheap)."""
     prompt: list[int]
     max_tokens: int
     emit: object
@@ -79,9 +77,9 @@ class BatcherStats:
 
 
 class InflightBatcher:
-    def __init__(self, runner, max_batch: int = 64, device=None, on_finish=None, on_poll=None):
-        """on_finish(ttft_s, itl_list_s) is called per completed sequence, on_poll(live count, stats) at each
-        cancellation poll (metrics)."""
+    def __init__(self, runner, max_batch: int = 64, device=None, on_finish=None):
+        """on_finish(ttft_s, itl_list_s) is called per completed sequence (metrics); `stats` and `live` may be read
+        from another thread (approximate while it runs)."""
         self.runner = runner
         self.config = runner.config
         if hasattr(runner, "check_inputs"):  # torch-fast: ids are checked at submission; its own check syncs each step
@@ -91,11 +89,9 @@ class InflightBatcher:
         self.live: list[_Live] = []  # row i of the pool holds live[i]
         self.stats = BatcherStats()
         self.on_finish = on_finish
-        self.on_poll = on_poll
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mambadeploy-batcher", daemon=True)
-        self._last_poll = 0.0
 
     # ------------------------------------------------------------------ caller side (any thread)
     def check(self, prompt, max_tokens: int, stop_ids=()) -> None:
@@ -179,10 +175,6 @@ class InflightBatcher:
             if _was_cancelled(self.live[row].request, self.stats):
                 self.live[row].request.fail("cancelled")  # closes the stream (FINAL) if the sender still takes it
                 self._free(row)
-        now = time.perf_counter()
-        if self.on_poll is not None and now - self._last_poll >= METRICS_EVERY_S:
-            self._last_poll = now
-            self.on_poll(len(self.live), self.stats)
 
     def _free(self, row: int) -> None:
         """Remove live[row]; the last live row moves into its place (rows stay [0, n))."""

@@ -186,7 +186,11 @@ def test_generate_extension(server, tiny):
     assert whole["output_ids"] == want and whole["index"] == list(range(5))
     body = json.dumps({"input_ids": prompt, "max_tokens": 5}).encode()
     events = urllib.request.urlopen(f"{server['http']}/v2/models/bm/generate_stream", body).read().decode()
-    tokens = [json.loads(line[5:])["output_ids"] for line in events.splitlines() if line.startswith("data:")]
+    tokens = []
+    for line in events.splitlines():  # an event carries every token ready: one (a scalar in Triton's JSON) or a list
+        if line.startswith("data:"):
+            ids = json.loads(line[5:])["output_ids"]
+            tokens += ids if isinstance(ids, list) else [ids]
     assert tokens == want
 
 
