@@ -278,7 +278,8 @@ def svg_plot(direct_rows, served_rows, title) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for the JSON and the SVG plot")
-    parser.add_argument("--dry-run", action="store_true", help="tiny CPU preset (checks the script, measures nothing)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny CPU preset: checks the script and profiles the serving path (not the GPU goals)")
     parser.add_argument("--streams", type=int, nargs="+", help="concurrency levels (default 1 8 32 64)")
     parser.add_argument("--client-procs", type=int, default=4, help="client processes (4)")
     parser.add_argument("--response-interval-ms", type=float, default=0.0,
