@@ -20,6 +20,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", metavar="tokenizer.json", help="copied into the repository: text_input / "
                                                                       "text_output")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads inside the server")
+    parser.add_argument("--response-interval-ms", type=float, default=0.0, metavar="MS",
+                        help="at most one streamed response per sequence per MS (its tokens gather in between): "
+                             "fewer, larger responses under load; 0 (default): each as soon as the sender is free")
     state = parser.add_mutually_exclusive_group()
     state.add_argument("--state-config", dest="state_config", action="store_true", default=None,
                        help="also write the implicit-state decode model (exports a preset/checkpoint first)")
@@ -51,7 +54,7 @@ def run(args) -> int:
         raise InputError(f"--tokenizer {args.tokenizer}: no such file")
     written = write_repo(args.model, args.out, name=args.name, backend=backend, dtype=args.dtype, device=device,
                          max_batch=args.max_batch, tokenizer=args.tokenizer, threads=args.threads,
-                         state_config=args.state_config)
+                         state_config=args.state_config, response_interval_ms=args.response_interval_ms)
     for name, directory in written.items():
         print(f"{name}: {directory}")
     print(f"serve it: mambadeploy serve {args.out}")

@@ -3,8 +3,8 @@ they finish or are cancelled.
 
 One worker thread owns the runner and the SlotPool. Each turn of its loop:
   1. drops cancelled sequences (their rows are refilled at once by the last live row);
-  2. admits waiting requests into free rows: prompts of the same length are prefilled together (no padding, so a
-     sequence's state is what its prompt alone gives), their first token sampled and emitted;
+  2. admits every waiting request that fits into free rows at once: prompts of similar lengths share one left-padded
+     prefill (prefill_groups; a padded batch gives each prompt what it gives alone), first tokens sampled and emitted;
   3. runs ONE decode step for every live sequence and emits each one's next token.
 Requests are checked when submitted (`check`), so a bad one fails alone and never reaches the worker. Tokens are
 handed to each request's `emit(token, index, latency_s, final)`; an exception inside the runner fails the sequences of
@@ -21,20 +21,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..runtime.generate import MAX_NEW_TOKENS, check_finite
+from ..runtime.generate import MAX_NEW_TOKENS, check_finite, pad_prompts
 from ..runtime.sampling import Sampler, SamplingConfig
 from .slots import SlotPool
 
-# Live sequences asked per turn whether their client went away (round robin; see _drop_cancelled).
-CANCEL_CHECKS_PER_TURN = 2
-# How often on_poll reports the live count (seconds).
-METRICS_EVERY_S = 0.05
+# A prefill of several prompts pads them to the longest: at most this much work for their real tokens.
+PAD_WORK = 1.5
 
 
 @dataclass
 class Request:
     """One generation request; emit(token, index, latency_s, final) is called from the worker thread, fail(message)
-    once when it cannot go on, cancelled() polled between steps."""
+    once when it cannot go on, cancelled() asked between steps (it must be cheap)."""
     prompt: list[int]
     max_tokens: int
     emit: object
@@ -60,18 +58,28 @@ class _Live:
 
 @dataclass
 class BatcherStats:
+    """Counts and where the worker's time went (seconds, perf_counter): busy = whole turns with work; step = the
+    decode step until its tokens are on the host (runner + pool + sampling); prefill = admission prefills; emit =
+    handing tokens to the requests; busy - step - prefill - emit = bookkeeping (cancellation polls, admission
+    grouping). admit_wait = arrival to the start of its prefill, summed over admitted requests."""
     steps: int = 0
     prefills: int = 0
     step_rows: int = 0  # live rows summed over steps (mean batch = step_rows / steps)
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
+    admitted: int = 0
+    busy_s: float = 0.0
+    step_s: float = 0.0
+    prefill_s: float = 0.0
+    emit_s: float = 0.0
+    admit_wait_s: float = 0.0
 
 
 class InflightBatcher:
-    def __init__(self, runner, max_batch: int = 64, device=None, on_finish=None, on_poll=None):
-        """on_finish(ttft_s, itl_list_s) is called per completed sequence, on_poll(live count, stats) at each
-        cancellation poll (metrics)."""
+    def __init__(self, runner, max_batch: int = 64, device=None, on_finish=None):
+        """on_finish(ttft_s, itl_list_s) is called per completed sequence (metrics); `stats` and `live` may be read
+        from another thread (approximate while it runs)."""
         self.runner = runner
         self.config = runner.config
         if hasattr(runner, "check_inputs"):  # torch-fast: ids are checked at submission; its own check syncs each step
@@ -81,12 +89,9 @@ class InflightBatcher:
         self.live: list[_Live] = []  # row i of the pool holds live[i]
         self.stats = BatcherStats()
         self.on_finish = on_finish
-        self.on_poll = on_poll
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mambadeploy-batcher", daemon=True)
-        self._last_poll = 0.0
-        self._poll_cursor = -1
 
     # ------------------------------------------------------------------ caller side (any thread)
     def check(self, prompt, max_tokens: int, stop_ids=()) -> None:
@@ -137,12 +142,15 @@ class InflightBatcher:
                 waiting = [r for r in waiting if r is not None]  # None only wakes the worker
                 if self._stop.is_set():
                     break
+                started, had_work = time.perf_counter(), bool(self.live or waiting)
                 try:
                     waiting = self._turn(waiting)
                 except Exception as exc:  # noqa: BLE001 - never let the worker die with streams open
                     for seq in self.live:
                         seq.request.fail(f"internal error: {exc!r}")
                     self.live = []
+                if had_work:
+                    self.stats.busy_s += time.perf_counter() - started
         for seq in self.live:
             seq.request.fail("the server is shutting down")
         for r in waiting:
@@ -161,22 +169,12 @@ class InflightBatcher:
         return waiting
 
     def _drop_cancelled(self) -> None:
-        """Free the rows of cancelled sequences. Asking is a round trip to the server from Triton's stub (measured
-        0.3-1 ms each on the loaded 2-core CI machine), so each turn asks only CANCEL_CHECKS_PER_TURN sequences, in
-        turn: a cancelled one is found within n / CANCEL_CHECKS_PER_TURN steps."""
-        n = len(self.live)
-        for _ in range(min(CANCEL_CHECKS_PER_TURN, n)):
-            self._poll_cursor = (self._poll_cursor + 1) % len(self.live)
-            row = self._poll_cursor
+        """Free the rows of cancelled sequences. cancelled() must be cheap: every live sequence is asked each turn
+        (Triton's model reads a flag its watcher thread sets: asking Triton itself is a round trip to the server)."""
+        for row in range(len(self.live) - 1, -1, -1):  # highest first: a move never touches a row still to ask
             if _was_cancelled(self.live[row].request, self.stats):
                 self.live[row].request.fail("cancelled")  # closes the stream (FINAL) if the sender still takes it
                 self._free(row)
-                if not self.live:
-                    break
-        now = time.perf_counter()
-        if self.on_poll is not None and now - self._last_poll >= METRICS_EVERY_S:
-            self._last_poll = now
-            self.on_poll(len(self.live), self.stats)
 
     def _free(self, row: int) -> None:
         """Remove live[row]; the last live row moves into its place (rows stay [0, n))."""
@@ -186,13 +184,13 @@ class InflightBatcher:
         self.live.pop()
 
     def _admit(self, requests: list[Request]) -> None:
-        by_length: dict[int, list[Request]] = {}
-        for r in requests:
-            by_length.setdefault(len(r.prompt), []).append(r)
-        for length, group in by_length.items():
-            ids = torch.tensor([r.prompt for r in group], dtype=torch.int64)
+        for group in prefill_groups(requests):
+            ids, lengths = pad_prompts([r.prompt for r in group], pad_id=0)
+            started = time.perf_counter()
+            self.stats.admitted += len(group)
+            self.stats.admit_wait_s += sum(started - r.arrived for r in group)
             try:
-                logits, state = self.runner.prefill(ids, torch.full((len(group),), length, dtype=torch.int64))
+                logits, state = self.runner.prefill(ids, lengths)
                 check_finite(logits, "prefill")
             except Exception as exc:  # noqa: BLE001 - one bad prefill fails its own requests, never the server
                 for r in group:
@@ -202,34 +200,35 @@ class InflightBatcher:
             self.stats.prefills += 1
             first_row = len(self.live)
             self.pool.write(first_row, state)
+            self.stats.prefill_s += time.perf_counter() - started
             for r in group:
-                self.live.append(_Live(r, Sampler(r.sampling), frozenset(r.stop_ids), cache_len=length))
-            self._emit_rows(range(first_row, len(self.live)), logits)
+                self.live.append(_Live(r, Sampler(r.sampling), frozenset(r.stop_ids), cache_len=len(r.prompt)))
+            self._emit_rows(range(first_row, len(self.live)), self._sample(self.live[first_row:], logits, "prefill"))
 
     def _step(self) -> None:
         n = len(self.live)
         tokens = torch.tensor([s.last_token for s in self.live], dtype=torch.int64)
         filled = max(s.cache_len for s in self.live) if "pos" in self.pool.tensors else 0
+        started = time.perf_counter()
         try:
-            logits = self.pool.step(tokens.to(self.pool.device), n, filled)
-            check_finite(logits, "decode step")
+            logits = self.pool.step(tokens, n, filled)  # copied into the pool's device buffer
+            chosen = self._sample(self.live, logits, "decode step")  # the one sync: tokens + finite flag to the host
         except Exception as exc:  # noqa: BLE001 - the whole batch shared this step
             for s in self.live:
                 self.stats.failed += 1
                 s.request.fail(f"decode step failed: {exc}")
             self.live = []
             return
+        self.stats.step_s += time.perf_counter() - started
         self.stats.steps += 1
         self.stats.step_rows += n
         for s in self.live:
             s.cache_len += 1
-        self._emit_rows(range(n), logits)
+        self._emit_rows(range(n), chosen)
 
-    def _emit_rows(self, rows, logits: torch.Tensor) -> None:
-        """Sample one token for each of `rows` (logits row i - rows.start ... in order), emit it, free the finished."""
-        rows = list(rows)
-        chosen = self._sample([self.live[r] for r in rows], logits)
-        now = time.perf_counter()
+    def _emit_rows(self, rows, chosen: list[int]) -> None:
+        """Emit chosen[i] to the sequence of rows[i], free the finished."""
+        now = started = time.perf_counter()
         finished = []
         for row, token in zip(rows, chosen):
             s = self.live[row]
@@ -253,21 +252,46 @@ class InflightBatcher:
                     self.on_finish(s.ttft_s, s.itl_s)
         for row in sorted(finished, reverse=True):  # highest first: a move never touches a row still to free
             self._free(row)
+        self.stats.emit_s += time.perf_counter() - started
 
     @staticmethod
-    def _sample(seqs: list[_Live], logits: torch.Tensor) -> list[int]:
-        """Greedy rows in one argmax (one device->host copy); sampled rows each with their own seeded sampler."""
+    def _sample(seqs: list[_Live], logits: torch.Tensor, where: str) -> list[int]:
+        """Greedy rows in one argmax, sampled rows each with their own seeded sampler; raises on NaN / Inf logits.
+        All greedy (the common case): the tokens and the finite flag come to the host in ONE copy (each copy is a
+        device sync, a visible share of a ~1 ms GPU step)."""
+        if all(s.sampler.cfg.greedy for s in seqs):
+            host = torch.cat([logits.argmax(-1), torch.isfinite(logits).all().view(1).to(torch.int64)]).tolist()
+            if not host[-1]:
+                check_finite(logits, where)  # raises, naming how many
+            return host[:-1]
+        check_finite(logits, where)
         greedy = [i for i, s in enumerate(seqs) if s.sampler.cfg.greedy]
         out = [0] * len(seqs)
         if greedy:
-            picks = logits.argmax(-1).tolist() if len(greedy) == len(seqs) else \
-                logits[greedy].argmax(-1).tolist()
+            picks = logits[greedy].argmax(-1).tolist()
             for i, t in zip(greedy, picks):
                 out[i] = int(t)
         for i, s in enumerate(seqs):
             if not s.sampler.cfg.greedy:
                 out[i] = int(s.sampler(logits[i:i + 1])[0])
         return out
+
+
+def prefill_groups(requests: list[Request], pad_work: float = PAD_WORK) -> list[list[Request]]:
+    """Requests admitted together, in prefills of left-padded prompts (a batch of different lengths gives each prompt
+    what it gives alone: runtime.generate's contract): by length, a group grows while its padded work (longest x
+    count) stays within pad_work x its real tokens. Equal lengths always share one prefill."""
+    groups: list[list[Request]] = []
+    real = 0
+    for r in sorted(requests, key=lambda r: len(r.prompt)):
+        n = len(r.prompt)
+        if groups and n * (len(groups[-1]) + 1) <= pad_work * (real + n):
+            groups[-1].append(r)
+            real += n
+        else:
+            groups.append([r])
+            real = n
+    return groups
 
 
 def _was_cancelled(request: Request, stats: BatcherStats) -> bool:

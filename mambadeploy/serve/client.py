@@ -16,11 +16,13 @@ from ..errors import lazy_import
 class StreamResult:
     tokens: list = field(default_factory=list)
     latency_ms: list = field(default_factory=list)  # as the model measured them: [TTFT, gap, gap, ...]
-    client_ms: list = field(default_factory=list)  # as this client saw them (since the request was sent)
+    client_ms: list = field(default_factory=list)  # as this client saw them: the gap before each token's response
+    responses: int = 0  # responses with tokens (one carries every token the server had ready for this stream)
     error: str | None = None
     cancelled: bool = False
     sent_at: float = 0.0  # wall clock (time.time) when the request went out, and of its last token
     last_at: float = 0.0
+    arrived_at: list = field(default_factory=list)  # wall clock of each token's response
 
 
 def _grpc():
@@ -69,11 +71,14 @@ async def stream(client, model: str, request_id: str, cancel_after: int | None =
             message = response.get_response()
             if message.outputs:
                 now = time.perf_counter()
-                result.tokens.append(int(response.as_numpy("output_ids")[0]))
-                result.latency_ms.append(float(response.as_numpy("latency_ms")[0]))
-                result.client_ms.append((now - last) * 1e3)
+                ids = response.as_numpy("output_ids").tolist()
+                result.tokens.extend(ids)
+                result.latency_ms.extend(response.as_numpy("latency_ms").tolist())
+                result.client_ms.extend([(now - last) * 1e3] + [0.0] * (len(ids) - 1))  # arrived together
+                result.responses += 1
                 last = now
                 result.last_at = time.time()
+                result.arrived_at.extend([result.last_at] * len(ids))
             if message.parameters["triton_final_response"].bool_param:
                 break
             if cancel_after is not None and len(result.tokens) >= cancel_after:

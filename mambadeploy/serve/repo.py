@@ -113,9 +113,11 @@ def python_model_config(name: str, parameters: dict, text: bool = False):
 
 def write_repo(target, out, name: str = "mamba", backend: str = "torch-fast", dtype: str = "bf16",
                device: str = "cuda", max_batch: int = 64, tokenizer=None, threads: int | None = None,
-               state_config: bool | None = None) -> dict:
+               state_config: bool | None = None, response_interval_ms: float = 0.0) -> dict:
     """Write the repository; returns {model name: model directory}. state_config: also write the implicit-state
-    model (default: when target is an export or engine directory)."""
+    model (default: when target is an export or engine directory). response_interval_ms: a stream gets at most one
+    response per interval (its tokens gather in between; 0: one as soon as the sender is free, see
+    triton_model._send_loop)."""
     import mambadeploy
 
     from ..runtime.factory import BACKENDS, directory_kind
@@ -124,6 +126,8 @@ def write_repo(target, out, name: str = "mamba", backend: str = "torch-fast", dt
         raise InputError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
     if max_batch < 1:
         raise InputError(f"--max-batch must be >= 1, got {max_batch}")
+    if not 0 <= response_interval_ms <= 10_000:
+        raise InputError(f"--response-interval-ms must be in [0, 10000], got {response_interval_ms}")
     out = Path(out)
     kind = directory_kind(target)
     resolved = str(Path(target).resolve()) if kind is not None or Path(str(target)).is_dir() else str(target)
@@ -131,6 +135,8 @@ def write_repo(target, out, name: str = "mamba", backend: str = "torch-fast", dt
               "python_path": str(Path(mambadeploy.__file__).resolve().parent.parent)}
     if threads:
         params["threads"] = threads
+    if response_interval_ms:
+        params["response_interval_ms"] = response_interval_ms
     model_dir = out / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:

@@ -128,6 +128,10 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.address}:{self.grpc_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.address}:{self.metrics_port}"
+
     def command(self, b: Bundle) -> list[str]:
         return [str(b.binary), f"--model-repository={self.repo.resolve()}",
                 f"--backend-directory={backend_dir(b, self.workdir)}",

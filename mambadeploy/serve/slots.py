@@ -73,22 +73,27 @@ class SlotPool:
         self._tokens[n:b].zero_()
         if "pos" in self.tensors:
             self.tensors["pos"][n:b].zero_()  # padding rows: keep their cache position inside the cache
-        views = OrderedDict((name, t[:b]) for name, t in self.tensors.items())
         backend = self.runner.backend
         if backend == "torch-fast":
-            logits = self._step_fast(b, views, filled)
-        elif backend == "ort":
+            return self._step_fast(b, filled)[:n]
+        views = self.views(b)
+        if backend == "ort":
             logits = self._step_copying(b, views, _ort_state(self.runner, views, b, filled))
         else:  # torch eager and TensorRT take a {name: tensor} state
             logits = self._step_copying(b, views, views)
         return logits[:n]
 
-    def _step_fast(self, b, views, filled):
-        from ..runtime.torch_fast import FastState
+    def views(self, b: int) -> OrderedDict:
+        """{name: rows [0, b) of the pool} (one view per state tensor: dozens of torch calls on a large model)."""
+        return OrderedDict((name, t[:b]) for name, t in self.tensors.items())
 
+    def _step_fast(self, b, filled):
+        """The bucket's FastState is built once over views of the pool: later steps touch no per-tensor Python."""
         st = self._fast_states.get(b)
         if st is None:
-            st = self._fast_states[b] = FastState(views, b)
+            from ..runtime.torch_fast import FastState
+
+            st = self._fast_states[b] = FastState(self.views(b), b)
         st.filled = filled
         logits, _ = self.runner.step(self._tokens[:b], st)
         return logits

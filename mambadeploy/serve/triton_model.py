@@ -1,26 +1,29 @@
-"""The Triton Python-backend model (decoupled): each request streams one response per generated token; every request
+"""The Triton Python-backend model (decoupled): each request streams its tokens as they are generated; every request
 joins one InflightBatcher that runs the decode batch of all live sequences.
 
 Runs inside Triton's Python stub (imports triton_python_backend_utils, which only exists there). A request:
   input_ids INT64 [-1] or text_input STRING [1] (with the repository's tokenizer); max_tokens INT32 (16 when absent);
   temperature FP32, top_k INT32, top_p FP32, seed INT64 (greedy when absent); stop_ids INT64 [-1]; stream BOOL
   (false: a single response with every token, as Triton's /generate endpoint needs; /generate_stream and gRPC
-  streaming take one response per token).
-Each response: output_ids INT64 [1], index INT32 [1], latency_ms FP32 [1] (index 0: time to first token from arrival;
-after: the gap since the previous token), text_output STRING [1] with a tokenizer. The last response carries the
-FINAL flag. Numbers cross the stub boundary through DLPack (works under numpy 1 and 2); strings need numpy < 2 there
+  streaming take a response per token, or per few tokens under load: see _send_loop).
+Each response: output_ids INT64 [k], index INT32 [k], latency_ms FP32 [k] (index 0: time to first token from arrival;
+after: the gap since the previous token), text_output STRING [1] with a tokenizer (the k tokens' text). The last
+response carries the FINAL flag. Numbers cross the stub boundary through DLPack (works under numpy 1 and 2); strings need numpy < 2 there
 (the stub dies on a string tensor under numpy 2), so the text fields exist only in repositories written with a
 tokenizer, which serve-repo refuses under numpy 2. A bad request gets one error response (with FINAL) and never reaches the batcher. Time to first token and
 inter-token latency also go to Triton's metrics endpoint as histograms (custom metrics of the Python backend):
-mambadeploy_time_to_first_token_seconds, mambadeploy_inter_token_latency_seconds; plus the gauge
+mambadeploy_time_to_first_token_seconds, mambadeploy_inter_token_latency_seconds (each sequence's mean gap: every
+metric update is a round trip to the server, so never one per token); plus the gauge
 mambadeploy_live_sequences and the counter mambadeploy_generated_tokens_total.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import queue
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +36,29 @@ from .repo import OUTPUTS, TOKENIZER_FILE
 
 DEFAULT_MAX_TOKENS = 16
 GIL_SWITCH_S = 2e-4
+# the watcher asks one open stream at a time whether its client went away (each ask is a round trip to the server)
+CANCEL_CYCLE_S = 0.2  # every open stream asked about this often (one stream: 5 asks a second) ...
+CANCEL_MIN_GAP_S = 0.01  # ... but at most one ask per 10 ms (64 streams: each every 0.64 s; at 5 ms the watcher was
+# 9-13 % busy at 32-64 streams on the CPU machine)
+METRICS_EVERY_S = 0.2  # a metric update is a round trip too
+# the profile counters (mambadeploy_profile_total{part=...}): BatcherStats fields, the sender's and the watcher's
+PROFILE_KEYS = ("steps", "step_rows", "prefills", "admitted", "busy_s", "step_s", "prefill_s", "emit_s", "admit_wait_s",
+                "responses", "tokens", "send_s", "send_cpu_s", "watch_s", "cancel_asks")
 # seconds; TTFT on a GPU is ms-scale, on the CPU tests 10-100 ms
 LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+
+
+class _Stream:
+    """One request's way out: tokens wait in `pending` (appended by the batcher thread, drained by the sender thread;
+    deque appends and pops are atomic) while the stream sits in the sender's queue (`queued`)."""
+    __slots__ = ("cancelled", "last_ready", "pending", "queued", "sender", "streaming", "wanted")
+
+    def __init__(self, sender, streaming: bool, wanted: set):
+        self.sender, self.streaming, self.wanted = sender, streaming, wanted
+        self.pending: collections.deque = collections.deque()
+        self.queued = False
+        self.last_ready = 0.0  # when emit last queued it (the response interval)
+        self.cancelled = False  # set by the watcher thread, read by the batcher between steps
 
 
 def _pb():
@@ -51,8 +75,8 @@ class MambaServeModel:
 
         from ..runtime.factory import make_runner
 
-        # Two threads share the GIL here (batcher, response sender): at Python's default 5 ms switch interval the
-        # batcher could wait that long for the GIL between decode steps
+        # Three threads share the GIL here (batcher, response sender, watcher): at Python's default 5 ms switch
+        # interval the batcher could wait that long for the GIL between decode steps
         sys.setswitchinterval(GIL_SWITCH_S)
         pb = _pb()
         config = json.loads(args["model_config"])
@@ -62,6 +86,7 @@ class MambaServeModel:
         if params.get("threads"):
             torch.set_num_threads(int(params["threads"]))
         self.name = config["name"]
+        self.response_interval_s = float(params.get("response_interval_ms") or 0) / 1e3
         options = {"cuda_graph": False} if params["backend"].startswith("ort") else {}  # slots.py feeds ORT by copy
         self.runner = make_runner(params["target"], backend=params["backend"], dtype=params["dtype"],
                                   device=params["device"], **options)
@@ -70,12 +95,23 @@ class MambaServeModel:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(Path(args["model_repository"]) / TOKENIZER_FILE))
+        # the sender's and the watcher's share of the profile counters
+        self.sent = {"responses": 0, "tokens": 0, "send_s": 0.0, "send_cpu_s": 0.0, "watch_s": 0.0, "cancel_asks": 0}
         self._metrics(pb)
         self._outbox: queue.Queue = queue.Queue()
+        # id(sender) -> _Stream whose last response is not sent yet. The watcher asks only these, under the lock that
+        # the last response is sent under: asking Triton about a completed request crashes the server (SIGSEGV in
+        # TRITONBACKEND_ResponseFactoryIsCancelled, seen here)
+        self._open: dict = {}
+        self._open_lock = threading.Lock()
+        self._finished: collections.deque = collections.deque()  # (ttft_s, itl_s) for the histograms
+        self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="mambadeploy-sender", daemon=True)
         self._sender.start()
         self.batcher = InflightBatcher(self.runner, max_batch=int(params["max_batch"]),
-                                       on_finish=self._observe, on_poll=self._poll).start()
+                                       on_finish=self._observe).start()
+        self._watcher = threading.Thread(target=self._watch_loop, name="mambadeploy-watcher", daemon=True)
+        self._watcher.start()
 
     # ------------------------------------------------------------------ metrics
     def _metrics(self, pb) -> None:
@@ -83,14 +119,17 @@ class MambaServeModel:
         latency_ms)."""
         labels = {"model": self.name}
         self.ttft = self.itl = self.live_gauge = self.tokens = self.cancelled = None
+        self.profile = {}
         self._cancelled_seen = 0
+        self._live_seen = -1
+        self._profile_seen: dict = {}
         try:
             family = pb.MetricFamily
             # the families must outlive their metrics: Triton refuses a metric whose family was collected
             self._families = [family(name, text, kind) for name, text, kind in (
                 ("mambadeploy_time_to_first_token_seconds", "Time from a request's arrival to its first token",
                  family.HISTOGRAM),
-                ("mambadeploy_inter_token_latency_seconds", "Gap between consecutive tokens of one sequence",
+                ("mambadeploy_inter_token_latency_seconds", "Mean gap between consecutive tokens, per sequence",
                  family.HISTOGRAM),
                 ("mambadeploy_live_sequences", "Sequences in the decode batch", family.GAUGE),
                 ("mambadeploy_generated_tokens_total", "Tokens streamed", family.COUNTER),
@@ -101,31 +140,88 @@ class MambaServeModel:
             self.live_gauge = live.Metric(labels=labels)
             self.tokens = tokens.Metric(labels=labels)
             self.cancelled = cancelled.Metric(labels=labels)
+            self._profile_family = family("mambadeploy_profile_total", "Where the model's time goes (seconds) and "
+                                          "its work counts; profile.py in serve/ reads them", family.COUNTER)
+            self.profile = {key: self._profile_family.Metric(labels={**labels, "part": key}) for key in PROFILE_KEYS}
         except (AttributeError, TypeError, pb.TritonModelException) as exc:
             pb.Logger.log_warn(f"mambadeploy: custom metrics unavailable ({exc}); latency_ms is in each response")
 
     def _observe(self, ttft_s, itl_s) -> None:
-        if self.ttft is not None and ttft_s is not None:
-            self.ttft.observe(ttft_s)
-            for gap in itl_s:
-                self.itl.observe(gap)
-            self.tokens.increment(1 + len(itl_s))
+        """on_finish, on the decode loop: only queued here (an observe is a round trip to the server; a finished
+        sequence of n tokens has n of them), pushed by the watcher."""
+        if ttft_s is not None and self.ttft is not None:  # without custom metrics nothing would drain them
+            self._finished.append((ttft_s, itl_s))
 
-    def _poll(self, live: int, stats) -> None:
-        if self.live_gauge is not None:
+    def _watch_loop(self) -> None:
+        """Every round trip to the server but the responses, off the decode loop: it asks one open stream at a time
+        (round robin) whether its client went away, each stream about every CANCEL_CYCLE_S and never more than one
+        ask per CANCEL_MIN_GAP_S, and every METRICS_EVERY_S pushes the metrics. Its time is the profile's watch_s."""
+        cursor, last_push, gap = 0, 0.0, CANCEL_CYCLE_S
+        while not self._stopping.wait(gap):
+            started = time.perf_counter()
+            with self._open_lock:
+                streams = list(self._open.values())
+                if streams:
+                    cursor = (cursor + 1) % len(streams)
+                    stream = streams[cursor]
+                    try:
+                        gone = bool(stream.sender.is_cancelled())
+                    except Exception:  # noqa: BLE001 - asking a closed stream counts as cancelled
+                        gone = True
+                    stream.cancelled = stream.cancelled or gone
+                    self.sent["cancel_asks"] += 1
+            gap = max(CANCEL_MIN_GAP_S, CANCEL_CYCLE_S / max(len(streams), 1))
+            if started - last_push >= METRICS_EVERY_S:
+                last_push = started
+                try:
+                    self._push_metrics()
+                except Exception as exc:  # noqa: BLE001 - metrics never stop the watcher
+                    _pb().Logger.log_verbose(f"mambadeploy: metrics not pushed ({exc})")
+            self.sent["watch_s"] += time.perf_counter() - started
+
+    def _push_metrics(self) -> None:
+        """Each metric update is a round trip to the server, like a response: per finished sequence its time to first
+        token and its MEAN inter-token gap are observed (one each, not one per token), counters only when changed."""
+        if self.live_gauge is None:
+            return
+        stats = self.batcher.stats
+        tokens = 0
+        while self._finished:
+            ttft_s, itl_s = self._finished.popleft()
+            self.ttft.observe(ttft_s)
+            if itl_s:
+                self.itl.observe(sum(itl_s) / len(itl_s))
+            tokens += 1 + len(itl_s)
+        if tokens:
+            self.tokens.increment(tokens)
+        live = len(self.batcher.live)
+        if live != self._live_seen:
             self.live_gauge.set(live)
-            if stats.cancelled > self._cancelled_seen:
-                self.cancelled.increment(stats.cancelled - self._cancelled_seen)
-                self._cancelled_seen = stats.cancelled
+            self._live_seen = live
+        if stats.cancelled > self._cancelled_seen:
+            self.cancelled.increment(stats.cancelled - self._cancelled_seen)
+            self._cancelled_seen = stats.cancelled
+        now = {**{k: getattr(stats, k) for k in PROFILE_KEYS if hasattr(stats, k)}, **self.sent}
+        for key, metric in self.profile.items():
+            delta = now[key] - self._profile_seen.get(key, 0)
+            if delta > 0:
+                metric.increment(delta)
+                self._profile_seen[key] = now[key]
 
     # ------------------------------------------------------------------ requests
     def execute(self, requests):
         pb = _pb()
         for request in requests:
             sender = request.get_response_sender()
+            key = id(sender)
             try:
-                self.batcher.submit(self._parse(pb, request, sender))
+                parsed = self._parse(pb, request, sender)
+                with self._open_lock:  # before submit: its last response may leave before submit returns
+                    self._open[key] = parsed.stream
+                self.batcher.submit(parsed)
             except (MambaDeployError, ValueError, TypeError) as exc:  # this request alone fails
+                with self._open_lock:
+                    self._open.pop(key, None)
                 sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))),
                             flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         # decoupled: responses go through the senders
@@ -162,63 +258,100 @@ class MambaServeModel:
         stop = value("stop_ids")
         stop_ids = tuple(stop.reshape(-1).tolist()) if stop is not None else ()
         streaming = value("stream")
-        emit, fail = self._responder(pb, sender, streaming is None or bool(streaming.reshape(-1)[0]),
+        stream, emit, fail = self._responder(sender, streaming is None or bool(streaming.reshape(-1)[0]),
                                      request.requested_output_names())
-        return Request(prompt, scalar("max_tokens", DEFAULT_MAX_TOKENS, int), emit, fail, sampling, stop_ids,
-                       cancelled=sender.is_cancelled)
+        parsed = Request(prompt, scalar("max_tokens", DEFAULT_MAX_TOKENS, int), emit, fail, sampling, stop_ids,
+                         cancelled=lambda: stream.cancelled)
+        parsed.stream = stream
+        return parsed
 
-    def _responder(self, pb, sender, streaming: bool, requested=()):
-        """emit(token, index, latency_s, final): one response per token, or (streaming False) one at the end."""
-        import torch
-
-        final_flag = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        tokenizer = self.tokenizer
-        kept = {"ids": [], "index": [], "latency": []}
-
-        wanted = set(requested) if requested else set(OUTPUTS)  # build only what the client asked for
-
-        def send(ids, index, latency_ms, flags):
-            outputs = [pb.Tensor.from_dlpack(name, torch.tensor(values, dtype=dtype)) for name, values, dtype in
-                       (("output_ids", ids, torch.int64), ("index", index, torch.int32),
-                        ("latency_ms", latency_ms, torch.float32)) if name in wanted]
-            if tokenizer is not None and "text_output" in wanted:
-                outputs.append(pb.Tensor("text_output", np.array([tokenizer.decode(ids).encode()], dtype=object)))
-            sender.send(pb.InferenceResponse(output_tensors=outputs), flags=flags)
-
-        def queue_send(*args):
-            self._outbox.put((send, args))
+    def _responder(self, sender, streaming: bool, requested=()):
+        """emit(token, index, latency_s, final) and fail(message) of one request. They only append to the stream's
+        pending list and queue the stream once for the sender thread (a few microseconds on the decode loop). With
+        a response interval, a streaming request is queued at most once per interval (and at its last token): its
+        tokens gather in between, whatever the sender's speed."""
+        stream = _Stream(sender, streaming, set(requested) if requested else set(OUTPUTS))
+        ready = self._outbox.put
+        interval = self.response_interval_s
+        clock = time.perf_counter
 
         def emit(token, index, latency_s, final):
-            if streaming:
-                queue_send([token], [index], [latency_s * 1e3], final_flag if final else 0)
+            stream.pending.append((token, index, latency_s * 1e3, final))
+            if stream.queued or not (streaming or final):
                 return
-            for key, v in zip(kept, (token, index, latency_s * 1e3)):
-                kept[key].append(v)
-            if final:
-                queue_send(kept["ids"], kept["index"], kept["latency"], final_flag)
-
-        def send_error(message):
-            sender.send(pb.InferenceResponse(error=pb.TritonError(message)), flags=final_flag)
+            if interval and not final:
+                now = clock()
+                if now - stream.last_ready < interval:
+                    return
+                stream.last_ready = now
+            stream.queued = True
+            ready(stream)
 
         def fail(message):
-            self._outbox.put((send_error, (message,)))
+            stream.pending.append((None, message, 0.0, True))
+            if not stream.queued:
+                stream.queued = True
+                ready(stream)
 
-        return emit, fail
+        return stream, emit, fail
 
     def _send_loop(self) -> None:
-        """Sends responses in order (one queue: a stream's tokens never overtake each other) while the batcher
-        thread runs the next decode step: the per-response cost of the stub (IPC to the server) overlaps the GPU."""
+        """Sends each queued stream's pending tokens as ONE response (output_ids [k], index [k], latency_ms [k]):
+        when the sender keeps up (one stream, or a step slower than a response) that is one token per response, the
+        lowest latency; when it falls behind (many streams: each response costs the stub an IPC round trip to the
+        server) a stream's tokens gather while it waits its turn and leave together, so the response rate, not the
+        token rate, is what the sender pays for and the decode loop never waits for it. Per-stream order holds: a
+        stream is in the queue at most once and its tokens leave in the order they were emitted."""
+        pb = _pb()
+        final_flag = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         while True:
-            item = self._outbox.get()
-            if item is None:
+            stream = self._outbox.get()
+            if stream is None:
                 return
-            fn, args = item
+            stream.queued = False  # before draining: a token emitted from here on queues the stream again
+            items = []
+            while stream.pending:
+                items.append(stream.pending.popleft())
+            if not items:
+                continue
+            started, cpu = time.perf_counter(), time.thread_time()
+            tokens = [it for it in items if it[0] is not None]
+            error = next((it[1] for it in items if it[0] is None), None)
+            closing = error is not None or tokens[-1][3]
+            if closing:
+                self._open_lock.acquire()  # the watcher never asks a stream once its last response is sent
             try:
-                fn(*args)
+                if tokens and (error is None or stream.streaming):  # non-streaming: an error replaces the tokens
+                    stream.sender.send(self._response(pb, stream, tokens),
+                                       flags=final_flag if error is None and closing else 0)
+                    self.sent["responses"] += 1
+                    self.sent["tokens"] += len(tokens)
+                if error is not None:
+                    stream.sender.send(pb.InferenceResponse(error=pb.TritonError(error)), flags=final_flag)
             except Exception as exc:  # noqa: BLE001 - the client is gone (the batcher sees it cancelled)
-                _pb().Logger.log_verbose(f"mambadeploy: a response was not delivered ({exc})")
+                pb.Logger.log_verbose(f"mambadeploy: a response was not delivered ({exc})")
+            finally:
+                if closing:
+                    self._open.pop(id(stream.sender), None)
+                    self._open_lock.release()
+            self.sent["send_s"] += time.perf_counter() - started
+            self.sent["send_cpu_s"] += time.thread_time() - cpu
+
+    def _response(self, pb, stream, tokens):
+        """One response of `tokens` [(id, index, latency_ms, final)], with only the outputs the client asked for."""
+        import torch
+
+        outputs = [pb.Tensor.from_dlpack(name, torch.tensor([t[column] for t in tokens], dtype=dtype))
+                   for name, column, dtype in (("output_ids", 0, torch.int64), ("index", 1, torch.int32),
+                                               ("latency_ms", 2, torch.float32)) if name in stream.wanted]
+        if self.tokenizer is not None and "text_output" in stream.wanted:
+            text = self.tokenizer.decode([t[0] for t in tokens])
+            outputs.append(pb.Tensor("text_output", np.array([text.encode()], dtype=object)))
+        return pb.InferenceResponse(output_tensors=outputs)
 
     def finalize(self) -> None:
+        self._stopping.set()
         self.batcher.stop()  # fails what is still live: those errors go through the outbox first
         self._outbox.put(None)
         self._sender.join(5)
+        self._watcher.join(1)

@@ -12,7 +12,7 @@ from components import DEV_INSTALL, require_module
 from mambadeploy.errors import InputError
 from mambadeploy.runtime.factory import make_runner
 from mambadeploy.runtime.generate import generate
-from mambadeploy.serve.batcher import InflightBatcher, Request
+from mambadeploy.serve.batcher import InflightBatcher, Request, prefill_groups
 from mambadeploy.serve.slots import bucket_sizes
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -22,6 +22,19 @@ def test_bucket_sizes():
     assert bucket_sizes(1) == [1]
     assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
     assert bucket_sizes(12) == [1, 2, 4, 8, 12]
+
+
+@pytest.mark.parametrize("lengths, groups", [
+    ([128] * 64, [[128] * 64]),  # equal lengths: one prefill, no padding
+    ([7, 1, 4], [[1], [4, 7]]),  # 1 with 4: 8 slots for 5 tokens (> 1.5x); 4 with 7: 14 slots for 11 tokens
+    ([10, 9, 8, 12], [[8, 9, 10, 12]]),  # 48 slots for 39 tokens
+    ([5], [[5]]),
+])
+def test_prefill_groups_bound_the_padding(lengths, groups):
+    requests = [Request([1] * n, 1, None, None) for n in lengths]
+    got = [[len(r.prompt) for r in g] for g in prefill_groups(requests)]
+    assert got == groups
+    assert sorted(id(r) for g in prefill_groups(requests) for r in g) == sorted(map(id, requests))
 
 
 def _collect(batcher, prompts, max_tokens, cancel_after=None):
