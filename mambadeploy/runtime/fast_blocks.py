@@ -21,26 +21,17 @@ class FastBlocks:
     """Mixed into TorchFastRunner; uses its model, config, dtype, eps, triton_gemv, l2_prefetch, routing_trace and the
     kernel modules (_k_*)."""
 
-    def _sparse_linear(self, x, entry, conv=None):
+    def _sparse_linear(self, x, entry):
         """The sparsified projection of decode rows x: the sparse GEMV at batch <= its MAX_BATCH, else the
-        reference's F.linear(sparsify(x), W, b') on the transposed weight's view. conv (in_proj only): Mamba's decode
-        conv, fused into the sparse GEMV's epilogue (see gemv's conv); with the F.linear fallback it runs on its own.
-        Either way the first C outputs come back as the conv's output."""
+        reference's F.linear(sparsify(x), W, b') on the transposed weight's view."""
         wt, mode, threshold, bias = entry
         if x.shape[0] <= self._k_sparse.MAX_BATCH:
-            return self._k_sparse.sparse_gemv(x, wt, mode, threshold, bias, conv=conv)
-        y = F.linear(sparsity.sparsify_ref(x, mode, threshold), wt.t(), bias)
-        if conv is not None:
-            state, weight, conv_bias = conv
-            y[:, :weight.shape[0]] = self._k_conv.causal_conv1d_update(y[:, :weight.shape[0]], state, weight,
-                                                                       conv_bias, "silu")[0]
-        return y
+            return self._k_sparse.sparse_gemv(x, wt, mode, threshold, bias)
+        return F.linear(sparsity.sparsify_ref(x, mode, threshold), wt.t(), bias)
 
     def _sparse_experts(self, layer, x, weights, experts):
         """The chosen experts of decode rows x (T, d) with sparse fc1 / fc2 GEMVs: one (token, slot) pair per program
-        row, each reading its own expert's transposed weights. fc1's epilogue applies the gated activation; top-1
-        (BlackMamba): fc2's epilogue scales by the routing weight, so the layer is two launches; top-k > 1: combined
-        in fp32 here, as the reference."""
+        row, each reading its own expert's transposed weights; combined in fp32 as the reference."""
         moe = layer.moe
         T, k = experts.shape
         if T > self._k_sparse.MAX_BATCH:
@@ -50,9 +41,9 @@ class FastBlocks:
         rows = x.repeat_interleave(k, 0) if k > 1 else x
         wt1, m1, t1, b1 = layer.sparse["fc1"]
         wt2, m2, t2, b2 = layer.sparse["fc2"]
-        a = self._k_sparse.sparse_expert_gemv(rows, wt1, flat, m1, t1, b1, activation=moe.activation)
-        if k == 1:
-            return self._k_sparse.sparse_expert_gemv(a, wt2, flat, m2, t2, b2, scale=weights.reshape(-1))
+        h = self._k_sparse.sparse_expert_gemv(rows, wt1, flat, m1, t1, b1)
+        gate, up = h.chunk(2, dim=-1)
+        a = (ref_ops.activation_ref(gate, moe.activation) * up).contiguous()
         y = self._k_sparse.sparse_expert_gemv(a, wt2, flat, m2, t2, b2)
         return (y.float() * weights.reshape(-1, 1).float()).view(T, k, -1).sum(1).to(x.dtype)
 

@@ -24,9 +24,10 @@ class FastStep:
         m = layer.mamba
         di = m.d_inner
         sp = layer.sparse or {}
-        if "in_proj" in sp:  # SCAP: the sparse GEMV with the conv update in its epilogue
-            xz = self._sparse_linear(x, sp["in_proj"], conv=(conv_state, layer.conv_weight, m.conv1d.bias))
-            xc = xz[:, :di]
+        if "in_proj" in sp:  # SCAP: sparse GEMV, then the conv update on its own
+            xz = self._sparse_linear(x, sp["in_proj"])
+            xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias,
+                                                      "silu")
         elif self._on_gemv(x):  # in_proj with the conv update in its epilogue
             xz = self._k_gemv.gemv(x, m.in_proj.weight, m.in_proj.bias,
                                    conv=(conv_state, layer.conv_weight, m.conv1d.bias))

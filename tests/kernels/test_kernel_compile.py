@@ -22,11 +22,9 @@ from mambadeploy.kernels import (  # noqa: E402
     rms_norm,
     selective_scan,
     selective_state_update,
-    sparse_gemv,
 )
 
-MODULES = (causal_conv1d, gemv, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update,
-           sparse_gemv)
+MODULES = (causal_conv1d, gemv, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update)
 H100_SMEM_PER_BLOCK = 232448  # bytes of shared memory one block may use on sm_90 (Triton's own error names it)
 POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
            torch.int32: "*i32"}
@@ -108,21 +106,6 @@ def _calls(dtype):
     yield "gemv (L2 prefetch)", lambda: gemv.gemv(r(1, 2944), r(124, 2944), prefetch=(r(1472, 2944), 1472 * 2944 * 2))
     yield "gemv (in_proj + conv)", lambda: gemv.gemv(r(1, 1472), r(5888, 1472), None,
                                                      conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
-    # SCAP sparse GEMVs at 2.8B shapes: batch 1 (FMA, split over K chunks), batch 4 (tl.dot), in_proj with the fused
-    # conv, x_proj (one narrow column tile), the MoE expert variant; and the predicated loop of the speed sweep
-    yield "sparse_gemv", lambda: sparse_gemv.sparse_gemv(r(1, 1472), r(1472, 5888), 0.0, 0.5)
-    yield "sparse_gemv (batch 4, bias)", lambda: sparse_gemv.sparse_gemv(r(4, 2944), r(2944, 1472), 0.1, 0.5, r(1472))
-    yield "sparse_gemv (in_proj + conv)", lambda: sparse_gemv.sparse_gemv(
-        r(1, 1472), r(1472, 5888), 0.0, 0.5, None, conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
-    yield "sparse_gemv (x_proj)", lambda: sparse_gemv.sparse_gemv(r(1, 2944), r(2944, 124), 0.0, 0.5)
-    yield "sparse_expert_gemv", lambda: sparse_gemv.sparse_expert_gemv(r(4, 3872), r(E, 3872, 1472),
-                                                                      torch.randint(0, E, (4,)), 0.0, 0.5, r(E, 1472))
-    yield "sparse_expert_gemv (gated fc1)", lambda: sparse_gemv.sparse_expert_gemv(
-        r(1, 1472), r(E, 1472, 7744), torch.randint(0, E, (1,)), 0.0, 0.5, r(E, 7744), activation="gelu")
-    yield "sparse_expert_gemv (fc2 x routing weight)", lambda: sparse_gemv.sparse_expert_gemv(
-        r(1, 3872), r(E, 3872, 1472), torch.randint(0, E, (1,)), 0.0, 0.5, scale=torch.rand(1))
-    yield "sparse_gemv (predicated)", lambda: sparse_gemv.sparse_gemv(
-        r(1, 2944), r(2944, 1472), 0.0, 0.5, config=sparse_gemv.launch_config(2944, 1472, 1, compact=False))
 
 
 def test_every_launch_compiles_for_sm90(monkeypatch):
@@ -132,13 +115,11 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
             _compile(kernel, args, dict(kwargs))
             compiled.add(kernel.fn.__name__)
     print(sorted(compiled))
-    assert len(compiled) == 17  # every kernel of the package
+    assert len(compiled) == 16  # every kernel of the package
 
 
 PDL_CALLS = ("selective_state_update", "selective_state_update (dt_proj fused)", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
-             "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)",
-             "sparse_gemv", "sparse_gemv (batch 4, bias)", "sparse_gemv (in_proj + conv)", "sparse_expert_gemv",
-             "sparse_expert_gemv (gated fc1)", "sparse_expert_gemv (fc2 x routing weight)")
+             "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)")
 
 
 def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):
@@ -156,7 +137,7 @@ def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):
             assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, kernel.fn.__name__
             compiled.add(kernel.fn.__name__)
     print(sorted(compiled))
-    assert len(compiled) == 8
+    assert len(compiled) == 7
 
 
 def test_l2_prefetch_compiles_to_the_bulk_prefetch(monkeypatch):
