@@ -300,8 +300,11 @@ def load_function(cupy, kernel: AotKernel):
         module = cupy.cuda.function.Module()
         module.load(kernel.ptx.encode())
         fn = module.get_function(kernel.kernel_name)
-        if kernel.shared_mem > 48 * 1024:  # above the default limit the function must opt in
-            fn.max_dynamic_shared_size_bytes = kernel.shared_mem
+        if kernel.shared_mem > 48 * 1024:  # above the default limit the function must opt in (seen on the H200:
+            # cupy's Function has no max_dynamic_shared_size_bytes property, only RawKernel does; the driver call does it)
+            driver = cupy.cuda.driver
+            attribute = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)  # CUfunction_attribute 8
+            driver.funcSetAttribute(fn.ptr, attribute, kernel.shared_mem)
         _FUNCTIONS[key] = (module, fn)  # keep the module alive with its function
     return _FUNCTIONS[key][1]
 

@@ -67,7 +67,9 @@ def _model(case, dtype):
     outputs = [helper.make_tensor_value_info(n, t, s) for n, s in zip(entry.outputs, shapes[:1] + shapes[3:])]
     node = helper.make_node("DecodeAttention", list(entry.inputs), list(entry.outputs), domain=DOMAIN, scale=0.0)
     graph = helper.make_graph([node], "decode_attention", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 10  # opset 21's IR; the newest onnx writes 14, which onnxruntime-gpu 1.31 refuses (max 13)
+    return model
 
 
 _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bfloat16: 16}
