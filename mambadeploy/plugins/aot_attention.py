@@ -126,7 +126,8 @@ def compile_launches(shapes, dtypes, attrs: dict, arch: int | None = None) -> li
         fn = getattr(aot_kernels, launch.adapter)
         signature = {n: "constexpr" if n in launch.constexprs else launch.pointers.get(n, scalar_type(launch, n))
                      for n in fn.arg_names}
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=launch.constexprs)
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=launch.constexprs,
+                                        attrs=aot.aligned_pointer_attrs(fn, signature))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
         md = compiled.metadata
@@ -162,6 +163,7 @@ def enqueue(kernels, inputs, outputs, workspace: int, shapes, dtype: str, stream
             if int(past) != int(present):  # not aliased: the step still has to hand back the whole cache
                 cupy.cuda.runtime.memcpyAsync(int(present), int(past), cache_bytes,
                                               cupy.cuda.runtime.memcpyDeviceToDevice, s.ptr)
+        aot.check_aligned(OP, ptrs.values())
         for k in kernels:
             scalars = iter(k.scalars)
             args = [_scalar(next(scalars)) if p.startswith("scalar:") else

@@ -247,8 +247,8 @@ def compile_spec(spec: KernelSpec, arch: int | None = None) -> CompiledKernel:
     if unknown:
         raise MambaDeployError(f"{spec.adapter}: spec names parameters it does not have: {sorted(unknown)}")
     # every pointer is 16-byte aligned (ORT's CUDA allocations are 256-aligned; ops_cuda_aot.cc checks before launching)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith("*")}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=spec.constexprs, attrs=attrs)
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=spec.constexprs,
+                                    attrs=aot.aligned_pointer_attrs(fn, signature))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch or aot._current_arch(), 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     md = compiled.metadata
