@@ -220,7 +220,7 @@ def signature(op: str, dtypes, constexprs: dict) -> dict:
     return {a: types[a] for a in adapter.arg_names}
 
 
-def compile_kernel(op: str, dtypes, attrs: dict, choice_shapes, arch: int | None = None):
+def compile_kernel(op: str, dtypes, attrs: dict, choice_shapes, arch: int | None = None, scalar_hints: bool = False):
     """triton.compile the op's adapter for `dtypes`, with the launch_config picked at `choice_shapes` (concrete ints).
     Returns (compiled kernel, launch choice, parameter order, PTX with only those parameters)."""
     triton = lazy_import("triton", "triton", "gpu", "compiling the plugin kernels ahead of time")
@@ -233,8 +233,14 @@ def compile_kernel(op: str, dtypes, attrs: dict, choice_shapes, arch: int | None
     choice = launch_choice(op, choice_shapes, dtypes, attrs)
     adapter = getattr(aot_kernels, spec.adapter)
     sig = signature(op, dtypes, choice["constexprs"])
-    src = triton.compiler.ASTSource(fn=adapter, signature=sig, constexprs=choice["constexprs"],
-                                    attrs=aligned_pointer_attrs(adapter, sig))
+    hints = aligned_pointer_attrs(adapter, sig)
+    if scalar_hints:  # only for a kernel launched with exactly these scalar values (IPluginV3: recompiled on a shape
+        # change; not tensorrt.plugin's one binary per profile): like the JIT, mark the multiples of 16, so row
+        # strides such as d allow vector loads
+        values = dict(zip(spec.scalars, (int(v) for v in spec.scalar_values(choice_shapes))))
+        hints.update({(i,): [["tt.divisibility", 16]] for i, name in enumerate(adapter.arg_names)
+                      if name in values and values[name] % 16 == 0})
+    src = triton.compiler.ASTSource(fn=adapter, signature=sig, constexprs=choice["constexprs"], attrs=hints)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch or _current_arch(), 32),
                               options={"num_warps": choice["num_warps"], "num_stages": choice["num_stages"]})
     md = compiled.metadata
@@ -274,7 +280,8 @@ def compile_for(op: str, shapes, dtypes, attrs: dict | None = None, arch: int | 
 
     spec = spec_for(op)
     arch = arch or _current_arch()
-    compiled, choice, params, ptx = compile_kernel(op, dtypes, attrs or {}, choice_shapes or shapes, arch)
+    compiled, choice, params, ptx = compile_kernel(op, dtypes, attrs or {}, choice_shapes or shapes, arch,
+                                                   scalar_hints=choice_shapes is None)
     md = compiled.metadata
     grid = tuple(int(g) for g in spec.grid(shapes, choice["constexprs"]))
     return AotKernel(op=op, kernel_name=md.name, ptx=ptx, arch=arch, grid=grid,

@@ -122,3 +122,15 @@ def test_a_misaligned_pointer_is_refused():
     with pytest.raises(Exception, match="not 16-byte aligned"):
         aot.check_aligned("k", [0x1000, 0x1002])
     aot.check_aligned("k", [0, 0x1000, 0x2040])
+
+
+def test_shape_scalars_get_the_jit_divisibility_hint_only_when_fixed():
+    """compile_for at exact shapes (IPluginV3 recompiles on a shape change) marks scalars that are multiples of 16 as
+    the JIT does: AddRMSNorm's row stride d = 1024 then loads vectors. A kernel compiled at other choice shapes (one
+    binary for a profile) must not assume it."""
+    dtypes = CASES["AddRMSNorm"][1]("bfloat16")
+    exact = _compile("AddRMSNorm", [(3, 1024), (3, 1024), (1024,)], dtypes, {"epsilon": 1e-6})
+    shared = aot.compile_for("AddRMSNorm", [(3, 1024), (3, 1024), (1024,)], dtypes, {"epsilon": 1e-6}, arch=90,
+                             choice_shapes=[(8, 1024), (8, 1024), (1024,)])
+    print("vector loads: exact shapes", _vector_loads(exact.ptx), "profile binary", _vector_loads(shared.ptx))
+    assert _vector_loads(exact.ptx) > 0 and _vector_loads(shared.ptx) == 0
