@@ -373,3 +373,30 @@ link("DecodeAttention", "trt_adapter", _TRT + "decode_attention_split_trt")
 _ATTENTION = (_TRT + "decode_attention_write_trt", _K + "decode_attention:decode_attention_split_kernel",
               _K + "decode_attention:decode_attention_combine_kernel")
 get_op("DecodeAttention").kernels.update({"trt": _ATTENTION, "ort_cuda": _ATTENTION})
+
+
+# --------------------------------------------------------------------------- SparseLinear (issue 18: SCAP in the decode graph)
+# A calibrated model's sparsified linears (models/sparsity.py) in --ops custom decode graphs. The weight stays (N, K) as
+# nn.Linear stores it: the same initializer as prefill's MatMul (the exporter never folds Transpose(weight) into a
+# copy). The ORT CPU kernel reads, per row, only the weight columns of the kept features. No CUDA kernel and no
+# TensorRT AOT kernel yet (aot.NO_AOT_KERNEL_YET): torch-fast's sparse_gemv_kernel wants the transposed (K, N) weight.
+register(OpEntry(
+    name="SparseLinear", version=1,
+    torch_op="sparse_linear",
+    node_dtypes={"x": "T", "weight": "T", "bias": "T"},
+    output_dtypes=("T",),
+    inputs=("x", "weight", "bias"),
+    outputs=("y",),
+    attributes={"mode": ("float", 0.0), "threshold": ("float", 0.0)},
+    shapes={"x": ("*rows", "K"), "weight": ("N", "K"), "bias": ("N",), "y": ("*rows", "N")},
+    optional_inputs=("bias",),
+    reference="mambadeploy.kernels.sparse_gemv:sparse_linear_ref",
+    input_types={"x": "T", "weight": "float", "bias": "float"},
+    doc="SCAP sparse linear: y = s(x) W^T + b with s(x) = (x - mode) where |x - mode| > threshold else 0 (fp32 "
+        "math, rounded to x's dtype); the mode's shift is folded into b already.",
+))
+link("SparseLinear", "onnx_emitter", "mambadeploy.export.onnx_ops:emit_sparse_linear")
+link("SparseLinear", "portable", "mambadeploy.export.portable_decode:expand_sparse_linear")
+link("SparseLinear", "ort", "mambadeploy.plugins.ort.build:register")  # CPU kernels only (ops_cpu_decode.cc)
+link("SparseLinear", "trt", "mambadeploy.plugins.trt_v3:plugin_classes")  # parses and builds; enqueue refuses
+link("SparseLinear", "triton", "mambadeploy.kernels.sparse_gemv:sparse_linear")
