@@ -388,7 +388,9 @@ register(OpEntry(
     inputs=("x", "weight", "bias"),
     outputs=("y",),
     attributes={"mode": ("float", 0.0), "threshold": ("float", 0.0)},
-    shapes={"x": ("*rows", "K"), "weight": ("N", "K"), "bias": ("N",), "y": ("*rows", "N")},
+    # rows of x: the export flattens leading dims around the node (op_shapes' output rule copies a variadic dim only
+    # whole, and y's last dim is N, not K)
+    shapes={"x": ("rows", "K"), "weight": ("N", "K"), "bias": ("N",), "y": ("rows", "N")},
     optional_inputs=("bias",),
     reference="mambadeploy.kernels.sparse_gemv:sparse_linear_ref",
     input_types={"x": "T", "weight": "float", "bias": "float"},

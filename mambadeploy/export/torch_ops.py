@@ -237,7 +237,9 @@ def _sparse_linear_via_op(self, x, weight, bias=None):
     """sparsity.Sparsifier.linear as one SparseLinear node: the linear's bias and the folded one summed first, as the
     reference does. MoE experts' (E, ...) weights keep the reference's standard ops (sparse_moe_ref never calls this)."""
     b = self.folded_bias if bias is None else (bias if self.folded_bias is None else bias + self.folded_bias)
-    return torch.ops.mambadeploy.sparse_linear(x, weight, b, self.mode, self.threshold)
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x  # the node takes (rows, K)
+    y = torch.ops.mambadeploy.sparse_linear(rows, weight, b, self.mode, self.threshold)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def sparse_linear_patches():

@@ -113,8 +113,9 @@ SPECS = {
 }
 
 
-# Registry ops whose TensorRT plugin has no ahead-of-time kernel (enqueue refuses with spec_for's message): none.
-NO_AOT_KERNEL_YET = ()
+# Registry ops whose TensorRT plugin has no ahead-of-time kernel (enqueue refuses with spec_for's message): SparseLinear
+# (its plan builds; torch-fast's sparse_gemv_kernel reads a transposed (K, N) weight, the node carries nn.Linear's (N, K)).
+NO_AOT_KERNEL_YET = ("SparseLinear",)
 # Ops the plugin runs as several launches with a workspace, each from its own module (plan, compile_launches,
 # workspace_bytes, enqueue, run_interpreted): DecodeAttention's split-K attention and its combine.
 MULTI_LAUNCH = {"DecodeAttention": "mambadeploy.plugins.aot_attention"}

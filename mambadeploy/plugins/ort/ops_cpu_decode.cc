@@ -228,7 +228,7 @@ struct DecodeAttentionKernel {
   }
 };
 
-// --- SparseLinear: x (*rows, K), weight (N, K), bias (N) -> y (*rows, N) = s(x) W^T + b (kernels/sparse_gemv.py
+// --- SparseLinear: x (rows, K), weight (N, K), bias (N) -> y (rows, N) = s(x) W^T + b (kernels/sparse_gemv.py
 // sparse_linear_ref). s(x) = (x - mode) where |x - mode| > threshold, rounded to T, as the reference. Per row, the kept
 // features are listed first; every output then reads only those weight columns: a dropped activation's weights are
 // never loaded (SCAP's saving; the weight stays (N, K), the layout prefill shares). fp32 accumulation, y rounded once.
@@ -245,9 +245,7 @@ struct SparseLinearKernel {
     const T* x = ctx.GetInput(0).GetTensorData<T>();
     const T* W = ctx.GetInput(1).GetTensorData<T>();
     const T* bias = bi.data ? ctx.GetInput(2).GetTensorData<T>() : nullptr;
-    std::vector<int64_t> out_shape(xi.shape.begin(), xi.shape.end() - 1);
-    out_shape.push_back(N);
-    T* y = ctx.GetOutput(0, out_shape).GetTensorMutableData<T>();
+    T* y = ctx.GetOutput(0, {rows, N}).GetTensorMutableData<T>();
     std::vector<int64_t> kept;
     std::vector<float> value;
     kept.reserve(K), value.reserve(K);
