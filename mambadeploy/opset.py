@@ -402,3 +402,6 @@ link("SparseLinear", "portable", "mambadeploy.export.portable_decode:expand_spar
 link("SparseLinear", "ort", "mambadeploy.plugins.ort.build:register")  # CPU kernels only (ops_cpu_decode.cc)
 link("SparseLinear", "trt", "mambadeploy.plugins.trt_v3:plugin_classes")  # parses and builds; enqueue refuses
 link("SparseLinear", "triton", "mambadeploy.kernels.sparse_gemv:sparse_linear")
+# ops whose ORT kernels are CPU only: an ORT-CUDA runner refuses an export holding them (ORT would place them on its CPU
+# provider, which its CUDA-graph mode refuses, with copies every step)
+ORT_CPU_ONLY = ("SparseLinear",)
