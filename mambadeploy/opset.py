@@ -378,7 +378,7 @@ get_op("DecodeAttention").kernels.update({"trt": _ATTENTION, "ort_cuda": _ATTENT
 # --------------------------------------------------------------------------- SparseLinear (issue 18: SCAP in the decode graph)
 # A calibrated model's sparsified linears (models/sparsity.py) in --ops custom decode graphs. The weight stays (N, K) as
 # nn.Linear stores it: the same initializer as prefill's MatMul (the exporter never folds Transpose(weight) into a
-# copy). The ORT CPU kernel reads, per row, only the weight columns of the kept features. No CUDA kernel and no
+# copy). The ORT kernels (CPU, and the library's hand-written CUDA kernel) read only the weights of kept features. No
 # TensorRT AOT kernel yet (aot.NO_AOT_KERNEL_YET): torch-fast's sparse_gemv_kernel wants the transposed (K, N) weight.
 register(OpEntry(
     name="SparseLinear", version=1,
@@ -399,9 +399,6 @@ register(OpEntry(
 ))
 link("SparseLinear", "onnx_emitter", "mambadeploy.export.onnx_ops:emit_sparse_linear")
 link("SparseLinear", "portable", "mambadeploy.export.portable_decode:expand_sparse_linear")
-link("SparseLinear", "ort", "mambadeploy.plugins.ort.build:register")  # CPU kernels only (ops_cpu_decode.cc)
+link("SparseLinear", "ort", "mambadeploy.plugins.ort.build:register")  # ops_cpu_decode.cc, ops_cuda_decode.cc
 link("SparseLinear", "trt", "mambadeploy.plugins.trt_v3:plugin_classes")  # parses and builds; enqueue refuses
 link("SparseLinear", "triton", "mambadeploy.kernels.sparse_gemv:sparse_linear")
-# ops whose ORT kernels are CPU only: an ORT-CUDA runner refuses an export holding them (ORT would place them on its CPU
-# provider, which its CUDA-graph mode refuses, with copies every step)
-ORT_CPU_ONLY = ("SparseLinear",)

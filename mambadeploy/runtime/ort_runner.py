@@ -75,8 +75,6 @@ class OrtRunner(Runner):
         self.id = next(self._instances)
         self.state_names = [s.name for s in self.manifest.state]
         self.limits = self.manifest.limits
-        if provider == "cuda" and self.manifest.ops == "custom":
-            refuse_cpu_only_ops(self.directory / self.manifest.graphs["decode"].file)
         if provider == "cuda":
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()  # onnxruntime-gpu finds the CUDA / cuDNN libraries of the installed wheels
@@ -391,21 +389,6 @@ def _to_torch(value) -> torch.Tensor:
         raw = value.numpy()
         return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(value.numpy())
-
-
-def refuse_cpu_only_ops(decode_path) -> None:
-    """A custom export whose decode graph holds an op with CPU-only ORT kernels (opset.ORT_CPU_ONLY: SparseLinear)
-    cannot run on ORT's CUDA provider: one clear error naming the fix."""
-    import onnx
-
-    from ..opset import DOMAIN, ORT_CPU_ONLY
-
-    graph = onnx.load(str(decode_path), load_external_data=False).graph
-    found = sorted({n.op_type for n in graph.node if n.domain == DOMAIN and n.op_type in ORT_CPU_ONLY})
-    if found:
-        raise MambaDeployError(f"{decode_path} holds {', '.join(found)} nodes, which have no ORT CUDA kernel yet (CPU "
-                               "only): run it with --provider cpu, or export this sparse checkpoint with --ops portable "
-                               "for ORT CUDA")
 
 
 def missing_kernel_hint(message: str, provider: str, manifest) -> str:
