@@ -378,8 +378,9 @@ get_op("DecodeAttention").kernels.update({"trt": _ATTENTION, "ort_cuda": _ATTENT
 # --------------------------------------------------------------------------- SparseLinear (issue 18: SCAP in the decode graph)
 # A calibrated model's sparsified linears (models/sparsity.py) in --ops custom decode graphs. The weight stays (N, K) as
 # nn.Linear stores it: the same initializer as prefill's MatMul (the exporter never folds Transpose(weight) into a
-# copy). The ORT kernels (CPU, and the library's hand-written CUDA kernel) read only the weights of kept features. No
-# TensorRT AOT kernel yet (aot.NO_AOT_KERNEL_YET): torch-fast's sparse_gemv_kernel wants the transposed (K, N) weight.
+# copy). The ORT kernels (CPU, and the library's hand-written CUDA kernel) and the TensorRT plugin's AOT adapter read
+# only the weights of kept features; torch-fast's sparse_gemv_kernel wants a transposed (K, N) weight, so the adapter
+# (plugins/aot_kernels.py sparse_linear_trt) has its own body.
 register(OpEntry(
     name="SparseLinear", version=1,
     torch_op="sparse_linear",
@@ -400,5 +401,7 @@ register(OpEntry(
 link("SparseLinear", "onnx_emitter", "mambadeploy.export.onnx_ops:emit_sparse_linear")
 link("SparseLinear", "portable", "mambadeploy.export.portable_decode:expand_sparse_linear")
 link("SparseLinear", "ort", "mambadeploy.plugins.ort.build:register")  # ops_cpu_decode.cc, ops_cuda_decode.cc
-link("SparseLinear", "trt", "mambadeploy.plugins.trt_v3:plugin_classes")  # parses and builds; enqueue refuses
+link("SparseLinear", "trt", "mambadeploy.plugins.trt_v3:plugin_classes")
+link("SparseLinear", "trt_adapter", _TRT + "sparse_linear_trt")  # its own body for the (N, K) weight
+get_op("SparseLinear").kernels.update({"trt": (_TRT + "sparse_linear_trt",), "ort_cuda": ()})  # ORT CUDA: hand-written
 link("SparseLinear", "triton", "mambadeploy.kernels.sparse_gemv:sparse_linear")
