@@ -373,3 +373,35 @@ link("DecodeAttention", "trt_adapter", _TRT + "decode_attention_split_trt")
 _ATTENTION = (_TRT + "decode_attention_write_trt", _K + "decode_attention:decode_attention_split_kernel",
               _K + "decode_attention:decode_attention_combine_kernel")
 get_op("DecodeAttention").kernels.update({"trt": _ATTENTION, "ort_cuda": _ATTENTION})
+
+
+# --------------------------------------------------------------------------- SparseLinear (issue 18: SCAP in the decode graph)
+# A calibrated model's sparsified linears (models/sparsity.py) in --ops custom decode graphs. The weight stays (N, K) as
+# nn.Linear stores it: the same initializer as prefill's MatMul (the exporter never folds Transpose(weight) into a
+# copy). The ORT kernels (CPU, and the library's hand-written CUDA kernel) and the TensorRT plugin's AOT adapter read
+# only the weights of kept features; torch-fast's sparse_gemv_kernel wants a transposed (K, N) weight, so the adapter
+# (plugins/aot_kernels.py sparse_linear_trt) has its own body.
+register(OpEntry(
+    name="SparseLinear", version=1,
+    torch_op="sparse_linear",
+    node_dtypes={"x": "T", "weight": "T", "bias": "T"},
+    output_dtypes=("T",),
+    inputs=("x", "weight", "bias"),
+    outputs=("y",),
+    attributes={"mode": ("float", 0.0), "threshold": ("float", 0.0)},
+    # rows of x: the export flattens leading dims around the node (op_shapes' output rule copies a variadic dim only
+    # whole, and y's last dim is N, not K)
+    shapes={"x": ("rows", "K"), "weight": ("N", "K"), "bias": ("N",), "y": ("rows", "N")},
+    optional_inputs=("bias",),
+    reference="mambadeploy.kernels.sparse_gemv:sparse_linear_ref",
+    input_types={"x": "T", "weight": "float", "bias": "float"},
+    doc="SCAP sparse linear: y = s(x) W^T + b with s(x) = (x - mode) where |x - mode| > threshold else 0 (fp32 "
+        "math, rounded to x's dtype); the mode's shift is folded into b already.",
+))
+link("SparseLinear", "onnx_emitter", "mambadeploy.export.onnx_ops:emit_sparse_linear")
+link("SparseLinear", "portable", "mambadeploy.export.portable_decode:expand_sparse_linear")
+link("SparseLinear", "ort", "mambadeploy.plugins.ort.build:register")  # ops_cpu_decode.cc, ops_cuda_decode.cc
+link("SparseLinear", "trt", "mambadeploy.plugins.trt_v3:plugin_classes")
+link("SparseLinear", "trt_adapter", _TRT + "sparse_linear_trt")  # its own body for the (N, K) weight
+get_op("SparseLinear").kernels.update({"trt": (_TRT + "sparse_linear_trt",), "ort_cuda": ()})  # ORT CUDA: hand-written
+link("SparseLinear", "triton", "mambadeploy.kernels.sparse_gemv:sparse_linear")

@@ -89,6 +89,7 @@ def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: Exp
             patches.enter_context(torch_ops.decode_patches())
             if ops == "custom":
                 patches.enter_context(torch_ops.attention_patches())
+                patches.enter_context(torch_ops.sparse_linear_patches())
         if ops == "contrib":
             contrib.register_schemas()
             table.update(contrib.translation_table())

@@ -140,6 +140,10 @@ def emit_decode_attention(q, k, v, key_cache, value_cache, pos, scale: float):
     return _domain().DecodeAttention(q, k, v, key_cache, value_cache, pos, scale=float(scale), _outputs=3)
 
 
+
+def emit_sparse_linear(x, weight, bias, mode: float, threshold: float):
+    return _domain().SparseLinear(x, weight, bias, mode=float(mode), threshold=float(threshold))
+
 def translation_table() -> dict:
     """torch custom op -> the registry entry's emitter, for torch.onnx.export(custom_translation_table=...)."""
     import torch

@@ -143,3 +143,22 @@ def expand_decode_attention(node: onnx.NodeProto, types: GraphTypes) -> list[onn
     mixed = e.op("MatMul", [e.op("Softmax", [scores], axis=-1), caches[1]])  # (B, KV, G, hd)
     e.op("Cast", [e.op("Reshape", [mixed, e.const([0, heads, head_dim])])], outputs=[out], to=t)
     return e.nodes
+
+
+def expand_sparse_linear(node: onnx.NodeProto, types: GraphTypes) -> list[onnx.NodeProto]:
+    """SCAP's mask in standard ops, as sparsity.Sparsifier.linear traces: centre, threshold, round the kept values to
+    x's dtype, then a dense MatMul (a stock runtime reads every weight row; the custom node skips the dropped ones)."""
+    entry = opset.get_op("SparseLinear")
+    i, attrs = _inputs(node, entry), _attrs(node, entry)
+    e = NodeEmitter(node.name or entry.name)
+    t = types.elem_type(i["x"])
+    centred = e.op("Sub", [e.cast(i["x"], t), e.const([attrs["mode"]], dtype="float32")])
+    keep = e.op("Greater", [e.op("Abs", [centred]), e.const([attrs["threshold"]], dtype="float32")])
+    kept = e.op("Where", [keep, centred, e.const([0.0], dtype="float32")])
+    kept = e.cast(e.cast(kept, FLOAT, t), t)  # rounded to x's dtype, as the reference's s(x) is
+    weight = e.op("Transpose", [e.cast(i["weight"], types.elem_type(i["weight"]))], perm=[1, 0])
+    y = e.op("MatMul", [kept, weight])
+    if i["bias"]:
+        y = e.op("Add", [y, e.cast(i["bias"], types.elem_type(i["bias"]))])
+    e.op("Cast", [y], outputs=[node.output[0]], to=t)
+    return e.nodes

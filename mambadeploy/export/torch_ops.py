@@ -117,6 +117,19 @@ def _decode_attention_fake(q, k, v, key_cache, value_cache, pos, scale):
     return torch.empty_like(q), torch.empty_like(key_cache), torch.empty_like(value_cache)
 
 
+@torch.library.custom_op("mambadeploy::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: float,
+                  threshold: float) -> torch.Tensor:
+    from ..kernels.sparse_gemv import sparse_linear_ref
+
+    return sparse_linear_ref(x, weight, bias, mode, threshold)
+
+
+@sparse_linear.register_fake
+def _sparse_linear_fake(x, weight, bias, mode, threshold):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 # --------------------------------------------------------------------------- the patches
 def _scan_via_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
     return torch.ops.mambadeploy.selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, int(delta_softplus))
@@ -218,3 +231,20 @@ def attention_patches():
     from ..models import layers
 
     return patched(layers.Attention, step=attention_step_via(_decode_attention_via_op))
+
+
+def _sparse_linear_via_op(self, x, weight, bias=None):
+    """sparsity.Sparsifier.linear as one SparseLinear node: the linear's bias and the folded one summed first, as the
+    reference does. MoE experts' (E, ...) weights keep the reference's standard ops (sparse_moe_ref never calls this)."""
+    b = self.folded_bias if bias is None else (bias if self.folded_bias is None else bias + self.folded_bias)
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x  # the node takes (rows, K)
+    y = torch.ops.mambadeploy.sparse_linear(rows, weight, b, self.mode, self.threshold)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def sparse_linear_patches():
+    """--ops custom decode: every SCAP-sparsified linear (models/sparsity.py) becomes one SparseLinear node; the other
+    modes keep the reference's mask in standard ops (what the node's portable expansion also writes)."""
+    from ..models import sparsity
+
+    return patched(sparsity.Sparsifier, linear=_sparse_linear_via_op)

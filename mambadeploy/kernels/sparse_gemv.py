@@ -140,3 +140,22 @@ def sparse_expert_gemv(x: torch.Tensor, wt: torch.Tensor, experts: torch.Tensor,
     kernel = kernel_for(sparse_gemv_kernel, x)
     return _launch(kernel, x, wt, None if bias is None else bias.contiguous(), experts, P, P, K, N, wt.stride(0),
                    mode, threshold, True, split_k)
+
+
+# --------------------------------------------------------------------------- the registry op SparseLinear's signature
+def sparse_linear_ref(x, weight, bias=None, mode: float = 0.0, threshold: float = 0.0):
+    """opset SparseLinear's reference: x (*rows, K), weight (N, K) as nn.Linear stores it, bias (N,) or None ->
+    (*rows, N) in x.dtype = F.linear(s(x), weight, bias) in fp32 math (sparse_gemv_ref on the transposed weight)."""
+    return sparse_gemv_ref(x, weight.t(), mode, threshold, bias)
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, mode: float = 0.0,
+                  threshold: float = 0.0):
+    """sparse_linear_ref's contract on sparse_gemv_kernel: rows in chunks of MAX_BATCH. It transposes the weight per
+    call (a copy): the parity form of the op; torch-fast keeps pre-transposed weights and calls sparse_gemv itself."""
+    K, N = weight.shape[1], weight.shape[0]
+    rows = x.reshape(-1, K)
+    wt = weight.t().contiguous()
+    out = [sparse_gemv(rows[i:i + MAX_BATCH].contiguous(), wt, mode, threshold, bias)
+           for i in range(0, rows.shape[0], MAX_BATCH)]
+    return torch.cat(out).reshape(*x.shape[:-1], N)

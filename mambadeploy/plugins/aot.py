@@ -93,6 +93,14 @@ SPECS = {
         grid=lambda s, c: (s[0][0], cdiv(s[0][1], c["BLOCK_D"]), 1),
         attr_constexprs=lambda attrs: {"DT_SOFTPLUS": bool(attrs["dt_softplus"])},
     ),
+    "SparseLinear": AotSpec(  # x (rows, K), weight (N, K): mode and threshold compiled in (one kernel per site)
+        op="SparseLinear",
+        launch_config="mambadeploy.plugins.aot_kernels:sparse_linear_launch_config",
+        scalars=("K", "N"),
+        scalar_values=lambda s: (s[0][1], s[1][0]),
+        grid=lambda s, c: (s[0][0], cdiv(s[1][0], c["BLOCK_N"]), 1),
+        attr_constexprs=lambda attrs: {"MODE": float(attrs["mode"]), "THRESHOLD": float(attrs["threshold"])},
+    ),
     "AddRMSNorm": AotSpec(  # (rows, d) inputs, as the decode graphs give them
         op="AddRMSNorm",
         launch_config="mambadeploy.plugins.aot_kernels:add_rms_norm_launch_config",

@@ -95,10 +95,16 @@ def routed_moe_inputs(tokens, d, F, experts, dtype, device, seed=0):
             r(experts, 2 * F, d, scale=d ** -0.5), r(experts, d, F, scale=F ** -0.5)]
 
 
+def sparse_linear_inputs(rows, K, N, dtype, device, seed=0):
+    """x (rows, K) around 0.1 (the tests' mode), weight (N, K), bias (N,), all in `dtype`."""
+    _, r = _randn(seed, dtype, device)
+    return [r(rows, K) + 0.1, r(N, K, scale=K ** -0.5), r(N, scale=0.5)]
+
+
 INPUT_MAKERS = {"SelectiveScan": selective_scan_inputs, "CausalConv1d": causal_conv1d_inputs,
                 "TopKExpertGather": expert_gather_inputs, "CausalConv1dUpdate": conv_update_inputs,
                 "SelectiveStateUpdate": state_update_inputs, "AddRMSNorm": add_rms_norm_inputs,
-                "RoutedMoE": routed_moe_inputs}
+                "RoutedMoE": routed_moe_inputs, "SparseLinear": sparse_linear_inputs}
 def reference(op: str, inputs, attrs):
     """The op's `_ref` on the same inputs, as a tuple of outputs in the op's output order: through the op's torch custom
     op (export/torch_ops.py), whose eager implementation is the reference and whose signature is the entry's (inputs,

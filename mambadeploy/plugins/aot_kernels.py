@@ -246,6 +246,40 @@ def add_rms_norm_launch_config(shapes, dtypes=None) -> dict:
     return {"num_warps": max(1, min(8, block // 256)), "num_stages": 1, "constexprs": {"BLOCK": block}}
 
 
+# --------------------------------------------------------------------------- SparseLinear (SCAP)
+@triton.jit
+def sparse_linear_trt(
+    x, weight, bias,  # inputs, op order: x (rows, K), weight (N, K) as nn.Linear stores it, bias (N,) (zeros if omitted)
+    K, N,  # int32 scalars
+    y,  # output (rows, N)
+    MODE: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """kernels/sparse_gemv.py's math on the node's (N, K) weight (sparse_gemv_kernel reads a transposed (K, N) one):
+    program (row, block of BLOCK_N outputs); the weight loads of dropped features are masked off, so a dropped
+    feature's weights are never read (whole sectors only where consecutive features drop). One launch, no workspace."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.full((BLOCK_N,), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        xv = tl.load(x + row * K + ks, mask=k_ok, other=0.0)
+        centred = xv.to(tl.float32) - MODE
+        keep = (tl.abs(centred) > THRESHOLD) & k_ok
+        xs = tl.where(keep, centred, 0.0).to(xv.dtype).to(tl.float32)  # rounded to x's dtype, as the reference
+        w = tl.load(weight + cols[:, None].to(tl.int64) * K + ks[None, :], mask=col_ok[:, None] & keep[None, :],
+                    other=0.0)
+        acc += fsum(w.to(tl.float32) * xs[None, :], 1)
+    acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(y + row * N + cols, acc.to(y.dtype.element_ty), mask=col_ok)
+
+
+def sparse_linear_launch_config(shapes, dtypes=None) -> dict:
+    """Output blocks of 64 columns, K walked in 64-wide slices (a decode GEMV: bound by the weight bytes read)."""
+    return {"num_warps": 4, "num_stages": 2, "constexprs": {"BLOCK_N": 64, "BLOCK_K": 64}}
+
+
 # --------------------------------------------------------------------------- DecodeAttention: three launches
 # torch-fast's split-K decode attention is two kernels (the splits' partials in an fp32 workspace, then the combine);
 # the IPluginV3 enqueue (plugins/aot_attention.py) and the ORT CUDA library (ops_cuda_aot.cc AotDecodeAttention) run

@@ -44,6 +44,8 @@ def op_input_specs(name: str, dim=6, n=4, k=4, d=8, f=5, experts=3, top_k=1, dty
         return {"q": (("batch", 4, 12), dtype), "k": (("batch", 2, 12), dtype), "v": (("batch", 2, 12), dtype),
                 "key_cache": (("batch", 2, 37, 12), dtype), "value_cache": (("batch", 2, 37, 12), dtype),
                 "pos": (("batch",), "int64")}
+    if name == "SparseLinear":  # x (rows, K) @ weight (N, K)^T + bias (N,)
+        return {"x": (("batch", d), dtype), "weight": ((f, d), p), "bias": ((f,), p)}
     raise KeyError(name)
 
 

@@ -31,6 +31,7 @@ CASES = {
     "AddRMSNorm": ([(3, 72), (3, 72), (72,)], lambda t: [t, "float32", t], {"epsilon": 1e-6}, (72,), 3),
     "RoutedMoE": ([(5, 24), (4, 24), (4,), (4, 20, 24), (4, 24, 10)], lambda t: [t, t, t, t, t],
                   {"router": 1, "top_k": 2, "activation": 1}, (24, 10, 4), 5),
+    "SparseLinear": ([(3, 150), (70, 150), (70,)], lambda t: [t, t, t], {"mode": 0.1, "threshold": 0.6}, (150, 70), 3),
 }
 
 

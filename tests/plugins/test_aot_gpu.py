@@ -74,6 +74,8 @@ DECODE_CASES = [  # (op, dims, attrs, the opt dims that fix the constexprs)
      {"tokens": 4, "d": 1472, "F": 96, "experts": 8}),
     ("RoutedMoE", {"tokens": 3, "d": 256, "F": 64, "experts": 16}, {"router": 1, "top_k": 2, "activation": 1},
      {"tokens": 4, "d": 256, "F": 64, "experts": 16}),
+    ("SparseLinear", {"rows": 4, "K": 2560, "N": 5120}, {"mode": 0.1, "threshold": 0.6},  # 2.8B in_proj, half dropped
+     {"rows": 1, "K": 2560, "N": 5120}),
 ]
 
 

@@ -49,6 +49,8 @@ CASES = {
     "state-update": ("SelectiveStateUpdate", dict(batch=3, dim=21, d_state=16), {"dt_softplus": 1},
                      dict(batch=1, dim=21, d_state=16)),
     "add-rms-norm": ("AddRMSNorm", dict(rows=3, d=70), {"epsilon": 1e-5}, dict(rows=1, d=70)),
+    "sparse-linear": ("SparseLinear", dict(rows=3, K=150, N=70), {"mode": 0.1, "threshold": 0.6},
+                      dict(rows=1, K=150, N=70)),  # K and N off the 64 blocks; ~45 % of the features dropped
     "moe-sigmoid": ("RoutedMoE", dict(tokens=1, d=24, F=10, experts=5), {"router": 0, "activation": 0},
                     dict(tokens=4, d=24, F=10, experts=5)),
     "moe-top2": ("RoutedMoE", dict(tokens=3, d=300, F=12, experts=6), {"router": 1, "top_k": 2, "activation": 1},

@@ -219,6 +219,19 @@ def test_state_update_cuda(library, dtype, batch, dim, n, omit):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,K,N,omit,threshold", [(1, 37, 19, (), 0.0), (3, 1472, 331, ("bias",), 0.6),
+                                                      (4, 2560, 5120, (), 0.6), (1, 64, 33, (), 100.0)])
+def test_sparse_linear_cuda(library, dtype, batch, K, N, omit, threshold):
+    """SCAP's SparseLinear (ops_cuda_decode_kernels.cu): threshold 0 keeps every feature, 0.6 drops ~45 % of N(0, 1)
+    inputs around mode 0.1, 100 drops them all (y = bias)."""
+    attrs = {"mode": 0.1, "threshold": threshold}
+    outs, t = _run("SparseLinear", dtype, {"batch": batch}, K, library, omit=omit, attrs=attrs, d=K, f=N)
+    r = _ref_inputs(t, dtype)
+    refs = get_op("SparseLinear").resolve("reference")(r["x"], r["weight"], r.get("bias"), 0.1, threshold)
+    _compare("SparseLinear", dtype, f"b{batch} K{K} N{N} omit{list(omit)} t{threshold}", outs, [refs])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,d", [(1, 33), (3, 1472), (64, 4096)])
 def test_add_rms_norm_cuda(library, dtype, batch, d):
     outs, t = _run("AddRMSNorm", dtype, {"batch": batch}, d, library, attrs={"epsilon": 1e-5}, d=d)

@@ -159,7 +159,7 @@ def test_mis_shaped_parameter_fails_with_a_message(library, op, name, kw):
 
 
 ENTRY_NAMES = ["SelectiveScan", "CausalConv1d", "TopKExpertGather", "CausalConv1dUpdate", "SelectiveStateUpdate",
-               "AddRMSNorm", "RoutedMoE", "DecodeAttention"]
+               "AddRMSNorm", "RoutedMoE", "DecodeAttention", "SparseLinear"]
 
 
 @pytest.mark.parametrize("op", ENTRY_NAMES)

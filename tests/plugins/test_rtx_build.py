@@ -41,6 +41,7 @@ CASES = [  # (op, graph kwargs): every op in each activation dtype, parameters i
     ("SelectiveStateUpdate", {"dtype": "float32", "omit": ("D", "dt_bias")}), ("AddRMSNorm", {"dtype": "float16"}),
     ("RoutedMoE", {"dtype": "float32"}), ("RoutedMoE", {"dtype": "bfloat16", "omit": ("router_bias",)}),
     ("DecodeAttention", {"dtype": "float16"}), ("DecodeAttention", {"dtype": "bfloat16"}),
+    ("SparseLinear", {"dtype": "float16"}), ("SparseLinear", {"dtype": "bfloat16", "omit": ("bias",)}),
 ]
 
 

@@ -81,6 +81,10 @@ def _ref_outputs(name, dtype):
                     v=torch.randn(3, 2, 6, generator=g).to(t), key_cache=torch.randn(3, 2, 9, 6, generator=g).to(t),
                     value_cache=torch.randn(3, 2, 9, 6, generator=g).to(t), pos=torch.tensor([0, 8, 3]))
         outs = get_op(name).resolve("reference")(**args)
+    elif name == "SparseLinear":
+        args = dict(x=torch.randn(6, 8, generator=g).to(t), weight=torch.randn(5, 8, generator=g).to(t),
+                    bias=torch.randn(5, generator=g).to(t))
+        outs = (get_op(name).resolve("reference")(**args, mode=0.1, threshold=0.5),)
     elif name == "RoutedMoE":
         T, d, f, e = 6, 8, 5, 3
         args = dict(x=torch.randn(T, d, generator=g).to(t), router_weight=torch.randn(e, d, generator=g).to(t),

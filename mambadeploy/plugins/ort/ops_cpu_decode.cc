@@ -1,7 +1,8 @@
 // ONNX Runtime CPU kernels (fp32) for the decode step's mambadeploy ops: CausalConv1dUpdate, SelectiveStateUpdate,
 // AddRMSNorm, RoutedMoE — the math of mambadeploy/models/ref_ops.py (causal_conv1d_update_ref,
 // selective_state_update_ref, add_rms_norm_ref, routed_moe_ref), fp32 accumulation — and DecodeAttention
-// (kernels/decode_attention.py decode_attention_update_ref) in fp32, fp16 and bf16. Registered by register.cc.
+// (kernels/decode_attention.py decode_attention_update_ref) and SparseLinear (kernels/sparse_gemv.py sparse_linear_ref)
+// in fp32, fp16 and bf16. Registered by register.cc.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -227,6 +228,44 @@ struct DecodeAttentionKernel {
   }
 };
 
+// --- SparseLinear: x (rows, K), weight (N, K), bias (N) -> y (rows, N) = s(x) W^T + b (kernels/sparse_gemv.py
+// sparse_linear_ref). s(x) = (x - mode) where |x - mode| > threshold, rounded to T, as the reference. Per row, the kept
+// features are listed first; every output then reads only those weight columns: a dropped activation's weights are
+// never loaded (SCAP's saving; the weight stays (N, K), the layout prefill shares). fp32 accumulation, y rounded once.
+template <typename T>
+struct SparseLinearKernel {
+  float mode_, threshold_;
+  explicit SparseLinearKernel(const OrtKernelInfo* info)
+      : mode_(Attr(info, op::SparseLinear::mode)), threshold_(Attr(info, op::SparseLinear::threshold)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In xi = input(ctx, 0), wi = input(ctx, 1), bi = input(ctx, 2);
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::SparseLinear>(xi, wi, bi);
+    const int64_t rows = dims.rows, K = dims.K, N = dims.N;
+    const T* x = ctx.GetInput(0).GetTensorData<T>();
+    const T* W = ctx.GetInput(1).GetTensorData<T>();
+    const T* bias = bi.data ? ctx.GetInput(2).GetTensorData<T>() : nullptr;
+    T* y = ctx.GetOutput(0, {rows, N}).GetTensorMutableData<T>();
+    std::vector<int64_t> kept;
+    std::vector<float> value;
+    kept.reserve(K), value.reserve(K);
+    for (int64_t r = 0; r < rows; ++r) {
+      kept.clear(), value.clear();
+      for (int64_t k = 0; k < K; ++k) {
+        const float c = Widen(x[r * K + k]) - mode_;
+        if (std::fabs(c) > threshold_) kept.push_back(k), value.push_back(Widen(Narrow<T>(c)));
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        const T* w = W + n * K;
+        float acc = 0.f;
+        for (size_t j = 0; j < kept.size(); ++j) acc += value[j] * Widen(w[kept[j]]);
+        if (bias) acc += Widen(bias[n]);
+        y[r * N + n] = Narrow<T>(acc);
+      }
+    }
+  }
+};
+
 // fp32 CPU kernels: the registry's "T" inputs are float32 here
 RegistryOp<op::CausalConv1dUpdate, ConvUpdateKernel, kF32> g_conv_update;
 RegistryOp<op::SelectiveStateUpdate, StateUpdateKernel, kF32> g_state_update;
@@ -238,6 +277,11 @@ RegistryOp<op::DecodeAttention, DecodeAttentionKernel<Ort::Float16_t>, ONNX_TENS
     g_attention_f16;
 RegistryOp<op::DecodeAttention, DecodeAttentionKernel<Ort::BFloat16_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>
     g_attention_bf16;
+RegistryOp<op::SparseLinear, SparseLinearKernel<float>, kF32> g_sparse_linear_f32;
+RegistryOp<op::SparseLinear, SparseLinearKernel<Ort::Float16_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>
+    g_sparse_linear_f16;
+RegistryOp<op::SparseLinear, SparseLinearKernel<Ort::BFloat16_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>
+    g_sparse_linear_bf16;
 
 }  // namespace
 
@@ -250,5 +294,8 @@ void AddCpuDecodeOps(Ort::CustomOpDomain& domain) {
   domain.Add(&g_attention_f32);
   domain.Add(&g_attention_f16);
   domain.Add(&g_attention_bf16);
+  domain.Add(&g_sparse_linear_f32);
+  domain.Add(&g_sparse_linear_f16);
+  domain.Add(&g_sparse_linear_bf16);
 }
 }  // namespace mambadeploy_ort

@@ -61,6 +61,25 @@ struct StateUpdateKernel {
   }
 };
 
+struct SparseLinearKernel {
+  using Spec = op::SparseLinear;
+  static constexpr const char* kName = Spec::kName;
+  DType t_;
+  float mode_, threshold_;
+  SparseLinearKernel(const OrtKernelInfo* info, ONNXTensorElementDataType t)
+      : t_(dtype_of(t)), mode_(Attr(info, Spec::mode)), threshold_(Attr(info, Spec::threshold)) {}
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    In x = input(ctx, 0), w = input(ctx, 1), bias = input(ctx, 2);
+    const auto dims = mambadeploy_ort::CheckInputShapes<Spec>(x, w, bias);
+    mambadeploy_cuda::SparseLinearArgs a{};
+    a.x = x.data, a.weight = w.data, a.bias = bias.data;
+    a.y = ctx.GetOutput(0, {dims.rows, dims.N}).GetTensorMutableRawData();
+    a.rows = dims.rows, a.K = dims.K, a.N = dims.N, a.mode = mode_, a.threshold = threshold_;
+    check_launch(mambadeploy_cuda::LaunchSparseLinear(t_, a, ctx.GetGPUComputeStream()), kName);
+  }
+};
+
 struct AddNormKernel {
   using Spec = op::AddRMSNorm;
   static constexpr const char* kName = Spec::kName;
@@ -178,6 +197,7 @@ AllDtypes<StateUpdateKernel> g_state_update;
 AllDtypes<AddNormKernel> g_add_norm;
 AllDtypes<MoEKernel> g_moe;
 AllDtypes<DecodeAttentionKernel> g_attention;
+AllDtypes<SparseLinearKernel> g_sparse_linear;
 
 }  // namespace
 
@@ -188,5 +208,6 @@ void AddCudaDecodeOps(Ort::CustomOpDomain& domain) {
   g_add_norm.AddTo(domain);
   g_moe.AddTo(domain);
   g_attention.AddTo(domain);
+  g_sparse_linear.AddTo(domain);
 }
 }  // namespace mambadeploy_ort

@@ -2,6 +2,8 @@
 //
 // CausalConv1dUpdate, SelectiveStateUpdate: one thread per (row, channel); states fp32.
 // AddRMSNorm: one block per row (sum of squares reduced over the block).
+// SparseLinear: one warp per (row, output): lanes walk the weight row (coalesced), loads of dropped features predicated
+// off (a 32-byte sector is skipped only when every feature in it is dropped).
 // RoutedMoE: ops_cuda_moe_kernels.cu.
 #include "ops_cuda_kernels.h"
 #include "ops_cuda_math.cuh"
@@ -107,6 +109,30 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(AddNormArgs a) {
 }
 
 template <typename T>
+__global__ void __launch_bounds__(kThreads) sparse_linear_kernel(SparseLinearArgs a) {
+  const int lane = threadIdx.x % 32;
+  const int64_t n = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32, row = blockIdx.y;
+  if (n >= a.N) return;  // whole warps leave together: the shuffles below see full warps
+  const T* x = static_cast<const T*>(a.x) + row * a.K;
+  const T* w = static_cast<const T*>(a.weight) + n * a.K;
+  float acc = 0.f;
+  for (int64_t k = lane; k < a.K; k += 32) {
+    const float c = to_f(x[k]) - a.mode;
+    if (fabsf(c) > a.threshold) acc += to_f(from_f<T>(c)) * to_f(w[k]);  // the weight is read only for kept features
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) {
+    if (a.bias) acc += to_f(static_cast<const T*>(a.bias)[n]);
+    static_cast<T*>(a.y)[row * a.N + n] = from_f<T>(acc);
+  }
+}
+
+template <typename T>
+void launch_sparse_linear(const SparseLinearArgs& a, cudaStream_t s) {
+  sparse_linear_kernel<T><<<dim3(unsigned(cdiv(a.N, kWarps)), unsigned(a.rows)), kThreads, 0, s>>>(a);
+}
+
+template <typename T>
 void launch_conv_update(const ConvUpdateArgs& a, cudaStream_t s) {
   conv_update_kernel<T><<<unsigned(cdiv(a.batch * a.dim, kThreads)), kThreads, 0, s>>>(a);
 }
@@ -139,6 +165,12 @@ const char* LaunchStateUpdate(DType t, const StateUpdateArgs& a, void* stream) {
   if (a.batch * a.dim == 0) return nullptr;
   return dispatch<StateUpdateArgs, launch_state_update<float>, launch_state_update<__half>,
                   launch_state_update<__nv_bfloat16>>(t, a, stream);
+}
+
+const char* LaunchSparseLinear(DType t, const SparseLinearArgs& a, void* stream) {
+  if (a.rows * a.N == 0) return nullptr;
+  return dispatch<SparseLinearArgs, launch_sparse_linear<float>, launch_sparse_linear<__half>,
+                  launch_sparse_linear<__nv_bfloat16>>(t, a, stream);
 }
 
 const char* LaunchAddRMSNorm(DType t, const AddNormArgs& a, void* stream) {

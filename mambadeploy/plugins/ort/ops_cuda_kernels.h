@@ -89,6 +89,16 @@ struct AddNormArgs {
 };
 const char* LaunchAddRMSNorm(DType t, const AddNormArgs& a, void* stream);
 
+// SparseLinear: x (rows, K), weight (N, K), bias (N, may be null), y (rows, N), all in T; y = s(x) W^T + b with
+// s(x) = (x - mode) where |x - mode| > threshold (rounded to T), fp32 accumulation.
+struct SparseLinearArgs {
+  const void *x, *weight, *bias;
+  void* y;
+  int64_t rows, K, N;
+  float mode, threshold;
+};
+const char* LaunchSparseLinear(DType t, const SparseLinearArgs& a, void* stream);
+
 // RoutedMoE: x, y (T, d) in T; router_weight (E, d), router_bias (E) in T (bias may be null); w1 (E, 2F, d),
 // w2 (E, d, F) in T. router 0 = sigmoid top-1, 1 = softmax top-k. Needs MoEWorkspaceBytes(...) bytes of workspace.
 struct MoEArgs {

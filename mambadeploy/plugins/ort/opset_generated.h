@@ -155,4 +155,21 @@ struct DecodeAttention {
   static Dims Named(const int64_t* v) { return {v[0], v[1], v[2], v[3], v[4]}; }
 };
 
+// SparseLinear(x (rows, K), weight (N, K), bias (N)) -> (y (rows, N))
+struct SparseLinear {
+  static constexpr const char* kName = "SparseLinear";
+  static constexpr int kVersion = 1;
+  static constexpr const char* kInputs = "TTt";
+  static constexpr const char* kOutputs = "T";
+  static constexpr size_t kNumInputs = 3, kNumOutputs = 1;
+  static constexpr FloatAttr mode{"mode", 0.0f};
+  static constexpr FloatAttr threshold{"threshold", 0.0f};
+  static constexpr const char* kInputNames[] = {"x", "weight", "bias"};
+  static constexpr const char* kInputShapes[] = {"rows K", "N K", "N"};
+  static constexpr const char* kDimNames[] = {"rows", "K", "N"};
+  static constexpr size_t kNumDims = 3;
+  struct Dims { int64_t rows, K, N; };
+  static Dims Named(const int64_t* v) { return {v[0], v[1], v[2]}; }
+};
+
 }  // namespace mambadeploy_opset
