@@ -178,10 +178,11 @@ struct DecodeAttentionKernel {
     Ort::ConstValue kc = ctx.GetInput(3), vc = ctx.GetInput(4);
     std::vector<int64_t> pos_shape;
     const int64_t* pos = input_i64(ctx, 5, pos_shape);
-    const auto qs = qv.GetTensorTypeAndShapeInfo().GetShape(), cs = kc.GetTensorTypeAndShapeInfo().GetShape();
+    const In qi = input(ctx, 0), ci = input(ctx, 3);  // (the shapes; the typed data comes from the values above)
+    const std::vector<int64_t>& qs = qi.shape;
+    const std::vector<int64_t>& cs = ci.shape;
     // shapes from the registry (opset_generated.h); that KV divides H is a value rule, checked here
-    const auto dims = mambadeploy_ort::CheckInputShapes<op::DecodeAttention>(input(ctx, 0), input(ctx, 1),
-                                                                             input(ctx, 2), input(ctx, 3),
+    const auto dims = mambadeploy_ort::CheckInputShapes<op::DecodeAttention>(qi, input(ctx, 1), input(ctx, 2), ci,
                                                                              input(ctx, 4), input(ctx, 5));
     const int64_t B = dims.B, H = dims.H, KV = dims.KV, S = dims.S, hd = dims.hd;
     Require(H % KV == 0, "DecodeAttention: the KV heads must divide the query heads");
