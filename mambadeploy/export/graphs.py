@@ -77,7 +77,7 @@ def io_names(model: MambaMoELM, graph: str) -> tuple[list[str], list[str]]:
 def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: ExportDescription,
           max_length: int | None):
     """Return the ONNXProgram of one graph; its `mambadeploy` nodes are expanded later for portable/contrib modes."""
-    from . import contrib
+    from . import contrib, gqa_prefill
 
     onnx_ops.register_schemas()
     specs = state_specs(model.config, model.dtype)
@@ -99,11 +99,18 @@ def trace(model: MambaMoELM, graph: str, ops: str, opset_version: int, desc: Exp
             patches.enter_context(torch_ops.custom_op_patches())
             patches.enter_context(last_position_head(model))
             wrapper = PrefillGraph(model) if graph == "prefill" else PrefillStateGraph(model)
-            args = (torch.zeros(B, L, dtype=torch.int64), torch.tensor(desc.dummy_lengths, dtype=torch.int64))
-            dynamic = ({0: batch, 1: length}, {0: batch})
+            lengths = desc.dummy_lengths
+            if graph == "prefill_state" and gqa_prefill.uses_gqa_prefill(model.config, ops):
+                # GroupQueryAttention continues a cache at batch 1 only: a static batch of 1 (see gqa_prefill)
+                patches.enter_context(gqa_prefill.gqa_prefill_patches())
+                table.update(gqa_prefill.translation_table())
+                B, batch, lengths = 1, None, (L,)
+            args = (torch.zeros(B, L, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64))
+            rows = {0: batch} if batch is not None else {}
+            dynamic = ({**rows, 1: length}, rows)
             if graph == "prefill_state":
                 args += tuple(torch.zeros(s.concrete_shape(B), dtype=s.dtype) for s in specs)
-                dynamic += (tuple({0: batch} for _ in specs),)  # *past: one entry holding every state's shapes
+                dynamic += (tuple(rows for _ in specs),)  # *past: one entry holding every state's shapes
         else:
             wrapper = DecodeGraph(model)
             args = (torch.zeros(B, 1, dtype=torch.int64),

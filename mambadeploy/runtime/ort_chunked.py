@@ -3,8 +3,14 @@
 treats as a fresh sequence), so the prompt's activations are those of one chunk. Left-padded rows stay right: a row's
 real tokens in a chunk are `lengths - (L - stop)` clipped to the chunk (0 while the row is still in its padding).
 
-The states move between chunks as OrtValues on the runner's device (never through the host); the last chunk writes
-into the CUDA-graph buffers when the runner has them, so decode continues from it as from a one-pass prefill."""
+A graph exported at batch 1 (its attention is GroupQueryAttention, which continues a cache at batch 1 only: see
+export/gqa_prefill.py) takes the rows one after the other, each on its own real tokens (no padding).
+
+The states stay torch tensors on the runner's device (never through the host), each row group's in its rows of the
+final buffers — the CUDA-graph buffers when the runner has them, so decode continues from them as from a one-pass
+prefill. A state the graph may update in place (its KV caches under GroupQueryAttention: ort_exports.aliased_states)
+is bound as both input and output, so a chunk writes its slots instead of copying the whole cache; the others are
+written to a scratch buffer and copied back (a few MB of Mamba state per chunk)."""
 
 from __future__ import annotations
 
@@ -17,34 +23,53 @@ from ..models.state import PAST, PRESENT
 
 def chunked_prefill(runner, ids: np.ndarray, lens: np.ndarray, chunk: int):
     """runner: an OrtRunner whose export has a prefill_state graph. Returns (last-position logits (B, V) fp32 torch,
-    state values by name, the CUDA-graph targets written or None)."""
+    state tensors by name, the CUDA-graph targets written or None)."""
     sess = runner.session("prefill_state")
     B, L = ids.shape
     device = torch.device("cuda", runner.device_id) if runner.provider == "cuda" else torch.device("cpu")
-    values = {s.name: torch.zeros([B if d == "batch" else d for d in s.shape], dtype=TORCH_DTYPES[s.dtype],
-                                  device=device) for s in runner.manifest.state}
-    targets = None
+    targets = runner.graph_buffers(B) if runner.cuda_graph else None
+    if targets is not None:
+        for t in targets.values():
+            t.zero_()  # an all-zero state is a fresh sequence: the buffers may hold an earlier one
+        final = dict(targets)
+    else:
+        final = {s.name: torch.zeros([B if d == "batch" else d for d in s.shape], dtype=TORCH_DTYPES[s.dtype],
+                                     device=device) for s in runner.manifest.state}
+    in_place = prefill_state_aliases(runner)
+    if sess.get_inputs()[0].shape[0] == 1:  # a batch-1 graph: each row alone, on its real tokens only
+        groups = [(b, b + 1, ids[b:b + 1, L - int(lens[b]):], lens[b:b + 1]) for b in range(B)]
+    else:
+        groups = [(0, B, ids, lens)]
+    logits = [_run_group(runner, sess, {n: t[r0:r1] for n, t in final.items()}, group_ids, group_lens, chunk,
+                         in_place) for r0, r1, group_ids, group_lens in groups]
+    return torch.cat(logits), final, targets
+
+
+def _run_group(runner, sess, state: dict, ids: np.ndarray, lens: np.ndarray, chunk: int, in_place: set):
+    """Chunks of `ids` (rows of `state`, views updated in place) through the prefill_state session; returns the last
+    chunk's logits."""
+    scratch = {n: torch.empty_like(t) for n, t in state.items() if n not in in_place}
+    L = ids.shape[1]
     for start in range(0, L, chunk):
         stop = min(start + chunk, L)
         real = np.clip(lens - (L - stop), 0, stop - start).astype(np.int64)
         io = sess.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids[:, start:stop]))
         io.bind_cpu_input("lengths", real)
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                runner.bind_tensor(io, "input", PAST + name, value)
-            else:
-                io.bind_ortvalue_input(PAST + name, value)
-        io.bind_output("logits", "cpu")
-        if stop == L and runner.cuda_graph:
-            targets = runner.graph_buffers(B)
-            for name in runner.state_names:
-                runner.bind_tensor(io, "output", PRESENT + name, targets[name])
-        else:
-            for name in runner.state_names:
-                io.bind_output(PRESENT + name, runner.provider, runner.device_id)
+        io.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        for name, value in state.items():
+            runner.bind_tensor(io, "input", PAST + name, value)
+            runner.bind_tensor(io, "output", PRESENT + name, value if name in in_place else scratch[name])
         runner.run(sess, io, "prefill_state")
-        outs = io.get_outputs()
-        if targets is None:
-            values = dict(zip(runner.state_names, outs[1:]))
-    return torch.from_numpy(outs[0].numpy()), (dict(targets) if targets is not None else values), targets
+        for name, value in scratch.items():
+            state[name].copy_(value)
+    return torch.from_numpy(io.get_outputs()[0].numpy())
+
+
+def prefill_state_aliases(runner) -> set:
+    """The prefill_state graph's states that may be updated in place (read once per runner)."""
+    if getattr(runner, "_prefill_state_aliases", None) is None:
+        from .ort_exports import aliased_states
+
+        runner._prefill_state_aliases = aliased_states(runner.directory / runner.manifest.graphs["prefill_state"].file)
+    return runner._prefill_state_aliases

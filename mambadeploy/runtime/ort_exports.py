@@ -79,9 +79,16 @@ def export_for(target, dtype="fp32", ops: str | None = None, progress=None) -> P
     return out
 
 
+# ORT's own ops whose outputs may share an input's buffer, by position (input, output):
+# com.microsoft.GroupQueryAttention appends to past_key / past_value in place when present_key / present_value are
+# the same buffer (ORT's past_present_share_buffer), writing only the new tokens' slots.
+FOREIGN_ALIASES = {("com.microsoft", "GroupQueryAttention"): ((3, 1), (4, 2))}
+
+
 def aliased_states(decode_path) -> set:
-    """State names whose decode output may share the input's buffer: a graph input `past.X` read only by a registry
-    op whose output aliases it (opset.OUTPUT_ALIASES: DecodeAttention's caches), that output being the graph output
+    """State names whose output in this graph may share the input's buffer: a graph input `past.X` read only by a
+    registry op whose output aliases it (opset.OUTPUT_ALIASES: DecodeAttention's caches) or by an ORT op that appends
+    in place (FOREIGN_ALIASES: GroupQueryAttention), that output being the graph output
     `present.X` (Shape nodes aside). OrtRunner.step binds such a present to the past OrtValue itself, and CUDA-graph
     mode keeps one buffer for it in both ping-pong sets, so a decode step writes one KV slot and reads the filled ones
     instead of copying the whole cache (the op copies once when handed another buffer). The price: the state a step
@@ -101,11 +108,13 @@ def aliased_states(decode_path) -> set:
     outputs = {o.name for o in graph.output}
     shared = set()
     for node in graph.node:
-        if node.domain != DOMAIN or node.op_type not in OUTPUT_ALIASES:
-            continue
-        entry = get_op(node.op_type)
-        for out, inp in OUTPUT_ALIASES[node.op_type].items():
-            past, present = node.input[entry.inputs.index(inp)], node.output[entry.outputs.index(out)]
+        if node.domain == DOMAIN and node.op_type in OUTPUT_ALIASES:
+            entry = get_op(node.op_type)
+            pairs = [(entry.inputs.index(inp), entry.outputs.index(out)) for out, inp in OUTPUT_ALIASES[node.op_type].items()]
+        else:
+            pairs = FOREIGN_ALIASES.get((node.domain, node.op_type), ())
+        for i, o in pairs:
+            past, present = node.input[i], node.output[o]
             name = past.removeprefix(PAST)
             if past.startswith(PAST) and present == PRESENT + name and present in outputs and len(readers[past]) == 1:
                 shared.add(name)

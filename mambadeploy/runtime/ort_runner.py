@@ -263,18 +263,21 @@ class OrtRunner(Runner):
         sess = self.sessions["decode"]
         io = sess.io_binding()
         io.bind_cpu_input("input_ids", tok.reshape(-1, 1))
-        for n in self.state_names:
-            io.bind_ortvalue_input(PAST + n, state.values[n])
+        for n in self.state_names:  # OrtValues, or torch tensors where a chunked prefill left them
+            self._bind_value(io, "input", PAST + n, state.values[n])
         io.bind_output("logits", "cpu")
         for n in self.state_names:
             if n in self.aliased_states:  # the op writes one slot of the cache in place (see aliased_states)
-                io.bind_ortvalue_output(PRESENT + n, state.values[n])
+                self._bind_value(io, "output", PRESENT + n, state.values[n])
             else:
                 io.bind_output(PRESENT + n, self._device, self.device_id)
         self._run(sess, io)
         outs = io.get_outputs()
-        return (torch.from_numpy(outs[0].numpy()),
-                OrtState(dict(zip(self.state_names, outs[1:])), state.batch, state.tokens + 1, self.id))
+        values = dict(zip(self.state_names, outs[1:]))
+        for n in self.aliased_states:  # an OrtValue bound over a torch tensor does not own it: keep the tensor
+            if isinstance(state.values[n], torch.Tensor):
+                values[n] = state.values[n]
+        return torch.from_numpy(outs[0].numpy()), OrtState(values, state.batch, state.tokens + 1, self.id)
 
     def _run(self, sess, io, run_options=None) -> None:
         self.run(sess, io, "prefill" if sess is self.sessions["prefill"] else "decode", run_options)
@@ -312,6 +315,14 @@ class OrtRunner(Runner):
             self._graph_sets[batch] = {"states": sets, "ids": alloc([batch, 1], "int64"),
                                        "logits": alloc([batch, self.config.vocab_size], "float32")}
         return self._graph_sets[batch]["states"][which]
+
+    def _bind_value(self, io, kind: str, name: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            self.bind_tensor(io, kind, name, value)
+        elif kind == "input":
+            io.bind_ortvalue_input(name, value)
+        else:
+            io.bind_ortvalue_output(name, value)
 
     def bind_tensor(self, io, kind: str, name: str, tensor: torch.Tensor) -> None:
         """Bind a contiguous torch tensor (CUDA or CPU) to a graph input or output by its address (no copy)."""

@@ -235,28 +235,41 @@ def test_reference_prefill_continues_from_a_state(name):
 
 
 def test_ort_chunked_prefill_through_the_prefill_state_graph(hf_jamba_export):
-    """prefill_state.onnx (export --prefill-state) continues an incoming state: the left-padded batch in 4-token
-    chunks from an all-zero state, in ONNX Runtime (CPU), ends in the reference's one-pass logits and state."""
+    """prefill_state.onnx of a `--ops contrib` export attends through ONE GroupQueryAttention node per attention layer
+    (no (L x max_len) score matrix) and is a batch-1 graph (ORT's GQA continues a cache at batch 1 only): ORT refuses
+    a batch of 2 by name. Each row of the left-padded batch, its real tokens in 4-token chunks from an all-zero state,
+    ends in the reference's one-pass logits and state for that row."""
+    import onnx
     import onnxruntime as ort
 
     model, directory = hf_jamba_export
+    graph = onnx.load(str(directory / "prefill_state.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node if n.domain == "com.microsoft"].count("GroupQueryAttention") == sum(
+        b.kind.mixer == "attention" for b in model.layers)
     ids, lengths = _padded(PROMPTS, model.config.vocab_size)
     L = ids.shape[1]
     logits_ref, state_ref = model.prefill(ids, lengths)
     session = ort.InferenceSession(str(directory / "prefill_state.onnx"), providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
-    state = {s.name: torch.zeros(s.concrete_shape(len(PROMPTS)), dtype=s.dtype) for s in model.state_specs()}
-    for start in range(0, L, 4):
-        stop = min(start + 4, L)
-        real = (lengths - (L - stop)).clamp(0, stop - start)
-        feed = {"input_ids": ids[:, start:stop].numpy(), "lengths": real.numpy(),
-                **{f"past.{k}": v.numpy() for k, v in state.items()}}
-        got = dict(zip(outputs, session.run(None, feed)))
-        state = {k: torch.from_numpy(got[f"present.{k}"]) for k in state}
-    assert_logits_close(torch.from_numpy(got["logits"]), logits_ref, torch.float32, what="ORT chunked prefill",
-                        check="chunked_prefill")
-    for key, value in state_ref.items():
-        assert_state_close(state[key], value, what=f"state {key}", check="chunked_prefill")
+
+    def zeros(batch):
+        return {s.name: torch.zeros(s.concrete_shape(batch), dtype=s.dtype) for s in model.state_specs()}
+
+    with pytest.raises(Exception, match="invalid dimensions"):
+        session.run(None, {"input_ids": ids[:2, :4].numpy(), "lengths": lengths[:2].clamp(max=4).numpy(),
+                           **{f"past.{k}": v.numpy() for k, v in zeros(2).items()}})
+    for row in range(len(PROMPTS)):
+        real_ids, state = ids[row:row + 1, L - int(lengths[row]):], zeros(1)
+        for start in range(0, real_ids.shape[1], 4):
+            chunk = real_ids[:, start:start + 4]
+            feed = {"input_ids": chunk.numpy(), "lengths": torch.tensor([chunk.shape[1]]).numpy(),
+                    **{f"past.{k}": v.numpy() for k, v in state.items()}}
+            got = dict(zip(outputs, session.run(None, feed)))
+            state = {k: torch.from_numpy(got[f"present.{k}"]) for k in state}
+        assert_logits_close(torch.from_numpy(got["logits"]), logits_ref[row:row + 1], torch.float32,
+                            what=f"ORT chunked prefill, row {row}", check="chunked_prefill")
+        for key, value in state_ref.items():
+            assert_state_close(state[key], value[row:row + 1], what=f"row {row} state {key}", check="chunked_prefill")
 
 
 def test_ort_runner_prefills_in_chunks_through_the_prefill_state_graph(hf_jamba_export):
@@ -279,3 +292,26 @@ def test_ort_runner_prefills_in_chunks_through_the_prefill_state_graph(hf_jamba_
         assert_logits_close(lc, ref, torch.float32, what=f"chunked-prefill decode step {step}", check="chunked_prefill")
     with pytest.raises(MambaDeployError, match="--prefill-state"):
         OrtRunner(export_for("jamba-tiny", "fp32"), "cpu", prefill_chunk=4)
+
+
+def test_ort_custom_export_chunks_through_group_query_attention(hf_jamba_export, tmp_path_factory):
+    """`--ops custom --prefill-state` (our custom-op library beside ORT's GroupQueryAttention in prefill_state, our
+    DecodeAttention in decode, both updating the KV cache in place): the left-padded batch prefilled in 3-token chunks
+    row by row, then 24 greedy steps, follows the reference (logits within the chunked-prefill bound, tokens equal)."""
+    from mambadeploy.export.exporter import export_model
+    from mambadeploy.runtime.ort_runner import OrtRunner
+
+    model, _ = hf_jamba_export
+    directory = tmp_path_factory.mktemp("custom_chunked") / "x"
+    export_model(model, directory, ops="custom", prefill_state=True)
+    runner = OrtRunner(directory, "cpu", prefill_chunk=3)
+    assert {"L1.key", "L1.value"} <= runner.aliased_states  # DecodeAttention's caches, written in place
+    ids, lengths = _padded(PROMPTS, model.config.vocab_size)
+    logits, state = runner.prefill(ids, lengths)
+    ref, ref_state = model.prefill(ids, lengths)
+    assert_logits_close(logits, ref, torch.float32, what="custom chunked prefill", check="chunked_prefill")
+    for step in range(24):
+        token = ref.argmax(-1)
+        assert torch.equal(logits.argmax(-1), token), f"greedy token differs at step {step}"
+        (logits, state), (ref, ref_state) = runner.step(token, state), model.step(token, ref_state)
+        assert_logits_close(logits, ref, torch.float32, what=f"custom decode step {step}", check="chunked_prefill")
