@@ -13,8 +13,10 @@ every part, so a run cut short keeps what it measured):
   anchor    the vLLM comparison (vllm PR #23035: Jamba-Mini-1.7 FP8, 5.41 s at batch 1): a --anchor-prompt prompt plus
             --anchor-new greedy tokens, end to end.
   fp8_kv    logits error of an fp8 (e4m3) KV cache against the model-dtype cache, teacher-forced.
-  ort       with --ort-export DIR (an export of the same preset and dtype, `mambadeploy export ... --max-context N`):
-            ORT prefill / decode at the lengths its cache allows.
+  ort       with --ort-export DIR (exported here from this run's model when missing: `--ops custom --prefill-state`
+            at --max-context): ORT's logits against torch-fast's, then prefill and decode as above
+            (long_context_ort.py; --ort-shared-period 8 makes an export that fits the device machine's disk).
+  export    only the export of the ort part (run it ahead, e.g. in the background while ORT is being staged).
 Goals (issue 21): 256K prefill <= 30 s; decode at 256K held <= 1.3x decode at 2K held; 2K held at a 256K cache
 <= 1.05x the same at a 4K cache. The JSON carries these ratios; the SVG plots decode ms against tokens held.
 
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
 from bench_ort import Results
+from long_context_ort import export_once, part_ort as part_ort_graphs, shared_layer_model
 
 from mambadeploy.models.checkpoint import build_preset, empty_model, set_max_context
 from mambadeploy.models.presets import TINY_PRESETS, preset_config
@@ -68,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--anchor-new", type=int, default=128)
     p.add_argument("--ort-export", type=Path, help="an export directory of the same model for the ORT part")
     p.add_argument("--ort-provider", default="cuda", choices=("cpu", "cuda"))
+    p.add_argument("--ort-shared-period", type=int, help="the model's layer i holds layer i %% N's tensors (every "
+                   "part: the same work, an export 32/N times smaller; long_context_ort.py)")
     p.add_argument("--parts", default="check,prefill,decode,anchor,fp8_kv,ort")
     p.add_argument("--dry-run", action="store_true", help="jamba-tiny on this machine at small lengths (CPU: the "
                    "kernels in Triton's interpreter), to check the script end to end")
@@ -109,15 +114,24 @@ def peak_above(device, base: int) -> float | None:
 
 
 @torch.no_grad()
-def random_model(preset: str, dtype, device):
+def random_model(preset: str, dtype, device, shared_period: int | None = None):
     """The preset's shape with random weights drawn on the device. Full-size presets are not built through
     init_random_ (it draws every tensor on the CPU for device-independent weights: minutes for Jamba-1.5-Mini's 52B
     parameters); timing does not need those exact numbers, only a well-scaled model (fan-in weights, unit norms,
-    Mamba's A and dt initialisation)."""
-    config = preset_config(preset)
-    if preset in TINY_PRESETS:  # the preset itself (the same weights as everywhere else)
+    Mamba's A and dt initialisation). shared_period: layer i holds the tensors of layer i % period
+    (long_context_ort.shared_layer_model: an export that fits the device machine's disk)."""
+    if preset in TINY_PRESETS and not shared_period:  # the preset itself (the same weights as everywhere else)
         return build_preset(preset, dtype, device)
-    model = empty_model(config, dtype, device)
+    if shared_period:
+        return shared_layer_model(preset, shared_period, dtype, device,
+                                  lambda config, dt, dev: random_weights_(empty_model(config, dt, dev), dev))
+    model = random_weights_(empty_model(preset_config(preset), dtype, device), device)
+    model.source = {"kind": "random", "preset": preset}
+    return model
+
+
+@torch.no_grad()
+def random_weights_(model, device):
     g = torch.Generator(device=device).manual_seed(0)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
@@ -134,7 +148,6 @@ def random_model(preset: str, dtype, device):
         else:
             std = 0.1 if "embedding" in name else p.shape[-1] ** -0.5
             p.normal_(0.0, std, generator=g)
-    model.source = {"kind": "random", "preset": preset}
     return model.eval()
 
 
@@ -295,27 +308,23 @@ def part_fp8_kv(model, device, out: Results, n_prompt=2048, steps=32):
     print(f"fp8 KV: {row}")
 
 
-def part_ort(directory: Path, provider, vocab, lens, out: Results):
-    from mambadeploy.runtime.ort_runner import OrtRunner
-
-    runner = OrtRunner.from_dir(directory, provider)
-    rows = []
-    for n in lens:
-        if runner.max_length is not None and n >= runner.max_length:
-            continue
-        ids = prompt(n, vocab, 2, "cpu")
-        t0 = time.perf_counter()
-        logits, state = runner.prefill(ids)
-        runner.synchronize()
-        prefill_s = time.perf_counter() - t0
-        token = logits.argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(16):
-            logits, state = runner.step(token, state)
-        runner.synchronize()
-        rows.append({"tokens": n, "prefill_s": prefill_s, "decode_ms": (time.perf_counter() - t0) / 16 * 1e3})
-        print(f"ort: {rows[-1]}")
-        out.put("ort", rows)
+def part_ort(model, args, device, out: Results):
+    """Export (once) and time the ORT graphs beside this run's torch-fast numbers (long_context_ort.py)."""
+    if not args.ort_export:
+        print("ort: skipped (no --ort-export DIR)")
+        return
+    export_once(model, args.ort_export, args.max_context)
+    reference = None
+    if "export" not in args.parts.split(","):  # torch-fast's logits on the prompt the ORT graphs are checked on
+        ids = prompt(min(512, args.max_context // 2), model.config.vocab_size, 5, "cpu")
+        logits, _ = TorchFastRunner(set_max_context(model, args.max_context), check_inputs=False).prefill(
+            ids.to(device))
+        reference = (ids, logits.float().cpu())
+        model.cpu()  # the ORT sessions hold their own copies of the weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        part_ort_graphs(args.ort_export, args.ort_provider, model.config.vocab_size, ints(args.prefill_lens),
+                        args.prefill_chunk, ints(args.decode_held), args.steps, reference, out)
 
 
 def plot(rows: list[dict], path: Path, title: str):
@@ -334,7 +343,9 @@ def main(argv=None) -> int:
     gpu = device_name(device)
     out_path = args.out or ROOT / "benchmarks" / "results" / f"long_context_{gpu.lower().replace(' ', '_')}.json"
     parts = set(args.parts.split(","))
-    model = random_model(args.preset, dtype, device)
+    if "export" in parts:
+        parts.add("ort")
+    model = random_model(args.preset, dtype, device, args.ort_shared_period)
     results = Results(out_path, {
         "benchmark": "long_context", "gpu": gpu if device.type == "cuda" else None, "device": str(device),
         "torch": torch.__version__, "preset": args.preset, "n_layers": model.config.n_layers, "dtype": args.dtype,
@@ -350,8 +361,7 @@ def main(argv=None) -> int:
                                        args.small_held, args.steps, results)),
         ("anchor", lambda: part_anchor(model, device, args.anchor_prompt, args.anchor_new, results)),
         ("fp8_kv", lambda: part_fp8_kv(model, device, results)),
-        ("ort", lambda: args.ort_export and part_ort(args.ort_export, args.ort_provider, model.config.vocab_size,
-                                                      ints(args.prefill_lens), results)),
+        ("ort", lambda: part_ort(model, args, device, results)),
     ]
     for name, run in steps:
         if name not in parts:
