@@ -22,7 +22,14 @@ def check_graph(path: Path) -> onnx.ModelProto:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise MambaDeployError(f"{path.name}: fails onnx.checker: {exc}") from exc
     proto = onnx.load(str(path), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        if "external tensors" not in str(exc):
+            raise
+        # a big constant (an arange over a 256K-slot cache) went to the external data file, which data propagation
+        # cannot read without loading every weight: infer without it (the outputs' shapes are still required below)
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=False)
     for out in inferred.graph.output:
         tt = out.type.tensor_type
         dims_known = tt.HasField("shape") and all(d.HasField("dim_value") or d.dim_param for d in tt.shape.dim)
