@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
 from bench_ort import Results
-from long_context_ort import export_once, part_ort as part_ort_graphs, shared_layer_model
+from long_context_ort import export_once, shared_layer_model
+from long_context_ort import part_ort as part_ort_graphs
 
 from mambadeploy.models.checkpoint import build_preset, empty_model, set_max_context
 from mambadeploy.models.presets import TINY_PRESETS, preset_config
