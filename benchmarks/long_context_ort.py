@@ -96,7 +96,7 @@ def part_ort(directory: Path, provider: str, vocab: int, lens, chunk: int, held_
         out.data["ort"]["decode_longest_over_shortest"] = dec[max(dec)] / dec[min(dec)]
         out.save()
     ids = torch.randint(0, vocab, (1, max(lens)), generator=torch.Generator().manual_seed(2))
-    runner.prefill(ids[:, :chunk])  # warm-up at a chunk's shapes
+    runner.prefill(ids[:, :chunk + 1])  # warm-up: two chunks (a prompt of one chunk would take the prefill graph)
     for n in lens:
         if runner.max_length is not None and n > runner.max_length:
             continue

@@ -32,6 +32,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
              "int64": "tensor(int64)", "int32": "tensor(int32)"}
 # IO binding by address takes a numpy type, or an ONNX type number where numpy has none (bf16)
+REFERENCE_SCORE_LIMIT = 1 << 31  # elements of the prefill graph's score tensor (see OrtRunner._scores_too_big)
 _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bfloat16: 16}
 
 
@@ -226,7 +227,7 @@ class OrtRunner(Runner):
             lens = lt.to(torch.int64).cpu().numpy()
             if lens.min() < 1 or lens.max() > L:
                 raise InputError(f"prompt lengths must be in [1, {L}], got {lens.tolist()}")
-        if self.prefill_chunk is not None and L > self.prefill_chunk:
+        if self.prefill_chunk is not None and (L > self.prefill_chunk or self._scores_too_big(B, L)):
             from .ort_chunked import chunked_prefill
 
             logits, values, targets = chunked_prefill(self, ids, lens, self.prefill_chunk)
@@ -249,6 +250,13 @@ class OrtRunner(Runner):
         values = dict(targets) if targets is not None else dict(zip(self.state_names, outs[1:]))
         slot = self._advance_epoch(B, 0) if self.cuda_graph else None
         return logits, OrtState(values, B, int(L), self.id, slot)
+
+    def _scores_too_big(self, batch: int, length: int) -> bool:
+        """Whether the prefill graph's reference attention would hold a (B, heads, L, L) score tensor of 2^31 elements
+        or more (ORT's CUDA kernels index with int32: at Jamba's 32 heads a single 8,192-token prompt is there): such
+        a prompt takes the chunked graph even when it fits in one chunk."""
+        a = self.config.attention
+        return a is not None and batch * a.n_heads * length * length >= REFERENCE_SCORE_LIMIT
 
     def step(self, token_ids, state: OrtState):
         self._check_state(state)

@@ -315,3 +315,23 @@ def test_ort_custom_export_chunks_through_group_query_attention(hf_jamba_export,
         assert torch.equal(logits.argmax(-1), token), f"greedy token differs at step {step}"
         (logits, state), (ref, ref_state) = runner.step(token, state), model.step(token, ref_state)
         assert_logits_close(logits, ref, torch.float32, what=f"custom decode step {step}", check="chunked_prefill")
+
+
+def test_ort_prompt_too_big_for_reference_attention_takes_the_chunked_graph(hf_jamba_export, monkeypatch):
+    """A prompt whose reference score tensor (B, heads, L, L) would reach REFERENCE_SCORE_LIMIT elements (int32
+    indexing in ORT's CUDA kernels: one 8,192-token prompt at Jamba's 32 heads) goes through prefill_state even when it
+    fits in one chunk; a smaller one keeps the one-pass prefill graph. Both follow the reference."""
+    from mambadeploy.runtime import ort_runner
+
+    model, directory = hf_jamba_export
+    ids, lengths = _padded(PROMPTS, model.config.vocab_size)
+    B, L = ids.shape
+    heads = model.config.attention.n_heads
+    monkeypatch.setattr(ort_runner, "REFERENCE_SCORE_LIMIT", B * heads * L * L)
+    ref, _ = model.prefill(ids, lengths)
+    for prompt_ids, prompt_lengths, chunked in ((ids, lengths, True), (ids[:, 1:], lengths.clamp(max=L - 1), False)):
+        runner = ort_runner.OrtRunner(directory, "cpu", prefill_chunk=4 * L)
+        logits, _ = runner.prefill(prompt_ids, prompt_lengths)
+        assert ("prefill_state" in runner.sessions) == chunked
+        if chunked:
+            assert_logits_close(logits, ref, torch.float32, what="over-limit prompt, chunked", check="chunked_prefill")
