@@ -2,7 +2,7 @@
 
 States live in device buffers: prefill writes `present.*` into one set, each decode step reads `past.*` from one set and
 writes `present.*` into the other (two sets per batch size, swapped every step: no host round trips, no allocation per
-step). The decode step is captured once per (batch, parity) into a CUDA graph and replayed; TensorRT permits capturing
+step), except the KV caches of a custom export, one buffer in both sets (`aliased_states`). The decode step is captured once per (batch, parity) into a CUDA graph and replayed; TensorRT permits capturing
 enqueueV3 once shapes and addresses are fixed (our plugins' enqueue only launches kernels, no host syncs).
 
 NOT RUN ANYWHERE YET: full TensorRT cannot be installed on these machines and TensorRT-RTX refuses to run plans on the
@@ -71,6 +71,7 @@ class TrtRunner(Runner):
         self.use_cuda_graph = use_cuda_graph
         self._graphs = {}  # (batch, parity) -> (CUDAGraph, logits buffer)
         self._buffers = {}  # batch -> [state set 0, state set 1]
+        self.aliased_states = aliased_states(export, self.config)
 
     def _gpu(self) -> str:
         if self.target == "rtx":
@@ -177,6 +178,8 @@ class TrtRunner(Runner):
                         shape = (B,) + tuple(engine.get_tensor_shape(name))[1:]
                         bufs[name[len(PRESENT):]] = torch.zeros(shape, dtype=self._dtype(engine, name), device=self.device)
                 sets.append(bufs)
+            for name in self.aliased_states:  # one buffer in both sets: the plugin writes one slot in place
+                sets[1][name] = sets[0][name]
             self._buffers[B] = sets
         return {prefix + k: v for k, v in self._buffers[B][parity].items()}
 
@@ -187,6 +190,17 @@ class TrtRunner(Runner):
 
     def synchronize(self) -> None:
         self.stream.synchronize()
+
+
+def aliased_states(export_manifest: dict, config: ModelConfig) -> set:
+    """The decode states whose present.* may share past.*'s buffer: the KV caches of an engine built from a `--ops
+    custom` export, where each attention layer is one DecodeAttention plugin that declares present aliasing past
+    (get_aliased_input). The runner then keeps ONE buffer for them in both ping-pong sets, so a step writes one KV slot
+    instead of the plugin copying the whole cache (what ORT's runner does, runtime/ort_exports.aliased_states)."""
+    if export_manifest.get("ops") != "custom":
+        return set()
+    return {f"L{i}.{part}" for i, layer in enumerate(config.layers) if layer.mixer == "attention"
+            for part in ("key", "value")}
 
 
 def _same_buffers(state: dict, bufs: dict) -> bool:
