@@ -197,11 +197,20 @@ def decode_attention_update_ref(q, k, v, key_cache, value_cache, pos, scale=0.0)
     return out, key_cache, value_cache
 
 
+def write_slot(cache, rows, pos, value):
+    """cache[rows, :, pos] = value, in the cache's dtype. One-byte (fp8) caches are written through a uint8 view:
+    index_put has no fp8 kernels everywhere, a byte copy needs none."""
+    value = value.to(cache.dtype)
+    if cache.element_size() == 1 and cache.dtype != torch.uint8:
+        cache, value = cache.view(torch.uint8), value.view(torch.uint8)
+    cache[rows, :, pos] = value
+
+
 def decode_attention_update(q, k, v, key_cache, value_cache, pos, scale=0.0):
     """DecodeAttention through the Triton kernels, as torch-fast runs it: k/v written into the caches IN PLACE (the
     returned present_* ARE the caches: the op's outputs alias its inputs), then the split-K kernel over [0, pos[b]]."""
     rows = torch.arange(q.shape[0], device=q.device)
-    key_cache[rows, :, pos] = k.to(key_cache.dtype)
-    value_cache[rows, :, pos] = v.to(value_cache.dtype)
+    write_slot(key_cache, rows, pos, k)
+    write_slot(value_cache, rows, pos, v)
     out = decode_attention(q, key_cache, value_cache, pos + 1, _step_scale(scale, q.shape[-1]))
     return out, key_cache, value_cache

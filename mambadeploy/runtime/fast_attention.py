@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels.decode_attention import write_slot
 from ..models import sparsity
 
 
@@ -74,15 +75,6 @@ def prefill_chunk(attn, x, key_cache, value_cache, rows: ChunkRows):
     return sparsity.linear(attn, "o_proj", out.transpose(1, 2).flatten(2))
 
 
-def _write_slot(cache, rows, pos, value):
-    """cache[rows, :, pos] = value, in the cache's dtype. One-byte (fp8) caches are written through a uint8 view:
-    index_put has no fp8 kernels everywhere, a byte copy needs none."""
-    value = value.to(cache.dtype)
-    if cache.element_size() == 1 and cache.dtype != torch.uint8:
-        cache, value = cache.view(torch.uint8), value.view(torch.uint8)
-    cache[rows, :, pos] = value
-
-
 def decode_step(attn, x, key_cache, value_cache, pos, kernel):
     """x (B, d): one token per row. Writes its K/V at slot pos[b] (in place), then attends over slots [0, pos[b]]
     with `kernel` (kernels/decode_attention.decode_attention): only the filled slots are read, and every shape is
@@ -92,7 +84,7 @@ def decode_step(attn, x, key_cache, value_cache, pos, kernel):
     k = sparsity.linear(attn, "k_proj", x).unflatten(-1, (attn.n_kv, attn.head_dim))
     v = sparsity.linear(attn, "v_proj", x).unflatten(-1, (attn.n_kv, attn.head_dim))
     rows = torch.arange(Bsz, device=x.device)
-    _write_slot(key_cache, rows, pos, k)
-    _write_slot(value_cache, rows, pos, v)
+    write_slot(key_cache, rows, pos, k)
+    write_slot(value_cache, rows, pos, v)
     out = kernel(q, key_cache, value_cache, pos + 1)
     return sparsity.linear(attn, "o_proj", out.flatten(1))
