@@ -57,7 +57,10 @@ class OrtRunner(Runner):
 
     def __init__(self, directory, provider: str = "cpu", device_id: int = 0, cuda_graph: bool | None = None,
                  threads: int | None = None, check_hashes: bool = True, aot_kernels: bool = True,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, share_weights: bool | None = None):
+        """share_weights: one copy of the external weights for all sessions (runtime/ort_weights.py); default on
+        for the CPU provider when the export keeps its weights outside the graphs, off on CUDA until the device path has
+        been run on a GPU."""
         ort = _ort()
         self.directory = Path(directory)
         if provider not in PROVIDERS:
@@ -91,6 +94,14 @@ class OrtRunner(Runner):
                                        "to prefill in chunks")
         self.prefill_chunk, self._threads = prefill_chunk, threads
         self._library = None  # the custom-op library the sessions loaded (custom exports)
+        external = any(g.external_data for g in self.manifest.graphs.values())
+        if share_weights is None:
+            share_weights = external and provider == "cpu"
+        self.shared_weights = None
+        if share_weights and external:
+            from .ort_weights import SharedWeights
+
+            self.shared_weights = SharedWeights(self.directory, "cuda" if provider == "cuda" else "cpu", device_id)
         self.sessions = {name: self._session(ort, name, threads) for name in ("prefill", "decode")}
         self.aot = self._install_aot(aot_kernels) if provider == "cuda" and self._library else None
         for name, sess in self.sessions.items():
@@ -124,6 +135,8 @@ class OrtRunner(Runner):
 
             self._library = register(opts, cuda=self.provider == "cuda")
         path = self.directory / self.manifest.graphs[graph].file
+        if self.shared_weights is not None:
+            self.shared_weights.add_to(opts, path)
         try:
             return ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
