@@ -76,10 +76,13 @@ def expand_add_rms_norm(node: onnx.NodeProto, types: GraphTypes) -> list[onnx.No
     f = _floats(e, node, entry, types)
     y_out, res_out = node.output
     res = e.op("Add", [f["residual"], f["x"]], outputs=[res_out])
-    mean_sq = e.op("ReduceMean", [e.op("Mul", [res, res]), e.const([-1])], keepdims=1)  # axes as input: opset >= 18
+    # Add, Pow(2), ReduceMean, Add(eps), Sqrt, Div, Mul(weight): the pattern ONNX Runtime fuses into one
+    # SkipSimplifiedLayerNormalization (or SimplifiedLayerNormalization) kernel, where Mul(x, x) or Reciprocal stay
+    # seven separate kernels
+    two = e.const([2.0], dtype="float32")
+    mean_sq = e.op("ReduceMean", [e.op("Pow", [res, two]), e.const([-1])], keepdims=1)  # axes as input: opset >= 18
     eps = e.const([attrs["epsilon"]], dtype="float32")
-    inv = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [mean_sq, eps])])])
-    y = e.op("Mul", [e.op("Mul", [res, inv]), f["weight"]])
+    y = e.op("Mul", [e.op("Div", [res, e.op("Sqrt", [e.op("Add", [mean_sq, eps])])]), f["weight"]])
     e.op("Cast", [y], outputs=[y_out], to=types.elem_type(node.input[0]))
     return e.nodes
 

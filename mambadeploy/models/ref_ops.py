@@ -110,7 +110,9 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
 def rms_norm_ref(x, weight, eps):
     """x: (..., d); weight: (d,). fp32 math, result in x.dtype."""
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # x / sqrt(...) rather than x * rsqrt(...): traced, this is Pow-ReduceMean-Add-Sqrt-Div-Mul, the pattern ONNX
+    # Runtime fuses into one SimplifiedLayerNormalization kernel (the rsqrt form stays 7 kernels a norm)
+    y = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x.dtype)
 
 
