@@ -317,7 +317,8 @@ def part_ort(model, args, device, out: Results):
     export_once(model, args.ort_export, args.max_context)
     reference = None
     if "export" not in args.parts.split(","):  # torch-fast's logits on the prompt the ORT graphs are checked on
-        ids = prompt(min(512, args.max_context // 2), model.config.vocab_size, 5, "cpu")
+        # longer than a chunk: ORT takes the chunked GroupQueryAttention graph, the path the long prompts time
+        ids = prompt(min(args.prefill_chunk + 512, args.max_context // 2), model.config.vocab_size, 5, "cpu")
         logits, _ = TorchFastRunner(set_max_context(model, args.max_context), check_inputs=False).prefill(
             ids.to(device))
         reference = (ids, logits.float().cpu())

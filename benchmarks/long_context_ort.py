@@ -67,7 +67,7 @@ def device_used_gib() -> float:
 
 def part_ort(directory: Path, provider: str, vocab: int, lens, chunk: int, held_list, steps: int, reference,
              out) -> None:
-    """ORT: its logits against torch-fast's on the same 512-token prompt (`reference`: (ids, logits) computed before
+    """ORT: its logits against torch-fast's on the same prompt (a chunk and more) (`reference`: (ids, logits) computed before
     the torch model left the GPU), then decode ms/token with `held_list` tokens held in the export's cache, then
     prefill of `lens` tokens in `chunk`-token chunks (seconds; device memory in use after it, ORT's arena included)."""
     from mambadeploy.runtime.ort_runner import OrtRunner

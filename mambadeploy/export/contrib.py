@@ -54,7 +54,8 @@ def what_fits(config: ModelConfig) -> dict:
     has_moe = any(l.ffn == "moe" for l in config.layers)
     out = {"CausalConvWithState": "mamba conv (prefill and decode)" if has_mamba else "unused (no Mamba layer)",
            "SelectiveScan": "no ORT op: portable Scan",
-           "GroupQueryAttention": "decode attention (prefill: reference attention)" if gqa_fits(config)
+           "GroupQueryAttention": "decode attention and prefill_state's (the one-pass prefill: reference attention; "
+                                  "ORT's CUDA kernel is fp16/bf16 only)" if gqa_fits(config)
            else "unused (no attention layer)" if not config.has_attention
            else f"does not fit (head_dim {config.attention.head_dim}, ORT wants a multiple of 8): reference attention"}
     if not has_moe:

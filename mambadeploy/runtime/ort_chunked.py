@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..dtypes import TORCH_DTYPES
+from ..errors import MambaDeployError
 from ..models.state import PAST, PRESENT
 
 
@@ -35,6 +36,7 @@ def chunked_prefill(runner, ids: np.ndarray, lens: np.ndarray, chunk: int):
     else:
         final = {s.name: torch.zeros([B if d == "batch" else d for d in s.shape], dtype=TORCH_DTYPES[s.dtype],
                                      device=device) for s in runner.manifest.state}
+    _sync(device)  # torch wrote the buffers on its stream; ORT reads them on its own
     in_place = prefill_state_aliases(runner)
     if sess.get_inputs()[0].shape[0] == 1:  # a batch-1 graph: each row alone, on its real tokens only
         groups = [(b, b + 1, ids[b:b + 1, L - int(lens[b]):], lens[b:b + 1]) for b in range(B)]
@@ -53,6 +55,8 @@ def _run_group(runner, sess, state: dict, ids: np.ndarray, lens: np.ndarray, chu
     for start in range(0, L, chunk):
         stop = min(start + chunk, L)
         real = np.clip(lens - (L - stop), 0, stop - start).astype(np.int64)
+        if ids.shape[0] == 1 and real[0] != stop - start:  # the batch-1 GQA graph writes every token it is given
+            raise MambaDeployError(f"internal: a batch-1 chunk of {stop - start} tokens with {real[0]} real ones")
         io = sess.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids[:, start:stop]))
         io.bind_cpu_input("lengths", real)
@@ -60,10 +64,16 @@ def _run_group(runner, sess, state: dict, ids: np.ndarray, lens: np.ndarray, chu
         for name, value in state.items():
             runner.bind_tensor(io, "input", PAST + name, value)
             runner.bind_tensor(io, "output", PRESENT + name, value if name in in_place else scratch[name])
-        runner.run(sess, io, "prefill_state")
+        runner.run(sess, io, "prefill_state")  # returns once ORT's stream is done
         for name, value in scratch.items():
             state[name].copy_(value)
+        _sync(next(iter(state.values())).device)
     return torch.from_numpy(io.get_outputs()[0].numpy())
+
+
+def _sync(device) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def prefill_state_aliases(runner) -> set:

@@ -57,10 +57,9 @@ class OrtRunner(Runner):
 
     def __init__(self, directory, provider: str = "cpu", device_id: int = 0, cuda_graph: bool | None = None,
                  threads: int | None = None, check_hashes: bool = True, aot_kernels: bool = True,
-                 prefill_chunk: int | None = None, share_weights: bool | None = None):
-        """share_weights: one copy of the external weights for all sessions (runtime/ort_weights.py); default on
-        for the CPU provider when the export keeps its weights outside the graphs, off on CUDA until the device path has
-        been run on a GPU."""
+                 prefill_chunk: int | None = None, share_weights: bool = False):
+        """share_weights: one copy of the external weights for all sessions (runtime/ort_weights.py); opt-in until
+        its device path has run on a GPU and its memory saving has been measured."""
         ort = _ort()
         self.directory = Path(directory)
         if provider not in PROVIDERS:
@@ -95,8 +94,6 @@ class OrtRunner(Runner):
         self.prefill_chunk, self._threads = prefill_chunk, threads
         self._library = None  # the custom-op library the sessions loaded (custom exports)
         external = any(g.external_data for g in self.manifest.graphs.values())
-        if share_weights is None:
-            share_weights = external and provider == "cpu"
         self.shared_weights = None
         if share_weights and external:
             from .ort_weights import SharedWeights
@@ -138,7 +135,9 @@ class OrtRunner(Runner):
         if self.shared_weights is not None:
             self.shared_weights.add_to(opts, path)
         try:
-            return ort.InferenceSession(str(path), opts, providers=providers)
+            session = ort.InferenceSession(str(path), opts, providers=providers)
+            session.mambadeploy_weights = self.shared_weights  # ORT reads them in place: they live as long as it does
+            return session
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             hint = missing_kernel_hint(str(exc), self.provider, self.manifest)
             raise MambaDeployError(f"ONNX Runtime cannot load {path}: {exc}{hint}") from exc
@@ -244,7 +243,7 @@ class OrtRunner(Runner):
             from .ort_chunked import chunked_prefill
 
             logits, values, targets = chunked_prefill(self, ids, lens, self.prefill_chunk)
-            slot = self._advance_epoch(B, 0) if targets is not None else None
+            slot = self._prefill_epoch(B) if targets is not None else None
             return logits, OrtState(values, B, int(L), self.id, slot)
         sess = self.sessions["prefill"]
         io = sess.io_binding()
@@ -261,15 +260,23 @@ class OrtRunner(Runner):
         outs = io.get_outputs()
         logits = torch.from_numpy(outs[0].numpy())
         values = dict(targets) if targets is not None else dict(zip(self.state_names, outs[1:]))
-        slot = self._advance_epoch(B, 0) if self.cuda_graph else None
+        slot = self._prefill_epoch(B) if self.cuda_graph else None
         return logits, OrtState(values, B, int(L), self.id, slot)
 
     def _scores_too_big(self, batch: int, length: int) -> bool:
         """Whether the prefill graph's reference attention would hold a (B, heads, L, L) score tensor of 2^31 elements
         or more (ORT's CUDA kernels index with int32: at Jamba's 32 heads a single 8,192-token prompt is there): such
-        a prompt takes the chunked graph even when it fits in one chunk."""
+        a prompt takes the chunked GroupQueryAttention graph even when it fits in one chunk."""
         a = self.config.attention
-        return a is not None and batch * a.n_heads * length * length >= REFERENCE_SCORE_LIMIT
+        return (a is not None and self.gqa_prefill_state and
+                batch * a.n_heads * length * length >= REFERENCE_SCORE_LIMIT)
+
+    @property
+    def gqa_prefill_state(self) -> bool:
+        """Whether the export's prefill_state graph is the batch-1 GroupQueryAttention one (export/gqa_prefill.py):
+        its attention holds no score matrix; the reference's would hold a bigger one than the one-pass prefill."""
+        entry = self.manifest.graphs.get("prefill_state")
+        return entry is not None and entry.inputs[0].shape[0] == 1
 
     def step(self, token_ids, state: OrtState):
         self._check_state(state)
@@ -361,6 +368,13 @@ class OrtRunner(Runner):
         key = (batch, which)
         self._epochs[key] = self._epochs.get(key, 0) + 1
         return (batch, which, self._epochs[key])
+
+    def _prefill_epoch(self, batch):
+        """A prefill writes set 0; when the KV caches are one buffer in both sets (aliased_states) it also overwrote
+        the caches of a state still in set 1, which must then be refused as stale too."""
+        if self.aliased_states:
+            self._advance_epoch(batch, 1)
+        return self._advance_epoch(batch, 0)
 
     def _step_graph(self, tok: np.ndarray, state: OrtState):
         B = state.batch

@@ -23,7 +23,8 @@ _RAW = {1: np.float32, 10: np.float16, 16: np.uint16, 7: np.int64, 6: np.int32, 
 
 
 def external_tensors(graph_path: Path) -> list[tuple[str, tuple, int, tuple]]:
-    """[(initializer name, (file, offset, length), ONNX element type, dims)] of a graph's externally stored tensors."""
+    """[(initializer name, key, ONNX element type, dims)] of a graph's externally stored tensors; key = (file, offset,
+    length, type, dims): the same bytes read as the same tensor."""
     import onnx
 
     out = []
@@ -31,7 +32,7 @@ def external_tensors(graph_path: Path) -> list[tuple[str, tuple, int, tuple]]:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {kv.key: kv.value for kv in t.external_data}
-        key = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+        key = (info["location"], int(info.get("offset", 0)), int(info["length"]), t.data_type, tuple(t.dims))
         out.append((t.name, key, t.data_type, tuple(t.dims)))
     return out
 
@@ -42,7 +43,7 @@ class SharedWeights:
 
     def __init__(self, directory: Path, device: str = "cpu", device_id: int = 0):
         self.directory, self.device, self.device_id = Path(directory), device, device_id
-        self.values: dict = {}  # (file, offset, length) -> OrtValue
+        self.values: dict = {}  # (file, offset, length, type, dims) -> OrtValue
         self._maps: dict = {}  # file -> np.memmap
 
     def add_to(self, opts, graph_path: Path) -> int:
@@ -53,13 +54,13 @@ class SharedWeights:
         return len(entries)
 
     def bytes(self) -> int:
-        return sum(length for _, _, length in self.values)
+        return sum(key[2] for key in self.values)
 
     def _value(self, key, onnx_type, dims):
         if key not in self.values:
             import onnxruntime as ort
 
-            file, offset, length = key
+            file, offset, length = key[:3]
             if onnx_type not in _RAW:
                 raise ValueError(f"external tensor of ONNX type {onnx_type} in {file}: not shared (unknown type)")
             data = self._map(file)[offset:offset + length].view(_RAW[onnx_type]).reshape(dims)

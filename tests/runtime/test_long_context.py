@@ -335,3 +335,35 @@ def test_ort_prompt_too_big_for_reference_attention_takes_the_chunked_graph(hf_j
         assert ("prefill_state" in runner.sessions) == chunked
         if chunked:
             assert_logits_close(logits, ref, torch.float32, what="over-limit prompt, chunked", check="chunked_prefill")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_ort_chunked_prefill_through_cuda_group_query_attention(hf_jamba_export, tmp_path_factory):
+    """ORT-CUDA (GroupQueryAttention's CUDA kernel is fp16/bf16 only): the bf16 `--ops custom --prefill-state` export
+    prefills the left-padded batch in 3-token chunks row by row (KV written in place) and decodes 16 teacher-forced
+    steps in CUDA-graph mode, within the bf16 bound of the fp32 reference; a prefill makes a state still in the other
+    buffer set stale (the KV caches are one buffer in both sets)."""
+    from mambadeploy.errors import InputError
+    from mambadeploy.export.exporter import export_model
+    from mambadeploy.runtime.ort_runner import OrtRunner, _ort
+
+    if "CUDAExecutionProvider" not in _ort().get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    model, _ = hf_jamba_export
+    directory = tmp_path_factory.mktemp("cuda_chunked") / "x"
+    export_model(copy.deepcopy(model).to(torch.bfloat16), directory, ops="custom", prefill_state=True)
+    runner = OrtRunner(directory, "cuda", prefill_chunk=3)
+    assert runner.gqa_prefill_state and runner.cuda_graph
+    ids, lengths = _padded(PROMPTS, model.config.vocab_size)
+    logits, state = runner.prefill(ids, lengths)
+    ref, ref_state = model.prefill(ids, lengths)
+    assert_logits_close(logits.cpu(), ref, torch.bfloat16, what="ORT-CUDA chunked GQA prefill")
+    for step in range(17):  # odd: the last state lives in buffer set 1
+        token = ref.argmax(-1)
+        (logits, state), (ref, ref_state) = runner.step(token, state), model.step(token, ref_state)
+        assert_logits_close(logits.cpu(), ref, torch.bfloat16, what=f"ORT-CUDA decode step {step}")
+    assert state.slot[1] == 1
+    runner.prefill(ids, lengths)  # writes set 0, and the KV caches set 1 shares
+    with pytest.raises(InputError, match="stale"):
+        runner.step(ref.argmax(-1), state)

@@ -395,3 +395,29 @@ def test_symlinked_graph_and_external_data_outside_are_refused(exported, tmp_pat
     (src / "manifest.json").write_text(j.dumps(m))
     with pytest.raises(ManifestPathError, match="external data of prefill.onnx"):
         OrtRunner.from_dir(src)
+
+
+@pytest.mark.parametrize("ops", ["portable", "custom"])
+def test_onnx_runtime_fuses_every_norm(exported, ops):
+    """Every RMSNorm of the exported graphs is written in the pattern ONNX Runtime fuses (Pow-ReduceMean-Add-Sqrt-Div-
+    Mul): in the session's optimised decode graph of jamba-tiny (block norms, final norm, Mamba's dt/B/C norms) none of
+    the unfused pieces is left, each norm one SimplifiedLayerNormalization (or our AddRMSNorm node, --ops custom)."""
+    import onnx
+    import onnxruntime as ort
+
+    from mambadeploy.models.layers import RMSNorm
+
+    directory = exported("jamba-tiny", ops)
+    norms = sum(isinstance(m, RMSNorm) for m in load_model("jamba-tiny").modules())
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(directory.parent / f"fused-{ops}.onnx")
+    if ops == "custom":
+        from mambadeploy.plugins.ort.build import register
+
+        register(opts)
+    ort.InferenceSession(str(directory / "decode.onnx"), opts, providers=["CPUExecutionProvider"])
+    kinds = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    print(f"{ops}: {norms} norms -> {kinds.count('SimplifiedLayerNormalization')} SimplifiedLayerNormalization, "
+          f"{kinds.count('AddRMSNorm')} AddRMSNorm")
+    assert not {"Pow", "Sqrt", "Reciprocal", "Div"} & set(kinds)
+    assert kinds.count("SimplifiedLayerNormalization") + kinds.count("AddRMSNorm") == norms

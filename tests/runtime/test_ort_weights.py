@@ -53,4 +53,4 @@ def test_sessions_share_one_copy_of_the_weights(external_export, provider):
     keys = {key for _, key, _, _ in named}
     assert len(shared.sessions) == 3 and len(named) > len(keys)  # three graphs name the same bytes
     assert set(shared.shared_weights.values) == keys  # one OrtValue per distinct tensor, handed to every session
-    assert shared.shared_weights.bytes() == sum(length for _, _, length in keys)
+    assert shared.shared_weights.bytes() == sum(key[2] for key in keys)
