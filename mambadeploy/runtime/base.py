@@ -12,6 +12,11 @@ import torch
 
 from ..models.config import ModelConfig
 
+# Prompt tokens per prefill chunk (TorchFastRunner(prefill_chunk=...), OrtRunner on an export with a GroupQueryAttention
+# prefill_state graph, CLI --prefill-chunk). Peak activation memory of prefill is set by the chunk, not the prompt; 8K
+# tokens keep every GEMM long (the GPU run of benchmarks/long_context.py measures the memory it takes).
+PREFILL_CHUNK_DEFAULT = 8192
+
 
 class Runner(ABC):
     backend: str = "?"

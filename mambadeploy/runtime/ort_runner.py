@@ -25,7 +25,7 @@ from ..dtypes import TORCH_DTYPES
 from ..errors import InputError, MambaDeployError, lazy_import
 from ..export.manifest import Manifest, ManifestError
 from ..models.state import PAST, PRESENT
-from .base import Runner
+from .base import PREFILL_CHUNK_DEFAULT, Runner
 from .ort_exports import _exporter_hash, aliased_states, default_ops, export_for  # noqa: F401  (their home before; callers import here)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -58,8 +58,10 @@ class OrtRunner(Runner):
     def __init__(self, directory, provider: str = "cpu", device_id: int = 0, cuda_graph: bool | None = None,
                  threads: int | None = None, check_hashes: bool = True, aot_kernels: bool = True,
                  prefill_chunk: int | None = None, share_weights: bool = False):
-        """share_weights: one copy of the external weights for all sessions (runtime/ort_weights.py); opt-in until
-        its device path has run on a GPU and its memory saving has been measured."""
+        """prefill_chunk: prompt tokens per prefill chunk (None: PREFILL_CHUNK_DEFAULT when the export has the batch-1
+        GroupQueryAttention prefill_state graph, else one pass). share_weights: one copy of the external weights for
+        all sessions (runtime/ort_weights.py); opt-in until its device path has run on a GPU and its memory saving has
+        been measured."""
         ort = _ort()
         self.directory = Path(directory)
         if provider not in PROVIDERS:
@@ -85,6 +87,8 @@ class OrtRunner(Runner):
                 raise MambaDeployError("the CUDA provider is not available in this onnxruntime "
                                        f"({ort.__version__}: {', '.join(ort.get_available_providers())}); install "
                                        "onnxruntime-gpu: pip install 'mambadeploy[gpu]'")
+        if prefill_chunk is None and self.gqa_prefill_state:  # long prompts need it: never the (L x L) reference
+            prefill_chunk = PREFILL_CHUNK_DEFAULT
         if prefill_chunk is not None:  # chunked prefill needs the graph that continues an incoming state
             if int(prefill_chunk) < 1:
                 raise MambaDeployError(f"prefill chunk must be at least 1 token, got {prefill_chunk}")

@@ -28,7 +28,7 @@ import torch
 from .. import __version__, settings
 from ..errors import ConfigError, MambaDeployError, lazy_import
 from ..models.model import MambaMoELM
-from .base import Runner
+from .base import PREFILL_CHUNK_DEFAULT, Runner
 from .fast_blocks import TRITON_GEMV_MAX_BATCH, FastBlocks
 from .fast_layers import prepare_layer
 from .fast_prefill import FastPrefill
@@ -49,10 +49,6 @@ __all__ = ["FUSED_DT_MAX_BATCH", "KV_DTYPES", "L2_PREFETCH_SITES", "PREFILL_CHUN
 L2_PREFETCH_SITES = ("xproj",)
 
 
-# Prompt tokens per prefill chunk (TorchFastRunner(prefill_chunk=...), CLI --prefill-chunk). Peak activation memory of
-# prefill is set by the chunk, not the prompt; 8K tokens keep every GEMM long (the issue's suggestion; the GPU run of
-# benchmarks/long_context.py measures the memory it takes).
-PREFILL_CHUNK_DEFAULT = 8192
 
 # KV-cache element types torch-fast accepts (TorchFastRunner(kv_dtype=...), CLI --kv-dtype): "model" keeps the model
 # dtype; fp8 (e4m3, unscaled: values past +-448 saturate) halves a bf16 cache, at the error in
