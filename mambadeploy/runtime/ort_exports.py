@@ -1,6 +1,7 @@
 """The export an ORT runner needs for a preset or checkpoint: made once into the cache and reused while the checkpoint's
 files, the dtype, the op set and the exporter's own code stay the same; the op mode an export gets by default; and which
-of an export's decode states may be updated in place (aliased_states)."""
+of an export's decode states may be updated in place (aliased_states); the hint for a graph ORT has no kernel for
+(missing_kernel_hint)."""
 
 from __future__ import annotations
 
@@ -119,3 +120,17 @@ def aliased_states(decode_path) -> set:
             if past.startswith(PAST) and present == PRESENT + name and present in outputs and len(readers[past]) == 1:
                 shared.add(name)
     return shared
+
+
+def missing_kernel_hint(message: str, provider: str, manifest) -> str:
+    """When ORT refused a graph because a node has no kernel for its dtype on this provider (its messages: "Could not
+    find an implementation for Pad(19) node ...", "Provider type for Pad node ... is not set"), a sentence naming the
+    op, the dtype and what to do instead; "" otherwise."""
+    import re
+
+    m = re.search(r"implementation for (\w+)\(|Provider type for (\w+) node", message)
+    if not m:
+        return ""
+    op = m.group(1) or m.group(2)
+    return (f" -- ONNX Runtime ({provider}) has no {op} kernel for this {manifest.dtype} graph; export in another dtype "
+            f"(--dtype), with --ops custom (our kernels for the Mamba and MoE ops), or run on the other provider")

@@ -26,7 +26,7 @@ from ..errors import InputError, MambaDeployError, lazy_import
 from ..export.manifest import Manifest, ManifestError
 from ..models.state import PAST, PRESENT
 from .base import PREFILL_CHUNK_DEFAULT, Runner
-from .ort_exports import _exporter_hash, aliased_states, default_ops, export_for  # noqa: F401  (their home before; callers import here)
+from .ort_exports import _exporter_hash, aliased_states, default_ops, export_for, missing_kernel_hint  # noqa: F401  (their home before; callers import here)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
@@ -439,17 +439,3 @@ def _to_torch(value) -> torch.Tensor:
         raw = value.numpy()
         return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(value.numpy())
-
-
-def missing_kernel_hint(message: str, provider: str, manifest) -> str:
-    """When ORT refused a graph because a node has no kernel for its dtype on this provider (its messages: "Could not
-    find an implementation for Pad(19) node ...", "Provider type for Pad node ... is not set"), a sentence naming the
-    op, the dtype and what to do instead; "" otherwise."""
-    import re
-
-    m = re.search(r"implementation for (\w+)\(|Provider type for (\w+) node", message)
-    if not m:
-        return ""
-    op = m.group(1) or m.group(2)
-    return (f" -- ONNX Runtime ({provider}) has no {op} kernel for this {manifest.dtype} graph; export in another dtype "
-            f"(--dtype), with --ops custom (our kernels for the Mamba and MoE ops), or run on the other provider")
