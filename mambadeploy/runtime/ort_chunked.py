@@ -37,8 +37,8 @@ def chunked_prefill(runner, ids: np.ndarray, lens: np.ndarray, chunk: int):
         final = {s.name: torch.zeros([B if d == "batch" else d for d in s.shape], dtype=TORCH_DTYPES[s.dtype],
                                      device=device) for s in runner.manifest.state}
     _sync(device)  # torch wrote the buffers on its stream; ORT reads them on its own
-    in_place = prefill_state_aliases(runner)
-    if sess.get_inputs()[0].shape[0] == 1:  # a batch-1 graph: each row alone, on its real tokens only
+    in_place = runner.prefill_state_aliases
+    if runner.gqa_prefill_state:  # a batch-1 graph: each row alone, on its real tokens only
         groups = [(b, b + 1, ids[b:b + 1, L - int(lens[b]):], lens[b:b + 1]) for b in range(B)]
     else:
         groups = [(0, B, ids, lens)]
@@ -75,11 +75,3 @@ def _sync(device) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
 
-
-def prefill_state_aliases(runner) -> set:
-    """The prefill_state graph's states that may be updated in place (read once per runner)."""
-    if getattr(runner, "_prefill_state_aliases", None) is None:
-        from .ort_exports import aliased_states
-
-        runner._prefill_state_aliases = aliased_states(runner.directory / runner.manifest.graphs["prefill_state"].file)
-    return runner._prefill_state_aliases

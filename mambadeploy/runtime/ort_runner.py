@@ -13,6 +13,7 @@ the GPU (a torch tensor, as torch-fast returns them).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,11 @@ class OrtRunner(Runner):
         a = self.config.attention
         return (a is not None and self.gqa_prefill_state and
                 batch * a.n_heads * length * length >= REFERENCE_SCORE_LIMIT)
+
+    @functools.cached_property
+    def prefill_state_aliases(self) -> set:
+        """The prefill_state graph's states that may be updated in place (its GroupQueryAttention KV caches)."""
+        return aliased_states(self.directory / self.manifest.graphs["prefill_state"].file)
 
     @property
     def gqa_prefill_state(self) -> bool:
