@@ -226,8 +226,10 @@ def describe(r) -> str:
     b = r["server"]
     return (f"served {r['streams']} streams: {r['tokens_per_s']:.0f} tok/s (steady {r['steady_tokens_per_s']:.0f}), "
             f"TTFT p50 {r['ttft_ms_p50']:.2f} ms, ITL p50 {r['itl_ms_p50']:.3f} / p99 {r['itl_ms_p99']:.3f} ms\n"
-            f"  server: {b['decode_steps']} steps of mean batch {b['mean_batch']:.1f}: step {b['step_ms']:.3f} + emit "
-            f"{b['emit_ms_per_step']:.3f} + other {b['bookkeeping_ms_per_step']:.3f} ms; {b['prefills']} prefills of "
+            f"  server: {b['decode_steps']} steps of mean batch {b['mean_batch']:.1f}: step {b['step_ms']:.3f} (of it "
+            f"waiting on the GPU {b['wait_ms_per_step']:.3f}) + emit {b['emit_ms_per_step']:.3f} + "
+            f"other {b['bookkeeping_ms_per_step']:.3f} ms; {b['sync_step_frac']:.0%} steps unpipelined, "
+            f"{b['wasted_rows']} wasted rows; {b['prefills']} prefills of "
             f"{b['prefill_ms_mean']:.2f} ms, admission wait {b['admit_wait_ms_mean']:.2f} ms; {b['responses']} "
             f"responses of {b['tokens_per_response']:.2f} tokens, {b['send_us_per_response']:.0f} us each "
             f"({b['send_cpu_us_per_response']:.0f} us CPU); busy: sender {b['sender_busy_frac']:.0%}, watcher "

@@ -22,12 +22,19 @@ class FastState:
         self.tokens: torch.Tensor | None = None  # (B,) int64
         self.residual: torch.Tensor | None = None  # (B, d) fp32
         self.logits: torch.Tensor | None = None  # (B, V) fp32
+        # Greedy feedback (the serving pool's decode steps): the step ends by writing each row's argmax into `tokens`
+        # (the next step's ids, never leaving the device) and 1/0 into `finite` (all of the row's logits finite).
+        # A caller may set tokens / finite to views of its own buffers before the first step (the graph keeps them).
+        self.feedback = False
+        self.finite: torch.Tensor | None = None  # (B,) int64, with feedback
         self.graph = None
 
     def clone(self) -> FastState:
         twin = FastState(OrderedDict((k, v.clone()) for k, v in self.tensors.items()), self.batch, self.filled)
-        for name in ("tokens", "residual", "logits"):
-            setattr(twin, name, getattr(self, name).clone())
+        for name in ("tokens", "residual", "logits", "finite"):
+            value = getattr(self, name)
+            setattr(twin, name, None if value is None else value.clone())
+        twin.feedback = self.feedback
         return twin
 
 

@@ -74,12 +74,20 @@ class FastStep:
         if "pos" in t:
             t["pos"].add_(1)
         self._head(st.residual, pending, out=st.logits)
+        if st.feedback:  # inside the graph: the picks cost no launch and no host round trip of their own
+            torch.argmax(st.logits, dim=-1, out=st.tokens)
+            st.finite.copy_(torch.isfinite(st.logits).all(dim=-1))
 
     def _ensure_buffers(self, st: FastState):
+        """The step's static buffers, each made once (a caller may have given tokens / finite as its own views)."""
+        if st.logits is None:
+            zeros = dict(dtype=torch.float32, device=self.device)
+            st.residual = torch.zeros(st.batch, self.config.d_model, **zeros)
+            st.logits = torch.zeros(st.batch, self.config.vocab_size, **zeros)
         if st.tokens is None:
             st.tokens = torch.zeros(st.batch, dtype=torch.int64, device=self.device)
-            st.residual = torch.zeros(st.batch, self.config.d_model, dtype=torch.float32, device=self.device)
-            st.logits = torch.zeros(st.batch, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        if st.feedback and st.finite is None:
+            st.finite = torch.ones(st.batch, dtype=torch.int64, device=self.device)
 
     def _capture(self, st: FastState):
         """Warm up (compiles every kernel) on a throwaway copy of the state, then capture the step over st's buffers.
@@ -109,11 +117,19 @@ class FastStep:
             st.filled += 1
         self._ensure_buffers(st)
         st.tokens.copy_(tokens, non_blocking=True)
+        self.advance(st)
+        return st.logits.clone(), st
+
+    @torch.no_grad()
+    def advance(self, st: FastState) -> None:
+        """One decode step of st in place, fed st.tokens as they already are on the device; the logits stay in
+        st.logits (no copy in, no clone out, no checks: the serving pool's step, whose ids come from the previous
+        step's in-graph picks, st.feedback). The caller keeps st.filled within the KV cache."""
+        self._ensure_buffers(st)
         if self.use_cuda_graph:
             if st.graph is None:
                 self._capture(st)
             st.graph.replay()
         else:
             self._step_body(st)
-        return st.logits.clone(), st
 

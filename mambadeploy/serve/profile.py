@@ -1,8 +1,10 @@
 """Where the served model's time goes, read from Triton's metrics endpoint: the model counts its work and times its
 parts in mambadeploy_profile_total{part=...} (triton_model.PROFILE_KEYS); two readings around a load give a breakdown.
 
-Parts (seconds, summed): busy = the batcher's turns that had work; step = decode steps (runner + state pool, to the
-logits); prefill = admission prefills; emit = sampling + handing tokens to the streams; send = the sender thread
+Parts (seconds, summed): busy = the batcher's turns that had work; step = the batcher's time in decode steps (queuing
+them + waiting for their tokens on the host; pipelined, the host emits step k while step k+1 runs: see
+batcher.BatcherStats); wait = the part of step blocked on the device; prefill = admission prefills; emit = handing
+tokens to the streams; send = the sender thread
 building and sending responses (Triton's IPC to the server); watch = the watcher thread's cancellation asks and metric
 updates; admit_wait = arrival to prefill, per admitted request.
 """
@@ -38,6 +40,9 @@ def breakdown(before: dict, after: dict, wall_s: float) -> dict:
         "decode_steps": int(d.get("steps", 0)),
         "mean_batch": d.get("step_rows", 0) / steps,
         "step_ms": d.get("step_s", 0) / steps * 1e3,
+        "wait_ms_per_step": d.get("wait_s", 0) / steps * 1e3,  # blocked on the device: near step_ms = GPU-bound
+        "sync_step_frac": d.get("sync_steps", 0) / steps,  # steps run one at a time (sampled rows live)
+        "wasted_rows": int(d.get("wasted_rows", 0)),  # rows stepped past a stop id / cancellation (pipelining)
         "emit_ms_per_step": d.get("emit_s", 0) / steps * 1e3,
         "bookkeeping_ms_per_step": other / steps * 1e3,
         "prefills": int(d.get("prefills", 0)),

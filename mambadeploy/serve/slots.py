@@ -9,6 +9,14 @@ cache). The pool tensors are named as models/state.py names them; each backend a
   writes the pool in place: nothing is copied per step.
 - trt: a {name: view} dict (the runner copies it into its bindings), the new state copied back.
 - ort: OrtValues made from the views (CPU arrays, no CUDA graph), the new state copied back.
+
+Token feedback: `feed` holds, per row, the id the next step is fed (row 0) and whether the last step's logits were all
+finite (row 1). Every step ends by writing its greedy picks there: torch-fast inside its CUDA graph (FastState
+feedback), the other backends with two eager ops after their step. So a greedy sequence's next id never visits the
+host; the host learns the picks through ONE asynchronous copy of `feed` into a pinned buffer and an event
+(`launch` returns a LaunchedStep; `result()` waits), which lets the batcher queue the next step before it reads this
+one's tokens. Everything the host asks of the pool (moves, prefill writes, host-chosen ids) is queued on the same
+stream, so it lands after the step in flight and before the next.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class SlotPool:
-    """State rows for up to max_batch sequences, in the layout of `runner`'s state; `step` advances rows [0, n)."""
+    """State rows for up to max_batch sequences, in the layout of `runner`'s state; `launch` steps rows [0, n)."""
 
     def __init__(self, runner: Runner, max_batch: int, device=None):
         if max_batch < 1:
@@ -47,7 +55,17 @@ class SlotPool:
             (s.name, torch.zeros(s.concrete_shape(max_batch), dtype=s.dtype, device=self.device))
             for s in state_specs(runner.config, dtype))
         self._fast_states: dict = {}  # torch-fast: bucket -> FastState over views of the pool
-        self._tokens = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
+        self.feed = torch.zeros(2, max_batch, dtype=torch.int64, device=self.device)  # (next ids, finite flags)
+        cuda = self.device.type == "cuda"
+        # two host buffers (pinned: an asynchronous copy) and their events, used in turn: the copy of step k+1 may
+        # land while the host still reads step k's. Made once: nothing is allocated per step
+        self._host = [torch.zeros(2, max_batch, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self._events = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._turn = 0
+        # the batcher's default: pipeline the steps where the host can run ahead of the device. torch-fast on CUDA
+        # only: its step makes no host sync; the others may stay synchronous (and on the CPU every call has finished
+        # when it returns, so overlapping gains nothing there)
+        self.overlaps = cuda and runner.backend == "torch-fast"
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -60,49 +78,76 @@ class SlotPool:
             dst[first_row:first_row + src.shape[0]].copy_(src.to(dst.device, dst.dtype))
 
     def move(self, src_row: int, dst_row: int) -> None:
-        """Row dst takes row src's state (compaction after a sequence leaves)."""
+        """Row dst takes row src's state and next id (compaction after a sequence leaves)."""
         if src_row != dst_row:
             for t in self.tensors.values():
                 t[dst_row].copy_(t[src_row])
+            self.feed[:, dst_row].copy_(self.feed[:, src_row])
 
-    def step(self, tokens: torch.Tensor, n: int, filled: int = 0) -> torch.Tensor:
-        """One decode step of rows [0, n) fed `tokens` (n,); filled = the most KV slots any live row holds (attention
-        models). Returns logits (n, V) fp32."""
+    def set_tokens(self, first_row: int, tokens: list[int]) -> None:
+        """The ids rows [first_row, first_row + k) are fed next (admission, host-sampled rows): one small copy up."""
+        self.feed[0, first_row:first_row + len(tokens)].copy_(torch.tensor(tokens, dtype=torch.int64))
+
+    def launch(self, n: int, filled: int = 0) -> LaunchedStep:
+        """Queue one decode step of rows [0, n), fed feed[0, :n]; filled = the most KV slots any live row holds
+        (attention models). Its picks land in `feed` and are copied to the host asynchronously."""
         b = self.bucket(n)
-        self._tokens[:n].copy_(tokens)
-        self._tokens[n:b].zero_()
-        if "pos" in self.tensors:
+        if n < b and "pos" in self.tensors:
             self.tensors["pos"][n:b].zero_()  # padding rows: keep their cache position inside the cache
-        backend = self.runner.backend
-        if backend == "torch-fast":
-            return self._step_fast(b, filled)[:n]
-        views = self.views(b)
-        if backend == "ort":
-            logits = self._step_copying(b, views, _ort_state(self.runner, views, b, filled))
-        else:  # torch eager and TensorRT take a {name: tensor} state
-            logits = self._step_copying(b, views, views)
-        return logits[:n]
+        if self.runner.backend == "torch-fast":
+            logits = self._step_fast(b, filled)  # picks written inside its graph
+        else:
+            views = self.views(b)
+            state = _ort_state(self.runner, views, b, filled) if self.runner.backend == "ort" else views
+            logits = self._step_copying(b, views, state)
+            torch.argmax(logits, dim=-1, out=self.feed[0, :b])
+            self.feed[1, :b].copy_(torch.isfinite(logits).all(dim=-1))
+        host, event = self._host[self._turn], self._events[self._turn]
+        self._turn ^= 1
+        host.copy_(self.feed, non_blocking=True)  # the whole (2, max_batch): one copy, no per-step slicing
+        if event is not None:
+            event.record()
+        return LaunchedStep(n, logits, host, event)
 
     def views(self, b: int) -> OrderedDict:
         """{name: rows [0, b) of the pool} (one view per state tensor: dozens of torch calls on a large model)."""
         return OrderedDict((name, t[:b]) for name, t in self.tensors.items())
 
     def _step_fast(self, b, filled):
-        """The bucket's FastState is built once over views of the pool: later steps touch no per-tensor Python."""
+        """The bucket's FastState is built once over views of the pool, fed from and picking into `feed` (its graph
+        reads and writes them in place): a step is one graph replay, with no copy in, no logits clone out and no
+        per-tensor Python."""
         st = self._fast_states.get(b)
         if st is None:
             from ..runtime.torch_fast import FastState
 
             st = self._fast_states[b] = FastState(self.views(b), b)
+            st.tokens, st.finite, st.feedback = self.feed[0, :b], self.feed[1, :b], True
         st.filled = filled
-        logits, _ = self.runner.step(self._tokens[:b], st)
-        return logits
+        self.runner.advance(st)
+        return st.logits
 
     def _step_copying(self, b, views, state):
-        logits, new = self.runner.step(self._tokens[:b], state)
+        logits, new = self.runner.step(self.feed[0, :b], state)
         for name, tensor in self.runner.state_to_torch(new).items():
             views[name].copy_(torch.as_tensor(tensor).to(self.device))
         return logits
+
+
+class LaunchedStep:
+    """A queued decode step of n rows: `logits` (bucket rows, V; rows [0, n) are live; valid until the next step of
+    its bucket) and its picks, on their way to a host buffer (read it before the step after next is launched)."""
+    __slots__ = ("_event", "_host", "logits", "n")
+
+    def __init__(self, n, logits, host, event):
+        self.n, self.logits, self._host, self._event = n, logits, host, event
+
+    def result(self) -> tuple[list[int], list[int]]:
+        """(greedy ids, finite flags) of rows [0, n), once the step's copy to the host is done (blocks until then)."""
+        if self._event is not None:
+            self._event.synchronize()  # releases the GIL while it waits
+        picks, finite = self._host[:, :self.n].tolist()
+        return picks, finite
 
 
 def _runner_device(runner: Runner) -> str:

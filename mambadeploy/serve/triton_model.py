@@ -42,8 +42,9 @@ CANCEL_MIN_GAP_S = 0.01  # ... but at most one ask per 10 ms (64 streams: each e
 # 9-13 % busy at 32-64 streams on the CPU machine)
 METRICS_EVERY_S = 0.2  # a metric update is a round trip too
 # the profile counters (mambadeploy_profile_total{part=...}): BatcherStats fields, the sender's and the watcher's
-PROFILE_KEYS = ("steps", "step_rows", "prefills", "admitted", "busy_s", "step_s", "prefill_s", "emit_s", "admit_wait_s",
-                "responses", "tokens", "send_s", "send_cpu_s", "watch_s", "cancel_asks")
+PROFILE_KEYS = ("steps", "sync_steps", "step_rows", "wasted_rows", "prefills", "admitted", "busy_s", "step_s", "wait_s",
+                "prefill_s", "emit_s", "admit_wait_s", "responses", "tokens", "send_s", "send_cpu_s", "watch_s",
+                "cancel_asks")
 # seconds; TTFT on a GPU is ms-scale, on the CPU tests 10-100 ms
 LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 
