@@ -223,25 +223,34 @@ class InflightBatcher:
     def _drop_cancelled(self) -> None:
         """Free the rows of cancelled sequences. cancelled() must be cheap: every live sequence is asked each turn
         (Triton's model reads a flag its watcher thread sets: asking Triton itself is a round trip to the server)."""
-        for s in [s for s in self.live if _was_cancelled(s.request, self.stats)]:
+        gone = [s for s in self.live if _was_cancelled(s.request, self.stats)]
+        for s in gone:
             s.ended = True
             s.request.fail("cancelled")  # closes the stream (FINAL) if the sender still takes it
-            self._free(s)
+        self._release(gone)
 
     def _retire_spent(self) -> None:
         """Pipelined: a sequence whose last token is on its way needs no further step; its row goes now."""
-        for s in [s for s in self.live if s.produced >= s.request.max_tokens]:
-            self._free(s)
+        self._release([s for s in self.live if s.produced >= s.request.max_tokens])
 
-    def _free(self, s: _Live) -> None:
-        """s leaves its row; the last live row moves into its place (rows stay [0, n))."""
-        row, last = s.row, len(self.live) - 1
-        self.pool.move(last, row)
-        self.live[row] = self.live[last]
-        self.live[row].row = row
-        self.live.pop()
-        s.row = -1
-        self._sampled -= not s.greedy
+    def _release(self, leaving: list[_Live]) -> None:
+        """The leaving sequences give up their rows; live rows stay [0, n) by moving only sequences that STAY from
+        beyond the new end into the holes (a move copies a row of every state tensor: when many leave at once,
+        e.g. a batch admitted together reaching max_tokens, none of them is moved first only to be freed after)."""
+        leaving = [s for s in leaving if s.row >= 0]
+        if not leaving:
+            return
+        keep = len(self.live) - len(leaving)
+        holes = sorted(s.row for s in leaving if s.row < keep)
+        for s in leaving:
+            s.row = -1
+            self._sampled -= not s.greedy
+        movers = [s for s in self.live[keep:] if s.row >= 0]
+        for hole, s in zip(holes, movers):
+            self.pool.move(s.row, hole)
+            self.live[hole] = s
+            s.row = hole
+        del self.live[keep:]
 
     def _admit(self, requests: list[Request]) -> None:
         for group in prefill_groups(requests):
@@ -328,8 +337,7 @@ class InflightBatcher:
             self.stats.finished += 1
             if self.on_finish is not None:
                 self.on_finish(s.ttft_s, s.itl_s)
-            if s.row >= 0:
-                self._free(s)
+        self._release(finished)
         self.stats.emit_s += time.perf_counter() - started
 
     @staticmethod
