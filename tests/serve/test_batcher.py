@@ -40,8 +40,9 @@ def test_prefill_groups_bound_the_padding(lengths, groups):
     assert sorted(id(r) for g in prefill_groups(requests) for r in g) == sorted(map(id, requests))
 
 
-def _collect(batcher, prompts, max_tokens, cancel_after=None, stops=None, sampling=None):
-    """Submit every prompt at once; returns (tokens per prompt, errors per prompt)."""
+def _collect(batcher, prompts, max_tokens, cancel_after=None, stops=None, sampling=None, start=False):
+    """Submit every prompt at once (start=True: then start the batcher, so that it admits them all in its first
+    turn); returns (tokens per prompt, errors per prompt)."""
     outs = [[] for _ in prompts]
     errors = [None] * len(prompts)
     done = [threading.Event() for _ in prompts]
@@ -64,6 +65,8 @@ def _collect(batcher, prompts, max_tokens, cancel_after=None, stops=None, sampli
 
     for i in range(len(prompts)):
         batcher.submit(make(i))
+    if start:
+        batcher.start()
     for event in done:
         assert event.wait(120), "a sequence never finished"
     return outs, errors
@@ -245,3 +248,23 @@ def test_ort_runner_behind_the_pool(tiny):
     ort_runner = make_runner("blackmamba-tiny", "ort", cuda_graph=False)
     prompts = [[4, 8, 15], [16, 23], [42], [7, 7, 7, 7]]
     _check_alone(ort_runner, ort_runner, prompts, [5, 3, 6, 4], max_batch=3)
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["one-at-a-time", "pipelined"])
+def test_rows_move_only_for_sequences_that_stay(tiny, pipeline):
+    """Sequences leaving together free their rows at once: only a staying sequence beyond the new end moves (a move
+    copies a row of every state tensor), never a leaving one first."""
+    runner = make_runner(tiny("blackmamba-tiny"), "torch")
+    batcher = InflightBatcher(runner, max_batch=4, pipeline=pipeline)
+    moves = []
+    real_move = batcher.pool.move
+    batcher.pool.move = lambda src, dst: (moves.append((src, dst)), real_move(src, dst))
+    try:  # admitted together, in rows 0-3 (one prefill: equal lengths); rows 0-2 leave at the same step, row 3 stays
+        prompts = [[1, 2], [3, 4], [5, 6], [7, 8]]
+        outs, errors = _collect(batcher, prompts, [3, 3, 3, 6], start=True)
+    finally:
+        batcher.stop()
+    assert errors == [None] * 4
+    for prompt, n, out in zip(prompts, [3, 3, 3, 6], outs):
+        assert out == generate(runner, [prompt], n).tokens[0]
+    assert moves == [(3, 0)]
