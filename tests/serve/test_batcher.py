@@ -225,17 +225,17 @@ def test_bad_requests_refused_at_submit(tiny, prompt, max_tokens, stop, message)
         batcher.submit(Request(prompt, max_tokens, None, None, stop_ids=stop))
 
 
-@pytest.mark.parametrize("pipeline", [False, True], ids=["one-at-a-time", "pipelined"])
-def test_torch_fast_pool_rows_match_eager(tiny, pipeline):
+def test_torch_fast_pool_rows_match_eager(tiny):
     """torch-fast steps a FastState whose tensors are views of the pool (Triton's interpreter on CPU), fed from and
     picking into the pool's `feed` at the end of its step (the in-graph feedback on CUDA): a sequence that joins
-    mid-way and rows that move when another leaves still give the eager tokens."""
+    mid-way and rows that move when another leaves still give the eager tokens. Pipelined, as on CUDA (the pool's
+    step is the same one at a time: the eager tests cover both orders)."""
     model = tiny("blackmamba-tiny")
     fast = make_runner(model, "torch-fast")
     eager = make_runner(model, "torch")
     prompts = [[5, 6, 7], [11], [2, 3]]
     max_tokens = [2, 3, 2]  # the third joins when the first leaves; the second moves to row 0
-    batcher = _check_alone(fast, eager, prompts, max_tokens, max_batch=2, pipeline=pipeline)
+    batcher = _check_alone(fast, eager, prompts, max_tokens, max_batch=2, pipeline=True)
     assert set(batcher.pool._fast_states) <= {1, 2}
     for st in batcher.pool._fast_states.values():  # in place: the bucket states ARE the pool's rows and feed
         assert st.tensors["L0.ssm"].data_ptr() == batcher.pool.tensors["L0.ssm"].data_ptr()
@@ -268,3 +268,25 @@ def test_rows_move_only_for_sequences_that_stay(tiny, pipeline):
     for prompt, n, out in zip(prompts, [3, 3, 3, 6], outs):
         assert out == generate(runner, [prompt], n).tokens[0]
     assert moves == [(3, 0)]
+
+
+def test_fast_state_feedback_picks_on_device(tiny):
+    """torch-fast with FastState.feedback: the step ends by writing each row's argmax into st.tokens (the next step's
+    ids) and its finite flag into st.finite; the logits are those of the plain step. (A NaN row cannot be run here:
+    Triton's CPU interpreter raises on NaN inside a kernel; test_non_finite_step_fails_its_batch_and_serving_goes_on
+    covers the flag's path in the batcher.)"""
+    import torch
+
+    runner = make_runner(tiny("blackmamba-tiny"), "torch-fast")
+    logits, st = runner.prefill(torch.tensor([[5], [8]]))
+    plain = st.clone()
+    ids = logits.argmax(-1)
+    st.feedback = True
+    st.tokens = ids.clone()
+    runner.advance(st)
+    expected, _ = runner.step(ids, plain)
+    got = st.logits
+    print("max abs diff", (got - expected).abs().max().item())
+    assert torch.equal(got, expected)
+    assert st.tokens.tolist() == expected.argmax(-1).tolist() and st.finite.tolist() == [1, 1]
+    assert not torch.equal(st.tokens, ids)  # the picks really replaced the ids it was fed
