@@ -6,7 +6,8 @@ directly at the same batch sizes.
 
 Direct: one batch of B prompts (128 tokens) prefilled together, one untimed step (its CUDA-graph capture), then 126
 timed greedy decode steps, each token brought to the host as the server does; tokens/s = B * 126 / their time, and
-the step's p50/p99. Served: B concurrent gRPC streams (clients spread over --client-procs
+the step's p50/p99. In-process batcher: the served model's InflightBatcher on the same runner in this process (no
+Triton), B requests at once: its inter-token latency and per-step breakdown. Served: B concurrent gRPC streams (clients spread over --client-procs
 processes, so the Python client is not the bottleneck), each a 128-token prompt asking 128 new tokens; tokens/s = all
 streamed tokens / (last token - first request) in wall time; time to first token and inter-token latency as the
 model measured them (latency_ms of each response) and as the clients saw them; also the steady rate (while every
@@ -21,6 +22,7 @@ Writes serve_<gpu>.json and serve_<gpu>.svg (throughput vs concurrency) into --o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -61,7 +63,8 @@ def sync(device):
 
 
 @torch.no_grad()
-def direct(cfg) -> list[dict]:
+def direct(cfg) -> tuple[list[dict], list[dict], dict]:
+    """The runner driven directly at each batch size, then the in-process batcher on the same runner."""
     from mambadeploy.runtime.factory import make_runner
 
     runner = make_runner(cfg["preset"], backend=cfg["backend"], dtype=cfg["dtype"], device=cfg["device"])
@@ -97,10 +100,78 @@ def direct(cfg) -> list[dict]:
                      "step_ms_p50": percentile(steps, 50) * 1e3, "step_ms_p99": percentile(steps, 99) * 1e3})
         print(f"direct batch {batch}: {rows[-1]['tokens_per_s']:.0f} tok/s, step p50 {rows[-1]['step_ms_p50']:.3f} ms")
     describe = runner.describe()
-    del runner, state, logits
+    del state, logits
+    batcher_rows = in_process(cfg, runner)
+    del runner
     if str(cfg["device"]).startswith("cuda"):
         torch.cuda.empty_cache()
-    return rows, describe
+    return rows, batcher_rows, describe
+
+
+def _batch_through(batcher, prompts, new_tokens) -> tuple[list, float]:
+    """Submit every prompt at once to an in-process batcher; returns (each request's latencies in s, wall s)."""
+    import threading
+
+    from mambadeploy.serve.batcher import Request
+
+    latency = [[] for _ in prompts]
+    left, all_done, errors = [len(prompts)], threading.Event(), []
+
+    def end(message=None):
+        if message:
+            errors.append(message)
+        left[0] -= 1  # only the batcher thread calls emit / fail
+        if not left[0]:
+            all_done.set()
+
+    def make(i):
+        def emit(token, index, latency_s, final):
+            latency[i].append(latency_s)
+            if final:
+                end()
+
+        return Request(prompts[i], new_tokens, emit, end)
+
+    t0 = time.perf_counter()
+    for i in range(len(prompts)):
+        batcher.submit(make(i))
+    if not all_done.wait(1800) or errors:
+        raise RuntimeError(f"in-process batcher: {errors[:1] or 'timed out'}")
+    return latency, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def in_process(cfg, runner) -> list[dict]:
+    """The served model's InflightBatcher driven in this process: B requests at once (128 + 128 tokens), with no
+    Triton (no IPC, no sender thread). Between the direct runner and the served model: what the batcher itself costs
+    (pipelined on CUDA: serve/batcher.py) and, against the served rows, what the server path adds."""
+    from mambadeploy.serve.batcher import InflightBatcher
+
+    batcher = InflightBatcher(runner, max_batch=cfg["max_batch"]).start()
+    rows = []
+    try:
+        for batch in cfg["streams"]:
+            prompts = prompts_for(batch, cfg["prompt_len"], runner.config.vocab_size, seed=2000 + batch)
+            _batch_through(batcher, prompts, 4)  # warm-up: captures the decode graph of every bucket <= batch
+            before = dataclasses.replace(batcher.stats)
+            latency, wall = _batch_through(batcher, prompts, cfg["new_tokens"])
+            after = batcher.stats
+            steps = max(after.steps - before.steps, 1)
+            itl = [v for lat in latency for v in lat[1:]]
+            rows.append({"batch": batch, "tokens_per_s": batch * cfg["new_tokens"] / wall,
+                         "ttft_ms_p50": percentile([lat[0] for lat in latency], 50) * 1e3,
+                         "itl_ms_p50": percentile(itl, 50) * 1e3, "itl_ms_p99": percentile(itl, 99) * 1e3,
+                         "pipelined": batcher.pipeline, "mean_batch": (after.step_rows - before.step_rows) / steps,
+                         "step_ms": (after.step_s - before.step_s) / steps * 1e3,
+                         "wait_ms_per_step": (after.wait_s - before.wait_s) / steps * 1e3,
+                         "emit_ms_per_step": (after.emit_s - before.emit_s) / steps * 1e3})
+            r = rows[-1]
+            print(f"in-process batcher {batch}: {r['tokens_per_s']:.0f} tok/s, ITL p50 {r['itl_ms_p50']:.3f} / p99 "
+                  f"{r['itl_ms_p99']:.3f} ms; step {r['step_ms']:.3f} ms (waiting on the device "
+                  f"{r['wait_ms_per_step']:.3f}), emit {r['emit_ms_per_step']:.3f} ms")
+    finally:
+        batcher.stop()
+    return rows
 
 
 def _client_process(url, model, inbox, outbox):
@@ -299,7 +370,7 @@ def main(argv=None):
     from mambadeploy.serve.repo import write_repo
     from mambadeploy.serve.server import TritonServer, free_port
 
-    direct_rows, describe = direct(cfg)
+    direct_rows, batcher_rows, describe = direct(cfg)
     vocab = 512 if args.dry_run else 50304
     repo = Path(tempfile.mkdtemp(prefix="serve-bench-repo-"))
     write_repo(cfg["preset"], repo, name="mamba", backend=cfg["backend"], dtype=cfg["dtype"], device=cfg["device"],
@@ -314,6 +385,8 @@ def main(argv=None):
     finally:
         server.stop()
     by_batch = {r["batch"]: r for r in direct_rows}
+    for r in batcher_rows:
+        r["itl_p50_over_direct_step_p50"] = r["itl_ms_p50"] / by_batch[r["batch"]]["step_ms_p50"]
     for r in served_rows:
         d = by_batch[r["streams"]]
         r["ratio_to_direct_tokens_per_s"] = r["tokens_per_s"] / d["tokens_per_s"]
@@ -332,6 +405,7 @@ def main(argv=None):
              "goal_at_1": "<= 1.2"}
     data = {"config": cfg, "dry_run": args.dry_run, "device": {"gpu": gpu, "torch": torch.__version__,
             "python": sys.version.split()[0]}, "runner": describe, "server_load_s": load_s, "direct": direct_rows,
+            "in_process_batcher": batcher_rows,
             "served": served_rows, "goals": goals, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "note": f"served at {top} streams vs direct batch {top}"}
     stem = f"serve_{gpu.lower().replace(' ', '_')}" + ("_dry_run" if args.dry_run else "")

@@ -81,7 +81,7 @@ class FastStep:
     def _ensure_buffers(self, st: FastState):
         """The step's static buffers, each made once (a caller may have given tokens / finite as its own views)."""
         if st.logits is None:
-            zeros = dict(dtype=torch.float32, device=self.device)
+            zeros = {"dtype": torch.float32, "device": self.device}
             st.residual = torch.zeros(st.batch, self.config.d_model, **zeros)
             st.logits = torch.zeros(st.batch, self.config.vocab_size, **zeros)
         if st.tokens is None:
