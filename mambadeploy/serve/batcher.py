@@ -258,20 +258,19 @@ class InflightBatcher:
             started = time.perf_counter()
             self.stats.admitted += len(group)
             self.stats.admit_wait_s += sum(started - r.arrived for r in group)
+            first_row = len(self.live)
+            seqs = [_Live(r, Sampler(r.sampling), frozenset(r.stop_ids), row=first_row + i, cache_len=len(r.prompt))
+                    for i, r in enumerate(group)]
             try:
                 logits, state = self.runner.prefill(ids, lengths)
-                check_finite(logits, "prefill")
+                chosen = self._sample(seqs, logits, "prefill")  # raises on NaN / Inf logits
             except Exception as exc:  # noqa: BLE001 - one bad prefill fails its own requests, never the server
                 for r in group:
                     self.stats.failed += 1
                     r.fail(f"prefill failed: {exc}")
                 continue
             self.stats.prefills += 1
-            first_row = len(self.live)
             self.pool.write(first_row, state)
-            seqs = [_Live(r, Sampler(r.sampling), frozenset(r.stop_ids), row=first_row + i, cache_len=len(r.prompt))
-                    for i, r in enumerate(group)]
-            chosen = self._sample(seqs, logits, "prefill")
             self.pool.set_tokens(first_row, chosen)  # what each row is fed first (before a move can carry it)
             self.live.extend(seqs)
             self._sampled += sum(not s.greedy for s in seqs)

@@ -323,6 +323,8 @@ class MambaServeModel:
                 self._open_lock.acquire()  # the watcher never asks a stream once its last response is sent
             try:
                 if tokens and (error is None or stream.streaming):  # non-streaming: an error replaces the tokens
+                    # send() releases the GIL while it waits for the server (python_backend's response_sender.cc):
+                    # only building the response holds it, and the batcher then waits on its device event anyway
                     stream.sender.send(self._response(pb, stream, tokens),
                                        flags=final_flag if error is None and closing else 0)
                     self.sent["responses"] += 1
