@@ -186,15 +186,17 @@ class InflightBatcher:
             r.fail("the server is shutting down")
 
     def _turn(self, waiting: list) -> list:
-        """Drop the cancelled, admit what fits, run one decode step; returns the requests still waiting."""
+        """Drop the cancelled and the spent, admit what fits, run one decode step; returns the requests still waiting.
+        The spent leave before admission: their rows take new sequences in this turn, which join the next step as
+        they would one step at a time (the same batches either way)."""
         self._drop_cancelled()
+        self._retire_spent()
         free = self.max_batch - len(self.live)
         if waiting and free:
             admitted, waiting = waiting[:free], waiting[free:]
             self._admit([r for r in admitted if not _was_cancelled(r, self.stats)])
         try:
             if self.pipeline and not self._sampled:
-                self._retire_spent()
                 launched = self._launch() if self.live else None
                 previous, self._inflight = self._inflight, launched
                 if previous is not None:
@@ -230,7 +232,7 @@ class InflightBatcher:
         self._release(gone)
 
     def _retire_spent(self) -> None:
-        """Pipelined: a sequence whose last token is on its way needs no further step; its row goes now."""
+        """A sequence whose last token is on its way (pipelined) needs no further step; its row goes now."""
         self._release([s for s in self.live if s.produced >= s.request.max_tokens])
 
     def _release(self, leaving: list[_Live]) -> None:

@@ -290,3 +290,29 @@ def test_fast_state_feedback_picks_on_device(tiny):
     assert torch.equal(got, expected)
     assert st.tokens.tolist() == expected.argmax(-1).tolist() and st.finite.tolist() == [1, 1]
     assert not torch.equal(st.tokens, ids)  # the picks really replaced the ids it was fed
+
+
+def _serve_all(runner, prompts, max_tokens, max_batch, pipeline):
+    """Every request queued before the batcher starts (the same admissions in either order); (tokens, stats)."""
+    batcher = InflightBatcher(runner, max_batch=max_batch, pipeline=pipeline)
+    try:
+        outs, errors = _collect(batcher, prompts, max_tokens, start=True)
+    finally:
+        batcher.stop()
+    assert errors == [None] * len(prompts)
+    return outs, batcher.stats
+
+
+def test_pipelined_runs_the_same_batches(tiny):
+    """Pipelined, a sequence whose last token is on its way leaves before admission: the queue joins the same steps
+    as one step at a time, so both run the same batches (and, on any device, give the same tokens)."""
+    runner = make_runner(tiny("jamba-tiny"), "torch")
+    rng = random.Random(3)
+    prompts = [[rng.randrange(runner.config.vocab_size) for _ in range(rng.randint(1, 5))] for _ in range(7)]
+    max_tokens = [rng.randint(2, 8) for _ in prompts]
+    one, one_stats = _serve_all(runner, prompts, max_tokens, 3, pipeline=False)
+    piped, piped_stats = _serve_all(runner, prompts, max_tokens, 3, pipeline=True)
+    assert piped == one
+    print("steps", one_stats.steps, "rows", one_stats.step_rows)
+    assert (piped_stats.steps, piped_stats.step_rows, piped_stats.prefills) == (
+        one_stats.steps, one_stats.step_rows, one_stats.prefills)
