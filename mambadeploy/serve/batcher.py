@@ -2,7 +2,8 @@
 they finish or are cancelled.
 
 One worker thread owns the runner and the SlotPool. Each turn of its loop:
-  1. drops cancelled sequences (their rows are refilled at once by the last live row);
+  1. drops cancelled sequences, and (pipelined) those whose last token is on its way; their rows are refilled at once
+     by the live rows beyond the new end (rows stay [0, n));
   2. admits every waiting request that fits into free rows at once: prompts of similar lengths share one left-padded
      prefill (prefill_groups; a padded batch gives each prompt what it gives alone), first tokens sampled and emitted;
   3. runs ONE decode step for every live sequence and emits each one's next token.
