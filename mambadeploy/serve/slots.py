@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..errors import MambaDeployError
+from ..errors import InputError, MambaDeployError
 from ..models.state import state_specs
 from ..runtime.base import Runner
 
@@ -91,6 +91,8 @@ class SlotPool:
     def launch(self, n: int, filled: int = 0) -> LaunchedStep:
         """Queue one decode step of rows [0, n), fed feed[0, :n]; filled = the most KV slots any live row holds
         (attention models). Its picks land in `feed` and are copied to the host asynchronously."""
+        if "pos" in self.tensors and filled >= self.runner.config.max_seq_len:  # the runner's own check, bypassed
+            raise InputError(f"a sequence reached the attention KV cache length ({self.runner.config.max_seq_len})")
         b = self.bucket(n)
         if n < b and "pos" in self.tensors:
             self.tensors["pos"][n:b].zero_()  # padding rows: keep their cache position inside the cache

@@ -316,3 +316,17 @@ def test_pipelined_runs_the_same_batches(tiny):
     print("steps", one_stats.steps, "rows", one_stats.step_rows)
     assert (piped_stats.steps, piped_stats.step_rows, piped_stats.prefills) == (
         one_stats.steps, one_stats.step_rows, one_stats.prefills)
+
+
+def test_pool_refuses_a_step_past_the_kv_cache(tiny):
+    """The pool's step bypasses the runner's checks (the batcher checks at submission); a step that would write a KV
+    slot past the cache is still refused on the host, before anything is queued."""
+    from mambadeploy.serve.slots import SlotPool
+
+    runner = make_runner(tiny("jamba-tiny"), "torch")
+    pool = SlotPool(runner, 2)
+    limit = runner.config.max_seq_len
+    picks, finite = pool.launch(1, filled=limit - 1).result()  # the last slot: fine
+    assert len(picks) == 1 and finite == [1]
+    with pytest.raises(InputError, match="KV cache length"):
+        pool.launch(1, filled=limit)
