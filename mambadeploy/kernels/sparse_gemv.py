@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mambadeploy.models.ref_ops import activation_ref  # absolute: also loaded as the interpreted twin
+
 from .common import TARGET_PROGRAMS, fmax, fsum
 from .interpret import is_interpreted, kernel_for
 
@@ -34,14 +36,24 @@ def sparse_gemv_ref(x, wt, mode: float, threshold: float, bias=None):
     return y.to(x.dtype)
 
 
-def sparse_expert_gemv_ref(x, wt, experts, mode: float, threshold: float, bias=None):
-    """x (P, K) one input row per (token, slot) pair; wt (E, K, N); experts (P,) int; bias (E, N) or None -> (P, N)."""
+def sparse_expert_gemv_ref(x, wt, experts, mode: float, threshold: float, bias=None, *, activation=None,
+                           scale=None):
+    """x (P, K) one input row per (token, slot) pair; wt (E, K, N); experts (P,) int; bias (E, N) or None -> (P, N).
+    activation (fc1 of a gated FFN, the compacting kernel's epilogue): N = 2F, returns act(gate) * up (P, F), each
+    step rounded to x.dtype as the reference MoE computes it. scale (P,) (fc2 of a top-1 MoE): the rounded output
+    times its routing weight, rounded again (the reference's fp32 combine of a single expert)."""
     xs = (x.float() - mode)
     xs = torch.where(xs.abs() > threshold, xs, torch.zeros((), dtype=xs.dtype, device=x.device)).to(x.dtype).float()
     y = torch.einsum("pk,pkn->pn", xs, wt[experts].float())
     if bias is not None:
         y = y + bias[experts].float()
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    if activation is not None:
+        gate, up = y.chunk(2, dim=-1)
+        y = activation_ref(gate, activation) * up
+    if scale is not None:
+        y = (y.float() * scale.float()[:, None]).to(x.dtype)
+    return y
 
 
 @triton.jit
