@@ -22,9 +22,11 @@ from mambadeploy.kernels import (  # noqa: E402
     rms_norm,
     selective_scan,
     selective_state_update,
+    sparse_gemv_compact,
 )
 
-MODULES = (causal_conv1d, gemv, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update)
+MODULES = (causal_conv1d, gemv, moe_experts, moe_routing, rms_norm, selective_scan, selective_state_update,
+           sparse_gemv_compact)
 H100_SMEM_PER_BLOCK = 232448  # bytes of shared memory one block may use on sm_90 (Triton's own error names it)
 POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
            torch.int32: "*i32"}
@@ -106,6 +108,13 @@ def _calls(dtype):
     yield "gemv (L2 prefetch)", lambda: gemv.gemv(r(1, 2944), r(124, 2944), prefetch=(r(1472, 2944), 1472 * 2944 * 2))
     yield "gemv (in_proj + conv)", lambda: gemv.gemv(r(1, 1472), r(5888, 1472), None,
                                                      conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
+    # the compacting SCAP GEMV at the 2.8B expert sites (batch 1: gated fc1, routing-scaled fc2; batch 4 pairs)
+    yield "compact expert fc1", lambda: sparse_gemv_compact.sparse_expert_gemv(
+        r(1, 1472), r(E, 1472, 2 * 3872), torch.tensor([1]), 0.0, 0.5, activation="gelu")
+    yield "compact expert fc2", lambda: sparse_gemv_compact.sparse_expert_gemv(
+        r(1, 3872), r(E, 3872, 1472), torch.tensor([2]), 0.0, 0.5, scale=torch.rand(1))
+    yield "compact expert fc1 (4 pairs)", lambda: sparse_gemv_compact.sparse_expert_gemv(
+        r(4, 1472), r(E, 1472, 2 * 3872), torch.tensor([0, 3, 1, 1]), 0.0, 0.5, activation="gelu")
 
 
 def test_every_launch_compiles_for_sm90(monkeypatch):
@@ -115,7 +124,7 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
             _compile(kernel, args, dict(kwargs))
             compiled.add(kernel.fn.__name__)
     print(sorted(compiled))
-    assert len(compiled) == 16  # every kernel of the package
+    assert len(compiled) == 17  # every kernel of the package
 
 
 PDL_CALLS = ("selective_state_update", "selective_state_update (dt_proj fused)", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
@@ -138,6 +147,24 @@ def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):
             compiled.add(kernel.fn.__name__)
     print(sorted(compiled))
     assert len(compiled) == 7
+
+
+WAIT_FIRST_CALLS = ("compact expert fc1", "compact expert fc2", "compact expert fc1 (4 pairs)")
+
+
+def test_sparse_expert_kernels_read_nothing_before_the_pdl_wait(monkeypatch):
+    """The crash of the first compacting GEMV (674d32b, an illegal address in the graphed 2.8B step): it loaded the
+    expert id before griddepcontrol.wait, while under PDL the router kernel that writes it may still be running.
+    In the sm_90 PTX of every compacting launch, no global load may come before the wait."""
+    monkeypatch.setattr(sparse_gemv_compact, "pdl_launch", lambda tensor: {"PDL": True, "launch_pdl": True})
+    calls = dict(_calls(torch.bfloat16))
+    for what in WAIT_FIRST_CALLS:
+        (kernel, args, kwargs), = _record(monkeypatch, calls[what])
+        lines = [line.strip() for line in _compile(kernel, args, dict(kwargs)).asm["ptx"].splitlines()]
+        wait = next(i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait"))
+        early = [line for line in lines[:wait] if line.startswith("ld.global")]
+        print(what, "global loads before the wait:", early)
+        assert not early, f"{what}: {early}"
 
 
 def test_l2_prefetch_compiles_to_the_bulk_prefetch(monkeypatch):
