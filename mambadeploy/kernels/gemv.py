@@ -84,6 +84,16 @@ def _conv_epilogue(out, offs_m, mask_m, offs_n, mask_n, y_dtype, cs_ptr, cw_ptr,
 
 
 @triton.jit
+def _sparsify(xv, mask, mode, threshold, SPARSIFY: tl.constexpr):
+    """SCAP's input sparsifier on a loaded x tile (when SPARSIFY): (x − mode) where |x − mode| > threshold else 0,
+    fp32 math, rounded to x's dtype (what the reference model's sparse linear multiplies); masked entries stay 0."""
+    if SPARSIFY:
+        xc = xv.to(tl.float32) - mode
+        xv = tl.where((tl.abs(xc) > threshold) & mask, xc, 0.0).to(xv.dtype)
+    return xv
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, K_PER_SPLIT,
@@ -94,6 +104,7 @@ def gemv_kernel(
     cs_ptr=None, cw_ptr=None, cb_ptr=None, conv_dim=0, s_cs_b=0, s_cs_d=0, s_cs_k=0, s_cw_d=0, s_cw_k=0,
     CONV_K: tl.constexpr = 0, HAS_CONV_BIAS: tl.constexpr = False,
     pf_ptr=None, pf_share=0, pf_piece=0, PREFETCH: tl.constexpr = False,
+    sp_mode=0.0, sp_threshold=0.0, SPARSIFY: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -111,7 +122,9 @@ def gemv_kernel(
     if PREFETCH:  # a weight of a later kernel into L2 (a hint; see common.l2_prefetch)
         l2_prefetch(pf_ptr, pid_n + pid_k * tl.num_programs(0), pf_share, pf_piece)
     pdl_wait(PDL)
-    x_first = tl.load(x_rows + k_first[None, :], mask=mask_m[:, None] & (k_first < K)[None, :], other=0.0)
+    x_first_mask = mask_m[:, None] & (k_first < K)[None, :]
+    x_first = _sparsify(tl.load(x_rows + k_first[None, :], mask=x_first_mask, other=0.0), x_first_mask, sp_mode,
+                        sp_threshold, SPARSIFY)
     if USE_DOT:  # several rows of x: tensor-core MMA on x padded to BLOCK_M >= 16 rows; its loads are pipelined
         if UPCAST:
             w_first, x_first = w_first.to(tl.float32), x_first.to(tl.float32)
@@ -121,7 +134,8 @@ def gemv_kernel(
             kk = k_start + k0 + tl.arange(0, BLOCK_K)
             mk = kk < K
             w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
-            xv = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)
+            xv = _sparsify(tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0),
+                           mask_m[:, None] & mk[None, :], sp_mode, sp_threshold, SPARSIFY)
             if UPCAST:
                 w, xv = w.to(tl.float32), xv.to(tl.float32)
             acc2 = tl.dot(xv, tl.trans(w), acc2, input_precision=PRECISION)
@@ -132,7 +146,8 @@ def gemv_kernel(
             kk = k_start + k0 + tl.arange(0, BLOCK_K)
             mk = kk < K
             w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            xv = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            xv = _sparsify(tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0),
+                           mask_m[:, None] & mk[None, :], sp_mode, sp_threshold, SPARSIFY).to(tl.float32)
             acc += w[None, :, :] * xv[:, None, :]
         out = fsum(acc, 2)  # (BLOCK_M, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -206,7 +221,8 @@ def _counter_buffer(device) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: dict | None = None,
-         out: torch.Tensor | None = None, conv: tuple | None = None, prefetch: tuple | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, conv: tuple | None = None, prefetch: tuple | None = None,
+         sparsify: tuple | None = None) -> torch.Tensor:
     """Same contract as gemv_ref: x (M, K) with M <= MAX_ROWS, weight (N, K), bias (N,) -> (M, N) in x.dtype, fp32
     accumulation. Rows of x and weight must be contiguous along K (row strides are free).
     conv = (conv_state (M, C, d_conv) fp32, conv_weight (C, d_conv), conv_bias (C,) or None): Mamba's decode step
@@ -214,6 +230,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     and come back as its output; the rest (z) as projected. Equal to gemv_ref then causal_conv1d_update_ref.
     prefetch = (tensor, nbytes): the programs also warm L2 with that many leading bytes of a weight that a later kernel
     reads (Hopper only; see common.l2_prefetch_args).
+    sparsify = (mode, threshold): SCAP's input sparsifier applied to x as it is loaded (a SCAP site that the per-site
+    choice runs on the dense kernel: runtime/fast_sparse.py): equal to gemv_ref(sparsify_ref(x, mode, threshold), ...).
     out: (M, N), x.dtype or fp32; an fp32 out holds the x.dtype result widened (what gemv(...).float() gives, without
     the extra launch: the LM head writes its fp32 logits buffer directly)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -254,6 +272,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_BIAS=bias is not None, UPCAST=dot_upcast(x.dtype, is_interpreted(kernel)), PRECISION=dot_precision(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **cfg["constexprs"], **pdl_launch(x), **conv_args,
         **_prefetch_arguments(prefetch, cfg),
+        **({} if sparsify is None else {"sp_mode": float(sparsify[0]), "sp_threshold": float(sparsify[1]),
+                                        "SPARSIFY": True}),
     )
     return y
 

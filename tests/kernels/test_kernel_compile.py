@@ -108,6 +108,8 @@ def _calls(dtype):
     yield "gemv (L2 prefetch)", lambda: gemv.gemv(r(1, 2944), r(124, 2944), prefetch=(r(1472, 2944), 1472 * 2944 * 2))
     yield "gemv (in_proj + conv)", lambda: gemv.gemv(r(1, 1472), r(5888, 1472), None,
                                                      conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
+    yield "gemv (SCAP-sparsified in_proj + conv)", lambda: gemv.gemv(
+        r(1, 1472), r(5888, 1472), r(5888), conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)), sparsify=(0.1, 0.5))
     # the compacting SCAP GEMV at the 2.8B expert sites (batch 1: gated fc1, routing-scaled fc2; batch 4 pairs)
     yield "compact expert fc1", lambda: sparse_gemv_compact.sparse_expert_gemv(
         r(1, 1472), r(E, 1472, 2 * 3872), torch.tensor([1]), 0.0, 0.5, activation="gelu")
@@ -128,7 +130,8 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
 
 
 PDL_CALLS = ("selective_state_update", "selective_state_update (dt_proj fused)", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
-             "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)")
+             "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)",
+             "gemv (SCAP-sparsified in_proj + conv)")
 
 
 def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):

@@ -1,0 +1,47 @@
+"""The dense decode GEMV with SCAP's sparsifier fused into its x loads (gemv(..., sparsify=(mode, threshold))): what a
+SCAP site runs when torch-fast's per-site choice (runtime/fast_sparse.py) gives it the dense kernel. It must equal the
+reference model's sparse linear, gemv_ref(sparsify_ref(x), W, b'): batch 1 (FMA) and 3 (tl.dot), split-K (the
+interpreter splits K over 32-wide chunks), widths off block multiples, thresholds keeping all / half / none, and
+in_proj's fused conv epilogue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import DTYPES, make_gen, randn
+
+from mambadeploy.kernels.gemv import gemv, gemv_ref
+from mambadeploy.models.ref_ops import causal_conv1d_update_ref
+from mambadeploy.models.sparsity import sparsify_ref
+from mambadeploy.validate.tolerances import op_checker
+
+check_op = op_checker("gemv")
+MODE = -0.15
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K", [(1, 40, 72), (3, 37, 150), (1, 5, 33)])
+@pytest.mark.parametrize("threshold", [-1.0, 0.6, 1e9], ids=["keep-all", "about-half", "drop-all"])
+def test_sparsified_gemv_equals_the_reference_sparse_linear(M, N, K, threshold, dtype):
+    g = make_gen(21)
+    x, w, b = randn(g, M, K, dtype=dtype), randn(g, N, K, dtype=dtype, scale=K ** -0.5), randn(g, N, dtype=dtype)
+    y = gemv(x, w, b, sparsify=(MODE, threshold))
+    ref = gemv_ref(sparsify_ref(x, MODE, threshold), w, b)
+    check_op(y, ref, dtype, what=f"sparsified gemv {M}x{N}x{K} t={threshold}")
+    if threshold > 1e8:  # every input dropped: exactly the bias
+        assert torch.equal(y, b.expand(M, N))
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_sparsified_in_proj_with_the_fused_conv(M):
+    g = make_gen(23)
+    C, K, d_conv = 37, 40, 4
+    x, w, b = randn(g, M, K, dtype=torch.bfloat16), randn(g, 2 * C, K, dtype=torch.bfloat16, scale=0.2), \
+        randn(g, 2 * C, dtype=torch.bfloat16)
+    state = randn(g, M, C, d_conv)
+    cw, cb = randn(g, C, d_conv, dtype=torch.bfloat16), randn(g, C, dtype=torch.bfloat16)
+    xz_ref = gemv_ref(sparsify_ref(x, MODE, 0.5), w, b)
+    xc_ref, _ = causal_conv1d_update_ref(xz_ref[:, :C], state.clone(), cw, cb, "silu")
+    out = gemv(x, w, b, conv=(state, cw, cb), sparsify=(MODE, 0.5))
+    check_op(out[:, :C], xc_ref, torch.bfloat16, what="conv output")
+    check_op(out[:, C:], xz_ref[:, C:], torch.bfloat16, what="z")
