@@ -30,6 +30,7 @@ from .common import (
     pdl_launch,
     pdl_wait,
 )
+from .gemv import _sparsify
 from .interpret import is_interpreted, kernel_for
 from .moe_routing import moe_align
 
@@ -53,7 +54,10 @@ def moe_gemv_fc1_kernel(
     s_x_t, s_w_e, s_w_f, s_w_d, s_h_p,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False,
+    b_ptr=None, sp_mode=0.0, sp_threshold=0.0, HAS_BIAS: tl.constexpr = False, SPARSIFY: tl.constexpr = False,
 ):
+    """SPARSIFY / HAS_BIAS: a SCAP-sparse fc1 on the dense kernel (x sparsified as loaded, the folded bias (E, 2F)
+    added to gate and up before the activation)."""
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < F
@@ -67,11 +71,15 @@ def moe_gemv_fc1_kernel(
     for k0 in range(0, d, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < d
-        xv = tl.load(x_row + kk, mask=mk, other=0.0).to(tl.float32)
+        xv = _sparsify(tl.load(x_row + kk, mask=mk, other=0.0), mk, sp_mode, sp_threshold, SPARSIFY).to(tl.float32)
         m = mask_n[:, None] & mk[None, :]
         acc_g += tl.load(gate_rows + kk[None, :] * s_w_d, mask=m, other=0.0).to(tl.float32) * xv[None, :]
         acc_u += tl.load(up_rows + kk[None, :] * s_w_d, mask=m, other=0.0).to(tl.float32) * xv[None, :]
-    h = activate(fsum(acc_g, 1), ACTIVATION) * fsum(acc_u, 1)
+    gate, up = fsum(acc_g, 1), fsum(acc_u, 1)
+    if HAS_BIAS:
+        gate += tl.load(b_ptr + e * (2 * F) + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        up += tl.load(b_ptr + e * (2 * F) + F + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    h = activate(gate, ACTIVATION) * up
     tl.store(h_ptr + pair.to(tl.int64) * s_h_p + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -81,7 +89,10 @@ def moe_gemv_fc2_kernel(
     d, F,
     s_h_p, s_w_e, s_w_d, s_w_f, s_y_r,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+    b_ptr=None, sp_mode=0.0, sp_threshold=0.0, HAS_BIAS: tl.constexpr = False, SPARSIFY: tl.constexpr = False,
 ):
+    """SPARSIFY / HAS_BIAS: a SCAP-sparse fc2 on the dense kernel (h sparsified as loaded, the folded bias (E, d)
+    added before the routing weight)."""
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < d
@@ -94,14 +105,19 @@ def moe_gemv_fc2_kernel(
     k_first = tl.arange(0, BLOCK_K)
     w_first = tl.load(w_rows + k_first[None, :] * s_w_f, mask=mask_n[:, None] & (k_first < F)[None, :], other=0.0)
     pdl_wait(PDL)
-    acc = w_first.to(tl.float32) * tl.load(h_row + k_first, mask=k_first < F, other=0.0).to(tl.float32)[None, :]
+    h_first = _sparsify(tl.load(h_row + k_first, mask=k_first < F, other=0.0), k_first < F, sp_mode, sp_threshold,
+                        SPARSIFY)
+    acc = w_first.to(tl.float32) * h_first.to(tl.float32)[None, :]
     for k0 in range(BLOCK_K, F, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < F
-        hv = tl.load(h_row + kk, mask=mk, other=0.0).to(tl.float32)
+        hv = _sparsify(tl.load(h_row + kk, mask=mk, other=0.0), mk, sp_mode, sp_threshold, SPARSIFY).to(tl.float32)
         acc += tl.load(w_rows + kk[None, :] * s_w_f, mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32) \
             * hv[None, :]
-    out = fsum(acc, 1) * tl.load(weights_ptr + pair)
+    out = fsum(acc, 1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + e * d + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    out = out * tl.load(weights_ptr + pair)
     # row = pair: with top-1 that is the token's row of y (T, d); with top-k the pair's row of the fp32 (P, d) buffer
     tl.store(y_ptr + pair.to(tl.int64) * s_y_r + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
@@ -311,9 +327,13 @@ def tma_usable(x, w1, w2) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | None = None):
+def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | None = None,
+                  sparse: tuple | None = None):
     """Same contract as expert_gather_ref: x (T, d); w1 (E, 2F, d); w2 (E, d, F); experts (T, k) int; weights (T, k).
-    Returns sum_j weights[:, j] * ffn_{experts[:, j]}(x) as (T, d) in x.dtype (fp32 accumulation)."""
+    Returns sum_j weights[:, j] * ffn_{experts[:, j]}(x) as (T, d) in x.dtype (fp32 accumulation).
+    sparse = (fc1, fc2), each (mode, threshold, folded bias (E, out) or None) or None: SCAP's sparsifiers on fc1's and
+    fc2's inputs (models/sparsity.sparse_moe_ref's math on the dense kernels: a SCAP expert site that torch-fast's
+    per-site choice runs dense). The GEMV path only (one pair: batch-1 top-1 decode)."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unknown activation {activation!r} (supported: {', '.join(ACTIVATION_CODES)})")
     T, d = x.shape
@@ -338,19 +358,34 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     out = y if k == 1 else torch.empty(P, d, dtype=torch.float32, device=x.device)
     act = ACTIVATION_CODES[activation]
     c1, c2 = cfg["fc1"], cfg["fc2"]
+    if sparse is not None and cfg["path"] != "gemv":
+        raise ValueError(f"expert_gather: SCAP sparsifiers take the GEMV path (one pair), not {P} pairs")
+    sp1, sp2 = sparse or (None, None)
     if cfg["path"] == "gemv":
         h = torch.empty(P, F, dtype=x.dtype, device=x.device)
         kernel1[c1["grid"]](x, w1, experts, h, F, d, x.stride(0), *w1.stride(), h.stride(0),
                             TOP_K=k, ACTIVATION=act, num_warps=c1["num_warps"], num_stages=c1["num_stages"],
-                            **c1["constexprs"], **pdl_launch(x))
+                            **c1["constexprs"], **pdl_launch(x), **_sparse_arguments(sp1))
         kernel_for(moe_gemv_fc2_kernel, x)[c2["grid"]](
             h, w2, experts, weights, out, d, F, h.stride(0), *w2.stride(), out.stride(0),
-            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **pdl_launch(x))
+            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **pdl_launch(x),
+            **_sparse_arguments(sp2))
     else:
         _grouped_gemm(cfg, x, w1, w2, experts, weights, out, act, interpreted)
     if k > 1:
         y.copy_(out.view(T, k, d).sum(1))
     return y
+
+
+def _sparse_arguments(spec) -> dict:
+    """A GEMV kernel's SCAP arguments for spec = (mode, threshold, folded bias (E, out) or None), or None."""
+    if spec is None:
+        return {}
+    mode, threshold, bias = spec
+    args = {"sp_mode": float(mode), "sp_threshold": float(threshold), "SPARSIFY": True}
+    if bias is not None:
+        args.update(b_ptr=bias.contiguous(), HAS_BIAS=True)
+    return args
 
 
 def _grouped_gemm(cfg, x, w1, w2, experts, weights, out, act, interpreted):

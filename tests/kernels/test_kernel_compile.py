@@ -110,6 +110,9 @@ def _calls(dtype):
                                                      conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
     yield "gemv (SCAP-sparsified in_proj + conv)", lambda: gemv.gemv(
         r(1, 1472), r(5888, 1472), r(5888), conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)), sparsify=(0.1, 0.5))
+    yield "expert_gather (gemv, SCAP-sparsified)", lambda: moe_experts.expert_gather(
+        r(1, d), r(E, 2 * F, d), r(E, d, F), one, torch.rand(1, 1), "gelu",
+        sparse=((0.1, 0.5, r(E, 2 * F)), (0.0, 0.2, None)))
     # the compacting SCAP GEMV at the 2.8B expert sites (batch 1: gated fc1, routing-scaled fc2; batch 4 pairs)
     yield "compact expert fc1", lambda: sparse_gemv_compact.sparse_expert_gemv(
         r(1, 1472), r(E, 1472, 2 * 3872), torch.tensor([1]), 0.0, 0.5, activation="gelu")
@@ -131,7 +134,7 @@ def test_every_launch_compiles_for_sm90(monkeypatch):
 
 PDL_CALLS = ("selective_state_update", "selective_state_update (dt_proj fused)", "causal_conv1d_update", "add_rms_norm", "add_rms_norm_route",
              "expert_gather (gemv)", "gemv", "gemv (split-K)", "gemv (batch 8, bias)", "gemv (in_proj + conv)",
-             "gemv (SCAP-sparsified in_proj + conv)")
+             "gemv (SCAP-sparsified in_proj + conv)", "expert_gather (gemv, SCAP-sparsified)")
 
 
 def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):
