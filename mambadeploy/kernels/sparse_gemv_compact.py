@@ -312,10 +312,11 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, mode: float, threshold: float
 
 def sparse_expert_gemv(x: torch.Tensor, wt: torch.Tensor, experts: torch.Tensor, mode: float, threshold: float,
                        bias: torch.Tensor | None = None, *, config: dict | None = None, activation: str | None = None,
-                       scale: torch.Tensor | None = None):
+                       scale: torch.Tensor | None = None, tiles: dict | None = None):
     """Same contract as sparse_expert_gemv_ref: x (P, K), wt (E, K, N), experts (P,), bias (E, N) -> (P, N); with
     activation (a key of ACTIVATION_CODES; fc1) -> act(gate) * up (P, N / 2); with scale (P,) fp32 routing weights
-    (fc2 of a top-1 MoE) -> the output times its weight. Both in the epilogue: no separate launches."""
+    (fc2 of a top-1 MoE) -> the output times its weight. Both in the epilogue: no separate launches.
+    tiles: launch_config keyword overrides (block_n, chunk_k, ...) when no config is given."""
     if x.dim() != 2 or wt.dim() != 3 or x.shape[1] != wt.shape[1] or experts.shape != (x.shape[0],):
         raise ValueError(f"sparse_expert_gemv: x {tuple(x.shape)}, wt {tuple(wt.shape)}, experts "
                          f"{tuple(experts.shape)} do not fit (x (P, K), wt (E, K, N), experts (P,))")
@@ -325,6 +326,9 @@ def sparse_expert_gemv(x: torch.Tensor, wt: torch.Tensor, experts: torch.Tensor,
     if scale is not None and scale.shape != (x.shape[0],):
         raise ValueError(f"sparse_expert_gemv: scale {tuple(scale.shape)} for {x.shape[0]} pairs")
     x, wt, experts = x.contiguous(), wt.contiguous(), experts.contiguous()
+    if config is None and tiles is not None:  # launch_config's overrides (the sweep's best tiles of a site)
+        config = launch_config(x.shape[1], wt.shape[2] // (2 if activation is not None else 1), 1, x.shape[0],
+                               is_interpreted(kernel_for(compact_sparse_gemv_kernel, x)), **tiles)
     return _launch(x, wt, None if bias is None else bias.contiguous(), experts, 1, x.shape[0], wt.stride(0), mode,
                    threshold, config, activation=activation,
                    scale=None if scale is None else scale.float().contiguous())

@@ -1,5 +1,5 @@
-"""The pieces of a torch-fast block shared by prefill and the decode step: residual + RMSNorm, the dense and SCAP-sparse
-projections (Triton GEMV or cuBLAS), the Mamba x_proj split, the feed-forward (router + experts, or the dense MLP) and
+"""The pieces of a torch-fast block shared by prefill and the decode step: residual + RMSNorm, the dense projections
+(Triton GEMV or cuBLAS; the SCAP-sparse ones are fast_sparse.py's), the Mamba x_proj split, the feed-forward (router + experts, or the dense MLP) and
 the final norm + LM head; and the two hooks where a rank of a sharded model meets the others (parallel/fast.py)."""
 
 from __future__ import annotations
@@ -20,32 +20,6 @@ TRITON_GEMV_MAX_BATCH = 8
 class FastBlocks:
     """Mixed into TorchFastRunner; uses its model, config, dtype, eps, triton_gemv, l2_prefetch, routing_trace and the
     kernel modules (_k_*)."""
-
-    def _sparse_linear(self, x, entry):
-        """The sparsified projection of decode rows x: the sparse GEMV at batch <= its MAX_BATCH, else the
-        reference's F.linear(sparsify(x), W, b') on the transposed weight's view."""
-        wt, mode, threshold, bias = entry
-        if x.shape[0] <= self._k_sparse.MAX_BATCH:
-            return self._k_sparse.sparse_gemv(x, wt, mode, threshold, bias)
-        return F.linear(sparsity.sparsify_ref(x, mode, threshold), wt.t(), bias)
-
-    def _sparse_experts(self, layer, x, weights, experts):
-        """The chosen experts of decode rows x (T, d) with sparse fc1 / fc2 GEMVs: one (token, slot) pair per program
-        row, each reading its own expert's transposed weights; combined in fp32 as the reference."""
-        moe = layer.moe
-        T, k = experts.shape
-        if T > self._k_sparse.MAX_BATCH:
-            return sparsity.sparse_moe_ref(x, moe.router.weight, moe.router.bias, moe.w1, moe.w2, moe.router_kind,
-                                           moe.top_k, moe.activation, moe.sparse)
-        flat = experts.reshape(-1)
-        rows = x.repeat_interleave(k, 0) if k > 1 else x
-        wt1, m1, t1, b1 = layer.sparse["fc1"]
-        wt2, m2, t2, b2 = layer.sparse["fc2"]
-        h = self._k_sparse.sparse_expert_gemv(rows, wt1, flat, m1, t1, b1)
-        gate, up = h.chunk(2, dim=-1)
-        a = (ref_ops.activation_ref(gate, moe.activation) * up).contiguous()
-        y = self._k_sparse.sparse_expert_gemv(a, wt2, flat, m2, t2, b2)
-        return (y.float() * weights.reshape(-1, 1).float()).view(T, k, -1).sum(1).to(x.dtype)
 
     def _norm(self, pending, residual, weight):
         """residual += pending (in place, fp32), then RMSNorm -> model dtype. pending None: norm of residual alone."""
@@ -73,7 +47,7 @@ class FastBlocks:
         w = m.out_proj.weight
         prefetch = (w, w.numel() * w.element_size()) if "xproj" in self.l2_prefetch else None
         if sparse and "x_proj" in sparse:
-            xdbl = self._partial_sum(self._sparse_linear(xc, sparse["x_proj"]))
+            xdbl = self._partial_sum(self._sparse_linear(xc, "x_proj", sparse["x_proj"], prefetch=prefetch))
         else:
             xdbl = self._partial_sum(self._linear(xc, m.x_proj.weight, prefetch=prefetch))
         dt, B, C = torch.split(xdbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
@@ -102,10 +76,7 @@ class FastBlocks:
                                                           moe.top_k)
         if self.routing_trace is not None:
             self.routing_trace.append((layer.index, experts.clone()))
-        if layer.sparse is not None:
-            if x.shape[0] > self._k_sparse.MAX_BATCH:  # prefill rows: the reference's static gather, sparse
-                return sparsity.sparse_moe_ref(x, moe.router.weight, moe.router.bias, moe.w1, moe.w2,
-                                               moe.router_kind, moe.top_k, moe.activation, moe.sparse)
+        if layer.sparse is not None:  # SCAP (fast_sparse.py; prefill rows take the reference's sparse gather)
             return self._sparse_experts(layer, x, weights, experts)
         return self._expert_mix(x, moe, experts, weights)
 

@@ -1,5 +1,5 @@
 """torch-fast's view of one block: its weights prepared once for the kernels (views of the model's parameters, fp32
-copies of the small vectors, the transposed weights of SCAP-sparse projections)."""
+copies of the small vectors, the SCAP sites of a sparse checkpoint)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ class FastLayer:
     moe: object = None  # the reference MoE
     fused_route: bool = False  # norm + router in one kernel (router tile small enough)
     mlp: object = None  # the reference GatedMLP
-    sparse: dict | None = None  # SCAP: linear name -> (transposed weight, mode, threshold, bias incl. the folded one)
+    sparse: dict | None = None  # SCAP: linear name -> fast_sparse.SparseSite (experts: "fc1", "fc2", or None)
 
 
 @torch.no_grad()
-def prepare_layer(index: int, block, config, sparse: bool) -> FastLayer:
-    """The FastLayer of model block `index`; sparse: the checkpoint is SCAP-sparse (prepare its transposed weights)."""
+def prepare_layer(index: int, block, config, scap_table: dict | None) -> FastLayer:
+    """The FastLayer of model block `index`; scap_table: the checkpoint is SCAP-sparse, its sites run by this
+    per-site table (fast_sparse.site_table), which decides where transposed weights are needed."""
     from ..kernels import moe_routing
 
     layer = FastLayer(index, block.kind.mixer, block.kind.ffn)
@@ -53,26 +54,8 @@ def prepare_layer(index: int, block, config, sparse: bool) -> FastLayer:
         layer.fused_route = moe_routing.norm_route_launch_config(shapes) is not None
     elif layer.ffn == "mlp":
         layer.mlp = block.ffn
-    if sparse:
-        layer.sparse = prepare_sparse(block)
+    if scap_table is not None:
+        from .fast_sparse import prepare_sites
+
+        layer.sparse = prepare_sites(block, index, config, scap_table)
     return layer
-
-
-def prepare_sparse(block) -> dict:
-    """Transposed weights (input feature k owns the contiguous row k, so a dropped activation skips a row) and
-    merged biases of the sparsified Mamba projections and MoE expert GEMVs. An MoE layer gets both fc1 and fc2
-    (the one not sparsified with threshold −1: |x| > −1 keeps every entry, the dense product)."""
-    out = {}
-    mixer, ffn = block.mixer, block.ffn
-    if block.kind.mixer == "mamba" and mixer.sparse is not None:
-        for name, sp in mixer.sparse.items():
-            lin = getattr(mixer, name)
-            bias = lin.bias if sp.folded_bias is None else (
-                sp.folded_bias if lin.bias is None else lin.bias + sp.folded_bias)
-            out[name] = (lin.weight.t().contiguous(), sp.mode, sp.threshold, bias)
-    if block.kind.ffn == "moe" and ffn.sparse is not None:
-        for name, w in (("fc1", ffn.w1), ("fc2", ffn.w2)):
-            sp = ffn.sparse[name] if name in ffn.sparse else None  # noqa: SIM401 (ModuleDict has no get)
-            mode, threshold, bias = (0.0, -1.0, None) if sp is None else (sp.mode, sp.threshold, sp.folded_bias)
-            out[name] = (w.transpose(1, 2).contiguous(), mode, threshold, bias)
-    return out or None

@@ -24,10 +24,8 @@ class FastStep:
         m = layer.mamba
         di = m.d_inner
         sp = layer.sparse or {}
-        if "in_proj" in sp:  # SCAP: sparse GEMV, then the conv update on its own
-            xz = self._sparse_linear(x, sp["in_proj"])
-            xc, _ = self._k_conv.causal_conv1d_update(xz[:, :di], conv_state, layer.conv_weight, m.conv1d.bias,
-                                                      "silu")
+        if "in_proj" in sp:  # SCAP: the site's kernel (fast_sparse.py), the conv fused where it can be
+            xz, xc = self._sparse_in_proj(x, sp["in_proj"], conv_state, layer.conv_weight, m.conv1d.bias)
         elif self._on_gemv(x):  # in_proj with the conv update in its epilogue
             xz = self._k_gemv.gemv(x, m.in_proj.weight, m.in_proj.bias,
                                    conv=(conv_state, layer.conv_weight, m.conv1d.bias))
@@ -44,7 +42,7 @@ class FastStep:
         y, _ = self._k_ssu.selective_state_update(ssm_state, xc, dt, layer.A, B, C, layer.D, xz[:, di:],
                                                   dt_bias=layer.dt_bias, dt_softplus=True, dt_proj_weight=dt_w)
         if "out_proj" in sp:
-            return self._partial_sum(self._sparse_linear(y, sp["out_proj"]))
+            return self._partial_sum(self._sparse_linear(y, "out_proj", sp["out_proj"]))
         return self._partial_sum(self._linear(y, m.out_proj.weight, m.out_proj.bias))
 
     def _step_body(self, st: FastState):

@@ -32,6 +32,7 @@ from .base import Runner
 from .fast_blocks import TRITON_GEMV_MAX_BATCH, FastBlocks
 from .fast_layers import prepare_layer
 from .fast_prefill import FastPrefill
+from .fast_sparse import FastSparse, site_table
 from .fast_state import FastState, adopt_state
 from .fast_step import FUSED_DT_MAX_BATCH, FastStep
 
@@ -76,12 +77,12 @@ def prefetch_sites(spec: str | None) -> frozenset:
     return sites
 
 
-class TorchFastRunner(FastPrefill, FastStep, FastBlocks, Runner):
+class TorchFastRunner(FastPrefill, FastStep, FastSparse, FastBlocks, Runner):
     backend = "torch-fast"
 
     def __init__(self, model: MambaMoELM, use_cuda_graph: bool = True, check_inputs: bool = True,
                  prefill_graphs: bool = False, triton_gemv: bool = True, l2_prefetch: str | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK_DEFAULT, kv_dtype: str = "model"):
+                 prefill_chunk: int = PREFILL_CHUNK_DEFAULT, kv_dtype: str = "model", scap_sites=None):
         """use_cuda_graph: capture each state's decode step (CUDA only). prefill_graphs: also capture prefill once per
         prompt shape without padding (memory for each shape's activations stays reserved; for benchmarks and fixed
         shapes). check_inputs: check token ids on every step (a device sync when they are on the GPU).
@@ -90,7 +91,9 @@ class TorchFastRunner(FastPrefill, FastStep, FastBlocks, Runner):
         MAMBADEPLOY_L2_PREFETCH, default all; an argument always wins over the setting); Hopper only, a hint that
         changes no result.
         prefill_chunk: prompt tokens per prefill chunk (see PREFILL_CHUNK_DEFAULT).
-        kv_dtype: the attention KV cache's element type, a key of KV_DTYPES."""
+        kv_dtype: the attention KV cache's element type, a key of KV_DTYPES.
+        scap_sites: which kernel each SCAP site of a sparse checkpoint runs in decode (fast_sparse.site_table: None =
+        the measured default table, "shipped", a kernel name, or a mapping of overrides)."""
         lazy_import("triton", "triton", "gpu", "the torch-fast backend's kernels")
         from ..kernels import (
             causal_conv1d,
@@ -102,6 +105,7 @@ class TorchFastRunner(FastPrefill, FastStep, FastBlocks, Runner):
             selective_scan,
             selective_state_update,
             sparse_gemv,
+            sparse_gemv_compact,
         )
 
         self._k_conv, self._k_moe, self._k_route, self._k_norm = causal_conv1d, moe_experts, moe_routing, rms_norm
@@ -112,8 +116,10 @@ class TorchFastRunner(FastPrefill, FastStep, FastBlocks, Runner):
         if kv_dtype not in KV_DTYPES:
             raise ConfigError(f"unknown KV cache dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
         self.prefill_chunk = int(prefill_chunk)
-        self._k_sparse = sparse_gemv
-        self.sparse = bool(model.config.sparsity.get("sites"))  # SCAP checkpoint: sparse GEMVs in decode
+        self._k_sparse, self._k_compact = sparse_gemv, sparse_gemv_compact
+        self.sparse = bool(model.config.sparsity.get("sites"))  # SCAP checkpoint: per-site kernels in decode
+        self.scap_sites = "default" if scap_sites is None else scap_sites
+        self.scap_table = site_table(scap_sites) if self.sparse else None
         self.triton_gemv = triton_gemv
         self.model = model.eval()
         self.config = model.config
@@ -125,8 +131,7 @@ class TorchFastRunner(FastPrefill, FastStep, FastBlocks, Runner):
         self.prefill_graphs = prefill_graphs
         self._prefill_cache: dict = {}
         self.routing_trace: list | None = None  # set to a list to record each MoE layer's experts (eager calls only)
-        self.layers = [prepare_layer(i, block, self.config, self.sparse) 
-                       for i, block in enumerate(model.layers)]
+        self.layers = [prepare_layer(i, block, self.config, self.scap_table) for i, block in enumerate(model.layers)]
         self.l2_prefetch = prefetch_sites(l2_prefetch)
         self.eps = self.config.norm_eps
 
@@ -150,6 +155,8 @@ class TorchFastRunner(FastPrefill, FastStep, FastBlocks, Runner):
         return {"backend": self.backend, "device": str(d), "dtype": str(self.dtype).replace("torch.", ""),
                 "torch": torch.__version__, "triton": triton.__version__, "mambadeploy": __version__,
                 "cuda_graph": self.use_cuda_graph, "triton_gemv": self.triton_gemv,
+                "scap_sites": (self.scap_sites if isinstance(self.scap_sites, str) else "override")
+                if self.sparse else None,
                 # programmatic dependent launch of the decode kernels (sm_90+, unless the pdl setting is off)
                 "pdl": bool(self._k_gemv.pdl_launch(torch.empty(0, device=d))),
                 "l2_prefetch": ",".join(s for s in L2_PREFETCH_SITES if s in self.l2_prefetch) or "none",

@@ -1,6 +1,9 @@
-"""torch-fast on SCAP-sparse checkpoints: its decode step launches the sparse GEMVs (Mamba projections, MoE experts) and
-must follow the sparse reference (on CPU the kernels run in Triton's interpreter): logits within the measured fp32 bound
-of the logit scale at prefill and over decode steps, batch 1 and a left-padded batch of 3."""
+"""torch-fast on SCAP-sparse checkpoints: its decode step runs each SCAP site on the kernel of its per-site table
+(runtime/fast_sparse.py) and must follow the sparse reference whatever the choice (on CPU the kernels run in Triton's
+interpreter): logits within the measured fp32 bound of the logit scale at prefill and over decode steps, batch 1 and a
+left-padded batch of 3. Tables: the default (Mamba sites on the dense GEMV with the sparsifier fused, experts on the
+compacting GEMV; jamba-tiny's top-2 pairs too) and a mix that covers the other kernels (in_proj compacting with the
+conv in its epilogue, out_proj predicated, the batch-1 experts dense with their sparsifiers)."""
 
 import pytest
 import torch
@@ -23,11 +26,21 @@ def sparse_models():
             for name in ("blackmamba-tiny", "jamba-tiny")}
 
 
-@pytest.mark.parametrize("name, batch", [("blackmamba-tiny", 1), ("jamba-tiny", 3)])  # interpreter time: 2 cases
-def test_sparse_torch_fast_follows_the_sparse_reference(sparse_models, name, batch):
+MIXED = {"in_proj": "compact", "out_proj": "predicated", "experts": "dense", "x_proj": "dense"}
+
+
+@pytest.mark.parametrize("name, batch, sites", [("blackmamba-tiny", 1, None), ("jamba-tiny", 3, None),
+                                                ("blackmamba-tiny", 1, MIXED)],
+                         ids=["blackmamba-b1-default", "jamba-b3-default", "blackmamba-b1-mixed"])
+def test_sparse_torch_fast_follows_the_sparse_reference(sparse_models, name, batch, sites):
     model = sparse_models[name]
-    runner = TorchFastRunner(model, use_cuda_graph=False)
+    runner = TorchFastRunner(model, use_cuda_graph=False, scap_sites=sites)
     assert runner.sparse and any(layer.sparse for layer in runner.layers)
+    if name == "blackmamba-tiny" and sites is None:  # the default: dense Mamba sites need no transposed copy
+        mamba = [layer.sparse for layer in runner.layers if layer.mixer == "mamba" and layer.sparse]
+        moe = [layer.sparse for layer in runner.layers if layer.moe is not None and layer.sparse]
+        assert mamba and all(site.wt is None for sp in mamba for site in sp.values())
+        assert moe and all(sp["fc1"].wt is not None and sp["fc2"].wt is not None for sp in moe)
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, 512, (batch, 6), generator=g).to(DEVICE)
     lengths = torch.tensor([6, 3, 5][:batch], device=DEVICE)
