@@ -1,4 +1,4 @@
-"""Compacting SCAP sparse GEMV for decode (batch 1-4): y = s(x) · Wᵀ + b, s(x) = (x − m)·[|x − m| > t], fused —
+"""Compacting SCAP sparse GEMV for decode (batch 1-4): y = s(x) · Wᵀ + b, s(x) = (x − m)·[|x − m| > t], fused:
 the MoE expert sites' kernel of torch-fast's per-site choice (runtime/fast_sparse.py); kernels/sparse_gemv.py keeps
 the first, predicated kernel and the references.
 
@@ -187,8 +187,8 @@ def compact_sparse_gemv_kernel(
         scale = tl.load(scale_ptr + pid_r).to(tl.float32)
     if SPLIT == 1:
         _finish(out, up, offs_m, mask_m, offs_n, mask_n, N, y_ptr + pid_r * s_ym, s_ym, b_base, pair_ok, scale,
-                HAS_BIAS, GATED, ACTIVATION, ROW_SCALE, cs_ptr, cw_ptr, cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k, s_cw_d,
-                s_cw_k, CONV_K, HAS_CONV_BIAS)
+                HAS_BIAS, GATED, ACTIVATION, ROW_SCALE, cs_ptr, cw_ptr, cb_ptr, conv_dim, s_cs_b, s_cs_d, s_cs_k,
+                s_cw_d, s_cw_k, CONV_K, HAS_CONV_BIAS)
     else:  # workspace (row groups, SPLIT, BLOCK_B, s_wk) fp32: the up partials N columns after the gate's
         part = part_ptr + (pid_r * SPLIT * BLOCK_B).to(tl.int64) * s_wk
         part_at = part + (pid_c * BLOCK_B + offs_m[:, None]) * s_wk + offs_n[None, :]
@@ -286,7 +286,8 @@ def _launch(x, wt, bias, experts, rows, row_groups, s_we, mode, threshold, confi
     conv_args = {} if conv is None else _conv_arguments(conv, x.shape[0], N)
     kernel[grid](x, wt, bias if bias is not None else y, y, experts if experts is not None else y, idx, part, counters,
                  scale if scale is not None else y, rows, K, N, x.stride(0), y.stride(0), s_wk, s_we,
-                 wt.shape[0] if experts is not None else 1, float(mode), float(threshold), HAS_BIAS=bias is not None, PER_ROW_EXPERT=experts is not None,
+                 wt.shape[0] if experts is not None else 1, float(mode), float(threshold),
+                 HAS_BIAS=bias is not None, PER_ROW_EXPERT=experts is not None,
                  GATED=activation is not None, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                  ROW_SCALE=scale is not None, UPCAST=dot_upcast(x.dtype, is_interpreted(kernel)),
                  PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **c,

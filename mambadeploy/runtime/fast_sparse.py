@@ -13,8 +13,10 @@ The MoE layer decides once for its two expert GEMVs (group "experts"): "dense" t
 pair only (the batch-1 top-1 GEMV path); with more pairs it takes "compact".
 
 The table maps (group, batch) to (kernel, min_target, reason): the kernel runs when the site's calibrated target
-sparsity is >= min_target, else "dense". TorchFastRunner(scap_sites=...) overrides it (benchmarks/scap_decode.py A/Bs
-"shipped", the default and a table built from its own per-site timings): see `site_table`.
+sparsity is >= min_target, else "dense"; an identity site runs "dense" unless min_target < 0 (a forced table: the
+benchmark's "shipped" path runs its kernel everywhere, as the code before this table did).
+TorchFastRunner(scap_sites=...) overrides the table (benchmarks/scap_decode.py A/Bs "shipped", the default and a table
+built from its own per-site timings): see `site_table`.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def site_table(spec=None) -> dict:
         kernel = "predicated" if spec == "shipped" else spec
         if kernel not in KERNELS:
             raise ConfigError(f"unknown SCAP site kernel {spec!r}; choose default, shipped or one of {KERNELS}")
-        return {key: (kernel, 0.0, f"forced: {spec}") for key in table}
+        return {key: (kernel, -1.0, f"forced: {spec}") for key in table}
     for key, value in dict(spec).items():
         kernel, min_target = (value, 0.0) if isinstance(value, str) else tuple(value)[:2]
         keys = [key] if isinstance(key, tuple) else [(key, b) for b in range(1, MAX_BATCH + 1)]
@@ -97,11 +99,11 @@ class SparseSite:
         return self.mode == 0.0 and self.threshold < 0 and self.bias is None
 
 
-def choose(table: dict, group: str, batch: int, target: float, pairs: int = 1) -> str:
+def choose(table: dict, group: str, batch: int, target: float, pairs: int = 1, identity: bool = False) -> str:
     """The kernel a site of `group` at calibrated `target` runs for `batch` decode rows (experts: `pairs` (token,
-    expert) pairs)."""
+    expert) pairs; identity: the site's sparsifier keeps everything, mode 0)."""
     kernel, min_target, _ = table[(group, batch)]
-    if target < min_target:
+    if target < min_target or (identity and min_target >= 0):
         kernel = "dense"
     if group == "experts" and kernel == "dense" and pairs > 1:
         kernel = "compact"  # (no dense expert kernel with a sparsifier above one pair)
@@ -121,18 +123,17 @@ def prepare_sites(block, index: int, config, table: dict) -> dict | None:
                 sp.folded_bias if lin.bias is None else lin.bias + sp.folded_bias)
             target = float(chosen[f"L{index}.{name}"]["target"])
             site = SparseSite(lin.weight, None, sp.mode, sp.threshold, target, bias)
-            if not site.identity and any(choose(table, name, b, target) != "dense" for b in range(1, MAX_BATCH + 1)):
+            if any(choose(table, name, b, target, identity=site.identity) != "dense" for b in range(1, MAX_BATCH + 1)):
                 site.wt = lin.weight.t().contiguous()
             out[name] = site
     if block.kind.ffn == "moe" and ffn.sparse is not None:
         for name, w in (("fc1", ffn.w1), ("fc2", ffn.w2)):
             sp = ffn.sparse[name] if name in ffn.sparse else None  # noqa: SIM401 (ModuleDict has no get)
             target = float(chosen[f"L{index}.{name}"]["target"]) if sp is not None else 0.0
-            site = None if sp is None else SparseSite(w, None, sp.mode, sp.threshold, target, sp.folded_bias)
-            out[name] = None if site is None or site.identity else site
-        live = [s for s in (out["fc1"], out["fc2"]) if s is not None]
-        target = min((s.target for s in live), default=0.0)
-        if live and any(choose(table, "experts", b, target, b * ffn.top_k) != "dense" for b in range(1, MAX_BATCH + 1)):
+            out[name] = None if sp is None else SparseSite(w, None, sp.mode, sp.threshold, target, sp.folded_bias)
+        target, identity = _experts_target(out["fc1"], out["fc2"])
+        batches = range(1, MAX_BATCH + 1)
+        if any(choose(table, "experts", b, target, b * ffn.top_k, identity) != "dense" for b in batches):
             for name, w in (("fc1", ffn.w1), ("fc2", ffn.w2)):
                 site = out[name] or SparseSite(w, None, 0.0, -1.0, 0.0, None)  # unsparsified: every row kept
                 site.wt = w.transpose(1, 2).contiguous()
@@ -140,11 +141,19 @@ def prepare_sites(block, index: int, config, table: dict) -> dict | None:
     return out or None
 
 
+def _experts_target(fc1, fc2) -> tuple[float, bool]:
+    """An MoE layer's (target, identity) for the table: the lower target of its non-identity expert GEMVs; identity
+    when neither sparsifies anything."""
+    live = [s for s in (fc1, fc2) if s is not None and not s.identity]
+    return min((s.target for s in live), default=0.0), not live
+
+
 class FastSparse:
     """Mixed into TorchFastRunner: SCAP's decode projections by the per-site table (self.scap_table)."""
 
     def _site_kernel(self, group, site: SparseSite, rows: int) -> str:
-        return "dense" if site.identity or rows > MAX_BATCH else choose(self.scap_table, group, rows, site.target)
+        return "dense" if rows > MAX_BATCH else choose(self.scap_table, group, rows, site.target,
+                                                       identity=site.identity)
 
     def _sparse_linear(self, x, group, site: SparseSite, prefetch=None):
         """The sparsified projection of decode rows x (B, K) -> (B, N) in the model dtype, on the site's kernel."""
@@ -180,13 +189,13 @@ class FastSparse:
         moe = layer.moe
         fc1, fc2 = layer.sparse["fc1"], layer.sparse["fc2"]
         T, k = experts.shape
-        live = [s for s in (fc1, fc2) if s is not None and not s.identity]
-        if not live:  # both identities: the dense experts, bit for bit
+        target, identity = _experts_target(fc1, fc2)
+        kernel = "dense" if T > MAX_BATCH else choose(self.scap_table, "experts", T, target, T * k, identity)
+        if kernel == "dense" and identity:  # nothing sparsified: the dense experts, bit for bit
             return self._expert_mix(x, moe, experts, weights)
         if T > MAX_BATCH:  # the reference's static gather, sparse
             return sparsity.sparse_moe_ref(x, moe.router.weight, moe.router.bias, moe.w1, moe.w2, moe.router_kind,
                                            moe.top_k, moe.activation, moe.sparse)
-        kernel = choose(self.scap_table, "experts", T, min(s.target for s in live), T * k)
         if kernel == "dense":  # one pair: the dense expert GEMVs with the sparsifiers in their input loads
             spec = tuple(None if s is None or s.identity else (s.mode, s.threshold, s.bias) for s in (fc1, fc2))
             return self._k_moe.expert_gather(x, moe.w1, moe.w2, experts, weights, moe.activation, sparse=spec)

@@ -37,6 +37,9 @@ def test_choice_by_target_and_pairs():
     assert choose(site_table("dense"), "experts", 2, 0.5, pairs=2) == "compact"  # no dense kernel above one pair
     assert choose(site_table("dense"), "experts", 1, 0.5, pairs=2) == "compact"  # (batch-1 top-2)
     assert choose(site_table("dense"), "experts", 1, 0.5, pairs=1) == "dense"
+    # a site calibrated at target 0 (identity sparsifier) is dense, unless the table is forced (the shipped A/B)
+    assert choose(site_table({"in_proj": "compact"}), "in_proj", 1, 0.0, identity=True) == "dense"
+    assert choose(site_table("shipped"), "in_proj", 1, 0.0, identity=True) == "predicated"
 
 
 @pytest.mark.parametrize("spec", ["fastest", {"in_proj": "sparse"}, {"mlp": "dense"}, {("in_proj", 9): "dense"}])
