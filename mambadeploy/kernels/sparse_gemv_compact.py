@@ -55,6 +55,7 @@ from .common import (
 from .gemv import COUNTER_SLOTS, _conv_arguments, _conv_epilogue, _counter_buffer
 from .interpret import is_interpreted, kernel_for
 from .sparse_gemv import MAX_BATCH, sparse_expert_gemv_ref, sparse_gemv_ref  # noqa: F401 (the references)
+
 # Programs a sparse launch aims at: a batch-1 program has one tile of kept rows in flight at a time (the FMA loop is
 # not pipelined) and a chunk keeps only part of its rows, so it takes ~4 programs an SM (132) to keep enough bytes in
 # flight; the K chunks this needs are added by the last arriver from L2. A guess until the sweep has run.

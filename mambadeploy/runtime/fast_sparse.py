@@ -37,19 +37,19 @@ _SWEEP = "H200, 2.8B, b1, target 0.5 (benchmarks/results/archive/sweep_sparse_ge
 _WIDE = ("unmeasured at batch 2-4: a weight row is read when any row keeps it (rows read 0.89 at target 0.5, batch 4, "
          "scap_decode_h200.json) and batch 1 already lost")
 # (group, batch) -> (kernel, min_target, reason). Defaults from the archived sweep; benchmarks/scap_decode.py writes
-# the table its own per-site timings give ("site_table_measured") for the next update of this one.
+# the table its own per-site timings give (each case's "table_measured", from "sites") for the next update of this one.
+_EXPERTS_B1 = (f"{_SWEEP}: fc1 best compacting 8.75 us vs 12.65, fc2 7.03 vs 12.06; that sweep's dense was one GEMV a "
+               "pair plus torch glue (cat, GELU, scale), not torch-fast's fused expert GEMVs, and only target 0.5 was "
+               "measured")
+_EXPERTS_WIDE = ("unmeasured at batch 2-4: each pair reads its own expert's kept rows, as at batch 1; the dense "
+                 "expert kernels take no sparsifier above one pair")
 SITE_KERNELS: dict[tuple[str, int], tuple[str, float, str]] = {
-    ("in_proj", 1): ("dense", 0.0, f"{_SWEEP}: dense 4.86 us, best compacting 7.86, predicated 13.65; dense also "
-                                   "keeps the fused conv epilogue"),
+    ("in_proj", 1): ("dense", 0.0, f"{_SWEEP}: dense 4.86 us, best compacting 7.86, predicated 13.65 (+ the conv)"),
     ("x_proj", 1): ("dense", 0.0, f"{_SWEEP}: dense 2.01 us, best sparse 2.88, predicated 7.56"),
     ("out_proj", 1): ("dense", 0.0, f"{_SWEEP}: dense 4.00 us, best compacting 6.90, predicated 9.51"),
-    ("experts", 1): ("compact", 0.5, f"{_SWEEP}: fc1 best compacting 8.75 us vs 12.65, fc2 7.03 vs 12.06 — that "
-                                     "sweep's dense was one GEMV a pair plus torch glue (cat, GELU, scale), not "
-                                     "torch-fast's fused expert GEMVs, and only target 0.5 was measured"),
+    ("experts", 1): ("compact", 0.5, _EXPERTS_B1),
     **{(g, b): ("dense", 0.0, _WIDE) for g in ("in_proj", "x_proj", "out_proj") for b in (2, 3, 4)},
-    **{("experts", b): ("compact", 0.0, "unmeasured at batch 2-4: each pair reads its own expert's kept rows, as at "
-                                        "batch 1; the dense expert kernels take no sparsifier above one pair")
-       for b in (2, 3, 4)},
+    **{("experts", b): ("compact", 0.0, _EXPERTS_WIDE) for b in (2, 3, 4)},
 }
 # Tiles of the compacting expert GEMVs on a GPU: the sweep's best configs at the 2.8B sites (fc1 with the gated
 # activation in its epilogue, fc2 with the routing scale), as launch_config overrides.
