@@ -120,6 +120,15 @@ def _calls(dtype):
         r(1, 3872), r(E, 3872, 1472), torch.tensor([2]), 0.0, 0.5, scale=torch.rand(1))
     yield "compact expert fc1 (4 pairs)", lambda: sparse_gemv_compact.sparse_expert_gemv(
         r(4, 1472), r(E, 1472, 2 * 3872), torch.tensor([0, 3, 1, 1]), 0.0, 0.5, activation="gelu")
+    from mambadeploy.runtime.fast_sparse import EXPERT_TILES  # the tiles torch-fast launches them with on a GPU
+
+    yield "compact expert fc1 (runner tiles)", lambda: sparse_gemv_compact.sparse_expert_gemv(
+        r(1, 1472), r(E, 1472, 2 * 3872), torch.tensor([1]), 0.0, 0.5, activation="gelu", tiles=EXPERT_TILES["fc1"])
+    yield "compact expert fc2 (runner tiles)", lambda: sparse_gemv_compact.sparse_expert_gemv(
+        r(4, 3872), r(E, 3872, 1472), torch.tensor([2, 0, 1, 3]), 0.0, 0.5, scale=torch.rand(4),
+        tiles=EXPERT_TILES["fc2"])
+    yield "compact in_proj + conv", lambda: sparse_gemv_compact.sparse_gemv(
+        r(1, 1472), r(1472, 5888), 0.0, 0.5, r(5888), conv=(torch.randn(1, 2944, 4), r(2944, 4), r(2944)))
 
 
 def test_every_launch_compiles_for_sm90(monkeypatch):
@@ -155,7 +164,8 @@ def test_decode_kernels_compile_with_programmatic_dependent_launch(monkeypatch):
     assert len(compiled) == 7
 
 
-WAIT_FIRST_CALLS = ("compact expert fc1", "compact expert fc2", "compact expert fc1 (4 pairs)")
+WAIT_FIRST_CALLS = ("compact expert fc1", "compact expert fc2", "compact expert fc1 (4 pairs)",
+                    "compact expert fc1 (runner tiles)", "compact expert fc2 (runner tiles)", "compact in_proj + conv")
 
 
 def test_sparse_expert_kernels_read_nothing_before_the_pdl_wait(monkeypatch):

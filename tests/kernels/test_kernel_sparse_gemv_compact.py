@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DTYPES, make_gen, randn
+from kernel_cases import DTYPES, make_gen, needs_gpu, randn
 
 from mambadeploy.kernels.sparse_gemv_compact import (
     launch_config,
@@ -108,3 +108,32 @@ def test_out_of_range_expert_reads_nothing_outside_the_weights(bad):
     ok = torch.tensor([0, 2])
     check_op(y[ok], sparse_expert_gemv_ref(x[ok], wt, experts[ok], MODE, 0.3, bias), torch.float32,
              what="valid pairs beside an invalid one")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("P", [1, 4])
+def test_runner_tiles_at_the_2_8b_expert_sites(P):
+    """GPU only: the compacting expert GEMVs with the tiles torch-fast launches (fast_sparse.EXPERT_TILES), BlackMamba-
+    2.8B fc1 (gated GELU) and fc2 (routing scale), bf16, target 0.5, an invalid id beside valid ones at P = 4."""
+    from mambadeploy.runtime.fast_sparse import EXPERT_TILES
+
+    g = make_gen(31)
+    E, d, F = 8, 1472, 3872
+    x = randn(g, P, d, dtype=torch.bfloat16)
+    wt1 = randn(g, E, d, 2 * F, dtype=torch.bfloat16, scale=d ** -0.5)
+    wt2 = randn(g, E, F, d, dtype=torch.bfloat16, scale=F ** -0.5)
+    experts = torch.arange(P, device=g.device) % E
+    weights = torch.rand(P, generator=g, device=g.device)
+    t = _threshold(x, 0.5)
+    a = sparse_expert_gemv(x, wt1, experts, MODE, t, activation="gelu", tiles=EXPERT_TILES["fc1"])
+    check_op(a, sparse_expert_gemv_ref(x, wt1, experts, MODE, t, activation="gelu"), torch.bfloat16, what="fc1")
+    y = sparse_expert_gemv(a, wt2, experts, 0.0, _threshold(a, 0.5), scale=weights, tiles=EXPERT_TILES["fc2"])
+    ref = sparse_expert_gemv_ref(a, wt2, experts, 0.0, _threshold(a, 0.5), scale=weights)
+    check_op(y, ref, torch.bfloat16, what="fc2")
+    if P > 1:
+        bad = experts.clone()
+        bad[1] = 1 << 40
+        y = sparse_expert_gemv(a, wt2, bad, 0.0, _threshold(a, 0.5), scale=weights, tiles=EXPERT_TILES["fc2"])
+        torch.cuda.synchronize()
+        assert torch.equal(y[1], torch.zeros_like(y[1])) and torch.equal(y[0], ref[0])
