@@ -141,7 +141,9 @@ def moe_gemm_fc1_kernel(
     s_x_t, s_w_e, s_w_f, s_w_d, s_h_p,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    b_ptr=None, sp_mode=0.0, sp_threshold=0.0, HAS_BIAS: tl.constexpr = False, SPARSIFY: tl.constexpr = False,
 ):
+    """SPARSIFY / HAS_BIAS: as moe_gemv_fc1_kernel's (a SCAP-sparse fc1 on the dense kernel, decode batches)."""
     e, _, pairs, valid = _block_pairs(sorted_ptr, block_expert_ptr, P, BLOCK_M)
     if e < E:
         tok = (pairs // TOP_K).to(tl.int64)
@@ -153,7 +155,8 @@ def moe_gemm_fc1_kernel(
         for k0 in range(0, d, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             mk = kk < d
-            a = tl.load(x_ptr + tok[:, None] * s_x_t + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
+            a = _sparsify(tl.load(x_ptr + tok[:, None] * s_x_t + kk[None, :], mask=valid[:, None] & mk[None, :],
+                                  other=0.0), valid[:, None] & mk[None, :], sp_mode, sp_threshold, SPARSIFY)
             m = mk[:, None] & mask_n[None, :]
             # weight tiles (BLOCK_K, BLOCK_N) of the expert's gate rows and up rows
             wg = tl.load(w_base + offs_n[None, :] * s_w_f + kk[:, None] * s_w_d, mask=m, other=0.0)
@@ -162,6 +165,10 @@ def moe_gemm_fc1_kernel(
                 a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
             acc_g = tl.dot(a, wg, acc_g, input_precision=PRECISION)
             acc_u = tl.dot(a, wu, acc_u, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc_g += tl.load(b_ptr + e.to(tl.int64) * (2 * F) + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_ptr + e.to(tl.int64) * (2 * F) + F + offs_n, mask=mask_n,
+                             other=0.0).to(tl.float32)[None, :]
         h = activate(acc_g, ACTIVATION) * acc_u
         tl.store(h_ptr + pairs.to(tl.int64)[:, None] * s_h_p + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=valid[:, None] & mask_n[None, :])
@@ -183,7 +190,9 @@ def moe_gemm_fc2_kernel(
     s_h_p, s_w_e, s_w_d, s_w_f, s_y_r,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    b_ptr=None, sp_mode=0.0, sp_threshold=0.0, HAS_BIAS: tl.constexpr = False, SPARSIFY: tl.constexpr = False,
 ):
+    """SPARSIFY / HAS_BIAS: as moe_gemv_fc2_kernel's (a SCAP-sparse fc2 on the dense kernel, decode batches)."""
     e, _, pairs, valid = _block_pairs(sorted_ptr, block_expert_ptr, P, BLOCK_M)
     if e < E:
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -194,12 +203,15 @@ def moe_gemm_fc2_kernel(
         for k0 in range(0, F, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             mk = kk < F
-            a = tl.load(h_rows + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
+            a = _sparsify(tl.load(h_rows + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0),
+                          valid[:, None] & mk[None, :], sp_mode, sp_threshold, SPARSIFY)
             w = tl.load(w_base + offs_n[None, :] * s_w_d + kk[:, None] * s_w_f, mask=mk[:, None] & mask_n[None, :],
                         other=0.0)
             if UPCAST:
                 a, w = a.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e.to(tl.int64) * d + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         _store_weighted_rows(acc, pairs, valid, offs_n, mask_n, weights_ptr, y_ptr, s_y_r)
 
 
@@ -333,7 +345,7 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     Returns sum_j weights[:, j] * ffn_{experts[:, j]}(x) as (T, d) in x.dtype (fp32 accumulation).
     sparse = (fc1, fc2), each (mode, threshold, folded bias (E, out) or None) or None: SCAP's sparsifiers on fc1's and
     fc2's inputs (models/sparsity.sparse_moe_ref's math on the dense kernels: a SCAP expert site that torch-fast's
-    per-site choice runs dense). The GEMV path only (one pair: batch-1 top-1 decode)."""
+    per-site choice runs dense): the GEMV path and the pointer grouped GEMM (decode batches), not the TMA one."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unknown activation {activation!r} (supported: {', '.join(ACTIVATION_CODES)})")
     T, d = x.shape
@@ -358,8 +370,8 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
     out = y if k == 1 else torch.empty(P, d, dtype=torch.float32, device=x.device)
     act = ACTIVATION_CODES[activation]
     c1, c2 = cfg["fc1"], cfg["fc2"]
-    if sparse is not None and cfg["path"] != "gemv":
-        raise ValueError(f"expert_gather: SCAP sparsifiers take the GEMV path (one pair), not {P} pairs")
+    if sparse is not None and cfg["path"] == "gemm_tma":
+        raise ValueError(f"expert_gather: SCAP sparsifiers take the GEMV / pointer-GEMM paths, not TMA ({P} pairs)")
     sp1, sp2 = sparse or (None, None)
     if cfg["path"] == "gemv":
         h = torch.empty(P, F, dtype=x.dtype, device=x.device)
@@ -371,7 +383,7 @@ def expert_gather(x, w1, w2, experts, weights, activation, *, config: dict | Non
             TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **pdl_launch(x),
             **_sparse_arguments(sp2))
     else:
-        _grouped_gemm(cfg, x, w1, w2, experts, weights, out, act, interpreted)
+        _grouped_gemm(cfg, x, w1, w2, experts, weights, out, act, interpreted, sp1, sp2)
     if k > 1:
         y.copy_(out.view(T, k, d).sum(1))
     return y
@@ -388,7 +400,7 @@ def _sparse_arguments(spec) -> dict:
     return args
 
 
-def _grouped_gemm(cfg, x, w1, w2, experts, weights, out, act, interpreted):
+def _grouped_gemm(cfg, x, w1, w2, experts, weights, out, act, interpreted, sp1=None, sp2=None):
     """The grouped-GEMM launches (paths gemm / gemm_tma) of expert_gather: pairs grouped by expert, fc1 into h, fc2
     into out."""
     T, d = x.shape
@@ -406,10 +418,11 @@ def _grouped_gemm(cfg, x, w1, w2, experts, weights, out, act, interpreted):
         kernel_for(moe_gemm_fc1_kernel, x)[c1["grid"]](
             x, w1, sorted_pairs, block_expert, h, P, F, d, E, x.stride(0), *w1.stride(), h.stride(0),
             TOP_K=k, ACTIVATION=act, num_warps=c1["num_warps"], num_stages=c1["num_stages"], **c1["constexprs"],
-            **common)
+            **common, **_sparse_arguments(sp1))
         kernel_for(moe_gemm_fc2_kernel, x)[c2["grid"]](
             h, w2, sorted_pairs, block_expert, weights, out, P, d, F, E, h.stride(0), *w2.stride(), out.stride(0),
-            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **common)
+            TOP_K=k, num_warps=c2["num_warps"], num_stages=c2["num_stages"], **c2["constexprs"], **common,
+            **_sparse_arguments(sp2))
     else:  # gemm_tma
         from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -9,8 +9,7 @@ Kernels a site can run (decode rows, batch <= MAX_BATCH; the numbers are always 
 - "predicated": kernels/sparse_gemv.py, the first SCAP kernel (loads of dropped rows masked off) — what torch-fast ran
                 at every site before this table ("shipped"; in_proj's conv then runs on its own).
 - "compact":    kernels/sparse_gemv_compact.py (each program lists its chunk's kept rows, then reads only those).
-The MoE layer decides once for its two expert GEMVs (group "experts"): "dense" there exists for one (token, expert)
-pair only (the batch-1 top-1 GEMV path); with more pairs it takes "compact".
+The MoE layer decides once for its two expert GEMVs (group "experts", at the lower target of the two).
 
 The table maps (group, batch) to (kernel, min_target, reason): the kernel runs when the site's calibrated target
 sparsity is >= min_target, else "dense"; an identity site runs "dense" unless min_target < 0 (a forced table: the
@@ -41,15 +40,15 @@ _WIDE = ("unmeasured at batch 2-4: a weight row is read when any row keeps it (r
 _EXPERTS_B1 = (f"{_SWEEP}: fc1 best compacting 8.75 us vs 12.65, fc2 7.03 vs 12.06; that sweep's dense was one GEMV a "
                "pair plus torch glue (cat, GELU, scale), not torch-fast's fused expert GEMVs, and only target 0.5 was "
                "measured")
-_EXPERTS_WIDE = ("unmeasured at batch 2-4: each pair reads its own expert's kept rows, as at batch 1; the dense "
-                 "expert kernels take no sparsifier above one pair")
+_EXPERTS_WIDE = ("unmeasured at batch 2-4: the dense grouped GEMM reads each chosen expert once for all its "
+                 "pairs, the sparse kernels once per pair; dense until scap_decode.py measures it")
 SITE_KERNELS: dict[tuple[str, int], tuple[str, float, str]] = {
     ("in_proj", 1): ("dense", 0.0, f"{_SWEEP}: dense 4.86 us, best compacting 7.86, predicated 13.65 (+ the conv)"),
     ("x_proj", 1): ("dense", 0.0, f"{_SWEEP}: dense 2.01 us, best sparse 2.88, predicated 7.56"),
     ("out_proj", 1): ("dense", 0.0, f"{_SWEEP}: dense 4.00 us, best compacting 6.90, predicated 9.51"),
     ("experts", 1): ("compact", 0.5, _EXPERTS_B1),
     **{(g, b): ("dense", 0.0, _WIDE) for g in ("in_proj", "x_proj", "out_proj") for b in (2, 3, 4)},
-    **{("experts", b): ("compact", 0.0, _EXPERTS_WIDE) for b in (2, 3, 4)},
+    **{("experts", b): ("dense", 0.0, _EXPERTS_WIDE) for b in (2, 3, 4)},
 }
 # Tiles of the compacting expert GEMVs on a GPU: the sweep's best configs at the 2.8B sites (fc1 with the gated
 # activation in its epilogue, fc2 with the routing scale), as launch_config overrides.
@@ -99,14 +98,12 @@ class SparseSite:
         return self.mode == 0.0 and self.threshold < 0 and self.bias is None
 
 
-def choose(table: dict, group: str, batch: int, target: float, pairs: int = 1, identity: bool = False) -> str:
-    """The kernel a site of `group` at calibrated `target` runs for `batch` decode rows (experts: `pairs` (token,
-    expert) pairs; identity: the site's sparsifier keeps everything, mode 0)."""
+def choose(table: dict, group: str, batch: int, target: float, identity: bool = False) -> str:
+    """The kernel a site of `group` at calibrated `target` runs for `batch` decode rows (identity: the site's
+    sparsifier keeps everything, mode 0)."""
     kernel, min_target, _ = table[(group, batch)]
     if target < min_target or (identity and min_target >= 0):
         kernel = "dense"
-    if group == "experts" and kernel == "dense" and pairs > 1:
-        kernel = "compact"  # (no dense expert kernel with a sparsifier above one pair)
     return kernel
 
 
@@ -133,7 +130,7 @@ def prepare_sites(block, index: int, config, table: dict) -> dict | None:
             out[name] = None if sp is None else SparseSite(w, None, sp.mode, sp.threshold, target, sp.folded_bias)
         target, identity = _experts_target(out["fc1"], out["fc2"])
         batches = range(1, MAX_BATCH + 1)
-        if any(choose(table, "experts", b, target, b * ffn.top_k, identity) != "dense" for b in batches):
+        if any(choose(table, "experts", b, target, identity) != "dense" for b in batches):
             for name, w in (("fc1", ffn.w1), ("fc2", ffn.w2)):
                 site = out[name] or SparseSite(w, None, 0.0, -1.0, 0.0, None)  # unsparsified: every row kept
                 site.wt = w.transpose(1, 2).contiguous()
@@ -190,13 +187,13 @@ class FastSparse:
         fc1, fc2 = layer.sparse["fc1"], layer.sparse["fc2"]
         T, k = experts.shape
         target, identity = _experts_target(fc1, fc2)
-        kernel = "dense" if T > MAX_BATCH else choose(self.scap_table, "experts", T, target, T * k, identity)
+        kernel = "dense" if T > MAX_BATCH else choose(self.scap_table, "experts", T, target, identity)
         if kernel == "dense" and identity:  # nothing sparsified: the dense experts, bit for bit
             return self._expert_mix(x, moe, experts, weights)
         if T > MAX_BATCH:  # the reference's static gather, sparse
             return sparsity.sparse_moe_ref(x, moe.router.weight, moe.router.bias, moe.w1, moe.w2, moe.router_kind,
                                            moe.top_k, moe.activation, moe.sparse)
-        if kernel == "dense":  # one pair: the dense expert GEMVs with the sparsifiers in their input loads
+        if kernel == "dense":  # the dense expert kernels with the sparsifiers in their input loads
             spec = tuple(None if s is None or s.identity else (s.mode, s.threshold, s.bias) for s in (fc1, fc2))
             return self._k_moe.expert_gather(x, moe.w1, moe.w2, experts, weights, moe.activation, sparse=spec)
         flat = experts.reshape(-1)

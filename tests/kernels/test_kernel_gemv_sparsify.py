@@ -48,16 +48,19 @@ def test_sparsified_in_proj_with_the_fused_conv(M):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d,F,E,activation", [(40, 24, 4, "gelu"), (33, 21, 3, "silu")])
-def test_sparsified_dense_expert_gemv_equals_the_sparse_moe_reference(d, F, E, activation, dtype):
-    """The batch-1 top-1 expert GEMVs (fc1 + gated activation, fc2 x routing weight) with SCAP's sparsifiers and
-    folded biases on both inputs == models/sparsity.sparse_moe_ref (the reference model's sparse MoE)."""
+@pytest.mark.parametrize("T,top_k,d,F,E,activation", [(1, 1, 40, 24, 4, "gelu"), (1, 1, 33, 21, 3, "silu"),
+                                                      (3, 1, 40, 24, 4, "gelu"), (2, 2, 33, 21, 3, "silu")],
+                         ids=["gemv-gelu", "gemv-silu", "gemm-b3-top1", "gemm-b2-top2"])
+def test_sparsified_dense_experts_equal_the_sparse_moe_reference(T, top_k, d, F, E, activation, dtype):
+    """The dense expert kernels with SCAP's sparsifiers and folded biases on fc1's and fc2's inputs ==
+    models/sparsity.sparse_moe_ref (the reference model's sparse MoE): the batch-1 top-1 GEMVs (fc1 + gated activation,
+    fc2 x routing weight) and the grouped GEMM of decode batches (top-1 and top-2)."""
     from mambadeploy.kernels.moe_experts import expert_gather
     from mambadeploy.models.ref_ops import route_ref
     from mambadeploy.models.sparsity import Sparsifier, sparse_moe_ref
 
     g = make_gen(29)
-    x = randn(g, 1, d, dtype=dtype)
+    x = randn(g, T, d, dtype=dtype)
     w1, w2 = randn(g, E, 2 * F, d, dtype=dtype, scale=d ** -0.5), randn(g, E, d, F, dtype=dtype, scale=F ** -0.5)
     rw, rb = randn(g, E, d, dtype=dtype), randn(g, E, dtype=dtype)
     sparse = {"fc1": Sparsifier(0.1, 0.5, (E, 2 * F)), "fc2": Sparsifier(-0.05, 0.02, (E, d))}
@@ -65,8 +68,9 @@ def test_sparsified_dense_expert_gemv_equals_the_sparse_moe_reference(d, F, E, a
         for sp in sparse.values():
             sp.folded_bias.copy_(randn(g, *sp.folded_bias.shape))
             sp.to(device=x.device, dtype=dtype)
-        ref = sparse_moe_ref(x, rw, rb, w1, w2, "sigmoid_top1", 1, activation, sparse)
-        weights, experts = route_ref(torch.nn.functional.linear(x, rw, rb), "sigmoid_top1", 1)
+        router = "sigmoid_top1" if top_k == 1 else "softmax_topk"
+        ref = sparse_moe_ref(x, rw, rb, w1, w2, router, top_k, activation, sparse)
+        weights, experts = route_ref(torch.nn.functional.linear(x, rw, rb), router, top_k)
         specs = tuple((sp.mode, sp.threshold, sp.folded_bias) for sp in sparse.values())
         y = expert_gather(x, w1, w2, experts, weights, activation, sparse=specs)
     check_op(y, ref, dtype, what=f"sparsified expert GEMVs d={d} F={F} {activation}")

@@ -1,9 +1,10 @@
 """torch-fast on SCAP-sparse checkpoints: its decode step runs each SCAP site on the kernel of its per-site table
 (runtime/fast_sparse.py) and must follow the sparse reference whatever the choice (on CPU the kernels run in Triton's
 interpreter): logits within the measured fp32 bound of the logit scale at prefill and over decode steps, batch 1 and a
-left-padded batch of 3. Tables: the default (Mamba sites on the dense GEMV with the sparsifier fused, experts on the
-compacting GEMV; jamba-tiny's top-2 pairs too) and a mix that covers the other kernels (in_proj compacting with the
-conv in its epilogue, out_proj predicated, the batch-1 experts dense with their sparsifiers)."""
+left-padded batch of 3. Tables: the default (Mamba sites on the dense GEMV with the sparsifier fused; experts on the
+compacting GEMV at batch 1, on the dense grouped GEMM with the sparsifiers fused at batch 2), jamba-tiny's top-2 pairs
+on the compacting GEMV, and a mix that covers the other kernels (in_proj compacting with the conv in its epilogue,
+out_proj predicated, the batch-1 experts on the dense GEMVs with their sparsifiers)."""
 
 import copy
 
@@ -43,9 +44,9 @@ def trained_sparse():
 
 
 @pytest.mark.parametrize("name, batch, sites, dtype", [
-    ("blackmamba-tiny", 1, None, torch.float32), ("jamba-tiny", 3, None, torch.float32),
+    ("blackmamba-tiny", 1, None, torch.float32), ("jamba-tiny", 3, {"experts": "compact"}, torch.float32),
     ("blackmamba-tiny", 1, MIXED, torch.float32), ("blackmamba-small-trained", 2, None, torch.float16)],
-    ids=["blackmamba-b1-default", "jamba-b3-default", "blackmamba-b1-mixed", "trained-b2-default-fp16"])
+    ids=["blackmamba-b1-default", "jamba-b3-compact-experts", "blackmamba-b1-mixed", "trained-b2-default-fp16"])
 def test_sparse_torch_fast_follows_the_sparse_reference(request, name, batch, sites, dtype):
     """fp16 on the trained model (the tiny presets' random-weight logits are near-ties). bf16 is not asserted: there
     both this table and the shipped path (identical errors, 0.05-0.21 of the scale over 3 steps on the trained model)
