@@ -15,9 +15,8 @@ sees in a 4 x 64-token reference forward pass: mode 0, which is what decides spe
   and / the measured copy rate, floor_ms_measured);
 - per site group (the first layer's site, on the inputs it really sees), GPU time per call of each kernel as the
   runner runs it (TorchFastRunner with that kernel forced; dense = the dense kernel with the sparsifier fused, in_proj
-  with its conv epilogue; experts = the MoE layer's two GEMVs + combine, the batch's pairs on distinct experts; a
-  dense expert kernel exists for one pair only, so "dense" at batch 4 runs the compacting one), the dense model's own
-  kernels (dense_model_ms), and the share of weight rows read (a row is read when any row of the batch keeps it);
+  with its conv epilogue; experts = the MoE layer's two expert kernels + combine, the batch's pairs on distinct
+  experts), the dense model's own kernels (dense_model_ms), and the share of weight rows read (a row is read when any row of the batch keeps it);
 - ceilings: the measured device copy rate and bf16 matmul (benchmarks/_bench.measured_ceilings) and the datasheet.
 Memory: the sparse model holds the weights twice (a folded copy) plus the transposed copies of the runners that need
 them; one sparse model at a time.

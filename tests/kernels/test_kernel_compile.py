@@ -113,6 +113,9 @@ def _calls(dtype):
     yield "expert_gather (gemv, SCAP-sparsified)", lambda: moe_experts.expert_gather(
         r(1, d), r(E, 2 * F, d), r(E, d, F), one, torch.rand(1, 1), "gelu",
         sparse=((0.1, 0.5, r(E, 2 * F)), (0.0, 0.2, None)))
+    yield "expert_gather (gemm, SCAP-sparsified)", lambda: moe_experts.expert_gather(
+        r(4, d), r(E, 2 * F, d), r(E, d, F), torch.randint(0, E, (4, 1)), torch.rand(4, 1), "gelu",
+        sparse=((0.1, 0.5, r(E, 2 * F)), (0.0, 0.2, r(E, d))))
     # the compacting SCAP GEMV at the 2.8B expert sites (batch 1: gated fc1, routing-scaled fc2; batch 4 pairs)
     yield "compact expert fc1", lambda: sparse_gemv_compact.sparse_expert_gemv(
         r(1, 1472), r(E, 1472, 2 * 3872), torch.tensor([1]), 0.0, 0.5, activation="gelu")
